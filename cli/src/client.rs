@@ -1,0 +1,78 @@
+//! gRPC connection to the control plane, carrying the admin credential.
+
+use crate::error::{CliError, Result};
+use aex_control::home::Home;
+use aex_proto::v1::{
+    agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
+    model_service_client::ModelServiceClient,
+};
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone)]
+pub struct AdminAuth(MetadataValue<Ascii>);
+
+impl Interceptor for AdminAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, AdminAuth>;
+
+pub struct Admin {
+    pub agents: AgentServiceClient<Authed>,
+    pub models: ModelServiceClient<Authed>,
+    pub ledger: LedgerServiceClient<Authed>,
+    pub address: String,
+}
+
+impl Admin {
+    pub async fn connect(home: &Home, address: &str) -> Result<Self> {
+        let token = home.read_admin_token()?;
+        let auth = AdminAuth(format!("Bearer {token}").parse().map_err(|_| {
+            CliError::Failed(format!(
+                "{} holds characters that cannot be sent; run `aexctl init --force`",
+                home.admin_token_path().display()
+            ))
+        })?);
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| CliError::Usage(format!("--control '{address}' is not a URL: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30));
+        let channel = endpoint.connect().await.map_err(|e| {
+            CliError::Failed(format!(
+                "cannot reach the AEX control plane at {address} ({}).\n\
+                 Start it with `aex-control` (or pass --control / set AEX_CONTROL_ADDR if it runs elsewhere).",
+                root_cause(&e)
+            ))
+        })?;
+        Ok(Self {
+            agents: AgentServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            models: ModelServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            ledger: LedgerServiceClient::with_interceptor(channel, auth),
+            address: address.to_string(),
+        })
+    }
+
+    pub fn status(&self, status: tonic::Status) -> CliError {
+        CliError::from_status(status, &self.address)
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,71 @@
+use crate::error::{CliError, Result};
+use crate::output::print_json;
+use aex_control::config::ModelsConfig;
+use aex_control::home::Home;
+use aex_control::storage::sqlite::SqliteStore;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Replace models.yaml and the gRPC credentials with fresh defaults.
+    /// The ledger key and .env are always kept.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(home: &Home, args: Args) -> Result<()> {
+    if !args.json {
+        println!("Initializing AEX in {}...", home.root().display());
+    }
+    let report = home.init(args.force)?;
+    let config = ModelsConfig::load(&home.models_yaml()).map_err(|e| {
+        CliError::Failed(format!(
+            "{e}\nFix the file, or run `aexctl init --force` to restore the default."
+        ))
+    })?;
+    let key = home.read_ledger_key()?;
+    SqliteStore::open(&home.db_path(), key).await.map_err(|e| {
+        CliError::Failed(format!("cannot create {}: {e}", home.db_path().display()))
+    })?;
+    let name = |p: &std::path::PathBuf| {
+        p.strip_prefix(home.root())
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    };
+    if args.json {
+        print_json(&serde_json::json!({
+            "home": home.root(),
+            "created": report.created.iter().map(name).collect::<Vec<_>>(),
+            "replaced": report.replaced.iter().map(name).collect::<Vec<_>>(),
+            "kept": report.kept.iter().map(name).collect::<Vec<_>>(),
+            "database": home.db_path(),
+            "models": config.models.keys().collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    for p in &report.created {
+        println!("  created   {}", name(p));
+    }
+    for p in &report.replaced {
+        println!("  replaced  {}", name(p));
+    }
+    for p in &report.kept {
+        println!("  kept      {}", name(p));
+    }
+    println!(
+        "Config: {} model(s): {}",
+        config.models.len(),
+        config.models.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    println!("Database initialized: {}", home.db_path().display());
+    if !report.kept.is_empty() && !args.force {
+        println!(
+            "Existing files were kept; `aexctl init --force` resets models.yaml and the credentials."
+        );
+    }
+    println!("AEX initialized successfully.");
+    Ok(())
+}

@@ -1,0 +1,28 @@
+pub mod agent;
+pub mod init;
+pub mod models;
+pub mod version;
+
+use crate::error::Result;
+use crate::{Cli, Command};
+use aex_control::home::Home;
+
+pub const DEFAULT_CONTROL_ADDR: &str = "http://127.0.0.1:9001";
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let home = Home::resolve(cli.home)?;
+    let control = cli
+        .control
+        .or_else(|| {
+            std::env::var("AEX_CONTROL_ADDR")
+                .ok()
+                .filter(|a| !a.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_CONTROL_ADDR.to_string());
+    match cli.command {
+        Command::Init(args) => init::run(&home, args).await,
+        Command::Version(args) => version::run(args),
+        Command::Agent(cmd) => agent::run(&home, &control, cmd).await,
+        Command::Models(cmd) => models::run(&home, &control, cmd).await,
+    }
+}

@@ -1,0 +1,62 @@
+//! `aexctl`: manage AEX agents and models over gRPC. `main` is thin; each
+//! subcommand lives in its own file under `commands/`.
+
+pub mod client;
+pub mod commands;
+pub mod error;
+pub mod output;
+
+use clap::{Parser, Subcommand};
+use error::CliError;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "aexctl",
+    version,
+    about = "Manage AEX, the execution-governance gateway for AI agents"
+)]
+pub struct Cli {
+    /// AEX home directory (default: $AEX_HOME, else ~/.aex).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Control-plane gRPC address [env: AEX_CONTROL_ADDR] [default: http://127.0.0.1:9001].
+    #[arg(long, global = true, value_name = "URL")]
+    pub control: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create AEX_HOME: default models.yaml, credentials, ledger key, database.
+    Init(commands::init::Args),
+    /// Print the version.
+    Version(commands::version::Args),
+    /// Create, list, inspect and manage agents.
+    #[command(subcommand)]
+    Agent(commands::agent::AgentCommand),
+    /// List or reload the model configuration.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// For commands that were given a bad value clap could not check.
+pub fn usage(message: impl Into<String>) -> CliError {
+    CliError::Usage(message.into())
+}

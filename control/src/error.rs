@@ -1,0 +1,36 @@
+//! The control plane's one error type, mapped once to a gRPC status.
+
+use crate::config::ConfigError;
+use crate::home::HomeError;
+use crate::storage::StoreError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::Store(StoreError::AgentNotFound(_)) => Code::NotFound,
+            Error::Store(StoreError::DuplicateName(_)) => Code::AlreadyExists,
+            Error::Store(StoreError::Invalid(_)) => Code::FailedPrecondition,
+            Error::Store(_) | Error::Home(_) => Code::Internal,
+            Error::Config(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

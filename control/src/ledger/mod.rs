@@ -1,0 +1,3 @@
+//! The append-only event log and its keyed hash chain.
+
+pub mod chain;

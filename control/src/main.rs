@@ -1,0 +1,68 @@
+use aex_control::home::Home;
+use aex_control::server::Control;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// AEX control plane: the gRPC service that owns agents, models, limits,
+/// budgets and the ledger.
+#[derive(Parser)]
+#[command(name = "aex-control", version)]
+struct Args {
+    /// AEX home directory (default: $AEX_HOME, else ~/.aex).
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// Address to listen on. Port 0 picks a free port (printed on start).
+    #[arg(long, env = "AEX_CONTROL_LISTEN", default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    /// SQLite database file (default: AEX_HOME/aex.db).
+    #[arg(long, env = "AEX_DB")]
+    db: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AEX_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aex-control: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let home = Home::resolve(args.home)?;
+    let control = Control::open(&home, args.db).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (use --listen to pick another address)",
+                args.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    // Parsed by tests and `aexctl daemon` when started on port 0.
+    println!("aex-control listening on {addr}");
+    tracing::info!(%addr, home = %home.root().display(), "control plane started");
+    control.serve(listener, shutdown_signal()).await?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

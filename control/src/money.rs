@@ -1,0 +1,239 @@
+//! Money: integer micro-USD for balances, integer pico-USD per token for
+//! prices, so that sub-micro prices stay exact. No floats anywhere in
+//! accounting; decimals from users and config files are parsed as text.
+
+use std::fmt;
+
+/// Micro-USD (1e-6 USD). Balances, reservations and charges.
+pub type Micro = i64;
+/// Pico-USD (1e-12 USD). Per-token prices.
+pub type Pico = i64;
+
+pub const MICRO_PER_USD: i64 = 1_000_000;
+pub const PICO_PER_MICRO: i64 = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("'{0}' is not a decimal amount; write it like 5, 0.25 or 1.200000")]
+    NotANumber(String),
+    #[error("'{0}' is negative; amounts must be zero or more")]
+    Negative(String),
+    #[error("'{input}' has {decimals} decimal places; at most {max} are allowed")]
+    TooPrecise {
+        input: String,
+        decimals: usize,
+        max: usize,
+    },
+    #[error("'{0}' is too large")]
+    TooLarge(String),
+}
+
+/// Parses a non-negative decimal (optionally `$`-prefixed) into an integer
+/// number of `10^-scale` units, refusing more than `scale` decimals instead
+/// of rounding them away. `parse_scaled("0.004", 6) == Ok(4000)`.
+pub fn parse_scaled(input: &str, scale: usize) -> Result<i64, MoneyError> {
+    let text = input.trim();
+    let text = text.strip_prefix('$').unwrap_or(text);
+    if let Some(magnitude) = text.strip_prefix('-') {
+        // Only report "negative" for things that would otherwise be numbers.
+        if parse_scaled(magnitude, scale).is_ok() {
+            return Err(MoneyError::Negative(input.to_string()));
+        }
+        return Err(MoneyError::NotANumber(input.to_string()));
+    }
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let (whole, frac) = match text.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (text, ""),
+    };
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !all_digits(whole) || !all_digits(frac) {
+        return Err(MoneyError::NotANumber(input.to_string()));
+    }
+    // Trailing zeros carry no precision: 1.2000000 is as exact as 1.2.
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > scale {
+        return Err(MoneyError::TooPrecise {
+            input: input.to_string(),
+            decimals: frac.len(),
+            max: scale,
+        });
+    }
+    let too_large = || MoneyError::TooLarge(input.to_string());
+    let unit = 10i64.checked_pow(scale as u32).ok_or_else(too_large)?;
+    let whole_value = if whole.is_empty() {
+        0
+    } else {
+        whole.parse::<i64>().map_err(|_| too_large())?
+    };
+    let frac_value = if frac.is_empty() {
+        0
+    } else {
+        let padded = format!("{frac:0<scale$}");
+        padded.parse::<i64>().map_err(|_| too_large())?
+    };
+    whole_value
+        .checked_mul(unit)
+        .and_then(|v| v.checked_add(frac_value))
+        .ok_or_else(too_large)
+}
+
+/// `"1.2"` (USD) → 1 200 000 µ.
+pub fn parse_usd(input: &str) -> Result<Micro, MoneyError> {
+    parse_scaled(input, 6)
+}
+
+/// Renders micro-USD as `$1.200000`.
+pub fn usd(micro: Micro) -> String {
+    let sign = if micro < 0 { "-" } else { "" };
+    let abs = micro.unsigned_abs();
+    format!(
+        "{sign}${}.{:06}",
+        abs / MICRO_PER_USD as u64,
+        abs % MICRO_PER_USD as u64
+    )
+}
+
+/// Renders micro-USD as `$0.004000 (4000 µ)`: both units, never `$0.00`.
+pub fn usd_with_micro(micro: Micro) -> String {
+    format!("{} ({micro} µ)", usd(micro))
+}
+
+/// Exact per-token prices of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pricing {
+    pub input_pico_per_token: Pico,
+    pub output_pico_per_token: Pico,
+}
+
+impl Pricing {
+    /// Cost of a call in micro-USD, rounded **up** so that AEX never charges
+    /// less than the provider's price. Saturates instead of overflowing.
+    pub fn cost_micro(&self, input_tokens: u64, output_tokens: u64) -> Micro {
+        let pico = i128::from(input_tokens) * i128::from(self.input_pico_per_token)
+            + i128::from(output_tokens) * i128::from(self.output_pico_per_token);
+        let micro = (pico + i128::from(PICO_PER_MICRO) - 1) / i128::from(PICO_PER_MICRO);
+        micro.clamp(0, i128::from(i64::MAX)) as i64
+    }
+}
+
+/// Displays a price per token as micro-USD with up to 6 decimals.
+pub struct PicoPerToken(pub Pico);
+
+impl fmt::Display for PicoPerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = self.0 / PICO_PER_MICRO;
+        let frac = self.0 % PICO_PER_MICRO;
+        if frac == 0 {
+            write!(f, "{whole} µ/token")
+        } else {
+            let digits = format!("{frac:06}");
+            write!(f, "{whole}.{} µ/token", digits.trim_end_matches('0'))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_usd_amounts_exactly() {
+        assert_eq!(parse_usd("5"), Ok(5_000_000));
+        assert_eq!(parse_usd("1.2"), Ok(1_200_000));
+        assert_eq!(parse_usd("0.004"), Ok(4_000));
+        assert_eq!(parse_usd("$2.01"), Ok(2_010_000)); // the first AEX made this 2 009 999
+        assert_eq!(parse_usd(".5"), Ok(500_000));
+        assert_eq!(parse_usd("3."), Ok(3_000_000));
+        assert_eq!(parse_usd("0.000001"), Ok(1));
+        assert_eq!(parse_usd("1.2000000000"), Ok(1_200_000));
+        assert_eq!(parse_usd("0"), Ok(0));
+    }
+
+    #[test]
+    fn refuses_bad_usd_amounts() {
+        assert!(matches!(parse_usd("-1"), Err(MoneyError::Negative(_))));
+        assert!(matches!(parse_usd("-0.5"), Err(MoneyError::Negative(_))));
+        for bad in [
+            "NaN", "nan", "inf", "", ".", "1e3", "1,5", "abc", "--1", "1.2.3", " ",
+        ] {
+            assert!(
+                matches!(parse_usd(bad), Err(MoneyError::NotANumber(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_usd("0.0000001"),
+            Err(MoneyError::TooPrecise {
+                input: "0.0000001".into(),
+                decimals: 7,
+                max: 6
+            })
+        );
+        assert!(matches!(
+            parse_usd("99999999999999999999"),
+            Err(MoneyError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn displays_both_units_never_rounding_to_zero() {
+        assert_eq!(usd_with_micro(4_000), "$0.004000 (4000 µ)");
+        assert_eq!(usd(1_200_000), "$1.200000");
+        assert_eq!(usd(0), "$0.000000");
+        assert_eq!(usd(-1), "-$0.000001");
+        assert_eq!(PicoPerToken(150_000).to_string(), "0.15 µ/token");
+        assert_eq!(PicoPerToken(2_000_000).to_string(), "2 µ/token");
+    }
+
+    #[test]
+    fn cost_rounds_up_to_whole_micro() {
+        let p = Pricing {
+            input_pico_per_token: 150_000,  // $0.15 / Mtok
+            output_pico_per_token: 600_000, // $0.60 / Mtok
+        };
+        assert_eq!(p.cost_micro(0, 0), 0);
+        assert_eq!(p.cost_micro(1, 0), 1); // 0.15 µ rounds up
+        assert_eq!(p.cost_micro(10, 0), 2); // 1.5 µ
+        assert_eq!(p.cost_micro(1_000_000, 1_000_000), 750_000);
+        let seed = Pricing {
+            input_pico_per_token: 1_000_000,
+            output_pico_per_token: 2_000_000,
+        };
+        assert_eq!(seed.cost_micro(11, 7), 25);
+        assert_eq!(seed.cost_micro(u64::MAX, u64::MAX), i64::MAX);
+    }
+
+    proptest! {
+        #[test]
+        fn usd_display_round_trips(micro in 0i64..=i64::MAX) {
+            let shown = usd(micro);
+            prop_assert_eq!(parse_usd(&shown), Ok(micro));
+        }
+
+        #[test]
+        fn cost_is_the_smallest_micro_covering_the_exact_price(
+            inp in 0u64..10_000_000, out in 0u64..10_000_000,
+            ip in 0i64..10_000_000_000, op in 0i64..10_000_000_000,
+        ) {
+            let p = Pricing { input_pico_per_token: ip, output_pico_per_token: op };
+            let exact = i128::from(inp) * i128::from(ip) + i128::from(out) * i128::from(op);
+            let charged = i128::from(p.cost_micro(inp, out)) * i128::from(PICO_PER_MICRO);
+            prop_assert!(charged >= exact);
+            prop_assert!(charged - exact < i128::from(PICO_PER_MICRO));
+        }
+
+        #[test]
+        fn cost_is_monotonic(a in 0u64..1_000_000, b in 0u64..1_000_000, extra in 0u64..1000) {
+            let p = Pricing { input_pico_per_token: 333_333, output_pico_per_token: 1_234_567 };
+            prop_assert!(p.cost_micro(a + extra, b) >= p.cost_micro(a, b));
+            prop_assert!(p.cost_micro(a, b + extra) >= p.cost_micro(a, b));
+        }
+
+        #[test]
+        fn parse_never_panics(s in ".{0,40}") {
+            let _ = parse_usd(&s);
+        }
+    }
+}

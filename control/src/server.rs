@@ -1,0 +1,93 @@
+//! Assembles the gRPC server: admin services behind the admin credential,
+//! reflection and health open (so `grpcurl list` works with no .proto files).
+
+use crate::auth::RequireBearer;
+use crate::config::ModelsConfig;
+use crate::error::Result;
+use crate::home::Home;
+use crate::service::{agents::AgentsApi, ledger::LedgerApi, models::ModelsApi};
+use crate::state::ControlState;
+use crate::storage::sqlite::SqliteStore;
+use aex_proto::v1::{
+    FILE_DESCRIPTOR_SET, agent_service_server::AgentServiceServer,
+    ledger_service_server::LedgerServiceServer, model_service_server::ModelServiceServer,
+};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+/// Names reported by grpc.health.v1 besides the overall "".
+pub const SERVICE_NAMES: &[&str] = &[
+    "aex.v1.AgentService",
+    "aex.v1.ModelService",
+    "aex.v1.LedgerService",
+];
+
+pub struct Control {
+    pub state: Arc<ControlState>,
+    admin_token: String,
+}
+
+impl Control {
+    /// Reads credentials, the ledger key and models.yaml from `home`, and
+    /// opens the database (`db` overrides `AEX_HOME/aex.db`).
+    pub async fn open(home: &Home, db: Option<PathBuf>) -> Result<Self> {
+        let admin_token = home.read_admin_token()?;
+        let ledger_key = home.read_ledger_key()?;
+        let models = ModelsConfig::load(&home.models_yaml())?;
+        let db_path = db.unwrap_or_else(|| home.db_path());
+        let store = SqliteStore::open(&db_path, ledger_key).await?;
+        let state = Arc::new(ControlState::new(
+            Arc::new(store),
+            models,
+            home.models_yaml(),
+        ));
+        Ok(Self { state, admin_token })
+    }
+
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::result::Result<(), tonic::transport::Error> {
+        let admin = RequireBearer::admin(&self.admin_token);
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        for name in SERVICE_NAMES {
+            health_reporter
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor set is valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the embedded descriptor set is valid");
+
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AgentServiceServer::with_interceptor(
+                AgentsApi::new(self.state.clone()),
+                admin.clone(),
+            ))
+            .add_service(ModelServiceServer::with_interceptor(
+                ModelsApi::new(self.state.clone()),
+                admin.clone(),
+            ))
+            .add_service(LedgerServiceServer::with_interceptor(
+                LedgerApi::new(self.state.clone()),
+                admin,
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+}

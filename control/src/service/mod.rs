@@ -1,0 +1,6 @@
+//! gRPC handlers: thin adapters from protobuf to the domain and storage.
+
+pub mod agents;
+pub mod convert;
+pub mod ledger;
+pub mod models;

@@ -1,0 +1,36 @@
+//! What every RPC handler shares.
+
+use crate::config::ModelsConfig;
+use crate::error::Result;
+use crate::storage::Store;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+pub struct ControlState {
+    pub store: Arc<dyn Store>,
+    models: RwLock<Arc<ModelsConfig>>,
+    models_path: PathBuf,
+}
+
+impl ControlState {
+    pub fn new(store: Arc<dyn Store>, models: ModelsConfig, models_path: PathBuf) -> Self {
+        Self {
+            store,
+            models: RwLock::new(Arc::new(models)),
+            models_path,
+        }
+    }
+
+    /// The running model configuration; a cheap `Arc` clone.
+    pub fn models(&self) -> Arc<ModelsConfig> {
+        self.models.read().expect("models lock poisoned").clone()
+    }
+
+    /// Re-reads models.yaml; on any error the running config stays as it was.
+    pub fn reload_models(&self) -> Result<Arc<ModelsConfig>> {
+        let fresh = Arc::new(ModelsConfig::load(&self.models_path)?);
+        *self.models.write().expect("models lock poisoned") = fresh.clone();
+        tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
+        Ok(fresh)
+    }
+}

@@ -1,0 +1,208 @@
+//! Storage behind a trait, so that callers never see which database holds
+//! the ledger. SQLite (embedded, the default) now; the SQL is written to run
+//! unchanged on PostgreSQL (`$N` parameters, no SQLite-only syntax).
+
+pub mod sqlite;
+
+use crate::ledger::chain::EventBody;
+use async_trait::async_trait;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Execution,
+    ReadOnly,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Execution => "execution",
+            Scope::ReadOnly => "read-only",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "execution" => Some(Scope::Execution),
+            "read-only" => Some(Scope::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    Active,
+    Paused,
+    Deleted,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Active => "active",
+            AgentState::Paused => "paused",
+            AgentState::Deleted => "deleted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(AgentState::Active),
+            "paused" => Some(AgentState::Paused),
+            "deleted" => Some(AgentState::Deleted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub streaming: bool,
+    pub tools: bool,
+    pub function_calling: bool,
+    pub vision: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub token_sha256: String,
+    pub token_prefix: String,
+    pub token_expires_at_ms: Option<i64>,
+    pub token_ttl_seconds: i64,
+    pub budget_micro: i64,
+    pub spent_micro: i64,
+    pub reserved_micro: i64,
+    pub rpm: u32,
+    pub tpm: u64,
+    pub max_concurrent: u32,
+    pub allowed_models: Vec<String>,
+    pub caps: Caps,
+    pub scope: Scope,
+    pub state: AgentState,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub last_activity_at_ms: Option<i64>,
+    pub deleted_at_ms: Option<i64>,
+}
+
+impl AgentRecord {
+    pub fn remaining_micro(&self) -> i64 {
+        self.budget_micro - self.spent_micro - self.reserved_micro
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub name: String,
+    pub token_sha256: String,
+    pub token_prefix: String,
+    pub token_expires_at_ms: Option<i64>,
+    pub token_ttl_seconds: i64,
+    pub budget_micro: i64,
+    pub rpm: u32,
+    pub tpm: u64,
+    pub max_concurrent: u32,
+    pub allowed_models: Vec<String>,
+    pub caps: Caps,
+    pub scope: Scope,
+}
+
+/// Only the fields that are `Some` change.
+#[derive(Debug, Clone, Default)]
+pub struct AgentPatch {
+    pub budget_micro: Option<i64>,
+    pub top_up_micro: Option<i64>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    pub allowed_models: Option<Vec<String>>,
+    pub streaming: Option<bool>,
+    pub tools: Option<bool>,
+    pub function_calling: Option<bool>,
+    pub vision: Option<bool>,
+    pub scope: Option<Scope>,
+}
+
+impl AgentPatch {
+    pub fn is_empty(&self) -> bool {
+        self.budget_micro.is_none()
+            && self.top_up_micro.is_none()
+            && self.rpm.is_none()
+            && self.tpm.is_none()
+            && self.max_concurrent.is_none()
+            && self.allowed_models.is_none()
+            && self.streaming.is_none()
+            && self.tools.is_none()
+            && self.function_calling.is_none()
+            && self.vision.is_none()
+            && self.scope.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenChange {
+    pub token_sha256: String,
+    pub token_prefix: String,
+    pub token_expires_at_ms: Option<i64>,
+    pub token_ttl_seconds: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub body: EventBody,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Events of agents with this name (a reused name shows both histories).
+    pub agent_name: Option<String>,
+    pub after_seq: i64,
+    pub since_ms: i64,
+    pub limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no agent named '{0}'")]
+    AgentNotFound(String),
+    #[error("an agent named '{0}' already exists")]
+    DuplicateName(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the database holds a value this AEX cannot read: {0}")]
+    Corrupt(String),
+}
+
+/// Every mutation appends its event to the chain in the same transaction,
+/// so the log and the state can never disagree.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_agent(&self, agent: NewAgent) -> Result<AgentRecord, StoreError>;
+    async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError>;
+    /// A live (not deleted) agent.
+    async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// The live agent whose token hashes to `token_sha256`, if any.
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError>;
+    async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError>;
+    async fn rotate_token(&self, name: &str, token: TokenChange)
+    -> Result<AgentRecord, StoreError>;
+    /// Pause or resume. Setting the state it already has changes nothing.
+    async fn set_state(&self, name: &str, state: AgentState) -> Result<AgentRecord, StoreError>;
+    /// Tombstones the agent: state `deleted`, token unusable, history kept.
+    async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
+    async fn list_events(&self, filter: EventFilter) -> Result<Vec<EventRecord>, StoreError>;
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,724 @@
+//! SQLite storage (WAL). Writes go through a single connection, which both
+//! serialises the hash chain and matches SQLite's one-writer design; reads
+//! use their own pool so they never wait behind a write.
+//!
+//! Durability: WAL with `synchronous = NORMAL` survives a `kill -9` of the
+//! process (committed frames are in the OS page cache); only a power loss can
+//! drop the last transactions.
+
+use super::{
+    AgentPatch, AgentRecord, AgentState, Caps, EventFilter, EventRecord, NewAgent, Scope, Store,
+    StoreError, TokenChange, now_ms,
+};
+use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{SqliteConnection, SqlitePool};
+use std::path::Path;
+use std::time::Duration;
+
+const AGENT_COLUMNS: &str = "id, name, token_sha256, token_prefix, token_expires_at_ms, \
+    token_ttl_seconds, budget_micro, spent_micro, reserved_micro, rpm, tpm, max_concurrent, \
+    allowed_models, cap_streaming, cap_tools, cap_function_calling, cap_vision, scope, state, \
+    created_at_ms, updated_at_ms, last_activity_at_ms, deleted_at_ms";
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    ledger_key: Vec<u8>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and applies migrations.
+    pub async fn open(path: &Path, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self {
+            writer,
+            reader,
+            ledger_key,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    id: String,
+    name: String,
+    token_sha256: String,
+    token_prefix: String,
+    token_expires_at_ms: Option<i64>,
+    token_ttl_seconds: i64,
+    budget_micro: i64,
+    spent_micro: i64,
+    reserved_micro: i64,
+    rpm: i64,
+    tpm: i64,
+    max_concurrent: i64,
+    allowed_models: String,
+    cap_streaming: bool,
+    cap_tools: bool,
+    cap_function_calling: bool,
+    cap_vision: bool,
+    scope: String,
+    state: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    last_activity_at_ms: Option<i64>,
+    deleted_at_ms: Option<i64>,
+}
+
+impl TryFrom<AgentRow> for AgentRecord {
+    type Error = StoreError;
+    fn try_from(r: AgentRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("agent {}: {what}", r.id));
+        Ok(AgentRecord {
+            allowed_models: serde_json::from_str(&r.allowed_models)
+                .map_err(|_| corrupt("allowed_models"))?,
+            scope: Scope::parse(&r.scope).ok_or_else(|| corrupt("scope"))?,
+            state: AgentState::parse(&r.state).ok_or_else(|| corrupt("state"))?,
+            rpm: u32::try_from(r.rpm).map_err(|_| corrupt("rpm"))?,
+            tpm: u64::try_from(r.tpm).map_err(|_| corrupt("tpm"))?,
+            max_concurrent: u32::try_from(r.max_concurrent)
+                .map_err(|_| corrupt("max_concurrent"))?,
+            caps: Caps {
+                streaming: r.cap_streaming,
+                tools: r.cap_tools,
+                function_calling: r.cap_function_calling,
+                vision: r.cap_vision,
+            },
+            id: r.id,
+            name: r.name,
+            token_sha256: r.token_sha256,
+            token_prefix: r.token_prefix,
+            token_expires_at_ms: r.token_expires_at_ms,
+            token_ttl_seconds: r.token_ttl_seconds,
+            budget_micro: r.budget_micro,
+            spent_micro: r.spent_micro,
+            reserved_micro: r.reserved_micro,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            last_activity_at_ms: r.last_activity_at_ms,
+            deleted_at_ms: r.deleted_at_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    ts_ms: i64,
+    kind: String,
+    agent_id: String,
+    agent_name: String,
+    reservation_id: String,
+    amount_micro: i64,
+    reason: String,
+    details: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl From<EventRow> for EventRecord {
+    fn from(r: EventRow) -> Self {
+        EventRecord {
+            body: EventBody {
+                seq: r.seq,
+                ts_ms: r.ts_ms,
+                kind: r.kind,
+                agent_id: r.agent_id,
+                agent_name: r.agent_name,
+                reservation_id: r.reservation_id,
+                amount_micro: r.amount_micro,
+                reason: r.reason,
+                details_json: r.details,
+            },
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+/// What a mutation wants logged; seq, time and hashes are filled in here.
+struct NewEvent<'a> {
+    kind: &'a str,
+    agent: &'a AgentRecord,
+    amount_micro: i64,
+    details: serde_json::Value,
+}
+
+async fn append_event(
+    conn: &mut SqliteConnection,
+    key: &[u8],
+    ts_ms: i64,
+    e: NewEvent<'_>,
+) -> Result<EventRecord, StoreError> {
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (prev_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_string()));
+    let body = EventBody {
+        seq: prev_seq + 1,
+        ts_ms,
+        kind: e.kind.to_string(),
+        agent_id: e.agent.id.clone(),
+        agent_name: e.agent.name.clone(),
+        reservation_id: String::new(),
+        amount_micro: e.amount_micro,
+        reason: String::new(),
+        details_json: e.details.to_string(),
+    };
+    let hash = chain_hash(key, &prev_hash, &body);
+    sqlx::query(
+        "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, \
+         amount_micro, reason, details, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(body.seq)
+    .bind(body.ts_ms)
+    .bind(&body.kind)
+    .bind(&body.agent_id)
+    .bind(&body.agent_name)
+    .bind(&body.reservation_id)
+    .bind(body.amount_micro)
+    .bind(&body.reason)
+    .bind(&body.details_json)
+    .bind(&prev_hash)
+    .bind(&hash)
+    .execute(&mut *conn)
+    .await?;
+    Ok(EventRecord {
+        body,
+        prev_hash,
+        hash,
+    })
+}
+
+async fn live_agent(conn: &mut SqliteConnection, name: &str) -> Result<AgentRecord, StoreError> {
+    let row: Option<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1 AND deleted_at_ms IS NULL"
+    ))
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.ok_or_else(|| StoreError::AgentNotFound(name.to_string()))?
+        .try_into()
+}
+
+/// Writes every mutable column of `a` back to its row.
+async fn save_agent(conn: &mut SqliteConnection, a: &AgentRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE agents SET token_sha256 = $2, token_prefix = $3, token_expires_at_ms = $4, \
+         token_ttl_seconds = $5, budget_micro = $6, rpm = $7, tpm = $8, max_concurrent = $9, \
+         allowed_models = $10, cap_streaming = $11, cap_tools = $12, cap_function_calling = $13, \
+         cap_vision = $14, scope = $15, state = $16, updated_at_ms = $17, deleted_at_ms = $18 \
+         WHERE id = $1",
+    )
+    .bind(&a.id)
+    .bind(&a.token_sha256)
+    .bind(&a.token_prefix)
+    .bind(a.token_expires_at_ms)
+    .bind(a.token_ttl_seconds)
+    .bind(a.budget_micro)
+    .bind(i64::from(a.rpm))
+    .bind(a.tpm as i64)
+    .bind(i64::from(a.max_concurrent))
+    .bind(serde_json::to_string(&a.allowed_models).expect("strings serialise"))
+    .bind(a.caps.streaming)
+    .bind(a.caps.tools)
+    .bind(a.caps.function_calling)
+    .bind(a.caps.vision)
+    .bind(a.scope.as_str())
+    .bind(a.state.as_str())
+    .bind(a.updated_at_ms)
+    .bind(a.deleted_at_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Applies a patch to a copy of the agent, refusing changes that would break
+/// an invariant. Returns the details to log.
+fn apply_patch(
+    a: &mut AgentRecord,
+    p: &AgentPatch,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Option<i64>), StoreError> {
+    let mut changed = serde_json::Map::new();
+    let mut top_up = None;
+    if let Some(b) = p.budget_micro {
+        if b < 0 {
+            return Err(StoreError::Invalid("the budget cannot be negative".into()));
+        }
+        changed.insert(
+            "budget_micro".into(),
+            json!({"from": a.budget_micro, "to": b}),
+        );
+        a.budget_micro = b;
+    }
+    if let Some(t) = p.top_up_micro {
+        if t <= 0 {
+            return Err(StoreError::Invalid(
+                "a top-up must add a positive amount".into(),
+            ));
+        }
+        a.budget_micro = a
+            .budget_micro
+            .checked_add(t)
+            .ok_or_else(|| StoreError::Invalid("the budget would overflow".into()))?;
+        top_up = Some(t);
+    }
+    if a.budget_micro < a.spent_micro {
+        return Err(StoreError::Invalid(format!(
+            "a budget of {} µ is below what '{}' has already spent ({} µ)",
+            a.budget_micro, a.name, a.spent_micro
+        )));
+    }
+    macro_rules! set {
+        ($field:ident, $target:expr) => {
+            if let Some(v) = p.$field.clone() {
+                changed.insert(stringify!($field).into(), json!({"from": $target, "to": v}));
+                $target = v;
+            }
+        };
+    }
+    set!(rpm, a.rpm);
+    set!(tpm, a.tpm);
+    set!(max_concurrent, a.max_concurrent);
+    set!(allowed_models, a.allowed_models);
+    set!(streaming, a.caps.streaming);
+    set!(tools, a.caps.tools);
+    set!(function_calling, a.caps.function_calling);
+    set!(vision, a.caps.vision);
+    if let Some(s) = p.scope {
+        changed.insert(
+            "scope".into(),
+            json!({"from": a.scope.as_str(), "to": s.as_str()}),
+        );
+        a.scope = s;
+    }
+    Ok((changed, top_up))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_agent(&self, n: NewAgent) -> Result<AgentRecord, StoreError> {
+        let now = now_ms();
+        let agent = AgentRecord {
+            id: crate::secrets::new_id("agt"),
+            name: n.name,
+            token_sha256: n.token_sha256,
+            token_prefix: n.token_prefix,
+            token_expires_at_ms: n.token_expires_at_ms,
+            token_ttl_seconds: n.token_ttl_seconds,
+            budget_micro: n.budget_micro,
+            spent_micro: 0,
+            reserved_micro: 0,
+            rpm: n.rpm,
+            tpm: n.tpm,
+            max_concurrent: n.max_concurrent,
+            allowed_models: n.allowed_models,
+            caps: n.caps,
+            scope: n.scope,
+            state: AgentState::Active,
+            created_at_ms: now,
+            updated_at_ms: now,
+            last_activity_at_ms: None,
+            deleted_at_ms: None,
+        };
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO agents (id, name, token_sha256, token_prefix, token_expires_at_ms, \
+             token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, \
+             cap_streaming, cap_tools, cap_function_calling, cap_vision, scope, state, \
+             created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18)",
+        )
+        .bind(&agent.id)
+        .bind(&agent.name)
+        .bind(&agent.token_sha256)
+        .bind(&agent.token_prefix)
+        .bind(agent.token_expires_at_ms)
+        .bind(agent.token_ttl_seconds)
+        .bind(agent.budget_micro)
+        .bind(i64::from(agent.rpm))
+        .bind(agent.tpm as i64)
+        .bind(i64::from(agent.max_concurrent))
+        .bind(serde_json::to_string(&agent.allowed_models).expect("strings serialise"))
+        .bind(agent.caps.streaming)
+        .bind(agent.caps.tools)
+        .bind(agent.caps.function_calling)
+        .bind(agent.caps.vision)
+        .bind(agent.scope.as_str())
+        .bind(agent.state.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::DuplicateName(agent.name));
+            }
+            other => other?,
+        };
+        let details = json!({
+            "rpm": agent.rpm, "tpm": agent.tpm, "max_concurrent": agent.max_concurrent,
+            "allowed_models": agent.allowed_models, "scope": agent.scope.as_str(),
+            "streaming": agent.caps.streaming, "tools": agent.caps.tools,
+            "function_calling": agent.caps.function_calling, "vision": agent.caps.vision,
+            "token_prefix": agent.token_prefix, "token_expires_at_ms": agent.token_expires_at_ms,
+        });
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind: "agent.created",
+                agent: &agent,
+                amount_micro: agent.budget_micro,
+                details,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError> {
+        let sql = if include_deleted {
+            format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at_ms, id")
+        } else {
+            format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE deleted_at_ms IS NULL ORDER BY created_at_ms, id"
+            )
+        };
+        let rows: Vec<AgentRow> = sqlx::query_as(&sql).fetch_all(&self.reader).await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        match live_agent(&mut conn, name).await {
+            Ok(a) => Ok(Some(a)),
+            Err(StoreError::AgentNotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE token_sha256 = $1 AND deleted_at_ms IS NULL"
+        ))
+        .bind(token_sha256)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut agent = live_agent(&mut tx, name).await?;
+        let (changed, top_up) = apply_patch(&mut agent, &patch)?;
+        let now = now_ms();
+        agent.updated_at_ms = now;
+        save_agent(&mut tx, &agent).await?;
+        if let Some(amount) = top_up {
+            let details = json!({"budget_micro": agent.budget_micro});
+            append_event(
+                &mut tx,
+                &self.ledger_key,
+                now,
+                NewEvent {
+                    kind: "agent.topped_up",
+                    agent: &agent,
+                    amount_micro: amount,
+                    details,
+                },
+            )
+            .await?;
+        }
+        if !changed.is_empty() {
+            append_event(
+                &mut tx,
+                &self.ledger_key,
+                now,
+                NewEvent {
+                    kind: "agent.updated",
+                    agent: &agent,
+                    amount_micro: 0,
+                    details: serde_json::Value::Object(changed),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn rotate_token(
+        &self,
+        name: &str,
+        token: TokenChange,
+    ) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut agent = live_agent(&mut tx, name).await?;
+        let old_prefix = std::mem::replace(&mut agent.token_prefix, token.token_prefix);
+        agent.token_sha256 = token.token_sha256;
+        agent.token_expires_at_ms = token.token_expires_at_ms;
+        agent.token_ttl_seconds = token.token_ttl_seconds;
+        let now = now_ms();
+        agent.updated_at_ms = now;
+        save_agent(&mut tx, &agent).await?;
+        let details = json!({
+            "old_token_prefix": old_prefix, "token_prefix": agent.token_prefix,
+            "token_expires_at_ms": agent.token_expires_at_ms,
+        });
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind: "agent.token_rotated",
+                agent: &agent,
+                amount_micro: 0,
+                details,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn set_state(&self, name: &str, state: AgentState) -> Result<AgentRecord, StoreError> {
+        let kind = match state {
+            AgentState::Active => "agent.resumed",
+            AgentState::Paused => "agent.paused",
+            AgentState::Deleted => return self.delete_agent(name).await,
+        };
+        let mut tx = self.writer.begin().await?;
+        let mut agent = live_agent(&mut tx, name).await?;
+        if agent.state == state {
+            return Ok(agent);
+        }
+        let now = now_ms();
+        agent.state = state;
+        agent.updated_at_ms = now;
+        save_agent(&mut tx, &agent).await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind,
+                agent: &agent,
+                amount_micro: 0,
+                details: json!({}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut agent = live_agent(&mut tx, name).await?;
+        let now = now_ms();
+        agent.state = AgentState::Deleted;
+        agent.deleted_at_ms = Some(now);
+        agent.updated_at_ms = now;
+        // Not a hex digest, so no presented token can ever hash to it; stays
+        // unique per agent.
+        agent.token_sha256 = format!("revoked:{}", agent.id);
+        save_agent(&mut tx, &agent).await?;
+        let details = json!({
+            "budget_micro": agent.budget_micro, "spent_micro": agent.spent_micro,
+            "reserved_micro": agent.reserved_micro,
+        });
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind: "agent.deleted",
+                agent: &agent,
+                amount_micro: 0,
+                details,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let limit = if f.limit == 0 {
+            1000
+        } else {
+            f.limit.min(10_000)
+        };
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT seq, ts_ms, kind, agent_id, agent_name, reservation_id, amount_micro, reason, \
+             details, prev_hash, hash FROM events \
+             WHERE seq > $1 AND ts_ms >= $2 AND ($3 = '' OR agent_name = $3) \
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(f.after_seq)
+        .bind(f.since_ms)
+        .bind(f.agent_name.unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_agent(name: &str, hash: &str) -> NewAgent {
+        NewAgent {
+            name: name.into(),
+            token_sha256: hash.into(),
+            token_prefix: "aex_abc".into(),
+            token_expires_at_ms: None,
+            token_ttl_seconds: 0,
+            budget_micro: 5_000_000,
+            rpm: 120,
+            tpm: 0,
+            max_concurrent: 0,
+            allowed_models: vec!["m".into()],
+            caps: Caps {
+                streaming: true,
+                tools: true,
+                function_calling: true,
+                vision: false,
+            },
+            scope: Scope::Execution,
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("aex.db"), vec![7; 32])
+            .await
+            .unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn lifecycle_is_logged_in_an_intact_chain() {
+        let (_d, s) = store().await;
+        let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
+        assert!(matches!(
+            s.create_agent(new_agent("dev", "h2")).await,
+            Err(StoreError::DuplicateName(_))
+        ));
+        let up = s
+            .update_agent(
+                "dev",
+                AgentPatch {
+                    top_up_micro: Some(1_000_000),
+                    rpm: Some(60),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(up.budget_micro, 6_000_000);
+        assert_eq!(up.rpm, 60);
+        assert!(matches!(
+            s.update_agent(
+                "dev",
+                AgentPatch {
+                    top_up_micro: Some(-1),
+                    ..Default::default()
+                }
+            )
+            .await,
+            Err(StoreError::Invalid(_))
+        ));
+        s.set_state("dev", AgentState::Paused).await.unwrap();
+        s.set_state("dev", AgentState::Paused).await.unwrap(); // no second event
+        s.delete_agent("dev").await.unwrap();
+        assert!(s.agent_by_name("dev").await.unwrap().is_none());
+        assert_eq!(s.list_agents(true).await.unwrap()[0].id, a.id);
+        // The name is free again after the tombstone.
+        s.create_agent(new_agent("dev", "h1")).await.unwrap();
+
+        let events = s.list_events(EventFilter::default()).await.unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.body.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "agent.created",
+                "agent.topped_up",
+                "agent.updated",
+                "agent.paused",
+                "agent.deleted",
+                "agent.created"
+            ]
+        );
+        let mut prev = GENESIS.to_string();
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.body.seq, i as i64 + 1);
+            assert_eq!(e.prev_hash, prev);
+            assert_eq!(e.hash, chain_hash(&[7; 32], &prev, &e.body));
+            prev = e.hash.clone();
+        }
+        let only_first = s
+            .list_events(EventFilter {
+                agent_name: Some("dev".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(only_first.len(), 6);
+        let _ = a;
+    }
+
+    #[tokio::test]
+    async fn budget_cannot_drop_below_spent() {
+        let (_d, s) = store().await;
+        s.create_agent(new_agent("a", "h")).await.unwrap();
+        sqlx::query("UPDATE agents SET spent_micro = 100")
+            .execute(&s.writer)
+            .await
+            .unwrap();
+        let e = s
+            .update_agent(
+                "a",
+                AgentPatch {
+                    budget_micro: Some(99),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("already spent"), "{e}");
+        assert!(matches!(
+            s.update_agent("nobody", AgentPatch::default()).await,
+            Err(StoreError::AgentNotFound(_))
+        ));
+    }
+}
