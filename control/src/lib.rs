@@ -3,6 +3,7 @@
 //! [`server::Control`]; `aexctl` reuses the pure modules (money, config,
 //! home) so the CLI and the server agree on formats.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod error;

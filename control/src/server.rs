@@ -1,16 +1,20 @@
 //! Assembles the gRPC server: admin services behind the admin credential,
 //! reflection and health open (so `grpcurl list` works with no .proto files).
 
+use crate::admission::core::AdmissionCore;
 use crate::auth::RequireBearer;
 use crate::config::ModelsConfig;
 use crate::error::Result;
 use crate::home::Home;
-use crate::service::{agents::AgentsApi, ledger::LedgerApi, models::ModelsApi};
+use crate::service::{
+    admission::AdmissionApi, agents::AgentsApi, ledger::LedgerApi, models::ModelsApi,
+};
 use crate::state::ControlState;
 use crate::storage::sqlite::SqliteStore;
 use aex_proto::v1::{
-    FILE_DESCRIPTOR_SET, agent_service_server::AgentServiceServer,
-    ledger_service_server::LedgerServiceServer, model_service_server::ModelServiceServer,
+    FILE_DESCRIPTOR_SET, admission_service_server::AdmissionServiceServer,
+    agent_service_server::AgentServiceServer, ledger_service_server::LedgerServiceServer,
+    model_service_server::ModelServiceServer,
 };
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,14 +25,19 @@ use tonic_health::ServingStatus;
 
 /// Names reported by grpc.health.v1 besides the overall "".
 pub const SERVICE_NAMES: &[&str] = &[
+    "aex.v1.AdmissionService",
     "aex.v1.AgentService",
     "aex.v1.ModelService",
     "aex.v1.LedgerService",
 ];
 
+/// How long a reservation lives without a settle or heartbeat.
+pub const DEFAULT_RESERVATION_TTL_MS: i64 = 120_000;
+
 pub struct Control {
     pub state: Arc<ControlState>,
     admin_token: String,
+    dataplane_token: String,
 }
 
 impl Control {
@@ -36,16 +45,24 @@ impl Control {
     /// opens the database (`db` overrides `AEX_HOME/aex.db`).
     pub async fn open(home: &Home, db: Option<PathBuf>) -> Result<Self> {
         let admin_token = home.read_admin_token()?;
+        let dataplane_token = home.read_dataplane_token()?;
         let ledger_key = home.read_ledger_key()?;
         let models = ModelsConfig::load(&home.models_yaml())?;
         let db_path = db.unwrap_or_else(|| home.db_path());
-        let store = SqliteStore::open(&db_path, ledger_key).await?;
+        let store: Arc<dyn crate::storage::Store> =
+            Arc::new(SqliteStore::open(&db_path, ledger_key).await?);
+        let admission = AdmissionCore::load(store.clone(), DEFAULT_RESERVATION_TTL_MS).await?;
         let state = Arc::new(ControlState::new(
-            Arc::new(store),
+            store,
+            admission,
             models,
             home.models_yaml(),
         ));
-        Ok(Self { state, admin_token })
+        Ok(Self {
+            state,
+            admin_token,
+            dataplane_token,
+        })
     }
 
     pub async fn serve(
@@ -54,6 +71,7 @@ impl Control {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::result::Result<(), tonic::transport::Error> {
         let admin = RequireBearer::admin(&self.admin_token);
+        let dataplane = RequireBearer::dataplane(&self.dataplane_token);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in SERVICE_NAMES {
             health_reporter
@@ -75,6 +93,10 @@ impl Control {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
+            .add_service(AdmissionServiceServer::with_interceptor(
+                AdmissionApi::new(self.state.clone()),
+                dataplane,
+            ))
             .add_service(AgentServiceServer::with_interceptor(
                 AgentsApi::new(self.state.clone()),
                 admin.clone(),

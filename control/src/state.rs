@@ -1,21 +1,29 @@
 //! What every RPC handler shares.
 
+use crate::admission::core::AdmissionCore;
 use crate::config::ModelsConfig;
 use crate::error::Result;
-use crate::storage::Store;
+use crate::storage::{AgentRecord, Store};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 pub struct ControlState {
     pub store: Arc<dyn Store>,
+    pub admission: AdmissionCore,
     models: RwLock<Arc<ModelsConfig>>,
     models_path: PathBuf,
 }
 
 impl ControlState {
-    pub fn new(store: Arc<dyn Store>, models: ModelsConfig, models_path: PathBuf) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        admission: AdmissionCore,
+        models: ModelsConfig,
+        models_path: PathBuf,
+    ) -> Self {
         Self {
             store,
+            admission,
             models: RwLock::new(Arc::new(models)),
             models_path,
         }
@@ -30,7 +38,15 @@ impl ControlState {
     pub fn reload_models(&self) -> Result<Arc<ModelsConfig>> {
         let fresh = Arc::new(ModelsConfig::load(&self.models_path)?);
         *self.models.write().expect("models lock poisoned") = fresh.clone();
+        self.admission.models_changed(fresh.clone());
         tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
         Ok(fresh)
+    }
+
+    /// Every admin mutation ends here, so admission and the data planes'
+    /// caches see it before the RPC returns.
+    pub fn agent_changed(&self, record: AgentRecord) -> AgentRecord {
+        self.admission.agent_changed(&record);
+        record
     }
 }

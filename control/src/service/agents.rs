@@ -125,6 +125,7 @@ impl AgentsApi {
                 scope,
             })
             .await?;
+        let record = self.state.agent_changed(record);
         tracing::info!(agent = %record.name, "agent created");
         Ok(pb::AgentWithToken {
             agent: Some(agent_to_pb(&record)),
@@ -161,7 +162,8 @@ impl AgentsApi {
                 "nothing to update: name at least one field to change".into(),
             ));
         }
-        Ok(self.state.store.update_agent(&r.name, patch).await?)
+        let record = self.state.store.update_agent(&r.name, patch).await?;
+        Ok(self.state.agent_changed(record))
     }
 
     async fn rotate(&self, r: pb::RotateTokenRequest) -> Result<pb::AgentWithToken> {
@@ -188,6 +190,7 @@ impl AgentsApi {
                 },
             )
             .await?;
+        let record = self.state.agent_changed(record);
         tracing::info!(agent = %record.name, "token rotated");
         Ok(pb::AgentWithToken {
             agent: Some(agent_to_pb(&record)),
@@ -198,6 +201,12 @@ impl AgentsApi {
 
 fn ok(a: AgentRecord) -> Result<Response<pb::Agent>, Status> {
     Ok(Response::new(agent_to_pb(&a)))
+}
+
+impl AgentsApi {
+    fn changed(&self, a: AgentRecord) -> Result<Response<pb::Agent>, Status> {
+        ok(self.state.agent_changed(a))
+    }
 }
 
 #[tonic::async_trait]
@@ -260,12 +269,13 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        ok(self
-            .state
-            .store
-            .set_state(&name, AgentState::Paused)
-            .await
-            .map_err(Error::from)?)
+        self.changed(
+            self.state
+                .store
+                .set_state(&name, AgentState::Paused)
+                .await
+                .map_err(Error::from)?,
+        )
     }
 
     async fn resume_agent(
@@ -273,12 +283,13 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        ok(self
-            .state
-            .store
-            .set_state(&name, AgentState::Active)
-            .await
-            .map_err(Error::from)?)
+        self.changed(
+            self.state
+                .store
+                .set_state(&name, AgentState::Active)
+                .await
+                .map_err(Error::from)?,
+        )
     }
 
     async fn delete_agent(
@@ -286,12 +297,13 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        ok(self
-            .state
-            .store
-            .delete_agent(&name)
-            .await
-            .map_err(Error::from)?)
+        self.changed(
+            self.state
+                .store
+                .delete_agent(&name)
+                .await
+                .map_err(Error::from)?,
+        )
     }
 }
 

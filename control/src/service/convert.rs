@@ -134,3 +134,21 @@ pub fn event_to_pb(e: EventRecord) -> pb::Event {
         hash: e.hash,
     }
 }
+
+pub fn policy_to_pb(a: &AgentRecord) -> pb::AgentPolicy {
+    pb::AgentPolicy {
+        agent_id: a.id.clone(),
+        name: a.name.clone(),
+        token_sha256: a.token_sha256.clone(),
+        state: state_to_pb(a.state) as i32,
+        scope: scope_to_pb(a.scope) as i32,
+        allowed_models: a.allowed_models.clone(),
+        capabilities: Some(pb::Capabilities {
+            streaming: a.caps.streaming,
+            tools: a.caps.tools,
+            function_calling: a.caps.function_calling,
+            vision: a.caps.vision,
+        }),
+        token_expires_at_ms: a.token_expires_at_ms,
+    }
+}

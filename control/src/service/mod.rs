@@ -1,5 +1,6 @@
 //! gRPC handlers: thin adapters from protobuf to the domain and storage.
 
+pub mod admission;
 pub mod agents;
 pub mod convert;
 pub mod ledger;

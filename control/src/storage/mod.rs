@@ -164,6 +164,77 @@ pub struct EventFilter {
     pub limit: u32,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRecord {
+    pub id: String,
+    pub request_id: String,
+    pub agent_id: String,
+    pub model: String,
+    pub amount_micro: i64,
+    pub pricing: crate::money::Pricing,
+    pub input_tokens_bound: u64,
+    pub output_tokens_cap: u64,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A reservation to take, and the admit event's particulars.
+#[derive(Debug, Clone)]
+pub struct NewReservation {
+    pub record: ReservationRecord,
+    pub agent_name: String,
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved {
+        remaining_micro: i64,
+    },
+    /// Nothing was reserved; a `deny` event with reason `budget` was logged.
+    InsufficientBudget {
+        remaining_micro: i64,
+    },
+    /// The request id was already admitted: this is that reservation.
+    AlreadyAdmitted(ReservationRecord),
+}
+
+/// How a reservation ends.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub reservation_id: String,
+    pub agent_name: String,
+    /// `settled` (charged), `released` (nothing charged) or `expired`.
+    pub state: &'static str,
+    pub charge_micro: i64,
+    pub outcome: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Extra events to log with it, e.g. an overrun or an upstream denial.
+    pub extra_events: Vec<(&'static str, String, serde_json::Value)>,
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled {
+        charged_micro: i64,
+        remaining_micro: i64,
+    },
+    /// Settled, released or expired before; nothing changed.
+    AlreadyClosed,
+    UnknownReservation,
+}
+
+/// A refused request, for the ledger.
+#[derive(Debug, Clone)]
+pub struct DenialRecord {
+    pub agent_id: String,
+    pub agent_name: String,
+    pub reason: String,
+    pub details: serde_json::Value,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no agent named '{0}'")]
@@ -198,6 +269,22 @@ pub trait Store: Send + Sync + 'static {
     /// Tombstones the agent: state `deleted`, token unusable, history kept.
     async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
     async fn list_events(&self, filter: EventFilter) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Atomically: reserve if `budget - spent - reserved` covers the amount
+    /// (else log the budget denial), insert the reservation, log the admit.
+    async fn reserve(&self, reservation: NewReservation) -> Result<ReserveOutcome, StoreError>;
+    /// Closes an open reservation exactly once: moves its amount out of
+    /// `reserved` and charges `charge_micro` to `spent`.
+    async fn settle(&self, settlement: Settlement) -> Result<SettleOutcome, StoreError>;
+    async fn record_denial(&self, denial: DenialRecord) -> Result<(), StoreError>;
+    async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError>;
+    /// Moves the expiry of the open ones among `ids`; returns the ids that
+    /// are not open any more.
+    async fn extend_reservations(
+        &self,
+        ids: &[String],
+        expires_at_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
 }
 
 pub fn now_ms() -> i64 {

@@ -7,10 +7,12 @@
 //! drop the last transactions.
 
 use super::{
-    AgentPatch, AgentRecord, AgentState, Caps, EventFilter, EventRecord, NewAgent, Scope, Store,
+    AgentPatch, AgentRecord, AgentState, Caps, DenialRecord, EventFilter, EventRecord, NewAgent,
+    NewReservation, ReservationRecord, ReserveOutcome, Scope, SettleOutcome, Settlement, Store,
     StoreError, TokenChange, now_ms,
 };
 use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
+use crate::money::Pricing;
 use async_trait::async_trait;
 use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -158,9 +160,32 @@ impl From<EventRow> for EventRecord {
 /// What a mutation wants logged; seq, time and hashes are filled in here.
 struct NewEvent<'a> {
     kind: &'a str,
-    agent: &'a AgentRecord,
+    agent_id: &'a str,
+    agent_name: &'a str,
+    reservation_id: &'a str,
     amount_micro: i64,
+    reason: &'a str,
     details: serde_json::Value,
+}
+
+impl<'a> NewEvent<'a> {
+    /// An admin change to `agent`.
+    fn admin(
+        kind: &'a str,
+        agent: &'a AgentRecord,
+        amount_micro: i64,
+        details: serde_json::Value,
+    ) -> Self {
+        Self {
+            kind,
+            agent_id: &agent.id,
+            agent_name: &agent.name,
+            reservation_id: "",
+            amount_micro,
+            reason: "",
+            details,
+        }
+    }
 }
 
 async fn append_event(
@@ -178,11 +203,11 @@ async fn append_event(
         seq: prev_seq + 1,
         ts_ms,
         kind: e.kind.to_string(),
-        agent_id: e.agent.id.clone(),
-        agent_name: e.agent.name.clone(),
-        reservation_id: String::new(),
+        agent_id: e.agent_id.to_string(),
+        agent_name: e.agent_name.to_string(),
+        reservation_id: e.reservation_id.to_string(),
         amount_micro: e.amount_micro,
-        reason: String::new(),
+        reason: e.reason.to_string(),
         details_json: e.details.to_string(),
     };
     let hash = chain_hash(key, &prev_hash, &body);
@@ -391,12 +416,7 @@ impl Store for SqliteStore {
             &mut tx,
             &self.ledger_key,
             now,
-            NewEvent {
-                kind: "agent.created",
-                agent: &agent,
-                amount_micro: agent.budget_micro,
-                details,
-            },
+            NewEvent::admin("agent.created", &agent, agent.budget_micro, details),
         )
         .await?;
         tx.commit().await?;
@@ -447,12 +467,7 @@ impl Store for SqliteStore {
                 &mut tx,
                 &self.ledger_key,
                 now,
-                NewEvent {
-                    kind: "agent.topped_up",
-                    agent: &agent,
-                    amount_micro: amount,
-                    details,
-                },
+                NewEvent::admin("agent.topped_up", &agent, amount, details),
             )
             .await?;
         }
@@ -461,12 +476,12 @@ impl Store for SqliteStore {
                 &mut tx,
                 &self.ledger_key,
                 now,
-                NewEvent {
-                    kind: "agent.updated",
-                    agent: &agent,
-                    amount_micro: 0,
-                    details: serde_json::Value::Object(changed),
-                },
+                NewEvent::admin(
+                    "agent.updated",
+                    &agent,
+                    0,
+                    serde_json::Value::Object(changed),
+                ),
             )
             .await?;
         }
@@ -496,12 +511,7 @@ impl Store for SqliteStore {
             &mut tx,
             &self.ledger_key,
             now,
-            NewEvent {
-                kind: "agent.token_rotated",
-                agent: &agent,
-                amount_micro: 0,
-                details,
-            },
+            NewEvent::admin("agent.token_rotated", &agent, 0, details),
         )
         .await?;
         tx.commit().await?;
@@ -527,12 +537,7 @@ impl Store for SqliteStore {
             &mut tx,
             &self.ledger_key,
             now,
-            NewEvent {
-                kind,
-                agent: &agent,
-                amount_micro: 0,
-                details: json!({}),
-            },
+            NewEvent::admin(kind, &agent, 0, json!({})),
         )
         .await?;
         tx.commit().await?;
@@ -558,16 +563,156 @@ impl Store for SqliteStore {
             &mut tx,
             &self.ledger_key,
             now,
-            NewEvent {
-                kind: "agent.deleted",
-                agent: &agent,
-                amount_micro: 0,
-                details,
-            },
+            NewEvent::admin("agent.deleted", &agent, 0, details),
         )
         .await?;
         tx.commit().await?;
         Ok(agent)
+    }
+
+    async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        self.reserve_tx(&n).await
+    }
+
+    async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let row: Option<(String, i64, String)> =
+            sqlx::query_as("SELECT agent_id, amount_micro, state FROM reservations WHERE id = $1")
+                .bind(&st.reservation_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((agent_id, reserved, _)) = row else {
+            return Ok(SettleOutcome::UnknownReservation);
+        };
+        // Compare-and-set: only the first settlement of an open reservation
+        // changes anything, however often it is retried.
+        let closed = sqlx::query(
+            "UPDATE reservations SET state = $2, settled_at_ms = $3, charged_micro = $4, \
+             outcome = $5, prompt_tokens = $6, completion_tokens = $7 \
+             WHERE id = $1 AND state = 'open'",
+        )
+        .bind(&st.reservation_id)
+        .bind(st.state)
+        .bind(now)
+        .bind(st.charge_micro)
+        .bind(&st.outcome)
+        .bind(st.prompt_tokens as i64)
+        .bind(st.completion_tokens as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !closed {
+            return Ok(SettleOutcome::AlreadyClosed);
+        }
+        sqlx::query(
+            "UPDATE agents SET reserved_micro = reserved_micro - $2, spent_micro = spent_micro + $3, \
+             last_activity_at_ms = $4 WHERE id = $1",
+        )
+        .bind(&agent_id)
+        .bind(reserved)
+        .bind(st.charge_micro)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let kind = match st.state {
+            "expired" => "expire",
+            _ if st.charge_micro == 0 => "release",
+            _ => "settle",
+        };
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind,
+                agent_id: &agent_id,
+                agent_name: &st.agent_name,
+                reservation_id: &st.reservation_id,
+                amount_micro: st.charge_micro,
+                reason: &st.outcome,
+                details: st.details,
+            },
+        )
+        .await?;
+        for (kind, reason, details) in st.extra_events {
+            append_event(
+                &mut tx,
+                &self.ledger_key,
+                now,
+                NewEvent {
+                    kind,
+                    agent_id: &agent_id,
+                    agent_name: &st.agent_name,
+                    reservation_id: &st.reservation_id,
+                    amount_micro: 0,
+                    reason: &reason,
+                    details,
+                },
+            )
+            .await?;
+        }
+        let remaining = remaining_of(&mut tx, &agent_id).await?;
+        tx.commit().await?;
+        Ok(SettleOutcome::Settled {
+            charged_micro: st.charge_micro,
+            remaining_micro: remaining,
+        })
+    }
+
+    async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now_ms(),
+            NewEvent {
+                kind: "deny",
+                agent_id: &d.agent_id,
+                agent_name: &d.agent_name,
+                reservation_id: "",
+                amount_micro: 0,
+                reason: &d.reason,
+                details: d.details,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError> {
+        let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'open' ORDER BY created_at_ms"
+        ))
+        .fetch_all(&self.writer)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn extend_reservations(
+        &self,
+        ids: &[String],
+        expires_at_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut closed = Vec::new();
+        for id in ids {
+            let extended = sqlx::query(
+                "UPDATE reservations SET expires_at_ms = $2 WHERE id = $1 AND state = 'open'",
+            )
+            .bind(id)
+            .bind(expires_at_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if extended == 0 {
+                closed.push(id.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(closed)
     }
 
     async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
@@ -589,6 +734,149 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.into_iter().map(Into::into).collect())
+    }
+}
+
+const RESERVATION_COLUMNS: &str = "id, request_id, agent_id, model, amount_micro, \
+    input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
+    created_at_ms, expires_at_ms";
+
+#[derive(sqlx::FromRow)]
+struct ReservationRow {
+    id: String,
+    request_id: String,
+    agent_id: String,
+    model: String,
+    amount_micro: i64,
+    input_pico_per_token: i64,
+    output_pico_per_token: i64,
+    input_tokens_bound: i64,
+    output_tokens_cap: i64,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl From<ReservationRow> for ReservationRecord {
+    fn from(r: ReservationRow) -> Self {
+        ReservationRecord {
+            id: r.id,
+            request_id: r.request_id,
+            agent_id: r.agent_id,
+            model: r.model,
+            amount_micro: r.amount_micro,
+            pricing: Pricing {
+                input_pico_per_token: r.input_pico_per_token,
+                output_pico_per_token: r.output_pico_per_token,
+            },
+            input_tokens_bound: r.input_tokens_bound.max(0) as u64,
+            output_tokens_cap: r.output_tokens_cap.max(0) as u64,
+            created_at_ms: r.created_at_ms,
+            expires_at_ms: r.expires_at_ms,
+        }
+    }
+}
+
+async fn remaining_of(conn: &mut SqliteConnection, agent_id: &str) -> Result<i64, StoreError> {
+    let (remaining,): (i64,) = sqlx::query_as(
+        "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = $1",
+    )
+    .bind(agent_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(remaining)
+}
+
+impl SqliteStore {
+    async fn reserve_tx(&self, n: &NewReservation) -> Result<ReserveOutcome, StoreError> {
+        let r = &n.record;
+        let mut tx = self.writer.begin().await?;
+        let existing: Option<ReservationRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE request_id = $1"
+        ))
+        .bind(&r.request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(existing) = existing {
+            return Ok(ReserveOutcome::AlreadyAdmitted(existing.into()));
+        }
+        // The budget check and the reservation are one statement, so no two
+        // admissions (on any number of nodes) can both take the last micro.
+        let taken = sqlx::query(
+            "UPDATE agents SET reserved_micro = reserved_micro + $1, last_activity_at_ms = $3 \
+             WHERE id = $2 AND deleted_at_ms IS NULL \
+             AND budget_micro - spent_micro - reserved_micro >= $1",
+        )
+        .bind(r.amount_micro)
+        .bind(&r.agent_id)
+        .bind(r.created_at_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let remaining = remaining_of(&mut tx, &r.agent_id).await?;
+        if !taken {
+            let details = json!({
+                "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
+                "request_id": r.request_id,
+            });
+            append_event(
+                &mut tx,
+                &self.ledger_key,
+                r.created_at_ms,
+                NewEvent {
+                    kind: "deny",
+                    agent_id: &r.agent_id,
+                    agent_name: &n.agent_name,
+                    reservation_id: "",
+                    amount_micro: 0,
+                    reason: "budget",
+                    details,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(ReserveOutcome::InsufficientBudget {
+                remaining_micro: remaining,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
+             input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
+             state, created_at_ms, expires_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'open', $10, $11)",
+        )
+        .bind(&r.id)
+        .bind(&r.request_id)
+        .bind(&r.agent_id)
+        .bind(&r.model)
+        .bind(r.amount_micro)
+        .bind(r.pricing.input_pico_per_token)
+        .bind(r.pricing.output_pico_per_token)
+        .bind(r.input_tokens_bound as i64)
+        .bind(r.output_tokens_cap as i64)
+        .bind(r.created_at_ms)
+        .bind(r.expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            r.created_at_ms,
+            NewEvent {
+                kind: "admit",
+                agent_id: &r.agent_id,
+                agent_name: &n.agent_name,
+                reservation_id: &r.id,
+                amount_micro: r.amount_micro,
+                reason: "",
+                details: n.details.clone(),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ReserveOutcome::Reserved {
+            remaining_micro: remaining,
+        })
     }
 }
 

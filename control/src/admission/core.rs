@@ -1,0 +1,686 @@
+//! The admission state machine. Policy, limits and idempotency are decided in
+//! memory under one short lock (never held across an await); the only I/O on
+//! the hot path is one database transaction to reserve and one to settle.
+
+use super::limiter::{Gcra, TokenBucket};
+use super::policy::{Ask, Denial, Endpoint, authenticate, plan};
+use crate::config::ModelsConfig;
+use crate::error::Result;
+use crate::secrets::new_id;
+use crate::storage::{
+    AgentRecord, AgentState, DenialRecord, NewReservation, ReservationRecord, ReserveOutcome,
+    SettleOutcome, Settlement, Store, now_ms,
+};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// What the watch stream tells data planes.
+#[derive(Debug, Clone)]
+pub enum Change {
+    AgentUpserted(Box<AgentRecord>),
+    AgentRemoved(String),
+    Models(Arc<ModelsConfig>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub reservation_id: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub reserved_micro: i64,
+    pub output_tokens_cap: u64,
+    pub output_cap_injected: bool,
+    pub remaining_micro: i64,
+    pub expires_at_ms: i64,
+    pub provider: String,
+    pub provider_model: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Admitted(Admitted),
+    Denied { denial: Denial, agent_name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamRateLimited,
+    ClientDisconnected,
+    CutOff,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::UpstreamRateLimited => "upstream_rate_limited",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::CutOff => "cut_off",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SettleInput {
+    pub reservation_id: String,
+    pub outcome: Outcome,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub usage_reported: bool,
+    pub upstream_status: u32,
+    pub upstream_retry_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub charged_micro: i64,
+    pub remaining_micro: i64,
+    pub already_settled: bool,
+    pub overrun: bool,
+}
+
+/// The charge for a finished call, in micro-USD. Reported usage is the truth
+/// (even above the reservation: then it is an overrun, charged and flagged,
+/// never dropped). The data plane's own estimate can never charge more than
+/// was reserved, and a stream cut off at its cap is charged the full bound.
+pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> (i64, bool) {
+    let cost = r.pricing.cost_micro(s.prompt_tokens, s.completion_tokens);
+    let charge = if s.usage_reported {
+        cost
+    } else if s.outcome == Outcome::CutOff {
+        r.amount_micro
+    } else {
+        cost.min(r.amount_micro)
+    };
+    (charge, charge > r.amount_micro)
+}
+
+struct LiveAgent {
+    record: AgentRecord,
+    rpm: Gcra,
+    tpm: TokenBucket,
+    open: u32,
+}
+
+struct OpenReservation {
+    record: ReservationRecord,
+    agent_name: String,
+    provider: String,
+    provider_model: String,
+    output_cap_injected: bool,
+    /// Tokens debited from the TPM buckets at admission.
+    debited_tokens: u64,
+    /// The model's tokens-per-minute limit when admitted (0 = none).
+    model_tpm_limit: u64,
+}
+
+#[derive(Default)]
+struct Live {
+    by_token: HashMap<String, String>,
+    agents: HashMap<String, LiveAgent>,
+    open: HashMap<String, OpenReservation>,
+    by_request: HashMap<String, String>,
+    model_tpm: HashMap<String, TokenBucket>,
+}
+
+/// What admission took in memory before the database said yes or no.
+struct Tentative {
+    agent_id: String,
+    agent_name: String,
+    rpm: u32,
+    tpm: u64,
+    model_tpm: u64,
+    debited_tokens: u64,
+}
+
+struct Accepted {
+    tentative: Tentative,
+    plan: super::policy::Plan,
+    provider: String,
+    provider_model: String,
+}
+
+struct Refused {
+    denial: Denial,
+    agent_id: String,
+    agent_name: String,
+}
+
+pub struct AdmissionCore {
+    store: Arc<dyn Store>,
+    live: Mutex<Live>,
+    changes: broadcast::Sender<Change>,
+    reservation_ttl_ms: i64,
+}
+
+impl AdmissionCore {
+    /// Loads live agents and open reservations, so a restart picks up where
+    /// the last process stopped.
+    pub async fn load(store: Arc<dyn Store>, reservation_ttl_ms: i64) -> Result<Self> {
+        let agents = store.list_agents(false).await?;
+        let open = store.open_reservations().await?;
+        let mut live = Live::default();
+        for a in agents {
+            live.by_token.insert(a.token_sha256.clone(), a.id.clone());
+            live.agents.insert(
+                a.id.clone(),
+                LiveAgent {
+                    record: a,
+                    rpm: Gcra::default(),
+                    tpm: TokenBucket::default(),
+                    open: 0,
+                },
+            );
+        }
+        for r in open {
+            let agent_name = match live.agents.get_mut(&r.agent_id) {
+                Some(a) => {
+                    a.open += 1;
+                    a.record.name.clone()
+                }
+                None => String::new(),
+            };
+            live.by_request.insert(r.request_id.clone(), r.id.clone());
+            live.open.insert(
+                r.id.clone(),
+                OpenReservation {
+                    agent_name,
+                    provider: String::new(),
+                    provider_model: String::new(),
+                    output_cap_injected: false,
+                    debited_tokens: r.input_tokens_bound,
+                    model_tpm_limit: 0,
+                    record: r,
+                },
+            );
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Self {
+            store,
+            live: Mutex::new(live),
+            changes,
+            reservation_ttl_ms,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().expect("admission state poisoned")
+    }
+
+    /// Called after every admin change to an agent; takes effect for the
+    /// very next request.
+    pub fn agent_changed(&self, record: &AgentRecord) {
+        let mut live = self.lock();
+        if record.state == AgentState::Deleted {
+            live.by_token.retain(|_, id| id != &record.id);
+            live.agents.remove(&record.id);
+            drop(live);
+            let _ = self.changes.send(Change::AgentRemoved(record.id.clone()));
+            return;
+        }
+        live.by_token.retain(|_, id| id != &record.id);
+        live.by_token
+            .insert(record.token_sha256.clone(), record.id.clone());
+        match live.agents.get_mut(&record.id) {
+            Some(a) => a.record = record.clone(),
+            None => {
+                live.agents.insert(
+                    record.id.clone(),
+                    LiveAgent {
+                        record: record.clone(),
+                        rpm: Gcra::default(),
+                        tpm: TokenBucket::default(),
+                        open: 0,
+                    },
+                );
+            }
+        }
+        drop(live);
+        let _ = self
+            .changes
+            .send(Change::AgentUpserted(Box::new(record.clone())));
+    }
+
+    pub fn models_changed(&self, models: Arc<ModelsConfig>) {
+        let _ = self.changes.send(Change::Models(models));
+    }
+
+    /// A snapshot of every live agent's policy, and a receiver for what
+    /// changes after it (subscribed under the same lock, so nothing is missed).
+    pub fn subscribe(&self) -> (Vec<AgentRecord>, broadcast::Receiver<Change>) {
+        let live = self.lock();
+        let rx = self.changes.subscribe();
+        let agents = live.agents.values().map(|a| a.record.clone()).collect();
+        (agents, rx)
+    }
+
+    pub async fn admit(
+        &self,
+        models: &ModelsConfig,
+        request_id: &str,
+        token_sha256: &str,
+        ask: &Ask<'_>,
+    ) -> Result<Decision> {
+        let now = now_ms();
+        let decided = {
+            let mut live = self.lock();
+            if let Some(existing) = live
+                .by_request
+                .get(request_id)
+                .and_then(|id| live.open.get(id))
+            {
+                return Ok(Decision::Admitted(self.admitted_from(existing, 0)));
+            }
+            self.decide(&mut live, models, token_sha256, ask, now)
+        };
+        let Accepted {
+            tentative,
+            plan,
+            provider,
+            provider_model,
+        } = match decided {
+            Ok(accepted) => accepted,
+            Err(refused) => {
+                let Refused {
+                    denial,
+                    agent_id,
+                    agent_name,
+                } = *refused;
+                self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
+                    .await;
+                return Ok(Decision::Denied { denial, agent_name });
+            }
+        };
+        let model = &models.models[ask.model];
+        let record = ReservationRecord {
+            id: new_id("rsv"),
+            request_id: request_id.to_string(),
+            agent_id: tentative.agent_id.clone(),
+            model: ask.model.to_string(),
+            amount_micro: plan.reserve_micro,
+            pricing: model.pricing,
+            input_tokens_bound: ask.input_tokens_bound,
+            output_tokens_cap: plan.output_tokens_cap,
+            created_at_ms: now,
+            expires_at_ms: now + self.reservation_ttl_ms,
+        };
+        let details = json!({
+            "request_id": request_id, "model": ask.model, "endpoint": format!("{:?}", ask.endpoint),
+            "stream": ask.stream, "input_tokens_bound": ask.input_tokens_bound,
+            "output_tokens_cap": plan.output_tokens_cap, "output_cap_injected": plan.output_cap_injected,
+        });
+        let outcome = self
+            .store
+            .reserve(NewReservation {
+                record: record.clone(),
+                agent_name: tentative.agent_name.clone(),
+                details,
+            })
+            .await;
+        match outcome {
+            Ok(ReserveOutcome::Reserved { remaining_micro }) => {
+                let open = OpenReservation {
+                    record,
+                    agent_name: tentative.agent_name.clone(),
+                    provider,
+                    provider_model,
+                    output_cap_injected: plan.output_cap_injected,
+                    debited_tokens: tentative.debited_tokens,
+                    model_tpm_limit: tentative.model_tpm,
+                };
+                let admitted = self.admitted_from(&open, remaining_micro);
+                let mut live = self.lock();
+                live.by_request
+                    .insert(request_id.to_string(), open.record.id.clone());
+                live.open.insert(open.record.id.clone(), open);
+                Ok(Decision::Admitted(admitted))
+            }
+            Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) => {
+                self.undo(&tentative, ask.model, now);
+                Ok(Decision::Denied {
+                    denial: Denial::budget(format!(
+                        "Budget exceeded: agent '{}' has {} left and this request may cost up to {} \
+                         ({} input tokens bound + {} output tokens). Lower max_tokens, or top up with \
+                         `aexctl agent update {} --top-up USD`.",
+                        tentative.agent_name,
+                        crate::money::usd_with_micro(remaining_micro.max(0)),
+                        crate::money::usd_with_micro(plan.reserve_micro),
+                        ask.input_tokens_bound,
+                        plan.output_tokens_cap,
+                        tentative.agent_name,
+                    )),
+                    agent_name: tentative.agent_name,
+                })
+            }
+            Ok(ReserveOutcome::AlreadyAdmitted(existing)) => {
+                // A concurrent retry of the same request won the race.
+                self.undo(&tentative, ask.model, now);
+                let open = OpenReservation {
+                    record: existing,
+                    agent_name: tentative.agent_name,
+                    provider: String::new(),
+                    provider_model: String::new(),
+                    output_cap_injected: plan.output_cap_injected,
+                    debited_tokens: 0,
+                    model_tpm_limit: 0,
+                };
+                let mut admitted = self.admitted_from(&open, 0);
+                admitted.provider = models.models[ask.model].provider.clone();
+                admitted.provider_model = models.models[ask.model].provider_model.clone();
+                Ok(Decision::Admitted(admitted))
+            }
+            Err(e) => {
+                self.undo(&tentative, ask.model, now);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn decide(
+        &self,
+        live: &mut Live,
+        models: &ModelsConfig,
+        token_sha256: &str,
+        ask: &Ask<'_>,
+        now: i64,
+    ) -> Result<Accepted, Box<Refused>> {
+        let agent_id = live.by_token.get(token_sha256).cloned();
+        let record = agent_id
+            .as_ref()
+            .and_then(|id| live.agents.get(id))
+            .map(|a| &a.record);
+        let agent = authenticate(record, now).map_err(|denial| {
+            let (agent_id, agent_name) = record
+                .map(|r| (r.id.clone(), r.name.clone()))
+                .unwrap_or_default();
+            Box::new(Refused {
+                denial,
+                agent_id,
+                agent_name,
+            })
+        })?;
+        let (id, name) = (agent.id.clone(), agent.name.clone());
+        let deny = |denial: Denial| {
+            Box::new(Refused {
+                denial,
+                agent_id: id.clone(),
+                agent_name: name.clone(),
+            })
+        };
+        let plan = plan(agent, models, ask).map_err(deny)?;
+        let model = &models.models[ask.model];
+        let tokens = ask.input_tokens_bound;
+        let a = live.agents.get_mut(&id).expect("looked up above");
+        let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
+        if max_concurrent > 0 && a.open >= max_concurrent {
+            return Err(deny(Denial::rate_limited(
+                "concurrency",
+                1000,
+                format!(
+                    "Rate limit reached: agent '{name}' already has {max_concurrent} request(s) in flight \
+                     (its concurrency limit). Retry when one finishes."
+                ),
+            )));
+        }
+        if let Err(wait) = a.rpm.take(rpm, now) {
+            return Err(deny(Denial::rate_limited(
+                "rpm",
+                wait,
+                format!(
+                    "Rate limit reached: agent '{name}' is limited to {rpm} requests per minute. Retry in {wait} ms."
+                ),
+            )));
+        }
+        if tpm > 0
+            && let Err(wait) = a.tpm.take(tpm, tokens, now)
+        {
+            a.rpm.give_back(rpm);
+            return Err(deny(Denial::rate_limited(
+                "tpm",
+                wait,
+                format!(
+                    "Rate limit reached: agent '{name}' is limited to {tpm} tokens per minute. Retry in {wait} ms."
+                ),
+            )));
+        }
+        let model_tpm = model.max_tokens_per_minute;
+        if model_tpm > 0 {
+            let bucket = live.model_tpm.entry(model.name.clone()).or_default();
+            if let Err(wait) = bucket.take(model_tpm, tokens, now) {
+                let a = live.agents.get_mut(&id).expect("looked up above");
+                a.rpm.give_back(rpm);
+                if tpm > 0 {
+                    a.tpm.adjust(tpm, -(tokens as i64), now);
+                }
+                return Err(deny(Denial::rate_limited(
+                    "model_tpm",
+                    wait,
+                    format!(
+                        "Rate limit reached: model '{}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait} ms.",
+                        model.name
+                    ),
+                )));
+            }
+        }
+        live.agents.get_mut(&id).expect("looked up above").open += 1;
+        Ok(Accepted {
+            tentative: Tentative {
+                agent_id: id.clone(),
+                agent_name: name.clone(),
+                rpm,
+                tpm,
+                model_tpm,
+                debited_tokens: tokens,
+            },
+            plan,
+            provider: model.provider.clone(),
+            provider_model: model.provider_model.clone(),
+        })
+    }
+
+    /// Returns what `decide` took for a request that did not go through.
+    fn undo(&self, t: &Tentative, model: &str, now: i64) {
+        let mut live = self.lock();
+        if let Some(a) = live.agents.get_mut(&t.agent_id) {
+            a.open = a.open.saturating_sub(1);
+            a.rpm.give_back(t.rpm);
+            if t.tpm > 0 {
+                a.tpm.adjust(t.tpm, -(t.debited_tokens as i64), now);
+            }
+        }
+        if t.model_tpm > 0
+            && let Some(b) = live.model_tpm.get_mut(model)
+        {
+            b.adjust(t.model_tpm, -(t.debited_tokens as i64), now);
+        }
+    }
+
+    fn admitted_from(&self, o: &OpenReservation, remaining_micro: i64) -> Admitted {
+        Admitted {
+            reservation_id: o.record.id.clone(),
+            agent_id: o.record.agent_id.clone(),
+            agent_name: o.agent_name.clone(),
+            reserved_micro: o.record.amount_micro,
+            output_tokens_cap: o.record.output_tokens_cap,
+            output_cap_injected: o.output_cap_injected,
+            remaining_micro,
+            expires_at_ms: o.record.expires_at_ms,
+            provider: o.provider.clone(),
+            provider_model: o.provider_model.clone(),
+        }
+    }
+
+    pub(crate) async fn log_denial(
+        &self,
+        d: &Denial,
+        agent_id: &str,
+        agent_name: &str,
+        ask: &Ask<'_>,
+        token_sha256: &str,
+    ) {
+        let mut details = json!({
+            "status": d.http_status, "code": d.code, "model": ask.model,
+            "endpoint": format!("{:?}", ask.endpoint),
+        });
+        if d.retry_after_ms > 0 {
+            details["retry_after_ms"] = json!(d.retry_after_ms);
+        }
+        if agent_id.is_empty() {
+            // Enough to correlate repeated attempts; useless for forging one.
+            details["token_sha256_prefix"] = json!(token_sha256.get(..12).unwrap_or(""));
+        }
+        let record = DenialRecord {
+            agent_id: agent_id.to_string(),
+            agent_name: agent_name.to_string(),
+            reason: d.denied_by.to_string(),
+            details,
+        };
+        if let Err(e) = self.store.record_denial(record).await {
+            tracing::error!(error = %e, reason = d.denied_by, "could not log a denial");
+        }
+    }
+
+    pub async fn settle(&self, s: SettleInput) -> Result<Settled> {
+        let open = {
+            let live = self.lock();
+            live.open
+                .get(&s.reservation_id)
+                .map(|o| (o.record.clone(), o.agent_name.clone()))
+        };
+        let Some((record, agent_name)) = open else {
+            // Not open here: settled before (a retry), or never admitted.
+            return Ok(Settled {
+                charged_micro: 0,
+                remaining_micro: 0,
+                already_settled: true,
+                overrun: false,
+            });
+        };
+        let (charge, overrun) = charge_for(&record, &s);
+        let mut extra_events = Vec::new();
+        if overrun {
+            extra_events.push((
+                "overrun",
+                "usage_above_reservation".to_string(),
+                json!({"reserved_micro": record.amount_micro, "charged_micro": charge,
+                       "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}),
+            ));
+        }
+        if s.upstream_status == 429 || s.outcome == Outcome::UpstreamRateLimited {
+            extra_events.push((
+                "upstream_denied",
+                "upstream_429".to_string(),
+                json!({"status": s.upstream_status, "retry_after_ms": s.upstream_retry_after_ms}),
+            ));
+        } else if s.upstream_status >= 500
+            || matches!(s.outcome, Outcome::UpstreamError | Outcome::UpstreamTimeout)
+        {
+            extra_events.push((
+                "upstream_error",
+                s.outcome.as_str().to_string(),
+                json!({"status": s.upstream_status}),
+            ));
+        }
+        let outcome = self
+            .store
+            .settle(Settlement {
+                reservation_id: record.id.clone(),
+                agent_name,
+                state: if charge == 0 { "released" } else { "settled" },
+                charge_micro: charge,
+                outcome: s.outcome.as_str().to_string(),
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+                extra_events,
+                details: json!({
+                    "reserved_micro": record.amount_micro, "prompt_tokens": s.prompt_tokens,
+                    "completion_tokens": s.completion_tokens, "usage_reported": s.usage_reported,
+                    "upstream_status": s.upstream_status, "model": record.model,
+                }),
+            })
+            .await?;
+        let now = now_ms();
+        let mut live = self.lock();
+        if let Some(o) = live.open.remove(&record.id) {
+            live.by_request.remove(&o.record.request_id);
+            let used = s.prompt_tokens.saturating_add(s.completion_tokens) as i64;
+            let delta = used - o.debited_tokens as i64;
+            if let Some(a) = live.agents.get_mut(&record.agent_id) {
+                a.open = a.open.saturating_sub(1);
+                if a.record.tpm > 0 {
+                    a.tpm.adjust(a.record.tpm, delta, now);
+                }
+            }
+            if o.model_tpm_limit > 0
+                && let Some(b) = live.model_tpm.get_mut(&record.model)
+            {
+                b.adjust(o.model_tpm_limit, delta, now);
+            }
+        }
+        Ok(match outcome {
+            SettleOutcome::Settled {
+                charged_micro,
+                remaining_micro,
+            } => Settled {
+                charged_micro,
+                remaining_micro,
+                already_settled: false,
+                overrun,
+            },
+            SettleOutcome::AlreadyClosed | SettleOutcome::UnknownReservation => Settled {
+                charged_micro: 0,
+                remaining_micro: 0,
+                already_settled: true,
+                overrun: false,
+            },
+        })
+    }
+
+    /// Extends open reservations of long streams; returns the ids that are
+    /// closed (settled or expired).
+    pub async fn heartbeat(&self, ids: &[String]) -> Result<(i64, Vec<String>)> {
+        let expires = now_ms() + self.reservation_ttl_ms;
+        let closed = self.store.extend_reservations(ids, expires).await?;
+        let mut live = self.lock();
+        for id in ids {
+            if let Some(o) = live.open.get_mut(id) {
+                o.record.expires_at_ms = expires;
+            }
+        }
+        Ok((expires, closed))
+    }
+
+    /// `Endpoint::Models` needs authentication only: no reservation.
+    pub fn authenticate_only(
+        &self,
+        token_sha256: &str,
+    ) -> std::result::Result<AgentRecord, Denial> {
+        let live = self.lock();
+        let record = live
+            .by_token
+            .get(token_sha256)
+            .and_then(|id| live.agents.get(id))
+            .map(|a| &a.record);
+        authenticate(record, now_ms()).cloned()
+    }
+}
+
+/// Maps the wire endpoint to the policy's.
+pub fn endpoint_from_pb(e: aex_proto::v1::Endpoint) -> Option<Endpoint> {
+    use aex_proto::v1::Endpoint as P;
+    Some(match e {
+        P::ChatCompletions => Endpoint::ChatCompletions,
+        P::Responses => Endpoint::Responses,
+        P::Embeddings => Endpoint::Embeddings,
+        P::Completions => Endpoint::Completions,
+        P::Models => Endpoint::Models,
+        P::Unspecified => return None,
+    })
+}

@@ -1,0 +1,187 @@
+//! Smooth rate limiters with exact retry times. Pure: every call takes `now`
+//! in milliseconds, so tests drive time by hand.
+
+/// Requests per minute as a GCRA (a token bucket of `rpm` requests that
+/// refills one request every `60 s / rpm`): a burst of up to `rpm` passes at
+/// once, then requests pass at the steady rate, and a refused caller learns
+/// exactly when the next one will pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gcra {
+    /// Theoretical arrival time of the next request, in µs.
+    tat_us: i64,
+}
+
+impl Default for Gcra {
+    fn default() -> Self {
+        Self { tat_us: i64::MIN }
+    }
+}
+
+/// `Err(wait_ms)`: refused; the earliest retry that can pass is `wait_ms` away.
+pub type Check = Result<(), u64>;
+
+impl Gcra {
+    fn interval_us(per_minute: u32) -> i64 {
+        60_000_000 / i64::from(per_minute.max(1))
+    }
+
+    /// Admits one request if the limit allows, recording it.
+    pub fn take(&mut self, per_minute: u32, now_ms: i64) -> Check {
+        let now_us = now_ms.saturating_mul(1000);
+        let interval = Self::interval_us(per_minute);
+        let burst_us = interval * i64::from(per_minute.max(1));
+        let tat = self.tat_us.max(now_us);
+        let new_tat = tat + interval;
+        let allowed_at = new_tat - burst_us;
+        if allowed_at > now_us {
+            // Round up so that a retry at exactly this many ms passes.
+            let wait_us = allowed_at - now_us;
+            return Err((wait_us as u64).div_ceil(1000));
+        }
+        self.tat_us = new_tat;
+        Ok(())
+    }
+
+    /// Gives back a request that was taken but not used (e.g. refused later
+    /// for its budget), so that it does not count against the rate.
+    pub fn give_back(&mut self, per_minute: u32) {
+        if self.tat_us != i64::MIN {
+            self.tat_us -= Self::interval_us(per_minute);
+        }
+    }
+}
+
+/// Tokens per minute: a bucket of `per_minute` tokens refilling continuously.
+/// Admission debits the input bound up front; settlement corrects the debit
+/// to the real usage, so the bucket may go into debt and later requests wait
+/// until it is paid back. At most one request can overshoot.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenBucket {
+    /// Tokens available, in thousandths of a token (for exact refill).
+    level_milli: i64,
+    last_ms: i64,
+    initialised: bool,
+}
+
+impl TokenBucket {
+    fn refill(&mut self, per_minute: u64, now_ms: i64) {
+        let capacity = (per_minute as i64).saturating_mul(1000);
+        if !self.initialised {
+            self.level_milli = capacity;
+            self.last_ms = now_ms;
+            self.initialised = true;
+            return;
+        }
+        let elapsed = (now_ms - self.last_ms).max(0);
+        // per_minute tokens per 60 000 ms = per_minute / 60 milli-tokens per ms.
+        let gained = elapsed.saturating_mul(per_minute as i64) / 60;
+        self.level_milli = self.level_milli.saturating_add(gained).min(capacity);
+        self.last_ms = now_ms;
+    }
+
+    /// Admits while the bucket is not in debt, debiting `tokens`.
+    pub fn take(&mut self, per_minute: u64, tokens: u64, now_ms: i64) -> Check {
+        self.refill(per_minute, now_ms);
+        if self.level_milli <= 0 {
+            let deficit = 1 - self.level_milli; // milli-tokens to reach > 0
+            let wait_ms = ((deficit * 60) as u64).div_ceil(per_minute.max(1));
+            return Err(wait_ms.max(1));
+        }
+        self.level_milli -= (tokens.min(per_minute) as i64) * 1000;
+        Ok(())
+    }
+
+    /// Corrects an earlier debit by `delta` tokens (positive: used more than
+    /// debited; negative: refund).
+    pub fn adjust(&mut self, per_minute: u64, delta: i64, now_ms: i64) {
+        self.refill(per_minute, now_ms);
+        let capacity = (per_minute as i64).saturating_mul(1000);
+        self.level_milli = self
+            .level_milli
+            .saturating_sub(delta.saturating_mul(1000))
+            .min(capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn gcra_allows_a_burst_of_rpm_then_the_steady_rate() {
+        let mut g = Gcra::default();
+        let t0 = 1_000_000;
+        for i in 0..120 {
+            assert_eq!(g.take(120, t0), Ok(()), "request {i}");
+        }
+        // The 121st waits exactly one interval (500 ms at 120 RPM).
+        assert_eq!(g.take(120, t0), Err(500));
+        assert_eq!(g.take(120, t0 + 499), Err(1));
+        assert_eq!(g.take(120, t0 + 500), Ok(()));
+        assert_eq!(g.take(120, t0 + 500), Err(500));
+    }
+
+    #[test]
+    fn gcra_give_back_restores_capacity() {
+        let mut g = Gcra::default();
+        assert_eq!(g.take(1, 0), Ok(()));
+        assert_eq!(g.take(1, 0), Err(60_000));
+        g.give_back(1);
+        assert_eq!(g.take(1, 0), Ok(()));
+    }
+
+    #[test]
+    fn token_bucket_debt_and_exact_wait() {
+        let mut b = TokenBucket::default();
+        assert_eq!(b.take(600, 500, 0), Ok(())); // 100 left
+        assert_eq!(b.take(600, 500, 0), Ok(())); // -400: in debt
+        // 400.001 tokens at 10 tokens/s → 40.0001 s → 40 001 ms.
+        assert_eq!(b.take(600, 1, 0), Err(40_001));
+        assert_eq!(b.take(600, 1, 40_001), Ok(()));
+        // Settlement refunds an over-estimate.
+        let mut b = TokenBucket::default();
+        b.take(600, 600, 0).unwrap();
+        assert!(b.take(600, 1, 0).is_err());
+        b.adjust(600, -590, 0);
+        assert_eq!(b.take(600, 1, 0), Ok(()));
+    }
+
+    proptest! {
+        /// Over any window, GCRA never admits more than rpm + window·rpm/60s.
+        #[test]
+        fn gcra_never_exceeds_the_rate(
+            rpm in 1u32..600,
+            gaps in proptest::collection::vec(0i64..2_000, 1..400),
+        ) {
+            let mut g = Gcra::default();
+            let mut now = 10_000_000i64;
+            let start = now;
+            let mut admitted = 0u64;
+            for gap in gaps {
+                now += gap;
+                if g.take(rpm, now).is_ok() {
+                    admitted += 1;
+                }
+            }
+            let window_ms = (now - start) as u64;
+            let bound = u64::from(rpm) + (window_ms * u64::from(rpm)).div_ceil(60_000);
+            prop_assert!(admitted <= bound, "{admitted} > {bound}");
+        }
+
+        /// A refused request retried after exactly the advertised wait passes.
+        #[test]
+        fn gcra_retry_after_is_exact(rpm in 1u32..1000, burst in 0u32..50) {
+            let mut g = Gcra::default();
+            let now = 5_000_000;
+            for _ in 0..rpm + burst { let _ = g.take(rpm, now); }
+            if let Err(wait) = g.take(rpm, now) {
+                let mut early = g.clone();
+                if wait > 1 {
+                    prop_assert!(early.take(rpm, now + wait as i64 - 1).is_err());
+                }
+                prop_assert!(g.take(rpm, now + wait as i64).is_ok());
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Admission: the hot path. Decides every model call from in-memory state
+//! (agents by token hash, rate limiters, open reservations) and touches the
+//! database only to reserve and to settle, each one transaction.
+
+pub mod core;
+pub mod limiter;
+pub mod policy;

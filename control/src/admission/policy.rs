@@ -1,0 +1,479 @@
+//! The admission policy as a pure function: given an agent, the model
+//! configuration and what the request asks for, either a plan (output cap and
+//! cost bound to reserve) or the denial to send. No I/O, no clocks except the
+//! `now` passed in.
+
+use crate::config::{Model, ModelsConfig};
+use crate::storage::{AgentRecord, AgentState, Scope};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub http_status: u16,
+    pub code: &'static str,
+    pub error_type: &'static str,
+    pub message: String,
+    /// The rule that fired: `x-aex-denied-by`, and the reason in the ledger.
+    pub denied_by: &'static str,
+    pub param: &'static str,
+    pub retry_after_ms: u64,
+}
+
+impl Denial {
+    pub fn unauthenticated(denied_by: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            http_status: 401,
+            code: "invalid_api_key",
+            error_type: "invalid_request_error",
+            message: message.into(),
+            denied_by,
+            param: "",
+            retry_after_ms: 0,
+        }
+    }
+
+    pub fn forbidden(
+        code: &'static str,
+        denied_by: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            http_status: 403,
+            code,
+            error_type: "permission_error",
+            message: message.into(),
+            denied_by,
+            param: "",
+            retry_after_ms: 0,
+        }
+    }
+
+    pub fn rate_limited(
+        denied_by: &'static str,
+        retry_after_ms: u64,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            http_status: 429,
+            code: "rate_limit_exceeded",
+            error_type: "rate_limit_error",
+            message: message.into(),
+            denied_by,
+            param: "",
+            retry_after_ms,
+        }
+    }
+
+    pub fn budget(message: impl Into<String>) -> Self {
+        Self {
+            http_status: 402,
+            code: "budget_exceeded",
+            error_type: "insufficient_quota",
+            message: message.into(),
+            denied_by: "budget",
+            param: "",
+            retry_after_ms: 0,
+        }
+    }
+
+    pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            http_status: 400,
+            code: "invalid_request",
+            error_type: "invalid_request_error",
+            message: message.into(),
+            denied_by: "request",
+            param,
+            retry_after_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    Completions,
+    Models,
+}
+
+/// What the data plane found in the request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask<'a> {
+    pub endpoint: Endpoint,
+    pub model: &'a str,
+    pub stream: bool,
+    pub uses_tools: bool,
+    pub uses_function_calling: bool,
+    pub uses_vision: bool,
+    pub input_tokens_bound: u64,
+    pub requested_output_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub output_tokens_cap: u64,
+    pub output_cap_injected: bool,
+    pub reserve_micro: i64,
+}
+
+/// Who is calling and may they call at all (before any model is looked at).
+pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRecord, Denial> {
+    let Some(agent) = agent else {
+        return Err(Denial::unauthenticated(
+            "auth",
+            "Invalid API key: this token is not known to AEX (it may have been rotated or the agent deleted). \
+             Use the token printed by `aexctl agent create` or `aexctl agent rotate-token`.",
+        ));
+    };
+    if let Some(expiry) = agent.token_expires_at_ms
+        && expiry <= now_ms
+    {
+        return Err(Denial::unauthenticated(
+            "token_expired",
+            format!(
+                "The token of agent '{}' has expired. Issue a new one with `aexctl agent rotate-token {}`.",
+                agent.name, agent.name
+            ),
+        ));
+    }
+    match agent.state {
+        AgentState::Active => Ok(agent),
+        AgentState::Paused => Err(Denial::forbidden(
+            "agent_paused",
+            "paused",
+            format!(
+                "Agent '{}' is paused. Resume it with `aexctl agent resume {}`.",
+                agent.name, agent.name
+            ),
+        )),
+        AgentState::Deleted => Err(Denial::unauthenticated(
+            "auth",
+            "Invalid API key: the agent was deleted.",
+        )),
+    }
+}
+
+/// Policy and cost bound for an authenticated agent's request.
+pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
+    if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
+        return Err(Denial::forbidden(
+            "capability_denied",
+            "scope",
+            format!(
+                "Agent '{}' has read-only scope: it may list models but not call them. \
+                 Change it with `aexctl agent update {} --scope execution`.",
+                agent.name, agent.name
+            ),
+        ));
+    }
+    if ask.model.is_empty() {
+        return Err(Denial::bad_request(
+            "model",
+            "You must provide a model parameter.",
+        ));
+    }
+    let Some(model) = models.models.get(ask.model) else {
+        return Err(Denial::forbidden(
+            "model_not_allowed",
+            "model",
+            format!(
+                "The model '{}' is not configured in AEX. Configured models: {}.",
+                ask.model,
+                models.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    };
+    if !agent.allowed_models.is_empty() && !agent.allowed_models.iter().any(|m| m == ask.model) {
+        return Err(Denial::forbidden(
+            "model_not_allowed",
+            "model",
+            format!(
+                "Agent '{}' may not use model '{}' (allowed: {}).",
+                agent.name,
+                ask.model,
+                agent.allowed_models.join(", ")
+            ),
+        ));
+    }
+    capabilities(agent, model, ask)?;
+    let (output_tokens_cap, output_cap_injected) = match ask.endpoint {
+        Endpoint::Embeddings | Endpoint::Models => (0, false),
+        _ => match ask.requested_output_tokens {
+            Some(n) if n <= u64::from(model.max_tokens) => (n, false),
+            // Above the model's limit: clamp, so the reservation stays a real bound.
+            Some(_) | None => (u64::from(model.max_tokens), true),
+        },
+    };
+    Ok(Plan {
+        output_tokens_cap,
+        output_cap_injected,
+        reserve_micro: model
+            .pricing
+            .cost_micro(ask.input_tokens_bound, output_tokens_cap),
+    })
+}
+
+fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(), Denial> {
+    let deny = |denied_by: &'static str, what: &str, fix: &str| {
+        Err(Denial::forbidden(
+            "capability_denied",
+            denied_by,
+            format!("{what} {fix}"),
+        ))
+    };
+    let name = &agent.name;
+    if ask.stream && !agent.caps.streaming {
+        return deny(
+            "streaming",
+            &format!("Agent '{name}' may not stream (stream: true)."),
+            &format!(
+                "Send stream: false, or allow it: `aexctl agent update {name} --streaming true`."
+            ),
+        );
+    }
+    if ask.uses_tools && !model.tools {
+        return deny(
+            "tools",
+            &format!("Model '{}' is configured without tool support.", model.name),
+            "Remove `tools`, or set capabilities.tools: true in models.yaml.",
+        );
+    }
+    if ask.uses_tools && !agent.caps.tools {
+        return deny(
+            "tools",
+            &format!("Agent '{name}' may not use tools."),
+            &format!("Remove `tools`, or allow them: `aexctl agent update {name} --tools true`."),
+        );
+    }
+    if ask.uses_function_calling && !agent.caps.function_calling {
+        return deny(
+            "function_calling",
+            &format!("Agent '{name}' may not use function calling (functions / tool_choice)."),
+            &format!("Allow it with `aexctl agent update {name} --function-calling true`."),
+        );
+    }
+    if ask.uses_vision && !model.vision {
+        return deny(
+            "vision",
+            &format!("Model '{}' is configured without vision.", model.name),
+            "Remove the image inputs, or set capabilities.vision: true in models.yaml.",
+        );
+    }
+    if ask.uses_vision && !agent.caps.vision {
+        return deny(
+            "vision",
+            &format!("Agent '{name}' may not send images."),
+            &format!("Allow it with `aexctl agent update {name} --vision true`."),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_MODELS_YAML;
+    use crate::storage::Caps;
+    use std::path::Path;
+
+    fn agent() -> AgentRecord {
+        AgentRecord {
+            id: "agt_1".into(),
+            name: "dev".into(),
+            token_sha256: "h".into(),
+            token_prefix: "aex_".into(),
+            token_expires_at_ms: None,
+            token_ttl_seconds: 0,
+            budget_micro: 1_000_000,
+            spent_micro: 0,
+            reserved_micro: 0,
+            rpm: 60,
+            tpm: 0,
+            max_concurrent: 0,
+            allowed_models: vec![],
+            caps: Caps {
+                streaming: true,
+                tools: true,
+                function_calling: true,
+                vision: false,
+            },
+            scope: Scope::Execution,
+            state: AgentState::Active,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_activity_at_ms: None,
+            deleted_at_ms: None,
+        }
+    }
+
+    fn ask(model: &str) -> Ask<'_> {
+        Ask {
+            endpoint: Endpoint::ChatCompletions,
+            model,
+            stream: false,
+            uses_tools: false,
+            uses_function_calling: false,
+            uses_vision: false,
+            input_tokens_bound: 100,
+            requested_output_tokens: Some(50),
+        }
+    }
+
+    fn models() -> ModelsConfig {
+        ModelsConfig::parse(DEFAULT_MODELS_YAML, Path::new("m.yaml")).unwrap()
+    }
+
+    #[test]
+    fn reserves_the_upper_bound_and_injects_a_cap() {
+        let m = models();
+        let p = plan(&agent(), &m, &ask("llama3-local")).unwrap();
+        assert_eq!(
+            p,
+            Plan {
+                output_tokens_cap: 50,
+                output_cap_injected: false,
+                reserve_micro: 100 + 100
+            }
+        );
+        let p = plan(
+            &agent(),
+            &m,
+            &Ask {
+                requested_output_tokens: None,
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap();
+        assert_eq!((p.output_tokens_cap, p.output_cap_injected), (4096, true));
+        assert_eq!(p.reserve_micro, 100 + 4096 * 2);
+        let p = plan(
+            &agent(),
+            &m,
+            &Ask {
+                requested_output_tokens: Some(1 << 40),
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap();
+        assert_eq!((p.output_tokens_cap, p.output_cap_injected), (4096, true));
+        let p = plan(
+            &agent(),
+            &m,
+            &Ask {
+                endpoint: Endpoint::Embeddings,
+                ..ask("simulated")
+            },
+        )
+        .unwrap();
+        assert_eq!(p.output_tokens_cap, 0);
+        assert_eq!(p.reserve_micro, 15); // 100 × 0.15 µ
+    }
+
+    #[test]
+    fn denials_name_their_rule() {
+        let m = models();
+        let mut a = agent();
+        a.allowed_models = vec!["simulated".into()];
+        assert_eq!(
+            plan(&a, &m, &ask("llama3-local")).unwrap_err().denied_by,
+            "model"
+        );
+        assert_eq!(
+            plan(&a, &m, &ask("gpt-9")).unwrap_err().code,
+            "model_not_allowed"
+        );
+        let mut a = agent();
+        a.caps.streaming = false;
+        assert_eq!(
+            plan(
+                &a,
+                &m,
+                &Ask {
+                    stream: true,
+                    ..ask("simulated")
+                }
+            )
+            .unwrap_err()
+            .denied_by,
+            "streaming"
+        );
+        let mut a = agent();
+        a.caps.tools = false;
+        assert_eq!(
+            plan(
+                &a,
+                &m,
+                &Ask {
+                    uses_tools: true,
+                    ..ask("simulated")
+                }
+            )
+            .unwrap_err()
+            .denied_by,
+            "tools"
+        );
+        let mut a = agent();
+        a.caps.function_calling = false;
+        let d = plan(
+            &a,
+            &m,
+            &Ask {
+                uses_function_calling: true,
+                ..ask("simulated")
+            },
+        )
+        .unwrap_err();
+        assert_eq!((d.http_status, d.denied_by), (403, "function_calling"));
+        let mut a = agent();
+        a.caps.vision = true;
+        // The model itself has no vision.
+        assert_eq!(
+            plan(
+                &a,
+                &m,
+                &Ask {
+                    uses_vision: true,
+                    ..ask("simulated")
+                }
+            )
+            .unwrap_err()
+            .denied_by,
+            "vision"
+        );
+        let mut a = agent();
+        a.scope = Scope::ReadOnly;
+        assert_eq!(
+            plan(&a, &m, &ask("simulated")).unwrap_err().denied_by,
+            "scope"
+        );
+        assert!(
+            plan(
+                &a,
+                &m,
+                &Ask {
+                    endpoint: Endpoint::Models,
+                    ..ask("simulated")
+                }
+            )
+            .is_ok()
+        );
+        assert_eq!(plan(&agent(), &m, &ask("")).unwrap_err().http_status, 400);
+    }
+
+    #[test]
+    fn authentication() {
+        assert_eq!(authenticate(None, 0).unwrap_err().http_status, 401);
+        let mut a = agent();
+        a.token_expires_at_ms = Some(10);
+        assert_eq!(authenticate(Some(&a), 9).unwrap().id, "agt_1");
+        assert_eq!(
+            authenticate(Some(&a), 10).unwrap_err().denied_by,
+            "token_expired"
+        );
+        let mut a = agent();
+        a.state = AgentState::Paused;
+        let d = authenticate(Some(&a), 0).unwrap_err();
+        assert_eq!((d.http_status, d.code), (403, "agent_paused"));
+    }
+}

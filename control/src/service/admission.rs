@@ -1,0 +1,225 @@
+//! The data plane's gRPC API: admit, settle, heartbeat, watch.
+
+use crate::admission::core::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
+use crate::admission::policy::{Ask, Denial, Endpoint};
+use crate::error::Error;
+use crate::service::convert::{models_to_pb, policy_to_pb};
+use crate::state::ControlState;
+use crate::storage::now_ms;
+use aex_proto::v1::{self as pb, admission_service_server::AdmissionService};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct AdmissionApi {
+    state: Arc<ControlState>,
+}
+
+impl AdmissionApi {
+    pub fn new(state: Arc<ControlState>) -> Self {
+        Self { state }
+    }
+}
+
+fn denial_to_pb(d: Denial, agent_name: String) -> pb::AdmitResponse {
+    pb::AdmitResponse {
+        outcome: Some(pb::admit_response::Outcome::Denied(pb::Denial {
+            http_status: u32::from(d.http_status),
+            code: d.code.into(),
+            r#type: d.error_type.into(),
+            message: d.message,
+            denied_by: d.denied_by.into(),
+            param: d.param.into(),
+            retry_after_ms: d.retry_after_ms,
+            agent_name,
+        })),
+    }
+}
+
+fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
+    match o {
+        pb::SettleOutcome::Completed | pb::SettleOutcome::Unspecified => Outcome::Completed,
+        pb::SettleOutcome::UpstreamError => Outcome::UpstreamError,
+        pb::SettleOutcome::UpstreamTimeout => Outcome::UpstreamTimeout,
+        pb::SettleOutcome::UpstreamRateLimited => Outcome::UpstreamRateLimited,
+        pb::SettleOutcome::ClientDisconnected => Outcome::ClientDisconnected,
+        pb::SettleOutcome::CutOff => Outcome::CutOff,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdmissionService for AdmissionApi {
+    async fn admit(
+        &self,
+        request: Request<pb::AdmitRequest>,
+    ) -> Result<Response<pb::AdmitResponse>, Status> {
+        let r = request.into_inner();
+        let endpoint = endpoint_from_pb(r.endpoint())
+            .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+        if r.request_id.is_empty() {
+            return Err(Status::invalid_argument("request_id is required"));
+        }
+        let ask = Ask {
+            endpoint,
+            model: &r.model,
+            stream: r.stream,
+            uses_tools: r.uses_tools,
+            uses_function_calling: r.uses_function_calling,
+            uses_vision: r.uses_vision,
+            input_tokens_bound: r.input_tokens_bound,
+            requested_output_tokens: r.requested_output_tokens,
+        };
+        let admission = &self.state.admission;
+        if endpoint == Endpoint::Models {
+            // Listing models needs a valid token only; nothing to reserve.
+            return Ok(Response::new(
+                match admission.authenticate_only(&r.token_sha256) {
+                    Ok(agent) => pb::AdmitResponse {
+                        outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                            agent_id: agent.id,
+                            agent_name: agent.name,
+                            remaining_micro: agent.budget_micro
+                                - agent.spent_micro
+                                - agent.reserved_micro,
+                            ..Default::default()
+                        })),
+                    },
+                    Err(d) => {
+                        admission
+                            .log_denial(&d, "", "", &ask, &r.token_sha256)
+                            .await;
+                        denial_to_pb(d, String::new())
+                    }
+                },
+            ));
+        }
+        let models = self.state.models();
+        let decision = admission
+            .admit(&models, &r.request_id, &r.token_sha256, &ask)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(match decision {
+            Decision::Admitted(a) => pb::AdmitResponse {
+                outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                    reservation_id: a.reservation_id,
+                    agent_id: a.agent_id,
+                    agent_name: a.agent_name,
+                    reserved_micro: a.reserved_micro,
+                    output_tokens_cap: a.output_tokens_cap,
+                    output_cap_injected: a.output_cap_injected,
+                    remaining_micro: a.remaining_micro,
+                    expires_at_ms: a.expires_at_ms,
+                    provider: a.provider,
+                    provider_model: a.provider_model,
+                })),
+            },
+            Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),
+        }))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let r = request.into_inner();
+        if r.reservation_id.is_empty() {
+            return Err(Status::invalid_argument("reservation_id is required"));
+        }
+        let settled = self
+            .state
+            .admission
+            .settle(SettleInput {
+                outcome: outcome_from_pb(r.outcome()),
+                reservation_id: r.reservation_id,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                usage_reported: r.usage_reported,
+                upstream_status: r.upstream_status,
+                upstream_retry_after_ms: r.upstream_retry_after_ms,
+            })
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::SettleResponse {
+            charged_micro: settled.charged_micro,
+            remaining_micro: settled.remaining_micro,
+            already_settled: settled.already_settled,
+            overrun: settled.overrun,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let ids = request.into_inner().reservation_ids;
+        let (expires_at_ms, closed) = self
+            .state
+            .admission
+            .heartbeat(&ids)
+            .await
+            .map_err(|e: Error| Status::from(e))?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            expires_at_ms,
+            closed_reservation_ids: closed,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            loop {
+                // (Re)start with a full snapshot: at connect, and whenever this
+                // receiver fell behind and may have missed a change.
+                let (agents, mut changes) = state.admission.subscribe();
+                let snapshot = pb::WatchEvent {
+                    change: Some(pb::watch_event::Change::Snapshot(pb::PolicySnapshot {
+                        agents: agents.iter().map(policy_to_pb).collect(),
+                    })),
+                };
+                let models = pb::WatchEvent {
+                    change: Some(pb::watch_event::Change::Models(models_to_pb(
+                        &state.models(),
+                        now_ms(),
+                    ))),
+                };
+                if tx.send(Ok(snapshot)).await.is_err() || tx.send(Ok(models)).await.is_err() {
+                    return;
+                }
+                loop {
+                    let event = match changes.recv().await {
+                        Ok(Change::AgentUpserted(a)) => {
+                            pb::watch_event::Change::AgentUpserted(policy_to_pb(&a))
+                        }
+                        Ok(Change::AgentRemoved(id)) => pb::watch_event::Change::AgentRemoved(id),
+                        Ok(Change::Models(m)) => {
+                            pb::watch_event::Change::Models(models_to_pb(&m, now_ms()))
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if tx
+                        .send(Ok(pb::WatchEvent {
+                            change: Some(event),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

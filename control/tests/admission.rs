@@ -1,0 +1,425 @@
+//! The data plane's gRPC API against a real `aex-control` process.
+
+use aex_control::secrets::token_sha256;
+use aex_proto::v1::{
+    self as pb, admission_service_client::AdmissionServiceClient, admit_response::Outcome,
+    agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
+};
+use aex_tests::{ControlPlane, TestHome};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+struct Fixture {
+    home: TestHome,
+    cp: ControlPlane,
+    channel: Channel,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let home = TestHome::new();
+        let cp = home.start_control();
+        let channel = Channel::from_shared(cp.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self { home, cp, channel }
+    }
+
+    fn admission(&self) -> AdmissionServiceClient<Channel> {
+        AdmissionServiceClient::new(self.channel.clone())
+    }
+
+    async fn create(&self, name: &str, budget_micro: i64, rpm: u32) -> String {
+        AgentServiceClient::new(self.channel.clone())
+            .create_agent(bearer(
+                pb::CreateAgentRequest {
+                    name: name.into(),
+                    budget_micro,
+                    rpm,
+                    ..Default::default()
+                },
+                &self.home.admin_token(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    async fn admit(&self, token: &str, request_id: &str, max_tokens: u64) -> pb::AdmitResponse {
+        self.admission()
+            .admit(bearer(
+                admit_request(token, request_id, max_tokens),
+                &self.home.dataplane_token(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn settle(
+        &self,
+        reservation_id: &str,
+        prompt: u64,
+        completion: u64,
+    ) -> pb::SettleResponse {
+        self.admission()
+            .settle(bearer(
+                pb::SettleRequest {
+                    reservation_id: reservation_id.into(),
+                    outcome: pb::SettleOutcome::Completed as i32,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    usage_reported: true,
+                    ..Default::default()
+                },
+                &self.home.dataplane_token(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn agent(&self, name: &str) -> pb::Agent {
+        AgentServiceClient::new(self.channel.clone())
+            .get_agent(bearer(
+                pb::AgentRef { name: name.into() },
+                &self.home.admin_token(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn events(&self, name: &str) -> Vec<pb::Event> {
+        LedgerServiceClient::new(self.channel.clone())
+            .list_events(bearer(
+                pb::ListEventsRequest {
+                    agent_name: name.into(),
+                    limit: 10_000,
+                    ..Default::default()
+                },
+                &self.home.admin_token(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+}
+
+/// llama3-local costs 1 µ per input token and 2 µ per output token.
+fn admit_request(token: &str, request_id: &str, max_tokens: u64) -> pb::AdmitRequest {
+    pb::AdmitRequest {
+        request_id: request_id.into(),
+        token_sha256: token_sha256(token),
+        endpoint: pb::Endpoint::ChatCompletions as i32,
+        model: "llama3-local".into(),
+        input_tokens_bound: 100,
+        requested_output_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}
+
+fn admitted(r: &pb::AdmitResponse) -> &pb::Admission {
+    match &r.outcome {
+        Some(Outcome::Admitted(a)) => a,
+        other => panic!("expected admission, got {other:?}"),
+    }
+}
+
+fn denied(r: &pb::AdmitResponse) -> &pb::Denial {
+    match &r.outcome {
+        Some(Outcome::Denied(d)) => d,
+        other => panic!("expected denial, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn admission_requires_the_data_plane_credential() {
+    let f = Fixture::new().await;
+    let token = f.create("a", 1_000_000, 60).await;
+    for credential in [
+        None,
+        Some(f.home.admin_token()),
+        Some("aexdp_wrong".to_string()),
+    ] {
+        let request = admit_request(&token, "r1", 10);
+        let request = match &credential {
+            Some(c) => bearer(request, c),
+            None => Request::new(request),
+        };
+        let e = f.admission().admit(request).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{credential:?}");
+    }
+    assert_eq!(f.agent("a").await.reserved_micro, 0);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_admissions_against_a_budget_for_exactly_ten() {
+    let f = Fixture::new().await;
+    // Each reservation: 100 input × 1 µ + 50 output × 2 µ = 200 µ.
+    let token = f.create("tight", 2_000, 10_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut client = f.admission();
+        let request = bearer(
+            admit_request(&token, &format!("req-{i}"), 50),
+            &f.home.dataplane_token(),
+        );
+        tasks.push(tokio::spawn(async move {
+            client.admit(request).await.unwrap().into_inner()
+        }));
+    }
+    let mut reservations = Vec::new();
+    let mut budget_denials = 0;
+    for t in tasks {
+        match t.await.unwrap().outcome.unwrap() {
+            Outcome::Admitted(a) => {
+                assert_eq!(a.reserved_micro, 200);
+                reservations.push(a.reservation_id);
+            }
+            Outcome::Denied(d) => {
+                assert_eq!(
+                    (d.http_status, d.code.as_str(), d.denied_by.as_str()),
+                    (402, "budget_exceeded", "budget")
+                );
+                assert!(d.message.contains("top up"), "{}", d.message);
+                budget_denials += 1;
+            }
+        }
+    }
+    assert_eq!((reservations.len(), budget_denials), (10, 40));
+    let agent = f.agent("tight").await;
+    assert_eq!((agent.reserved_micro, agent.spent_micro), (2_000, 0));
+
+    // Settle concurrently with real usage below the bound.
+    let mut tasks = Vec::new();
+    for id in reservations {
+        let mut client = f.admission();
+        let request = bearer(
+            pb::SettleRequest {
+                reservation_id: id,
+                outcome: pb::SettleOutcome::Completed as i32,
+                prompt_tokens: 90,
+                completion_tokens: 20,
+                usage_reported: true,
+                ..Default::default()
+            },
+            &f.home.dataplane_token(),
+        );
+        tasks.push(tokio::spawn(async move {
+            client.settle(request).await.unwrap().into_inner()
+        }));
+    }
+    for t in tasks {
+        let s = t.await.unwrap();
+        assert_eq!(s.charged_micro, 130);
+        assert!(!s.already_settled);
+    }
+    let agent = f.agent("tight").await;
+    assert_eq!((agent.reserved_micro, agent.spent_micro), (0, 1_300));
+    assert!(agent.spent_micro <= agent.budget_micro);
+
+    let events = f.events("tight").await;
+    let count = |kind: &str| events.iter().filter(|e| e.kind == kind).count();
+    assert_eq!((count("admit"), count("settle")), (10, 10));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "deny" && e.reason == "budget")
+            .count(),
+        40
+    );
+    let settled: i64 = events
+        .iter()
+        .filter(|e| e.kind == "settle")
+        .map(|e| e.amount_micro)
+        .sum();
+    assert_eq!(settled, agent.spent_micro, "spent = sum of settle events");
+}
+
+#[tokio::test]
+async fn admit_and_settle_are_idempotent_and_overruns_are_charged() {
+    let f = Fixture::new().await;
+    let token = f.create("idem", 1_000_000, 60).await;
+    let first = f.admit(&token, "same-request", 50).await;
+    let again = f.admit(&token, "same-request", 50).await;
+    assert_eq!(
+        admitted(&first).reservation_id,
+        admitted(&again).reservation_id
+    );
+    assert_eq!(f.agent("idem").await.reserved_micro, 200, "reserved once");
+
+    let id = admitted(&first).reservation_id.clone();
+    // The provider reports more than was reserved: charged in full, flagged.
+    let s = f.settle(&id, 100, 400).await;
+    assert_eq!(
+        (s.charged_micro, s.overrun, s.already_settled),
+        (900, true, false)
+    );
+    let s = f.settle(&id, 100, 400).await;
+    assert!(s.already_settled);
+    let agent = f.agent("idem").await;
+    assert_eq!((agent.spent_micro, agent.reserved_micro), (900, 0));
+    let events = f.events("idem").await;
+    assert_eq!(events.iter().filter(|e| e.kind == "overrun").count(), 1);
+    assert_eq!(events.iter().filter(|e| e.kind == "settle").count(), 1);
+}
+
+#[tokio::test]
+async fn rpm_burst_denials_match_the_ledger() {
+    let f = Fixture::new().await;
+    let token = f.create("bursty", 100_000_000, 120).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut client = f.admission();
+        let request = bearer(
+            admit_request(&token, &format!("b-{i}"), 1),
+            &f.home.dataplane_token(),
+        );
+        tasks.push(tokio::spawn(async move {
+            client.admit(request).await.unwrap().into_inner()
+        }));
+    }
+    let mut limited = 0;
+    for t in tasks {
+        if let Some(Outcome::Denied(d)) = t.await.unwrap().outcome {
+            assert_eq!((d.http_status, d.denied_by.as_str()), (429, "rpm"));
+            assert!(d.retry_after_ms > 0 && d.retry_after_ms <= 60_000);
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 70,
+        "a burst of 200 at RPM 120 must be limited, got {limited}"
+    );
+    let events = f.events("bursty").await;
+    let in_ledger = events
+        .iter()
+        .filter(|e| e.kind == "deny" && e.reason == "rpm")
+        .count();
+    assert_eq!(in_ledger, limited);
+}
+
+#[tokio::test]
+async fn policy_changes_apply_to_the_next_request_and_reach_watchers() {
+    use tokio_stream::StreamExt;
+    let f = Fixture::new().await;
+    let token = f.create("watched", 1_000_000, 60).await;
+    let mut watch = f
+        .admission()
+        .watch(bearer(pb::WatchRequest {}, &f.home.dataplane_token()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    let Some(pb::watch_event::Change::Snapshot(snapshot)) = first.change else {
+        panic!("the watch starts with a snapshot: {first:?}");
+    };
+    assert_eq!(snapshot.agents.len(), 1);
+    assert_eq!(snapshot.agents[0].token_sha256, token_sha256(&token));
+    let second = watch.next().await.unwrap().unwrap();
+    assert!(matches!(
+        second.change,
+        Some(pb::watch_event::Change::Models(_))
+    ));
+
+    let admin = f.home.admin_token();
+    let mut agents = AgentServiceClient::new(f.channel.clone());
+    agents
+        .pause_agent(bearer(
+            pb::AgentRef {
+                name: "watched".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let paused = denied(&f.admit(&token, "p1", 10).await).clone();
+    assert_eq!(
+        (paused.http_status, paused.code.as_str()),
+        (403, "agent_paused")
+    );
+    let change = tokio::time::timeout(Duration::from_secs(1), watch.next())
+        .await
+        .expect("the change reaches watchers within 1 s")
+        .unwrap()
+        .unwrap();
+    let Some(pb::watch_event::Change::AgentUpserted(p)) = change.change else {
+        panic!("{change:?}");
+    };
+    assert_eq!(p.state(), pb::AgentState::Paused);
+
+    agents
+        .resume_agent(bearer(
+            pb::AgentRef {
+                name: "watched".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let rotated = agents
+        .rotate_token(bearer(
+            pb::RotateTokenRequest {
+                name: "watched".into(),
+                ttl_seconds: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let old = denied(&f.admit(&token, "p2", 10).await).clone();
+    assert_eq!(
+        (old.http_status, old.code.as_str()),
+        (401, "invalid_api_key")
+    );
+    admitted(&f.admit(&rotated, "p3", 10).await);
+
+    agents
+        .delete_agent(bearer(
+            pb::AgentRef {
+                name: "watched".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(denied(&f.admit(&rotated, "p4", 10).await).http_status, 401);
+}
+
+#[tokio::test]
+async fn a_control_plane_restart_keeps_open_reservations_settleable() {
+    let f = Fixture::new().await;
+    let token = f.create("durable", 1_000_000, 60).await;
+    let id = admitted(&f.admit(&token, "before-restart", 50).await)
+        .reservation_id
+        .clone();
+    let Fixture { home, cp, .. } = f;
+    drop(cp); // SIGKILL
+    let cp = home.start_control();
+    let channel = Channel::from_shared(cp.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let f = Fixture { home, cp, channel };
+    assert_eq!(f.agent("durable").await.reserved_micro, 200);
+    let s = f.settle(&id, 10, 10).await;
+    assert_eq!((s.charged_micro, s.already_settled), (30, false));
+    let agent = f.agent("durable").await;
+    assert_eq!((agent.spent_micro, agent.reserved_micro), (30, 0));
+}
