@@ -117,6 +117,30 @@ impl Pricing {
     }
 }
 
+/// What a finished call is charged against its reservation: reported usage
+/// is the truth, even above the reservation (an overrun: charged and flagged,
+/// never dropped); an estimate (the provider never reported usage) can never
+/// charge more than was reserved; a stream cut off at its cap is charged the
+/// whole reservation. Returns (charge, overrun).
+pub fn charge(
+    pricing: Pricing,
+    reserved_micro: Micro,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    usage_reported: bool,
+    cut_off: bool,
+) -> (Micro, bool) {
+    let cost = pricing.cost_micro(prompt_tokens, completion_tokens);
+    let charged = if usage_reported {
+        cost
+    } else if cut_off {
+        reserved_micro
+    } else {
+        cost.min(reserved_micro)
+    };
+    (charged, charged > reserved_micro)
+}
+
 /// Displays a price per token as micro-USD with up to 6 decimals.
 pub struct PicoPerToken(pub Pico);
 
@@ -203,6 +227,31 @@ mod tests {
         };
         assert_eq!(seed.cost_micro(11, 7), 25);
         assert_eq!(seed.cost_micro(u64::MAX, u64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn charge_rules() {
+        let p = Pricing {
+            input_pico_per_token: 1_000_000,
+            output_pico_per_token: 2_000_000,
+        };
+        assert_eq!(charge(p, 100, 10, 10, true, false), (30, false));
+        assert_eq!(
+            charge(p, 100, 10, 100, true, false),
+            (210, true),
+            "overrun charged"
+        );
+        assert_eq!(
+            charge(p, 100, 10, 100, false, false),
+            (100, false),
+            "estimates capped"
+        );
+        assert_eq!(
+            charge(p, 100, 1, 1, false, true),
+            (100, false),
+            "cut off: whole bound"
+        );
+        assert_eq!(charge(p, 100, 0, 0, false, false), (0, false));
     }
 
     proptest! {

@@ -1,11 +1,122 @@
-//! Placeholder binary until the pingora proxy lands (issue #3): it answers
-//! `--version` and otherwise says plainly that it cannot serve yet.
+use aex_control::home::Home;
+use aex_dataplane::control::{Cache, ControlPlane};
+use aex_dataplane::server::{Gateway, Limits};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// AEX data plane: the OpenAI-compatible gateway (pingora). Asks the control
+/// plane to admit and settle every call.
+#[derive(Parser)]
+#[command(name = "aex-dataplane", version)]
+struct Args {
+    /// AEX home directory (default: $AEX_HOME, else ~/.aex): the data-plane
+    /// credential and .env (provider keys) are read from it.
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// Address to serve the OpenAI API on. Port 0 picks a free port.
+    #[arg(long, env = "AEX_DATAPLANE_LISTEN", default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Control-plane gRPC address.
+    #[arg(
+        long,
+        env = "AEX_CONTROL_ADDR",
+        default_value = "http://127.0.0.1:9001"
+    )]
+    control: String,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    max_body_bytes: usize,
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// Longest wait for a provider's response head.
+    #[arg(long, default_value_t = 300_000)]
+    first_byte_timeout_ms: u64,
+    /// Longest silence between two pieces of a response (no total deadline).
+    #[arg(long, default_value_t = 120_000)]
+    idle_timeout_ms: u64,
+    /// How often long streams extend their reservations.
+    #[arg(long, default_value_t = 20_000)]
+    heartbeat_ms: u64,
+    /// On SIGTERM, how long in-flight streams may take to finish.
+    #[arg(long, default_value_t = 30_000)]
+    drain_ms: u64,
+}
 
 fn main() -> std::process::ExitCode {
-    if std::env::args().any(|a| a == "--version" || a == "-V") {
-        println!("aex-dataplane {}", env!("CARGO_PKG_VERSION"));
-        return std::process::ExitCode::SUCCESS;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AEX_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aex-dataplane: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    eprintln!("aex-dataplane: the OpenAI-compatible proxy is not part of this build yet");
-    std::process::ExitCode::from(1)
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let home = Home::resolve(args.home)?;
+    // In a sidecar the credential may come from the environment instead.
+    let token = match std::env::var("AEX_DATAPLANE_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => home.read_dataplane_token()?,
+    };
+    let cache = Arc::new(Cache::new(Some(home.env_file())));
+    let control = ControlPlane::connect(&args.control, &token, cache)?;
+    tokio::spawn(control.clone().watch_forever());
+    tokio::spawn(
+        control
+            .clone()
+            .heartbeat_forever(Duration::from_millis(args.heartbeat_ms)),
+    );
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+    };
+    let gateway = Arc::new(Gateway::new(control.clone(), limits));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (use --listen to pick another address)",
+                args.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    println!("aex-dataplane listening on {addr}");
+    tracing::info!(%addr, control = %args.control, "data plane started");
+    aex_dataplane::serve(
+        listener,
+        gateway,
+        control,
+        shutdown_signal(),
+        Duration::from_millis(args.drain_ms),
+    )
+    .await;
+    tracing::info!("data plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -26,6 +26,7 @@ pub enum Change {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
+    pub pricing: crate::money::Pricing,
     pub reservation_id: String,
     pub agent_id: String,
     pub agent_name: String,
@@ -86,20 +87,16 @@ pub struct Settled {
     pub overrun: bool,
 }
 
-/// The charge for a finished call, in micro-USD. Reported usage is the truth
-/// (even above the reservation: then it is an overrun, charged and flagged,
-/// never dropped). The data plane's own estimate can never charge more than
-/// was reserved, and a stream cut off at its cap is charged the full bound.
+/// The charge for a finished call: see [`crate::money::charge`].
 pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> (i64, bool) {
-    let cost = r.pricing.cost_micro(s.prompt_tokens, s.completion_tokens);
-    let charge = if s.usage_reported {
-        cost
-    } else if s.outcome == Outcome::CutOff {
-        r.amount_micro
-    } else {
-        cost.min(r.amount_micro)
-    };
-    (charge, charge > r.amount_micro)
+    crate::money::charge(
+        r.pricing,
+        r.amount_micro,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.usage_reported,
+        s.outcome == Outcome::CutOff,
+    )
 }
 
 struct LiveAgent {
@@ -504,6 +501,7 @@ impl AdmissionCore {
 
     fn admitted_from(&self, o: &OpenReservation, remaining_micro: i64) -> Admitted {
         Admitted {
+            pricing: o.record.pricing,
             reservation_id: o.record.id.clone(),
             agent_id: o.record.agent_id.clone(),
             agent_name: o.agent_name.clone(),

@@ -116,6 +116,8 @@ impl AdmissionService for AdmissionApi {
                     expires_at_ms: a.expires_at_ms,
                     provider: a.provider,
                     provider_model: a.provider_model,
+                    input_pico_per_token: a.pricing.input_pico_per_token,
+                    output_pico_per_token: a.pricing.output_pico_per_token,
                 })),
             },
             Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),

@@ -1,0 +1,428 @@
+//! The data plane's side of the control plane: the admission client, the
+//! policy/route cache fed by the watch stream, settlement that retries until
+//! the control plane answers, and heartbeats for long streams.
+
+use crate::simulated::Settings;
+use aex_proto::v1::{self as pb, admission_service_client::AdmissionServiceClient};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+pub type Client = AdmissionServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Where a provider lives and how to authenticate to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Http {
+        tls: bool,
+        host: String,
+        port: u16,
+        /// Path prefix of the base URL, e.g. `/v1` (no trailing slash).
+        base_path: String,
+        /// `Authorization: Bearer` value; never logged.
+        api_key: Option<String>,
+    },
+    Simulated(Settings),
+}
+
+/// Splits `http(s)://host[:port][/path]`; the control plane validated it.
+pub fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        (false, url.strip_prefix("http://")?)
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().ok()?),
+        _ => (authority, if tls { 443 } else { 80 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((tls, host.to_string(), port, path.to_string()))
+}
+
+/// `NAME=value` lines from `AEX_HOME/.env`; the process environment wins.
+pub fn read_env_file(path: &Path) -> HashMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            if line.starts_with('#') {
+                return None;
+            }
+            let (k, v) = line.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct CacheState {
+    agents: HashMap<String, pb::AgentPolicy>,
+    models: Vec<pb::Model>,
+    routes: HashMap<String, Route>,
+}
+
+/// Agent policies and model routes, as the control plane last said.
+pub struct Cache {
+    state: RwLock<CacheState>,
+    ready: AtomicBool,
+    env_file: Option<std::path::PathBuf>,
+}
+
+impl Cache {
+    pub fn new(env_file: Option<std::path::PathBuf>) -> Self {
+        Self {
+            state: RwLock::default(),
+            ready: AtomicBool::new(false),
+            env_file,
+        }
+    }
+
+    /// True once a snapshot arrived and the watch stream is connected.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn route(&self, provider: &str) -> Option<Route> {
+        self.state
+            .read()
+            .expect("cache lock")
+            .routes
+            .get(provider)
+            .cloned()
+    }
+
+    /// The models an agent may list (all configured ones if its list is empty).
+    pub fn models_for(&self, agent_id: &str) -> Vec<String> {
+        let s = self.state.read().expect("cache lock");
+        let allowed = s
+            .agents
+            .get(agent_id)
+            .map(|a| a.allowed_models.clone())
+            .unwrap_or_default();
+        s.models
+            .iter()
+            .map(|m| m.name.clone())
+            .filter(|m| allowed.is_empty() || allowed.contains(m))
+            .collect()
+    }
+
+    fn apply(&self, event: pb::watch_event::Change) {
+        use pb::watch_event::Change;
+        let mut s = self.state.write().expect("cache lock");
+        match event {
+            Change::Snapshot(snap) => {
+                s.agents = snap
+                    .agents
+                    .into_iter()
+                    .map(|a| (a.agent_id.clone(), a))
+                    .collect();
+            }
+            Change::AgentUpserted(a) => {
+                s.agents.insert(a.agent_id.clone(), a);
+            }
+            Change::AgentRemoved(id) => {
+                s.agents.remove(&id);
+            }
+            Change::Models(config) => {
+                let env_file = self
+                    .env_file
+                    .as_deref()
+                    .map(read_env_file)
+                    .unwrap_or_default();
+                let key = |var: &str| {
+                    std::env::var(var)
+                        .ok()
+                        .or_else(|| env_file.get(var).cloned())
+                        .filter(|k| !k.is_empty())
+                };
+                s.routes = config
+                    .providers
+                    .iter()
+                    .filter_map(|p| {
+                        let route = match p.r#type() {
+                            pb::ProviderType::Simulated => {
+                                let sim = p.simulated.unwrap_or_default();
+                                Route::Simulated(Settings {
+                                    latency_ms: sim.latency_ms,
+                                    tokens_per_second: sim.tokens_per_second,
+                                    completion_tokens: sim.completion_tokens,
+                                })
+                            }
+                            _ => {
+                                let (tls, host, port, base_path) = parse_base_url(&p.base_url)?;
+                                Route::Http {
+                                    tls,
+                                    host,
+                                    port,
+                                    base_path,
+                                    api_key: key(&p.api_key_env),
+                                }
+                            }
+                        };
+                        Some((p.name.clone(), route))
+                    })
+                    .collect();
+                s.models = config.models;
+            }
+        }
+    }
+}
+
+/// Calls in flight and settlements not yet acknowledged, so that a
+/// shutdown can wait for both.
+#[derive(Default)]
+pub struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Inflight {
+    pub fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(self.clone())
+    }
+
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is in flight, or the deadline passes.
+    pub async fn drained(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.current() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
+pub struct InflightGuard(Arc<Inflight>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct ControlPlane {
+    client: Client,
+    pub cache: Arc<Cache>,
+    open: Mutex<HashSet<String>>,
+    pub inflight: Arc<Inflight>,
+}
+
+impl ControlPlane {
+    pub fn connect(url: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| {
+            "the data-plane credential holds characters that cannot be sent".to_string()
+        })?);
+        Ok(Arc::new(Self {
+            client: AdmissionServiceClient::with_interceptor(endpoint.connect_lazy(), bearer),
+            cache,
+            open: Mutex::default(),
+            inflight: Arc::default(),
+        }))
+    }
+
+    pub async fn admit(
+        &self,
+        request: pb::AdmitRequest,
+    ) -> Result<pb::AdmitResponse, tonic::Status> {
+        let mut client = self.client.clone();
+        let mut r = tonic::Request::new(request);
+        r.set_timeout(Duration::from_secs(10));
+        let response = client.admit(r).await?.into_inner();
+        if let Some(pb::admit_response::Outcome::Admitted(a)) = &response.outcome
+            && !a.reservation_id.is_empty()
+        {
+            self.open
+                .lock()
+                .expect("open lock")
+                .insert(a.reservation_id.clone());
+        }
+        Ok(response)
+    }
+
+    /// Settles in the background, retrying until the control plane answers
+    /// (settlement is idempotent by reservation id). Returns at once.
+    pub fn settle(self: &Arc<Self>, request: pb::SettleRequest) {
+        let this = self.clone();
+        let guard = self.inflight.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let mut client = this.client.clone();
+                let mut r = tonic::Request::new(request.clone());
+                r.set_timeout(Duration::from_secs(5));
+                match client.settle(r).await {
+                    Ok(_) => break,
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
+                        break;
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, reservation = %request.reservation_id, "settlement failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            this.open
+                .lock()
+                .expect("open lock")
+                .remove(&request.reservation_id);
+        });
+    }
+
+    /// Keeps the watch stream connected for as long as the process runs.
+    pub async fn watch_forever(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut client = self.client.clone();
+            match client.watch(pb::WatchRequest {}).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    while let Ok(Some(event)) = stream.message().await {
+                        if let Some(change) = event.change {
+                            let snapshot = matches!(change, pb::watch_event::Change::Snapshot(_));
+                            self.cache.apply(change);
+                            if snapshot {
+                                backoff = Duration::from_millis(100);
+                            }
+                        }
+                        if !self
+                            .cache
+                            .state
+                            .read()
+                            .expect("cache lock")
+                            .routes
+                            .is_empty()
+                        {
+                            self.cache.ready.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%status, "cannot watch the control plane; retrying");
+                }
+            }
+            self.cache.ready.store(false, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Extends the reservations of calls still running, so long streams do
+    /// not expire while they are being served.
+    pub async fn heartbeat_forever(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ids: Vec<String> = self
+                .open
+                .lock()
+                .expect("open lock")
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let mut client = self.client.clone();
+            if let Err(status) = client
+                .heartbeat(pb::HeartbeatRequest {
+                    reservation_ids: ids,
+                })
+                .await
+            {
+                tracing::warn!(%status, "heartbeat failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("http://localhost:11434/v1"),
+            Some((false, "localhost".into(), 11434, "/v1".into()))
+        );
+        assert_eq!(
+            parse_base_url("https://api.groq.com/openai/v1/"),
+            Some((true, "api.groq.com".into(), 443, "/openai/v1".into()))
+        );
+        assert_eq!(
+            parse_base_url("http://[::1]:8080"),
+            Some((false, "::1".into(), 8080, "".into()))
+        );
+        assert_eq!(parse_base_url("ftp://x"), None);
+    }
+
+    #[test]
+    fn env_file() {
+        let dir = std::env::temp_dir().join(format!("aex-env-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "# c\nLOCAL_API_KEY=dummy\nexport GROQ_API_KEY=\"g k\"\nBAD\n",
+        )
+        .unwrap();
+        let env = read_env_file(&dir);
+        assert_eq!(env["LOCAL_API_KEY"], "dummy");
+        assert_eq!(env["GROQ_API_KEY"], "g k");
+        assert_eq!(env.len(), 2);
+        let _ = std::fs::remove_file(dir);
+    }
+}

@@ -1,0 +1,489 @@
+//! OpenAI request bodies: validation, what admission needs to know, and the
+//! rewrite sent upstream. Pure functions over bytes and JSON.
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    Completions,
+}
+
+impl Api {
+    pub fn from_path(path: &str) -> Option<Self> {
+        Some(match path {
+            "/v1/chat/completions" => Api::ChatCompletions,
+            "/v1/responses" => Api::Responses,
+            "/v1/embeddings" => Api::Embeddings,
+            "/v1/completions" => Api::Completions,
+            _ => return None,
+        })
+    }
+
+    /// Path under the provider's base URL (which ends in `/v1`).
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "/chat/completions",
+            Api::Responses => "/responses",
+            Api::Embeddings => "/embeddings",
+            Api::Completions => "/completions",
+        }
+    }
+
+    /// The field carrying the output cap.
+    fn output_field(self) -> Option<&'static str> {
+        match self {
+            Api::ChatCompletions => Some("max_completion_tokens"),
+            Api::Responses => Some("max_output_tokens"),
+            Api::Completions => Some("max_tokens"),
+            Api::Embeddings => None,
+        }
+    }
+
+    fn can_stream(self) -> bool {
+        !matches!(self, Api::Embeddings)
+    }
+}
+
+/// A 400 in OpenAI's shape: what is wrong and with which parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest {
+    pub param: &'static str,
+    pub message: String,
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> BadRequest {
+    BadRequest {
+        param,
+        message: message.into(),
+    }
+}
+
+/// Token allowance for one image (OpenAI's high-detail maximum is below this).
+pub const IMAGE_TOKENS_BOUND: u64 = 2_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inspected {
+    pub api: Api,
+    pub model: String,
+    pub stream: bool,
+    /// The client itself asked for `stream_options.include_usage`.
+    pub client_wants_usage: bool,
+    pub uses_tools: bool,
+    pub uses_function_calling: bool,
+    pub uses_vision: bool,
+    pub requested_output_tokens: Option<u64>,
+    /// Upper bound of the prompt's tokens. Every token of a byte-level BPE
+    /// vocabulary is at least one byte, and the JSON around each message is
+    /// longer than the chat template's tokens for it, so the body's length
+    /// bounds the text; images get a fixed allowance instead of their bytes.
+    pub input_tokens_bound: u64,
+    body: Map<String, Value>,
+}
+
+/// Reads the output cap a client set (either name); `null` means unset.
+fn output_cap(
+    body: &Map<String, Value>,
+    names: &[&'static str],
+) -> Result<Option<u64>, BadRequest> {
+    let mut cap: Option<u64> = None;
+    for &name in names {
+        match body.get(name) {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_u64() {
+                Some(n) => cap = Some(cap.map_or(n, |c| c.min(n))),
+                None => {
+                    return Err(bad(
+                        name,
+                        format!("Invalid '{name}': expected a non-negative integer, got {v}."),
+                    ));
+                }
+            },
+        }
+    }
+    Ok(cap)
+}
+
+fn non_empty_array(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+}
+
+/// Images anywhere in the input: `image_url` / `input_image` content parts.
+/// Returns (count, bytes of inline data URLs, which are not prompt text).
+fn count_images(v: &Value) -> (u64, u64) {
+    match v {
+        Value::Array(items) => items.iter().fold((0, 0), |(n, b), item| {
+            let (n2, b2) = count_images(item);
+            (n + n2, b + b2)
+        }),
+        Value::Object(map) => {
+            let kind = map.get("type").and_then(Value::as_str);
+            if matches!(kind, Some("image_url" | "input_image" | "image")) {
+                let url = match map.get("image_url") {
+                    Some(Value::String(s)) => Some(s.as_str()),
+                    Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
+                    _ => None,
+                };
+                let inline = url
+                    .filter(|u| u.starts_with("data:"))
+                    .map_or(0, |u| u.len() as u64);
+                return (1, inline);
+            }
+            map.values().fold((0, 0), |(n, b), item| {
+                let (n2, b2) = count_images(item);
+                (n + n2, b + b2)
+            })
+        }
+        _ => (0, 0),
+    }
+}
+
+/// Forcing a specific function (or `required`) is function calling; `auto`
+/// and `none` only allow or forbid tools.
+fn forces_function(tool_choice: Option<&Value>) -> bool {
+    match tool_choice {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => s == "required",
+        Some(_) => true,
+    }
+}
+
+pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
+    let value: Value = serde_json::from_slice(raw).map_err(|e| {
+        let what = if std::str::from_utf8(raw).is_err() {
+            "The body is not valid UTF-8".to_string()
+        } else {
+            format!("The body is not valid JSON ({e})")
+        };
+        bad(
+            "",
+            format!("{what}. Send a JSON object with Content-Type: application/json."),
+        )
+    })?;
+    let Value::Object(body) = value else {
+        return Err(bad("", "The body must be a JSON object."));
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(bad("model", "You must provide a model parameter."));
+        }
+        Some(other) => {
+            return Err(bad(
+                "model",
+                format!("Invalid 'model': expected a string, got {other}."),
+            ));
+        }
+    };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(bad(
+                "stream",
+                format!("Invalid 'stream': expected a boolean, got {other}."),
+            ));
+        }
+    };
+    if stream && !api.can_stream() {
+        return Err(bad("stream", "This endpoint does not stream."));
+    }
+    let client_wants_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    match api {
+        Api::ChatCompletions => match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => {
+                if m.iter().any(|msg| !msg.is_object()) {
+                    return Err(bad(
+                        "messages",
+                        "Invalid 'messages': every message must be an object.",
+                    ));
+                }
+            }
+            Some(Value::Array(_)) => {
+                return Err(bad("messages", "Invalid 'messages': empty array."));
+            }
+            None | Some(Value::Null) => {
+                return Err(bad("messages", "Missing required parameter: 'messages'."));
+            }
+            Some(_) => {
+                return Err(bad(
+                    "messages",
+                    "Invalid 'messages': expected an array of messages.",
+                ));
+            }
+        },
+        Api::Responses => match body.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            None | Some(Value::Null) => {
+                return Err(bad("input", "Missing required parameter: 'input'."));
+            }
+            Some(_) => {
+                return Err(bad(
+                    "input",
+                    "Invalid 'input': expected a string or an array.",
+                ));
+            }
+        },
+        Api::Embeddings => match body.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            None | Some(Value::Null) => {
+                return Err(bad("input", "Missing required parameter: 'input'."));
+            }
+            Some(_) => {
+                return Err(bad(
+                    "input",
+                    "Invalid 'input': expected a string or an array.",
+                ));
+            }
+        },
+        Api::Completions => {}
+    }
+    let requested_output_tokens = match api {
+        Api::ChatCompletions => output_cap(&body, &["max_tokens", "max_completion_tokens"])?,
+        Api::Responses => output_cap(&body, &["max_output_tokens"])?,
+        Api::Completions => output_cap(&body, &["max_tokens"])?,
+        Api::Embeddings => None,
+    };
+    for key in ["tools", "functions"] {
+        if let Some(v) = body.get(key)
+            && !v.is_array()
+            && !v.is_null()
+        {
+            return Err(bad(
+                if key == "tools" { "tools" } else { "functions" },
+                format!("Invalid '{key}': expected an array."),
+            ));
+        }
+    }
+    let uses_tools = non_empty_array(body.get("tools"));
+    let uses_function_calling = non_empty_array(body.get("functions"))
+        || body.get("function_call").is_some_and(|v| !v.is_null())
+        || forces_function(body.get("tool_choice"));
+    let input = match api {
+        Api::ChatCompletions => body.get("messages"),
+        _ => body.get("input"),
+    };
+    let (images, inline_image_bytes) = input.map(count_images).unwrap_or((0, 0));
+    let input_tokens_bound =
+        (raw.len() as u64).saturating_sub(inline_image_bytes) + images * IMAGE_TOKENS_BOUND;
+    Ok(Inspected {
+        api,
+        model,
+        stream,
+        client_wants_usage,
+        uses_tools,
+        uses_function_calling,
+        uses_vision: images > 0,
+        requested_output_tokens,
+        input_tokens_bound,
+        body,
+    })
+}
+
+impl Inspected {
+    /// The body for the provider: its model name, the output cap when AEX
+    /// chose one, and a request for usage in streams. Everything else the
+    /// client sent is passed through untouched.
+    pub fn upstream_body(&self, provider_model: &str, output_cap: Option<u64>) -> Vec<u8> {
+        let mut body = self.body.clone();
+        body.insert("model".into(), Value::String(provider_model.to_string()));
+        if let (Some(cap), Some(field)) = (output_cap, self.api.output_field()) {
+            // A clamp must win over whatever name the client used.
+            if self.api == Api::ChatCompletions {
+                body.remove("max_tokens");
+            }
+            body.insert(field.into(), Value::from(cap));
+        }
+        if self.stream && matches!(self.api, Api::ChatCompletions | Api::Completions) {
+            let options = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(o) = options {
+                o.insert("include_usage".into(), Value::Bool(true));
+            } else {
+                *options = serde_json::json!({"include_usage": true});
+            }
+        }
+        serde_json::to_vec(&body).expect("JSON values serialise")
+    }
+
+    /// A rough count of the prompt's tokens (≈ 4 bytes each), for settling a
+    /// call whose provider never reported usage.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        self.input_tokens_bound.div_ceil(4)
+    }
+
+    pub fn body(&self) -> &Map<String, Value> {
+        &self.body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(v: Value) -> Result<Inspected, BadRequest> {
+        inspect(Api::ChatCompletions, &serde_json::to_vec(&v).unwrap())
+    }
+
+    #[test]
+    fn inspects_a_chat_request() {
+        let raw = json!({"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"seed":7});
+        let i = chat(raw.clone()).unwrap();
+        assert_eq!(i.model, "m");
+        assert!(!i.stream && !i.uses_tools && !i.uses_vision);
+        assert_eq!(i.requested_output_tokens, Some(50));
+        assert_eq!(
+            i.input_tokens_bound,
+            serde_json::to_vec(&raw).unwrap().len() as u64
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_parameter() {
+        let cases = [
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"abc"}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":1.5}),
+                "max_completion_tokens",
+            ),
+            (json!({"model":"m"}), "messages"),
+            (json!({"model":"m","messages":[]}), "messages"),
+            (json!({"model":"m","messages":"hi"}), "messages"),
+            (json!({"model":"m","messages":[1]}), "messages"),
+            (json!({"messages":[{"role":"user","content":"x"}]}), "model"),
+            (
+                json!({"model":5,"messages":[{"role":"user","content":"x"}]}),
+                "model",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}),
+                "stream",
+            ),
+            (
+                json!({"model":"m","messages":[{"role":"user","content":"x"}],"tools":{}}),
+                "tools",
+            ),
+        ];
+        for (body, param) in cases {
+            assert_eq!(chat(body.clone()).unwrap_err().param, param, "{body}");
+        }
+        assert_eq!(
+            inspect(Api::ChatCompletions, b"[1,2]").unwrap_err().param,
+            ""
+        );
+        assert!(
+            inspect(Api::ChatCompletions, b"{not json")
+                .unwrap_err()
+                .message
+                .contains("not valid JSON")
+        );
+        assert!(
+            inspect(Api::ChatCompletions, b"{\"model\":\"\xff\"}")
+                .unwrap_err()
+                .message
+                .contains("UTF-8")
+        );
+        assert_eq!(
+            inspect(Api::Embeddings, br#"{"model":"e"}"#)
+                .unwrap_err()
+                .param,
+            "input"
+        );
+        assert_eq!(
+            inspect(
+                Api::Embeddings,
+                br#"{"model":"e","input":"x","stream":true}"#
+            )
+            .unwrap_err()
+            .param,
+            "stream"
+        );
+        assert_eq!(
+            inspect(Api::Responses, br#"{"model":"r","input":3}"#)
+                .unwrap_err()
+                .param,
+            "input"
+        );
+    }
+
+    #[test]
+    fn capabilities_are_detected() {
+        let tools = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto"}),
+        )
+        .unwrap();
+        assert!(tools.uses_tools && !tools.uses_function_calling);
+        let forced = chat(json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"f"}}})).unwrap();
+        assert!(forced.uses_function_calling);
+        let legacy = chat(json!({"model":"m","messages":[{"role":"user","content":"x"}],"functions":[{"name":"f"}]})).unwrap();
+        assert!(legacy.uses_function_calling && !legacy.uses_tools);
+        let data_url = format!("data:image/png;base64,{}", "A".repeat(10_000));
+        let vision = chat(json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"what is this"},
+            {"type":"image_url","image_url":{"url": data_url}}]}]}))
+        .unwrap();
+        assert!(vision.uses_vision);
+        assert!(
+            vision.input_tokens_bound < 10_000,
+            "inline image bytes are not prompt text"
+        );
+        assert!(vision.input_tokens_bound >= IMAGE_TOKENS_BOUND);
+        let responses = inspect(
+            Api::Responses,
+            &serde_json::to_vec(&json!({"model":"m","input":[
+            {"role":"user","content":[{"type":"input_image","image_url":"https://x/y.png"}]}]}))
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(responses.uses_vision);
+    }
+
+    #[test]
+    fn rewrites_model_cap_and_usage_and_keeps_unknown_fields() {
+        let i = chat(
+            json!({"model":"alias","messages":[{"role":"user","content":"x"}],
+            "stream":true,"max_tokens":9000,"logit_bias":{"1":2},"x_custom":[1]}),
+        )
+        .unwrap();
+        assert!(!i.client_wants_usage);
+        let out: Value =
+            serde_json::from_slice(&i.upstream_body("real-model", Some(4096))).unwrap();
+        assert_eq!(out["model"], "real-model");
+        assert_eq!(out["max_completion_tokens"], 4096);
+        assert!(out.get("max_tokens").is_none());
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        assert_eq!(out["logit_bias"], json!({"1":2}));
+        assert_eq!(out["x_custom"], json!([1]));
+        let untouched: Value =
+            serde_json::from_slice(&i.upstream_body("real-model", None)).unwrap();
+        assert_eq!(untouched["max_tokens"], 9000);
+        let r = inspect(
+            Api::Responses,
+            br#"{"model":"a","input":"x","stream":true}"#,
+        )
+        .unwrap();
+        let out: Value = serde_json::from_slice(&r.upstream_body("b", Some(10))).unwrap();
+        assert_eq!(out["max_output_tokens"], 10);
+        assert!(
+            out.get("stream_options").is_none(),
+            "responses streams always carry usage"
+        );
+    }
+}

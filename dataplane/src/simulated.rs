@@ -1,0 +1,322 @@
+//! The built-in `simulated` provider: answers like an OpenAI-compatible
+//! server, deterministically, with real `usage`, at a configurable pace. It
+//! produces exactly the bytes a provider would, so its responses go through
+//! the same metering, stripping and settlement as a real upstream's.
+
+use crate::openai::{Api, Inspected};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub latency_ms: u32,
+    pub tokens_per_second: u32,
+    pub completion_tokens: u32,
+}
+
+const WORDS: &[&str] = &[
+    "AEX", "decides", "every", "model", "call", "before", "it", "reaches", "a", "provider", "so",
+    "agents", "stay", "within", "budget", "and", "rate", "limits",
+];
+
+pub struct SimulatedResponse {
+    pub content_type: &'static str,
+    chunks: VecDeque<Bytes>,
+    first_delay: Duration,
+    interval: Duration,
+    started: bool,
+}
+
+impl SimulatedResponse {
+    /// The next piece of the body, paced like a real model.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.chunks.pop_front()?;
+        let delay = if self.started {
+            self.interval
+        } else {
+            self.first_delay
+        };
+        self.started = true;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some(chunk)
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn sse_event(kind: &str, value: &Value) -> Bytes {
+    Bytes::from(format!("event: {kind}\ndata: {value}\n\n"))
+}
+
+fn embedding(input: &str, dims: usize) -> Vec<f32> {
+    // FNV-1a seeded per dimension: deterministic, cheap, input-dependent.
+    (0..dims)
+        .map(|d| {
+            let mut h: u32 = 0x811c_9dc5 ^ d as u32;
+            for b in input.bytes() {
+                h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+            }
+            (h as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn embedding_value(v: &[f32], base64: bool) -> Value {
+    if base64 {
+        use base64::Engine;
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        json!(v)
+    }
+}
+
+pub fn respond(
+    settings: Settings,
+    request: &Inspected,
+    model: &str,
+    output_cap: u64,
+    request_id: &str,
+) -> SimulatedResponse {
+    let n = u64::from(settings.completion_tokens).min(output_cap) as usize;
+    let truncated = u64::from(settings.completion_tokens) > output_cap;
+    let finish = if truncated { "length" } else { "stop" };
+    let words: Vec<String> = (0..n)
+        .map(|i| format!("{} ", WORDS[i % WORDS.len()]))
+        .collect();
+    let text: String = words.concat();
+    let prompt = request.estimated_prompt_tokens();
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = format!("sim-{request_id}");
+    let mut chunks = VecDeque::new();
+    let content_type;
+    match (request.api, request.stream) {
+        (Api::ChatCompletions, false) => {
+            content_type = "application/json";
+            chunks.push_back(Bytes::from(
+                json!({
+                    "id": id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": finish}],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                              "total_tokens": prompt + n as u64},
+                })
+                .to_string(),
+            ));
+        }
+        (Api::ChatCompletions, true) => {
+            content_type = "text/event-stream";
+            let chunk = |delta: Value, finish: Value| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            };
+            chunks.push_back(sse(&chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )));
+            for w in &words {
+                chunks.push_back(sse(&chunk(json!({"content": w}), Value::Null)));
+            }
+            chunks.push_back(sse(&chunk(json!({}), json!(finish))));
+            chunks.push_back(sse(&json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                                         "total_tokens": prompt + n as u64},
+            })));
+            chunks.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
+        (Api::Completions, false) => {
+            content_type = "application/json";
+            chunks.push_back(Bytes::from(
+                json!({
+                    "id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                              "total_tokens": prompt + n as u64},
+                })
+                .to_string(),
+            ));
+        }
+        (Api::Completions, true) => {
+            content_type = "text/event-stream";
+            for w in &words {
+                chunks.push_back(sse(
+                    &json!({"id": id, "object": "text_completion", "created": created,
+                    "model": model, "choices": [{"index": 0, "text": w, "finish_reason": null}]}),
+                ));
+            }
+            chunks.push_back(sse(
+                &json!({"id": id, "object": "text_completion", "created": created,
+                "model": model, "choices": [{"index": 0, "text": "", "finish_reason": finish}]}),
+            ));
+            chunks.push_back(sse(&json!({"id": id, "object": "text_completion", "created": created,
+                "model": model, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                "total_tokens": prompt + n as u64}})));
+            chunks.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
+        (Api::Responses, stream) => {
+            let response = |status: &str, output: Value, usage: Value| {
+                json!({"id": id, "object": "response", "created_at": created, "model": model,
+                       "status": status, "output": output, "usage": usage})
+            };
+            let message = json!([{"type": "message", "id": format!("msg-{id}"), "role": "assistant",
+                "status": "completed", "content": [{"type": "output_text", "text": text, "annotations": []}]}]);
+            let usage = json!({"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n as u64});
+            let status = if truncated { "incomplete" } else { "completed" };
+            if stream {
+                content_type = "text/event-stream";
+                chunks.push_back(sse_event(
+                    "response.created",
+                    &json!({"type": "response.created",
+                    "response": response("in_progress", json!([]), Value::Null)}),
+                ));
+                for w in &words {
+                    chunks.push_back(sse_event(
+                        "response.output_text.delta",
+                        &json!({
+                        "type": "response.output_text.delta", "output_index": 0, "content_index": 0,
+                        "delta": w}),
+                    ));
+                }
+                let done = if truncated {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                chunks.push_back(sse_event(
+                    done,
+                    &json!({"type": done,
+                    "response": response(status, message, usage)}),
+                ));
+            } else {
+                content_type = "application/json";
+                chunks.push_back(Bytes::from(response(status, message, usage).to_string()));
+            }
+        }
+        (Api::Embeddings, _) => {
+            content_type = "application/json";
+            let base64 = request
+                .body()
+                .get("encoding_format")
+                .and_then(Value::as_str)
+                == Some("base64");
+            let inputs: Vec<String> = match request.body().get("input") {
+                Some(Value::Array(items)) => items.iter().map(|i| i.to_string()).collect(),
+                Some(other) => vec![other.to_string()],
+                None => vec![],
+            };
+            let data: Vec<Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| {
+                    json!({"object": "embedding", "index": i,
+                    "embedding": embedding_value(&embedding(input, 16), base64)})
+                })
+                .collect();
+            chunks.push_back(Bytes::from(
+                json!({"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+                .to_string(),
+            ));
+        }
+    }
+    let interval = if request.stream && settings.tokens_per_second > 0 {
+        Duration::from_micros(1_000_000 / u64::from(settings.tokens_per_second))
+    } else {
+        Duration::ZERO
+    };
+    SimulatedResponse {
+        content_type,
+        chunks,
+        first_delay: Duration::from_millis(u64::from(settings.latency_ms)),
+        interval,
+        started: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::inspect;
+    use crate::sse::{SseMeter, usage_of_body};
+
+    const FAST: Settings = Settings {
+        latency_ms: 0,
+        tokens_per_second: 0,
+        completion_tokens: 5,
+    };
+
+    async fn body(mut r: SimulatedResponse) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().await {
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn reports_real_usage_capped_by_the_output_limit() {
+        let req = inspect(
+            Api::ChatCompletions,
+            br#"{"model":"s","messages":[{"role":"user","content":"hello"}]}"#,
+        )
+        .unwrap();
+        let b = body(respond(FAST, &req, "s", 3, "r1")).await;
+        let usage = usage_of_body(Api::ChatCompletions, &b).unwrap();
+        assert_eq!(usage.completion_tokens, 3);
+        assert_eq!(usage.prompt_tokens, req.estimated_prompt_tokens());
+        assert!(
+            String::from_utf8(b)
+                .unwrap()
+                .contains("\"finish_reason\":\"length\"")
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_are_metered_like_a_provider() {
+        for (api, raw) in [
+            (
+                Api::ChatCompletions,
+                r#"{"model":"s","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            ),
+            (
+                Api::Responses,
+                r#"{"model":"s","stream":true,"input":"hi"}"#,
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"s","stream":true,"prompt":"hi"}"#,
+            ),
+        ] {
+            let req = inspect(api, raw.as_bytes()).unwrap();
+            let b = body(respond(FAST, &req, "s", 100, "r")).await;
+            let mut meter = SseMeter::new(api, true);
+            let mut out = Vec::new();
+            meter.feed(&b, &mut out);
+            meter.finish(&mut out);
+            assert_eq!(meter.usage().unwrap().completion_tokens, 5, "{api:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn embeddings_honour_base64() {
+        let req = inspect(
+            Api::Embeddings,
+            br#"{"model":"s","input":["a","b"],"encoding_format":"base64"}"#,
+        )
+        .unwrap();
+        let b = body(respond(FAST, &req, "s", 0, "r")).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["data"].as_array().unwrap().len(), 2);
+        assert!(v["data"][0]["embedding"].is_string());
+    }
+}
