@@ -358,6 +358,20 @@ impl Gateway {
         .await
     }
 
+    /// Discards what is left of a refused request body: at most 64 MiB or 5 s.
+    async fn drain_request_body(session: &mut ServerSession) {
+        let drain = async {
+            let mut left: usize = 64 * 1024 * 1024;
+            while let Ok(Some(chunk)) = session.read_request_body().await {
+                left = left.saturating_sub(chunk.len());
+                if left == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+
     /// Reads the whole body, refusing more than the limit.
     async fn read_body(&self, session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
         let too_large = || {
@@ -404,8 +418,11 @@ impl Gateway {
         let raw = match self.read_body(session).await {
             Ok(raw) => raw,
             Err(e) => {
-                // The rest of an oversized body was not read: do not reuse.
                 Self::respond_error(session, request_id, e).await;
+                // Closing while the client is still uploading would reset the
+                // connection before it reads the 413: swallow the rest of the
+                // upload first (bounded), then close.
+                Self::drain_request_body(session).await;
                 return false;
             }
         };

@@ -166,14 +166,23 @@ impl ControlPlane {
     }
 
     pub fn start_with(home: &TestHome, extra_args: &[&str]) -> Self {
-        let log = std::fs::File::create(home.file("logs/control.test.log")).expect("log file");
+        Self::start_on(home, "127.0.0.1:0", extra_args)
+    }
+
+    /// Starts on a given address.
+    pub fn start_on(home: &TestHome, listen: &str, extra_args: &[&str]) -> Self {
+        Self::spawn(home.path(), listen, extra_args)
+    }
+
+    fn spawn(home: &Path, listen: &str, extra_args: &[&str]) -> Self {
+        let log_path = home.join("logs/control.test.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
         let mut child = Command::new(bin("aex-control"))
-            .args([
-                "--home",
-                home.path().to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--home", home.to_str().unwrap(), "--listen", listen])
             .args(extra_args)
             .env("AEX_LOG", "info")
             .stdin(Stdio::null())
@@ -181,34 +190,13 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .expect("spawn aex-control");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
+        let addr = first_line_addr(&mut child, "aex-control listening on ", || {
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log =
-                    std::fs::read_to_string(home.file("logs/control.test.log")).unwrap_or_default();
-                panic!("aex-control did not start:\n{log}");
-            }
-        };
-        let addr = line
-            .strip_prefix("aex-control listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from aex-control: {line}"));
         Self {
             child,
             addr,
-            home: home.path().to_path_buf(),
+            home: home.to_path_buf(),
         }
     }
 
@@ -227,11 +215,212 @@ impl ControlPlane {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// `kill -9`, then a fresh process on the same address and home.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &[]);
+        *self = replacement;
+    }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+pub mod mock;
+
+/// A running `aex-dataplane`, killed on drop.
+pub struct DataPlane {
+    child: Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl DataPlane {
+    /// Starts it against `control_url` and waits until `/readyz` says ready.
+    pub fn start(home: &TestHome, control_url: &str, extra_args: &[&str]) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.file("logs/dataplane.test.log"))
+            .expect("log file");
+        let mut child = Command::new(bin("aex-dataplane"))
+            .args([
+                "--home",
+                home.path().to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                control_url,
+            ])
+            .args(extra_args)
+            .env("AEX_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn aex-dataplane");
+        let addr = first_line_addr(&mut child, "aex-dataplane listening on ", || {
+            std::fs::read_to_string(home.file("logs/dataplane.test.log")).unwrap_or_default()
+        });
+        let dp = Self { child, addr };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while http_status(dp.addr, "/readyz") != Some(200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "aex-dataplane never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dp
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn first_line_addr(
+    child: &mut Child,
+    prefix: &str,
+    log: impl Fn() -> String,
+) -> std::net::SocketAddr {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    // Keep draining stdout so the child never blocks on a full pipe.
+    let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the process did not start:\n{}", log());
+    };
+    line.strip_prefix(prefix)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+}
+
+/// Status of a plain GET, or None when nothing answers.
+pub fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: aex\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// The provider key the mock expects; written to the test home's `.env`.
+pub const MOCK_PROVIDER_KEY: &str = "sk-mock-upstream-key";
+
+/// mock → control plane → data plane, configured with:
+/// `mock-model` (provider `mock`: 1 µ/input token, 2 µ/output token, max 100
+/// output tokens, tools and vision), `dead-model` (a provider nothing listens
+/// on) and `sim` (the simulated provider).
+pub struct Stack {
+    pub data: DataPlane,
+    pub control: ControlPlane,
+    pub mock: mock::MockUpstream,
+    pub home: TestHome,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(dataplane_args: &[&str]) -> Self {
+        let mock = mock::MockUpstream::start().await;
+        let home = TestHome::new();
+        std::fs::write(
+            home.file("config/models.yaml"),
+            Self::models_yaml(&mock.base_url()),
+        )
+        .unwrap();
+        std::fs::write(
+            home.file(".env"),
+            format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+        )
+        .unwrap();
+        let control = home.start_control();
+        let data = DataPlane::start(&home, &control.url(), dataplane_args);
+        Self {
+            data,
+            control,
+            mock,
+            home,
+        }
+    }
+
+    pub fn models_yaml(mock_base_url: &str) -> String {
+        format!(
+            "version: 1
+providers:
+  mock: {{ base_url: {mock_base_url}, type: openai_compatible }}
+  dead: {{ base_url: http://127.0.0.1:1/v1, type: openai_compatible }}
+  sim: {{ type: simulated, latency_ms: 0, tokens_per_second: 0, completion_tokens: 8 }}
+models:
+  mock-model:
+    provider: mock
+    provider_model: upstream-model
+    pricing: {{ input_micro: 1, output_micro: 2 }}
+    limits: {{ max_tokens: 100 }}
+    capabilities: {{ tools: true, vision: true }}
+  dead-model:
+    provider: dead
+    pricing: {{ input_micro: 1, output_micro: 2 }}
+    limits: {{ max_tokens: 100 }}
+  sim:
+    provider: sim
+    pricing: {{ input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60 }}
+    limits: {{ max_tokens: 100 }}
+default_model: mock-model
+"
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.data.url(path)
+    }
+
+    /// Creates an agent with `aexctl agent create NAME BUDGET RPM ARGS…` and
+    /// returns its token.
+    pub fn agent(&self, name: &str, budget_usd: &str, rpm: &str, args: &[&str]) -> String {
+        let mut all = vec!["agent", "create", name, budget_usd, rpm, "--json"];
+        all.extend_from_slice(args);
+        let out = self.control.aexctl(&all);
+        out.assert_ok();
+        out.json()["token"].as_str().expect("token").to_string()
+    }
+
+    /// `aexctl agent inspect NAME --json`.
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        let out = self.control.aexctl(&["agent", "inspect", name, "--json"]);
+        out.assert_ok();
+        out.json()
     }
 }

@@ -1,0 +1,786 @@
+//! End to end: a client → aex-dataplane → mock provider, with aex-control
+//! deciding. Real processes on free ports; the mock is in this process.
+
+use aex_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
+use aex_tests::{MOCK_PROVIDER_KEY, Stack};
+use futures_util::StreamExt;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+async fn post(
+    stack: &Stack,
+    token: &str,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut r = Client::new()
+        .post(stack.url(path))
+        .bearer_auth(token)
+        .json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("request")
+}
+
+fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+async fn error_of(r: Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status().as_u16(), status, "{:?}", r.headers());
+    let body: Value = r.json().await.expect("JSON error body");
+    let e = body["error"].clone();
+    assert_eq!(e["code"], code, "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(
+        e.get("type").is_some() && e.get("param").is_some(),
+        "{body}"
+    );
+    e
+}
+
+async fn events(stack: &Stack, agent: &str) -> Vec<pb::Event> {
+    let mut client = LedgerServiceClient::connect(stack.control.url())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::ListEventsRequest {
+        agent_name: agent.into(),
+        limit: 10_000,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", stack.home.admin_token())
+            .parse()
+            .unwrap(),
+    );
+    client
+        .list_events(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+/// Waits until every reservation of `agent` is settled; returns the agent.
+async fn settled(stack: &Stack, agent: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = stack.inspect(agent);
+        if a["reserved_micro"] == 0 {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled within {within:?}: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn read_sse(r: Response) -> String {
+    String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_call_is_forwarded_metered_and_settled_exactly() {
+    let stack = Stack::start().await;
+    let token = stack.agent("fwd", "1", "600", &[]);
+    let mut body = chat("mock-model");
+    body["x_custom_field"] = json!({"kept": true});
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "must not pass"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(header(&r, "x-aex-request-id").is_some_and(|id| id.starts_with("req_")));
+    // 10 prompt tokens × 1 µ + 5 completion tokens × 2 µ.
+    assert_eq!(header(&r, "x-aex-cost-micro"), Some("20"));
+    assert_eq!(header(&r, "x-aex-remaining-micro"), Some("999980"));
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "hello from mock"
+    );
+
+    let seen = &stack.mock.requests()[0];
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.body["model"], "upstream-model");
+    assert_eq!(
+        seen.body["max_completion_tokens"], 100,
+        "the model's cap was injected"
+    );
+    assert_eq!(seen.body["x_custom_field"], json!({"kept": true}));
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {MOCK_PROVIDER_KEY}").as_str())
+    );
+    assert_eq!(
+        seen.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        seen.header("x-hop"),
+        None,
+        "headers named in Connection are hop-by-hop"
+    );
+    assert_eq!(seen.header("accept-encoding"), Some("identity"));
+    for (name, value) in &seen.headers {
+        assert!(
+            !value.contains(&token),
+            "the agent token leaked upstream in {name}"
+        );
+    }
+    let agent = settled(&stack, "fwd", Duration::from_secs(2)).await;
+    assert_eq!(agent["spent_micro"], 20);
+}
+
+#[tokio::test]
+async fn streams_bill_the_same_with_and_without_include_usage() {
+    let stack = Stack::start().await;
+    let token = stack.agent("streamer", "1", "600", &[]);
+    let mut plain = chat("mock-model");
+    plain["stream"] = json!(true);
+    let r = post(&stack, &token, "/v1/chat/completions", &plain, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-type"), Some("text/event-stream"));
+    assert!(header(&r, "x-aex-remaining-micro").is_some());
+    let text = read_sse(r).await;
+    assert!(text.contains("word4"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        !text.contains("\"usage\""),
+        "the usage chunk AEX asked for is hidden: {text}"
+    );
+    assert_eq!(
+        stack.mock.requests()[0].body["stream_options"]["include_usage"],
+        true
+    );
+
+    let mut with_usage = plain.clone();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let text = read_sse(post(&stack, &token, "/v1/chat/completions", &with_usage, &[]).await).await;
+    assert!(text.contains("\"prompt_tokens\":10"), "{text}");
+
+    let agent = settled(&stack, "streamer", Duration::from_secs(2)).await;
+    assert_eq!(agent["spent_micro"], 40, "20 µ each way");
+    let settles: Vec<i64> = events(&stack, "streamer")
+        .await
+        .iter()
+        .filter(|e| e.kind == "settle")
+        .map(|e| e.amount_micro)
+        .collect();
+    assert_eq!(settles, [20, 20]);
+}
+
+#[tokio::test]
+async fn responses_embeddings_and_completions_are_metered() {
+    let stack = Stack::start().await;
+    let token = stack.agent("apis", "1", "600", &[]);
+    let r = post(
+        &stack,
+        &token,
+        "/v1/responses",
+        &json!({"model": "mock-model", "input": "hi"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-aex-cost-micro"), Some("20"));
+    let stream = post(
+        &stack,
+        &token,
+        "/v1/responses",
+        &json!({"model": "mock-model", "input": "hi", "stream": true, "max_output_tokens": 3}),
+        &[],
+    )
+    .await;
+    let text = read_sse(stream).await;
+    assert!(text.contains("response.completed"), "{text}");
+    assert_eq!(stack.mock.requests()[1].body["max_output_tokens"], 3);
+    let e = post(
+        &stack,
+        &token,
+        "/v1/embeddings",
+        &json!({"model": "mock-model", "input": ["a", "b"], "encoding_format": "base64"}),
+        &[],
+    )
+    .await;
+    assert_eq!(e.status(), StatusCode::OK);
+    assert_eq!(header(&e, "x-aex-cost-micro"), Some("10"));
+    assert_eq!(stack.mock.requests()[2].body["encoding_format"], "base64");
+    let agent = settled(&stack, "apis", Duration::from_secs(2)).await;
+    // 20 (responses) + 10 + 2×3 (stream: 10 prompt, 3 output) + 10 (embeddings)
+    assert_eq!(agent["spent_micro"], 46);
+    // The simulated provider answers without any upstream.
+    let before = stack.mock.count();
+    let sim = post(
+        &stack,
+        &token,
+        "/v1/completions",
+        &json!({"model": "sim", "prompt": "x", "max_tokens": 4}),
+        &[],
+    )
+    .await;
+    assert_eq!(sim.status(), StatusCode::OK);
+    let v: Value = sim.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(stack.mock.count(), before);
+}
+
+#[tokio::test]
+async fn every_denial_has_its_status_body_and_headers_and_never_reaches_the_provider() {
+    let stack = Stack::start().await;
+    let ok = stack.agent("ok", "1", "600", &[]);
+    let poor = stack.agent("poor", "0.0001", "600", &[]);
+    let sim_only = stack.agent("sim-only", "1", "600", &["--allowed-models", "sim"]);
+    let no_tools = stack.agent(
+        "no-tools",
+        "1",
+        "600",
+        &["--no-tools", "--no-function-calling", "--no-streaming"],
+    );
+    let reader = stack.agent("reader", "1", "600", &["--scope", "read-only"]);
+    let slow = stack.agent("slow", "1", "1", &[]);
+    let paused = stack.agent("paused", "1", "600", &[]);
+    stack
+        .control
+        .aexctl(&["agent", "pause", "paused"])
+        .assert_ok();
+    let rotated = stack.agent("rotated", "1", "600", &[]);
+    stack
+        .control
+        .aexctl(&["agent", "rotate-token", "rotated"])
+        .assert_ok();
+    let body = chat("mock-model");
+
+    // 401
+    let r = Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("auth"));
+    error_of(r, 401, "invalid_api_key").await;
+    error_of(
+        post(
+            &stack,
+            "aex_not_a_token",
+            "/v1/chat/completions",
+            &body,
+            &[],
+        )
+        .await,
+        401,
+        "invalid_api_key",
+    )
+    .await;
+    error_of(
+        post(&stack, &rotated, "/v1/chat/completions", &body, &[]).await,
+        401,
+        "invalid_api_key",
+    )
+    .await;
+
+    // 402
+    let r = post(&stack, &poor, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(header(&r, "x-should-retry"), Some("false"));
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("budget"));
+    let e = error_of(r, 402, "budget_exceeded").await;
+    assert_eq!(e["type"], "insufficient_quota");
+
+    // 403
+    let r = post(&stack, &sim_only, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("model"));
+    error_of(r, 403, "model_not_allowed").await;
+    let mut tools = body.clone();
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let r = post(&stack, &no_tools, "/v1/chat/completions", &tools, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("tools"));
+    error_of(r, 403, "capability_denied").await;
+    let mut forced = body.clone();
+    forced["tool_choice"] = json!("required");
+    let r = post(&stack, &no_tools, "/v1/chat/completions", &forced, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("function_calling"));
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let r = post(&stack, &no_tools, "/v1/chat/completions", &streaming, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("streaming"));
+    error_of(r, 403, "capability_denied").await;
+    let vision = json!({"model": "mock-model", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]});
+    let r = post(&stack, &ok, "/v1/chat/completions", &vision, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("vision"));
+    let r = post(&stack, &paused, "/v1/chat/completions", &body, &[]).await;
+    error_of(r, 403, "agent_paused").await;
+    let r = post(&stack, &reader, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("scope"));
+    error_of(r, 403, "capability_denied").await;
+    let models = Client::new()
+        .get(stack.url("/v1/models"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), StatusCode::OK, "read-only may list models");
+
+    // 429 from AEX's own limit
+    assert_eq!(
+        post(&stack, &slow, "/v1/chat/completions", &body, &[])
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let r = post(&stack, &slow, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("rpm"));
+    let secs: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    let ms: u64 = header(&r, "retry-after-ms").unwrap().parse().unwrap();
+    assert!(
+        (1..=60).contains(&secs) && ms > 0 && ms <= 60_000 && secs == ms.div_ceil(1000).max(1),
+        "{secs} {ms}"
+    );
+    let e = error_of(r, 429, "rate_limit_exceeded").await;
+    assert_eq!(e["type"], "rate_limit_error");
+
+    // Only the one admitted call reached the provider.
+    assert_eq!(stack.mock.count(), 1, "{:?}", stack.mock.requests());
+
+    // Every denial is in the ledger with its reason.
+    for (agent, reason) in [
+        ("poor", "budget"),
+        ("sim-only", "model"),
+        ("paused", "paused"),
+        ("reader", "scope"),
+        ("slow", "rpm"),
+    ] {
+        let denials = events(&stack, agent)
+            .await
+            .into_iter()
+            .filter(|e| e.kind == "deny" && e.reason == reason)
+            .count();
+        assert_eq!(denials, 1, "{agent}: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_never_a_500() {
+    let stack = Stack::start().await;
+    let token = stack.agent("fuzzy", "1", "600", &[]);
+    let raw = |body: Vec<u8>| {
+        let token = token.clone();
+        let url = stack.url("/v1/chat/completions");
+        async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for (body, param) in [
+        (b"{not json".to_vec(), Value::Null),
+        (b"[1,2,3]".to_vec(), Value::Null),
+        (br#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"max_tokens":"abc"}"#.to_vec(), json!("max_tokens")),
+        (br#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#.to_vec(), json!("max_tokens")),
+        (br#"{"model":"mock-model"}"#.to_vec(), json!("messages")),
+        (b"{\"model\":\"mock-model\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec(), Value::Null),
+        (Vec::new(), Value::Null),
+    ] {
+        let e = error_of(raw(body.clone()).await, 400, "invalid_request").await;
+        assert_eq!(e["param"], param, "{}", String::from_utf8_lossy(&body));
+    }
+    let huge = vec![b' '; 8 * 1024 * 1024 + 1];
+    error_of(raw(huge).await, 413, "request_too_large").await;
+    let r = Client::new()
+        .get(stack.url("/v1/nope"))
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 404, "not_found").await;
+    let r = Client::new()
+        .get(stack.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 405, "method_not_allowed").await;
+    // Still healthy, nothing reached the provider, nothing was reserved.
+    assert_eq!(
+        Client::new()
+            .get(stack.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(stack.mock.count(), 0);
+    assert_eq!(stack.inspect("fuzzy")["reserved_micro"], 0);
+}
+
+#[tokio::test]
+async fn provider_failures_are_relayed_and_settled_apart_from_aex_limits() {
+    let stack = Stack::start_with(&["--first-byte-timeout-ms", "300"]).await;
+    let token = stack.agent("unlucky", "1", "600", &[]);
+    let body = chat("mock-model");
+
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock", "429")],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(
+        header(&r, "retry-after"),
+        Some("7"),
+        "the provider's Retry-After is relayed"
+    );
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("upstream"));
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock", "500")],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 500);
+    error_of(
+        post(
+            &stack,
+            &token,
+            "/v1/chat/completions",
+            &chat("dead-model"),
+            &[],
+        )
+        .await,
+        502,
+        "upstream_error",
+    )
+    .await;
+    error_of(
+        post(
+            &stack,
+            &token,
+            "/v1/chat/completions",
+            &body,
+            &[("x-mock", "drop")],
+        )
+        .await,
+        502,
+        "upstream_error",
+    )
+    .await;
+    let started = Instant::now();
+    error_of(
+        post(
+            &stack,
+            &token,
+            "/v1/chat/completions",
+            &body,
+            &[("x-mock", "hang")],
+        )
+        .await,
+        504,
+        "upstream_timeout",
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let agent = settled(&stack, "unlucky", Duration::from_secs(2)).await;
+    assert_eq!(agent["spent_micro"], 0, "failed calls cost nothing");
+    let ev = events(&stack, "unlucky").await;
+    let count = |kind: &str| ev.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count("upstream_denied"), 1);
+    assert_eq!(count("upstream_error"), 4);
+    assert_eq!(count("release"), 5);
+    assert_eq!(
+        ev.iter().filter(|e| e.kind == "deny").count(),
+        0,
+        "none of these are AEX's denials"
+    );
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_against_a_budget_for_ten() {
+    let stack = Stack::start().await;
+    let mut body = chat("mock-model");
+    body["max_tokens"] = json!(10);
+    let bound = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
+    let budget = format!("{:.6}", (10 * bound) as f64 / 1e6);
+    let token = stack.agent("ten", &budget, "10000", &[]);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (url, token, body) = (
+            stack.url("/v1/chat/completions"),
+            token.clone(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-mock-delay-ms", "800")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let denied = statuses.iter().filter(|s| **s == 402).count();
+    assert_eq!((ok, denied), (10, 40), "{statuses:?}");
+    assert_eq!(stack.mock.count(), 10);
+    let agent = settled(&stack, "ten", Duration::from_secs(3)).await;
+    assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
+    assert_eq!(agent["spent_micro"], 10 * 20);
+    let ev = events(&stack, "ten").await;
+    let settles: i64 = ev
+        .iter()
+        .filter(|e| e.kind == "settle")
+        .map(|e| e.amount_micro)
+        .sum();
+    assert_eq!(
+        settles,
+        agent["spent_micro"].as_i64().unwrap(),
+        "ledger = sum of settles"
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == "deny" && e.reason == "budget")
+            .count(),
+        40
+    );
+}
+
+#[tokio::test]
+async fn a_burst_over_rpm_is_counted_the_same_by_clients_and_ledger() {
+    let stack = Stack::start().await;
+    let token = stack.agent("burst", "10", "120", &[]);
+    let body = chat("sim");
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (url, token, body) = (
+            stack.url("/v1/chat/completions"),
+            token.clone(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()
+                    .get("x-aex-denied-by")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            )
+        }));
+    }
+    let mut limited = 0;
+    for t in tasks {
+        let (status, by) = t.await.unwrap();
+        if status == 429 {
+            assert_eq!(by.as_deref(), Some("rpm"));
+            limited += 1;
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    assert!(limited >= 70, "{limited}");
+    // The provider's own 429s are counted apart, never as AEX's.
+    let other = stack.agent("burst-upstream", "10", "600", &[]);
+    for _ in 0..3 {
+        let r = post(
+            &stack,
+            &other,
+            "/v1/chat/completions",
+            &chat("mock-model"),
+            &[("x-mock", "429")],
+        )
+        .await;
+        assert_eq!(header(&r, "x-aex-denied-by"), Some("upstream"));
+    }
+    settled(&stack, "burst", Duration::from_secs(3)).await;
+    settled(&stack, "burst-upstream", Duration::from_secs(3)).await;
+    let ev = events(&stack, "burst").await;
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == "deny" && e.reason == "rpm")
+            .count(),
+        limited
+    );
+    assert_eq!(ev.iter().filter(|e| e.kind == "upstream_denied").count(), 0);
+    let ev = events(&stack, "burst-upstream").await;
+    assert_eq!(ev.iter().filter(|e| e.kind == "upstream_denied").count(), 3);
+    assert_eq!(ev.iter().filter(|e| e.kind == "deny").count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_disconnect_mid_stream_settles_within_a_second() {
+    let stack = Stack::start().await;
+    let token = stack.agent("leaver", "1", "600", &[]);
+    let mut body = chat("mock-model");
+    body["stream"] = json!(true);
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-delay-ms", "200"), ("x-mock-usage", "10,50")],
+    )
+    .await;
+    let mut chunks = r.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert!(stack.inspect("leaver")["reserved_micro"].as_i64().unwrap() > 0);
+    drop(chunks);
+    let gone = Instant::now();
+    let agent = settled(&stack, "leaver", Duration::from_secs(1)).await;
+    assert!(gone.elapsed() < Duration::from_secs(1));
+    // Charged for what was seen so far (an estimate: the provider never said).
+    let spent = agent["spent_micro"].as_i64().unwrap();
+    assert!(spent > 0, "{agent}");
+    let ev = events(&stack, "leaver").await;
+    let settle = ev.iter().find(|e| e.kind == "settle").expect("settled");
+    assert_eq!(settle.reason, "client_disconnected");
+}
+
+#[tokio::test]
+async fn a_control_plane_restart_during_a_stream_still_settles_it() {
+    let mut stack = Stack::start().await;
+    let token = stack.agent("survivor", "1", "600", &[]);
+    let mut body = chat("mock-model");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-delay-ms", "100"), ("x-mock-usage", "10,15")],
+    )
+    .await;
+    let mut chunks = r.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    // kill -9, then a new control plane on the same address.
+    stack.control.restart();
+    let mut text = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("\"completion_tokens\":15"), "{text}");
+    let agent = settled(&stack, "survivor", Duration::from_secs(5)).await;
+    assert_eq!(agent["spent_micro"], 10 + 2 * 15);
+}
+
+#[tokio::test]
+async fn a_provider_that_ignores_the_cap_is_cut_off_within_budget() {
+    let stack = Stack::start().await;
+    let token = stack.agent("capped", "0.01", "600", &[]);
+    let mut body = chat("mock-model");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(10);
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock", "ignore-cap")],
+    )
+    .await;
+    let text = read_sse(r).await;
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(
+        !text.contains("word1999"),
+        "cut off long before the provider stopped"
+    );
+    let agent = settled(&stack, "capped", Duration::from_secs(2)).await;
+    let reserved_bound = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
+    assert_eq!(
+        agent["spent_micro"], reserved_bound,
+        "charged its whole reservation"
+    );
+    assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
+    let settle = events(&stack, "capped")
+        .await
+        .into_iter()
+        .find(|e| e.kind == "settle")
+        .unwrap();
+    assert_eq!(settle.reason, "cut_off");
+}
+
+#[tokio::test]
+async fn models_are_listed_per_agent() {
+    let stack = Stack::start().await;
+    let all = stack.agent("all", "1", "60", &[]);
+    let one = stack.agent("one", "1", "60", &["--allowed-models", "sim"]);
+    let list = |token: String| {
+        let url = stack.url("/v1/models");
+        async move {
+            let v: Value = Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(all).await, ["dead-model", "mock-model", "sim"]);
+    assert_eq!(list(one).await, ["sim"]);
+    let r = Client::new()
+        .get(stack.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 401, "invalid_api_key").await;
+}

@@ -1,0 +1,310 @@
+//! A mock OpenAI-compatible provider for end-to-end tests. What it does is
+//! chosen per request by the `x-mock` header (AEX forwards unknown headers):
+//!
+//! | x-mock | behaviour |
+//! |---|---|
+//! | (none) / `ok` | JSON or SSE answer with usage |
+//! | `no-usage` | never reports usage |
+//! | `429` | 429 with `Retry-After: 7` |
+//! | `500` | 500 |
+//! | `hang` | never answers |
+//! | `drop` | closes the connection without answering |
+//! | `drop-mid-stream` | streams two chunks, then closes |
+//! | `ignore-cap` | streams 2000 chunks of text, ignoring max tokens, no usage |
+//!
+//! `x-mock-delay-ms` paces stream chunks (and delays a JSON answer); `x-mock-usage: P,C` sets the
+//! reported prompt and completion tokens (default 10 and min(5, cap)).
+//! Every request is recorded for assertions.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: u16, content_type: &str, body: String, extra: &[(&str, &str)]) -> Response<Body> {
+    let mut r = Response::builder()
+        .status(status)
+        .header("content-type", content_type);
+    for (k, v) in extra {
+        r = r.header(*k, *v);
+    }
+    r.body(
+        Full::new(Bytes::from(body))
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    )
+    .expect("valid response")
+}
+
+/// Chunks sent through a channel; an `Err` item aborts the connection.
+fn streamed(
+    content_type: &str,
+) -> (
+    mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    Response<Body>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let body = StreamBody::new(stream).boxed();
+    let response = Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .body(body)
+        .expect("valid response");
+    (tx, response)
+}
+
+impl MockUpstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    let path = req.uri().path().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let recorded = Recorded {
+        path: path.clone(),
+        headers,
+        body: body.clone(),
+    };
+    let behaviour = recorded.header("x-mock").unwrap_or("ok").to_string();
+    let delay = Duration::from_millis(
+        recorded
+            .header("x-mock-delay-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    let cap = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .or_else(|| body.get("max_output_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let (prompt, completion) = recorded
+        .header("x-mock-usage")
+        .and_then(|v| v.split_once(','))
+        .and_then(|(p, c)| Some((p.trim().parse().ok()?, c.trim().parse().ok()?)))
+        .unwrap_or((10u64, 5u64.min(cap)));
+    state.requests.lock().unwrap().push(recorded);
+
+    let model = body.get("model").cloned().unwrap_or(json!("mock"));
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let wants_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let responses = path.ends_with("/responses");
+    let embeddings = path.ends_with("/embeddings");
+    let report_usage = behaviour != "no-usage" && behaviour != "ignore-cap";
+    let error = |status: u16, code: &str| {
+        json!({"error": {"message": format!("mock {status}"), "type": "mock", "param": null, "code": code}})
+            .to_string()
+    };
+    match behaviour.as_str() {
+        "429" => {
+            return Ok(full(
+                429,
+                "application/json",
+                error(429, "rate_limit_exceeded"),
+                &[("retry-after", "7")],
+            ));
+        }
+        "500" => {
+            return Ok(full(
+                500,
+                "application/json",
+                error(500, "server_error"),
+                &[],
+            ));
+        }
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        "drop" => return Err(std::io::Error::other("mock drops the connection")),
+        _ => {}
+    }
+    let usage = if responses {
+        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion})
+    } else {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    };
+    if embeddings {
+        let mut v = json!({"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]});
+        if report_usage {
+            v["usage"] = json!({"prompt_tokens": prompt, "total_tokens": prompt});
+        }
+        return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    if !stream {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut v = if responses {
+            json!({"id": "resp_mock", "object": "response", "status": "completed", "model": model,
+                   "output": [{"type": "message", "role": "assistant",
+                               "content": [{"type": "output_text", "text": "hello from mock"}]}]})
+        } else {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion", "model": model,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello from mock"},
+                                "finish_reason": "stop"}]})
+        };
+        if report_usage {
+            v["usage"] = usage;
+        }
+        return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    let (tx, response) = streamed("text/event-stream");
+    tokio::spawn(async move {
+        let send = |s: String| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(Frame::data(Bytes::from(s)))).await.is_ok() }
+        };
+        let chunks = match behaviour.as_str() {
+            "ignore-cap" => 2000,
+            "drop-mid-stream" => 2,
+            _ => completion.max(1),
+        };
+        for i in 0..chunks {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let event = if responses {
+                format!(
+                    "event: response.output_text.delta\ndata: {}\n\n",
+                    json!({"type": "response.output_text.delta", "delta": format!("word{i} ")})
+                )
+            } else {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": null}]})
+                )
+            };
+            if !send(event).await {
+                return;
+            }
+        }
+        if behaviour == "drop-mid-stream" {
+            let _ = tx
+                .send(Err(std::io::Error::other("mock drops mid-stream")))
+                .await;
+            return;
+        }
+        if responses {
+            let mut done = json!({"type": "response.completed",
+                "response": {"id": "resp_mock", "status": "completed", "model": model}});
+            if report_usage {
+                done["response"]["usage"] = usage;
+            }
+            send(format!("event: response.completed\ndata: {done}\n\n")).await;
+        } else {
+            send(format!(
+                "data: {}\n\n",
+                json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            ))
+            .await;
+            if wants_usage && report_usage {
+                send(format!(
+                    "data: {}\n\n",
+                    json!({"id": "c", "object": "chat.completion.chunk",
+                    "model": model, "choices": [], "usage": usage})
+                ))
+                .await;
+            }
+            send("data: [DONE]\n\n".to_string()).await;
+        }
+    });
+    Ok(response)
+}
