@@ -423,3 +423,87 @@ async fn a_control_plane_restart_keeps_open_reservations_settleable() {
     let agent = f.agent("durable").await;
     assert_eq!((agent.spent_micro, agent.reserved_micro), (30, 0));
 }
+
+impl Fixture {
+    async fn create_with(&self, request: pb::CreateAgentRequest) -> String {
+        AgentServiceClient::new(self.channel.clone())
+            .create_agent(bearer(request, &self.home.admin_token()))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+}
+
+#[tokio::test]
+async fn tpm_and_concurrency_limits_deny_with_their_rule() {
+    let f = Fixture::new().await;
+    // 300 tokens per minute; each request bounds 100 input tokens.
+    let tpm = f
+        .create_with(pb::CreateAgentRequest {
+            name: "tpm".into(),
+            budget_micro: 1_000_000,
+            rpm: 1000,
+            tpm: 300,
+            ..Default::default()
+        })
+        .await;
+    for i in 0..3 {
+        admitted(&f.admit(&tpm, &format!("t{i}"), 1).await);
+    }
+    let d = denied(&f.admit(&tpm, "t3", 1).await).clone();
+    assert_eq!((d.http_status, d.denied_by.as_str()), (429, "tpm"));
+    assert!(
+        d.retry_after_ms >= 1 && d.retry_after_ms <= 60_000,
+        "{}",
+        d.retry_after_ms
+    );
+
+    let conc = f
+        .create_with(pb::CreateAgentRequest {
+            name: "conc".into(),
+            budget_micro: 1_000_000,
+            rpm: 1000,
+            max_concurrent: 2,
+            ..Default::default()
+        })
+        .await;
+    let first = admitted(&f.admit(&conc, "c0", 1).await)
+        .reservation_id
+        .clone();
+    admitted(&f.admit(&conc, "c1", 1).await);
+    let d = denied(&f.admit(&conc, "c2", 1).await).clone();
+    assert_eq!((d.http_status, d.denied_by.as_str()), (429, "concurrency"));
+    f.settle(&first, 1, 1).await;
+    admitted(&f.admit(&conc, "c3", 1).await);
+    let reasons: Vec<String> = f
+        .events("conc")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "deny")
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(reasons, ["concurrency"]);
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refused() {
+    let f = Fixture::new().await;
+    let token = f
+        .create_with(pb::CreateAgentRequest {
+            name: "brief".into(),
+            budget_micro: 1_000_000,
+            rpm: 60,
+            ttl_seconds: 1,
+            ..Default::default()
+        })
+        .await;
+    admitted(&f.admit(&token, "e0", 1).await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let d = denied(&f.admit(&token, "e1", 1).await).clone();
+    assert_eq!(
+        (d.http_status, d.denied_by.as_str()),
+        (401, "token_expired")
+    );
+    assert!(d.message.contains("rotate-token"), "{}", d.message);
+}

@@ -52,9 +52,10 @@ impl Gcra {
 }
 
 /// Tokens per minute: a bucket of `per_minute` tokens refilling continuously.
-/// Admission debits the input bound up front; settlement corrects the debit
-/// to the real usage, so the bucket may go into debt and later requests wait
-/// until it is paid back. At most one request can overshoot.
+/// Admission debits the request's input bound and must fit in what is left;
+/// settlement corrects the debit to the real usage (refunding an
+/// over-estimate, or putting the bucket into debt for output tokens, which
+/// later requests wait out).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenBucket {
     /// Tokens available, in thousandths of a token (for exact refill).
@@ -79,15 +80,18 @@ impl TokenBucket {
         self.last_ms = now_ms;
     }
 
-    /// Admits while the bucket is not in debt, debiting `tokens`.
+    /// Admits if `tokens` fit (a request larger than a whole minute needs
+    /// a full bucket, so it is never refused forever), debiting them.
     pub fn take(&mut self, per_minute: u64, tokens: u64, now_ms: i64) -> Check {
         self.refill(per_minute, now_ms);
-        if self.level_milli <= 0 {
-            let deficit = 1 - self.level_milli; // milli-tokens to reach > 0
-            let wait_ms = ((deficit * 60) as u64).div_ceil(per_minute.max(1));
+        let need = (tokens.min(per_minute) as i64) * 1000;
+        if self.level_milli < need {
+            let deficit = (need - self.level_milli) as u64;
+            // milli-tokens / (per_minute / 60 milli-tokens per ms), rounded up.
+            let wait_ms = (deficit * 60).div_ceil(per_minute.max(1));
             return Err(wait_ms.max(1));
         }
-        self.level_milli -= (tokens.min(per_minute) as i64) * 1000;
+        self.level_milli -= need;
         Ok(())
     }
 
@@ -132,19 +136,27 @@ mod tests {
     }
 
     #[test]
-    fn token_bucket_debt_and_exact_wait() {
+    fn token_bucket_requests_must_fit_and_wait_exactly() {
         let mut b = TokenBucket::default();
         assert_eq!(b.take(600, 500, 0), Ok(())); // 100 left
-        assert_eq!(b.take(600, 500, 0), Ok(())); // -400: in debt
-        // 400.001 tokens at 10 tokens/s → 40.0001 s → 40 001 ms.
-        assert_eq!(b.take(600, 1, 0), Err(40_001));
-        assert_eq!(b.take(600, 1, 40_001), Ok(()));
-        // Settlement refunds an over-estimate.
+        // 400 more tokens at 10 tokens/s: 40 s.
+        assert_eq!(b.take(600, 500, 0), Err(40_000));
+        assert_eq!(b.take(600, 500, 39_999), Err(1));
+        assert_eq!(b.take(600, 500, 40_000), Ok(()));
+        // Settlement puts output tokens on the bill: debt delays the next.
+        let mut b = TokenBucket::default();
+        b.take(600, 100, 0).unwrap();
+        b.adjust(600, 600, 0); // used 700 in all: 100 in debt
+        assert_eq!(b.take(600, 1, 0), Err(10_100));
+        // ...and refunds an over-estimate.
         let mut b = TokenBucket::default();
         b.take(600, 600, 0).unwrap();
         assert!(b.take(600, 1, 0).is_err());
         b.adjust(600, -590, 0);
         assert_eq!(b.take(600, 1, 0), Ok(()));
+        // Bigger than a minute's worth: passes with a full bucket.
+        let mut b = TokenBucket::default();
+        assert_eq!(b.take(600, 10_000, 0), Ok(()));
     }
 
     proptest! {
