@@ -39,6 +39,14 @@ pub enum Command {
     /// List or reload the model configuration.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
+    /// Totals, denials by rule, and the state of both daemons.
+    Status(commands::status::Args),
+    /// Per-agent spend, burn rate and time to budget exhaustion.
+    Metrics(commands::metrics::Args),
+    /// Verify the ledger's invariants and hash chain (exit 1 on any failure).
+    Audit(commands::audit::Args),
+    /// Print the event log (`--follow` to tail it).
+    Events(commands::events::Args),
 }
 
 pub fn main() -> std::process::ExitCode {

@@ -1,5 +1,6 @@
+use aex_control::admission::core::ExpiryPolicy;
 use aex_control::home::Home;
-use aex_control::server::Control;
+use aex_control::server::{Control, ReservationSettings};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,17 @@ struct Args {
     /// SQLite database file (default: AEX_HOME/aex.db).
     #[arg(long, env = "AEX_DB")]
     db: Option<PathBuf>,
+    /// How long a reservation lives without being settled or extended by a
+    /// data plane's heartbeat.
+    #[arg(long, env = "AEX_RESERVATION_TTL_MS", default_value_t = 120_000)]
+    reservation_ttl_ms: i64,
+    /// What expired reservations cost: `charge` the reserved amount (the
+    /// provider may have been paid) or `release` it.
+    #[arg(long, env = "AEX_EXPIRED_RESERVATIONS", default_value = "charge", value_parser = ["charge", "release"])]
+    expired_reservations: String,
+    /// How often expired reservations are swept.
+    #[arg(long, default_value_t = 1_000)]
+    sweep_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -40,7 +52,16 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let home = Home::resolve(args.home)?;
-    let control = Control::open(&home, args.db).await?;
+    let reservations = ReservationSettings {
+        ttl_ms: args.reservation_ttl_ms.max(1_000),
+        expiry_policy: if args.expired_reservations == "release" {
+            ExpiryPolicy::Release
+        } else {
+            ExpiryPolicy::Charge
+        },
+        sweep_interval_ms: args.sweep_interval_ms.max(10),
+    };
+    let control = Control::open(&home, args.db, reservations).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

@@ -1,7 +1,7 @@
 //! Assembles the gRPC server: admin services behind the admin credential,
 //! reflection and health open (so `grpcurl list` works with no .proto files).
 
-use crate::admission::core::AdmissionCore;
+use crate::admission::core::{AdmissionCore, ExpiryPolicy};
 use crate::auth::RequireBearer;
 use crate::config::ModelsConfig;
 use crate::error::Result;
@@ -31,37 +31,62 @@ pub const SERVICE_NAMES: &[&str] = &[
     "aex.v1.LedgerService",
 ];
 
-/// How long a reservation lives without a settle or heartbeat.
-pub const DEFAULT_RESERVATION_TTL_MS: i64 = 120_000;
+/// How reservations nobody settles are handled.
+#[derive(Debug, Clone, Copy)]
+pub struct ReservationSettings {
+    /// How long a reservation lives without a settle or heartbeat.
+    pub ttl_ms: i64,
+    pub expiry_policy: ExpiryPolicy,
+    /// How often expired reservations are swept.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for ReservationSettings {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 120_000,
+            expiry_policy: ExpiryPolicy::Charge,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
 
 pub struct Control {
     pub state: Arc<ControlState>,
     admin_token: String,
     dataplane_token: String,
+    reservations: ReservationSettings,
 }
 
 impl Control {
     /// Reads credentials, the ledger key and models.yaml from `home`, and
     /// opens the database (`db` overrides `AEX_HOME/aex.db`).
-    pub async fn open(home: &Home, db: Option<PathBuf>) -> Result<Self> {
+    pub async fn open(
+        home: &Home,
+        db: Option<PathBuf>,
+        reservations: ReservationSettings,
+    ) -> Result<Self> {
         let admin_token = home.read_admin_token()?;
         let dataplane_token = home.read_dataplane_token()?;
         let ledger_key = home.read_ledger_key()?;
         let models = ModelsConfig::load(&home.models_yaml())?;
         let db_path = db.unwrap_or_else(|| home.db_path());
         let store: Arc<dyn crate::storage::Store> =
-            Arc::new(SqliteStore::open(&db_path, ledger_key).await?);
-        let admission = AdmissionCore::load(store.clone(), DEFAULT_RESERVATION_TTL_MS).await?;
+            Arc::new(SqliteStore::open(&db_path, ledger_key.clone()).await?);
+        let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
         let state = Arc::new(ControlState::new(
             store,
             admission,
             models,
             home.models_yaml(),
+            db_path.display().to_string(),
+            ledger_key,
         ));
         Ok(Self {
             state,
             admin_token,
             dataplane_token,
+            reservations,
         })
     }
 
@@ -72,6 +97,28 @@ impl Control {
     ) -> std::result::Result<(), tonic::transport::Error> {
         let admin = RequireBearer::admin(&self.admin_token);
         let dataplane = RequireBearer::dataplane(&self.dataplane_token);
+        // Expired reservations are settled continuously, not only at start.
+        let sweeper = {
+            let state = self.state.clone();
+            let settings = self.reservations;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+                    settings.sweep_interval_ms,
+                ));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let now = crate::storage::now_ms();
+                    if let Err(e) = state
+                        .admission
+                        .expire_due(now, settings.expiry_policy)
+                        .await
+                    {
+                        tracing::error!(error = %e, "could not expire reservations");
+                    }
+                }
+            })
+        };
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in SERVICE_NAMES {
             health_reporter
@@ -89,7 +136,7 @@ impl Control {
             .build_v1alpha()
             .expect("the embedded descriptor set is valid");
 
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -110,6 +157,8 @@ impl Control {
                 admin,
             ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await
+            .await;
+        sweeper.abort();
+        served
     }
 }

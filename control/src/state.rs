@@ -10,6 +10,13 @@ use std::sync::{Arc, RwLock};
 pub struct ControlState {
     pub store: Arc<dyn Store>,
     pub admission: AdmissionCore,
+    /// For `status`: where the ledger lives and since when we serve.
+    pub database: String,
+    pub started_at_ms: i64,
+    /// Data planes connected to the watch stream right now.
+    pub data_planes: std::sync::atomic::AtomicU32,
+    /// The ledger key, for audit.
+    pub ledger_key: Vec<u8>,
     models: RwLock<Arc<ModelsConfig>>,
     models_path: PathBuf,
 }
@@ -20,10 +27,16 @@ impl ControlState {
         admission: AdmissionCore,
         models: ModelsConfig,
         models_path: PathBuf,
+        database: String,
+        ledger_key: Vec<u8>,
     ) -> Self {
         Self {
             store,
             admission,
+            database,
+            started_at_ms: crate::storage::now_ms(),
+            data_planes: Default::default(),
+            ledger_key,
             models: RwLock::new(Arc::new(models)),
             models_path,
         }

@@ -15,6 +15,18 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// Failures that may pass when tried again (the control plane restarting,
+/// a connection dropped); not refusals or bugs.
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
 #[derive(Clone)]
 pub struct Bearer(MetadataValue<Ascii>);
 
@@ -271,14 +283,42 @@ impl ControlPlane {
         }))
     }
 
+    /// Asks the control plane to admit. Admission is idempotent by request
+    /// id, so a call lost to a control-plane restart is retried (for up to
+    /// `ADMIT_PATIENCE`) without reserving twice. When giving up, whatever
+    /// may have been reserved is released in the background, so a client
+    /// that saw a failure is never charged.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         request: pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {
-        let mut client = self.client.clone();
-        let mut r = tonic::Request::new(request);
-        r.set_timeout(Duration::from_secs(10));
-        let response = client.admit(r).await?.into_inner();
+        const ADMIT_PATIENCE: Duration = Duration::from_secs(5);
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(25);
+        let response = loop {
+            let mut client = self.client.clone();
+            let mut r = tonic::Request::new(request.clone());
+            r.set_timeout(Duration::from_secs(5));
+            match client.admit(r).await {
+                Ok(response) => break response.into_inner(),
+                Err(status)
+                    if retryable(&status) && started.elapsed() + backoff < ADMIT_PATIENCE =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(status) => {
+                    if retryable(&status) && request.endpoint != pb::Endpoint::Models as i32 {
+                        self.settle(pb::SettleRequest {
+                            request_id: request.request_id.clone(),
+                            outcome: pb::SettleOutcome::UpstreamError as i32,
+                            ..Default::default()
+                        });
+                    }
+                    return Err(status);
+                }
+            }
+        };
         if let Some(pb::admit_response::Outcome::Admitted(a)) = &response.outcome
             && !a.reservation_id.is_empty()
         {
@@ -304,7 +344,7 @@ impl ControlPlane {
                 r.set_timeout(Duration::from_secs(5));
                 match client.settle(r).await {
                     Ok(_) => break,
-                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    Err(status) if !retryable(&status) => {
                         tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
                         break;
                     }
@@ -315,10 +355,12 @@ impl ControlPlane {
                     }
                 }
             }
-            this.open
-                .lock()
-                .expect("open lock")
-                .remove(&request.reservation_id);
+            if !request.reservation_id.is_empty() {
+                this.open
+                    .lock()
+                    .expect("open lock")
+                    .remove(&request.reservation_id);
+            }
         });
     }
 

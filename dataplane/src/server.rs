@@ -504,6 +504,7 @@ impl Gateway {
             usage_reported: reported,
             upstream_status: u32::from(f.upstream_status),
             upstream_retry_after_ms: f.upstream_retry_after_ms,
+            request_id: String::new(),
         });
     }
 

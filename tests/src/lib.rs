@@ -354,6 +354,10 @@ impl Stack {
     }
 
     pub async fn start_with(dataplane_args: &[&str]) -> Self {
+        Self::start_full(&[], dataplane_args).await
+    }
+
+    pub async fn start_full(control_args: &[&str], dataplane_args: &[&str]) -> Self {
         let mock = mock::MockUpstream::start().await;
         let home = TestHome::new();
         std::fs::write(
@@ -366,7 +370,7 @@ impl Stack {
             format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
         )
         .unwrap();
-        let control = home.start_control();
+        let control = ControlPlane::start_with(&home, control_args);
         let data = DataPlane::start(&home, &control.url(), dataplane_args);
         Self {
             data,

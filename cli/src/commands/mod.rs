@@ -1,6 +1,10 @@
 pub mod agent;
+pub mod audit;
+pub mod events;
 pub mod init;
+pub mod metrics;
 pub mod models;
+pub mod status;
 pub mod version;
 
 use crate::error::Result;
@@ -24,5 +28,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Version(args) => version::run(args),
         Command::Agent(cmd) => agent::run(&home, &control, cmd).await,
         Command::Models(cmd) => models::run(&home, &control, cmd).await,
+        Command::Status(args) => status::run(&home, &control, args).await,
+        Command::Metrics(args) => metrics::run(&home, &control, args).await,
+        Command::Audit(args) => audit::run(&home, &control, args).await,
+        Command::Events(args) => events::run(&home, &control, args).await,
     }
 }

@@ -45,6 +45,24 @@ pub enum Decision {
     Denied { denial: Denial, agent_name: String },
 }
 
+/// What happens to a reservation nobody settled before its TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryPolicy {
+    /// Charge the reserved amount: the provider may have been paid.
+    Charge,
+    /// Give it back.
+    Release,
+}
+
+impl ExpiryPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryPolicy::Charge => "charge",
+            ExpiryPolicy::Release => "release",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Completed,
@@ -545,6 +563,11 @@ impl AdmissionCore {
         }
     }
 
+    /// The open reservation taken for `request_id`, if any.
+    pub fn reservation_for_request(&self, request_id: &str) -> Option<String> {
+        self.lock().by_request.get(request_id).cloned()
+    }
+
     pub async fn settle(&self, s: SettleInput) -> Result<Settled> {
         let open = {
             let live = self.lock();
@@ -604,24 +627,10 @@ impl AdmissionCore {
                 }),
             })
             .await?;
-        let now = now_ms();
-        let mut live = self.lock();
-        if let Some(o) = live.open.remove(&record.id) {
-            live.by_request.remove(&o.record.request_id);
-            let used = s.prompt_tokens.saturating_add(s.completion_tokens) as i64;
-            let delta = used - o.debited_tokens as i64;
-            if let Some(a) = live.agents.get_mut(&record.agent_id) {
-                a.open = a.open.saturating_sub(1);
-                if a.record.tpm > 0 {
-                    a.tpm.adjust(a.record.tpm, delta, now);
-                }
-            }
-            if o.model_tpm_limit > 0
-                && let Some(b) = live.model_tpm.get_mut(&record.model)
-            {
-                b.adjust(o.model_tpm_limit, delta, now);
-            }
-        }
+        self.forget(
+            &record.id,
+            Some(s.prompt_tokens.saturating_add(s.completion_tokens)),
+        );
         Ok(match outcome {
             SettleOutcome::Settled {
                 charged_micro,
@@ -639,6 +648,77 @@ impl AdmissionCore {
                 overrun: false,
             },
         })
+    }
+
+    /// Drops a closed reservation from memory: frees its concurrency slot
+    /// and corrects the TPM debit to the tokens really used (when known).
+    fn forget(&self, reservation_id: &str, used_tokens: Option<u64>) {
+        let now = now_ms();
+        let mut live = self.lock();
+        let Some(o) = live.open.remove(reservation_id) else {
+            return;
+        };
+        live.by_request.remove(&o.record.request_id);
+        let delta = used_tokens.map(|used| used as i64 - o.debited_tokens as i64);
+        if let Some(a) = live.agents.get_mut(&o.record.agent_id) {
+            a.open = a.open.saturating_sub(1);
+            if let Some(delta) = delta
+                && a.record.tpm > 0
+            {
+                a.tpm.adjust(a.record.tpm, delta, now);
+            }
+        }
+        if let Some(delta) = delta
+            && o.model_tpm_limit > 0
+            && let Some(b) = live.model_tpm.get_mut(&o.record.model)
+        {
+            b.adjust(o.model_tpm_limit, delta, now);
+        }
+    }
+
+    /// Settles every open reservation past its expiry by `policy`: a data
+    /// plane that died mid-call never settles, and the provider may have
+    /// been paid, so by default the reserved amount is charged. Returns how
+    /// many expired.
+    pub async fn expire_due(&self, now: i64, policy: ExpiryPolicy) -> Result<usize> {
+        let due: Vec<(ReservationRecord, String)> = {
+            let live = self.lock();
+            live.open
+                .values()
+                .filter(|o| o.record.expires_at_ms <= now)
+                .map(|o| (o.record.clone(), o.agent_name.clone()))
+                .collect()
+        };
+        let mut expired = 0;
+        for (r, agent_name) in due {
+            let charge = match policy {
+                ExpiryPolicy::Charge => r.amount_micro,
+                ExpiryPolicy::Release => 0,
+            };
+            let outcome = self
+                .store
+                .settle(Settlement {
+                    reservation_id: r.id.clone(),
+                    agent_name,
+                    state: "expired",
+                    charge_micro: charge,
+                    outcome: "expired".into(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    extra_events: Vec::new(),
+                    details: json!({
+                        "policy": policy.as_str(), "reserved_micro": r.amount_micro,
+                        "expires_at_ms": r.expires_at_ms, "model": r.model,
+                    }),
+                })
+                .await?;
+            self.forget(&r.id, None);
+            if matches!(outcome, SettleOutcome::Settled { .. }) {
+                tracing::warn!(reservation = %r.id, charged = charge, "reservation expired");
+                expired += 1;
+            }
+        }
+        Ok(expired)
     }
 
     /// Extends open reservations of long streams; returns the ids that are

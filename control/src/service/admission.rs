@@ -128,9 +128,23 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        if r.reservation_id.is_empty() && !r.request_id.is_empty() {
+            match self.state.admission.reservation_for_request(&r.request_id) {
+                Some(id) => r.reservation_id = id,
+                // Never admitted, or already closed: nothing to release.
+                None => {
+                    return Ok(Response::new(pb::SettleResponse {
+                        already_settled: true,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
         if r.reservation_id.is_empty() {
-            return Err(Status::invalid_argument("reservation_id is required"));
+            return Err(Status::invalid_argument(
+                "reservation_id or request_id is required",
+            ));
         }
         let settled = self
             .state
@@ -180,6 +194,19 @@ impl AdmissionService for AdmissionApi {
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
+            // Counts this data plane as connected while the stream lives.
+            struct Connected(Arc<ControlState>);
+            impl Drop for Connected {
+                fn drop(&mut self) {
+                    self.0
+                        .data_planes
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            state
+                .data_planes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _connected = Connected(state.clone());
             loop {
                 // (Re)start with a full snapshot: at connect, and whenever this
                 // receiver fell behind and may have missed a change.
@@ -199,7 +226,11 @@ impl AdmissionService for AdmissionApi {
                     return;
                 }
                 loop {
-                    let event = match changes.recv().await {
+                    let received = tokio::select! {
+                        _ = tx.closed() => return,
+                        r = changes.recv() => r,
+                    };
+                    let event = match received {
                         Ok(Change::AgentUpserted(a)) => {
                             pb::watch_event::Change::AgentUpserted(policy_to_pb(&a))
                         }

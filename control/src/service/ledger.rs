@@ -1,9 +1,23 @@
+use crate::error::Error;
+use crate::ledger::audit::{ChainVerifier, invariants};
 use crate::service::convert::event_to_pb;
 use crate::state::ControlState;
-use crate::storage::EventFilter;
+use crate::storage::{EventFilter, now_ms};
 use aex_proto::v1::{self as pb, ledger_service_server::LedgerService};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tonic::{Request, Response, Status};
+
+/// Denials that are policy refusals (403s), as opposed to limits.
+const POLICY_REASONS: &[&str] = &[
+    "model",
+    "streaming",
+    "tools",
+    "function_calling",
+    "vision",
+    "scope",
+    "paused",
+];
 
 pub struct LedgerApi {
     state: Arc<ControlState>,
@@ -12,6 +26,125 @@ pub struct LedgerApi {
 impl LedgerApi {
     pub fn new(state: Arc<ControlState>) -> Self {
         Self { state }
+    }
+
+    async fn audit(&self) -> Result<pb::AuditReport, Error> {
+        let started = std::time::Instant::now();
+        let store = &self.state.store;
+        let data = store.audit_data(now_ms()).await?;
+        let mut verifier = ChainVerifier::new(&self.state.ledger_key);
+        let mut after_seq = 0;
+        loop {
+            let page = store
+                .list_events(EventFilter {
+                    after_seq,
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after_seq = last.body.seq;
+            for e in &page {
+                verifier.push(e);
+            }
+        }
+        let counted: i64 = data.counters.values().sum();
+        let checked = verifier.checked();
+        let chain = verifier.finish(counted);
+        let (mut checks, overruns) = invariants(&data);
+        checks.insert(0, chain);
+        Ok(pb::AuditReport {
+            checks: checks
+                .into_iter()
+                .map(|c| pb::AuditCheck {
+                    name: c.name.into(),
+                    passed: c.passed,
+                    detail: c.detail,
+                    offenders: c.offenders,
+                })
+                .collect(),
+            events_checked: checked,
+            overruns,
+            duration_ms: started.elapsed().as_millis() as i64,
+        })
+    }
+
+    async fn status(&self) -> Result<pb::Status, Error> {
+        let t = self.state.store.status_totals().await?;
+        let counter = |name: &str| t.counters.get(name).copied().unwrap_or(0).max(0) as u64;
+        let denials_by_reason: std::collections::HashMap<String, u64> = t
+            .counters
+            .iter()
+            .filter_map(|(name, v)| {
+                Some((name.strip_prefix("deny:")?.to_string(), (*v).max(0) as u64))
+            })
+            .collect();
+        let policy_violations = POLICY_REASONS
+            .iter()
+            .map(|r| denials_by_reason.get(*r).copied().unwrap_or(0))
+            .sum();
+        Ok(pb::Status {
+            agents: t.agents,
+            total_budget_micro: t.total_budget_micro,
+            total_spent_micro: t.total_spent_micro,
+            total_reserved_micro: t.total_reserved_micro,
+            total_remaining_micro: t.total_budget_micro
+                - t.total_spent_micro
+                - t.total_reserved_micro,
+            requests_served: counter("admit"),
+            denials_by_reason,
+            upstream_denials: counter("upstream_denied"),
+            upstream_errors: counter("upstream_error"),
+            policy_violations,
+            overruns: counter("overrun"),
+            open_reservations: t.open_reservations,
+            expired_reservations: counter("expire"),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at_ms: self.state.started_at_ms,
+            database: self.state.database.clone(),
+            data_planes: self.state.data_planes.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn metrics(&self, window_seconds: u32) -> Result<pb::MetricsReport, Error> {
+        let window = if window_seconds == 0 {
+            300
+        } else {
+            window_seconds
+        };
+        let now = now_ms();
+        let agents = self.state.store.list_agents(false).await?;
+        let activity = self
+            .state
+            .store
+            .activity(now - i64::from(window) * 1000, now - 60_000)
+            .await?;
+        let rows = agents
+            .into_iter()
+            .map(|a| {
+                let act = activity.get(&a.id).cloned().unwrap_or_default();
+                let burn = act.charged_in_window as f64 / f64::from(window);
+                let remaining = a.remaining_micro();
+                pb::AgentMetrics {
+                    budget_micro: a.budget_micro,
+                    spent_micro: a.spent_micro,
+                    remaining_micro: remaining,
+                    burn_rate_micro_per_second: burn,
+                    seconds_to_exhaustion: (burn > 0.0).then(|| remaining.max(0) as f64 / burn),
+                    requests_last_minute: act.admitted_last_minute,
+                    last_activity_at_ms: a.last_activity_at_ms,
+                    requests_served: act.admitted.max(0) as u64,
+                    denials: act.denied.max(0) as u64,
+                    rpm_limit: a.rpm,
+                    name: a.name,
+                }
+            })
+            .collect();
+        Ok(pb::MetricsReport {
+            agents: rows,
+            window_seconds: window,
+        })
     }
 }
 
@@ -32,9 +165,32 @@ impl LedgerService for LedgerApi {
                 limit: r.limit,
             })
             .await
-            .map_err(crate::error::Error::from)?;
+            .map_err(Error::from)?;
         Ok(Response::new(pb::ListEventsResponse {
             events: events.into_iter().map(event_to_pb).collect(),
         }))
+    }
+
+    async fn audit(
+        &self,
+        _: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditReport>, Status> {
+        Ok(Response::new(LedgerApi::audit(self).await?))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        Ok(Response::new(self.status().await?))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<pb::MetricsRequest>,
+    ) -> Result<Response<pb::MetricsReport>, Status> {
+        Ok(Response::new(
+            self.metrics(request.into_inner().window_seconds).await?,
+        ))
     }
 }

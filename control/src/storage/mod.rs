@@ -235,6 +235,54 @@ pub struct DenialRecord {
     pub details: serde_json::Value,
 }
 
+/// Raw material for `aexctl audit`; the checks themselves are pure
+/// (`ledger::audit`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditData {
+    /// Every agent, deleted ones included.
+    pub agents: Vec<AgentRecord>,
+    /// Sum of open reservations per agent id.
+    pub open_reserved: std::collections::HashMap<String, i64>,
+    /// Sum of charged amounts (settle and expire events) per agent id.
+    pub charged: std::collections::HashMap<String, i64>,
+    /// Open reservations past their expiry: (reservation id, agent id, expired at).
+    pub overdue: Vec<(String, String, i64)>,
+    /// (agent id, counter name) → value, from the counters table.
+    pub counters: std::collections::HashMap<(String, String), i64>,
+    /// (agent id, counter name) → events of that kind in the log.
+    pub event_counts: std::collections::HashMap<(String, String), i64>,
+}
+
+/// Totals for `aexctl status`, from counters (never a scan of the log).
+#[derive(Debug, Clone, Default)]
+pub struct StatusTotals {
+    pub agents: u32,
+    pub total_budget_micro: i64,
+    pub total_spent_micro: i64,
+    pub total_reserved_micro: i64,
+    /// Counter name → total over all agents.
+    pub counters: std::collections::HashMap<String, i64>,
+    pub open_reservations: u64,
+}
+
+/// Per-agent activity inside a time window, for `aexctl metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct AgentActivity {
+    pub charged_in_window: i64,
+    pub admitted_last_minute: u32,
+    pub admitted: i64,
+    pub denied: i64,
+}
+
+/// The counter an event bumps: its kind, and for denials the rule too.
+pub fn counter_name(kind: &str, reason: &str) -> String {
+    if kind == "deny" {
+        format!("deny:{reason}")
+    } else {
+        kind.to_string()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no agent named '{0}'")]
@@ -285,6 +333,16 @@ pub trait Store: Send + Sync + 'static {
         ids: &[String],
         expires_at_ms: i64,
     ) -> Result<Vec<String>, StoreError>;
+
+    async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError>;
+    async fn status_totals(&self) -> Result<StatusTotals, StoreError>;
+    /// Activity per agent id since `window_start_ms` (charges) and
+    /// `minute_start_ms` (admissions).
+    async fn activity(
+        &self,
+        window_start_ms: i64,
+        minute_start_ms: i64,
+    ) -> Result<std::collections::HashMap<String, AgentActivity>, StoreError>;
 }
 
 pub fn now_ms() -> i64 {

@@ -7,9 +7,9 @@
 //! drop the last transactions.
 
 use super::{
-    AgentPatch, AgentRecord, AgentState, Caps, DenialRecord, EventFilter, EventRecord, NewAgent,
-    NewReservation, ReservationRecord, ReserveOutcome, Scope, SettleOutcome, Settlement, Store,
-    StoreError, TokenChange, now_ms,
+    AgentActivity, AgentPatch, AgentRecord, AgentState, AuditData, Caps, DenialRecord, EventFilter,
+    EventRecord, NewAgent, NewReservation, ReservationRecord, ReserveOutcome, Scope, SettleOutcome,
+    Settlement, StatusTotals, Store, StoreError, TokenChange, counter_name, now_ms,
 };
 use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
 use crate::money::Pricing;
@@ -227,6 +227,14 @@ async fn append_event(
     .bind(&body.details_json)
     .bind(&prev_hash)
     .bind(&hash)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO counters (agent_id, name, value) VALUES ($1, $2, 1) \
+         ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1",
+    )
+    .bind(&body.agent_id)
+    .bind(counter_name(&body.kind, &body.reason))
     .execute(&mut *conn)
     .await?;
     Ok(EventRecord {
@@ -713,6 +721,115 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(closed)
+    }
+
+    async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError> {
+        let mut data = AuditData {
+            agents: self.list_agents(true).await?,
+            ..Default::default()
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, SUM(amount_micro) FROM reservations WHERE state = 'open' GROUP BY agent_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        data.open_reserved = rows.into_iter().collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, SUM(amount_micro) FROM events WHERE kind IN ('settle', 'expire') GROUP BY agent_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        data.charged = rows.into_iter().collect();
+        data.overdue = sqlx::query_as(
+            "SELECT id, agent_id, expires_at_ms FROM reservations WHERE state = 'open' AND expires_at_ms < $1",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT agent_id, name, value FROM counters")
+                .fetch_all(&self.reader)
+                .await?;
+        data.counters = rows.into_iter().map(|(a, n, v)| ((a, n), v)).collect();
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT agent_id, kind, reason, COUNT(*) FROM events GROUP BY agent_id, kind, reason",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, kind, reason, n) in rows {
+            *data
+                .event_counts
+                .entry((agent, counter_name(&kind, &reason)))
+                .or_default() += n;
+        }
+        Ok(data)
+    }
+
+    async fn status_totals(&self) -> Result<StatusTotals, StoreError> {
+        let (agents, budget, spent, reserved): (i64, Option<i64>, Option<i64>, Option<i64>) =
+            sqlx::query_as(
+                "SELECT COUNT(*), SUM(budget_micro), SUM(spent_micro), SUM(reserved_micro) \
+             FROM agents WHERE deleted_at_ms IS NULL",
+            )
+            .fetch_one(&self.reader)
+            .await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT name, SUM(value) FROM counters GROUP BY name")
+                .fetch_all(&self.reader)
+                .await?;
+        let (open,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM reservations WHERE state = 'open'")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(StatusTotals {
+            agents: agents as u32,
+            total_budget_micro: budget.unwrap_or(0),
+            total_spent_micro: spent.unwrap_or(0),
+            total_reserved_micro: reserved.unwrap_or(0),
+            counters: rows.into_iter().collect(),
+            open_reservations: open as u64,
+        })
+    }
+
+    async fn activity(
+        &self,
+        window_start_ms: i64,
+        minute_start_ms: i64,
+    ) -> Result<std::collections::HashMap<String, AgentActivity>, StoreError> {
+        let mut out: std::collections::HashMap<String, AgentActivity> = Default::default();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, SUM(amount_micro) FROM events \
+             WHERE ts_ms >= $1 AND kind IN ('settle', 'expire') GROUP BY agent_id",
+        )
+        .bind(window_start_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, charged) in rows {
+            out.entry(agent).or_default().charged_in_window = charged;
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, COUNT(*) FROM events WHERE ts_ms >= $1 AND kind = 'admit' GROUP BY agent_id",
+        )
+        .bind(minute_start_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, n) in rows {
+            out.entry(agent).or_default().admitted_last_minute = n as u32;
+        }
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT agent_id, name, value FROM counters WHERE name = 'admit' OR name LIKE 'deny:%'",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, name, value) in rows {
+            let a = out.entry(agent).or_default();
+            if name == "admit" {
+                a.admitted += value;
+            } else {
+                a.denied += value;
+            }
+        }
+        Ok(out)
     }
 
     async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {

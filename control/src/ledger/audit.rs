@@ -1,0 +1,383 @@
+//! `aexctl audit`: the ledger's invariants and the keyed hash chain, as pure
+//! functions over data the store hands over. Each check names what failed.
+
+use super::chain::{GENESIS, chain_hash};
+use crate::storage::{AuditData, EventRecord};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+    pub offenders: Vec<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, ok_detail: &str, fail_detail: &str, offenders: Vec<String>) -> Self {
+        let passed = offenders.is_empty();
+        Self {
+            name,
+            passed,
+            detail: if passed { ok_detail } else { fail_detail }.to_string(),
+            offenders,
+        }
+    }
+}
+
+/// Verifies the chain event by event, in `seq` order, so the log can be
+/// streamed in pages without holding it in memory.
+pub struct ChainVerifier<'k> {
+    key: &'k [u8],
+    next_seq: i64,
+    prev_hash: String,
+    checked: u64,
+    fault: Option<String>,
+}
+
+impl<'k> ChainVerifier<'k> {
+    pub fn new(key: &'k [u8]) -> Self {
+        Self {
+            key,
+            next_seq: 1,
+            prev_hash: GENESIS.to_string(),
+            checked: 0,
+            fault: None,
+        }
+    }
+
+    pub fn push(&mut self, e: &EventRecord) {
+        if self.fault.is_some() {
+            return;
+        }
+        self.checked += 1;
+        let seq = e.body.seq;
+        if seq != self.next_seq {
+            self.fault = Some(if seq > self.next_seq {
+                format!(
+                    "event seq {} is missing (the log jumps from {} to {seq})",
+                    self.next_seq,
+                    self.next_seq - 1
+                )
+            } else {
+                format!("event seq {seq} appears out of order")
+            });
+            return;
+        }
+        if e.prev_hash != self.prev_hash {
+            self.fault = Some(format!(
+                "event seq {seq} does not chain to event seq {}",
+                seq - 1
+            ));
+            return;
+        }
+        if e.hash != chain_hash(self.key, &e.prev_hash, &e.body) {
+            self.fault = Some(format!(
+                "event seq {seq} ({} of agent '{}') was altered: its HMAC does not match",
+                e.body.kind, e.body.agent_name
+            ));
+            return;
+        }
+        self.prev_hash = e.hash.clone();
+        self.next_seq += 1;
+    }
+
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// The last event may have been deleted: compare with the number the
+    /// counters say exist.
+    pub fn finish(self, expected_events: i64) -> Check {
+        let mut offenders: Vec<String> = self.fault.into_iter().collect();
+        let seen = self.next_seq - 1;
+        if offenders.is_empty() && seen < expected_events {
+            offenders.push(format!(
+                "the log ends at event seq {seen} but {expected_events} events were counted: the newest were deleted"
+            ));
+        }
+        Check::new(
+            "chain_intact",
+            &format!("{seen} events chained and HMAC-keyed"),
+            "the event log was edited",
+            offenders,
+        )
+    }
+}
+
+fn name_of(data: &AuditData, agent_id: &str) -> String {
+    data.agents
+        .iter()
+        .find(|a| a.id == agent_id)
+        .map(|a| format!("agent '{}'", a.name))
+        .unwrap_or_else(|| format!("agent id {agent_id}"))
+}
+
+/// Every invariant except the chain (see [`ChainVerifier`]). Returns the
+/// checks and the agents with recorded overruns.
+pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
+    let overrun_agents: Vec<String> = data
+        .agents
+        .iter()
+        .filter(|a| {
+            data.counters
+                .get(&(a.id.clone(), "overrun".into()))
+                .copied()
+                .unwrap_or(0)
+                > 0
+        })
+        .map(|a| a.id.clone())
+        .collect();
+    let mut checks = Vec::new();
+
+    let over: Vec<String> = data
+        .agents
+        .iter()
+        .filter(|a| a.spent_micro > a.budget_micro && !overrun_agents.contains(&a.id))
+        .map(|a| {
+            format!(
+                "agent '{}': spent {} µ > budget {} µ",
+                a.name, a.spent_micro, a.budget_micro
+            )
+        })
+        .collect();
+    checks.push(Check::new(
+        "spent_within_budget",
+        "no agent spent more than its budget (recorded overruns are listed apart)",
+        "agents spent more than their budget with no overrun recorded",
+        over,
+    ));
+
+    let negative: Vec<String> = data
+        .agents
+        .iter()
+        .filter(|a| a.budget_micro < 0 || a.spent_micro < 0 || a.reserved_micro < 0)
+        .map(|a| {
+            format!(
+                "agent '{}': budget {} spent {} reserved {}",
+                a.name, a.budget_micro, a.spent_micro, a.reserved_micro
+            )
+        })
+        .collect();
+    checks.push(Check::new(
+        "no_negative_values",
+        "no negative budget, spend or reservation",
+        "negative values",
+        negative,
+    ));
+
+    let reserved: Vec<String> = data
+        .agents
+        .iter()
+        .filter_map(|a| {
+            let open = data.open_reserved.get(&a.id).copied().unwrap_or(0);
+            (a.reserved_micro != open).then(|| {
+                format!(
+                    "agent '{}': reserved {} µ but open reservations sum to {open} µ",
+                    a.name, a.reserved_micro
+                )
+            })
+        })
+        .collect();
+    checks.push(Check::new(
+        "reserved_matches_open_reservations",
+        "every agent's reserved amount equals its open reservations",
+        "reserved amounts disagree with open reservations",
+        reserved,
+    ));
+
+    let spent: Vec<String> = data
+        .agents
+        .iter()
+        .filter_map(|a| {
+            let charged = data.charged.get(&a.id).copied().unwrap_or(0);
+            (a.spent_micro != charged).then(|| {
+                format!(
+                    "agent '{}': spent {} µ but settle events sum to {charged} µ",
+                    a.name, a.spent_micro
+                )
+            })
+        })
+        .collect();
+    checks.push(Check::new(
+        "spent_matches_settle_events",
+        "every agent's spend equals the sum of its settle events",
+        "spend disagrees with the event log",
+        spent,
+    ));
+
+    let overdue: Vec<String> = data
+        .overdue
+        .iter()
+        .map(|(id, agent, at)| {
+            format!(
+                "reservation {id} of {} expired at {at} and is still open",
+                name_of(data, agent)
+            )
+        })
+        .collect();
+    checks.push(Check::new(
+        "no_reservation_past_ttl",
+        "no open reservation is past its TTL",
+        "reservations outlived their TTL",
+        overdue,
+    ));
+
+    let mut keys: Vec<&(String, String)> = data
+        .counters
+        .keys()
+        .chain(data.event_counts.keys())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let counters: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let counted = data.counters.get(k).copied().unwrap_or(0);
+            let logged = data.event_counts.get(k).copied().unwrap_or(0);
+            (counted != logged).then(|| {
+                format!(
+                    "{}: counter {} = {counted}, events = {logged}",
+                    name_of(data, &k.0),
+                    k.1
+                )
+            })
+        })
+        .collect();
+    checks.push(Check::new(
+        "counters_match_events",
+        "denial and request counters equal the events in the log",
+        "counters disagree with the event log",
+        counters,
+    ));
+
+    let overruns = overrun_agents.iter().map(|id| name_of(data, id)).collect();
+    (checks, overruns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::chain::EventBody;
+    use crate::storage::{AgentRecord, AgentState, Caps, Scope};
+
+    fn events(key: &[u8], n: i64) -> Vec<EventRecord> {
+        let mut prev = GENESIS.to_string();
+        (1..=n)
+            .map(|seq| {
+                let body = EventBody {
+                    seq,
+                    ts_ms: seq,
+                    kind: "settle".into(),
+                    agent_name: "a".into(),
+                    amount_micro: 5,
+                    ..Default::default()
+                };
+                let hash = chain_hash(key, &prev, &body);
+                let e = EventRecord {
+                    body,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
+                prev = hash;
+                e
+            })
+            .collect()
+    }
+
+    fn verify(key: &[u8], evs: &[EventRecord], expected: i64) -> Check {
+        let mut v = ChainVerifier::new(key);
+        for e in evs {
+            v.push(e);
+        }
+        v.finish(expected)
+    }
+
+    #[test]
+    fn an_intact_chain_passes_and_every_edit_is_named() {
+        let key = [9u8; 32];
+        let evs = events(&key, 5);
+        assert!(verify(&key, &evs, 5).passed);
+        // Deleted in the middle.
+        let mut gap = evs.clone();
+        gap.remove(2);
+        assert!(verify(&key, &gap, 5).offenders[0].contains("event seq 3 is missing"));
+        // Deleted at the end.
+        assert!(verify(&key, &evs[..4], 5).offenders[0].contains("newest were deleted"));
+        // Rewritten with a recomputed *unkeyed* hash.
+        let mut forged = evs.clone();
+        forged[1].body.amount_micro = 1;
+        forged[1].hash = chain_hash(b"", &forged[1].prev_hash, &forged[1].body);
+        assert!(verify(&key, &forged, 5).offenders[0].contains("event seq 2"));
+        // The wrong key fails from the first event.
+        assert!(!verify(b"other", &evs, 5).passed);
+    }
+
+    fn agent(id: &str, budget: i64, spent: i64, reserved: i64) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            name: id.into(),
+            token_sha256: String::new(),
+            token_prefix: String::new(),
+            token_expires_at_ms: None,
+            token_ttl_seconds: 0,
+            budget_micro: budget,
+            spent_micro: spent,
+            reserved_micro: reserved,
+            rpm: 1,
+            tpm: 0,
+            max_concurrent: 0,
+            allowed_models: vec![],
+            caps: Caps {
+                streaming: true,
+                tools: true,
+                function_calling: true,
+                vision: false,
+            },
+            scope: Scope::Execution,
+            state: AgentState::Active,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_activity_at_ms: None,
+            deleted_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn invariants_name_the_agent() {
+        let mut d = AuditData {
+            agents: vec![agent("ok", 100, 40, 10), agent("bad", 100, 150, 0)],
+            ..Default::default()
+        };
+        d.open_reserved.insert("ok".into(), 10);
+        d.charged.insert("ok".into(), 40);
+        d.charged.insert("bad".into(), 150);
+        let (checks, overruns) = invariants(&d);
+        let failed: Vec<_> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(failed, ["spent_within_budget"]);
+        assert!(checks[0].offenders[0].contains("agent 'bad'"));
+        assert!(overruns.is_empty());
+        // A recorded overrun is listed apart, not a failure.
+        d.counters.insert(("bad".into(), "overrun".into()), 1);
+        d.event_counts.insert(("bad".into(), "overrun".into()), 1);
+        let (checks, overruns) = invariants(&d);
+        assert!(checks.iter().all(|c| c.passed), "{checks:?}");
+        assert_eq!(overruns, ["agent 'bad'"]);
+        // Tampered spend and a counter without its events.
+        d.agents[0].spent_micro = 41;
+        d.counters.insert(("ok".into(), "deny:rpm".into()), 3);
+        let (checks, _) = invariants(&d);
+        let failed: Vec<_> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            failed,
+            ["spent_matches_settle_events", "counters_match_events"]
+        );
+    }
+}
