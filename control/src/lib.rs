@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod home;
 pub mod ledger;
+pub mod metrics;
 pub mod money;
 pub mod secrets;
 pub mod server;

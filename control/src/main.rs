@@ -30,6 +30,13 @@ struct Args {
     /// How often expired reservations are swept.
     #[arg(long, default_value_t = 1_000)]
     sweep_interval_ms: u64,
+    /// Address of the Prometheus `/metrics` endpoint, or `off`.
+    #[arg(
+        long,
+        env = "AEX_CONTROL_METRICS_LISTEN",
+        default_value = "127.0.0.1:9002"
+    )]
+    metrics_listen: String,
 }
 
 #[tokio::main]
@@ -73,6 +80,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     // Parsed by tests and `aexctl daemon` when started on port 0.
     println!("aex-control listening on {addr}");
+    if args.metrics_listen != "off" {
+        // Metrics are an aid, not the ledger: a busy port is reported, not fatal.
+        match tokio::net::TcpListener::bind(&args.metrics_listen).await {
+            Ok(metrics) => {
+                println!(
+                    "aex-control metrics on http://{}/metrics",
+                    metrics.local_addr()?
+                );
+                control.serve_metrics(metrics);
+            }
+            Err(e) => eprintln!(
+                "aex-control: metrics disabled: cannot listen on {} ({e}); pick another with --metrics-listen",
+                args.metrics_listen
+            ),
+        }
+    }
     tracing::info!(%addr, home = %home.root().display(), "control plane started");
     control.serve(listener, shutdown_signal()).await?;
     tracing::info!("control plane stopped");

@@ -90,6 +90,21 @@ impl Control {
         })
     }
 
+    /// Serves `/metrics` on `listener` for as long as the process runs.
+    pub fn serve_metrics(&self, listener: TcpListener) {
+        let state = self.state.clone();
+        let refresh = Arc::new(move || {
+            let (open, agents) = state.admission.counts();
+            state.metrics.open_reservations.set(open as i64);
+            state.metrics.agents.set(agents as i64);
+        });
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            self.state.metrics.clone(),
+            refresh,
+        ));
+    }
+
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -109,12 +124,13 @@ impl Control {
                 loop {
                     tick.tick().await;
                     let now = crate::storage::now_ms();
-                    if let Err(e) = state
+                    match state
                         .admission
                         .expire_due(now, settings.expiry_policy)
                         .await
                     {
-                        tracing::error!(error = %e, "could not expire reservations");
+                        Ok(n) => state.metrics.expired.inc_by(n as u64),
+                        Err(e) => tracing::error!(error = %e, "could not expire reservations"),
                     }
                 }
             })

@@ -17,6 +17,7 @@ pub struct ControlState {
     pub data_planes: std::sync::atomic::AtomicU32,
     /// The ledger key, for audit.
     pub ledger_key: Vec<u8>,
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
     models: RwLock<Arc<ModelsConfig>>,
     models_path: PathBuf,
 }
@@ -37,6 +38,7 @@ impl ControlState {
             started_at_ms: crate::storage::now_ms(),
             data_planes: Default::default(),
             ledger_key,
+            metrics: Default::default(),
             models: RwLock::new(Arc::new(models)),
             models_path,
         }

@@ -137,6 +137,16 @@ impl Cache {
             .cloned()
     }
 
+    /// Whether `model` is configured (bounds metric label cardinality).
+    pub fn has_model(&self, model: &str) -> bool {
+        self.state
+            .read()
+            .expect("cache lock")
+            .models
+            .iter()
+            .any(|m| m.name == model)
+    }
+
     /// The models an agent may list (all configured ones if its list is empty).
     pub fn models_for(&self, agent_id: &str) -> Vec<String> {
         let s = self.state.read().expect("cache lock");

@@ -3,6 +3,7 @@
 //! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
 
 pub mod control;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod simulated;

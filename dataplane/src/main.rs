@@ -88,7 +88,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
     };
-    let gateway = Arc::new(Gateway::new(control.clone(), limits));
+    let metrics = Arc::new(aex_dataplane::metrics::Metrics::default());
+    let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

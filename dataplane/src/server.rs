@@ -8,6 +8,7 @@
 //! A denied request must never reach a provider at all.
 
 use crate::control::{ControlPlane, Route};
+use crate::metrics::Metrics;
 use crate::openai::{self, Api, Inspected};
 use crate::simulated::{self, SimulatedResponse};
 use crate::sse::{SseMeter, Usage, usage_of_body};
@@ -76,6 +77,15 @@ pub struct Gateway {
     control: Arc<ControlPlane>,
     connector: Connector,
     limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// What one request's metrics need that the response head does not say.
+struct Observed {
+    endpoint: &'static str,
+    model: String,
+    /// Time spent waiting on the provider (not AEX's own latency).
+    upstream: Duration,
 }
 
 /// An error response in OpenAI's shape.
@@ -121,6 +131,8 @@ impl ApiError {
 
 /// How the call to the provider went, for settlement.
 struct Finished {
+    /// From sending to the provider until its last byte (None: not reached).
+    upstream_time: Option<Duration>,
     outcome: pb::SettleOutcome,
     usage: Option<Usage>,
     output_bytes: u64,
@@ -165,12 +177,48 @@ fn new_request_id() -> String {
 }
 
 impl Gateway {
-    pub fn new(control: Arc<ControlPlane>, limits: Limits) -> Self {
+    pub fn new(control: Arc<ControlPlane>, limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self {
             control,
             connector: Connector::new(None),
             limits,
+            metrics,
         }
+    }
+
+    /// Counts a finished API request by what was actually sent.
+    fn observe(&self, session: &ServerSession, o: &Observed, total: Duration) {
+        let Some(head) = session.response_written() else {
+            return;
+        };
+        let status = head.status.as_u16();
+        let reason = match head
+            .headers
+            .get("x-aex-denied-by")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(rule) => rule.to_string(),
+            None if status < 400 => "ok".into(),
+            None if matches!(status, 400 | 404 | 405 | 413) => "bad_request".into(),
+            None => "upstream".into(),
+        };
+        let model = if self.control.cache.has_model(&o.model) {
+            o.model.as_str()
+        } else {
+            ""
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[o.endpoint, model, &status.to_string(), &reason])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[o.endpoint])
+            .observe(total.as_secs_f64());
+        self.metrics
+            .added_latency
+            .with_label_values(&[o.endpoint])
+            .observe(total.saturating_sub(o.upstream).as_secs_f64());
     }
 
     async fn respond(
@@ -229,10 +277,22 @@ impl Gateway {
                 .await
             }
             (Method::GET, "/v1/models") => self.list_models(session, &request_id).await,
+            (Method::GET, "/metrics") => {
+                let body = self.metrics.render();
+                Self::respond(session, 200, "text/plain; version=0.0.4", &[], body.into()).await
+            }
             (Method::POST, p) if Api::from_path(p).is_some() => {
                 let api = Api::from_path(p).expect("checked");
                 let _guard = self.control.inflight.enter();
-                self.proxy(session, api, &request_id).await
+                let started = std::time::Instant::now();
+                let mut observed = Observed {
+                    endpoint: api.upstream_suffix().trim_start_matches('/'),
+                    model: String::new(),
+                    upstream: Duration::ZERO,
+                };
+                let keep = self.proxy(session, api, &request_id, &mut observed).await;
+                self.observe(session, &observed, started.elapsed());
+                keep
             }
             (_, p) if Api::from_path(p).is_some() || p == "/v1/models" => {
                 let e = ApiError::new(
@@ -414,7 +474,13 @@ impl Gateway {
         }
     }
 
-    async fn proxy(&self, session: &mut ServerSession, api: Api, request_id: &str) -> bool {
+    async fn proxy(
+        &self,
+        session: &mut ServerSession,
+        api: Api,
+        request_id: &str,
+        observed: &mut Observed,
+    ) -> bool {
         let raw = match self.read_body(session).await {
             Ok(raw) => raw,
             Err(e) => {
@@ -432,6 +498,7 @@ impl Gateway {
                 return Self::respond_error(session, request_id, ApiError::bad_request(e)).await;
             }
         };
+        observed.model = inspected.model.clone();
         let endpoint = match api {
             Api::ChatCompletions => pb::Endpoint::ChatCompletions,
             Api::Responses => pb::Endpoint::Responses,
@@ -470,10 +537,16 @@ impl Gateway {
                 }
             },
         };
+        self.metrics.open_reservations.inc();
+        let admitted_at = std::time::Instant::now();
         let (keep, finished) = self
             .forward(session, &inspected, &admission, request_id)
             .await;
+        observed.upstream = finished
+            .upstream_time
+            .unwrap_or_else(|| admitted_at.elapsed());
         self.settle(&inspected, &admission, &finished);
+        self.metrics.open_reservations.dec();
         keep
     }
 
@@ -496,6 +569,40 @@ impl Gateway {
             }
             None => (0, 0, false),
         };
+        let pricing = Pricing {
+            input_pico_per_token: admission.input_pico_per_token,
+            output_pico_per_token: admission.output_pico_per_token,
+        };
+        let cut_off = f.outcome == pb::SettleOutcome::CutOff;
+        let (charged, _) = charge(
+            pricing,
+            admission.reserved_micro,
+            prompt,
+            completion,
+            reported,
+            cut_off,
+        );
+        let model = if self.control.cache.has_model(&inspected.model) {
+            inspected.model.as_str()
+        } else {
+            ""
+        };
+        self.metrics
+            .spent_micro
+            .with_label_values(&[model])
+            .inc_by(charged.max(0) as u64);
+        let failure = match f.outcome {
+            pb::SettleOutcome::UpstreamRateLimited => Some("rate_limited"),
+            pb::SettleOutcome::UpstreamError => Some("error"),
+            pb::SettleOutcome::UpstreamTimeout => Some("timeout"),
+            _ => None,
+        };
+        if let Some(kind) = failure {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[&admission.provider, kind])
+                .inc();
+        }
         self.control.settle(pb::SettleRequest {
             reservation_id: admission.reservation_id.clone(),
             outcome: f.outcome as i32,
@@ -663,6 +770,7 @@ impl Gateway {
         request_id: &str,
     ) -> (bool, Finished) {
         let mut finished = Finished {
+            upstream_time: None,
             outcome: pb::SettleOutcome::Completed,
             usage: None,
             output_bytes: 0,
@@ -687,6 +795,7 @@ impl Gateway {
             .then_some(admission.output_tokens_cap);
         let body = inspected.upstream_body(&admission.provider_model, cap);
         let client_headers = Self::forwardable_headers(session);
+        let upstream_started = std::time::Instant::now();
         let opened = tokio::select! {
             r = self.open_upstream(&route, inspected, admission, body, &client_headers, request_id) => Some(r),
             _ = session.read_body_or_idle(true) => None,
@@ -745,12 +854,20 @@ impl Gateway {
                     &mut finished,
                 )
                 .await;
+            finished.upstream_time = Some(upstream_started.elapsed());
             let complete = finished.outcome == pb::SettleOutcome::Completed;
             self.release(upstream, complete).await;
             return (keep, finished);
         }
         self.buffered(
-            session, upstream, header, inspected, admission, request_id, finished,
+            session,
+            upstream,
+            header,
+            inspected,
+            admission,
+            request_id,
+            finished,
+            upstream_started,
         )
         .await
     }
@@ -797,6 +914,7 @@ impl Gateway {
         admission: &pb::Admission,
         request_id: &str,
         mut finished: Finished,
+        upstream_started: std::time::Instant,
     ) -> (bool, Finished) {
         let mut body = Vec::new();
         let complete = loop {
@@ -835,6 +953,7 @@ impl Gateway {
                 }
             }
         };
+        finished.upstream_time = Some(upstream_started.elapsed());
         self.release(upstream, complete).await;
         let status = header.status.as_u16();
         let mut head = Self::response_head(&header, request_id);

@@ -157,6 +157,8 @@ fn run(cmd: &mut Command) -> CmdOutput {
 pub struct ControlPlane {
     child: Child,
     pub addr: std::net::SocketAddr,
+    /// `http://127.0.0.1:PORT/metrics`
+    pub metrics_url: String,
     home: PathBuf,
 }
 
@@ -183,6 +185,7 @@ impl ControlPlane {
             .expect("log file");
         let mut child = Command::new(bin("aex-control"))
             .args(["--home", home.to_str().unwrap(), "--listen", listen])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra_args)
             .env("AEX_LOG", "info")
             .stdin(Stdio::null())
@@ -190,12 +193,21 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .expect("spawn aex-control");
-        let addr = first_line_addr(&mut child, "aex-control listening on ", || {
+        let (addr, lines) = first_line_addr(&mut child, "aex-control listening on ", || {
             std::fs::read_to_string(&log_path).unwrap_or_default()
         });
+        let metrics_url = lines
+            .recv_timeout(Duration::from_secs(10))
+            .ok()
+            .and_then(|l| {
+                l.strip_prefix("aex-control metrics on ")
+                    .map(str::to_string)
+            })
+            .expect("aex-control prints its metrics address");
         Self {
             child,
             addr,
+            metrics_url,
             home: home.to_path_buf(),
         }
     }
@@ -263,7 +275,7 @@ impl DataPlane {
             .stderr(log)
             .spawn()
             .expect("spawn aex-dataplane");
-        let addr = first_line_addr(&mut child, "aex-dataplane listening on ", || {
+        let (addr, _) = first_line_addr(&mut child, "aex-dataplane listening on ", || {
             std::fs::read_to_string(home.file("logs/dataplane.test.log")).unwrap_or_default()
         });
         let dp = Self { child, addr };
@@ -298,25 +310,40 @@ fn first_line_addr(
     child: &mut Child,
     prefix: &str,
     log: impl Fn() -> String,
-) -> std::net::SocketAddr {
+) -> (std::net::SocketAddr, mpsc::Receiver<String>) {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
+    // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(line)) = lines.next() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
             let _ = tx.send(line);
         }
-        for _ in lines {}
     });
-    // Keep draining stdout so the child never blocks on a full pipe.
     let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!("the process did not start:\n{}", log());
     };
-    line.strip_prefix(prefix)
+    let addr = line
+        .strip_prefix(prefix)
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+    (addr, rx)
+}
+
+/// A sample from Prometheus text: the value of the series named `metric`
+/// whose labels include every `label="value"` given (0 when absent).
+pub fn prometheus_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Status of a plain GET, or None when nothing answers.

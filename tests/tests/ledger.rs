@@ -1,7 +1,7 @@
 //! Ledger integrity under crashes and tampering, and observability numbers
 //! against what clients saw. Real processes, `kill -9`, a real SQLite file.
 
-use aex_tests::{DataPlane, Stack, TestHome};
+use aex_tests::{DataPlane, Stack, TestHome, prometheus_value};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -350,5 +350,80 @@ async fn status_and_metrics_count_what_clients_saw_by_reason() {
     );
     assert_eq!(row("poor")["denials"], 2);
     assert_eq!(row("upstream")["requests_served"], 3);
+
+    // Prometheus, on both planes, agrees with the clients too.
+    let dp = client
+        .get(stack.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requests = |status: &str, reason: &str| {
+        prometheus_value(
+            &dp,
+            "aex_requests_total",
+            &[
+                ("endpoint", "chat/completions"),
+                ("status", status),
+                ("reason", reason),
+            ],
+        ) as u64
+    };
+    assert_eq!(requests("200", "ok"), count(200, ""));
+    assert_eq!(requests("429", "rpm"), count(429, "rpm"));
+    assert_eq!(requests("402", "budget"), count(402, "budget"));
+    assert_eq!(requests("403", "model"), count(403, "model"));
+    assert_eq!(requests("401", "auth"), count(401, "auth"));
+    assert_eq!(requests("429", "upstream"), count(429, "upstream"));
+    assert_eq!(
+        prometheus_value(
+            &dp,
+            "aex_upstream_errors_total",
+            &[("kind", "rate_limited")]
+        ) as u64,
+        count(429, "upstream")
+    );
+    let sent: u64 = seen.values().sum();
+    assert_eq!(
+        prometheus_value(&dp, "aex_added_latency_seconds_count", &[]) as u64,
+        sent
+    );
+    let spent_total = stack.control.aexctl(&["status", "--json"]).json()["total_spent_micro"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(
+        prometheus_value(&dp, "aex_spent_micro_total", &[]),
+        spent_total
+    );
+    let cp = client
+        .get(&stack.control.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let decided = |decision: &str, reason: &str| {
+        prometheus_value(
+            &cp,
+            "aex_admissions_total",
+            &[("decision", decision), ("reason", reason)],
+        ) as u64
+    };
+    assert_eq!(
+        decided("admitted", ""),
+        count(200, "") + count(429, "upstream")
+    );
+    assert_eq!(decided("denied", "rpm"), count(429, "rpm"));
+    assert_eq!(decided("denied", "budget"), count(402, "budget"));
+    assert_eq!(decided("denied", "model"), count(403, "model"));
+    assert_eq!(
+        prometheus_value(&cp, "aex_charged_micro_total", &[]),
+        spent_total
+    );
+    assert_eq!(prometheus_value(&cp, "aex_open_reservations", &[]), 0.0);
+    assert_eq!(prometheus_value(&cp, "aex_agents", &[]), 4.0);
     audit_passes(&stack);
 }

@@ -563,6 +563,12 @@ impl AdmissionCore {
         }
     }
 
+    /// (open reservations, live agents), for gauges.
+    pub fn counts(&self) -> (usize, usize) {
+        let live = self.lock();
+        (live.open.len(), live.agents.len())
+    }
+
     /// The open reservation taken for `request_id`, if any.
     pub fn reservation_for_request(&self, request_id: &str) -> Option<String> {
         self.lock().by_request.get(request_id).cloned()

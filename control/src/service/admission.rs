@@ -99,10 +99,25 @@ impl AdmissionService for AdmissionApi {
             ));
         }
         let models = self.state.models();
+        let started = std::time::Instant::now();
         let decision = admission
             .admit(&models, &r.request_id, &r.token_sha256, &ask)
             .await
             .map_err(Status::from)?;
+        let metrics = &self.state.metrics;
+        metrics
+            .admit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match &decision {
+            Decision::Admitted(_) => metrics
+                .admissions
+                .with_label_values(&["admitted", ""])
+                .inc(),
+            Decision::Denied { denial, .. } => metrics
+                .admissions
+                .with_label_values(&["denied", denial.denied_by])
+                .inc(),
+        }
         Ok(Response::new(match decision {
             Decision::Admitted(a) => pb::AdmitResponse {
                 outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
@@ -146,11 +161,12 @@ impl AdmissionService for AdmissionApi {
                 "reservation_id or request_id is required",
             ));
         }
+        let outcome = outcome_from_pb(r.outcome());
         let settled = self
             .state
             .admission
             .settle(SettleInput {
-                outcome: outcome_from_pb(r.outcome()),
+                outcome,
                 reservation_id: r.reservation_id,
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: r.completion_tokens,
@@ -160,6 +176,16 @@ impl AdmissionService for AdmissionApi {
             })
             .await
             .map_err(Status::from)?;
+        if !settled.already_settled {
+            let metrics = &self.state.metrics;
+            metrics
+                .settlements
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+            metrics
+                .charged_micro
+                .inc_by(settled.charged_micro.max(0) as u64);
+        }
         Ok(Response::new(pb::SettleResponse {
             charged_micro: settled.charged_micro,
             remaining_micro: settled.remaining_micro,

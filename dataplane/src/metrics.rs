@@ -1,0 +1,103 @@
+//! Prometheus metrics of the data plane. Labels are low-cardinality only:
+//! endpoint, configured model, status and the rule that decided, never the
+//! agent (fleets run thousands).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub added_latency: HistogramVec,
+    pub duration: HistogramVec,
+    pub spent_micro: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub open_reservations: IntGauge,
+}
+
+/// Sub-millisecond buckets: AEX's own overhead is measured in µs.
+const ADDED_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("aex_requests_total", "Requests by endpoint, model, status and the rule that decided (ok, upstream, or x-aex-denied-by)"),
+            &["endpoint", "model", "status", "reason"],
+        )
+        .expect("valid metric");
+        let added_latency = HistogramVec::new(
+            HistogramOpts::new("aex_added_latency_seconds", "Time spent in AEX itself: parsing, admission, connecting, relaying; not the provider's time")
+                .buckets(ADDED_BUCKETS.to_vec()),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "aex_request_duration_seconds",
+                "Total time from request to the end of the response",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let spent_micro = IntCounterVec::new(
+            Opts::new(
+                "aex_spent_micro_total",
+                "Micro-USD charged for calls through this data plane",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "aex_upstream_errors_total",
+                "Provider failures: rate_limited, error, timeout",
+            ),
+            &["provider", "kind"],
+        )
+        .expect("valid metric");
+        let open_reservations = IntGauge::new(
+            "aex_open_reservations",
+            "Calls admitted and not yet settled",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(added_latency.clone()),
+            Box::new(duration.clone()),
+            Box::new(spent_micro.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(open_reservations.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Self {
+            registry,
+            requests,
+            added_latency,
+            duration,
+            spent_micro,
+            upstream_errors,
+            open_reservations,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
