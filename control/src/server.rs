@@ -153,6 +153,17 @@ impl Control {
             .expect("the embedded descriptor set is valid");
 
         let served = tonic::transport::Server::builder()
+            // A span per RPC, child of the caller's trace (W3C metadata).
+            .trace_fn(|request| {
+                let span = tracing::info_span!(
+                    "aex.rpc",
+                    otel.name = %request.uri().path(),
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                );
+                crate::telemetry::set_parent_from(&span, request.headers());
+                span
+            })
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -33,6 +33,15 @@ pub struct Bearer(MetadataValue<Ascii>);
 impl Interceptor for Bearer {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         r.metadata_mut().insert("authorization", self.0.clone());
+        // Carry the caller's trace to the control plane (W3C traceparent).
+        for (key, value) in aex_control::telemetry::current_context_headers() {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                r.metadata_mut().insert(k, v);
+            }
+        }
         Ok(r)
     }
 }
@@ -345,33 +354,37 @@ impl ControlPlane {
     pub fn settle(self: &Arc<Self>, request: pb::SettleRequest) {
         let this = self.clone();
         let guard = self.inflight.enter();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let mut client = this.client.clone();
-                let mut r = tonic::Request::new(request.clone());
-                r.set_timeout(Duration::from_secs(5));
-                match client.settle(r).await {
-                    Ok(_) => break,
-                    Err(status) if !retryable(&status) => {
-                        tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
-                        break;
-                    }
-                    Err(status) => {
-                        tracing::warn!(%status, reservation = %request.reservation_id, "settlement failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+        let span = tracing::info_span!("aex.settle", otel.kind = "client", aex.reservation_id = %request.reservation_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _guard = guard;
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    let mut client = this.client.clone();
+                    let mut r = tonic::Request::new(request.clone());
+                    r.set_timeout(Duration::from_secs(5));
+                    match client.settle(r).await {
+                        Ok(_) => break,
+                        Err(status) if !retryable(&status) => {
+                            tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::warn!(%status, reservation = %request.reservation_id, "settlement failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
                     }
                 }
-            }
-            if !request.reservation_id.is_empty() {
-                this.open
-                    .lock()
-                    .expect("open lock")
-                    .remove(&request.reservation_id);
-            }
-        });
+                if !request.reservation_id.is_empty() {
+                    this.open
+                        .lock()
+                        .expect("open lock")
+                        .remove(&request.reservation_id);
+                }
+            },
+            span,
+        ));
     }
 
     /// Keeps the watch stream connected for as long as the process runs.

@@ -46,27 +46,22 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AEX_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(args)) {
+    let telemetry = runtime.block_on(async { aex_control::telemetry::init("aex-dataplane") });
+    let code = match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aex-dataplane: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
-
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let home = Home::resolve(args.home)?;
     // In a sidecar the credential may come from the environment instead.

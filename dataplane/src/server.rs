@@ -28,6 +28,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -290,7 +291,19 @@ impl Gateway {
                     model: String::new(),
                     upstream: Duration::ZERO,
                 };
-                let keep = self.proxy(session, api, &request_id, &mut observed).await;
+                let span = tracing::info_span!(
+                    "aex.request",
+                    otel.name = %format!("POST {p}"),
+                    otel.kind = "server",
+                    http.request.method = "POST",
+                    url.path = %p,
+                    aex.request_id = %request_id,
+                );
+                aex_control::telemetry::set_parent_from(&span, &session.req_header().headers);
+                let keep = self
+                    .proxy(session, api, &request_id, &mut observed)
+                    .instrument(span)
+                    .await;
                 self.observe(session, &observed, started.elapsed());
                 keep
             }
@@ -517,7 +530,11 @@ impl Gateway {
             input_tokens_bound: inspected.input_tokens_bound,
             requested_output_tokens: inspected.requested_output_tokens,
         };
-        let admission = match self.control.admit(admit).await {
+        let admitted = self
+            .control
+            .admit(admit)
+            .instrument(tracing::info_span!("aex.admit", otel.kind = "client"));
+        let admission = match admitted.await {
             Err(status) => {
                 return Self::respond_error(session, request_id, Self::control_unavailable(status))
                     .await;
@@ -539,8 +556,15 @@ impl Gateway {
         };
         self.metrics.open_reservations.inc();
         let admitted_at = std::time::Instant::now();
+        let upstream_span = tracing::info_span!(
+            "aex.upstream",
+            otel.kind = "client",
+            aex.provider = %admission.provider,
+            gen_ai.request.model = %admission.provider_model,
+        );
         let (keep, finished) = self
             .forward(session, &inspected, &admission, request_id)
+            .instrument(upstream_span)
             .await;
         observed.upstream = finished
             .upstream_time
@@ -676,6 +700,11 @@ impl Gateway {
         // Identity, so usage can be read from the bytes as they pass.
         let _ = req.insert_header("accept-encoding", "identity");
         let _ = req.insert_header("x-aex-request-id", request_id);
+        // The provider's spans become children of ours; without tracing the
+        // client's own traceparent (copied above) passes through.
+        for (key, value) in aex_control::telemetry::current_context_headers() {
+            let _ = req.insert_header(key, value);
+        }
         if let Some(key) = api_key {
             let _ = req.insert_header("authorization", format!("Bearer {key}"));
         }

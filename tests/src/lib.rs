@@ -173,10 +173,10 @@ impl ControlPlane {
 
     /// Starts on a given address.
     pub fn start_on(home: &TestHome, listen: &str, extra_args: &[&str]) -> Self {
-        Self::spawn(home.path(), listen, extra_args)
+        Self::spawn(home.path(), listen, extra_args, &[])
     }
 
-    fn spawn(home: &Path, listen: &str, extra_args: &[&str]) -> Self {
+    fn spawn(home: &Path, listen: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let log_path = home.join("logs/control.test.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -187,6 +187,7 @@ impl ControlPlane {
             .args(["--home", home.to_str().unwrap(), "--listen", listen])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra_args)
+            .envs(env.iter().copied())
             .env("AEX_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -232,7 +233,7 @@ impl ControlPlane {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &[]);
+        let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &[], &[]);
         *self = replacement;
     }
 }
@@ -254,6 +255,15 @@ pub struct DataPlane {
 impl DataPlane {
     /// Starts it against `control_url` and waits until `/readyz` says ready.
     pub fn start(home: &TestHome, control_url: &str, extra_args: &[&str]) -> Self {
+        Self::start_env(home, control_url, extra_args, &[])
+    }
+
+    pub fn start_env(
+        home: &TestHome,
+        control_url: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -269,6 +279,7 @@ impl DataPlane {
                 control_url,
             ])
             .args(extra_args)
+            .envs(env.iter().copied())
             .env("AEX_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -385,6 +396,15 @@ impl Stack {
     }
 
     pub async fn start_full(control_args: &[&str], dataplane_args: &[&str]) -> Self {
+        Self::start_env(control_args, dataplane_args, &[]).await
+    }
+
+    /// With extra environment for both daemons (e.g. OTEL_* variables).
+    pub async fn start_env(
+        control_args: &[&str],
+        dataplane_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mock = mock::MockUpstream::start().await;
         let home = TestHome::new();
         std::fs::write(
@@ -397,8 +417,8 @@ impl Stack {
             format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
         )
         .unwrap();
-        let control = ControlPlane::start_with(&home, control_args);
-        let data = DataPlane::start(&home, &control.url(), dataplane_args);
+        let control = ControlPlane::spawn(home.path(), "127.0.0.1:0", control_args, env);
+        let data = DataPlane::start_env(&home, &control.url(), dataplane_args, env);
         Self {
             data,
             control,
