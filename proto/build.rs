@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "aex/v1/models.proto",
     "aex/v1/admission.proto",
     "aex/v1/ledger.proto",
+    "aex/v1/processes.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

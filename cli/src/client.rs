@@ -4,7 +4,7 @@ use crate::error::{CliError, Result};
 use aex_control::home::Home;
 use aex_proto::v1::{
     agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
-    model_service_client::ModelServiceClient,
+    model_service_client::ModelServiceClient, process_service_client::ProcessServiceClient,
 };
 use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -33,6 +33,7 @@ pub struct Admin {
     pub agents: AgentServiceClient<Authed>,
     pub models: ModelServiceClient<Authed>,
     pub ledger: LedgerServiceClient<Authed>,
+    pub processes: ProcessServiceClient<Authed>,
     pub address: String,
 }
 
@@ -59,7 +60,8 @@ impl Admin {
         Ok(Self {
             agents: AgentServiceClient::with_interceptor(channel.clone(), auth.clone()),
             models: ModelServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            ledger: LedgerServiceClient::with_interceptor(channel, auth),
+            ledger: LedgerServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            processes: ProcessServiceClient::with_interceptor(channel, auth),
             address: address.to_string(),
         })
     }

@@ -11,6 +11,9 @@ pub enum CliError {
     /// Anything else that went wrong (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// Not an error: exit with this status (a supervised child's).
+    #[error("exit status {0}")]
+    Exit(u8),
 }
 
 impl CliError {
@@ -18,6 +21,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Failed(_) => 1,
+            CliError::Exit(code) => *code,
         }
     }
 

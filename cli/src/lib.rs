@@ -1,6 +1,7 @@
 //! `aexctl`: manage AEX agents and models over gRPC. `main` is thin; each
 //! subcommand lives in its own file under `commands/`.
 
+pub mod addresses;
 pub mod client;
 pub mod commands;
 pub mod error;
@@ -47,6 +48,8 @@ pub enum Command {
     Audit(commands::audit::Args),
     /// Print the event log (`--follow` to tail it).
     Events(commands::events::Args),
+    /// Run a command as an agent, supervised: `aexctl run --agent NAME [--] CMD ARGS...`
+    Run(commands::run::Args),
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -57,6 +60,7 @@ pub fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(CliError::Exit(code)) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::from(e.exit_code())

@@ -8,13 +8,14 @@ use crate::error::Result;
 use crate::home::Home;
 use crate::service::{
     admission::AdmissionApi, agents::AgentsApi, ledger::LedgerApi, models::ModelsApi,
+    processes::ProcessesApi,
 };
 use crate::state::ControlState;
 use crate::storage::sqlite::SqliteStore;
 use aex_proto::v1::{
     FILE_DESCRIPTOR_SET, admission_service_server::AdmissionServiceServer,
     agent_service_server::AgentServiceServer, ledger_service_server::LedgerServiceServer,
-    model_service_server::ModelServiceServer,
+    model_service_server::ModelServiceServer, process_service_server::ProcessServiceServer,
 };
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     "aex.v1.AgentService",
     "aex.v1.ModelService",
     "aex.v1.LedgerService",
+    "aex.v1.ProcessService",
 ];
 
 /// How reservations nobody settles are handled.
@@ -181,6 +183,10 @@ impl Control {
             ))
             .add_service(LedgerServiceServer::with_interceptor(
                 LedgerApi::new(self.state.clone()),
+                admin.clone(),
+            ))
+            .add_service(ProcessServiceServer::with_interceptor(
+                ProcessesApi::new(self.state.clone()),
                 admin,
             ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

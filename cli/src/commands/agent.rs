@@ -64,6 +64,12 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pause the agent and kill its supervised processes (`aexctl run`).
+    Kill {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete the agent: its token stops working; its history stays in the ledger.
     Delete {
         name: String,
@@ -234,6 +240,28 @@ pub async fn run(home: &Home, control: &str, cmd: AgentCommand) -> Result<()> {
                 |mut a, r| async move { a.agents.resume_agent(r).await.map_err(|s| a.status(s)) },
             )
             .await
+        }
+        AgentCommand::Kill { name, json } => {
+            let mut admin = Admin::connect(home, control).await?;
+            let out = admin
+                .agents
+                .kill_agent(pb::AgentRef { name })
+                .await
+                .map_err(|s| admin.status(s))?
+                .into_inner();
+            let agent = out.agent.unwrap_or_default();
+            if json {
+                print_json(
+                    &json!({ "agent": agent_json(&agent), "processes_signalled": out.processes_signalled }),
+                );
+            } else {
+                println!(
+                    "Agent '{}' killed: paused, and {} supervised process(es) told to terminate.",
+                    agent.name, out.processes_signalled
+                );
+                println!("Resume it with `aexctl agent resume {}`.", agent.name);
+            }
+            Ok(())
         }
         AgentCommand::Delete { name, json } => {
             state_change(

@@ -4,6 +4,7 @@ pub mod events;
 pub mod init;
 pub mod metrics;
 pub mod models;
+pub mod run;
 pub mod status;
 pub mod version;
 
@@ -11,18 +12,9 @@ use crate::error::Result;
 use crate::{Cli, Command};
 use aex_control::home::Home;
 
-pub const DEFAULT_CONTROL_ADDR: &str = "http://127.0.0.1:9001";
-
 pub async fn run(cli: Cli) -> Result<()> {
     let home = Home::resolve(cli.home)?;
-    let control = cli
-        .control
-        .or_else(|| {
-            std::env::var("AEX_CONTROL_ADDR")
-                .ok()
-                .filter(|a| !a.is_empty())
-        })
-        .unwrap_or_else(|| DEFAULT_CONTROL_ADDR.to_string());
+    let control = crate::addresses::control(&home, cli.control);
     match cli.command {
         Command::Init(args) => init::run(&home, args).await,
         Command::Version(args) => version::run(args),
@@ -32,5 +24,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Metrics(args) => metrics::run(&home, &control, args).await,
         Command::Audit(args) => audit::run(&home, &control, args).await,
         Command::Events(args) => events::run(&home, &control, args).await,
+        Command::Run(args) => {
+            let dataplane = crate::addresses::dataplane(&home, args.dataplane_flag());
+            run::run(&home, &control, &dataplane, args).await
+        }
     }
 }

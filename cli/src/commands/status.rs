@@ -60,7 +60,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         .await
         .map_err(|e| admin.status(e))?
         .into_inner();
-    let addr = dataplane_addr(args.dataplane);
+    let addr = crate::addresses::dataplane(home, args.dataplane);
     let dp = dataplane_health(&addr).await;
     let mut reasons: Vec<(&String, &u64)> = s.denials_by_reason.iter().collect();
     reasons.sort();
@@ -84,6 +84,8 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
             "overruns": s.overruns,
             "open_reservations": s.open_reservations,
             "expired_reservations": s.expired_reservations,
+            "processes_active": s.processes_active,
+            "processes_killed": s.processes_killed,
             "control_plane": {
                 "state": "running", "address": control, "pid": s.pid, "version": s.version,
                 "started_at": rfc3339(s.started_at_ms), "database": s.database,
@@ -132,6 +134,8 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     println!("  Overruns:           {}", s.overruns);
     println!("  Open Reservations:  {}", s.open_reservations);
     println!("  Expired:            {}", s.expired_reservations);
+    println!("  Processes Killed:   {}", s.processes_killed);
+    println!("  Active Processes:   {}", s.processes_active);
     if !reasons.is_empty() {
         let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
         println!("  Denials by Rule:    {}", list.join(", "));

@@ -139,6 +139,9 @@ struct OpenReservation {
 #[derive(Default)]
 struct Live {
     by_token: HashMap<String, String>,
+    /// Tokens of supervised processes (`aexctl run`) → agent id; separate
+    /// from `by_token` so rotating the agent's own token leaves them alone.
+    process_tokens: HashMap<String, String>,
     agents: HashMap<String, LiveAgent>,
     open: HashMap<String, OpenReservation>,
     by_request: HashMap<String, String>,
@@ -168,10 +171,18 @@ struct Refused {
     agent_name: String,
 }
 
+/// An order to the supervisors of an agent's processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KillOrder {
+    pub agent_id: String,
+    pub reason: String,
+}
+
 pub struct AdmissionCore {
     store: Arc<dyn Store>,
     live: Mutex<Live>,
     changes: broadcast::Sender<Change>,
+    kills: broadcast::Sender<KillOrder>,
     reservation_ttl_ms: i64,
 }
 
@@ -216,11 +227,16 @@ impl AdmissionCore {
                 },
             );
         }
+        for p in store.list_processes(false).await? {
+            live.process_tokens.insert(p.token_sha256, p.agent_id);
+        }
         let (changes, _) = broadcast::channel(1024);
+        let (kills, _) = broadcast::channel(256);
         Ok(Self {
             store,
             live: Mutex::new(live),
             changes,
+            kills,
             reservation_ttl_ms,
         })
     }
@@ -235,6 +251,7 @@ impl AdmissionCore {
         let mut live = self.lock();
         if record.state == AgentState::Deleted {
             live.by_token.retain(|_, id| id != &record.id);
+            live.process_tokens.retain(|_, id| id != &record.id);
             live.agents.remove(&record.id);
             drop(live);
             let _ = self.changes.send(Change::AgentRemoved(record.id.clone()));
@@ -359,6 +376,10 @@ impl AdmissionCore {
             }
             Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) => {
                 self.undo(&tentative, ask.model, now);
+                // Nothing in flight can free budget: the agent cannot go on.
+                if self.open_count(&tentative.agent_id) == 0 {
+                    self.order_kill(&tentative.agent_id, "budget exhausted");
+                }
                 Ok(Decision::Denied {
                     denial: Denial::budget(format!(
                         "Budget exceeded: agent '{}' has {} left and this request may cost up to {} \
@@ -406,7 +427,11 @@ impl AdmissionCore {
         ask: &Ask<'_>,
         now: i64,
     ) -> Result<Accepted, Box<Refused>> {
-        let agent_id = live.by_token.get(token_sha256).cloned();
+        let agent_id = live
+            .by_token
+            .get(token_sha256)
+            .or_else(|| live.process_tokens.get(token_sha256))
+            .cloned();
         let record = agent_id
             .as_ref()
             .and_then(|id| live.agents.get(id))
@@ -563,6 +588,43 @@ impl AdmissionCore {
         }
     }
 
+    fn open_count(&self, agent_id: &str) -> u32 {
+        self.lock().agents.get(agent_id).map_or(0, |a| a.open)
+    }
+
+    /// Tells the supervisors of the agent's processes to kill them.
+    pub fn order_kill(&self, agent_id: &str, reason: &str) {
+        let _ = self.kills.send(KillOrder {
+            agent_id: agent_id.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    pub fn kill_orders(&self) -> broadcast::Receiver<KillOrder> {
+        self.kills.subscribe()
+    }
+
+    /// Lets a supervised process authenticate as its agent.
+    pub fn add_process_token(&self, token_sha256: &str, agent_id: &str) {
+        self.lock()
+            .process_tokens
+            .insert(token_sha256.to_string(), agent_id.to_string());
+    }
+
+    pub fn revoke_process_token(&self, token_sha256: &str) {
+        self.lock().process_tokens.remove(token_sha256);
+    }
+
+    /// Whether the agent can still afford anything (remaining > 0); a
+    /// process started for an agent with nothing left is killed at once.
+    pub async fn exhausted(&self, agent_name: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .agent_by_name(agent_name)
+            .await?
+            .is_some_and(|a| a.budget_micro - a.spent_micro <= 0))
+    }
+
     /// (open reservations, live agents), for gauges.
     pub fn counts(&self) -> (usize, usize) {
         let live = self.lock();
@@ -637,6 +699,13 @@ impl AdmissionCore {
             &record.id,
             Some(s.prompt_tokens.saturating_add(s.completion_tokens)),
         );
+        if let SettleOutcome::Settled {
+            remaining_micro, ..
+        } = outcome
+            && remaining_micro <= 0
+        {
+            self.order_kill(&record.agent_id, "budget exhausted");
+        }
         Ok(match outcome {
             SettleOutcome::Settled {
                 charged_micro,
@@ -750,6 +819,7 @@ impl AdmissionCore {
         let record = live
             .by_token
             .get(token_sha256)
+            .or_else(|| live.process_tokens.get(token_sha256))
             .and_then(|id| live.agents.get(id))
             .map(|a| &a.record);
         authenticate(record, now_ms()).cloned()

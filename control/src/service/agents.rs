@@ -292,6 +292,35 @@ impl AgentService for AgentsApi {
         )
     }
 
+    async fn kill_agent(
+        &self,
+        request: Request<pb::AgentRef>,
+    ) -> Result<Response<pb::KillAgentResponse>, Status> {
+        let name = request.into_inner().name;
+        let agent = self.state.agent_changed(
+            self.state
+                .store
+                .kill_agent(&name)
+                .await
+                .map_err(Error::from)?,
+        );
+        let running = self
+            .state
+            .store
+            .list_processes(false)
+            .await
+            .map_err(Error::from)?
+            .into_iter()
+            .filter(|p| p.agent_id == agent.id)
+            .count();
+        self.state.admission.order_kill(&agent.id, "agent killed");
+        tracing::warn!(agent = %agent.name, processes = running, "agent killed");
+        Ok(Response::new(pb::KillAgentResponse {
+            agent: Some(agent_to_pb(&agent)),
+            processes_signalled: running as u32,
+        }))
+    }
+
     async fn delete_agent(
         &self,
         request: Request<pb::AgentRef>,

@@ -104,6 +104,8 @@ impl LedgerApi {
             started_at_ms: self.state.started_at_ms,
             database: self.state.database.clone(),
             data_planes: self.state.data_planes.load(Ordering::Relaxed),
+            processes_active: t.running_processes as u32,
+            processes_killed: counter("process.killed"),
         })
     }
 

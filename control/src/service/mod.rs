@@ -5,3 +5,4 @@ pub mod agents;
 pub mod convert;
 pub mod ledger;
 pub mod models;
+pub mod processes;

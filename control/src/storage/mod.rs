@@ -235,6 +235,23 @@ pub struct DenialRecord {
     pub details: serde_json::Value,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRecord {
+    pub id: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub token_sha256: String,
+    pub pid: u32,
+    pub command: String,
+    pub host: String,
+    /// running | exited | killed | lost
+    pub state: String,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
 /// Raw material for `aexctl audit`; the checks themselves are pure
 /// (`ledger::audit`).
 #[derive(Debug, Clone, Default)]
@@ -263,6 +280,7 @@ pub struct StatusTotals {
     /// Counter name → total over all agents.
     pub counters: std::collections::HashMap<String, i64>,
     pub open_reservations: u64,
+    pub running_processes: u64,
 }
 
 /// Per-agent activity inside a time window, for `aexctl metrics`.
@@ -333,6 +351,21 @@ pub trait Store: Send + Sync + 'static {
         ids: &[String],
         expires_at_ms: i64,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// Pauses the agent and logs `agent.killed`.
+    async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
+    async fn start_process(&self, process: ProcessRecord) -> Result<ProcessRecord, StoreError>;
+    async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError>;
+    /// Ends a running process (`exited`, `killed` or `lost`) and logs it;
+    /// `None` if it was not running.
+    async fn end_process(
+        &self,
+        id: &str,
+        state: &'static str,
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<ProcessRecord>, StoreError>;
+    async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError>;
 
     async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError>;
     async fn status_totals(&self) -> Result<StatusTotals, StoreError>;

@@ -8,8 +8,8 @@
 
 use super::{
     AgentActivity, AgentPatch, AgentRecord, AgentState, AuditData, Caps, DenialRecord, EventFilter,
-    EventRecord, NewAgent, NewReservation, ReservationRecord, ReserveOutcome, Scope, SettleOutcome,
-    Settlement, StatusTotals, Store, StoreError, TokenChange, counter_name, now_ms,
+    EventRecord, NewAgent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, Scope,
+    SettleOutcome, Settlement, StatusTotals, Store, StoreError, TokenChange, counter_name, now_ms,
 };
 use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
 use crate::money::Pricing;
@@ -723,6 +723,130 @@ impl Store for SqliteStore {
         Ok(closed)
     }
 
+    async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut agent = live_agent(&mut tx, name).await?;
+        let now = now_ms();
+        agent.state = AgentState::Paused;
+        agent.updated_at_ms = now;
+        save_agent(&mut tx, &agent).await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent::admin("agent.killed", &agent, 0, json!({})),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
+        )
+        .bind(&p.id)
+        .bind(&p.agent_id)
+        .bind(&p.token_sha256)
+        .bind(i64::from(p.pid))
+        .bind(&p.command)
+        .bind(&p.host)
+        .bind(p.started_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            p.started_at_ms,
+            NewEvent {
+                kind: "process.started",
+                agent_id: &p.agent_id,
+                agent_name: &p.agent_name,
+                reservation_id: "",
+                amount_micro: 0,
+                reason: "",
+                details: json!({"process_id": p.id, "command": p.command, "host": p.host}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(p)
+    }
+
+    async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
+        sqlx::query("UPDATE processes SET pid = $2 WHERE id = $1")
+            .bind(id)
+            .bind(i64::from(pid))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_process(
+        &self,
+        id: &str,
+        state: &'static str,
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<ProcessRecord>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let ended = sqlx::query(
+            "UPDATE processes SET state = $2, ended_at_ms = $3, exit_code = $4, reason = $5 \
+             WHERE id = $1 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(now)
+        .bind(exit_code.map(i64::from))
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !ended {
+            return Ok(None);
+        }
+        let process = process_by_id(&mut tx, id).await?;
+        append_event(
+            &mut tx,
+            &self.ledger_key,
+            now,
+            NewEvent {
+                kind: match state {
+                    "killed" => "process.killed",
+                    "lost" => "process.lost",
+                    _ => "process.exited",
+                },
+                agent_id: &process.agent_id,
+                agent_name: &process.agent_name,
+                reservation_id: "",
+                amount_micro: 0,
+                reason,
+                details: json!({"process_id": id, "pid": process.pid, "exit_code": exit_code}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(process))
+    }
+
+    async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError> {
+        let filter = if include_ended {
+            ""
+        } else {
+            "WHERE p.state = 'running'"
+        };
+        let rows: Vec<ProcessRow> = sqlx::query_as(&format!(
+            "{PROCESS_SELECT} {filter} ORDER BY p.started_at_ms"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
     async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError> {
         let mut data = AuditData {
             agents: self.list_agents(true).await?,
@@ -781,7 +905,12 @@ impl Store for SqliteStore {
             sqlx::query_as("SELECT COUNT(*) FROM reservations WHERE state = 'open'")
                 .fetch_one(&self.reader)
                 .await?;
+        let (running,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM processes WHERE state = 'running'")
+                .fetch_one(&self.reader)
+                .await?;
         Ok(StatusTotals {
+            running_processes: running as u64,
             agents: agents as u32,
             total_budget_micro: budget.unwrap_or(0),
             total_spent_micro: spent.unwrap_or(0),
@@ -852,6 +981,53 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
+}
+
+const PROCESS_SELECT: &str = "SELECT p.id, p.agent_id, a.name AS agent_name, p.token_sha256, p.pid, \
+    p.command, p.host, p.state, p.started_at_ms, p.ended_at_ms, p.exit_code, p.reason \
+    FROM processes p JOIN agents a ON a.id = p.agent_id";
+
+#[derive(sqlx::FromRow)]
+struct ProcessRow {
+    id: String,
+    agent_id: String,
+    agent_name: String,
+    token_sha256: String,
+    pid: i64,
+    command: String,
+    host: String,
+    state: String,
+    started_at_ms: i64,
+    ended_at_ms: Option<i64>,
+    exit_code: Option<i64>,
+    reason: String,
+}
+
+impl From<ProcessRow> for ProcessRecord {
+    fn from(r: ProcessRow) -> Self {
+        ProcessRecord {
+            id: r.id,
+            agent_id: r.agent_id,
+            agent_name: r.agent_name,
+            token_sha256: r.token_sha256,
+            pid: r.pid.clamp(0, i64::from(u32::MAX)) as u32,
+            command: r.command,
+            host: r.host,
+            state: r.state,
+            started_at_ms: r.started_at_ms,
+            ended_at_ms: r.ended_at_ms,
+            exit_code: r.exit_code.map(|c| c as i32),
+            reason: r.reason,
+        }
+    }
+}
+
+async fn process_by_id(conn: &mut SqliteConnection, id: &str) -> Result<ProcessRecord, StoreError> {
+    let row: ProcessRow = sqlx::query_as(&format!("{PROCESS_SELECT} WHERE p.id = $1"))
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.into())
 }
 
 const RESERVATION_COLUMNS: &str = "id, request_id, agent_id, model, amount_micro, \
