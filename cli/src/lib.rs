@@ -34,6 +34,9 @@ pub enum Command {
     Init(commands::init::Args),
     /// Print the version.
     Version(commands::version::Args),
+    /// Start, stop and watch the local daemons.
+    #[command(subcommand)]
+    Daemon(commands::daemon::DaemonCommand),
     /// Create, list, inspect and manage agents.
     #[command(subcommand)]
     Agent(commands::agent::AgentCommand),
@@ -53,6 +56,15 @@ pub enum Command {
 }
 
 pub fn main() -> std::process::ExitCode {
+    // `aexctl agent list | head` must end quietly, not panic on a closed pipe:
+    // restore the default SIGPIPE action that Rust's runtime replaces.
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -189,8 +189,22 @@ impl Control {
                 ProcessesApi::new(self.state.clone()),
                 admin,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+                let state = self.state.clone();
+                async move {
+                    shutdown.await;
+                    let _ = state.shutting_down.send(true);
+                }
+            });
+        // In-flight RPCs get a moment to finish; then stop regardless.
+        let stopping = ControlState::stopping(self.state.shutting_down.subscribe());
+        let served = tokio::select! {
+            r = served => r,
+            _ = async {
+                stopping.await;
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            } => Ok(()),
+        };
         sweeper.abort();
         served
     }

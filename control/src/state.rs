@@ -18,6 +18,9 @@ pub struct ControlState {
     /// The ledger key, for audit.
     pub ledger_key: Vec<u8>,
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// Flips to true when the server starts shutting down, so endless
+    /// streams (watch, supervise) end and graceful shutdown can complete.
+    pub shutting_down: tokio::sync::watch::Sender<bool>,
     models: RwLock<Arc<ModelsConfig>>,
     models_path: PathBuf,
 }
@@ -39,6 +42,7 @@ impl ControlState {
             data_planes: Default::default(),
             ledger_key,
             metrics: Default::default(),
+            shutting_down: tokio::sync::watch::Sender::new(false),
             models: RwLock::new(Arc::new(models)),
             models_path,
         }
@@ -47,6 +51,12 @@ impl ControlState {
     /// The running model configuration; a cheap `Arc` clone.
     pub fn models(&self) -> Arc<ModelsConfig> {
         self.models.read().expect("models lock poisoned").clone()
+    }
+
+    /// Resolves once the server starts shutting down.
+    pub async fn stopping(mut rx: tokio::sync::watch::Receiver<bool>) {
+        // The borrow guard is dropped here, so callers' futures stay Send.
+        let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
     }
 
     /// Re-reads models.yaml; on any error the running config stays as it was.

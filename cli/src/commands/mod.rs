@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod audit;
+pub mod daemon;
 pub mod events;
 pub mod init;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Metrics(args) => metrics::run(&home, &control, args).await,
         Command::Audit(args) => audit::run(&home, &control, args).await,
         Command::Events(args) => events::run(&home, &control, args).await,
+        Command::Daemon(cmd) => daemon::run(&home, cmd).await,
         Command::Run(args) => {
             let dataplane = crate::addresses::dataplane(&home, args.dataplane_flag());
             run::run(&home, &control, &dataplane, args).await

@@ -233,6 +233,8 @@ impl AdmissionService for AdmissionApi {
                 .data_planes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _connected = Connected(state.clone());
+            let stopping = ControlState::stopping(state.shutting_down.subscribe());
+            tokio::pin!(stopping);
             loop {
                 // (Re)start with a full snapshot: at connect, and whenever this
                 // receiver fell behind and may have missed a change.
@@ -254,6 +256,7 @@ impl AdmissionService for AdmissionApi {
                 loop {
                     let received = tokio::select! {
                         _ = tx.closed() => return,
+                        _ = &mut stopping => return,
                         r = changes.recv() => r,
                     };
                     let event = match received {

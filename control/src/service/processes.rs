@@ -153,9 +153,14 @@ impl ProcessService for ProcessesApi {
                 .await;
         }
         let state = self.state.clone();
+        let stopping = ControlState::stopping(state.shutting_down.subscribe());
         tokio::spawn(async move {
+            tokio::pin!(stopping);
             loop {
                 tokio::select! {
+                    // The control plane is stopping: the supervisor reconnects
+                    // to the next one; the process is not lost.
+                    _ = &mut stopping => return,
                     _ = tx.closed() => {
                         // The supervisor went away without reporting an exit.
                         if let Err(e) = end(&state, &process.id, "lost", None, "supervisor disconnected").await {
