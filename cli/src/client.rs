@@ -66,6 +66,17 @@ impl Admin {
         })
     }
 
+    /// Another handle on the same connection (clients are cheap clones).
+    pub fn clone_handles(&self) -> Admin {
+        Admin {
+            agents: self.agents.clone(),
+            models: self.models.clone(),
+            ledger: self.ledger.clone(),
+            processes: self.processes.clone(),
+            address: self.address.clone(),
+        }
+    }
+
     pub fn status(&self, status: tonic::Status) -> CliError {
         CliError::from_status(status, &self.address)
     }

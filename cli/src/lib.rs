@@ -37,6 +37,8 @@ pub enum Command {
     /// Start, stop and watch the local daemons.
     #[command(subcommand)]
     Daemon(commands::daemon::DaemonCommand),
+    /// Check the installation, the daemons and the providers, with fixes.
+    Doctor(commands::doctor::Args),
     /// Create, list, inspect and manage agents.
     #[command(subcommand)]
     Agent(commands::agent::AgentCommand),

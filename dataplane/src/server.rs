@@ -252,14 +252,11 @@ impl Gateway {
         let request_id = new_request_id();
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => {
-                Self::respond(
-                    session,
-                    200,
-                    "application/json",
-                    &[],
-                    Bytes::from_static(b"{\"status\":\"ok\"}"),
-                )
-                .await
+                let body = format!(
+                    "{{\"status\":\"ok\",\"version\":\"{}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                );
+                Self::respond(session, 200, "application/json", &[], body.into()).await
             }
             (Method::GET, "/readyz") => {
                 let ready = self.control.cache.is_ready();

@@ -128,6 +128,19 @@ fn running(home: &Home, d: Daemon) -> Running {
 }
 
 /// Removes a stale pid file; says so.
+/// The pid of a running daemon (`control` or `dataplane`), if any.
+pub fn running_pid(home: &Home, name: &str) -> Option<u32> {
+    let d = if name == "control" {
+        CONTROL
+    } else {
+        DATAPLANE
+    };
+    match running(home, d) {
+        Running::Yes(pid) => Some(pid),
+        _ => None,
+    }
+}
+
 fn clear_stale(home: &Home, d: Daemon, quiet: bool) {
     if let Running::Stale(pid) = running(home, d) {
         let _ = std::fs::remove_file(d.pid_file(home));
@@ -265,6 +278,12 @@ async fn control_healthy(url: &str) -> bool {
 
 /// `GET path` on the data plane: its HTTP status, or why not.
 pub async fn http_status(addr: &str, path: &str) -> std::result::Result<u16, String> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// `GET path`: (status, body), or why not. A minimal client for health
+/// probes: one request, `Connection: close`.
+pub async fn http_get(addr: &str, path: &str) -> std::result::Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {
         let mut s = tokio::net::TcpStream::connect(addr)
@@ -275,12 +294,20 @@ pub async fn http_status(addr: &str, path: &str) -> std::result::Result<u16, Str
         )
         .await
         .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-        std::str::from_utf8(&head[9..12])
-            .ok()
+        let mut response = Vec::new();
+        s.read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .get(9..12)
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "not an HTTP answer".to_string())
+            .ok_or_else(|| "not an HTTP answer".to_string())?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
     };
     tokio::time::timeout(Duration::from_secs(2), probe)
         .await

@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod audit;
 pub mod daemon;
+pub mod doctor;
 pub mod events;
 pub mod init;
 pub mod metrics;
@@ -26,6 +27,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Audit(args) => audit::run(&home, &control, args).await,
         Command::Events(args) => events::run(&home, &control, args).await,
         Command::Daemon(cmd) => daemon::run(&home, cmd).await,
+        Command::Doctor(args) => {
+            let dataplane = crate::addresses::dataplane(&home, None);
+            doctor::run(&home, &control, &dataplane, args).await
+        }
         Command::Run(args) => {
             let dataplane = crate::addresses::dataplane(&home, args.dataplane_flag());
             run::run(&home, &control, &dataplane, args).await

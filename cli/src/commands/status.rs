@@ -5,7 +5,6 @@ use aex_control::home::Home;
 use aex_control::money::usd_with_micro;
 use aex_proto::v1 as pb;
 use serde_json::json;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,31 +26,6 @@ pub fn dataplane_addr(flag: Option<String>) -> String {
     .unwrap_or_else(|| DEFAULT_DATAPLANE_ADDR.to_string())
 }
 
-/// `GET /healthz` on the data plane: Ok(status line) or why not.
-pub async fn dataplane_health(addr: &str) -> std::result::Result<u16, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-        std::str::from_utf8(&head[9..12])
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "not an HTTP answer".to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 2 s".into()))
-}
-
 pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     let mut admin = Admin::connect(home, control).await?;
     let s = admin
@@ -61,7 +35,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         .map_err(|e| admin.status(e))?
         .into_inner();
     let addr = crate::addresses::dataplane(home, args.dataplane);
-    let dp = dataplane_health(&addr).await;
+    let dp = super::daemon::http_status(&addr, "/healthz").await;
     let mut reasons: Vec<(&String, &u64)> = s.denials_by_reason.iter().collect();
     reasons.sort();
     let denial = |r: &str| s.denials_by_reason.get(r).copied().unwrap_or(0);
