@@ -37,6 +37,8 @@ pub enum Command {
     /// Start, stop and watch the local daemons.
     #[command(subcommand)]
     Daemon(commands::daemon::DaemonCommand),
+    /// Run the 12-agent demo on a throwaway AEX_HOME and check the ledger.
+    Demo(commands::demo::Args),
     /// Check the installation, the daemons and the providers, with fixes.
     Doctor(commands::doctor::Args),
     /// Create, list, inspect and manage agents.

@@ -155,7 +155,7 @@ fn clear_stale(home: &Home, d: Daemon, quiet: bool) {
 }
 
 /// The daemon binaries sit next to aexctl when installed together; else PATH.
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(name)))

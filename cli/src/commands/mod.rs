@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod audit;
 pub mod daemon;
+pub mod demo;
 pub mod doctor;
 pub mod events;
 pub mod init;
@@ -27,6 +28,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Audit(args) => audit::run(&home, &control, args).await,
         Command::Events(args) => events::run(&home, &control, args).await,
         Command::Daemon(cmd) => daemon::run(&home, cmd).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Doctor(args) => {
             let dataplane = crate::addresses::dataplane(&home, None);
             doctor::run(&home, &control, &dataplane, args).await
