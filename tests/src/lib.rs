@@ -75,6 +75,16 @@ impl TestHome {
             .to_string()
     }
 
+    /// Runs `aexctl` with this home only: daemons are found through
+    /// AEX_HOME/run (as `aexctl daemon start` records them).
+    pub fn aexctl(&self, args: &[&str]) -> CmdOutput {
+        run(Command::new(bin("aexctl"))
+            .args(args)
+            .env("AEX_HOME", self.path())
+            .env_remove("AEX_CONTROL_ADDR")
+            .env_remove("AEX_DATAPLANE_ADDR"))
+    }
+
     /// Runs `aexctl` with this home and no reachable control plane configured.
     pub fn aexctl_offline(&self, args: &[&str]) -> CmdOutput {
         run(Command::new(bin("aexctl"))
@@ -341,6 +351,14 @@ fn first_line_addr(
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("unexpected first line: {line}"));
     (addr, rx)
+}
+
+/// A port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// A sample from Prometheus text: the value of the series named `metric`

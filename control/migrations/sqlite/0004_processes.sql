@@ -11,7 +11,10 @@ CREATE TABLE processes (
     started_at_ms BIGINT NOT NULL,
     ended_at_ms   BIGINT,
     exit_code     BIGINT,
-    reason        TEXT NOT NULL DEFAULT ''
+    reason        TEXT NOT NULL DEFAULT '',
+    -- Set when a kill was ordered, so a supervisor that subscribes late
+    -- still gets the order.
+    kill_reason   TEXT
 );
 
 CREATE INDEX processes_running ON processes (state, agent_id);

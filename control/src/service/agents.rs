@@ -307,12 +307,9 @@ impl AgentService for AgentsApi {
         let running = self
             .state
             .store
-            .list_processes(false)
+            .request_kill(&agent.id, "agent killed")
             .await
-            .map_err(Error::from)?
-            .into_iter()
-            .filter(|p| p.agent_id == agent.id)
-            .count();
+            .map_err(Error::from)?;
         self.state.admission.order_kill(&agent.id, "agent killed");
         tracing::warn!(agent = %agent.name, processes = running, "agent killed");
         Ok(Response::new(pb::KillAgentResponse {

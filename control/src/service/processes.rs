@@ -95,6 +95,7 @@ impl ProcessService for ProcessesApi {
             ended_at_ms: None,
             exit_code: None,
             reason: String::new(),
+            kill_reason: None,
         };
         let process = self
             .state
@@ -119,6 +120,9 @@ impl ProcessService for ProcessesApi {
         request: Request<pb::ProcessRef>,
     ) -> Result<Response<Self::SuperviseProcessStream>, Status> {
         let r = request.into_inner();
+        // Subscribe before reading the row: an order given in between is
+        // then either on the row or on the channel.
+        let mut orders = self.state.admission.kill_orders();
         let process = self
             .state
             .store
@@ -135,8 +139,10 @@ impl ProcessService for ProcessesApi {
                 .await
                 .map_err(Error::from)?;
         }
-        let mut orders = self.state.admission.kill_orders();
         let (tx, rx) = mpsc::channel(4);
+        if let Some(reason) = process.kill_reason.clone() {
+            let _ = tx.send(Ok(pb::ProcessOrder { kill: true, reason })).await;
+        }
         // Already nothing left to spend: no point letting it start.
         if self
             .state

@@ -250,6 +250,8 @@ pub struct ProcessRecord {
     pub ended_at_ms: Option<i64>,
     pub exit_code: Option<i32>,
     pub reason: String,
+    /// A kill ordered and not yet carried out.
+    pub kill_reason: Option<String>,
 }
 
 /// Raw material for `aexctl audit`; the checks themselves are pure
@@ -356,6 +358,8 @@ pub trait Store: Send + Sync + 'static {
     async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
     async fn start_process(&self, process: ProcessRecord) -> Result<ProcessRecord, StoreError>;
     async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError>;
+    /// Records a kill order on the agent's running processes; how many.
+    async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError>;
     /// Ends a running process (`exited`, `killed` or `lost`) and logs it;
     /// `None` if it was not running.
     async fn end_process(

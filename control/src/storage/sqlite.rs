@@ -775,6 +775,17 @@ impl Store for SqliteStore {
         Ok(p)
     }
 
+    async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE processes SET kill_reason = $2 WHERE agent_id = $1 AND state = 'running'",
+        )
+        .bind(agent_id)
+        .bind(reason)
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
+    }
+
     async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
         sqlx::query("UPDATE processes SET pid = $2 WHERE id = $1")
             .bind(id)
@@ -984,7 +995,7 @@ impl Store for SqliteStore {
 }
 
 const PROCESS_SELECT: &str = "SELECT p.id, p.agent_id, a.name AS agent_name, p.token_sha256, p.pid, \
-    p.command, p.host, p.state, p.started_at_ms, p.ended_at_ms, p.exit_code, p.reason \
+    p.command, p.host, p.state, p.started_at_ms, p.ended_at_ms, p.exit_code, p.reason, p.kill_reason \
     FROM processes p JOIN agents a ON a.id = p.agent_id";
 
 #[derive(sqlx::FromRow)]
@@ -1001,6 +1012,7 @@ struct ProcessRow {
     ended_at_ms: Option<i64>,
     exit_code: Option<i64>,
     reason: String,
+    kill_reason: Option<String>,
 }
 
 impl From<ProcessRow> for ProcessRecord {
@@ -1018,6 +1030,7 @@ impl From<ProcessRow> for ProcessRecord {
             ended_at_ms: r.ended_at_ms,
             exit_code: r.exit_code.map(|c| c as i32),
             reason: r.reason,
+            kill_reason: r.kill_reason,
         }
     }
 }
