@@ -94,16 +94,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     tracing::info!(%addr, home = %home.root().display(), "control plane started");
-    control.serve(listener, shutdown_signal()).await?;
+    control
+        .serve(listener, aex_control::telemetry::shutdown_signal())
+        .await?;
     tracing::info!("control plane stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

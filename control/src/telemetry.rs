@@ -68,6 +68,16 @@ pub fn init(service: &'static str) -> Telemetry {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C: both daemons stop gracefully on either.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Reads W3C trace context from HTTP headers or gRPC metadata.
 pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
 

@@ -100,19 +100,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listener,
         gateway,
         control,
-        shutdown_signal(),
+        aex_control::telemetry::shutdown_signal(),
         Duration::from_millis(args.drain_ms),
     )
     .await;
     tracing::info!("data plane stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

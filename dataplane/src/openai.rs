@@ -218,19 +218,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
                 ));
             }
         },
-        Api::Responses => match body.get("input") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            None | Some(Value::Null) => {
-                return Err(bad("input", "Missing required parameter: 'input'."));
-            }
-            Some(_) => {
-                return Err(bad(
-                    "input",
-                    "Invalid 'input': expected a string or an array.",
-                ));
-            }
-        },
-        Api::Embeddings => match body.get("input") {
+        Api::Responses | Api::Embeddings => match body.get("input") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             None | Some(Value::Null) => {
                 return Err(bad("input", "Missing required parameter: 'input'."));
