@@ -53,6 +53,20 @@ impl Default for ReservationSettings {
     }
 }
 
+/// Accepted connections with Nagle off. gRPC writes a response as several
+/// small frames; with Nagle on, each unary call waits ~40 ms for the peer's
+/// delayed ACK. (tonic's own `tcp_nodelay` only applies when it binds.)
+fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
+}
+
 pub struct Control {
     pub state: Arc<ControlState>,
     admin_token: String,
@@ -189,7 +203,7 @@ impl Control {
                 ProcessesApi::new(self.state.clone()),
                 admin,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            .serve_with_incoming_shutdown(nodelay(listener), {
                 let state = self.state.clone();
                 async move {
                     shutdown.await;
