@@ -614,15 +614,16 @@ impl Store for SqliteStore {
         if !closed {
             return Ok(SettleOutcome::AlreadyClosed);
         }
-        sqlx::query(
+        let (remaining,): (i64,) = sqlx::query_as(
             "UPDATE agents SET reserved_micro = reserved_micro - $2, spent_micro = spent_micro + $3, \
-             last_activity_at_ms = $4 WHERE id = $1",
+             last_activity_at_ms = $4 WHERE id = $1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
         )
         .bind(&agent_id)
         .bind(reserved)
         .bind(st.charge_micro)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         let kind = match st.state {
             "expired" => "expire",
@@ -661,7 +662,6 @@ impl Store for SqliteStore {
             )
             .await?;
         }
-        let remaining = remaining_of(&mut tx, &agent_id).await?;
         tx.commit().await?;
         Ok(SettleOutcome::Settled {
             charged_micro: st.charge_micro,
@@ -1107,19 +1107,24 @@ impl SqliteStore {
         }
         // The budget check and the reservation are one statement, so no two
         // admissions (on any number of nodes) can both take the last micro.
-        let taken = sqlx::query(
+        // RETURNING saves a second statement (each is a round trip to
+        // sqlx's SQLite worker thread); PostgreSQL has it too.
+        let taken: Option<(i64,)> = sqlx::query_as(
             "UPDATE agents SET reserved_micro = reserved_micro + $1, last_activity_at_ms = $3 \
              WHERE id = $2 AND deleted_at_ms IS NULL \
-             AND budget_micro - spent_micro - reserved_micro >= $1",
+             AND budget_micro - spent_micro - reserved_micro >= $1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
         )
         .bind(r.amount_micro)
         .bind(&r.agent_id)
         .bind(r.created_at_ms)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        let remaining = remaining_of(&mut tx, &r.agent_id).await?;
+        .fetch_optional(&mut *tx)
+        .await?;
+        let remaining = match taken {
+            Some((remaining,)) => remaining,
+            None => remaining_of(&mut tx, &r.agent_id).await?,
+        };
+        let taken = taken.is_some();
         if !taken {
             let details = json!({
                 "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
