@@ -219,8 +219,15 @@ async fn handle(
         json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
     };
     if embeddings {
+        // [0.1, 0.2] as little-endian f32, for clients that ask for base64
+        // (the OpenAI SDKs' default).
+        let vector = if body.get("encoding_format").and_then(Value::as_str) == Some("base64") {
+            json!("zczMPc3MTD4=")
+        } else {
+            json!([0.1, 0.2])
+        };
         let mut v = json!({"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]});
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}]});
         if report_usage {
             v["usage"] = json!({"prompt_tokens": prompt, "total_tokens": prompt});
         }
