@@ -17,18 +17,18 @@ fn clients_dir() -> PathBuf {
         })
 }
 
-/// The venv's python if the SDK imports there, else None (after saying so).
-fn python_with_openai() -> Option<PathBuf> {
+/// The venv's python if `module` imports there, else None (after saying so).
+fn python_with(module: &str, client: &str) -> Option<PathBuf> {
     let python = clients_dir().join("venv/bin/python");
     let ok = Command::new(&python)
-        .args(["-c", "import openai"])
+        .args(["-c", &format!("import {module}")])
         .status()
         .is_ok_and(|s| s.success());
     if ok {
         return Some(python);
     }
     let message = format!(
-        "the OpenAI Python SDK is not installed in {}; run scripts/install-clients",
+        "{client} is not installed in {}; run scripts/install-clients",
         clients_dir().display()
     );
     if std::env::var("AEX_REQUIRE_CLIENTS").is_ok_and(|v| v == "1") {
@@ -40,7 +40,7 @@ fn python_with_openai() -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_works_unchanged() {
-    let Some(python) = python_with_openai() else {
+    let Some(python) = python_with("openai", "the OpenAI Python SDK") else {
         return;
     };
     let stack = Stack::start().await;
@@ -54,7 +54,10 @@ async fn the_openai_python_sdk_works_unchanged() {
         ("SLOW", stack.agent("sdk-slow", "1", "30", &[])),
         ("BAD", "aex_not_a_real_token".to_string()),
     ];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/openai_python.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_openai_python.py"
+    );
     let mut cmd = Command::new(&python);
     cmd.arg(script).arg(stack.url("/v1"));
     for (name, token) in &tokens {
@@ -134,5 +137,63 @@ async fn the_openai_python_sdk_works_unchanged() {
             .iter()
             .map(|r| &r.path)
             .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
+    let Some(python) = python_with("langchain_openai", "langchain-openai") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let token = stack.agent("langchain", "1", "600", &[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_langchain_openai.py"
+    );
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .arg(stack.url("/v1"))
+        .env("AEX_TOKEN_OK", &token);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the driver prints JSON");
+    assert_eq!(seen["invoke"]["content"], "hello from mock");
+    assert_eq!(seen["invoke"]["usage"], serde_json::json!([10, 5]));
+    assert_eq!(seen["stream"]["text"], "word0 word1 word2 word3 word4 ");
+    assert_eq!(
+        seen["stream"]["client_saw_usage"], false,
+        "the client never asked for usage, and got none"
+    );
+    let requests = stack.mock.requests();
+    let streamed = &requests[1].body;
+    assert_eq!(streamed["stream"], true);
+    assert_eq!(
+        streamed["stream_options"]["include_usage"], true,
+        "AEX asked the provider for usage"
+    );
+    let agent = stack.inspect("langchain");
+    // Both calls billed from the provider's usage: 10 + 5 × 2 µ each.
+    assert_eq!(agent["spent_micro"], 40);
+    let settles: Vec<Value> = stack
+        .control
+        .aexctl(&["events", "--agent", "langchain", "--json"])
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"] == "settle")
+        .collect();
+    assert!(
+        settles
+            .iter()
+            .all(|e| e["details"]["usage_reported"] == true),
+        "{settles:?}"
     );
 }

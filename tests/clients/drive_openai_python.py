@@ -1,5 +1,5 @@
 """Drives AEX with the official OpenAI Python SDK, unchanged; prints what it
-saw as JSON. Usage: openai_python.py BASE_URL (tokens in AEX_TOKEN_*)."""
+saw as JSON. Usage: drive_openai_python.py BASE_URL (tokens in AEX_TOKEN_*)."""
 import json, os, sys, time
 import openai
 
