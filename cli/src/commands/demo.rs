@@ -114,6 +114,23 @@ struct Tally {
     expected_spend: i64,
 }
 
+impl Tally {
+    /// Counts one call by the status the client got.
+    fn record(&mut self, status: u16, cost: i64, latency_ms: f64) {
+        self.requests += 1;
+        match status {
+            200 => {
+                self.success += 1;
+                self.expected_spend += cost;
+                self.latency_ms.push(latency_ms);
+            }
+            402 => self.budget_denied += 1,
+            429 => self.rate_limited += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
 /// Sends one request; returns (status, cost from the reported usage).
 async fn call(client: &reqwest::Client, url: &str, token: &str, body: &Value) -> (u16, i64) {
     let Ok(r) = client.post(url).bearer_auth(token).json(body).send().await else {
@@ -279,17 +296,7 @@ pub async fn run(args: Args) -> Result<()> {
             t.await.map_err(|e| CliError::Failed(e.to_string()))?;
         let tally = tallies.entry(name).or_default();
         tally.budget_micro = budget;
-        tally.requests += 1;
-        match status {
-            200 => {
-                tally.success += 1;
-                tally.expected_spend += cost;
-                tally.latency_ms.push(ms);
-            }
-            402 => tally.budget_denied += 1,
-            429 => tally.rate_limited += 1,
-            _ => tally.other += 1,
-        }
+        tally.record(status, cost, ms);
     }
     progress.abort();
     say(format!("\r  Streaming: {total}/{total} requests done"));
@@ -310,17 +317,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     for t in burst_tasks {
         let (status, cost, ms) = t.await.map_err(|e| CliError::Failed(e.to_string()))?;
-        b.requests += 1;
-        match status {
-            200 => {
-                b.success += 1;
-                b.expected_spend += cost;
-                b.latency_ms.push(ms);
-            }
-            402 => b.budget_denied += 1,
-            429 => b.rate_limited += 1,
-            _ => b.other += 1,
-        }
+        b.record(status, cost, ms);
     }
     say(format!(
         "  Burst: {BURST} requests at once from demo-burst: {} served, {} rate-limited (429)",

@@ -76,6 +76,25 @@ fn print_event(e: &pb::Event, json_lines: bool) {
     }
 }
 
+/// Up to 5000 events after `after_seq`.
+async fn next_page(
+    admin: &mut Admin,
+    agent_name: &str,
+    after_seq: i64,
+    since_ms: i64,
+) -> Result<Vec<pb::Event>> {
+    let request = pb::ListEventsRequest {
+        agent_name: agent_name.to_string(),
+        after_seq,
+        since_ms,
+        limit: 5000,
+    };
+    match admin.ledger.list_events(request).await {
+        Ok(r) => Ok(r.into_inner().events),
+        Err(e) => Err(admin.status(e)),
+    }
+}
+
 pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     let mut admin = Admin::connect(home, control).await?;
     let since = args
@@ -90,18 +109,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     let mut after_seq = 0;
     let mut tail: std::collections::VecDeque<pb::Event> = Default::default();
     loop {
-        let page = admin
-            .ledger
-            .list_events(pb::ListEventsRequest {
-                agent_name: agent_name.clone(),
-                after_seq,
-                since_ms: since,
-                limit: 5000,
-            })
-            .await
-            .map_err(|e| admin.status(e))?
-            .into_inner()
-            .events;
+        let page = next_page(&mut admin, &agent_name, after_seq, since).await?;
         let Some(last) = page.last() else { break };
         after_seq = last.seq;
         for e in page {
@@ -119,18 +127,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let page = admin
-            .ledger
-            .list_events(pb::ListEventsRequest {
-                agent_name: agent_name.clone(),
-                after_seq,
-                since_ms: since,
-                limit: 5000,
-            })
-            .await
-            .map_err(|e| admin.status(e))?
-            .into_inner()
-            .events;
+        let page = next_page(&mut admin, &agent_name, after_seq, since).await?;
         for e in &page {
             print_event(e, args.json);
             after_seq = e.seq;
