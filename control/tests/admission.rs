@@ -507,3 +507,35 @@ async fn expired_tokens_are_refused() {
     );
     assert!(d.message.contains("rotate-token"), "{}", d.message);
 }
+
+#[tokio::test]
+async fn an_admit_retried_after_a_restart_gets_its_reservation_and_route() {
+    let f = Fixture::new().await;
+    let token = f.create("retrier", 1_000_000, 60).await;
+    let first = admitted(&f.admit(&token, "lost-answer", 50).await).clone();
+    let Fixture { home, mut cp, .. } = f;
+    cp.restart();
+    let channel = Channel::from_shared(cp.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let f = Fixture { home, cp, channel };
+    let again = admitted(&f.admit(&token, "lost-answer", 50).await).clone();
+    assert_eq!(
+        again.reservation_id, first.reservation_id,
+        "not reserved twice"
+    );
+    assert_eq!(
+        (again.provider.as_str(), again.provider_model.as_str()),
+        ("local", "llama3")
+    );
+    assert!(
+        again.output_cap_injected,
+        "the reserved cap is sent upstream"
+    );
+    assert_eq!(
+        f.agent("retrier").await.reserved_micro,
+        first.reserved_micro
+    );
+}

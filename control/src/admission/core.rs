@@ -127,8 +127,6 @@ struct LiveAgent {
 struct OpenReservation {
     record: ReservationRecord,
     agent_name: String,
-    provider: String,
-    provider_model: String,
     output_cap_injected: bool,
     /// Tokens debited from the TPM buckets at admission.
     debited_tokens: u64,
@@ -161,8 +159,6 @@ struct Tentative {
 struct Accepted {
     tentative: Tentative,
     plan: super::policy::Plan,
-    provider: String,
-    provider_model: String,
 }
 
 struct Refused {
@@ -218,9 +214,10 @@ impl AdmissionCore {
                 r.id.clone(),
                 OpenReservation {
                     agent_name,
-                    provider: String::new(),
-                    provider_model: String::new(),
-                    output_cap_injected: false,
+                    // Whether the client named its own cap is not stored;
+                    // sending the cap the reservation was sized for is
+                    // always within the bound.
+                    output_cap_injected: true,
                     debited_tokens: r.input_tokens_bound,
                     model_tpm_limit: 0,
                     record: r,
@@ -308,16 +305,11 @@ impl AdmissionCore {
                 .get(request_id)
                 .and_then(|id| live.open.get(id))
             {
-                return Ok(Decision::Admitted(self.admitted_from(existing, 0)));
+                return Ok(Decision::Admitted(self.admitted_from(existing, 0, models)));
             }
             self.decide(&mut live, models, token_sha256, ask, now)
         };
-        let Accepted {
-            tentative,
-            plan,
-            provider,
-            provider_model,
-        } = match decided {
+        let Accepted { tentative, plan } = match decided {
             Ok(accepted) => accepted,
             Err(refused) => {
                 let Refused {
@@ -361,13 +353,11 @@ impl AdmissionCore {
                 let open = OpenReservation {
                     record,
                     agent_name: tentative.agent_name.clone(),
-                    provider,
-                    provider_model,
                     output_cap_injected: plan.output_cap_injected,
                     debited_tokens: tentative.debited_tokens,
                     model_tpm_limit: tentative.model_tpm,
                 };
-                let admitted = self.admitted_from(&open, remaining_micro);
+                let admitted = self.admitted_from(&open, remaining_micro, models);
                 let mut live = self.lock();
                 live.by_request
                     .insert(request_id.to_string(), open.record.id.clone());
@@ -401,16 +391,11 @@ impl AdmissionCore {
                 let open = OpenReservation {
                     record: existing,
                     agent_name: tentative.agent_name,
-                    provider: String::new(),
-                    provider_model: String::new(),
                     output_cap_injected: plan.output_cap_injected,
                     debited_tokens: 0,
                     model_tpm_limit: 0,
                 };
-                let mut admitted = self.admitted_from(&open, 0);
-                admitted.provider = models.models[ask.model].provider.clone();
-                admitted.provider_model = models.models[ask.model].provider_model.clone();
-                Ok(Decision::Admitted(admitted))
+                Ok(Decision::Admitted(self.admitted_from(&open, 0, models)))
             }
             Err(e) => {
                 self.undo(&tentative, ask.model, now);
@@ -520,8 +505,6 @@ impl AdmissionCore {
                 debited_tokens: tokens,
             },
             plan,
-            provider: model.provider.clone(),
-            provider_model: model.provider_model.clone(),
         })
     }
 
@@ -542,7 +525,15 @@ impl AdmissionCore {
         }
     }
 
-    fn admitted_from(&self, o: &OpenReservation, remaining_micro: i64) -> Admitted {
+    /// The provider route comes from the running config, so a reservation
+    /// reloaded after a restart answers a retried Admit like a fresh one.
+    fn admitted_from(
+        &self,
+        o: &OpenReservation,
+        remaining_micro: i64,
+        models: &ModelsConfig,
+    ) -> Admitted {
+        let model = models.models.get(&o.record.model);
         Admitted {
             pricing: o.record.pricing,
             reservation_id: o.record.id.clone(),
@@ -553,8 +544,8 @@ impl AdmissionCore {
             output_cap_injected: o.output_cap_injected,
             remaining_micro,
             expires_at_ms: o.record.expires_at_ms,
-            provider: o.provider.clone(),
-            provider_model: o.provider_model.clone(),
+            provider: model.map(|m| m.provider.clone()).unwrap_or_default(),
+            provider_model: model.map(|m| m.provider_model.clone()).unwrap_or_default(),
         }
     }
 
