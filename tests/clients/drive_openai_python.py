@@ -47,9 +47,33 @@ def error_of(name, **kw):
 out["402"] = error_of("POOR")
 out["403"] = error_of("FENCED")
 out["401"] = error_of("BAD")
-# 30 RPM: 30 quick calls use the burst; the next gets 429 with Retry-After
-# about 2 s, and the SDK retries after exactly that and succeeds.
-for _ in range(30):
-    client("SLOW").chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
-out["429"] = error_of("SLOW", model="sim")
+
+# 429: first use up SLOW's burst with retries off, until AEX refuses one (a
+# count of calls would race the refill on a slow machine). The SDK's own call
+# right after is refused too; it must wait exactly what AEX said and succeed.
+probe = openai.OpenAI(base_url=base, api_key=tok("SLOW"), max_retries=0)
+burned = 0
+for _ in range(200):
+    try:
+        probe.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        burned += 1
+    except openai.RateLimitError:
+        break
+attempts = []
+hooks = {
+    "request": [lambda req: attempts.append({"sent": time.monotonic()})],
+    "response": [lambda resp: attempts[-1].update(
+        status=resp.status_code, answered=time.monotonic(),
+        retry_after_ms=resp.headers.get("retry-after-ms"), retry_after=resp.headers.get("retry-after"))],
+}
+slow = openai.OpenAI(base_url=base, api_key=tok("SLOW"), http_client=openai.DefaultHttpxClient(event_hooks=hooks))
+slow.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+out["429"] = {
+    "burned": burned,
+    "statuses": [a.get("status") for a in attempts],
+    "retry_after_ms": [a.get("retry_after_ms") for a in attempts],
+    "retry_after": [a.get("retry_after") for a in attempts],
+    # How long the SDK waited between the 429 and its retry.
+    "waited_ms": [round((b["sent"] - a["answered"]) * 1000) for a, b in zip(attempts, attempts[1:])],
+}
 print(json.dumps(out))

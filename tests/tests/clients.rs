@@ -121,11 +121,26 @@ async fn the_openai_python_sdk_works_unchanged() {
     };
     assert_eq!(denials("sdk-poor", "budget"), 1, "402 is not retried");
     assert_eq!(denials("sdk-fenced", "model"), 1, "403 is not retried");
-    assert_eq!(
-        denials("sdk-slow", "rpm"),
-        1,
-        "one 429, then the retry passed"
+    // 429: the SDK's call was refused once, then retried after exactly the
+    // wait the ledger recorded (retry-after-ms takes precedence in the SDK).
+    let rate = &seen["429"];
+    assert!(rate["burned"].as_u64().unwrap() >= 30, "{rate}");
+    assert_eq!(rate["statuses"], serde_json::json!([429, 200]), "{rate}");
+    let told: u64 = rate["retry_after_ms"][0].as_str().unwrap().parse().unwrap();
+    let told_seconds: u64 = rate["retry_after"][0].as_str().unwrap().parse().unwrap();
+    assert_eq!(told_seconds, told.div_ceil(1000), "{rate}");
+    let waited = rate["waited_ms"][0].as_u64().unwrap();
+    assert!(
+        waited + 5 >= told && waited < told + 500,
+        "waited {waited} ms, AEX said {told} ms"
     );
+    let rpm_denials: Vec<u64> = events("sdk-slow")
+        .iter()
+        .filter(|e| e["kind"] == "deny" && e["reason"] == "rpm")
+        .map(|e| e["details"]["retry_after_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rpm_denials.len(), 2, "the probe's 429 and the SDK's one");
+    assert_eq!(rpm_denials[1], told, "the ledger recorded what the SDK was told");
     // Only the calls AEX admitted reached the provider (SLOW uses the simulated one).
     assert_eq!(
         stack.mock.count(),
