@@ -3,7 +3,7 @@
 //!
 //! | x-mock | behaviour |
 //! |---|---|
-//! | (none) / `ok` | JSON or SSE answer with usage |
+//! | (none) / `ok` | JSON or SSE answer with usage; a tool call when the user's turn says `use_tool:NAME` |
 //! | `no-usage` | never reports usage |
 //! | `429` | 429 with `Retry-After: 7` |
 //! | `500` | 500 |
@@ -15,6 +15,8 @@
 //! `x-mock-delay-ms` paces stream chunks (and delays a JSON answer); `x-mock-usage: P,C` sets the
 //! reported prompt and completion tokens (default 10 and min(5, cap)).
 //! Every request is recorded for assertions.
+
+mod openai;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -214,10 +216,12 @@ async fn handle(
         _ => {}
     }
     let usage = if responses {
-        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion})
+        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+               "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}})
     } else {
         json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
     };
+    let usage = report_usage.then_some(usage);
     if embeddings {
         // [0.1, 0.2] as little-endian f32, for clients that ask for base64
         // (the OpenAI SDKs' default).
@@ -233,84 +237,54 @@ async fn handle(
         }
         return Ok(full(200, "application/json", v.to_string(), &[]));
     }
+    let answer = openai::answer_for(&body, responses);
     if !stream {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let mut v = if responses {
-            json!({"id": "resp_mock", "object": "response", "status": "completed", "model": model,
-                   "output": [{"type": "message", "role": "assistant",
-                               "content": [{"type": "output_text", "text": "hello from mock"}]}]})
+        let v = if responses {
+            openai::response(&model, &answer, usage)
         } else {
-            json!({"id": "chatcmpl-mock", "object": "chat.completion", "model": model,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello from mock"},
-                                "finish_reason": "stop"}]})
+            openai::chat_completion(&model, &answer, usage)
         };
-        if report_usage {
-            v["usage"] = usage;
-        }
         return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    let words = match (&answer, behaviour.as_str()) {
+        (openai::Answer::Text { tool_output }, "ignore-cap") => openai::deltas(tool_output, 2000),
+        (openai::Answer::Text { tool_output }, "drop-mid-stream") => openai::deltas(tool_output, 2),
+        (openai::Answer::Text { tool_output }, _) => openai::deltas(tool_output, completion),
+        (openai::Answer::ToolCall { .. }, _) => Vec::new(),
+    };
+    let mut events = if responses {
+        openai::response_events(&model, &answer, &words, usage.clone())
+    } else {
+        openai::chat_chunks(&model, &answer, &words)
+    };
+    let cut_after = (behaviour == "drop-mid-stream").then_some(
+        // The head events and two deltas.
+        if responses { 4 + 2 } else { 1 + 2 },
+    );
+    if !responses {
+        if let (true, Some(usage)) = (wants_usage, &usage) {
+            events.push(openai::chat_usage_chunk(&model, usage));
+        }
+        events.push("data: [DONE]\n\n".to_string());
     }
     let (tx, response) = streamed("text/event-stream");
     tokio::spawn(async move {
-        let send = |s: String| {
-            let tx = tx.clone();
-            async move { tx.send(Ok(Frame::data(Bytes::from(s)))).await.is_ok() }
-        };
-        let chunks = match behaviour.as_str() {
-            "ignore-cap" => 2000,
-            "drop-mid-stream" => 2,
-            _ => completion.max(1),
-        };
-        for i in 0..chunks {
+        for (i, event) in events.into_iter().enumerate() {
+            if cut_after == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("mock drops mid-stream")))
+                    .await;
+                return;
+            }
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let event = if responses {
-                format!(
-                    "event: response.output_text.delta\ndata: {}\n\n",
-                    json!({"type": "response.output_text.delta", "delta": format!("word{i} ")})
-                )
-            } else {
-                format!(
-                    "data: {}\n\n",
-                    json!({"id": "c", "object": "chat.completion.chunk", "model": model,
-                    "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": null}]})
-                )
-            };
-            if !send(event).await {
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
                 return;
             }
-        }
-        if behaviour == "drop-mid-stream" {
-            let _ = tx
-                .send(Err(std::io::Error::other("mock drops mid-stream")))
-                .await;
-            return;
-        }
-        if responses {
-            let mut done = json!({"type": "response.completed",
-                "response": {"id": "resp_mock", "status": "completed", "model": model}});
-            if report_usage {
-                done["response"]["usage"] = usage;
-            }
-            send(format!("event: response.completed\ndata: {done}\n\n")).await;
-        } else {
-            send(format!(
-                "data: {}\n\n",
-                json!({"id": "c", "object": "chat.completion.chunk", "model": model,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            ))
-            .await;
-            if wants_usage && report_usage {
-                send(format!(
-                    "data: {}\n\n",
-                    json!({"id": "c", "object": "chat.completion.chunk",
-                    "model": model, "choices": [], "usage": usage})
-                ))
-                .await;
-            }
-            send("data: [DONE]\n\n".to_string()).await;
         }
     });
     Ok(response)
