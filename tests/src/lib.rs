@@ -254,6 +254,7 @@ impl Drop for ControlPlane {
         let _ = self.child.wait();
     }
 }
+pub mod clients;
 pub mod mock;
 
 /// A running `aex-dataplane`, killed on drop.

@@ -1,128 +1,114 @@
 //! Conformance with real clients nobody here wrote: each is driven,
 //! unchanged, against AEX in front of the mock provider. Clients are
-//! installed outside the clone by `scripts/install-clients`; where one is
-//! missing the test says so loudly and skips, unless AEX_REQUIRE_CLIENTS=1
-//! (as in `.ci/run`), where a missing client fails.
+//! installed outside the clone by `scripts/install-clients` (see
+//! `aex_tests::clients` for how a missing one is reported).
 
 use aex_tests::Stack;
+use aex_tests::clients::{grpcurl, node_bin_with, python_with};
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::Command;
 
-fn clients_dir() -> PathBuf {
-    std::env::var_os("AEX_CLIENTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/aex-clients")
-        })
-}
-
-/// The venv's python if `module` imports there, else None (after saying so).
-fn python_with(module: &str, client: &str) -> Option<PathBuf> {
-    let python = clients_dir().join("venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    let message = format!(
-        "{client} is not installed in {}; run scripts/install-clients",
-        clients_dir().display()
-    );
-    if std::env::var("AEX_REQUIRE_CLIENTS").is_ok_and(|v| v == "1") {
-        panic!("{message}");
-    }
-    eprintln!("\n!!! SKIPPED: {message} !!!\n");
-    None
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_python_sdk_works_unchanged() {
-    let Some(python) = python_with("openai", "the OpenAI Python SDK") else {
-        return;
-    };
-    let stack = Stack::start().await;
-    let tokens = [
-        ("OK", stack.agent("sdk", "1", "600", &[])),
-        ("POOR", stack.agent("sdk-poor", "0.0001", "600", &[])),
+/// Agents for an SDK driver: `PREFIX` can pay, `PREFIX-poor` cannot,
+/// `PREFIX-fenced` may only use `sim`, `PREFIX-slow` has 30 RPM; plus a bad
+/// token. Passed to the driver as AEX_TOKEN_{OK,POOR,FENCED,SLOW,BAD}.
+fn sdk_agents(stack: &Stack, prefix: &str) -> Vec<(String, String)> {
+    vec![
+        ("OK".into(), stack.agent(prefix, "1", "600", &[])),
         (
-            "FENCED",
-            stack.agent("sdk-fenced", "1", "600", &["--allowed-models", "sim"]),
+            "POOR".into(),
+            stack.agent(&format!("{prefix}-poor"), "0.0001", "600", &[]),
         ),
-        ("SLOW", stack.agent("sdk-slow", "1", "30", &[])),
-        ("BAD", "aex_not_a_real_token".to_string()),
-    ];
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/clients/drive_openai_python.py"
-    );
-    let mut cmd = Command::new(&python);
-    cmd.arg(script).arg(stack.url("/v1"));
-    for (name, token) in &tokens {
-        cmd.env(format!("AEX_TOKEN_{name}"), token);
-    }
+        (
+            "FENCED".into(),
+            stack.agent(
+                &format!("{prefix}-fenced"),
+                "1",
+                "600",
+                &["--allowed-models", "sim"],
+            ),
+        ),
+        (
+            "SLOW".into(),
+            stack.agent(&format!("{prefix}-slow"), "1", "30", &[]),
+        ),
+        ("BAD".into(), "aex_not_a_real_token".into()),
+    ]
+}
+
+/// Runs a driver to completion and parses the JSON it prints.
+async fn drive(mut cmd: Command) -> Value {
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
-        .unwrap();
+        .expect("run the driver");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the driver prints JSON");
+    serde_json::from_slice(&out.stdout).expect("the driver prints JSON")
+}
 
+fn events(stack: &Stack, agent: &str) -> Vec<Value> {
+    stack
+        .control
+        .aexctl(&["events", "--agent", agent, "--json"])
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect()
+}
+
+fn denials(stack: &Stack, agent: &str, reason: &str) -> usize {
+    events(stack, agent)
+        .iter()
+        .filter(|e| e["kind"] == "deny" && e["reason"] == reason)
+        .count()
+}
+
+/// What both official SDKs must show: answers and usage as the provider
+/// sent them, a tool round trip, denials as the SDK's own errors, refused
+/// once where retrying cannot help, and a 429 retried after exactly the
+/// wait AEX gave (and recorded).
+fn assert_sdk_conformance(stack: &Stack, prefix: &str, seen: &Value) {
     assert_eq!(seen["chat"]["content"], "hello from mock");
     assert_eq!(seen["chat"]["usage"], serde_json::json!([10, 5]));
     assert_eq!(seen["stream"]["usage"], serde_json::json!([10, 5]));
     assert_eq!(seen["stream"]["text"], "word0 word1 word2 word3 word4 ");
-    assert_eq!(seen["tools"]["finish_reason"], "stop");
+    assert_eq!(seen["tools"]["called"], "weather");
+    assert_eq!(seen["tools"]["answer"], "tool said: sunny in Paris");
+    assert_eq!(seen["responses"]["text"], "hello from mock");
     assert_eq!(seen["responses"]["usage"], serde_json::json!([10, 5]));
     assert_eq!(seen["responses_stream"]["last"], "response.completed");
+    assert_eq!(seen["responses_stream"]["deltas"], 5);
     assert_eq!(
-        seen["embeddings"]["vector"],
-        serde_json::json!([0.1, 0.2]),
-        "base64 decoded by the SDK"
+        seen["responses_stream"]["text"],
+        "word0 word1 word2 word3 word4 "
     );
     assert_eq!(
-        seen["models"],
-        serde_json::json!(["dead-model", "mock-model", "sim"])
+        seen["responses_stream"]["usage"],
+        serde_json::json!([10, 5])
     );
 
-    // Denials: the SDK's own exception types, no retries where none help.
     assert_eq!(
         (seen["402"]["status"].as_u64(), seen["402"]["code"].as_str()),
         (Some(402), Some("budget_exceeded"))
     );
-    assert_eq!(seen["403"]["error"], "PermissionDeniedError");
-    assert_eq!(seen["401"]["error"], "AuthenticationError");
+    assert_eq!(seen["403"]["status"], 403);
+    assert_eq!(seen["401"]["status"], 401);
+    assert_eq!(
+        denials(stack, &format!("{prefix}-poor"), "budget"),
+        1,
+        "402 is not retried"
+    );
+    assert_eq!(
+        denials(stack, &format!("{prefix}-fenced"), "model"),
+        1,
+        "403 is not retried"
+    );
 
-    // The ledger agrees: charged exactly the usage the SDK reported, and
-    // every refused call refused once (402/403/401 are not retried).
-    let agent = stack.inspect("sdk");
-    // chat, stream, tools, responses, responses stream: 10 + 5×2 µ each; embeddings 10 µ.
-    assert_eq!(agent["spent_micro"], 5 * 20 + 10);
-    let events = |name: &str| {
-        stack
-            .control
-            .aexctl(&["events", "--agent", name, "--json"])
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .collect::<Vec<_>>()
-    };
-    let denials = |name: &str, reason: &str| {
-        events(name)
-            .iter()
-            .filter(|e| e["kind"] == "deny" && e["reason"] == reason)
-            .count()
-    };
-    assert_eq!(denials("sdk-poor", "budget"), 1, "402 is not retried");
-    assert_eq!(denials("sdk-fenced", "model"), 1, "403 is not retried");
     // 429: the SDK's call was refused once, then retried after exactly the
-    // wait the ledger recorded (retry-after-ms takes precedence in the SDK).
+    // wait the ledger recorded (both SDKs prefer retry-after-ms).
     let rate = &seen["429"];
     assert!(rate["burned"].as_u64().unwrap() >= 30, "{rate}");
     assert_eq!(rate["statuses"], serde_json::json!([429, 200]), "{rate}");
@@ -134,25 +120,131 @@ async fn the_openai_python_sdk_works_unchanged() {
         waited + 5 >= told && waited < told + 500,
         "waited {waited} ms, AEX said {told} ms"
     );
-    let rpm_denials: Vec<u64> = events("sdk-slow")
+    let rpm_denials: Vec<u64> = events(stack, &format!("{prefix}-slow"))
         .iter()
         .filter(|e| e["kind"] == "deny" && e["reason"] == "rpm")
         .map(|e| e["details"]["retry_after_ms"].as_u64().unwrap())
         .collect();
     assert_eq!(rpm_denials.len(), 2, "the probe's 429 and the SDK's one");
-    assert_eq!(rpm_denials[1], told, "the ledger recorded what the SDK was told");
-    // Only the calls AEX admitted reached the provider (SLOW uses the simulated one).
     assert_eq!(
-        stack.mock.count(),
-        6,
-        "{:?}",
-        stack
-            .mock
-            .requests()
-            .iter()
-            .map(|r| &r.path)
-            .collect::<Vec<_>>()
+        rpm_denials[1], told,
+        "the ledger recorded what the SDK was told"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_works_unchanged() {
+    let Some(python) = python_with("openai", "the OpenAI Python SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_openai_python.py"
+    );
+    let mut cmd = Command::new(&python);
+    cmd.arg(script).arg(stack.url("/v1"));
+    for (name, token) in sdk_agents(&stack, "py") {
+        cmd.env(format!("AEX_TOKEN_{name}"), token);
+    }
+    let seen = drive(cmd).await;
+    assert_sdk_conformance(&stack, "py", &seen);
+    assert_eq!(seen["403"]["error"], "PermissionDeniedError");
+    assert_eq!(seen["401"]["error"], "AuthenticationError");
+    assert_eq!(
+        seen["embeddings"]["vector"],
+        serde_json::json!([0.1, 0.2]),
+        "base64 decoded by the SDK"
+    );
+    assert_eq!(
+        seen["models"],
+        serde_json::json!(["dead-model", "mock-model", "sim"])
+    );
+    // Charged exactly the usage the SDK reported: chat, stream, the two tool
+    // turns, responses and its stream at 10 + 5×2 µ each; embeddings 10 µ.
+    assert_eq!(stack.inspect("py")["spent_micro"], 6 * 20 + 10);
+    // Only the calls AEX admitted reached the provider (SLOW uses the
+    // simulated one); models.list is answered by AEX.
+    assert_eq!(stack.mock.count(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_node_sdk_v7_works_unchanged() {
+    let Some(bin) = node_bin_with("openai", "the OpenAI npm SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/drive_openai_node.mjs");
+    let mut cmd = Command::new(bin.join("node"));
+    cmd.arg(script)
+        .arg(stack.url("/v1"))
+        .arg(bin.parent().unwrap());
+    for (name, token) in sdk_agents(&stack, "js") {
+        cmd.env(format!("AEX_TOKEN_{name}"), token);
+    }
+    let seen = drive(cmd).await;
+    assert!(
+        seen["version"].as_str().unwrap().starts_with("7."),
+        "{seen}"
+    );
+    assert_sdk_conformance(&stack, "js", &seen);
+    assert_eq!(seen["402"]["error"], "APIError");
+    assert_eq!(seen["403"]["error"], "PermissionDeniedError");
+    assert_eq!(seen["401"]["error"], "AuthenticationError");
+    assert_eq!(stack.inspect("js")["spent_micro"], 6 * 20);
+    assert_eq!(stack.mock.count(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_agents_runs_a_tool_through_the_responses_api() {
+    let Some(python) = python_with("agents", "openai-agents") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_openai_agents.py"
+    );
+    let mut cmd = Command::new(&python);
+    cmd.arg(script).arg(stack.url("/v1"));
+    for (name, token) in sdk_agents(&stack, "agents") {
+        cmd.env(format!("AEX_TOKEN_{name}"), token);
+    }
+    let seen = drive(cmd).await;
+    for run in ["run", "streamed"] {
+        // (The mock streams its words after the tool's output.)
+        assert!(
+            seen[run]["final"]
+                .as_str()
+                .unwrap()
+                .starts_with("tool said: sunny in Paris"),
+            "{seen}"
+        );
+        assert_eq!(seen[run]["requests"], 2, "the tool call, then the answer");
+        assert_eq!(seen[run]["usage"], serde_json::json!([20, 10]));
+    }
+    assert_eq!(seen["streamed"]["completed"], 2);
+    assert_eq!(
+        (seen["402"]["status"].as_u64(), seen["402"]["code"].as_str()),
+        (Some(402), Some("budget_exceeded"))
+    );
+    assert_eq!(seen["403"]["error"], "PermissionDeniedError");
+    assert_eq!(denials(&stack, "agents-poor", "budget"), 1);
+    assert_eq!(denials(&stack, "agents-fenced", "model"), 1);
+
+    // Every model call went to /v1/responses with the tool, and the tool's
+    // output came back to the model; the ledger charged what the agent saw.
+    let requests = stack.mock.requests();
+    assert_eq!(requests.len(), 4);
+    assert!(requests.iter().all(|r| r.path == "/v1/responses"));
+    assert_eq!(requests[0].body["tools"][0]["name"], "weather");
+    let replayed = requests[1].body["input"].as_array().unwrap();
+    assert_eq!(
+        replayed.last().unwrap()["type"],
+        "function_call_output",
+        "{replayed:?}"
+    );
+    assert_eq!(stack.inspect("agents")["spent_micro"], 2 * (20 + 2 * 10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,16 +262,7 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
     cmd.arg(script)
         .arg(stack.url("/v1"))
         .env("AEX_TOKEN_OK", &token);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the driver prints JSON");
+    let seen = drive(cmd).await;
     assert_eq!(seen["invoke"]["content"], "hello from mock");
     assert_eq!(seen["invoke"]["usage"], serde_json::json!([10, 5]));
     assert_eq!(seen["stream"]["text"], "word0 word1 word2 word3 word4 ");
@@ -197,12 +280,8 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
     let agent = stack.inspect("langchain");
     // Both calls billed from the provider's usage: 10 + 5 × 2 µ each.
     assert_eq!(agent["spent_micro"], 40);
-    let settles: Vec<Value> = stack
-        .control
-        .aexctl(&["events", "--agent", "langchain", "--json"])
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let settles: Vec<Value> = events(&stack, "langchain")
+        .into_iter()
         .filter(|e| e["kind"] == "settle")
         .collect();
     assert!(
@@ -211,4 +290,111 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
             .all(|e| e["details"]["usage_reported"] == true),
         "{settles:?}"
     );
+}
+
+/// Runs grpcurl against the control plane; returns (success, stdout, stderr).
+fn run_grpcurl(grpcurl: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grpcurl)
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_services_by_reflection_and_manages_agents() {
+    let Some(grpcurl) = grpcurl() else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let addr = stack.control.addr.to_string();
+    let admin = format!("authorization: Bearer {}", stack.home.admin_token());
+
+    // Reflection needs no credential: it only describes the API.
+    let (ok, services, err) = run_grpcurl(&grpcurl, &["-plaintext", &addr, "list"]);
+    assert!(ok, "{err}");
+    for service in [
+        "aex.v1.AgentService",
+        "aex.v1.AdmissionService",
+        "aex.v1.LedgerService",
+        "aex.v1.ModelService",
+        "aex.v1.ProcessService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.lines().any(|l| l == service), "{services}");
+    }
+    let (ok, described, err) = run_grpcurl(
+        &grpcurl,
+        &["-plaintext", &addr, "describe", "aex.v1.CreateAgentRequest"],
+    );
+    assert!(ok && described.contains("budget_micro"), "{described}{err}");
+
+    let (ok, health, err) = run_grpcurl(
+        &grpcurl,
+        &["-plaintext", &addr, "grpc.health.v1.Health/Check"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&health).unwrap()["status"],
+        "SERVING"
+    );
+
+    // Without the admin credential: refused, with a reason.
+    let create = r#"{"name": "from-grpcurl", "budget_micro": 2500000, "rpm": 60}"#;
+    let (ok, _, err) = run_grpcurl(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-d",
+            create,
+            &addr,
+            "aex.v1.AgentService/CreateAgent",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("Unauthenticated"), "{err}");
+
+    let (ok, created, err) = run_grpcurl(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-H",
+            &admin,
+            "-d",
+            create,
+            &addr,
+            "aex.v1.AgentService/CreateAgent",
+        ],
+    );
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    assert!(created["token"].as_str().unwrap().starts_with("aex_"));
+    // grpcurl prints int64 as a JSON string (proto3 JSON mapping).
+    assert_eq!(created["agent"]["budgetMicro"], "2500000");
+
+    let (ok, listed, err) = run_grpcurl(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-H",
+            &admin,
+            &addr,
+            "aex.v1.AgentService/ListAgents",
+        ],
+    );
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let names: Vec<&str> = listed["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["from-grpcurl"]);
+    // And aexctl sees the same agent.
+    assert_eq!(stack.inspect("from-grpcurl")["budget_micro"], 2_500_000);
 }
