@@ -173,30 +173,57 @@ pub fn respond(
             let usage = json!({"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n as u64});
             let status = if truncated { "incomplete" } else { "completed" };
             if stream {
+                // The whole event sequence OpenAI sends, each with its
+                // sequence number: clients (OpenAI Agents, OpenClaw) build
+                // their output from the item and part events.
                 content_type = "text/event-stream";
-                chunks.push_back(sse_event(
-                    "response.created",
-                    &json!({"type": "response.created",
-                    "response": response("in_progress", json!([]), Value::Null)}),
-                ));
-                for w in &words {
-                    chunks.push_back(sse_event(
-                        "response.output_text.delta",
-                        &json!({
-                        "type": "response.output_text.delta", "output_index": 0, "content_index": 0,
-                        "delta": w}),
-                    ));
-                }
+                let item_id = format!("msg-{id}");
+                let part = |t: &str| json!({"type": "output_text", "text": t, "annotations": []});
+                let mut events = vec![
+                    json!({"type": "response.created",
+                        "response": response("in_progress", json!([]), Value::Null)}),
+                    json!({"type": "response.in_progress",
+                        "response": response("in_progress", json!([]), Value::Null)}),
+                    json!({"type": "response.output_item.added", "output_index": 0,
+                        "item": {"type": "message", "id": item_id, "role": "assistant",
+                                 "status": "in_progress", "content": []}}),
+                    json!({"type": "response.content_part.added", "item_id": item_id,
+                        "output_index": 0, "content_index": 0, "part": part("")}),
+                ];
+                events.extend(words.iter().map(|w| {
+                    json!({"type": "response.output_text.delta", "item_id": item_id,
+                        "output_index": 0, "content_index": 0, "delta": w})
+                }));
+                events.push(
+                    json!({"type": "response.output_text.done", "item_id": item_id,
+                    "output_index": 0, "content_index": 0, "text": text}),
+                );
+                events.push(
+                    json!({"type": "response.content_part.done", "item_id": item_id,
+                    "output_index": 0, "content_index": 0, "part": part(&text)}),
+                );
+                events.push(
+                    json!({"type": "response.output_item.done", "output_index": 0,
+                    "item": message[0]}),
+                );
                 let done = if truncated {
                     "response.incomplete"
                 } else {
                     "response.completed"
                 };
-                chunks.push_back(sse_event(
-                    done,
-                    &json!({"type": done,
-                    "response": response(status, message, usage)}),
-                ));
+                events.push(json!({"type": done, "response": response(status, message, usage)}));
+                let mut framed = events.into_iter().enumerate().map(|(i, mut event)| {
+                    event["sequence_number"] = json!(i);
+                    let kind = event["type"].as_str().unwrap_or_default().to_string();
+                    sse_event(&kind, &event)
+                });
+                // Paced like tokens: the head events go out as one chunk,
+                // then a chunk per delta, then the closing events as one.
+                let head: Vec<Bytes> = framed.by_ref().take(4).collect();
+                chunks.push_back(Bytes::from(head.concat()));
+                chunks.extend(framed.by_ref().take(words.len()));
+                let tail: Vec<Bytes> = framed.collect();
+                chunks.push_back(Bytes::from(tail.concat()));
             } else {
                 content_type = "application/json";
                 chunks.push_back(Bytes::from(response(status, message, usage).to_string()));
@@ -278,6 +305,47 @@ mod tests {
             String::from_utf8(b)
                 .unwrap()
                 .contains("\"finish_reason\":\"length\"")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_response_sends_every_event_openai_sends_in_order() {
+        let raw = r#"{"model":"s","stream":true,"input":"hi"}"#;
+        let req = inspect(Api::Responses, raw.as_bytes()).unwrap();
+        let b = body(respond(FAST, &req, "s", 100, "r")).await;
+        let events: Vec<Value> = String::from_utf8(b)
+            .unwrap()
+            .split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let mut expected = vec![
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ];
+        expected.extend(["response.output_text.delta"; 5]);
+        expected.extend([
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]);
+        assert_eq!(kinds, expected);
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e["sequence_number"], i);
+        }
+        let deltas: String = events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .map(|e| e["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(events[9]["text"], deltas.as_str());
+        assert_eq!(
+            events[12]["response"]["output"][0]["content"][0]["text"],
+            deltas.as_str()
         );
     }
 

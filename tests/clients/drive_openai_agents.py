@@ -5,6 +5,7 @@ import asyncio, json, os, sys
 import openai
 from agents import Agent, Runner, function_tool, set_default_openai_client, set_tracing_disabled
 from agents import __version__ as agents_version
+import aex_probe
 
 base = sys.argv[1]
 tok = lambda name: os.environ["AEX_TOKEN_" + name]
@@ -18,9 +19,10 @@ def weather(city: str) -> str:
     return f"sunny in {city}"
 
 
-def agent_for(name):
-    set_default_openai_client(openai.AsyncOpenAI(base_url=base, api_key=tok(name)), use_for_tracing=False)
-    return Agent(name="forecaster", instructions="Answer with the tool's words.", model="mock-model", tools=[weather])
+def agent_for(name, model="mock-model", **client_options):
+    client = openai.AsyncOpenAI(base_url=base, api_key=tok(name), **client_options)
+    set_default_openai_client(client, use_for_tracing=False)
+    return Agent(name="forecaster", instructions="Answer with the tool's words.", model=model, tools=[weather])
 
 
 async def main():
@@ -41,12 +43,17 @@ async def main():
                        "usage": [usage.input_tokens, usage.output_tokens],
                        "completed": kinds.count("response.completed")}
 
-    for status, name in (("402", "POOR"), ("403", "FENCED")):
+    for status, name in (("402", "POOR"), ("403", "FENCED"), ("401", "BAD")):
         try:
             await Runner.run(agent_for(name), "hi")
             out[status] = {"error": None}
         except openai.APIStatusError as err:
             out[status] = {"error": type(err).__name__, "status": err.status_code, "code": err.code}
+
+    burned = aex_probe.use_up_burst(base, tok("SLOW"))
+    seen = aex_probe.Attempts()
+    await Runner.run(agent_for("SLOW", model="sim", http_client=seen.async_client()), "hi")
+    out["429"] = seen.report(burned)
     print(json.dumps(out))
 
 

@@ -1,7 +1,8 @@
 """Drives AEX with the official OpenAI Python SDK, unchanged; prints what it
 saw as JSON. Usage: drive_openai_python.py BASE_URL (tokens in AEX_TOKEN_*)."""
-import json, os, sys, time
+import json, os, sys
 import openai
+import aex_probe
 
 base = sys.argv[1]
 tok = lambda name: os.environ["AEX_TOKEN_" + name]
@@ -59,32 +60,11 @@ out["402"] = error_of("POOR")
 out["403"] = error_of("FENCED")
 out["401"] = error_of("BAD")
 
-# 429: first use up SLOW's burst with retries off, until AEX refuses one (a
-# count of calls would race the refill on a slow machine). The SDK's own call
-# right after is refused too; it must wait exactly what AEX said and succeed.
-probe = openai.OpenAI(base_url=base, api_key=tok("SLOW"), max_retries=0)
-burned = 0
-for _ in range(200):
-    try:
-        probe.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
-        burned += 1
-    except openai.RateLimitError:
-        break
-attempts = []
-hooks = {
-    "request": [lambda req: attempts.append({"sent": time.monotonic()})],
-    "response": [lambda resp: attempts[-1].update(
-        status=resp.status_code, answered=time.monotonic(),
-        retry_after_ms=resp.headers.get("retry-after-ms"), retry_after=resp.headers.get("retry-after"))],
-}
-slow = openai.OpenAI(base_url=base, api_key=tok("SLOW"), http_client=openai.DefaultHttpxClient(event_hooks=hooks))
+# 429: the SDK's call right after the burst is used up is refused; it must
+# wait exactly what AEX said and succeed.
+burned = aex_probe.use_up_burst(base, tok("SLOW"))
+seen = aex_probe.Attempts()
+slow = openai.OpenAI(base_url=base, api_key=tok("SLOW"), http_client=seen.sync_client())
 slow.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
-out["429"] = {
-    "burned": burned,
-    "statuses": [a.get("status") for a in attempts],
-    "retry_after_ms": [a.get("retry_after_ms") for a in attempts],
-    "retry_after": [a.get("retry_after") for a in attempts],
-    # How long the SDK waited between the 429 and its retry.
-    "waited_ms": [round((b["sent"] - a["answered"]) * 1000) for a, b in zip(attempts, attempts[1:])],
-}
+out["429"] = seen.report(burned)
 print(json.dumps(out))

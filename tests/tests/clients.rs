@@ -107,9 +107,13 @@ fn assert_sdk_conformance(stack: &Stack, prefix: &str, seen: &Value) {
         "403 is not retried"
     );
 
-    // 429: the SDK's call was refused once, then retried after exactly the
-    // wait the ledger recorded (both SDKs prefer retry-after-ms).
-    let rate = &seen["429"];
+    assert_429_retried_as_told(stack, &format!("{prefix}-slow"), &seen["429"]);
+}
+
+/// A call made right after the agent's burst was used up: refused once, then
+/// retried after exactly the wait AEX sent (`retry-after-ms`, which the
+/// OpenAI SDKs prefer to `Retry-After`) and recorded in its deny event.
+fn assert_429_retried_as_told(stack: &Stack, agent: &str, rate: &Value) {
     assert!(rate["burned"].as_u64().unwrap() >= 30, "{rate}");
     assert_eq!(rate["statuses"], serde_json::json!([429, 200]), "{rate}");
     let told: u64 = rate["retry_after_ms"][0].as_str().unwrap().parse().unwrap();
@@ -120,15 +124,15 @@ fn assert_sdk_conformance(stack: &Stack, prefix: &str, seen: &Value) {
         waited + 5 >= told && waited < told + 500,
         "waited {waited} ms, AEX said {told} ms"
     );
-    let rpm_denials: Vec<u64> = events(stack, &format!("{prefix}-slow"))
+    let rpm_denials: Vec<u64> = events(stack, agent)
         .iter()
         .filter(|e| e["kind"] == "deny" && e["reason"] == "rpm")
         .map(|e| e["details"]["retry_after_ms"].as_u64().unwrap())
         .collect();
-    assert_eq!(rpm_denials.len(), 2, "the probe's 429 and the SDK's one");
+    assert_eq!(rpm_denials.len(), 2, "the probe's 429 and the client's one");
     assert_eq!(
         rpm_denials[1], told,
-        "the ledger recorded what the SDK was told"
+        "the ledger recorded what the client was told"
     );
 }
 
@@ -229,8 +233,10 @@ async fn openai_agents_runs_a_tool_through_the_responses_api() {
         (Some(402), Some("budget_exceeded"))
     );
     assert_eq!(seen["403"]["error"], "PermissionDeniedError");
+    assert_eq!(seen["401"]["error"], "AuthenticationError");
     assert_eq!(denials(&stack, "agents-poor", "budget"), 1);
     assert_eq!(denials(&stack, "agents-fenced", "model"), 1);
+    assert_429_retried_as_told(&stack, "agents-slow", &seen["429"]);
 
     // Every model call went to /v1/responses with the tool, and the tool's
     // output came back to the model; the ledger charged what the agent saw.
@@ -253,15 +259,15 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
         return;
     };
     let stack = Stack::start().await;
-    let token = stack.agent("langchain", "1", "600", &[]);
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/clients/drive_langchain_openai.py"
     );
     let mut cmd = Command::new(&python);
-    cmd.arg(script)
-        .arg(stack.url("/v1"))
-        .env("AEX_TOKEN_OK", &token);
+    cmd.arg(script).arg(stack.url("/v1"));
+    for (name, token) in sdk_agents(&stack, "langchain") {
+        cmd.env(format!("AEX_TOKEN_{name}"), token);
+    }
     let seen = drive(cmd).await;
     assert_eq!(seen["invoke"]["content"], "hello from mock");
     assert_eq!(seen["invoke"]["usage"], serde_json::json!([10, 5]));
@@ -270,7 +276,21 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
         seen["stream"]["client_saw_usage"], false,
         "the client never asked for usage, and got none"
     );
+    // Denials arrive as the OpenAI SDK's errors, sent once; a 429 is
+    // retried after the wait AEX gave.
+    assert_eq!(
+        (seen["402"]["status"].as_u64(), seen["402"]["code"].as_str()),
+        (Some(402), Some("budget_exceeded"))
+    );
+    // (langchain-openai re-raises them as its subclasses of the SDK's errors)
+    assert_eq!(seen["403"]["error"], "OpenAIPermissionDeniedError");
+    assert_eq!(seen["401"]["error"], "OpenAIAuthenticationError");
+    assert_eq!(denials(&stack, "langchain-poor", "budget"), 1);
+    assert_eq!(denials(&stack, "langchain-fenced", "model"), 1);
+    assert_429_retried_as_told(&stack, "langchain-slow", &seen["429"]);
+
     let requests = stack.mock.requests();
+    assert_eq!(requests.len(), 2, "only admitted calls reach the provider");
     let streamed = &requests[1].body;
     assert_eq!(streamed["stream"], true);
     assert_eq!(
