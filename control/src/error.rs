@@ -23,6 +23,7 @@ impl From<Error> for Status {
             Error::Store(StoreError::AgentNotFound(_)) => Code::NotFound,
             Error::Store(StoreError::DuplicateName(_)) => Code::AlreadyExists,
             Error::Store(StoreError::Invalid(_)) => Code::FailedPrecondition,
+            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_) | Error::Home(_) => Code::Internal,
             Error::Config(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
         };

@@ -3,6 +3,7 @@
 //! unchanged on PostgreSQL (`$N` parameters, no SQLite-only syntax).
 
 pub mod sqlite;
+mod sqlite_ledger;
 
 use crate::ledger::chain::EventBody;
 use async_trait::async_trait;
@@ -313,6 +314,12 @@ pub enum StoreError {
     Invalid(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The ledger could not commit (or its writer is gone); nothing of the
+    /// operation happened, and retrying it is safe.
+    #[error("the ledger is unavailable: {0}")]
+    Unavailable(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the database holds a value this AEX cannot read: {0}")]

@@ -6,6 +6,7 @@
 //! process (committed frames are in the OS page cache); only a power loss can
 //! drop the last transactions.
 
+use super::sqlite_ledger::LedgerWriter;
 use super::{
     AgentActivity, AgentPatch, AgentRecord, AgentState, AuditData, Caps, DenialRecord, EventFilter,
     EventRecord, NewAgent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, Scope,
@@ -26,8 +27,13 @@ const AGENT_COLUMNS: &str = "id, name, token_sha256, token_prefix, token_expires
     created_at_ms, updated_at_ms, last_activity_at_ms, deleted_at_ms";
 
 pub struct SqliteStore {
+    /// Admin writes. Transactions take the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred one that read first could not upgrade once
+    /// the ledger writer had committed (SQLITE_BUSY_SNAPSHOT in WAL).
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Reservations, settlements and denials, group-committed.
+    ledger: LedgerWriter,
     ledger_key: Vec<u8>,
 }
 
@@ -51,9 +57,11 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
+        let ledger = LedgerWriter::start(path, ledger_key.clone())?;
         Ok(Self {
             writer,
             reader,
+            ledger,
             ledger_key,
         })
     }
@@ -379,7 +387,7 @@ impl Store for SqliteStore {
             last_activity_at_ms: None,
             deleted_at_ms: None,
         };
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
             "INSERT INTO agents (id, name, token_sha256, token_prefix, token_expires_at_ms, \
              token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, \
@@ -463,7 +471,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let (changed, top_up) = apply_patch(&mut agent, &patch)?;
         let now = now_ms();
@@ -502,7 +510,7 @@ impl Store for SqliteStore {
         name: &str,
         token: TokenChange,
     ) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let old_prefix = std::mem::replace(&mut agent.token_prefix, token.token_prefix);
         agent.token_sha256 = token.token_sha256;
@@ -532,7 +540,7 @@ impl Store for SqliteStore {
             AgentState::Paused => "agent.paused",
             AgentState::Deleted => return self.delete_agent(name).await,
         };
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut agent = live_agent(&mut tx, name).await?;
         if agent.state == state {
             return Ok(agent);
@@ -553,7 +561,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let now = now_ms();
         agent.state = AgentState::Deleted;
@@ -579,115 +587,15 @@ impl Store for SqliteStore {
     }
 
     async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
-        self.reserve_tx(&n).await
+        self.ledger.reserve(n).await
     }
 
     async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
-        let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        let row: Option<(String, i64, String)> =
-            sqlx::query_as("SELECT agent_id, amount_micro, state FROM reservations WHERE id = $1")
-                .bind(&st.reservation_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((agent_id, reserved, _)) = row else {
-            return Ok(SettleOutcome::UnknownReservation);
-        };
-        // Compare-and-set: only the first settlement of an open reservation
-        // changes anything, however often it is retried.
-        let closed = sqlx::query(
-            "UPDATE reservations SET state = $2, settled_at_ms = $3, charged_micro = $4, \
-             outcome = $5, prompt_tokens = $6, completion_tokens = $7 \
-             WHERE id = $1 AND state = 'open'",
-        )
-        .bind(&st.reservation_id)
-        .bind(st.state)
-        .bind(now)
-        .bind(st.charge_micro)
-        .bind(&st.outcome)
-        .bind(st.prompt_tokens as i64)
-        .bind(st.completion_tokens as i64)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !closed {
-            return Ok(SettleOutcome::AlreadyClosed);
-        }
-        let (remaining,): (i64,) = sqlx::query_as(
-            "UPDATE agents SET reserved_micro = reserved_micro - $2, spent_micro = spent_micro + $3, \
-             last_activity_at_ms = $4 WHERE id = $1 \
-             RETURNING budget_micro - spent_micro - reserved_micro",
-        )
-        .bind(&agent_id)
-        .bind(reserved)
-        .bind(st.charge_micro)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let kind = match st.state {
-            "expired" => "expire",
-            _ if st.charge_micro == 0 => "release",
-            _ => "settle",
-        };
-        append_event(
-            &mut tx,
-            &self.ledger_key,
-            now,
-            NewEvent {
-                kind,
-                agent_id: &agent_id,
-                agent_name: &st.agent_name,
-                reservation_id: &st.reservation_id,
-                amount_micro: st.charge_micro,
-                reason: &st.outcome,
-                details: st.details,
-            },
-        )
-        .await?;
-        for (kind, reason, details) in st.extra_events {
-            append_event(
-                &mut tx,
-                &self.ledger_key,
-                now,
-                NewEvent {
-                    kind,
-                    agent_id: &agent_id,
-                    agent_name: &st.agent_name,
-                    reservation_id: &st.reservation_id,
-                    amount_micro: 0,
-                    reason: &reason,
-                    details,
-                },
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(SettleOutcome::Settled {
-            charged_micro: st.charge_micro,
-            remaining_micro: remaining,
-        })
+        self.ledger.settle(st).await
     }
 
     async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        append_event(
-            &mut tx,
-            &self.ledger_key,
-            now_ms(),
-            NewEvent {
-                kind: "deny",
-                agent_id: &d.agent_id,
-                agent_name: &d.agent_name,
-                reservation_id: "",
-                amount_micro: 0,
-                reason: &d.reason,
-                details: d.details,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.ledger.deny(d).await
     }
 
     async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError> {
@@ -704,7 +612,7 @@ impl Store for SqliteStore {
         ids: &[String],
         expires_at_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut closed = Vec::new();
         for id in ids {
             let extended = sqlx::query(
@@ -724,7 +632,7 @@ impl Store for SqliteStore {
     }
 
     async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let now = now_ms();
         agent.state = AgentState::Paused;
@@ -742,7 +650,7 @@ impl Store for SqliteStore {
     }
 
     async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
@@ -803,7 +711,7 @@ impl Store for SqliteStore {
         reason: &str,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let ended = sqlx::query(
             "UPDATE processes SET state = $2, ended_at_ms = $3, exit_code = $4, reason = $5 \
              WHERE id = $1 AND state = 'running'",
@@ -1082,115 +990,6 @@ impl From<ReservationRow> for ReservationRecord {
     }
 }
 
-async fn remaining_of(conn: &mut SqliteConnection, agent_id: &str) -> Result<i64, StoreError> {
-    let (remaining,): (i64,) = sqlx::query_as(
-        "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = $1",
-    )
-    .bind(agent_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(remaining)
-}
-
-impl SqliteStore {
-    async fn reserve_tx(&self, n: &NewReservation) -> Result<ReserveOutcome, StoreError> {
-        let r = &n.record;
-        let mut tx = self.writer.begin().await?;
-        let existing: Option<ReservationRow> = sqlx::query_as(&format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE request_id = $1"
-        ))
-        .bind(&r.request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(existing) = existing {
-            return Ok(ReserveOutcome::AlreadyAdmitted(existing.into()));
-        }
-        // The budget check and the reservation are one statement, so no two
-        // admissions (on any number of nodes) can both take the last micro.
-        // RETURNING saves a second statement (each is a round trip to
-        // sqlx's SQLite worker thread); PostgreSQL has it too.
-        let taken: Option<(i64,)> = sqlx::query_as(
-            "UPDATE agents SET reserved_micro = reserved_micro + $1, last_activity_at_ms = $3 \
-             WHERE id = $2 AND deleted_at_ms IS NULL \
-             AND budget_micro - spent_micro - reserved_micro >= $1 \
-             RETURNING budget_micro - spent_micro - reserved_micro",
-        )
-        .bind(r.amount_micro)
-        .bind(&r.agent_id)
-        .bind(r.created_at_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let remaining = match taken {
-            Some((remaining,)) => remaining,
-            None => remaining_of(&mut tx, &r.agent_id).await?,
-        };
-        let taken = taken.is_some();
-        if !taken {
-            let details = json!({
-                "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
-                "request_id": r.request_id,
-            });
-            append_event(
-                &mut tx,
-                &self.ledger_key,
-                r.created_at_ms,
-                NewEvent {
-                    kind: "deny",
-                    agent_id: &r.agent_id,
-                    agent_name: &n.agent_name,
-                    reservation_id: "",
-                    amount_micro: 0,
-                    reason: "budget",
-                    details,
-                },
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok(ReserveOutcome::InsufficientBudget {
-                remaining_micro: remaining,
-            });
-        }
-        sqlx::query(
-            "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
-             input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
-             state, created_at_ms, expires_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'open', $10, $11)",
-        )
-        .bind(&r.id)
-        .bind(&r.request_id)
-        .bind(&r.agent_id)
-        .bind(&r.model)
-        .bind(r.amount_micro)
-        .bind(r.pricing.input_pico_per_token)
-        .bind(r.pricing.output_pico_per_token)
-        .bind(r.input_tokens_bound as i64)
-        .bind(r.output_tokens_cap as i64)
-        .bind(r.created_at_ms)
-        .bind(r.expires_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        append_event(
-            &mut tx,
-            &self.ledger_key,
-            r.created_at_ms,
-            NewEvent {
-                kind: "admit",
-                agent_id: &r.agent_id,
-                agent_name: &n.agent_name,
-                reservation_id: &r.id,
-                amount_micro: r.amount_micro,
-                reason: "",
-                details: n.details.clone(),
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(ReserveOutcome::Reserved {
-            remaining_micro: remaining,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1294,6 +1093,159 @@ mod tests {
             .unwrap();
         assert_eq!(only_first.len(), 6);
         let _ = a;
+    }
+
+    fn reservation(agent_id: &str, n: usize, amount_micro: i64) -> NewReservation {
+        NewReservation {
+            record: ReservationRecord {
+                id: format!("rsv_{n}"),
+                request_id: format!("req_{n}"),
+                agent_id: agent_id.into(),
+                model: "m".into(),
+                amount_micro,
+                pricing: Pricing {
+                    input_pico_per_token: 1_000_000,
+                    output_pico_per_token: 2_000_000,
+                },
+                input_tokens_bound: 10,
+                output_tokens_cap: 10,
+                created_at_ms: now_ms(),
+                expires_at_ms: now_ms() + 60_000,
+            },
+            agent_name: "busy".into(),
+            details: json!({"n": n}),
+        }
+    }
+
+    /// Group-committed ledger writes on their own connection, and admin
+    /// writes through sqlx, all at once: one unbroken chain, and money that
+    /// adds up to the micro.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money() {
+        let (_d, s) = store().await;
+        let s = std::sync::Arc::new(s);
+        let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..300 {
+            let (s, id) = (s.clone(), agent.id.clone());
+            tasks.spawn(async move {
+                let reserved = s.reserve(reservation(&id, n, 100)).await.unwrap();
+                assert!(matches!(reserved, ReserveOutcome::Reserved { .. }));
+                // A retried admission is the same reservation, not a second.
+                let again = s.reserve(reservation(&id, n, 100)).await.unwrap();
+                assert!(matches!(again, ReserveOutcome::AlreadyAdmitted(_)));
+                let settlement = Settlement {
+                    reservation_id: format!("rsv_{n}"),
+                    agent_name: "busy".into(),
+                    state: "settled",
+                    charge_micro: (n % 7) as i64,
+                    outcome: "completed".into(),
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    extra_events: vec![],
+                    details: json!({}),
+                };
+                let first = s.settle(settlement.clone()).await.unwrap();
+                assert!(matches!(first, SettleOutcome::Settled { .. }));
+                assert_eq!(
+                    s.settle(settlement).await.unwrap(),
+                    SettleOutcome::AlreadyClosed
+                );
+            });
+        }
+        for _ in 0..30 {
+            let s = s.clone();
+            tasks.spawn(async move {
+                s.update_agent(
+                    "busy",
+                    AgentPatch {
+                        top_up_micro: Some(1_000),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+                s.record_denial(DenialRecord {
+                    agent_id: "nobody".into(),
+                    agent_name: "nobody".into(),
+                    reason: "rpm".into(),
+                    details: json!({}),
+                })
+                .await
+                .unwrap();
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+
+        let after = s.agent_by_name("busy").await.unwrap().unwrap();
+        let charged: i64 = (0..300).map(|n| (n % 7) as i64).sum();
+        assert_eq!(after.spent_micro, charged);
+        assert_eq!(after.reserved_micro, 0);
+        assert_eq!(after.budget_micro, 5_000_000 + 30 * 1_000);
+
+        let events = s
+            .list_events(EventFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // created + 300 × (admit, settle) + 30 × (top-up, deny)
+        assert_eq!(events.len(), 1 + 600 + 60);
+        let mut verifier = crate::ledger::audit::ChainVerifier::new(&[7; 32]);
+        for e in &events {
+            verifier.push(e);
+        }
+        let check = verifier.finish(events.len() as i64);
+        assert!(check.passed, "{:?}", check.offenders);
+    }
+
+    /// One operation failing inside a batch rolls back only itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_operation_leaves_the_rest_of_its_batch() {
+        let (_d, s) = store().await;
+        let s = std::sync::Arc::new(s);
+        let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
+        s.reserve(reservation(&agent.id, 999, 10)).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..50 {
+            let (s, id) = (s.clone(), agent.id.clone());
+            tasks.spawn(async move {
+                let mut r = reservation(&id, n, 10);
+                if n % 10 == 0 {
+                    // The id of an existing reservation, for a new
+                    // request: the primary key refuses it.
+                    r.record.id = "rsv_999".into();
+                }
+                (n, s.reserve(r).await)
+            });
+        }
+        let mut failed = 0;
+        while let Some(done) = tasks.join_next().await {
+            let (n, result) = done.unwrap();
+            if n % 10 == 0 {
+                assert!(result.is_err(), "{n}");
+                failed += 1;
+            } else {
+                assert!(matches!(result, Ok(ReserveOutcome::Reserved { .. })), "{n}");
+            }
+        }
+        assert_eq!(failed, 5);
+        let after = s.agent_by_name("busy").await.unwrap().unwrap();
+        assert_eq!(
+            after.reserved_micro,
+            46 * 10,
+            "only the ones that succeeded"
+        );
+        let events = s.list_events(EventFilter::default()).await.unwrap();
+        assert_eq!(events.len(), 1 + 46);
+        let mut verifier = crate::ledger::audit::ChainVerifier::new(&[7; 32]);
+        for e in &events {
+            verifier.push(e);
+        }
+        assert!(verifier.finish(events.len() as i64).passed);
     }
 
     #[tokio::test]

@@ -1,0 +1,485 @@
+//! The ledger's hot path — reservations, settlements and denials — on a
+//! dedicated writer thread with group commit.
+//!
+//! Why not sqlx here: sqlx's SQLite driver runs every statement on a worker
+//! thread and wakes the caller for its result, so a reservation (seven
+//! statements) cost seven cross-thread round trips, all while holding the one
+//! write lock. Measured under 32 concurrent clients: the control plane
+//! stalled at ~700 requests/s with a core still idle, its time in futex
+//! waits and context switches. Here a thread owns its own connection, runs
+//! every operation waiting in the queue inside one `BEGIN IMMEDIATE`
+//! transaction with cached statements, commits once, and only then answers
+//! each caller: an acknowledged operation is committed (a `kill -9` loses
+//! nothing acknowledged), and under load one commit serves many requests.
+//!
+//! Admin writes still go through sqlx; both take SQLite's write lock with
+//! `BEGIN IMMEDIATE`, and the chain head is read inside the lock at the start
+//! of each batch, so the hash chain stays one sequence whoever appends.
+
+use super::{
+    DenialRecord, EventRecord, NewReservation, ReservationRecord, ReserveOutcome, SettleOutcome,
+    Settlement, StoreError, counter_name, now_ms,
+};
+use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
+use crate::money::Pricing;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// At most this many operations share a transaction; more wait for the next.
+const MAX_BATCH: usize = 512;
+
+enum Job {
+    Reserve(
+        NewReservation,
+        oneshot::Sender<Result<ReserveOutcome, StoreError>>,
+    ),
+    Settle(
+        Settlement,
+        oneshot::Sender<Result<SettleOutcome, StoreError>>,
+    ),
+    Deny(DenialRecord, oneshot::Sender<Result<(), StoreError>>),
+}
+
+enum Done {
+    Reserve(ReserveOutcome),
+    Settle(SettleOutcome),
+    Deny,
+}
+
+/// Handle to the writer thread; the thread ends when every handle is gone.
+#[derive(Clone)]
+pub struct LedgerWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl LedgerWriter {
+    /// Opens a second connection to the (already migrated) database and
+    /// starts the writer thread.
+    pub fn start(path: &Path, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
+        std::thread::Builder::new()
+            .name("aex-ledger-writer".into())
+            .spawn(move || run(conn, &ledger_key, rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger writer: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    pub async fn reserve(&self, r: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Reserve(r, tx), rx).await
+    }
+
+    pub async fn settle(&self, s: Settlement) -> Result<SettleOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Settle(s, tx), rx).await
+    }
+
+    pub async fn deny(&self, d: DenialRecord) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Deny(d, tx), rx).await
+    }
+
+    async fn submit<T>(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let gone = || StoreError::Unavailable("the ledger writer has stopped".into());
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+fn run(mut conn: Connection, key: &[u8], mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, key, &mut batch);
+    }
+}
+
+/// Runs every job in one transaction (each inside a savepoint, so one
+/// failing job leaves the others), commits, then answers. If the commit
+/// fails, every job in the batch gets the error: none of them happened.
+fn commit_batch(conn: &mut Connection, key: &[u8], batch: &mut Vec<Job>) {
+    let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut head = chain_head(&tx)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            let before = head.clone();
+            let mut sp = tx.savepoint()?;
+            let result = apply(&sp, key, &mut head, job);
+            if result.is_ok() {
+                sp.commit()?;
+            } else {
+                sp.rollback()?;
+                head = before;
+            }
+            results.push(result);
+        }
+        tx.commit()?;
+        Ok(results)
+    })();
+    match outcome {
+        Ok(results) => {
+            for (job, result) in batch.drain(..).zip(results) {
+                answer(job, result);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for job in batch.drain(..) {
+                answer(job, Err(StoreError::Unavailable(message.clone())));
+            }
+        }
+    }
+}
+
+/// Callers that gave up (a dropped receiver) are fine to ignore: their
+/// operation is committed either way, and idempotent on retry.
+fn answer(job: Job, result: Result<Done, StoreError>) {
+    match (job, result) {
+        (Job::Reserve(_, tx), Ok(Done::Reserve(o))) => drop(tx.send(Ok(o))),
+        (Job::Settle(_, tx), Ok(Done::Settle(o))) => drop(tx.send(Ok(o))),
+        (Job::Deny(_, tx), Ok(Done::Deny)) => drop(tx.send(Ok(()))),
+        (Job::Reserve(_, tx), Err(e)) => drop(tx.send(Err(e))),
+        (Job::Settle(_, tx), Err(e)) => drop(tx.send(Err(e))),
+        (Job::Deny(_, tx), Err(e)) => drop(tx.send(Err(e))),
+        (_, Ok(_)) => unreachable!("apply answers each job with its own kind"),
+    }
+}
+
+fn apply(tx: &Connection, key: &[u8], head: &mut Head, job: &Job) -> Result<Done, StoreError> {
+    Ok(match job {
+        Job::Reserve(r, _) => Done::Reserve(reserve(tx, key, head, r)?),
+        Job::Settle(s, _) => Done::Settle(settle(tx, key, head, s)?),
+        Job::Deny(d, _) => {
+            append_event(
+                tx,
+                key,
+                head,
+                Event {
+                    ts_ms: now_ms(),
+                    kind: "deny",
+                    agent_id: &d.agent_id,
+                    agent_name: &d.agent_name,
+                    reservation_id: "",
+                    amount_micro: 0,
+                    reason: &d.reason,
+                    details: &d.details,
+                },
+            )?;
+            Done::Deny
+        }
+    })
+}
+
+/// The last event's sequence number and hash.
+#[derive(Clone)]
+struct Head {
+    seq: i64,
+    hash: String,
+}
+
+fn chain_head(tx: &Connection) -> Result<Head, StoreError> {
+    let head = tx
+        .prepare_cached("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| {
+            Ok(Head {
+                seq: r.get(0)?,
+                hash: r.get(1)?,
+            })
+        })
+        .optional()?;
+    Ok(head.unwrap_or(Head {
+        seq: 0,
+        hash: GENESIS.to_string(),
+    }))
+}
+
+struct Event<'a> {
+    ts_ms: i64,
+    kind: &'a str,
+    agent_id: &'a str,
+    agent_name: &'a str,
+    reservation_id: &'a str,
+    amount_micro: i64,
+    reason: &'a str,
+    details: &'a serde_json::Value,
+}
+
+fn append_event(
+    tx: &Connection,
+    key: &[u8],
+    head: &mut Head,
+    e: Event<'_>,
+) -> Result<EventRecord, StoreError> {
+    let body = EventBody {
+        seq: head.seq + 1,
+        ts_ms: e.ts_ms,
+        kind: e.kind.to_string(),
+        agent_id: e.agent_id.to_string(),
+        agent_name: e.agent_name.to_string(),
+        reservation_id: e.reservation_id.to_string(),
+        amount_micro: e.amount_micro,
+        reason: e.reason.to_string(),
+        details_json: e.details.to_string(),
+    };
+    let hash = chain_hash(key, &head.hash, &body);
+    tx.prepare_cached(
+        "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, \
+         amount_micro, reason, details, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        body.seq,
+        body.ts_ms,
+        body.kind,
+        body.agent_id,
+        body.agent_name,
+        body.reservation_id,
+        body.amount_micro,
+        body.reason,
+        body.details_json,
+        head.hash,
+        hash,
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO counters (agent_id, name, value) VALUES (?1, ?2, 1) \
+         ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1",
+    )?
+    .execute(params![
+        body.agent_id,
+        counter_name(&body.kind, &body.reason)
+    ])?;
+    let record = EventRecord {
+        body,
+        prev_hash: std::mem::take(&mut head.hash),
+        hash,
+    };
+    head.seq = record.body.seq;
+    head.hash = record.hash.clone();
+    Ok(record)
+}
+
+fn remaining_of(tx: &Connection, agent_id: &str) -> Result<i64, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = ?1",
+        )?
+        .query_row([agent_id], |r| r.get(0))?)
+}
+
+fn reserve(
+    tx: &Connection,
+    key: &[u8],
+    head: &mut Head,
+    n: &NewReservation,
+) -> Result<ReserveOutcome, StoreError> {
+    let r = &n.record;
+    let existing = tx
+        .prepare_cached(
+            "SELECT id, request_id, agent_id, model, amount_micro, input_pico_per_token, \
+             output_pico_per_token, input_tokens_bound, output_tokens_cap, created_at_ms, \
+             expires_at_ms FROM reservations WHERE request_id = ?1",
+        )?
+        .query_row([&r.request_id], |row| {
+            Ok(ReservationRecord {
+                id: row.get(0)?,
+                request_id: row.get(1)?,
+                agent_id: row.get(2)?,
+                model: row.get(3)?,
+                amount_micro: row.get(4)?,
+                pricing: Pricing {
+                    input_pico_per_token: row.get(5)?,
+                    output_pico_per_token: row.get(6)?,
+                },
+                input_tokens_bound: row.get::<_, i64>(7)?.max(0) as u64,
+                output_tokens_cap: row.get::<_, i64>(8)?.max(0) as u64,
+                created_at_ms: row.get(9)?,
+                expires_at_ms: row.get(10)?,
+            })
+        })
+        .optional()?;
+    if let Some(existing) = existing {
+        return Ok(ReserveOutcome::AlreadyAdmitted(existing));
+    }
+    // The budget check and the reservation are one statement, so no two
+    // admissions (on any number of nodes) can both take the last micro.
+    let taken: Option<i64> = tx
+        .prepare_cached(
+            "UPDATE agents SET reserved_micro = reserved_micro + ?1, last_activity_at_ms = ?3 \
+             WHERE id = ?2 AND deleted_at_ms IS NULL \
+             AND budget_micro - spent_micro - reserved_micro >= ?1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )?
+        .query_row(
+            params![r.amount_micro, r.agent_id, r.created_at_ms],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(remaining) = taken else {
+        let remaining = remaining_of(tx, &r.agent_id)?;
+        let details = json!({
+            "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
+            "request_id": r.request_id,
+        });
+        append_event(
+            tx,
+            key,
+            head,
+            Event {
+                ts_ms: r.created_at_ms,
+                kind: "deny",
+                agent_id: &r.agent_id,
+                agent_name: &n.agent_name,
+                reservation_id: "",
+                amount_micro: 0,
+                reason: "budget",
+                details: &details,
+            },
+        )?;
+        return Ok(ReserveOutcome::InsufficientBudget {
+            remaining_micro: remaining,
+        });
+    };
+    tx.prepare_cached(
+        "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
+         input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
+         state, created_at_ms, expires_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', ?10, ?11)",
+    )?
+    .execute(params![
+        r.id,
+        r.request_id,
+        r.agent_id,
+        r.model,
+        r.amount_micro,
+        r.pricing.input_pico_per_token,
+        r.pricing.output_pico_per_token,
+        r.input_tokens_bound as i64,
+        r.output_tokens_cap as i64,
+        r.created_at_ms,
+        r.expires_at_ms,
+    ])?;
+    append_event(
+        tx,
+        key,
+        head,
+        Event {
+            ts_ms: r.created_at_ms,
+            kind: "admit",
+            agent_id: &r.agent_id,
+            agent_name: &n.agent_name,
+            reservation_id: &r.id,
+            amount_micro: r.amount_micro,
+            reason: "",
+            details: &n.details,
+        },
+    )?;
+    Ok(ReserveOutcome::Reserved {
+        remaining_micro: remaining,
+    })
+}
+
+fn settle(
+    tx: &Connection,
+    key: &[u8],
+    head: &mut Head,
+    st: &Settlement,
+) -> Result<SettleOutcome, StoreError> {
+    let now = now_ms();
+    let row: Option<(String, i64)> = tx
+        .prepare_cached("SELECT agent_id, amount_micro FROM reservations WHERE id = ?1")?
+        .query_row([&st.reservation_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((agent_id, reserved)) = row else {
+        return Ok(SettleOutcome::UnknownReservation);
+    };
+    // Compare-and-set: only the first settlement of an open reservation
+    // changes anything, however often it is retried.
+    let closed =
+        tx.prepare_cached(
+            "UPDATE reservations SET state = ?2, settled_at_ms = ?3, charged_micro = ?4, \
+             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7 \
+             WHERE id = ?1 AND state = 'open'",
+        )?
+        .execute(params![
+            st.reservation_id,
+            st.state,
+            now,
+            st.charge_micro,
+            st.outcome,
+            st.prompt_tokens as i64,
+            st.completion_tokens as i64,
+        ])? == 1;
+    if !closed {
+        return Ok(SettleOutcome::AlreadyClosed);
+    }
+    let remaining: i64 = tx
+        .prepare_cached(
+            "UPDATE agents SET reserved_micro = reserved_micro - ?2, \
+             spent_micro = spent_micro + ?3, last_activity_at_ms = ?4 WHERE id = ?1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )?
+        .query_row(params![agent_id, reserved, st.charge_micro, now], |r| {
+            r.get(0)
+        })?;
+    let kind = match st.state {
+        "expired" => "expire",
+        _ if st.charge_micro == 0 => "release",
+        _ => "settle",
+    };
+    append_event(
+        tx,
+        key,
+        head,
+        Event {
+            ts_ms: now,
+            kind,
+            agent_id: &agent_id,
+            agent_name: &st.agent_name,
+            reservation_id: &st.reservation_id,
+            amount_micro: st.charge_micro,
+            reason: &st.outcome,
+            details: &st.details,
+        },
+    )?;
+    for (kind, reason, details) in &st.extra_events {
+        append_event(
+            tx,
+            key,
+            head,
+            Event {
+                ts_ms: now,
+                kind,
+                agent_id: &agent_id,
+                agent_name: &st.agent_name,
+                reservation_id: &st.reservation_id,
+                amount_micro: 0,
+                reason,
+                details,
+            },
+        )?;
+    }
+    Ok(SettleOutcome::Settled {
+        charged_micro: st.charge_micro,
+        remaining_micro: remaining,
+    })
+}
