@@ -4,7 +4,11 @@
 //! can be compared as ratios. Writes a Markdown report.
 //!
 //! Every request body is unique (a counter in the prompt), so nothing can be
-//! answered from a cache.
+//! answered from a cache. Peers (the first AEX, LiteLLM) run in the same
+//! invocation when `bench/install-peers` has installed them.
+
+mod peers;
+mod scale;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -32,6 +36,51 @@ struct Args {
     /// Where to write the report.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     out: PathBuf,
+    /// Where `bench/install-peers` put AEX 2.0 and LiteLLM
+    /// [default: ~/.cache/aex-bench-peers].
+    #[arg(long)]
+    peers_dir: Option<PathBuf>,
+    /// Only direct and AEX.
+    #[arg(long)]
+    no_peers: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(clap::Subcommand)]
+enum Mode {
+    /// Seed a home with many agents and ledger events, then compare
+    /// admission latency, audit and agent list with an empty home.
+    Scale {
+        #[arg(long, default_value_t = 10_000)]
+        agents: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+}
+
+/// The models.yaml both modes use: model `bench` on the mock.
+fn models_yaml(mock_addr: std::net::SocketAddr) -> String {
+    format!(
+        "version: 1\nproviders:\n  mock: {{ base_url: http://{mock_addr}/v1, type: openai_compatible }}\nmodels:\n  bench:\n    provider: mock\n    pricing: {{ input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60 }}\n    limits: {{ max_tokens: 4096 }}\ndefault_model: bench\n"
+    )
+}
+
+/// Replaces this section of the report (between `<!-- name -->` markers),
+/// or appends it, so each mode rewrites only its own numbers.
+fn write_section(path: &Path, name: &str, content: &str) {
+    let (open, close) = (format!("<!-- {name} -->"), format!("<!-- /{name} -->"));
+    let block = format!("{open}\n{}\n{close}", content.trim_end());
+    let existing = std::fs::read_to_string(path)
+        .unwrap_or_else(|_| "# Benchmarks\n\nWritten by `aex-bench` (`./bench/run`); each mode rewrites only its own section.\n\n".into());
+    let updated = match (existing.find(&open), existing.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{block}{}", &existing[..a], &existing[b + close.len()..])
+        }
+        _ => format!("{}\n{block}\n", existing.trim_end()),
+    };
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).expect("docs dir");
+    std::fs::write(path, updated).expect("write report");
 }
 
 const CHAT: &[u8] = br#"{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}"#;
@@ -78,7 +127,9 @@ struct Daemons(Vec<Child>);
 
 impl Drop for Daemons {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        // Newest first: the data plane goes before the control plane it
+        // settles with.
+        for c in self.0.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -145,20 +196,24 @@ struct Result {
     p99: f64,
     done: u64,
     errors: u64,
+    /// What the first failed request got, to say why in the report.
+    first_error: Option<String>,
 }
 
 async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: &Args) -> Result {
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (url, token, counter, errors) = (
+        let (url, token, counter, errors, first_error) = (
             url.to_string(),
             token.to_string(),
             counter.clone(),
             errors.clone(),
+            first_error.clone(),
         );
         let total = args.requests;
         tasks.push(tokio::spawn(async move {
@@ -180,20 +235,32 @@ async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: 
                     body["stream"] = json!(true);
                 }
                 let t0 = Instant::now();
-                let ok = match client
+                let outcome = match client
                     .post(&url)
                     .bearer_auth(&token)
                     .json(&body)
                     .send()
                     .await
                 {
-                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                    _ => false,
+                    Ok(r) if r.status().is_success() => {
+                        r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        Err(format!(
+                            "{status}: {}",
+                            text.chars().take(200).collect::<String>()
+                        ))
+                    }
+                    Err(e) => Err(e.to_string()),
                 };
-                if ok {
-                    latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                match outcome {
+                    Ok(()) => latencies.push(t0.elapsed().as_secs_f64() * 1000.0),
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().expect("not poisoned").get_or_insert(e);
+                    }
                 }
             }
         }));
@@ -216,6 +283,7 @@ async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: 
         p99: pct(0.99),
         done: all.len() as u64,
         errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.lock().expect("not poisoned").take(),
     }
 }
 
@@ -228,16 +296,21 @@ async fn main() {
     let mock_addr = listener.local_addr().expect("addr");
     tokio::spawn(mock(listener));
 
+    if let Some(Mode::Scale { agents, events }) = args.mode {
+        let scale = scale::ScaleArgs {
+            agents,
+            events,
+            requests: args.requests.min(2_000),
+            max_seconds: args.max_seconds,
+        };
+        scale::run(scale, mock_addr, &args.out).await;
+        return;
+    }
+
     let dir = tempfile::tempdir().expect("tempdir");
     let home = aex_control::home::Home::new(dir.path());
     home.init(false).expect("init");
-    std::fs::write(
-        home.models_yaml(),
-        format!(
-            "version: 1\nproviders:\n  mock: {{ base_url: http://{mock_addr}/v1, type: openai_compatible }}\nmodels:\n  bench:\n    provider: mock\n    pricing: {{ input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60 }}\n    limits: {{ max_tokens: 4096 }}\ndefault_model: bench\n"
-        ),
-    )
-    .expect("models.yaml");
+    std::fs::write(home.models_yaml(), models_yaml(mock_addr)).expect("models.yaml");
     let mut daemons = Daemons(Vec::new());
     let (control_pid, control_addr) = spawn(
         dir.path(),
@@ -275,57 +348,122 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let mut peers = Vec::new();
+    if !args.no_peers {
+        let dir = args.peers_dir.clone().unwrap_or_else(peers::default_dir);
+        peers.extend(peers::start_aex2(&dir, mock_addr).await);
+        peers.extend(peers::start_litellm(&dir, mock_addr).await);
+    }
+
     let direct = format!("http://{mock_addr}/v1/chat/completions");
     let through = format!("http://{data_addr}/v1/chat/completions");
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     for (stream, concurrency) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
         let name = format!("{} c={concurrency}", if stream { "stream" } else { "chat" });
         let d = workload(&direct, "unused", stream, concurrency, &args).await;
-        let (c0, _) = usage(control_pid);
-        let (p0, _) = usage(data_pid);
-        let a = workload(&through, &token, stream, concurrency, &args).await;
-        let (c1, control_rss) = usage(control_pid);
-        let (p1, data_rss) = usage(data_pid);
-        let per_k = |cpu: f64| {
-            if a.done == 0 {
-                0.0
-            } else {
-                cpu / a.done as f64 * 1000.0
+        eprintln!("{name}: direct {:.0} rps p50 {:.3} ms", d.rps, d.p50);
+        rows.push(row(&name, "direct", &d, &d, None));
+        let mut targets = vec![(
+            "**AEX**",
+            through.clone(),
+            token.clone(),
+            vec![data_pid, control_pid],
+        )];
+        for p in &peers {
+            targets.push((p.name, p.url.clone(), p.token.clone(), vec![p.pid]));
+        }
+        for (target, url, token, pids) in targets {
+            let before: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
+            let r = workload(&url, &token, stream, concurrency, &args).await;
+            let after: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
+            let per_k = |i: usize| {
+                if r.done == 0 {
+                    0.0
+                } else {
+                    (after[i].0 - before[i].0) / r.done as f64 * 1000.0
+                }
+            };
+            let cost = (0..pids.len())
+                .map(|i| format!("{:.2}", per_k(i)))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            let rss = after
+                .iter()
+                .map(|(_, rss)| format!("{rss:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            eprintln!(
+                "{name}: {target} {:.0} rps p50 {:.3} ms ({} errors)",
+                r.rps, r.p50, r.errors
+            );
+            if let Some(e) = &r.first_error {
+                notes.push(format!(
+                    "- {name}, {target}: first error of {}: `{e}`",
+                    r.errors
+                ));
             }
-        };
-        eprintln!(
-            "{name}: direct {:.0} rps p50 {:.3} ms; AEX {:.0} rps p50 {:.3} ms ({} errors)",
-            d.rps, d.p50, a.rps, a.p50, a.errors
-        );
-        rows.push(format!(
-            "| {name} | {:.0} | {:.0} ({:.0}%) | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | **{:+.3}** / {:+.3} | {:.2} / {:.2} | {:.0} / {:.0} | {} / {} |",
-            d.rps, a.rps, a.rps / d.rps * 100.0,
-            d.p50, d.p90, d.p99, a.p50, a.p90, a.p99,
-            a.p50 - d.p50, a.p99 - d.p99,
-            per_k(p1 - p0), per_k(c1 - c0),
-            data_rss, control_rss,
-            a.done, a.errors,
-        ));
+            rows.push(row(&name, target, &r, &d, Some((cost, rss))));
+        }
     }
+    drop(peers);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = format!(
-        "# Benchmarks\n\n\
-Produced by `./bench/run` (= `cargo build --release --workspace --bins && target/release/aex-bench --requests {req}`) \
-on {cpus} CPUs, load generator, mock provider and AEX on the same machine. Absolute numbers on a shared box are noise; \
-compare AEX with *direct* in the same run.\n\n\
-- *direct*: the client talks to the mock provider itself.\n\
+        "## Throughput and latency against peers\n\n\
+Produced by `./bench/run --requests {req}` (= `cargo build --release --workspace --bins && target/release/aex-bench --requests {req}`; \
+peers installed by `bench/install-peers`) on {cpus} CPUs, with load generator, mock provider, AEX and the peers on the same machine. \
+Absolute numbers on a shared box are noise; compare each gateway with *direct* in the same run. \
+Each workload stops after {max}s even if requests remain.\n\n\
+- *direct*: the client talks to the mock provider itself (hyper, canned answers).\n\
 - *AEX*: the same client through `aex-dataplane` with full enforcement: token auth, RPM/TPM limits, \
-a durable reservation and settlement per request in the SQLite ledger (WAL), each with its HMAC-chained events. \
-1,000 agents exist; one is driven.\n\
-- Every body is unique; each worker keeps one connection alive.\n\n\
-| workload | direct rps | AEX rps (% of direct) | direct p50 / p90 / p99 ms | AEX p50 / p90 / p99 ms | added p50 / p99 ms | CPU s per 1k req: data / control | peak RSS MiB: data / control | AEX requests / errors |\n\
-|---|---|---|---|---|---|---|---|---|\n{}\n\n\
+a durable reservation and settlement per request in the SQLite ledger (WAL, group commit), each with its HMAC-chained events. \
+1,000 agents exist; one is driven. CPU and RSS are given as data plane / control plane.\n\
+- *AEX 2.0*: the first AEX (`aex==2.0.0.post2`, uvicorn), with its own ledger.\n\
+- *LiteLLM*: `litellm[proxy]==1.100.5`, no database (routing only, no budgets).\n\
+- Every body is unique (AEX 2.0 answers repeated bodies from a cache); each worker keeps one connection alive.\n\n\
+| workload | target | rps (% of direct) | p50 / p90 / p99 ms | added p50 / p99 ms | CPU s per 1k req | peak RSS MiB | requests / errors |\n\
+|---|---|---|---|---|---|---|---|\n{}\n\n{}\
 Targets (issue #7): added p50 ≤ 0.2 ms and p99 ≤ 1 ms at c=1; AEX ≥ 50% of direct throughput at c=32; \
-RSS ≤ 64 MB per plane with 1,000 agents. Peers (AEX 2.0, LiteLLM) are not in this run yet.\n",
+RSS ≤ 64 MB per plane with 1,000 agents.\n",
         rows.join("\n"),
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!("Errors:\n{}\n\n", notes.join("\n"))
+        },
         req = args.requests,
+        max = args.max_seconds,
     );
-    std::fs::create_dir_all(args.out.parent().unwrap_or(Path::new("."))).expect("docs dir");
-    std::fs::write(&args.out, report).expect("write report");
+    write_section(&args.out, "throughput", &report);
     eprintln!("wrote {}", args.out.display());
+}
+
+/// One table row; `costs` is (CPU per 1k requests, peak RSS) per process.
+fn row(
+    workload: &str,
+    target: &str,
+    r: &Result,
+    direct: &Result,
+    costs: Option<(String, String)>,
+) -> String {
+    let (cpu, rss) = costs.unwrap_or(("—".into(), "—".into()));
+    let added = if target == "direct" {
+        "—".to_string()
+    } else {
+        format!(
+            "**{:+.3}** / {:+.3}",
+            r.p50 - direct.p50,
+            r.p99 - direct.p99
+        )
+    };
+    format!(
+        "| {workload} | {target} | {:.0} ({:.0}%) | {:.3} / {:.3} / {:.3} | {added} | {cpu} | {rss} | {} / {} |",
+        r.rps,
+        r.rps / direct.rps * 100.0,
+        r.p50,
+        r.p90,
+        r.p99,
+        r.done,
+        r.errors,
+    )
 }

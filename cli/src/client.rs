@@ -39,6 +39,16 @@ pub struct Admin {
 
 impl Admin {
     pub async fn connect(home: &Home, address: &str) -> Result<Self> {
+        Self::connect_with_timeout(home, address, Duration::from_secs(30)).await
+    }
+
+    /// For calls that scan the whole ledger (audit): a long one grows with
+    /// the log, about 20 s per million events on a small machine.
+    pub async fn connect_with_timeout(
+        home: &Home,
+        address: &str,
+        request_timeout: Duration,
+    ) -> Result<Self> {
         let token = home.read_admin_token()?;
         let auth = AdminAuth(format!("Bearer {token}").parse().map_err(|_| {
             CliError::Failed(format!(
@@ -49,7 +59,7 @@ impl Admin {
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|e| CliError::Usage(format!("--control '{address}' is not a URL: {e}")))?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30));
+            .timeout(request_timeout);
         let channel = endpoint.connect().await.map_err(|e| {
             CliError::Failed(format!(
                 "cannot reach the AEX control plane at {address} ({}).\n\

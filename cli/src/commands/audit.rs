@@ -13,7 +13,8 @@ pub struct Args {
 
 /// Exits 1 when any check fails.
 pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
-    let mut admin = Admin::connect(home, control).await?;
+    let mut admin =
+        Admin::connect_with_timeout(home, control, std::time::Duration::from_secs(600)).await?;
     let report = admin
         .ledger
         .audit(pb::AuditRequest {})

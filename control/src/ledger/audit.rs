@@ -2,7 +2,7 @@
 //! functions over data the store hands over. Each check names what failed.
 
 use super::chain::{GENESIS, chain_hash};
-use crate::storage::{AuditData, EventRecord};
+use crate::storage::{AuditData, EventRecord, counter_name};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
@@ -101,6 +101,33 @@ impl<'k> ChainVerifier<'k> {
             "the event log was edited",
             offenders,
         )
+    }
+}
+
+/// What the log says, per agent, gathered in the same pass that verifies
+/// the chain: the amounts charged and how many events of each kind.
+#[derive(Debug, Default)]
+pub struct LogTally {
+    charged: std::collections::HashMap<String, i64>,
+    event_counts: std::collections::HashMap<(String, String), i64>,
+}
+
+impl LogTally {
+    pub fn push(&mut self, e: &EventRecord) {
+        let b = &e.body;
+        if b.kind == "settle" || b.kind == "expire" {
+            *self.charged.entry(b.agent_id.clone()).or_default() += b.amount_micro;
+        }
+        *self
+            .event_counts
+            .entry((b.agent_id.clone(), counter_name(&b.kind, &b.reason)))
+            .or_default() += 1;
+    }
+
+    /// Hands the tally to the invariants.
+    pub fn into_data(self, data: &mut AuditData) {
+        data.charged = self.charged;
+        data.event_counts = self.event_counts;
     }
 }
 
@@ -282,6 +309,29 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    #[test]
+    fn the_tally_sums_charges_and_counts_events_per_kind() {
+        let mut evs = events(&[1; 32], 3);
+        evs[2].body.kind = "deny".into();
+        evs[2].body.reason = "rpm".into();
+        let mut tally = LogTally::default();
+        for e in &evs {
+            tally.push(e);
+        }
+        let mut data = AuditData::default();
+        tally.into_data(&mut data);
+        // Two settles of 5 µ (agent id "" in these events); the deny charges nothing.
+        assert_eq!(data.charged.get(""), Some(&10));
+        assert_eq!(
+            data.event_counts.get(&("".into(), "settle".into())),
+            Some(&2)
+        );
+        assert_eq!(
+            data.event_counts.get(&("".into(), "deny:rpm".into())),
+            Some(&1)
+        );
     }
 
     fn verify(key: &[u8], evs: &[EventRecord], expected: i64) -> Check {

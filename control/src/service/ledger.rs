@@ -1,5 +1,5 @@
 use crate::error::Error;
-use crate::ledger::audit::{ChainVerifier, invariants};
+use crate::ledger::audit::{ChainVerifier, LogTally, invariants};
 use crate::service::convert::event_to_pb;
 use crate::state::ControlState;
 use crate::storage::{EventFilter, now_ms};
@@ -31,10 +31,12 @@ impl LedgerApi {
     async fn audit(&self) -> Result<pb::AuditReport, Error> {
         let started = std::time::Instant::now();
         let store = &self.state.store;
-        let data = store.audit_data(now_ms()).await?;
+        let mut data = store.audit_data(now_ms()).await?;
         let mut verifier = ChainVerifier::new(&self.state.ledger_key);
+        let mut tally = LogTally::default();
         let mut after_seq = 0;
-        loop {
+        // Up to the snapshot's last event: later ones belong to the next audit.
+        'pages: while after_seq < data.last_seq {
             let page = store
                 .list_events(EventFilter {
                     after_seq,
@@ -45,9 +47,14 @@ impl LedgerApi {
             let Some(last) = page.last() else { break };
             after_seq = last.body.seq;
             for e in &page {
+                if e.body.seq > data.last_seq {
+                    break 'pages;
+                }
                 verifier.push(e);
+                tally.push(e);
             }
         }
+        tally.into_data(&mut data);
         let counted: i64 = data.counters.values().sum();
         let checked = verifier.checked();
         let chain = verifier.finish(counted);

@@ -264,13 +264,19 @@ pub struct AuditData {
     /// Sum of open reservations per agent id.
     pub open_reserved: std::collections::HashMap<String, i64>,
     /// Sum of charged amounts (settle and expire events) per agent id.
+    /// Filled from the log by [`crate::ledger::audit::LogTally`] while the
+    /// chain is verified, not by the store.
     pub charged: std::collections::HashMap<String, i64>,
     /// Open reservations past their expiry: (reservation id, agent id, expired at).
     pub overdue: Vec<(String, String, i64)>,
     /// (agent id, counter name) → value, from the counters table.
     pub counters: std::collections::HashMap<(String, String), i64>,
-    /// (agent id, counter name) → events of that kind in the log.
+    /// (agent id, counter name) → events of that kind in the log (filled
+    /// by the tally, like `charged`).
     pub event_counts: std::collections::HashMap<(String, String), i64>,
+    /// The newest event when the rest was read: everything above is one
+    /// snapshot, and the audit checks the log up to this event.
+    pub last_seq: i64,
 }
 
 /// Totals for `aexctl status`, from counters (never a scan of the log).

@@ -767,44 +767,45 @@ impl Store for SqliteStore {
     }
 
     async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError> {
+        // One read transaction: agents, counters and the last event seq are
+        // one snapshot even while requests keep settling. The log itself is
+        // tallied as it is verified (one pass instead of two GROUP BY scans,
+        // which took 4 s each over 1M events).
+        let mut tx = self.reader.begin().await?;
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at_ms, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
         let mut data = AuditData {
-            agents: self.list_agents(true).await?,
+            agents: rows
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
             ..Default::default()
         };
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT agent_id, SUM(amount_micro) FROM reservations WHERE state = 'open' GROUP BY agent_id",
         )
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?;
         data.open_reserved = rows.into_iter().collect();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT agent_id, SUM(amount_micro) FROM events WHERE kind IN ('settle', 'expire') GROUP BY agent_id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        data.charged = rows.into_iter().collect();
         data.overdue = sqlx::query_as(
             "SELECT id, agent_id, expires_at_ms FROM reservations WHERE state = 'open' AND expires_at_ms < $1",
         )
         .bind(now_ms)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?;
         let rows: Vec<(String, String, i64)> =
             sqlx::query_as("SELECT agent_id, name, value FROM counters")
-                .fetch_all(&self.reader)
+                .fetch_all(&mut *tx)
                 .await?;
         data.counters = rows.into_iter().map(|(a, n, v)| ((a, n), v)).collect();
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT agent_id, kind, reason, COUNT(*) FROM events GROUP BY agent_id, kind, reason",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        for (agent, kind, reason, n) in rows {
-            *data
-                .event_counts
-                .entry((agent, counter_name(&kind, &reason)))
-                .or_default() += n;
-        }
+        let (last_seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        data.last_seq = last_seq.unwrap_or(0);
+        tx.commit().await?;
         Ok(data)
     }
 
