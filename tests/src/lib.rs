@@ -487,6 +487,16 @@ default_model: mock-model
         out.json()["token"].as_str().expect("token").to_string()
     }
 
+    /// The agent's ledger events, oldest first (`aexctl events --agent NAME --json`).
+    pub fn events(&self, agent: &str) -> Vec<serde_json::Value> {
+        let out = self.control.aexctl(&["events", "--agent", agent, "--json"]);
+        out.assert_ok();
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+            .collect()
+    }
+
     /// `aexctl agent inspect NAME --json`.
     pub fn inspect(&self, name: &str) -> serde_json::Value {
         let out = self.control.aexctl(&["agent", "inspect", name, "--json"]);

@@ -49,18 +49,9 @@ async fn drive(mut cmd: Command) -> Value {
     serde_json::from_slice(&out.stdout).expect("the driver prints JSON")
 }
 
-fn events(stack: &Stack, agent: &str) -> Vec<Value> {
-    stack
-        .control
-        .aexctl(&["events", "--agent", agent, "--json"])
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .collect()
-}
-
 fn denials(stack: &Stack, agent: &str, reason: &str) -> usize {
-    events(stack, agent)
+    stack
+        .events(agent)
         .iter()
         .filter(|e| e["kind"] == "deny" && e["reason"] == reason)
         .count()
@@ -124,7 +115,8 @@ fn assert_429_retried_as_told(stack: &Stack, agent: &str, rate: &Value) {
         waited + 5 >= told && waited < told + 500,
         "waited {waited} ms, AEX said {told} ms"
     );
-    let rpm_denials: Vec<u64> = events(stack, agent)
+    let rpm_denials: Vec<u64> = stack
+        .events(agent)
         .iter()
         .filter(|e| e["kind"] == "deny" && e["reason"] == "rpm")
         .map(|e| e["details"]["retry_after_ms"].as_u64().unwrap())
@@ -300,7 +292,8 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
     let agent = stack.inspect("langchain");
     // Both calls billed from the provider's usage: 10 + 5 × 2 µ each.
     assert_eq!(agent["spent_micro"], 40);
-    let settles: Vec<Value> = events(&stack, "langchain")
+    let settles: Vec<Value> = stack
+        .events("langchain")
         .into_iter()
         .filter(|e| e["kind"] == "settle")
         .collect();

@@ -120,16 +120,6 @@ impl Run {
     }
 }
 
-fn events(stack: &Stack, agent: &str) -> Vec<Value> {
-    stack
-        .control
-        .aexctl(&["events", "--agent", agent, "--json"])
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .collect()
-}
-
 /// A full agent turn with a tool round trip over `api`: OpenClaw's usage,
 /// the mock's and the ledger's agree.
 async fn tool_round_trip(api: &str, endpoint: &str) {
@@ -174,7 +164,8 @@ async fn tool_round_trip(api: &str, endpoint: &str) {
     let agent = stack.inspect("claw");
     assert_eq!(agent["spent_micro"], 2 * (10 + 5 * 2));
     assert_eq!(agent["reserved_micro"], 0);
-    let settles: Vec<Value> = events(&stack, "claw")
+    let settles: Vec<Value> = stack
+        .events("claw")
         .into_iter()
         .filter(|e| e["kind"] == "settle")
         .collect();
@@ -257,7 +248,8 @@ async fn openclaw_surfaces_denials_and_retries_a_429_after_retry_after() {
         eprintln!("{says}: {message}");
     }
     let denials = |agent: &str, reason: &str| {
-        events(&stack, agent)
+        stack
+            .events(agent)
             .iter()
             .filter(|e| e["kind"] == "deny" && e["reason"] == reason)
             .count()
@@ -280,7 +272,7 @@ async fn openclaw_surfaces_denials_and_retries_a_429_after_retry_after() {
     // 429: refused once, retried no sooner than AEX's Retry-After, served.
     assert!(r429.success, "{}\n{}", r429.stdout, r429.stderr);
     assert_eq!(r429.json()["ok"], true);
-    let slow_events = events(&stack, "claw-slow");
+    let slow_events = stack.events("claw-slow");
     let refusals: Vec<&Value> = slow_events
         .iter()
         .filter(|e| e["kind"] == "deny" && e["reason"] == "rpm")

@@ -196,6 +196,15 @@ impl<'a> NewEvent<'a> {
     }
 }
 
+/// Shared with the ledger writer (rusqlite binds `$N` by position, as the
+/// placeholders appear in order).
+pub(super) const INSERT_EVENT: &str = "INSERT INTO events (seq, ts_ms, kind, agent_id, \
+    agent_name, reservation_id, amount_micro, reason, details, prev_hash, hash) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+/// Per-agent event counters, bumped in the event's own transaction.
+pub(super) const BUMP_COUNTER: &str = "INSERT INTO counters (agent_id, name, value) \
+    VALUES ($1, $2, 1) ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1";
+
 async fn append_event(
     conn: &mut SqliteConnection,
     key: &[u8],
@@ -219,32 +228,25 @@ async fn append_event(
         details_json: e.details.to_string(),
     };
     let hash = chain_hash(key, &prev_hash, &body);
-    sqlx::query(
-        "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, \
-         amount_micro, reason, details, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(body.seq)
-    .bind(body.ts_ms)
-    .bind(&body.kind)
-    .bind(&body.agent_id)
-    .bind(&body.agent_name)
-    .bind(&body.reservation_id)
-    .bind(body.amount_micro)
-    .bind(&body.reason)
-    .bind(&body.details_json)
-    .bind(&prev_hash)
-    .bind(&hash)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO counters (agent_id, name, value) VALUES ($1, $2, 1) \
-         ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1",
-    )
-    .bind(&body.agent_id)
-    .bind(counter_name(&body.kind, &body.reason))
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(INSERT_EVENT)
+        .bind(body.seq)
+        .bind(body.ts_ms)
+        .bind(&body.kind)
+        .bind(&body.agent_id)
+        .bind(&body.agent_name)
+        .bind(&body.reservation_id)
+        .bind(body.amount_micro)
+        .bind(&body.reason)
+        .bind(&body.details_json)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(BUMP_COUNTER)
+        .bind(&body.agent_id)
+        .bind(counter_name(&body.kind, &body.reason))
+        .execute(&mut *conn)
+        .await?;
     Ok(EventRecord {
         body,
         prev_hash,

@@ -16,6 +16,7 @@
 //! `BEGIN IMMEDIATE`, and the chain head is read inside the lock at the start
 //! of each batch, so the hash chain stays one sequence whoever appends.
 
+use super::sqlite::{BUMP_COUNTER, INSERT_EVENT};
 use super::{
     DenialRecord, EventRecord, NewReservation, ReservationRecord, ReserveOutcome, SettleOutcome,
     Settlement, StoreError, counter_name, now_ms,
@@ -242,12 +243,7 @@ fn append_event(
         details_json: e.details.to_string(),
     };
     let hash = chain_hash(key, &head.hash, &body);
-    tx.prepare_cached(
-        "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, \
-         amount_micro, reason, details, prev_hash, hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
+    tx.prepare_cached(INSERT_EVENT)?.execute(params![
         body.seq,
         body.ts_ms,
         body.kind,
@@ -260,11 +256,7 @@ fn append_event(
         head.hash,
         hash,
     ])?;
-    tx.prepare_cached(
-        "INSERT INTO counters (agent_id, name, value) VALUES (?1, ?2, 1) \
-         ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1",
-    )?
-    .execute(params![
+    tx.prepare_cached(BUMP_COUNTER)?.execute(params![
         body.agent_id,
         counter_name(&body.kind, &body.reason)
     ])?;
