@@ -142,6 +142,19 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 fn spawn(home: &Path, name: &str, args: &[&str], daemons: &mut Daemons) -> (u32, String) {
+    let (pid, lines) = spawn_lines(home, name, args, daemons, 1);
+    (pid, lines[0].clone())
+}
+
+/// Starts a daemon and returns the last word of each of its first `lines`
+/// stdout lines (the addresses it prints).
+fn spawn_lines(
+    home: &Path,
+    name: &str,
+    args: &[&str],
+    daemons: &mut Daemons,
+    lines: usize,
+) -> (u32, Vec<String>) {
     let mut child = Command::new(sibling(name))
         .args(args)
         .env("AEX_HOME", home)
@@ -155,16 +168,32 @@ fn spawn(home: &Path, name: &str, args: &[&str], daemons: &mut Daemons) -> (u32,
                 "cannot start {name} (build with `cargo build --release --workspace --bins`): {e}"
             )
         });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("first line");
+    let mut reader = BufReader::new(child.stdout.take().expect("piped"));
+    let words = (0..lines)
+        .map(|_| {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("an address line");
+            line.trim().rsplit(' ').next().expect("address").to_string()
+        })
+        .collect();
     let pid = child.id();
     daemons.0.push(child);
-    (
-        pid,
-        line.trim().rsplit(' ').next().expect("address").to_string(),
-    )
+    (pid, words)
+}
+
+/// (sum, count) of a Prometheus histogram, from a metrics URL.
+async fn histogram(url: &str, name: &str) -> (f64, f64) {
+    let text = match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return (0.0, 0.0),
+    };
+    let value = |suffix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (value("_sum"), value("_count"))
 }
 
 /// (CPU seconds so far, peak RSS in MiB) of a process, from /proc.
@@ -312,13 +341,15 @@ async fn main() {
     home.init(false).expect("init");
     std::fs::write(home.models_yaml(), models_yaml(mock_addr)).expect("models.yaml");
     let mut daemons = Daemons(Vec::new());
-    let (control_pid, control_addr) = spawn(
+    let (control_pid, control_lines) = spawn_lines(
         dir.path(),
         "aex-control",
-        &["--listen", "127.0.0.1:0", "--metrics-listen", "off"],
+        &["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
         &mut daemons,
+        2,
     );
-    let control_url = format!("http://{control_addr}");
+    let control_url = format!("http://{}", control_lines[0]);
+    let control_metrics = control_lines[1].clone();
     let (data_pid, data_addr) = spawn(
         dir.path(),
         "aex-dataplane",
@@ -359,6 +390,7 @@ async fn main() {
     let through = format!("http://{data_addr}/v1/chat/completions");
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    let mut splits = Vec::new();
     for (stream, concurrency) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
         let name = format!("{} c={concurrency}", if stream { "stream" } else { "chat" });
         let d = workload(&direct, "unused", stream, concurrency, &args).await;
@@ -374,9 +406,27 @@ async fn main() {
             targets.push((p.name, p.url.clone(), p.token.clone(), vec![p.pid]));
         }
         for (target, url, token, pids) in targets {
+            let is_aex = target == "**AEX**";
+            let data_metrics = format!("http://{data_addr}/metrics");
+            let admit_before = histogram(&control_metrics, "aex_admit_duration_seconds").await;
+            let added_before = histogram(&data_metrics, "aex_added_latency_seconds").await;
             let before: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
             let r = workload(&url, &token, stream, concurrency, &args).await;
             let after: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
+            if is_aex {
+                // Where AEX's own time goes: the control plane deciding and
+                // reserving (server side), against all the data plane adds.
+                let admit = histogram(&control_metrics, "aex_admit_duration_seconds").await;
+                let added = histogram(&data_metrics, "aex_added_latency_seconds").await;
+                let mean_ms =
+                    |a: (f64, f64), b: (f64, f64)| (b.0 - a.0) / (b.1 - a.1).max(1.0) * 1000.0;
+                let admit_ms = mean_ms(admit_before, admit);
+                let added_ms = mean_ms(added_before, added);
+                splits.push(format!(
+                    "| {name} | {added_ms:.3} | {admit_ms:.3} | {:.3} |",
+                    added_ms - admit_ms
+                ));
+            }
             let per_k = |i: usize| {
                 if r.done == 0 {
                     0.0
@@ -423,6 +473,11 @@ a durable reservation and settlement per request in the SQLite ledger (WAL, grou
 - Every body is unique (AEX 2.0 answers repeated bodies from a cache); each worker keeps one connection alive.\n\n\
 | workload | target | rps (% of direct) | p50 / p90 / p99 ms | added p50 / p99 ms | CPU s per 1k req | peak RSS MiB | requests / errors |\n\
 |---|---|---|---|---|---|---|---|\n{}\n\n{}\
+Where AEX's time goes, as means from its own metrics over each AEX run: what the data plane adds to a request \
+(`aex_added_latency_seconds`), the part the control plane spends deciding and durably reserving, server side \
+(`aex_admit_duration_seconds`), and the rest: parsing, the gRPC round trip, connecting and relaying.\n\n\
+| workload | added by AEX, mean ms | control plane admit, mean ms | the rest, ms |\n\
+|---|---|---|---|\n{}\n\n\
 Targets (issue #7): added p50 ≤ 0.2 ms and p99 ≤ 1 ms at c=1; AEX ≥ 50% of direct throughput at c=32; \
 RSS ≤ 64 MB per plane with 1,000 agents.\n",
         rows.join("\n"),
@@ -431,6 +486,7 @@ RSS ≤ 64 MB per plane with 1,000 agents.\n",
         } else {
             format!("Errors:\n{}\n\n", notes.join("\n"))
         },
+        splits.join("\n"),
         req = args.requests,
         max = args.max_seconds,
     );
