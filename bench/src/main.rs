@@ -181,6 +181,15 @@ fn spawn_lines(
     (pid, words)
 }
 
+/// (admit, added latency) histograms as (sum, count): the control plane's
+/// server-side admission time and everything the data plane adds.
+async fn split_snapshot(control_metrics: &str, data_metrics: &str) -> ((f64, f64), (f64, f64)) {
+    (
+        histogram(control_metrics, "aex_admit_duration_seconds").await,
+        histogram(data_metrics, "aex_added_latency_seconds").await,
+    )
+}
+
 /// (sum, count) of a Prometheus histogram, from a metrics URL.
 async fn histogram(url: &str, name: &str) -> (f64, f64) {
     let text = match reqwest::get(url).await {
@@ -391,33 +400,36 @@ async fn main() {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut splits = Vec::new();
+    let data_metrics = format!("http://{data_addr}/metrics");
     for (stream, concurrency) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
         let name = format!("{} c={concurrency}", if stream { "stream" } else { "chat" });
         let d = workload(&direct, "unused", stream, concurrency, &args).await;
         eprintln!("{name}: direct {:.0} rps p50 {:.3} ms", d.rps, d.p50);
         rows.push(row(&name, "direct", &d, &d, None));
+        // (name, url, token, processes to measure, whether it is AEX)
         let mut targets = vec![(
             "**AEX**",
             through.clone(),
             token.clone(),
             vec![data_pid, control_pid],
+            true,
         )];
         for p in &peers {
-            targets.push((p.name, p.url.clone(), p.token.clone(), vec![p.pid]));
+            targets.push((p.name, p.url.clone(), p.token.clone(), vec![p.pid], false));
         }
-        for (target, url, token, pids) in targets {
-            let is_aex = target == "**AEX**";
-            let data_metrics = format!("http://{data_addr}/metrics");
-            let admit_before = histogram(&control_metrics, "aex_admit_duration_seconds").await;
-            let added_before = histogram(&data_metrics, "aex_added_latency_seconds").await;
+        for (target, url, token, pids, is_aex) in targets {
+            let split_before = if is_aex {
+                Some(split_snapshot(&control_metrics, &data_metrics).await)
+            } else {
+                None
+            };
             let before: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
             let r = workload(&url, &token, stream, concurrency, &args).await;
             let after: Vec<(f64, f64)> = pids.iter().map(|&p| usage(p)).collect();
-            if is_aex {
+            if let Some((admit_before, added_before)) = split_before {
                 // Where AEX's own time goes: the control plane deciding and
                 // reserving (server side), against all the data plane adds.
-                let admit = histogram(&control_metrics, "aex_admit_duration_seconds").await;
-                let added = histogram(&data_metrics, "aex_added_latency_seconds").await;
+                let (admit, added) = split_snapshot(&control_metrics, &data_metrics).await;
                 let mean_ms =
                     |a: (f64, f64), b: (f64, f64)| (b.0 - a.0) / (b.1 - a.1).max(1.0) * 1000.0;
                 let admit_ms = mean_ms(admit_before, admit);
@@ -502,15 +514,18 @@ fn row(
     direct: &Result,
     costs: Option<(String, String)>,
 ) -> String {
-    let (cpu, rss) = costs.unwrap_or(("—".into(), "—".into()));
-    let added = if target == "direct" {
-        "—".to_string()
-    } else {
-        format!(
-            "**{:+.3}** / {:+.3}",
-            r.p50 - direct.p50,
-            r.p99 - direct.p99
-        )
+    // No costs: this is the direct row, which adds nothing to itself.
+    let (cpu, rss, added) = match costs {
+        Some((cpu, rss)) => (
+            cpu,
+            rss,
+            format!(
+                "**{:+.3}** / {:+.3}",
+                r.p50 - direct.p50,
+                r.p99 - direct.p99
+            ),
+        ),
+        None => ("—".into(), "—".into(), "—".into()),
     };
     format!(
         "| {workload} | {target} | {:.0} ({:.0}%) | {:.3} / {:.3} / {:.3} | {added} | {cpu} | {rss} | {} / {} |",

@@ -90,12 +90,17 @@ impl Default for ControlMetrics {
 
 impl ControlMetrics {
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        out
+        render_text(&self.registry)
     }
+}
+
+/// A registry in Prometheus' text exposition format (both planes serve it).
+pub fn render_text(registry: &Registry) -> Vec<u8> {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding cannot fail");
+    out
 }
 
 /// Serves `GET /metrics` until the task is dropped; `refresh` runs before

@@ -2,9 +2,7 @@
 //! endpoint, configured model, status and the rule that decided, never the
 //! agent (fleets run thousands).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
@@ -94,10 +92,6 @@ impl Default for Metrics {
 impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        out
+        aex_control::metrics::render_text(&self.registry)
     }
 }

@@ -84,6 +84,8 @@ pub struct Gateway {
 /// What one request's metrics need that the response head does not say.
 struct Observed {
     endpoint: &'static str,
+    /// The model label: the requested model if configured, else "" (so
+    /// clients cannot grow the label set).
     model: String,
     /// Time spent waiting on the provider (not AEX's own latency).
     upstream: Duration,
@@ -203,14 +205,9 @@ impl Gateway {
             None if matches!(status, 400 | 404 | 405 | 413) => "bad_request".into(),
             None => "upstream".into(),
         };
-        let model = if self.control.cache.has_model(&o.model) {
-            o.model.as_str()
-        } else {
-            ""
-        };
         self.metrics
             .requests
-            .with_label_values(&[o.endpoint, model, &status.to_string(), &reason])
+            .with_label_values(&[o.endpoint, &o.model, &status.to_string(), &reason])
             .inc();
         self.metrics
             .duration
@@ -508,7 +505,9 @@ impl Gateway {
                 return Self::respond_error(session, request_id, ApiError::bad_request(e)).await;
             }
         };
-        observed.model = inspected.model.clone();
+        if self.control.cache.has_model(&inspected.model) {
+            observed.model = inspected.model.clone();
+        }
         let endpoint = match api {
             Api::ChatCompletions => pb::Endpoint::ChatCompletions,
             Api::Responses => pb::Endpoint::Responses,
@@ -566,12 +565,18 @@ impl Gateway {
         observed.upstream = finished
             .upstream_time
             .unwrap_or_else(|| admitted_at.elapsed());
-        self.settle(&inspected, &admission, &finished);
+        self.settle(&inspected, &admission, &finished, &observed.model);
         self.metrics.open_reservations.dec();
         keep
     }
 
-    fn settle(&self, inspected: &Inspected, admission: &pb::Admission, f: &Finished) {
+    fn settle(
+        &self,
+        inspected: &Inspected,
+        admission: &pb::Admission,
+        f: &Finished,
+        model_label: &str,
+    ) {
         let (prompt, completion, reported) = match f.usage {
             Some(u) => (u.prompt_tokens, u.completion_tokens, true),
             None if f.outcome == pb::SettleOutcome::Completed
@@ -603,14 +608,9 @@ impl Gateway {
             reported,
             cut_off,
         );
-        let model = if self.control.cache.has_model(&inspected.model) {
-            inspected.model.as_str()
-        } else {
-            ""
-        };
         self.metrics
             .spent_micro
-            .with_label_values(&[model])
+            .with_label_values(&[model_label])
             .inc_by(charged.max(0) as u64);
         let failure = match f.outcome {
             pb::SettleOutcome::UpstreamRateLimited => Some("rate_limited"),

@@ -8,6 +8,23 @@ use aex_tests::clients::{grpcurl, node_bin_with, python_with};
 use serde_json::Value;
 use std::process::Command;
 
+/// Runs a driver script against the stack for `sdk_agents(prefix)`:
+/// `PROGRAM SCRIPT BASE_URL EXTRA…` with the tokens in AEX_TOKEN_*.
+async fn drive_as(
+    stack: &Stack,
+    prefix: &str,
+    program: &std::path::Path,
+    script: &str,
+    extra: &[&std::path::Path],
+) -> Value {
+    let mut cmd = Command::new(program);
+    cmd.arg(script).arg(stack.url("/v1")).args(extra);
+    for (name, token) in sdk_agents(stack, prefix) {
+        cmd.env(format!("AEX_TOKEN_{name}"), token);
+    }
+    drive(cmd).await
+}
+
 /// Agents for an SDK driver: `PREFIX` can pay, `PREFIX-poor` cannot,
 /// `PREFIX-fenced` may only use `sim`, `PREFIX-slow` has 30 RPM; plus a bad
 /// token. Passed to the driver as AEX_TOKEN_{OK,POOR,FENCED,SLOW,BAD}.
@@ -138,12 +155,7 @@ async fn the_openai_python_sdk_works_unchanged() {
         env!("CARGO_MANIFEST_DIR"),
         "/clients/drive_openai_python.py"
     );
-    let mut cmd = Command::new(&python);
-    cmd.arg(script).arg(stack.url("/v1"));
-    for (name, token) in sdk_agents(&stack, "py") {
-        cmd.env(format!("AEX_TOKEN_{name}"), token);
-    }
-    let seen = drive(cmd).await;
+    let seen = drive_as(&stack, "py", &python, script, &[]).await;
     assert_sdk_conformance(&stack, "py", &seen);
     assert_eq!(seen["403"]["error"], "PermissionDeniedError");
     assert_eq!(seen["401"]["error"], "AuthenticationError");
@@ -171,14 +183,14 @@ async fn the_openai_node_sdk_v7_works_unchanged() {
     };
     let stack = Stack::start().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/drive_openai_node.mjs");
-    let mut cmd = Command::new(bin.join("node"));
-    cmd.arg(script)
-        .arg(stack.url("/v1"))
-        .arg(bin.parent().unwrap());
-    for (name, token) in sdk_agents(&stack, "js") {
-        cmd.env(format!("AEX_TOKEN_{name}"), token);
-    }
-    let seen = drive(cmd).await;
+    let seen = drive_as(
+        &stack,
+        "js",
+        &bin.join("node"),
+        script,
+        &[bin.parent().unwrap()],
+    )
+    .await;
     assert!(
         seen["version"].as_str().unwrap().starts_with("7."),
         "{seen}"
@@ -201,12 +213,7 @@ async fn openai_agents_runs_a_tool_through_the_responses_api() {
         env!("CARGO_MANIFEST_DIR"),
         "/clients/drive_openai_agents.py"
     );
-    let mut cmd = Command::new(&python);
-    cmd.arg(script).arg(stack.url("/v1"));
-    for (name, token) in sdk_agents(&stack, "agents") {
-        cmd.env(format!("AEX_TOKEN_{name}"), token);
-    }
-    let seen = drive(cmd).await;
+    let seen = drive_as(&stack, "agents", &python, script, &[]).await;
     for run in ["run", "streamed"] {
         // (The mock streams its words after the tool's output.)
         assert!(
@@ -255,12 +262,7 @@ async fn langchain_streaming_without_stream_options_is_billed_for_real_usage() {
         env!("CARGO_MANIFEST_DIR"),
         "/clients/drive_langchain_openai.py"
     );
-    let mut cmd = Command::new(&python);
-    cmd.arg(script).arg(stack.url("/v1"));
-    for (name, token) in sdk_agents(&stack, "langchain") {
-        cmd.env(format!("AEX_TOKEN_{name}"), token);
-    }
-    let seen = drive(cmd).await;
+    let seen = drive_as(&stack, "langchain", &python, script, &[]).await;
     assert_eq!(seen["invoke"]["content"], "hello from mock");
     assert_eq!(seen["invoke"]["usage"], serde_json::json!([10, 5]));
     assert_eq!(seen["stream"]["text"], "word0 word1 word2 word3 word4 ");

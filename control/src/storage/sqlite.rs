@@ -67,6 +67,14 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// An admin write transaction holding SQLite's write lock from its first
+    /// statement (why: see `writer`).
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct AgentRow {
     id: String,
@@ -389,7 +397,7 @@ impl Store for SqliteStore {
             last_activity_at_ms: None,
             deleted_at_ms: None,
         };
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let inserted = sqlx::query(
             "INSERT INTO agents (id, name, token_sha256, token_prefix, token_expires_at_ms, \
              token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, \
@@ -473,7 +481,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let (changed, top_up) = apply_patch(&mut agent, &patch)?;
         let now = now_ms();
@@ -512,7 +520,7 @@ impl Store for SqliteStore {
         name: &str,
         token: TokenChange,
     ) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let old_prefix = std::mem::replace(&mut agent.token_prefix, token.token_prefix);
         agent.token_sha256 = token.token_sha256;
@@ -542,7 +550,7 @@ impl Store for SqliteStore {
             AgentState::Paused => "agent.paused",
             AgentState::Deleted => return self.delete_agent(name).await,
         };
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut agent = live_agent(&mut tx, name).await?;
         if agent.state == state {
             return Ok(agent);
@@ -563,7 +571,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let now = now_ms();
         agent.state = AgentState::Deleted;
@@ -614,7 +622,7 @@ impl Store for SqliteStore {
         ids: &[String],
         expires_at_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut closed = Vec::new();
         for id in ids {
             let extended = sqlx::query(
@@ -634,7 +642,7 @@ impl Store for SqliteStore {
     }
 
     async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let mut agent = live_agent(&mut tx, name).await?;
         let now = now_ms();
         agent.state = AgentState::Paused;
@@ -652,7 +660,7 @@ impl Store for SqliteStore {
     }
 
     async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
@@ -713,7 +721,7 @@ impl Store for SqliteStore {
         reason: &str,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         let now = now_ms();
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write_tx().await?;
         let ended = sqlx::query(
             "UPDATE processes SET state = $2, ended_at_ms = $3, exit_code = $4, reason = $5 \
              WHERE id = $1 AND state = 'running'",
