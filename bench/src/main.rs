@@ -43,6 +43,10 @@ struct Args {
     /// Only direct and AEX.
     #[arg(long)]
     no_peers: bool,
+    /// Run only these workloads (e.g. `--only "chat c=32"`), for profiling;
+    /// the report then holds only their rows.
+    #[arg(long)]
+    only: Vec<String>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -403,6 +407,9 @@ async fn main() {
     let data_metrics = format!("http://{data_addr}/metrics");
     for (stream, concurrency) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
         let name = format!("{} c={concurrency}", if stream { "stream" } else { "chat" });
+        if !args.only.is_empty() && !args.only.contains(&name) {
+            continue;
+        }
         let d = workload(&direct, "unused", stream, concurrency, &args).await;
         eprintln!("{name}: direct {:.0} rps p50 {:.3} ms", d.rps, d.p50);
         rows.push(row(&name, "direct", &d, &d, None));

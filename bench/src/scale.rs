@@ -189,6 +189,7 @@ async fn measure(home: &Path, args: &ScaleArgs) -> Measured {
         out: Default::default(),
         peers_dir: None,
         no_peers: true,
+        only: Vec::new(),
         mode: None,
     };
     let r = workload(&url, &token, false, 1, &load).await;

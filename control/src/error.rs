@@ -15,6 +15,9 @@ pub enum Error {
     Home(#[from] HomeError),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A bug (a worker that panicked), never a caller's mistake.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<Error> for Status {
@@ -24,7 +27,7 @@ impl From<Error> for Status {
             Error::Store(StoreError::DuplicateName(_)) => Code::AlreadyExists,
             Error::Store(StoreError::Invalid(_)) => Code::FailedPrecondition,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            Error::Store(_) | Error::Home(_) => Code::Internal,
+            Error::Store(_) | Error::Home(_) | Error::Internal(_) => Code::Internal,
             Error::Config(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
         };
         if code == Code::Internal {

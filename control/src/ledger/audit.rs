@@ -1,7 +1,7 @@
 //! `aexctl audit`: the ledger's invariants and the keyed hash chain, as pure
 //! functions over data the store hands over. Each check names what failed.
 
-use super::chain::{GENESIS, chain_hash};
+use super::chain::{ChainKey, GENESIS};
 use crate::storage::{AuditData, EventRecord, counter_name};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,18 +26,18 @@ impl Check {
 
 /// Verifies the chain event by event, in `seq` order, so the log can be
 /// streamed in pages without holding it in memory.
-pub struct ChainVerifier<'k> {
-    key: &'k [u8],
+pub struct ChainVerifier {
+    key: ChainKey,
     next_seq: i64,
     prev_hash: String,
     checked: u64,
     fault: Option<String>,
 }
 
-impl<'k> ChainVerifier<'k> {
-    pub fn new(key: &'k [u8]) -> Self {
+impl ChainVerifier {
+    pub fn new(key: &[u8]) -> Self {
         Self {
-            key,
+            key: ChainKey::new(key),
             next_seq: 1,
             prev_hash: GENESIS.to_string(),
             checked: 0,
@@ -70,7 +70,7 @@ impl<'k> ChainVerifier<'k> {
             ));
             return;
         }
-        if e.hash != chain_hash(self.key, &e.prev_hash, &e.body) {
+        if e.hash != self.key.hash(&e.prev_hash, &e.body) {
             self.fault = Some(format!(
                 "event seq {seq} ({} of agent '{}') was altered: its HMAC does not match",
                 e.body.kind, e.body.agent_name
@@ -285,6 +285,7 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 mod tests {
     use super::*;
     use crate::ledger::chain::EventBody;
+    use crate::ledger::chain::chain_hash;
     use crate::storage::{AgentRecord, AgentState, Caps, Scope};
 
     fn events(key: &[u8], n: i64) -> Vec<EventRecord> {

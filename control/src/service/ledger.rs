@@ -36,7 +36,10 @@ impl LedgerApi {
         let mut tally = LogTally::default();
         let mut after_seq = 0;
         // Up to the snapshot's last event: later ones belong to the next audit.
-        'pages: while after_seq < data.last_seq {
+        // Hashing a page is CPU work (tens of ms per 10,000 events), so it
+        // runs off the runtime that serves admissions.
+        let last_seq = data.last_seq;
+        while after_seq < last_seq {
             let page = store
                 .list_events(EventFilter {
                     after_seq,
@@ -46,13 +49,15 @@ impl LedgerApi {
                 .await?;
             let Some(last) = page.last() else { break };
             after_seq = last.body.seq;
-            for e in &page {
-                if e.body.seq > data.last_seq {
-                    break 'pages;
+            (verifier, tally) = tokio::task::spawn_blocking(move || {
+                for e in page.iter().take_while(|e| e.body.seq <= last_seq) {
+                    verifier.push(e);
+                    tally.push(e);
                 }
-                verifier.push(e);
-                tally.push(e);
-            }
+                (verifier, tally)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?;
         }
         tally.into_data(&mut data);
         let counted: i64 = data.counters.values().sum();

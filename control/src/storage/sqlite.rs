@@ -6,7 +6,7 @@
 //! process (committed frames are in the OS page cache); only a power loss can
 //! drop the last transactions.
 
-use super::sqlite_ledger::LedgerWriter;
+use super::sqlite_ledger::{LedgerWriter, WalPolicy};
 use super::{
     AgentActivity, AgentPatch, AgentRecord, AgentState, AuditData, Caps, DenialRecord, EventFilter,
     EventRecord, NewAgent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, Scope,
@@ -40,6 +40,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database and applies migrations.
     pub async fn open(path: &Path, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+        Self::open_with(path, ledger_key, WalPolicy::default()).await
+    }
+
+    pub async fn open_with(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        wal: WalPolicy,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -57,7 +65,7 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let ledger = LedgerWriter::start(path, ledger_key.clone())?;
+        let ledger = LedgerWriter::start(path, ledger_key.clone(), wal)?;
         Ok(Self {
             writer,
             reader,
@@ -1131,6 +1139,56 @@ mod tests {
     /// Group-committed ledger writes on their own connection, and admin
     /// writes through sqlx, all at once: one unbroken chain, and money that
     /// adds up to the micro.
+    /// Sustained sequential writes never leave the WAL wholly copied by a
+    /// passive checkpoint; without the writer's catch-up it grew by
+    /// hundreds of MB here. With it, the WAL keeps starting over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_starts_over_under_sustained_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aex.db");
+        let policy = WalPolicy {
+            checkpoint_every: Duration::from_millis(20),
+            restart_after_frames: 500,
+            keep_bytes: 1 << 20,
+        };
+        let s = SqliteStore::open_with(&path, vec![7; 32], policy)
+            .await
+            .unwrap();
+        let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
+        let wal = dir.path().join("aex.db-wal");
+        let wal_bytes = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let (mut largest, mut n) = (0, 0);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            s.reserve(reservation(&agent.id, n, 1)).await.unwrap();
+            s.settle(Settlement {
+                reservation_id: format!("rsv_{n}"),
+                agent_name: "busy".into(),
+                state: "settled",
+                charge_micro: 1,
+                outcome: "completed".into(),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                extra_events: vec![],
+                details: json!({}),
+            })
+            .await
+            .unwrap();
+            largest = largest.max(wal_bytes());
+            n += 1;
+        }
+        // 500 frames is 2 MB; what one checkpoint interval adds on top is
+        // well under the rest of the bound.
+        assert!(
+            largest < 16 << 20,
+            "the WAL reached {largest} bytes over {n} reservations"
+        );
+        assert_eq!(
+            s.agent_by_name("busy").await.unwrap().unwrap().spent_micro,
+            n as i64
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money() {
         let (_d, s) = store().await;
