@@ -1157,7 +1157,7 @@ mod tests {
         let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
         let wal = dir.path().join("aex.db-wal");
         let wal_bytes = || std::fs::metadata(&wal).map_or(0, |m| m.len());
-        let (mut largest, mut n) = (0, 0);
+        let (mut largest, mut last, mut restarts, mut n) = (0, 0, 0, 0);
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_millis(1500) {
             s.reserve(reservation(&agent.id, n, 1)).await.unwrap();
@@ -1174,13 +1174,22 @@ mod tests {
             })
             .await
             .unwrap();
-            largest = largest.max(wal_bytes());
+            let now = wal_bytes();
+            // A restart truncates the file to `keep_bytes`.
+            if now < last {
+                restarts += 1;
+            }
+            (largest, last) = (largest.max(now), now);
             n += 1;
         }
-        // 500 frames is 2 MB; what one checkpoint interval adds on top is
-        // well under the rest of the bound.
         assert!(
-            largest < 16 << 20,
+            restarts > 0,
+            "the WAL never started over: {largest} bytes after {n} reservations"
+        );
+        // Loose: a starved checkpointer on a busy CI machine lets it grow
+        // further between restarts, but never without bound.
+        assert!(
+            largest < 64 << 20,
             "the WAL reached {largest} bytes over {n} reservations"
         );
         assert_eq!(

@@ -168,8 +168,13 @@ fn checkpoint_while_writing(
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         writer_gone.recv_timeout(wal.checkpoint_every)
     {
+        // Two checkpoints cannot run at once: leave the WAL to the writer
+        // until it has finished the one it was asked for.
+        if restart_wanted.load(Ordering::Relaxed) {
+            continue;
+        }
         match wal_checkpoint(&conn) {
-            Ok((frames, _)) if frames > wal.restart_after_frames => {
+            Ok(c) if c.frames > wal.restart_after_frames => {
                 restart_wanted.store(true, Ordering::Relaxed);
             }
             Ok(_) => {}
@@ -178,10 +183,20 @@ fn checkpoint_while_writing(
     }
 }
 
-/// A passive checkpoint: (frames in the WAL, frames copied so far).
-fn wal_checkpoint(conn: &Connection) -> Result<(i64, i64), rusqlite::Error> {
+struct Checkpointed {
+    /// Another connection was checkpointing, so this one did nothing.
+    busy: bool,
+    frames: i64,
+    copied: i64,
+}
+
+fn wal_checkpoint(conn: &Connection) -> Result<Checkpointed, rusqlite::Error> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((r.get(1)?, r.get(2)?))
+        Ok(Checkpointed {
+            busy: r.get::<_, i64>(0)? != 0,
+            frames: r.get(1)?,
+            copied: r.get(2)?,
+        })
     })
 }
 
@@ -203,18 +218,21 @@ fn run(
         commit_batch(&mut conn, key, &mut batch);
         // After answering, so no caller waits for it: nothing is appended
         // while the writer copies the last frames, so the checkpoint
-        // completes and the next commit starts the WAL over.
-        if restart_wanted.swap(false, Ordering::Relaxed)
-            && let Err(e) = wal_checkpoint(&conn)
-        {
-            tracing::warn!(error = %e, "WAL checkpoint before restart failed");
+        // completes and the next commit starts the WAL over. Asked again
+        // after the next batch if it could not complete (a reader held
+        // frames back, or an admin connection was checkpointing).
+        if restart_wanted.load(Ordering::Relaxed) {
+            match wal_checkpoint(&conn) {
+                Ok(c) if !c.busy && c.copied == c.frames => {
+                    restart_wanted.store(false, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint before restart failed"),
+            }
         }
     }
 }
 
-/// Runs every job in one transaction (each inside a savepoint, so one
-/// failing job leaves the others), commits, then answers. If the commit
-/// fails, every job in the batch gets the error: none of them happened.
 fn commit_batch(conn: &mut Connection, key: &ChainKey, batch: &mut Vec<Job>) {
     let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
