@@ -7,6 +7,7 @@
 //! answered from a cache. Peers (the first AEX, LiteLLM) run in the same
 //! invocation when `bench/install-peers` has installed them.
 
+mod floors;
 mod peers;
 mod scale;
 
@@ -28,13 +29,13 @@ use std::time::{Duration, Instant};
 #[command(name = "aex-bench")]
 struct Args {
     /// Requests per workload and target.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, global = true)]
     requests: u64,
     /// Stop a workload after this long even if requests remain.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, global = true)]
     max_seconds: u64,
     /// Where to write the report.
-    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    #[arg(long, default_value = "docs/BENCHMARKS.md", global = true)]
     out: PathBuf,
     /// Where `bench/install-peers` put AEX 2.0 and LiteLLM
     /// [default: ~/.cache/aex-bench-peers].
@@ -61,6 +62,18 @@ enum Mode {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
+    /// What AEX's parts cost alone on this machine: one extra HTTP hop, a
+    /// gRPC call, a durable reservation.
+    Floors,
+    /// (internal) The bare proxy `floors` measures.
+    #[command(hide = true)]
+    FloorProxy {
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+    },
+    /// (internal) The bare gRPC server `floors` measures.
+    #[command(hide = true)]
+    FloorGrpc,
 }
 
 /// The models.yaml both modes use: model `bench` on the mock.
@@ -332,12 +345,21 @@ async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    match args.mode {
+        Some(Mode::FloorProxy { upstream }) => return floors::serve_proxy(upstream).await,
+        Some(Mode::FloorGrpc) => return floors::serve_grpc().await,
+        _ => {}
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let mock_addr = listener.local_addr().expect("addr");
     tokio::spawn(mock(listener));
 
+    if let Some(Mode::Floors) = args.mode {
+        floors::run(&args, mock_addr, &args.out).await;
+        return;
+    }
     if let Some(Mode::Scale { agents, events }) = args.mode {
         let scale = scale::ScaleArgs {
             agents,
