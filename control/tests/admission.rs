@@ -539,3 +539,79 @@ async fn an_admit_retried_after_a_restart_gets_its_reservation_and_route() {
         first.reserved_micro
     );
 }
+
+/// SettleBatch settles each item exactly as Settle would, answers in the
+/// order asked, and reports a bad item without failing the others.
+#[tokio::test]
+async fn settle_batch_answers_each_settlement_in_order() {
+    use pb::settle_result::Result as Settled;
+    let f = Fixture::new().await;
+    let token = f.create("batch", 1_000_000, 600).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let r = f.admit(&token, &format!("batch-{n}"), 50).await;
+        ids.push(admitted(&r).reservation_id.clone());
+    }
+    // Settled before the batch: its item must say so and change nothing.
+    f.settle(&ids[0], 10, 10).await;
+    let item = |id: &str, completion: u64| pb::SettleRequest {
+        reservation_id: id.into(),
+        outcome: pb::SettleOutcome::Completed as i32,
+        prompt_tokens: 10,
+        completion_tokens: completion,
+        usage_reported: true,
+        ..Default::default()
+    };
+    let mut settlements: Vec<_> = ids.iter().map(|id| item(id, 5)).collect();
+    settlements.push(pb::SettleRequest::default()); // names no reservation
+    settlements.push(pb::SettleRequest {
+        request_id: "never-admitted".into(),
+        ..Default::default()
+    });
+    let results = f
+        .admission()
+        .settle_batch(bearer(
+            pb::SettleBatchRequest { settlements },
+            &f.home.dataplane_token(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 22);
+    let answer = |i: usize| results[i].result.clone().expect("an answer");
+    assert!(matches!(answer(0), Settled::Settled(s) if s.already_settled));
+    for i in 1..20 {
+        // 10 input tokens at 1 µ + 5 output tokens at 2 µ.
+        assert!(
+            matches!(answer(i), Settled::Settled(ref s) if s.charged_micro == 20 && !s.already_settled),
+            "item {i}: {:?}",
+            answer(i)
+        );
+    }
+    assert!(
+        matches!(answer(20), Settled::Error(ref e) if e.code == Code::InvalidArgument as i32 && e.message.contains("reservation_id")),
+        "{:?}",
+        answer(20)
+    );
+    assert!(matches!(answer(21), Settled::Settled(s) if s.already_settled));
+
+    let agent = f.agent("batch").await;
+    // ids[0] settled alone at 10 + 2×10 = 30 µ, the other 19 at 20 µ each.
+    assert_eq!((agent.spent_micro, agent.reserved_micro), (30 + 19 * 20, 0));
+    let events = f.events("batch").await;
+    assert_eq!(events.iter().filter(|e| e.kind == "settle").count(), 20);
+
+    let too_many = f
+        .admission()
+        .settle_batch(bearer(
+            pb::SettleBatchRequest {
+                settlements: vec![item(&ids[1], 5); 1025],
+            },
+            &f.home.dataplane_token(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(too_many.message().contains("at most 1024"));
+}

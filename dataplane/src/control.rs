@@ -9,17 +9,22 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 /// Failures that may pass when tried again (the control plane restarting,
 /// a connection dropped); not refusals or bugs.
 fn retryable(status: &tonic::Status) -> bool {
+    retryable_code(status.code() as i32)
+}
+
+fn retryable_code(code: i32) -> bool {
     matches!(
-        status.code(),
+        tonic::Code::from_i32(code),
         tonic::Code::Unavailable
             | tonic::Code::Unknown
             | tonic::Code::Cancelled
@@ -276,14 +281,25 @@ impl Drop for InflightGuard {
     }
 }
 
+/// A settlement waiting to be sent; it keeps a shutdown waiting until the
+/// control plane has acknowledged it.
+struct PendingSettle {
+    request: pb::SettleRequest,
+    /// Opened in the request's trace; lives until the settlement is acknowledged.
+    span: tracing::Span,
+    _inflight: InflightGuard,
+}
+
 pub struct ControlPlane {
     client: Client,
     pub cache: Arc<Cache>,
-    open: Mutex<HashSet<String>>,
+    open: Arc<Mutex<HashSet<String>>>,
     pub inflight: Arc<Inflight>,
+    settlements: mpsc::UnboundedSender<PendingSettle>,
 }
 
 impl ControlPlane {
+    /// Must be called inside the runtime: it starts the settlement sender.
     pub fn connect(url: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
@@ -294,11 +310,16 @@ impl ControlPlane {
         let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| {
             "the data-plane credential holds characters that cannot be sent".to_string()
         })?);
+        let client = AdmissionServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
+        let open = Arc::new(Mutex::default());
+        let (settlements, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_settlements(client.clone(), open.clone(), queue));
         Ok(Arc::new(Self {
-            client: AdmissionServiceClient::with_interceptor(endpoint.connect_lazy(), bearer),
+            client,
             cache,
-            open: Mutex::default(),
+            open,
             inflight: Arc::default(),
+            settlements,
         }))
     }
 
@@ -349,42 +370,25 @@ impl ControlPlane {
         Ok(response)
     }
 
-    /// Settles in the background, retrying until the control plane answers
-    /// (settlement is idempotent by reservation id). Returns at once.
-    pub fn settle(self: &Arc<Self>, request: pb::SettleRequest) {
-        let this = self.clone();
-        let guard = self.inflight.enter();
-        let span = tracing::info_span!("aex.settle", otel.kind = "client", aex.reservation_id = %request.reservation_id);
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let _guard = guard;
-                let mut backoff = Duration::from_millis(50);
-                loop {
-                    let mut client = this.client.clone();
-                    let mut r = tonic::Request::new(request.clone());
-                    r.set_timeout(Duration::from_secs(5));
-                    match client.settle(r).await {
-                        Ok(_) => break,
-                        Err(status) if !retryable(&status) => {
-                            tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
-                            break;
-                        }
-                        Err(status) => {
-                            tracing::warn!(%status, reservation = %request.reservation_id, "settlement failed; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(1));
-                        }
-                    }
-                }
-                if !request.reservation_id.is_empty() {
-                    this.open
-                        .lock()
-                        .expect("open lock")
-                        .remove(&request.reservation_id);
-                }
-            },
+    /// Queues a settlement and returns at once. The sender delivers it,
+    /// retrying until the control plane answers (settlement is idempotent
+    /// by reservation id).
+    pub fn settle(&self, request: pb::SettleRequest) {
+        let span = tracing::info_span!(
+            "aex.settle",
+            otel.kind = "client",
+            aex.reservation_id = %request.reservation_id
+        );
+        let pending = PendingSettle {
+            request,
             span,
-        ));
+            _inflight: self.inflight.enter(),
+        };
+        if self.settlements.send(pending).is_err() {
+            // Only if the sender task panicked; the reservation then expires
+            // and the control plane settles it.
+            tracing::error!("the settlement sender has stopped");
+        }
     }
 
     /// Keeps the watch stream connected for as long as the process runs.
@@ -450,6 +454,117 @@ impl ControlPlane {
                 .await
             {
                 tracing::warn!(%status, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Sends queued settlements, whatever queued up while the previous call was
+/// in flight going as one `SettleBatch`: one at a time when calls are
+/// sparse, so nothing waits; many per round trip under load. Ends when the
+/// `ControlPlane` is dropped and the queue is empty.
+async fn send_settlements(
+    mut client: Client,
+    open: Arc<Mutex<HashSet<String>>>,
+    mut queue: mpsc::UnboundedReceiver<PendingSettle>,
+) {
+    const MAX_BATCH: usize = 256;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let requests: Vec<pb::SettleRequest> = batch.iter().map(|p| p.request.clone()).collect();
+        // One settlement stays in its request's trace; a batch gets a span
+        // of its own, linked to each request's.
+        let span = if let [only] = batch.as_slice() {
+            only.span.clone()
+        } else {
+            let span = tracing::info_span!(
+                parent: None,
+                "aex.settle_batch",
+                otel.kind = "client",
+                aex.settlements = requests.len()
+            );
+            for p in &batch {
+                span.follows_from(&p.span);
+            }
+            span
+        };
+        deliver(&mut client, requests).instrument(span).await;
+        let mut open = open.lock().expect("open lock");
+        for p in &batch {
+            open.remove(&p.request.reservation_id);
+        }
+        drop(open);
+        // Dropping them releases their shutdown guards.
+        batch.clear();
+    }
+}
+
+/// Resends until every settlement is acknowledged or refused for good.
+async fn deliver(client: &mut Client, mut todo: Vec<pb::SettleRequest>) {
+    use pb::settle_result::Result as Settled;
+    let mut backoff = Duration::from_millis(50);
+    while !todo.is_empty() {
+        let mut r = tonic::Request::new(pb::SettleBatchRequest {
+            settlements: todo.clone(),
+        });
+        r.set_timeout(Duration::from_secs(5));
+        let results = match client.settle_batch(r).await {
+            Ok(response) => response.into_inner().results,
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                // A control plane older than SettleBatch.
+                for request in todo.drain(..) {
+                    settle_one(client, request).await;
+                }
+                return;
+            }
+            Err(status) if retryable(&status) => {
+                tracing::warn!(%status, settlements = todo.len(), "settlement failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(status) => {
+                tracing::error!(%status, settlements = todo.len(), "settlements refused");
+                return;
+            }
+        };
+        let mut results = results.into_iter();
+        todo.retain(|request| match results.next().and_then(|r| r.result) {
+            Some(Settled::Settled(_)) => false,
+            Some(Settled::Error(e)) if retryable_code(e.code) => {
+                tracing::warn!(reservation = %request.reservation_id, error = %e.message, "settlement failed; retrying");
+                true
+            }
+            Some(Settled::Error(e)) => {
+                tracing::error!(reservation = %request.reservation_id, error = %e.message, "settlement refused");
+                false
+            }
+            // Not answered: safe to send again.
+            None => true,
+        });
+        if !todo.is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// One settlement through the unary `Settle`, retried like a batch.
+async fn settle_one(client: &mut Client, request: pb::SettleRequest) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut r = tonic::Request::new(request.clone());
+        r.set_timeout(Duration::from_secs(5));
+        match client.settle(r).await {
+            Ok(_) => return,
+            Err(status) if !retryable(&status) => {
+                tracing::error!(%status, reservation = %request.reservation_id, "settlement refused");
+                return;
+            }
+            Err(status) => {
+                tracing::warn!(%status, reservation = %request.reservation_id, "settlement failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -108,7 +108,7 @@ async fn one_trace_spans_client_data_plane_control_plane_and_provider() {
             find(&spans, "aex-dataplane", "aex.admit"),
             find(&spans, "aex-control", "/aex.v1.AdmissionService/Admit"),
             find(&spans, "aex-dataplane", "aex.upstream"),
-            find(&spans, "aex-control", "/aex.v1.AdmissionService/Settle"),
+            find(&spans, "aex-control", "/aex.v1.AdmissionService/SettleBatch"),
         );
         if let (Some(a), Some(b), Some(c), Some(d), Some(e)) = found {
             break (a, b, c, d, e);
@@ -122,7 +122,9 @@ async fn one_trace_spans_client_data_plane_control_plane_and_provider() {
     // ...and is the ancestor of the control plane's spans, across gRPC.
     assert_eq!(rpc.parent_span_id, admit.span_id);
     assert_eq!(upstream.parent_span_id, request.span_id);
+    // A lone settlement is sent in its request's trace.
     let settle = find(&receiver.0.lock().unwrap(), "aex-dataplane", "aex.settle").unwrap();
+    assert_eq!(settle.parent_span_id, request.span_id);
     assert_eq!(settle_rpc.parent_span_id, settle.span_id);
     // The provider got the same trace, as a child of the upstream span.
     let seen = &stack.mock.requests()[0];

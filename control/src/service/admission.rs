@@ -50,6 +50,60 @@ fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
     }
 }
 
+/// One settlement, as `Settle` and each item of `SettleBatch` do it.
+async fn settle_one(
+    state: &ControlState,
+    mut r: pb::SettleRequest,
+) -> Result<pb::SettleResponse, Status> {
+    if r.reservation_id.is_empty() && !r.request_id.is_empty() {
+        match state.admission.reservation_for_request(&r.request_id) {
+            Some(id) => r.reservation_id = id,
+            // Never admitted, or already closed: nothing to release.
+            None => {
+                return Ok(pb::SettleResponse {
+                    already_settled: true,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    if r.reservation_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "reservation_id or request_id is required",
+        ));
+    }
+    let outcome = outcome_from_pb(r.outcome());
+    let settled = state
+        .admission
+        .settle(SettleInput {
+            outcome,
+            reservation_id: r.reservation_id,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            usage_reported: r.usage_reported,
+            upstream_status: r.upstream_status,
+            upstream_retry_after_ms: r.upstream_retry_after_ms,
+        })
+        .await
+        .map_err(Status::from)?;
+    if !settled.already_settled {
+        let metrics = &state.metrics;
+        metrics
+            .settlements
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        metrics
+            .charged_micro
+            .inc_by(settled.charged_micro.max(0) as u64);
+    }
+    Ok(pb::SettleResponse {
+        charged_micro: settled.charged_micro,
+        remaining_micro: settled.remaining_micro,
+        already_settled: settled.already_settled,
+        overrun: settled.overrun,
+    })
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -143,55 +197,42 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
-        let mut r = request.into_inner();
-        if r.reservation_id.is_empty() && !r.request_id.is_empty() {
-            match self.state.admission.reservation_for_request(&r.request_id) {
-                Some(id) => r.reservation_id = id,
-                // Never admitted, or already closed: nothing to release.
-                None => {
-                    return Ok(Response::new(pb::SettleResponse {
-                        already_settled: true,
-                        ..Default::default()
-                    }));
-                }
-            }
-        }
-        if r.reservation_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "reservation_id or request_id is required",
-            ));
-        }
-        let outcome = outcome_from_pb(r.outcome());
-        let settled = self
-            .state
-            .admission
-            .settle(SettleInput {
-                outcome,
-                reservation_id: r.reservation_id,
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-                usage_reported: r.usage_reported,
-                upstream_status: r.upstream_status,
-                upstream_retry_after_ms: r.upstream_retry_after_ms,
-            })
+        settle_one(&self.state, request.into_inner())
             .await
-            .map_err(Status::from)?;
-        if !settled.already_settled {
-            let metrics = &self.state.metrics;
-            metrics
-                .settlements
-                .with_label_values(&[outcome.as_str()])
-                .inc();
-            metrics
-                .charged_micro
-                .inc_by(settled.charged_micro.max(0) as u64);
+            .map(Response::new)
+    }
+
+    async fn settle_batch(
+        &self,
+        request: Request<pb::SettleBatchRequest>,
+    ) -> Result<Response<pb::SettleBatchResponse>, Status> {
+        const MAX_SETTLEMENTS: usize = 1024;
+        let settlements = request.into_inner().settlements;
+        if settlements.len() > MAX_SETTLEMENTS {
+            return Err(Status::invalid_argument(format!(
+                "{} settlements in one call; send at most {MAX_SETTLEMENTS} per SettleBatch",
+                settlements.len()
+            )));
         }
-        Ok(Response::new(pb::SettleResponse {
-            charged_micro: settled.charged_micro,
-            remaining_micro: settled.remaining_micro,
-            already_settled: settled.already_settled,
-            overrun: settled.overrun,
-        }))
+        // All at once, so the ledger writer commits them in one batch.
+        let mut running = tokio::task::JoinSet::new();
+        for (i, r) in settlements.into_iter().enumerate() {
+            let state = self.state.clone();
+            running.spawn(async move { (i, settle_one(&state, r).await) });
+        }
+        let mut results = vec![pb::SettleResult::default(); running.len()];
+        while let Some(done) = running.join_next().await {
+            let (i, settled) =
+                done.map_err(|e| Status::internal(format!("a settlement task failed: {e}")))?;
+            results[i].result = Some(match settled {
+                Ok(r) => pb::settle_result::Result::Settled(r),
+                Err(status) => pb::settle_result::Result::Error(pb::SettleError {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                }),
+            });
+        }
+        Ok(Response::new(pb::SettleBatchResponse { results }))
     }
 
     async fn heartbeat(
