@@ -108,7 +108,11 @@ async fn one_trace_spans_client_data_plane_control_plane_and_provider() {
             find(&spans, "aex-dataplane", "aex.admit"),
             find(&spans, "aex-control", "/aex.v1.AdmissionService/Admit"),
             find(&spans, "aex-dataplane", "aex.upstream"),
-            find(&spans, "aex-control", "/aex.v1.AdmissionService/SettleBatch"),
+            find(
+                &spans,
+                "aex-control",
+                "/aex.v1.AdmissionService/SettleBatch",
+            ),
         );
         if let (Some(a), Some(b), Some(c), Some(d), Some(e)) = found {
             break (a, b, c, d, e);
