@@ -613,5 +613,64 @@ async fn settle_batch_answers_each_settlement_in_order() {
         .await
         .unwrap_err();
     assert_eq!(too_many.code(), Code::InvalidArgument);
-    assert!(too_many.message().contains("at most 1024"));
+    assert!(too_many.message().contains("at most 1024 per SettleBatch"));
+}
+
+/// AdmitBatch decides each item as Admit would, all against one budget at
+/// once, and answers in order; a bad item fails alone.
+#[tokio::test]
+async fn admit_batch_decides_each_item_in_order_against_one_budget() {
+    use pb::admit_result::Result as Decided;
+    let f = Fixture::new().await;
+    // Each reservation: 100 input × 1 µ + 50 output × 2 µ = 200 µ.
+    let token = f.create("batched", 2_000, 10_000).await;
+    let mut admissions: Vec<_> = (0..50)
+        .map(|i| admit_request(&token, &format!("batch-{i}"), 50))
+        .collect();
+    admissions.push(admit_request(&token, "", 50)); // no request id
+    admissions.push(admit_request("not-a-token", "stranger", 50));
+    let results = f
+        .admission()
+        .admit_batch(bearer(
+            pb::AdmitBatchRequest { admissions },
+            &f.home.dataplane_token(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 52);
+    let (mut admitted, mut over_budget) = (Vec::new(), 0);
+    for r in &results[..50] {
+        match r.result.clone().expect("an answer") {
+            Decided::Decided(d) => match d.outcome.unwrap() {
+                Outcome::Admitted(a) => admitted.push(a.reservation_id),
+                Outcome::Denied(d) => {
+                    assert_eq!(d.denied_by, "budget");
+                    over_budget += 1;
+                }
+            },
+            Decided::Error(e) => panic!("item failed: {e:?}"),
+        }
+    }
+    assert_eq!((admitted.len(), over_budget), (10, 40));
+    assert!(
+        matches!(results[50].result.clone(), Some(Decided::Error(e)) if e.code == Code::InvalidArgument as i32 && e.message.contains("request_id")),
+        "{:?}",
+        results[50]
+    );
+    assert!(
+        matches!(results[51].result.clone(), Some(Decided::Decided(d)) if denied(&d).http_status == 401),
+        "{:?}",
+        results[51]
+    );
+    let agent = f.agent("batched").await;
+    assert_eq!((agent.reserved_micro, agent.spent_micro), (2_000, 0));
+    // The same request id again is the same reservation, not a second.
+    let again = f.admit(&token, "batch-0", 50).await;
+    assert!(matches!(
+        again.outcome,
+        Some(Outcome::Admitted(_)) | Some(Outcome::Denied(_))
+    ));
+    assert_eq!(f.agent("batched").await.reserved_micro, 2_000);
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -290,12 +290,24 @@ struct PendingSettle {
     _inflight: InflightGuard,
 }
 
+/// An admission waiting to be sent, with where to send its answer.
+struct PendingAdmit {
+    request: pb::AdmitRequest,
+    /// The request's `aex.admit` span, so the control plane's span joins
+    /// its trace.
+    span: tracing::Span,
+    answer: oneshot::Sender<Result<pb::AdmitResponse, tonic::Status>>,
+}
+
 pub struct ControlPlane {
     client: Client,
     pub cache: Arc<Cache>,
     open: Arc<Mutex<HashSet<String>>>,
     pub inflight: Arc<Inflight>,
     settlements: mpsc::UnboundedSender<PendingSettle>,
+    admissions: mpsc::UnboundedSender<PendingAdmit>,
+    /// Admissions asked and not yet answered, by any path.
+    admitting: Arc<AtomicUsize>,
 }
 
 impl ControlPlane {
@@ -314,12 +326,16 @@ impl ControlPlane {
         let open = Arc::new(Mutex::default());
         let (settlements, queue) = mpsc::unbounded_channel();
         tokio::spawn(send_settlements(client.clone(), open.clone(), queue));
+        let (admissions, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_admissions(client.clone(), queue));
         Ok(Arc::new(Self {
             client,
             cache,
             open,
             inflight: Arc::default(),
             settlements,
+            admissions,
+            admitting: Arc::default(),
         }))
     }
 
@@ -336,11 +352,8 @@ impl ControlPlane {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(25);
         let response = loop {
-            let mut client = self.client.clone();
-            let mut r = tonic::Request::new(request.clone());
-            r.set_timeout(Duration::from_secs(5));
-            match client.admit(r).await {
-                Ok(response) => break response.into_inner(),
+            match self.ask_admission(request.clone()).await {
+                Ok(response) => break response,
                 Err(status)
                     if retryable(&status) && started.elapsed() + backoff < ADMIT_PATIENCE =>
                 {
@@ -368,6 +381,38 @@ impl ControlPlane {
                 .insert(a.reservation_id.clone());
         }
         Ok(response)
+    }
+
+    /// One admission round trip. Alone, it is sent from the caller's task
+    /// (no hand-off, nothing to wait for); while others are in flight it
+    /// joins the queue, whose sender batches what accumulates.
+    async fn ask_admission(
+        &self,
+        request: pb::AdmitRequest,
+    ) -> Result<pb::AdmitResponse, tonic::Status> {
+        struct Asking(Arc<AtomicUsize>);
+        impl Drop for Asking {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let others = self.admitting.fetch_add(1, Ordering::Relaxed);
+        let _asking = Asking(self.admitting.clone());
+        if others == 0 {
+            return admit_unary(self.client.clone(), request).await;
+        }
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingAdmit {
+            request,
+            span: tracing::Span::current(),
+            answer,
+        };
+        self.admissions
+            .send(pending)
+            .map_err(|_| tonic::Status::unavailable("the admission sender has stopped"))?;
+        answered
+            .await
+            .map_err(|_| tonic::Status::unavailable("the admission sender dropped this request"))?
     }
 
     /// Queues a settlement and returns at once. The sender delivers it,
@@ -454,6 +499,99 @@ impl ControlPlane {
                 .await
             {
                 tracing::warn!(%status, "heartbeat failed");
+            }
+        }
+    }
+}
+
+async fn admit_unary(
+    mut client: Client,
+    request: pb::AdmitRequest,
+) -> Result<pb::AdmitResponse, tonic::Status> {
+    let mut r = tonic::Request::new(request);
+    r.set_timeout(Duration::from_secs(5));
+    client.admit(r).await.map(tonic::Response::into_inner)
+}
+
+/// Sends queued admissions as `AdmitBatch` calls, up to `IN_FLIGHT` at once;
+/// what queues up while they are all out goes in the next. The callers
+/// retry failures as they would a failed `Admit` (idempotent by request id).
+async fn send_admissions(client: Client, mut queue: mpsc::UnboundedReceiver<PendingAdmit>) {
+    const IN_FLIGHT: usize = 4;
+    const MAX_BATCH: usize = 256;
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    loop {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            admit_batch(client, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn admit_batch(mut client: Client, batch: Vec<PendingAdmit>) {
+    use pb::admit_result::Result as Decided;
+    if let [_] = batch.as_slice() {
+        let only = batch.into_iter().next().expect("one");
+        let span = only.span.clone();
+        let answer = admit_unary(client, only.request).instrument(span).await;
+        let _ = only.answer.send(answer);
+        return;
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "aex.admit_batch",
+        otel.kind = "client",
+        aex.admissions = batch.len()
+    );
+    let mut requests = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for p in batch {
+        span.follows_from(&p.span);
+        requests.push(p.request);
+        waiting.push((p.span, p.answer));
+    }
+    let mut r = tonic::Request::new(pb::AdmitBatchRequest {
+        admissions: requests.clone(),
+    });
+    r.set_timeout(Duration::from_secs(5));
+    match client.admit_batch(r).instrument(span).await {
+        Ok(response) => {
+            let mut results = response.into_inner().results.into_iter();
+            for (_, answer) in waiting {
+                let _ = answer.send(match results.next().and_then(|r| r.result) {
+                    Some(Decided::Decided(d)) => Ok(d),
+                    Some(Decided::Error(e)) => {
+                        Err(tonic::Status::new(tonic::Code::from_i32(e.code), e.message))
+                    }
+                    // Retryable: the caller asks again, idempotently.
+                    None => Err(tonic::Status::unavailable(
+                        "the control plane left this admission unanswered",
+                    )),
+                });
+            }
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            // A control plane older than AdmitBatch: one call each, at once.
+            for (request, (span, answer)) in requests.into_iter().zip(waiting) {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _ = answer.send(admit_unary(client, request).instrument(span).await);
+                });
+            }
+        }
+        Err(status) => {
+            for (_, answer) in waiting {
+                let _ = answer.send(Err(status.clone()));
             }
         }
     }

@@ -50,6 +50,102 @@ fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
     }
 }
 
+/// One admission, as `Admit` and each item of `AdmitBatch` decide it.
+async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
+    let endpoint = endpoint_from_pb(r.endpoint())
+        .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
+    if r.request_id.is_empty() {
+        return Err(Status::invalid_argument("request_id is required"));
+    }
+    let ask = Ask {
+        endpoint,
+        model: &r.model,
+        stream: r.stream,
+        uses_tools: r.uses_tools,
+        uses_function_calling: r.uses_function_calling,
+        uses_vision: r.uses_vision,
+        input_tokens_bound: r.input_tokens_bound,
+        requested_output_tokens: r.requested_output_tokens,
+    };
+    let admission = &state.admission;
+    if endpoint == Endpoint::Models {
+        // Listing models needs a valid token only; nothing to reserve.
+        return Ok(match admission.authenticate_only(&r.token_sha256) {
+            Ok(agent) => pb::AdmitResponse {
+                outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                    agent_id: agent.id,
+                    agent_name: agent.name,
+                    remaining_micro: agent.budget_micro - agent.spent_micro - agent.reserved_micro,
+                    ..Default::default()
+                })),
+            },
+            Err(d) => {
+                admission
+                    .log_denial(&d, "", "", &ask, &r.token_sha256)
+                    .await;
+                denial_to_pb(d, String::new())
+            }
+        });
+    }
+    let models = state.models();
+    let started = std::time::Instant::now();
+    let decision = admission
+        .admit(&models, &r.request_id, &r.token_sha256, &ask)
+        .await
+        .map_err(Status::from)?;
+    let metrics = &state.metrics;
+    metrics
+        .admit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match &decision {
+        Decision::Admitted(_) => metrics
+            .admissions
+            .with_label_values(&["admitted", ""])
+            .inc(),
+        Decision::Denied { denial, .. } => metrics
+            .admissions
+            .with_label_values(&["denied", denial.denied_by])
+            .inc(),
+    }
+    Ok(match decision {
+        Decision::Admitted(a) => pb::AdmitResponse {
+            outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                reservation_id: a.reservation_id,
+                agent_id: a.agent_id,
+                agent_name: a.agent_name,
+                reserved_micro: a.reserved_micro,
+                output_tokens_cap: a.output_tokens_cap,
+                output_cap_injected: a.output_cap_injected,
+                remaining_micro: a.remaining_micro,
+                expires_at_ms: a.expires_at_ms,
+                provider: a.provider,
+                provider_model: a.provider_model,
+                input_pico_per_token: a.pricing.input_pico_per_token,
+                output_pico_per_token: a.pricing.output_pico_per_token,
+            })),
+        },
+        Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),
+    })
+}
+
+const MAX_BATCH_ITEMS: usize = 1024;
+
+fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
+    if items > MAX_BATCH_ITEMS {
+        return Err(Status::invalid_argument(format!(
+            "{items} items in one call; send at most {MAX_BATCH_ITEMS} per {rpc}"
+        )));
+    }
+    Ok(())
+}
+
+fn item_error(status: &Status) -> pb::ItemError {
+    pb::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
 /// One settlement, as `Settle` and each item of `SettleBatch` do it.
 async fn settle_one(
     state: &ControlState,
@@ -112,85 +208,33 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::AdmitRequest>,
     ) -> Result<Response<pb::AdmitResponse>, Status> {
-        let r = request.into_inner();
-        let endpoint = endpoint_from_pb(r.endpoint())
-            .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
-        if r.request_id.is_empty() {
-            return Err(Status::invalid_argument("request_id is required"));
-        }
-        let ask = Ask {
-            endpoint,
-            model: &r.model,
-            stream: r.stream,
-            uses_tools: r.uses_tools,
-            uses_function_calling: r.uses_function_calling,
-            uses_vision: r.uses_vision,
-            input_tokens_bound: r.input_tokens_bound,
-            requested_output_tokens: r.requested_output_tokens,
-        };
-        let admission = &self.state.admission;
-        if endpoint == Endpoint::Models {
-            // Listing models needs a valid token only; nothing to reserve.
-            return Ok(Response::new(
-                match admission.authenticate_only(&r.token_sha256) {
-                    Ok(agent) => pb::AdmitResponse {
-                        outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
-                            agent_id: agent.id,
-                            agent_name: agent.name,
-                            remaining_micro: agent.budget_micro
-                                - agent.spent_micro
-                                - agent.reserved_micro,
-                            ..Default::default()
-                        })),
-                    },
-                    Err(d) => {
-                        admission
-                            .log_denial(&d, "", "", &ask, &r.token_sha256)
-                            .await;
-                        denial_to_pb(d, String::new())
-                    }
-                },
-            ));
-        }
-        let models = self.state.models();
-        let started = std::time::Instant::now();
-        let decision = admission
-            .admit(&models, &r.request_id, &r.token_sha256, &ask)
+        admit_one(&self.state, request.into_inner())
             .await
-            .map_err(Status::from)?;
-        let metrics = &self.state.metrics;
-        metrics
-            .admit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match &decision {
-            Decision::Admitted(_) => metrics
-                .admissions
-                .with_label_values(&["admitted", ""])
-                .inc(),
-            Decision::Denied { denial, .. } => metrics
-                .admissions
-                .with_label_values(&["denied", denial.denied_by])
-                .inc(),
+            .map(Response::new)
+    }
+
+    async fn admit_batch(
+        &self,
+        request: Request<pb::AdmitBatchRequest>,
+    ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+        let admissions = request.into_inner().admissions;
+        check_batch_size(admissions.len(), "AdmitBatch")?;
+        // All at once, so the ledger writer commits the reservations in one batch.
+        let mut running = tokio::task::JoinSet::new();
+        for (i, r) in admissions.into_iter().enumerate() {
+            let state = self.state.clone();
+            running.spawn(async move { (i, admit_one(&state, r).await) });
         }
-        Ok(Response::new(match decision {
-            Decision::Admitted(a) => pb::AdmitResponse {
-                outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
-                    reservation_id: a.reservation_id,
-                    agent_id: a.agent_id,
-                    agent_name: a.agent_name,
-                    reserved_micro: a.reserved_micro,
-                    output_tokens_cap: a.output_tokens_cap,
-                    output_cap_injected: a.output_cap_injected,
-                    remaining_micro: a.remaining_micro,
-                    expires_at_ms: a.expires_at_ms,
-                    provider: a.provider,
-                    provider_model: a.provider_model,
-                    input_pico_per_token: a.pricing.input_pico_per_token,
-                    output_pico_per_token: a.pricing.output_pico_per_token,
-                })),
-            },
-            Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),
-        }))
+        let mut results = vec![pb::AdmitResult::default(); running.len()];
+        while let Some(done) = running.join_next().await {
+            let (i, decided) =
+                done.map_err(|e| Status::internal(format!("an admission task failed: {e}")))?;
+            results[i].result = Some(match decided {
+                Ok(r) => pb::admit_result::Result::Decided(r),
+                Err(status) => pb::admit_result::Result::Error(item_error(&status)),
+            });
+        }
+        Ok(Response::new(pb::AdmitBatchResponse { results }))
     }
 
     async fn settle(
@@ -206,14 +250,8 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::SettleBatchRequest>,
     ) -> Result<Response<pb::SettleBatchResponse>, Status> {
-        const MAX_SETTLEMENTS: usize = 1024;
         let settlements = request.into_inner().settlements;
-        if settlements.len() > MAX_SETTLEMENTS {
-            return Err(Status::invalid_argument(format!(
-                "{} settlements in one call; send at most {MAX_SETTLEMENTS} per SettleBatch",
-                settlements.len()
-            )));
-        }
+        check_batch_size(settlements.len(), "SettleBatch")?;
         // All at once, so the ledger writer commits them in one batch.
         let mut running = tokio::task::JoinSet::new();
         for (i, r) in settlements.into_iter().enumerate() {
@@ -226,10 +264,7 @@ impl AdmissionService for AdmissionApi {
                 done.map_err(|e| Status::internal(format!("a settlement task failed: {e}")))?;
             results[i].result = Some(match settled {
                 Ok(r) => pb::settle_result::Result::Settled(r),
-                Err(status) => pb::settle_result::Result::Error(pb::SettleError {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                }),
+                Err(status) => pb::settle_result::Result::Error(item_error(&status)),
             });
         }
         Ok(Response::new(pb::SettleBatchResponse { results }))
