@@ -23,7 +23,7 @@ pub struct ScaleArgs {
     pub max_seconds: u64,
 }
 
-fn new_agent(i: u64) -> NewAgent {
+pub fn new_agent(i: u64) -> NewAgent {
     NewAgent {
         name: format!("seed-{i:06}"),
         // Never a real token: these agents exist to be listed and audited.
@@ -75,27 +75,8 @@ async fn seed(home: &aex_control::home::Home, agents: u64, events: u64) -> (f64,
                 }
                 let agent_id = ids[(n % ids.len() as u64) as usize].clone();
                 let name = format!("seed-{:06}", n % ids.len() as u64);
-                let now = now_ms();
                 store
-                    .reserve(NewReservation {
-                        record: ReservationRecord {
-                            id: format!("rsv_seed_{n}"),
-                            request_id: format!("req_seed_{n}"),
-                            agent_id,
-                            model: "bench".into(),
-                            amount_micro: 30,
-                            pricing: Pricing {
-                                input_pico_per_token: 150_000,
-                                output_pico_per_token: 600_000,
-                            },
-                            input_tokens_bound: 100,
-                            output_tokens_cap: 16,
-                            created_at_ms: now,
-                            expires_at_ms: now + 600_000,
-                        },
-                        agent_name: name.clone(),
-                        details: serde_json::json!({"model": "bench", "seeded": true}),
-                    })
+                    .reserve(reservation(&format!("seed_{n}"), agent_id, &name))
                     .await
                     .expect("reserve");
                 store
@@ -119,6 +100,31 @@ async fn seed(home: &aex_control::home::Home, agents: u64, events: u64) -> (f64,
         done.expect("seeding task");
     }
     (agent_seconds, started.elapsed().as_secs_f64())
+}
+
+/// What one bench call reserves: 100 input and 16 output tokens of the
+/// bench model, 30 µ; `key` makes the ids unique.
+pub fn reservation(key: &str, agent_id: String, agent_name: &str) -> NewReservation {
+    let now = now_ms();
+    NewReservation {
+        record: ReservationRecord {
+            id: format!("rsv_{key}"),
+            request_id: format!("req_{key}"),
+            agent_id,
+            model: "bench".into(),
+            amount_micro: 30,
+            pricing: Pricing {
+                input_pico_per_token: 150_000,
+                output_pico_per_token: 600_000,
+            },
+            input_tokens_bound: 100,
+            output_tokens_cap: 16,
+            created_at_ms: now,
+            expires_at_ms: now + 600_000,
+        },
+        agent_name: agent_name.into(),
+        details: serde_json::json!({"model": "bench"}),
+    }
 }
 
 /// Seconds an `aexctl` command takes, and its output.

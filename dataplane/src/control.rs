@@ -311,7 +311,8 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Must be called inside the runtime: it starts the settlement sender.
+    /// Must be called inside the runtime: it starts the admission and
+    /// settlement senders.
     pub fn connect(url: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
