@@ -744,4 +744,117 @@ mod tests {
         assert_eq!(env.len(), 2);
         let _ = std::fs::remove_file(dir);
     }
+
+    /// A control plane from before AdmitBatch and SettleBatch: the data plane
+    /// falls back to one unary call per item, and every caller still gets
+    /// its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_control_plane_gets_unary_calls() {
+        use aex_proto::v1::admission_service_server::{AdmissionService, AdmissionServiceServer};
+        use std::sync::atomic::AtomicU64;
+        use tonic::{Request, Response, Status};
+
+        #[derive(Default)]
+        struct Older {
+            admits: AtomicU64,
+            settles: AtomicU64,
+            batches_refused: AtomicU64,
+        }
+        #[tonic::async_trait]
+        impl AdmissionService for Older {
+            async fn admit(
+                &self,
+                r: Request<pb::AdmitRequest>,
+            ) -> Result<Response<pb::AdmitResponse>, Status> {
+                self.admits.fetch_add(1, Ordering::SeqCst);
+                // Slow enough that concurrent callers must queue.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let id = r.into_inner().request_id;
+                Ok(Response::new(pb::AdmitResponse {
+                    outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                        reservation_id: format!("rsv-{id}"),
+                        ..Default::default()
+                    })),
+                }))
+            }
+            async fn admit_batch(
+                &self,
+                _: Request<pb::AdmitBatchRequest>,
+            ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+                self.batches_refused.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unimplemented("too old"))
+            }
+            async fn settle(
+                &self,
+                _: Request<pb::SettleRequest>,
+            ) -> Result<Response<pb::SettleResponse>, Status> {
+                self.settles.fetch_add(1, Ordering::SeqCst);
+                Ok(Response::new(pb::SettleResponse::default()))
+            }
+            async fn settle_batch(
+                &self,
+                _: Request<pb::SettleBatchRequest>,
+            ) -> Result<Response<pb::SettleBatchResponse>, Status> {
+                self.batches_refused.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unimplemented("too old"))
+            }
+            async fn heartbeat(
+                &self,
+                _: Request<pb::HeartbeatRequest>,
+            ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+                Err(Status::unimplemented("not here"))
+            }
+            type WatchStream =
+                tokio_stream::wrappers::ReceiverStream<Result<pb::WatchEvent, Status>>;
+            async fn watch(
+                &self,
+                _: Request<pb::WatchRequest>,
+            ) -> Result<Response<Self::WatchStream>, Status> {
+                Err(Status::unimplemented("not here"))
+            }
+        }
+
+        let older = Arc::new(Older::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AdmissionServiceServer::from_arc(older.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let control = ControlPlane::connect(&url, "t", Arc::new(Cache::new(None))).unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for n in 0..20 {
+            let control = control.clone();
+            calls.spawn(async move {
+                let answer = control
+                    .admit(pb::AdmitRequest {
+                        request_id: format!("req-{n}"),
+                        endpoint: pb::Endpoint::ChatCompletions as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                match answer.outcome {
+                    Some(pb::admit_response::Outcome::Admitted(a)) => {
+                        assert_eq!(a.reservation_id, format!("rsv-req-{n}"));
+                        control.settle(pb::SettleRequest {
+                            reservation_id: a.reservation_id,
+                            ..Default::default()
+                        });
+                    }
+                    other => panic!("not admitted: {other:?}"),
+                }
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            done.unwrap();
+        }
+        assert!(control.inflight.drained(Duration::from_secs(10)).await);
+        assert_eq!(older.admits.load(Ordering::SeqCst), 20);
+        assert_eq!(older.settles.load(Ordering::SeqCst), 20);
+        // The batches were tried first, and refused.
+        assert!(older.batches_refused.load(Ordering::SeqCst) >= 2);
+        server.abort();
+    }
 }
