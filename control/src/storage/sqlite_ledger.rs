@@ -154,11 +154,11 @@ impl LedgerWriter {
     }
 }
 
-/// Copies committed WAL frames into the database until the writer ends
-/// (measured: every 200 ms with no restart cost the writer more p50 and
-/// p99 than every second; the restart is what keeps copies short now).
+/// Copies committed WAL frames into the database until the writer ends.
 /// When the WAL has grown past the policy's size, asks the writer to let it
-/// start over.
+/// start over. (Before the restart existed, copying every 200 ms measured a
+/// worse p99 than every second; with it, every 250 ms measured within noise
+/// of the old build in alternating runs.)
 fn checkpoint_while_writing(
     conn: Connection,
     wal: WalPolicy,
@@ -233,6 +233,9 @@ fn run(
     }
 }
 
+/// Runs every job in one transaction (each inside a savepoint, so one
+/// failing job leaves the others), commits, then answers. If the commit
+/// fails, every job in the batch gets the error: none of them happened.
 fn commit_batch(conn: &mut Connection, key: &ChainKey, batch: &mut Vec<Job>) {
     let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
