@@ -789,3 +789,31 @@ async fn models_are_listed_per_agent() {
         .unwrap();
     error_of(r, 401, "invalid_api_key").await;
 }
+
+/// Sequential calls reuse one provider connection. pingora 0.9.1 threw a
+/// pooled connection away whenever its idle poller had not quite let go
+/// (cloudflare/pingora#998): 30% of sequential requests dialled anew, a TLS
+/// handshake each with a real provider. AEX carries the fix (vendor/).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_calls_reuse_the_provider_connection() {
+    let stack = Stack::start().await;
+    let token = stack.agent("reuse", "10", "6000", &[]);
+    let client = Client::new();
+    for _ in 0..100 {
+        let r = client
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .json(&chat("mock-model"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(stack.mock.count(), 100);
+    let connections = stack.mock.connections();
+    assert!(
+        connections <= 2,
+        "100 sequential calls opened {connections} provider connections"
+    );
+}

@@ -49,6 +49,7 @@ impl Recorded {
 #[derive(Default)]
 struct State {
     requests: Mutex<Vec<Recorded>>,
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 pub struct MockUpstream {
@@ -105,6 +106,8 @@ impl MockUpstream {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                st.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let st = st.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
@@ -120,6 +123,13 @@ impl MockUpstream {
     /// `http://127.0.0.1:PORT/v1`
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
