@@ -195,20 +195,14 @@ async fn grpc_calls(
     concurrency: u64,
     max: Duration,
 ) -> Calls {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_health::pb::health_client::HealthClient;
     if !buffered {
-        let client = HealthClient::new(direct_h2(addr).await);
-        return drive(total, concurrency, max, move |_| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .expect("health check");
-            }
-        })
+        return health_checks(
+            HealthClient::new(direct_h2(addr).await),
+            total,
+            concurrency,
+            max,
+        )
         .await;
     }
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -217,12 +211,28 @@ async fn grpc_calls(
         .connect()
         .await
         .expect("connect to the floor gRPC server");
-    let client = HealthClient::new(channel);
+    health_checks(HealthClient::new(channel), total, concurrency, max).await
+}
+
+/// Health checks over whichever transport `client` was built on.
+async fn health_checks<T>(
+    client: tonic_health::pb::health_client::HealthClient<T>,
+    total: u64,
+    concurrency: u64,
+    max: Duration,
+) -> Calls
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     drive(total, concurrency, max, move |_| {
         let mut client = client.clone();
         async move {
             client
-                .check(HealthCheckRequest {
+                .check(tonic_health::pb::HealthCheckRequest {
                     service: String::new(),
                 })
                 .await

@@ -610,7 +610,6 @@ async fn send_settlements(
     const MAX_BATCH: usize = 256;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let requests: Vec<pb::SettleRequest> = batch.iter().map(|p| p.request.clone()).collect();
         // One settlement stays in its request's trace; a batch gets a span
         // of its own, linked to each request's.
         let span = if let [only] = batch.as_slice() {
@@ -620,13 +619,14 @@ async fn send_settlements(
                 parent: None,
                 "aex.settle_batch",
                 otel.kind = "client",
-                aex.settlements = requests.len()
+                aex.settlements = batch.len()
             );
             for p in &batch {
                 span.follows_from(&p.span);
             }
             span
         };
+        let requests = batch.iter().map(|p| &p.request).collect();
         deliver(&mut client, requests).instrument(span).await;
         let mut open = open.lock().expect("open lock");
         for p in &batch {
@@ -639,12 +639,12 @@ async fn send_settlements(
 }
 
 /// Resends until every settlement is acknowledged or refused for good.
-async fn deliver(client: &mut Client, mut todo: Vec<pb::SettleRequest>) {
+async fn deliver(client: &mut Client, mut todo: Vec<&pb::SettleRequest>) {
     use pb::settle_result::Result as Settled;
     let mut backoff = Duration::from_millis(50);
     while !todo.is_empty() {
         let mut r = tonic::Request::new(pb::SettleBatchRequest {
-            settlements: todo.clone(),
+            settlements: todo.iter().map(|&r| r.clone()).collect(),
         });
         r.set_timeout(Duration::from_secs(5));
         let results = match client.settle_batch(r).await {
@@ -652,7 +652,7 @@ async fn deliver(client: &mut Client, mut todo: Vec<pb::SettleRequest>) {
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 // A control plane older than SettleBatch.
                 for request in todo.drain(..) {
-                    settle_one(client, request).await;
+                    settle_one(client, request.clone()).await;
                 }
                 return;
             }

@@ -139,6 +139,36 @@ fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Runs `one` on every item at once, so the ledger writer commits their
+/// writes together, and returns the results in the items' order.
+async fn each_at_once<I, O, F, Fut>(
+    state: &Arc<ControlState>,
+    items: Vec<I>,
+    one: F,
+) -> Result<Vec<Result<O, Status>>, Status>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Arc<ControlState>, I) -> Fut,
+    Fut: std::future::Future<Output = Result<O, Status>> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let done = one(state.clone(), item);
+        running.spawn(async move { (i, done.await) });
+    }
+    let mut results: Vec<Option<Result<O, Status>>> = (0..running.len()).map(|_| None).collect();
+    while let Some(done) = running.join_next().await {
+        let (i, result) =
+            done.map_err(|e| Status::internal(format!("a batch item's task failed: {e}")))?;
+        results[i] = Some(result);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every task answered"))
+        .collect())
+}
+
 fn item_error(status: &Status) -> pb::ItemError {
     pb::ItemError {
         code: status.code() as i32,
@@ -219,21 +249,18 @@ impl AdmissionService for AdmissionApi {
     ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
         let admissions = request.into_inner().admissions;
         check_batch_size(admissions.len(), "AdmitBatch")?;
-        // All at once, so the ledger writer commits the reservations in one batch.
-        let mut running = tokio::task::JoinSet::new();
-        for (i, r) in admissions.into_iter().enumerate() {
-            let state = self.state.clone();
-            running.spawn(async move { (i, admit_one(&state, r).await) });
-        }
-        let mut results = vec![pb::AdmitResult::default(); running.len()];
-        while let Some(done) = running.join_next().await {
-            let (i, decided) =
-                done.map_err(|e| Status::internal(format!("an admission task failed: {e}")))?;
-            results[i].result = Some(match decided {
+        let results = each_at_once(&self.state, admissions, |state, r| async move {
+            admit_one(&state, r).await
+        })
+        .await?
+        .into_iter()
+        .map(|decided| pb::AdmitResult {
+            result: Some(match decided {
                 Ok(r) => pb::admit_result::Result::Decided(r),
                 Err(status) => pb::admit_result::Result::Error(item_error(&status)),
-            });
-        }
+            }),
+        })
+        .collect();
         Ok(Response::new(pb::AdmitBatchResponse { results }))
     }
 
@@ -252,21 +279,18 @@ impl AdmissionService for AdmissionApi {
     ) -> Result<Response<pb::SettleBatchResponse>, Status> {
         let settlements = request.into_inner().settlements;
         check_batch_size(settlements.len(), "SettleBatch")?;
-        // All at once, so the ledger writer commits them in one batch.
-        let mut running = tokio::task::JoinSet::new();
-        for (i, r) in settlements.into_iter().enumerate() {
-            let state = self.state.clone();
-            running.spawn(async move { (i, settle_one(&state, r).await) });
-        }
-        let mut results = vec![pb::SettleResult::default(); running.len()];
-        while let Some(done) = running.join_next().await {
-            let (i, settled) =
-                done.map_err(|e| Status::internal(format!("a settlement task failed: {e}")))?;
-            results[i].result = Some(match settled {
+        let results = each_at_once(&self.state, settlements, |state, r| async move {
+            settle_one(&state, r).await
+        })
+        .await?
+        .into_iter()
+        .map(|settled| pb::SettleResult {
+            result: Some(match settled {
                 Ok(r) => pb::settle_result::Result::Settled(r),
                 Err(status) => pb::settle_result::Result::Error(item_error(&status)),
-            });
-        }
+            }),
+        })
+        .collect();
         Ok(Response::new(pb::SettleBatchResponse { results }))
     }
 
