@@ -385,12 +385,22 @@ async fn main() {
     );
     let control_url = format!("http://{}", control_lines[0]);
     let control_metrics = control_lines[1].clone();
-    let (data_pid, data_addr) = spawn(
+    let (data_pid, data_lines) = spawn_lines(
         dir.path(),
         "aex-dataplane",
-        &["--listen", "127.0.0.1:0", "--control", &control_url],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            &control_url,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         &mut daemons,
+        2,
     );
+    let data_addr = data_lines[0].clone();
+    let data_metrics = data_lines[1].clone();
     // 1,000 agents, as the RSS target asks; the benchmark drives the last.
     let mut token = String::new();
     for i in 0..1000 {
@@ -426,7 +436,6 @@ async fn main() {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut splits = Vec::new();
-    let data_metrics = format!("http://{data_addr}/metrics");
     for (stream, concurrency) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
         let name = format!("{} c={concurrency}", if stream { "stream" } else { "chat" });
         if !args.only.is_empty() && !args.only.contains(&name) {

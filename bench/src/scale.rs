@@ -85,6 +85,7 @@ async fn seed(home: &aex_control::home::Home, agents: u64, events: u64) -> (f64,
                         agent_name: name,
                         state: "settled",
                         charge_micro: 3,
+                        overrun_micro: 0,
                         outcome: "completed".into(),
                         prompt_tokens: 12,
                         completion_tokens: 1,
@@ -169,7 +170,14 @@ async fn measure(home: &Path, args: &ScaleArgs) -> Measured {
     let (_, data_addr) = spawn(
         home,
         "aex-dataplane",
-        &["--listen", "127.0.0.1:0", "--control", &control_url],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            &control_url,
+            "--metrics-listen",
+            "off",
+        ],
         &mut daemons,
     );
     let (_, created) = timed_aexctl(

@@ -145,6 +145,8 @@ struct RawProvider {
     latency_ms: Option<u32>,
     tokens_per_second: Option<u32>,
     completion_tokens: Option<u32>,
+    /// Client headers forwarded to this provider beyond the default allow-list.
+    forward_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,7 +224,27 @@ pub struct Provider {
     /// `NAME_API_KEY`: where the data plane finds this provider's key
     /// (empty for the built-in simulated provider, which needs none).
     pub api_key_env: String,
+    /// Client headers (lower case) forwarded beyond the default allow-list.
+    pub forward_headers: Vec<String>,
 }
+
+/// Headers a client never sets for the provider, even when allowed in
+/// models.yaml: framing, AEX's own credential and the provider key.
+const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "cookie",
+    "x-api-key",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
@@ -452,10 +474,34 @@ impl Validator<'_> {
             ProviderKind::OpenAiCompatible { .. } => api_key_env(name),
             ProviderKind::Simulated(_) => String::new(),
         };
+        let mut forward_headers = Vec::new();
+        for header in p.forward_headers.unwrap_or_default() {
+            let lower = header.trim().to_ascii_lowercase();
+            let token = !lower.is_empty()
+                && lower
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                self.fail(
+                    &["providers", name, "forward_headers"],
+                    format!("'{header}' is not a header name"),
+                );
+            } else if NEVER_FORWARDED.contains(&lower.as_str()) {
+                self.fail(
+                    &["providers", name, "forward_headers"],
+                    format!(
+                        "'{header}' is never forwarded from a client: it carries framing or credentials"
+                    ),
+                );
+            } else if !forward_headers.contains(&lower) {
+                forward_headers.push(lower);
+            }
+        }
         Some(Provider {
             name: name.to_string(),
             kind,
             api_key_env,
+            forward_headers,
         })
     }
 
@@ -806,6 +852,59 @@ default_model: fast
         assert!(parse("[1, 2]").is_err());
         assert!(parse("").is_err());
         assert!(parse("version: 1\nproviders: {}\nmodels: {}\n").is_err());
+    }
+
+    /// Hardening #4: a client's headers reach a provider only from an
+    /// allow-list; models.yaml may add to it per provider, but never framing
+    /// or credential headers.
+    #[test]
+    fn forward_headers_are_validated() {
+        let with = |list: &str| {
+            parse(&format!(
+                "version: 1
+providers:
+  p:
+    base_url: http://h/v1
+    type: openai_compatible
+    forward_headers: {list}
+models:
+  m: {{ provider: p, pricing: {{ input_micro: 1, output_micro: 1 }} }}
+default_model: m
+"
+            ))
+        };
+        let c = with("[X-Trace-Id, x-trace-id, OpenAI-Organization]").unwrap();
+        assert_eq!(
+            c.providers["p"].forward_headers,
+            ["x-trace-id", "openai-organization"]
+        );
+        for bad in ["[authorization]", "[Host]", "[\"x bad\"]", "[\"\"]"] {
+            let e = with(bad).unwrap_err();
+            assert!(e.key.contains("forward_headers"), "{bad}: {e}");
+            assert_eq!(e.line, Some(6), "{bad}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Fuzz: any text, and any mutation of the seed file, parses or
+        /// fails with an error naming a key; it never panics.
+        #[test]
+        fn the_parser_never_panics(
+            text in ".{0,300}",
+            at in 0usize..SEED.len(),
+            cut in 0usize..40,
+            insert in ".{0,20}",
+        ) {
+            let _ = parse(&text);
+            let mut mutated = SEED.to_string();
+            let at = (0..=at).rev().find(|i| mutated.is_char_boundary(*i)).unwrap_or(0);
+            let end = (at + cut).min(mutated.len());
+            let end = (end..=mutated.len()).find(|i| mutated.is_char_boundary(*i)).unwrap_or(mutated.len());
+            mutated.replace_range(at..end, &insert);
+            if let Err(e) = parse(&mutated) {
+                proptest::prop_assert!(!e.message.is_empty());
+            }
+        }
     }
 
     #[test]

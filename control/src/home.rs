@@ -198,6 +198,15 @@ impl Home {
     }
 }
 
+/// Makes every file the process creates from now on private to its user
+/// (0600, directories 0700): the ledger and its WAL and shared-memory files,
+/// logs, pid and address files. SQLite creates its files with the process's
+/// umask, so this is the one place that covers them all. Call it first in
+/// `main`, before anything creates a file.
+pub fn create_files_private() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 /// Writes via a temporary file and rename, so a crash never leaves a
 /// half-written credential, and with the final mode from the first byte.
 fn write_private(path: &Path, content: &[u8], mode: u32) -> Result<(), HomeError> {
@@ -208,6 +217,9 @@ fn write_private(path: &Path, content: &[u8], mode: u32) -> Result<(), HomeError
         .create_new(true)
         .mode(mode)
         .open(&tmp)
+        .map_err(io(&tmp))?;
+    // The umask may have narrowed `mode`; the file gets exactly `mode`.
+    f.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io(&tmp))?;
     f.write_all(content).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;

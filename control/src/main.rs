@@ -41,6 +41,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    aex_control::home::create_files_private();
     let args = Args::parse();
     let telemetry = aex_control::telemetry::init("aex-control");
     let code = match run(args).await {

@@ -103,29 +103,25 @@ pub fn render_text(registry: &Registry) -> Vec<u8> {
     out
 }
 
-/// Serves `GET /metrics` until the task is dropped; `refresh` runs before
-/// each scrape (to set gauges from live state).
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<ControlMetrics>,
-    refresh: Arc<dyn Fn() + Send + Sync>,
-) {
+/// Serves `GET /metrics` on its own listener (both planes: never on an API
+/// port, where anyone who can call the API could read it) until the task is
+/// dropped; `render` produces the exposition text for each scrape.
+pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> Vec<u8> + Send + Sync>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
-        let refresh = refresh.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                let refresh = refresh.clone();
+                let render = render.clone();
                 async move {
                     let response = if req.uri().path() == "/metrics" {
-                        refresh();
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(metrics.render())))
+                            .body(Full::new(Bytes::from(render())))
                     } else {
                         Response::builder()
                             .status(404)

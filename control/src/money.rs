@@ -117,11 +117,22 @@ impl Pricing {
     }
 }
 
-/// What a finished call is charged against its reservation: reported usage
-/// is the truth, even above the reservation (an overrun: charged and flagged,
-/// never dropped); an estimate (the provider never reported usage) can never
-/// charge more than was reserved; a stream cut off at its cap is charged the
-/// whole reservation. Returns (charge, overrun).
+/// What a finished call costs the agent, and what a provider claimed
+/// beyond it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Charge {
+    /// Charged to the agent: never more than the reservation, so `spent`
+    /// never passes `budget` whatever a provider reports.
+    pub charged_micro: Micro,
+    /// Reported usage above the reservation: recorded apart, never dropped
+    /// and never charged to the budget.
+    pub overrun_micro: Micro,
+}
+
+/// What a finished call is charged against its reservation: the reported
+/// usage up to the reservation, the excess as an overrun; an estimate (the
+/// provider never reported usage) also stops at the reservation; a stream
+/// cut off at its cap is charged the whole reservation.
 pub fn charge(
     pricing: Pricing,
     reserved_micro: Micro,
@@ -129,16 +140,23 @@ pub fn charge(
     completion_tokens: u64,
     usage_reported: bool,
     cut_off: bool,
-) -> (Micro, bool) {
+) -> Charge {
+    let reserved_micro = reserved_micro.max(0);
     let cost = pricing.cost_micro(prompt_tokens, completion_tokens);
-    let charged = if usage_reported {
-        cost
-    } else if cut_off {
+    let charged_micro = if cut_off {
         reserved_micro
     } else {
         cost.min(reserved_micro)
     };
-    (charged, charged > reserved_micro)
+    let overrun_micro = if usage_reported {
+        cost.saturating_sub(reserved_micro).max(0)
+    } else {
+        0
+    };
+    Charge {
+        charged_micro,
+        overrun_micro,
+    }
 }
 
 /// Displays a price per token as micro-USD with up to 6 decimals.
@@ -235,23 +253,32 @@ mod tests {
             input_pico_per_token: 1_000_000,
             output_pico_per_token: 2_000_000,
         };
-        assert_eq!(charge(p, 100, 10, 10, true, false), (30, false));
+        let c = |charged_micro, overrun_micro| Charge {
+            charged_micro,
+            overrun_micro,
+        };
+        assert_eq!(charge(p, 100, 10, 10, true, false), c(30, 0));
         assert_eq!(
             charge(p, 100, 10, 100, true, false),
-            (210, true),
-            "overrun charged"
+            c(100, 110),
+            "an overrun stops at the reservation and is kept apart"
         );
         assert_eq!(
             charge(p, 100, 10, 100, false, false),
-            (100, false),
+            c(100, 0),
             "estimates capped"
         );
         assert_eq!(
             charge(p, 100, 1, 1, false, true),
-            (100, false),
+            c(100, 0),
             "cut off: whole bound"
         );
-        assert_eq!(charge(p, 100, 0, 0, false, false), (0, false));
+        assert_eq!(charge(p, 100, 0, 0, false, false), c(0, 0));
+        assert_eq!(
+            charge(p, 1_000, u64::MAX, u64::MAX, true, false),
+            c(1_000, i64::MAX - 1_000),
+            "a provider reporting u64::MAX tokens saturates, never wraps"
+        );
     }
 
     proptest! {
@@ -278,6 +305,25 @@ mod tests {
             let p = Pricing { input_pico_per_token: 333_333, output_pico_per_token: 1_234_567 };
             prop_assert!(p.cost_micro(a + extra, b) >= p.cost_micro(a, b));
             prop_assert!(p.cost_micro(a, b + extra) >= p.cost_micro(a, b));
+        }
+
+        /// Whatever a provider reports, the charge is within the
+        /// reservation and charge + overrun is the reported cost.
+        #[test]
+        fn charge_never_passes_the_reservation(
+            reserved in 0i64..10_000_000, inp in any::<u64>(), out in any::<u64>(),
+            reported in any::<bool>(), cut_off in any::<bool>(),
+        ) {
+            let p = Pricing { input_pico_per_token: 1_000_000, output_pico_per_token: 2_000_000 };
+            let c = charge(p, reserved, inp, out, reported, cut_off);
+            prop_assert!((0..=reserved).contains(&c.charged_micro));
+            prop_assert!(c.overrun_micro >= 0);
+            if reported && !cut_off {
+                prop_assert_eq!(
+                    i128::from(c.charged_micro) + i128::from(c.overrun_micro),
+                    i128::from(p.cost_micro(inp, out))
+                );
+            }
         }
 
         #[test]

@@ -109,16 +109,14 @@ impl Control {
     /// Serves `/metrics` on `listener` for as long as the process runs.
     pub fn serve_metrics(&self, listener: TcpListener) {
         let state = self.state.clone();
-        let refresh = Arc::new(move || {
+        let render = Arc::new(move || {
+            // Gauges are set from live state at each scrape.
             let (open, agents) = state.admission.counts();
             state.metrics.open_reservations.set(open as i64);
             state.metrics.agents.set(agents as i64);
+            state.metrics.render()
         });
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            self.state.metrics.clone(),
-            refresh,
-        ));
+        tokio::spawn(crate::metrics::serve(listener, render));
     }
 
     pub async fn serve(
@@ -145,7 +143,7 @@ impl Control {
                         .expire_due(now, settings.expiry_policy)
                         .await
                     {
-                        Ok(n) => state.metrics.expired.inc_by(n as u64),
+                        Ok(sweep) => state.metrics.expired.inc_by(sweep.expired as u64),
                         Err(e) => tracing::error!(error = %e, "could not expire reservations"),
                     }
                 }

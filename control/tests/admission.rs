@@ -250,7 +250,7 @@ async fn fifty_concurrent_admissions_against_a_budget_for_exactly_ten() {
 }
 
 #[tokio::test]
-async fn admit_and_settle_are_idempotent_and_overruns_are_charged() {
+async fn admit_and_settle_are_idempotent_and_overruns_are_kept_apart() {
     let f = Fixture::new().await;
     let token = f.create("idem", 1_000_000, 60).await;
     let first = f.admit(&token, "same-request", 50).await;
@@ -262,18 +262,29 @@ async fn admit_and_settle_are_idempotent_and_overruns_are_charged() {
     assert_eq!(f.agent("idem").await.reserved_micro, 200, "reserved once");
 
     let id = admitted(&first).reservation_id.clone();
-    // The provider reports more than was reserved: charged in full, flagged.
+    // The provider reports more than was reserved: the charge stops at the
+    // reservation (spent never passes budget) and the rest is an overrun.
     let s = f.settle(&id, 100, 400).await;
     assert_eq!(
-        (s.charged_micro, s.overrun, s.already_settled),
-        (900, true, false)
+        (
+            s.charged_micro,
+            s.overrun,
+            s.overrun_micro,
+            s.already_settled
+        ),
+        (200, true, 700, false)
     );
     let s = f.settle(&id, 100, 400).await;
     assert!(s.already_settled);
     let agent = f.agent("idem").await;
-    assert_eq!((agent.spent_micro, agent.reserved_micro), (900, 0));
+    assert_eq!(
+        (agent.spent_micro, agent.reserved_micro, agent.overrun_micro),
+        (200, 0, 700)
+    );
     let events = f.events("idem").await;
-    assert_eq!(events.iter().filter(|e| e.kind == "overrun").count(), 1);
+    let overruns: Vec<_> = events.iter().filter(|e| e.kind == "overrun").collect();
+    assert_eq!(overruns.len(), 1);
+    assert_eq!(overruns[0].amount_micro, 700);
     assert_eq!(events.iter().filter(|e| e.kind == "settle").count(), 1);
 }
 
@@ -673,4 +684,65 @@ async fn admit_batch_decides_each_item_in_order_against_one_budget() {
         Some(Outcome::Admitted(_)) | Some(Outcome::Denied(_))
     ));
     assert_eq!(f.agent("batched").await.reserved_micro, 2_000);
+}
+
+/// Before: one open reservation that could not be settled ("CHECK
+/// constraint failed: reserved_micro >= 0") aborted every expiry sweep, so
+/// other agents' expired reservations stayed open for good.
+#[tokio::test]
+async fn one_bad_open_reservation_does_not_stop_the_expiry_sweep() {
+    let mut f = Fixture::new().await;
+    let bad = f.create("edited", 1_000_000, 600).await;
+    let good = f.create("honest", 1_000_000, 600).await;
+    let bad_id = admitted(&f.admit(&bad, "req-bad", 10).await)
+        .reservation_id
+        .clone();
+    admitted(&f.admit(&good, "req-good", 10).await);
+    // With the daemon stopped, an edit leaves one reservation larger than
+    // what its agent holds reserved, and both past their expiry.
+    drop(f.channel);
+    drop(f.cp);
+    {
+        let db =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}", f.home.file("aex.db").display()))
+                .await
+                .unwrap();
+        sqlx::query("UPDATE reservations SET amount_micro = amount_micro + 1000 WHERE id = ?1")
+            .bind(&bad_id)
+            .execute(&db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE reservations SET expires_at_ms = 1 WHERE state = 'open'")
+            .execute(&db)
+            .await
+            .unwrap();
+        db.close().await;
+    }
+    f.cp = ControlPlane::start_with(&f.home, &["--sweep-interval-ms", "50"]);
+    let reserved = |name: &str| {
+        f.cp.aexctl(&["agent", "inspect", name, "--json"]).json()["reserved_micro"]
+            .as_i64()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reserved("honest") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the honest agent's expired reservation was never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reserved("edited") > 0,
+        "the bad one is left open, not forced"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(f.home.file("logs/control.test.log")).unwrap();
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("cannot expire this reservation") && l.contains(&bad_id))
+        .count();
+    assert_eq!(reports, 1, "named once, not at every sweep:\n{log}");
+    let audit = f.cp.aexctl(&["audit"]);
+    assert_eq!(audit.code(), 1, "audit names the edit:\n{}", audit.stdout);
 }

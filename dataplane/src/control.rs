@@ -64,6 +64,8 @@ pub enum Route {
         base_path: String,
         /// `Authorization: Bearer` value; never logged.
         api_key: Option<String>,
+        /// Client headers allowed beyond the default list (lower case).
+        forward_headers: Vec<String>,
     },
     Simulated(Settings),
 }
@@ -226,6 +228,7 @@ impl Cache {
                                     port,
                                     base_path,
                                     api_key: key(&p.api_key_env),
+                                    forward_headers: p.forward_headers.clone(),
                                 }
                             }
                         };

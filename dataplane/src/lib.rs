@@ -3,6 +3,7 @@
 //! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
 
 pub mod control;
+pub mod metering;
 pub mod metrics;
 pub mod openai;
 pub mod server;
@@ -15,24 +16,47 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and
-/// waits (up to `drain`) for calls in flight and their settlements.
+/// waits (up to `drain`) for calls in flight and their settlements. At most
+/// `max_connections` are served at once; the next ones get a 503.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<server::Gateway>,
     control: Arc<control::ControlPlane>,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
+    max_connections: usize,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let served = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // Answering a refused connection costs a task too: bounded as well.
+    let refusing = Arc::new(tokio::sync::Semaphore::new(256));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of descriptors, say: wait instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
+                let Ok(permit) = served.clone().try_acquire_owned() else {
+                    if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            refuse_busy(tcp).await;
+                        });
+                    }
+                    continue;
+                };
                 let gateway = gateway.clone();
                 let stop = stop_rx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let stream: pingora_core::protocols::Stream =
                         Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
                     gateway.process_new(stream, &stop).await;
@@ -53,4 +77,23 @@ pub async fn serve(
             "drain deadline passed; stopping anyway"
         );
     }
+}
+
+/// A 503 for a connection past `--max-connections`, then a graceful close
+/// (reading what the client sent, so it sees the answer, not a reset).
+async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"error":{"message":"AEX is serving as many connections as it is allowed (--max-connections); retry shortly.","type":"server_error","param":null,"code":"overloaded"}}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut scratch = [0u8; 4096];
+    // The request head usually arrives at once; do not wait long for it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut scratch)).await;
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    let drain = async { while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }

@@ -26,6 +26,14 @@ struct Args {
         default_value = "http://127.0.0.1:9001"
     )]
     control: String,
+    /// Address of the Prometheus `/metrics` endpoint, or `off`. Its own
+    /// listener, loopback by default: the API port serves agents only.
+    #[arg(
+        long,
+        env = "AEX_DATAPLANE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9004"
+    )]
+    metrics_listen: String,
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -37,6 +45,18 @@ struct Args {
     /// Longest silence between two pieces of a response (no total deadline).
     #[arg(long, default_value_t = 120_000)]
     idle_timeout_ms: u64,
+    /// Largest non-streamed provider response (bytes); larger is a 502.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    max_response_bytes: usize,
+    /// Longest time from a request head's first byte to its end (408).
+    #[arg(long, default_value_t = 30_000)]
+    header_timeout_ms: u64,
+    /// How long an idle keep-alive connection stays open between requests.
+    #[arg(long, default_value_t = 60_000)]
+    keepalive_idle_ms: u64,
+    /// Connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     /// How often long streams extend their reservations.
     #[arg(long, default_value_t = 20_000)]
     heartbeat_ms: u64,
@@ -46,6 +66,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    aex_control::home::create_files_private();
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -82,9 +103,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         first_byte_timeout: Duration::from_millis(args.first_byte_timeout_ms),
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+        max_response_bytes: args.max_response_bytes,
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        keepalive_idle: Duration::from_millis(args.keepalive_idle_ms),
     };
     let metrics = Arc::new(aex_dataplane::metrics::Metrics::default());
-    let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics));
+    let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -94,7 +118,29 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )
         })?;
     let addr = listener.local_addr()?;
+    // Parsed by tests and `aexctl daemon` when started on port 0.
     println!("aex-dataplane listening on {addr}");
+    if args.metrics_listen != "off" {
+        // Metrics are an aid, not the gateway: a busy port is reported, not fatal.
+        match tokio::net::TcpListener::bind(&args.metrics_listen).await {
+            Ok(listener) => {
+                // Not println!: a parent that read only the first line may
+                // have closed the pipe, and that must not stop the gateway.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "aex-dataplane metrics on http://{}/metrics",
+                    listener.local_addr()?
+                );
+                let render = Arc::new(move || metrics.render());
+                tokio::spawn(aex_control::metrics::serve(listener, render));
+            }
+            Err(e) => eprintln!(
+                "aex-dataplane: metrics disabled: cannot listen on {} ({e}); pick another with --metrics-listen",
+                args.metrics_listen
+            ),
+        }
+    }
     tracing::info!(%addr, control = %args.control, "data plane started");
     aex_dataplane::serve(
         listener,
@@ -102,6 +148,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         control,
         aex_control::telemetry::shutdown_signal(),
         Duration::from_millis(args.drain_ms),
+        args.max_connections.max(1),
     )
     .await;
     tracing::info!("data plane stopped");

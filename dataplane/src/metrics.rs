@@ -10,6 +10,9 @@ pub struct Metrics {
     pub added_latency: HistogramVec,
     pub duration: HistogramVec,
     pub spent_micro: IntCounterVec,
+    /// Provider-reported usage beyond reservations: never charged, so it
+    /// is counted here (and in the ledger) instead.
+    pub overrun_micro: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub open_reservations: IntGauge,
 }
@@ -54,6 +57,14 @@ impl Default for Metrics {
             &["model"],
         )
         .expect("valid metric");
+        let overrun_micro = IntCounterVec::new(
+            Opts::new(
+                "aex_overrun_micro_total",
+                "Micro-USD of provider-reported usage beyond the reservation (not charged; recorded apart)",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "aex_upstream_errors_total",
@@ -72,6 +83,7 @@ impl Default for Metrics {
             Box::new(added_latency.clone()),
             Box::new(duration.clone()),
             Box::new(spent_micro.clone()),
+            Box::new(overrun_micro.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(open_reservations.clone()),
         ] {
@@ -83,6 +95,7 @@ impl Default for Metrics {
             added_latency,
             duration,
             spent_micro,
+            overrun_micro,
             upstream_errors,
             open_reservations,
         }

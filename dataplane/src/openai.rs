@@ -75,12 +75,63 @@ pub struct Inspected {
     pub uses_function_calling: bool,
     pub uses_vision: bool,
     pub requested_output_tokens: Option<u64>,
+    /// How many times the output cap is generated: `n` choices, or
+    /// `best_of` candidates on completions (billed even though only `n` are
+    /// returned). The reservation and the stream cut-off scale with it.
+    pub output_multiplier: u32,
     /// Upper bound of the prompt's tokens. Every token of a byte-level BPE
     /// vocabulary is at least one byte, and the JSON around each message is
     /// longer than the chat template's tokens for it, so the body's length
     /// bounds the text; images get a fixed allowance instead of their bytes.
     pub input_tokens_bound: u64,
     body: Map<String, Value>,
+}
+
+/// The largest output cap a request may name. A model's own limit clamps
+/// anything below this; above it, the value is not a cap but a mistake or an
+/// attempt to overflow a provider's 32-bit field.
+pub const MAX_OUTPUT_TOKENS_PARAM: u64 = i32::MAX as u64;
+/// OpenAI's own limits on `n` and `best_of`.
+pub const MAX_CHOICES: u64 = 128;
+pub const MAX_BEST_OF: u64 = 20;
+
+/// A positive integer parameter within `max`; `null` or absent is unset.
+/// 0 is refused: providers read it as "no limit" or "no choices", and
+/// either would let a call run past its reservation.
+fn positive_int(
+    body: &Map<String, Value>,
+    name: &'static str,
+    max: u64,
+) -> Result<Option<u64>, BadRequest> {
+    let v = match body.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    match v.as_u64() {
+        Some(0) => Err(bad(
+            name,
+            format!(
+                "Invalid '{name}': integer below minimum value. Expected a value >= 1, but got 0 instead."
+            ),
+        )),
+        Some(n) if n > max => Err(bad(
+            name,
+            format!(
+                "Invalid '{name}': integer above maximum value. Expected a value <= {max}, but got {n} instead."
+            ),
+        )),
+        Some(n) => Ok(Some(n)),
+        None if v.as_i64().is_some() || v.as_f64().is_some_and(|f| f < 0.0) => Err(bad(
+            name,
+            format!(
+                "Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {v} instead."
+            ),
+        )),
+        None => Err(bad(
+            name,
+            format!("Invalid '{name}': expected an integer, got {v}."),
+        )),
+    }
 }
 
 /// Reads the output cap a client set (either name); `null` means unset.
@@ -90,20 +141,34 @@ fn output_cap(
 ) -> Result<Option<u64>, BadRequest> {
     let mut cap: Option<u64> = None;
     for &name in names {
-        match body.get(name) {
-            None | Some(Value::Null) => {}
-            Some(v) => match v.as_u64() {
-                Some(n) => cap = Some(cap.map_or(n, |c| c.min(n))),
-                None => {
-                    return Err(bad(
-                        name,
-                        format!("Invalid '{name}': expected a non-negative integer, got {v}."),
-                    ));
-                }
-            },
+        if let Some(n) = positive_int(body, name, MAX_OUTPUT_TOKENS_PARAM)? {
+            cap = Some(cap.map_or(n, |c| c.min(n)));
         }
     }
     Ok(cap)
+}
+
+/// `n` (chat, completions) and `best_of` (completions): how many outputs
+/// the provider generates and bills.
+fn output_multiplier(api: Api, body: &Map<String, Value>) -> Result<u32, BadRequest> {
+    let n = match api {
+        Api::ChatCompletions | Api::Completions => positive_int(body, "n", MAX_CHOICES)?,
+        Api::Responses | Api::Embeddings => None,
+    };
+    let best_of = match api {
+        Api::Completions => positive_int(body, "best_of", MAX_BEST_OF)?,
+        _ => None,
+    };
+    if let (Some(n), Some(best_of)) = (n, best_of)
+        && best_of < n
+    {
+        return Err(bad(
+            "best_of",
+            format!("Invalid 'best_of': it must be at least 'n' ({n}), got {best_of}."),
+        ));
+    }
+    let multiplier = n.unwrap_or(1).max(best_of.unwrap_or(1));
+    Ok(u32::try_from(multiplier).expect("bounded by MAX_CHOICES"))
 }
 
 fn non_empty_array(v: Option<&Value>) -> bool {
@@ -238,6 +303,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
         Api::Completions => output_cap(&body, &["max_tokens"])?,
         Api::Embeddings => None,
     };
+    let output_multiplier = output_multiplier(api, &body)?;
     for key in ["tools", "functions"] {
         if let Some(v) = body.get(key)
             && !v.is_array()
@@ -269,6 +335,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
         uses_function_calling,
         uses_vision: images > 0,
         requested_output_tokens,
+        output_multiplier,
         input_tokens_bound,
         body,
     })
@@ -407,6 +474,117 @@ mod tests {
                 .param,
             "input"
         );
+    }
+
+    /// Regression (hardening #1, #2): `n` and `best_of` multiply the output
+    /// and were not in the bound; a cap of 0 reserved no output at all.
+    #[test]
+    fn output_multipliers_and_caps_are_bounded() {
+        let msgs = json!([{"role":"user","content":"x"}]);
+        let i = chat(json!({"model":"m","messages":msgs,"max_tokens":20,"n":100})).unwrap();
+        assert_eq!(
+            (i.output_multiplier, i.requested_output_tokens),
+            (100, Some(20))
+        );
+        assert_eq!(
+            chat(json!({"model":"m","messages":msgs}))
+                .unwrap()
+                .output_multiplier,
+            1
+        );
+        let completions = |v: Value| inspect(Api::Completions, &serde_json::to_vec(&v).unwrap());
+        let c = completions(json!({"model":"m","prompt":"x","n":2,"best_of":5})).unwrap();
+        assert_eq!(c.output_multiplier, 5, "best_of candidates are all billed");
+        for (body, param) in [
+            (
+                json!({"model":"m","messages":msgs,"max_tokens":0}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":msgs,"max_completion_tokens":0}),
+                "max_completion_tokens",
+            ),
+            (
+                json!({"model":"m","messages":msgs,"max_tokens":-1}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":msgs,"max_tokens":1e300}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":msgs,"max_tokens":4_000_000_000u64}),
+                "max_tokens",
+            ),
+            (
+                json!({"model":"m","messages":msgs,"max_tokens":true}),
+                "max_tokens",
+            ),
+            (json!({"model":"m","messages":msgs,"n":0}), "n"),
+            (json!({"model":"m","messages":msgs,"n":129}), "n"),
+            (json!({"model":"m","messages":msgs,"n":2.5}), "n"),
+            (json!({"model":"m","messages":msgs,"n":"2"}), "n"),
+        ] {
+            let e = chat(body.clone()).unwrap_err();
+            assert_eq!(e.param, param, "{body}");
+        }
+        assert_eq!(
+            completions(json!({"model":"m","prompt":"x","best_of":21}))
+                .unwrap_err()
+                .param,
+            "best_of"
+        );
+        assert_eq!(
+            completions(json!({"model":"m","prompt":"x","n":3,"best_of":2}))
+                .unwrap_err()
+                .param,
+            "best_of"
+        );
+        assert_eq!(
+            inspect(
+                Api::Responses,
+                br#"{"model":"m","input":"x","max_output_tokens":0}"#
+            )
+            .unwrap_err()
+            .param,
+            "max_output_tokens"
+        );
+        assert!(
+            chat(json!({"model":"m","messages":msgs,"max_tokens":0}))
+                .unwrap_err()
+                .message
+                .contains(">= 1")
+        );
+    }
+
+    proptest::proptest! {
+        /// Fuzz: the inspector never panics, and whatever it accepts has a
+        /// positive, bounded cap and multiplier.
+        #[test]
+        fn inspect_never_panics_and_accepts_only_bounded_requests(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            max_tokens in proptest::prelude::any::<i64>(),
+            n in proptest::prelude::any::<i32>(),
+            best_of in proptest::prelude::any::<i16>(),
+            float in proptest::prelude::any::<f64>(),
+        ) {
+            for api in [Api::ChatCompletions, Api::Responses, Api::Embeddings, Api::Completions] {
+                let _ = inspect(api, &bytes);
+                for body in [
+                    json!({"model":"m","messages":[{"role":"user","content":"x"}],"prompt":"p","input":"i",
+                           "max_tokens":max_tokens,"n":n,"best_of":best_of}),
+                    json!({"model":"m","messages":[{"role":"user","content":"x"}],"prompt":"p","input":"i",
+                           "max_completion_tokens":float,"max_output_tokens":max_tokens,"n":float}),
+                ] {
+                    if let Ok(i) = inspect(api, &serde_json::to_vec(&body).unwrap()) {
+                        proptest::prop_assert!((1..=MAX_CHOICES as u32).contains(&i.output_multiplier));
+                        if let Some(cap) = i.requested_output_tokens {
+                            proptest::prop_assert!((1..=MAX_OUTPUT_TOKENS_PARAM).contains(&cap));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

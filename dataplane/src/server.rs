@@ -8,10 +8,11 @@
 //! A denied request must never reach a provider at all.
 
 use crate::control::{ControlPlane, Route};
+use crate::metering::{Metered, cut_off_bytes, meter};
 use crate::metrics::Metrics;
 use crate::openai::{self, Api, Inspected};
 use crate::simulated::{self, SimulatedResponse};
-use crate::sse::{SseMeter, Usage, usage_of_body};
+use crate::sse::{SseMeter, Usage, output_text_bytes, usage_of};
 use aex_control::money::{Pricing, charge};
 use aex_proto::v1 as pb;
 use async_trait::async_trait;
@@ -39,6 +40,13 @@ pub struct Limits {
     /// Longest silence between two pieces of a response; there is no total
     /// deadline, so long streams are never truncated.
     pub idle_timeout: Duration,
+    /// Largest non-streamed response held to meter it; a bigger one is a
+    /// 502 (streams are relayed as they come and never held whole).
+    pub max_response_bytes: usize,
+    /// From a request head's first byte to its end (408 past it).
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection is kept between requests.
+    pub keepalive_idle: Duration,
 }
 
 impl Default for Limits {
@@ -48,12 +56,16 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(120),
+            max_response_bytes: 32 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            keepalive_idle: Duration::from_secs(60),
         }
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones AEX sets itself.
-const NOT_FORWARDED: &[&str] = &[
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones AEX sets itself: never
+/// relayed from a provider's response.
+const NOT_RELAYED: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -70,9 +82,31 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
 ];
 
-fn forwarded(name: &str, connection_listed: &[String]) -> bool {
-    !NOT_FORWARDED.contains(&name) && !connection_listed.iter().any(|c| c == name)
+fn relayed(name: &str) -> bool {
+    !NOT_RELAYED.contains(&name)
 }
+
+/// The client headers a provider gets (models.yaml's `forward_headers`
+/// adds to these per provider). Everything else stays with AEX: an agent
+/// must not choose which of the operator's organizations or projects is
+/// billed (`OpenAI-Organization`, `OpenAI-Project`), nor reach the
+/// provider with headers AEX did not vet.
+pub const FORWARDED_BY_DEFAULT: &[&str] = &[
+    "accept",
+    "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
+    "traceparent",
+    "tracestate",
+    "idempotency-key",
+    "x-idempotency-key",
+];
+
+/// Bounds on a request's headers, checked before admission: no client
+/// needs more, and all of it would otherwise be held and scanned per call.
+pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
+pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
+pub const MAX_HEADERS: usize = 100;
 
 pub struct Gateway {
     control: Arc<ControlPlane>,
@@ -116,6 +150,48 @@ impl ApiError {
             param: None,
             headers: Vec::new(),
         }
+    }
+
+    /// The answer to a request that is not valid HTTP/1.1, by the status
+    /// the parser chose. Never echoes the request: its head may carry a token.
+    fn malformed(status: u16, header_timeout: Duration) -> Self {
+        let (code, message) = match status {
+            408 => (
+                "request_timeout",
+                format!(
+                    "The request's headers did not arrive within {} s.",
+                    header_timeout.as_secs_f64()
+                ),
+            ),
+            414 => (
+                "uri_too_long",
+                format!(
+                    "The request target is longer than {} bytes.",
+                    pingora_core::protocols::http::v1::server::MAX_REQUEST_TARGET_LEN
+                ),
+            ),
+            431 => (
+                "request_header_fields_too_large",
+                "The request has too many headers, or they are too large.".to_string(),
+            ),
+            501 => (
+                "not_implemented",
+                "Unsupported Transfer-Encoding: AEX accepts bodies with Content-Length or chunked."
+                    .to_string(),
+            ),
+            505 => (
+                "http_version_not_supported",
+                "Unsupported HTTP version: AEX speaks HTTP/1.1 and HTTP/1.0.".to_string(),
+            ),
+            _ => (
+                "invalid_request",
+                "The request is not valid HTTP/1.1 (its request line, a header, or its framing). \
+                 Check for bare CR or NUL in values, folded or duplicate headers, and a single \
+                 valid Content-Length."
+                    .to_string(),
+            ),
+        };
+        Self::new(status, code, "invalid_request_error", message)
     }
 
     fn bad_request(e: openai::BadRequest) -> Self {
@@ -272,10 +348,6 @@ impl Gateway {
                 .await
             }
             (Method::GET, "/v1/models") => self.list_models(session, &request_id).await,
-            (Method::GET, "/metrics") => {
-                let body = self.metrics.render();
-                Self::respond(session, 200, "text/plain; version=0.0.4", &[], body.into()).await
-            }
             (Method::POST, p) if Api::from_path(p).is_some() => {
                 let api = Api::from_path(p).expect("checked");
                 let _guard = self.control.inflight.enter();
@@ -488,6 +560,11 @@ impl Gateway {
         request_id: &str,
         observed: &mut Observed,
     ) -> bool {
+        if let Err(e) = Self::check_headers(session) {
+            Self::respond_error(session, request_id, e).await;
+            Self::drain_request_body(session).await;
+            return false;
+        }
         let raw = match self.read_body(session).await {
             Ok(raw) => raw,
             Err(e) => {
@@ -525,6 +602,7 @@ impl Gateway {
             uses_vision: inspected.uses_vision,
             input_tokens_bound: inspected.input_tokens_bound,
             requested_output_tokens: inspected.requested_output_tokens,
+            output_multiplier: inspected.output_multiplier,
         };
         let admitted = self
             .control
@@ -570,6 +648,26 @@ impl Gateway {
         keep
     }
 
+    /// What the control plane will charge for this call (the same rule, so
+    /// `x-aex-cost-micro` and the ledger agree).
+    fn charge_of(
+        admission: &pb::Admission,
+        outcome: pb::SettleOutcome,
+        metered: Metered,
+    ) -> aex_control::money::Charge {
+        charge(
+            Pricing {
+                input_pico_per_token: admission.input_pico_per_token,
+                output_pico_per_token: admission.output_pico_per_token,
+            },
+            admission.reserved_micro,
+            metered.prompt_tokens,
+            metered.completion_tokens,
+            metered.usage_reported,
+            outcome == pb::SettleOutcome::CutOff,
+        )
+    }
+
     fn settle(
         &self,
         inspected: &Inspected,
@@ -577,41 +675,23 @@ impl Gateway {
         f: &Finished,
         model_label: &str,
     ) {
-        let (prompt, completion, reported) = match f.usage {
-            Some(u) => (u.prompt_tokens, u.completion_tokens, true),
-            None if f.outcome == pb::SettleOutcome::Completed
-                || f.outcome == pb::SettleOutcome::ClientDisconnected
-                || f.outcome == pb::SettleOutcome::CutOff =>
-            {
-                // The provider never said: estimate from what was sent and
-                // what came back (the control plane caps an estimate at the
-                // reservation).
-                let sent = if f.output_bytes > 0 || f.outcome == pb::SettleOutcome::Completed {
-                    inspected.estimated_prompt_tokens()
-                } else {
-                    0
-                };
-                (sent, f.output_bytes.div_ceil(4), false)
-            }
-            None => (0, 0, false),
-        };
-        let pricing = Pricing {
-            input_pico_per_token: admission.input_pico_per_token,
-            output_pico_per_token: admission.output_pico_per_token,
-        };
-        let cut_off = f.outcome == pb::SettleOutcome::CutOff;
-        let (charged, _) = charge(
-            pricing,
-            admission.reserved_micro,
-            prompt,
-            completion,
-            reported,
-            cut_off,
+        let metered = meter(
+            f.outcome,
+            f.usage,
+            f.output_bytes,
+            inspected.estimated_prompt_tokens(),
         );
+        let charge = Self::charge_of(admission, f.outcome, metered);
         self.metrics
             .spent_micro
             .with_label_values(&[model_label])
-            .inc_by(charged.max(0) as u64);
+            .inc_by(charge.charged_micro.max(0) as u64);
+        if charge.overrun_micro > 0 {
+            self.metrics
+                .overrun_micro
+                .with_label_values(&[model_label])
+                .inc_by(charge.overrun_micro as u64);
+        }
         let failure = match f.outcome {
             pb::SettleOutcome::UpstreamRateLimited => Some("rate_limited"),
             pb::SettleOutcome::UpstreamError => Some("error"),
@@ -627,9 +707,9 @@ impl Gateway {
         self.control.settle(pb::SettleRequest {
             reservation_id: admission.reservation_id.clone(),
             outcome: f.outcome as i32,
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            usage_reported: reported,
+            prompt_tokens: metered.prompt_tokens,
+            completion_tokens: metered.completion_tokens,
+            usage_reported: metered.usage_reported,
             upstream_status: u32::from(f.upstream_status),
             upstream_retry_after_ms: f.upstream_retry_after_ms,
             request_id: String::new(),
@@ -664,6 +744,7 @@ impl Gateway {
                 port,
                 base_path,
                 api_key,
+                ..
             } => (*tls, host, *port, base_path, api_key),
         };
         let addr = tokio::time::timeout(
@@ -677,7 +758,7 @@ impl Gateway {
         .ok_or_else(|| UpstreamFailure::Failed(format!("{host} has no address")))?;
         let mut peer = HttpPeer::new(addr, tls, host.clone());
         peer.options.connection_timeout = Some(self.limits.connect_timeout);
-        peer.options.read_timeout = Some(self.limits.idle_timeout);
+        peer.options.read_timeout = Some(self.limits.first_byte_timeout);
         peer.options.write_timeout = Some(self.limits.idle_timeout);
 
         let path = format!("{base_path}{}", inspected.api.upstream_suffix());
@@ -715,7 +796,9 @@ impl Gateway {
                 .get_http_session(&peer)
                 .await
                 .map_err(|e| classify(&e))?;
-            session.set_read_timeout(Some(self.limits.idle_timeout));
+            // The head may take up to the first-byte timeout (a model
+            // thinking); after it, silence is bounded by the idle timeout.
+            session.set_read_timeout(Some(self.limits.first_byte_timeout));
             let sent = async {
                 session.write_request_header(Box::new(req.clone())).await?;
                 session.write_request_body(body.clone(), true).await?;
@@ -745,6 +828,7 @@ impl Gateway {
                 Ok(Err(e)) => return Err(classify(&e)),
                 Ok(Ok(())) => {}
             }
+            session.set_read_timeout(Some(self.limits.idle_timeout));
             let header = session.response_header().cloned().expect("read above");
             return Ok((
                 Upstream::Http {
@@ -820,7 +904,7 @@ impl Gateway {
             .output_cap_injected
             .then_some(admission.output_tokens_cap);
         let body = inspected.upstream_body(&admission.provider_model, cap);
-        let client_headers = Self::forwardable_headers(session);
+        let client_headers = Self::forwardable_headers(session, &route);
         let upstream_started = std::time::Instant::now();
         let opened = tokio::select! {
             r = self.open_upstream(&route, inspected, admission, body, &client_headers, request_id) => Some(r),
@@ -898,31 +982,69 @@ impl Gateway {
         .await
     }
 
-    /// The client's headers that go upstream: end-to-end ones only, never
+    /// The client's headers that go upstream: the allow-list only, never
     /// its AEX token (replaced by the provider key) or framing headers.
-    fn forwardable_headers(session: &ServerSession) -> Vec<(http::HeaderName, http::HeaderValue)> {
-        let connection_listed: Vec<String> = session
-            .get_header("connection")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(',')
-                    .map(|t| t.trim().to_ascii_lowercase())
-                    .collect()
-            })
-            .unwrap_or_default();
+    fn forwardable_headers(
+        session: &ServerSession,
+        route: &Route,
+    ) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        let extra: &[String] = match route {
+            Route::Http {
+                forward_headers, ..
+            } => forward_headers,
+            Route::Simulated(_) => &[],
+        };
         session
             .req_header()
             .headers
             .iter()
-            .filter(|(name, _)| forwarded(name.as_str(), &connection_listed))
+            .filter(|(name, _)| {
+                let name = name.as_str();
+                FORWARDED_BY_DEFAULT.contains(&name) || extra.iter().any(|e| e == name)
+            })
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()
+    }
+
+    /// 431 for headers past the bounds (before anything is reserved).
+    fn check_headers(session: &ServerSession) -> Result<(), ApiError> {
+        let headers = &session.req_header().headers;
+        let too_large = |what: String| {
+            ApiError::new(
+                431,
+                "request_header_fields_too_large",
+                "invalid_request_error",
+                format!("{what}. Send fewer or shorter headers."),
+            )
+        };
+        if headers.len() > MAX_HEADERS {
+            return Err(too_large(format!(
+                "The request has {} headers; at most {MAX_HEADERS} are accepted",
+                headers.len()
+            )));
+        }
+        let mut total = 0;
+        for (name, value) in headers {
+            if value.len() > MAX_HEADER_VALUE_BYTES {
+                return Err(too_large(format!(
+                    "The header '{name}' is {} bytes; at most {MAX_HEADER_VALUE_BYTES} are accepted",
+                    value.len()
+                )));
+            }
+            total += name.as_str().len() + value.len();
+        }
+        if total > MAX_HEADERS_BYTES {
+            return Err(too_large(format!(
+                "The request's headers are {total} bytes; at most {MAX_HEADERS_BYTES} are accepted"
+            )));
+        }
+        Ok(())
     }
 
     fn response_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
         let mut h = ResponseHeader::build(upstream.status, None).expect("valid status");
         for (name, value) in upstream.headers.iter() {
-            if forwarded(name.as_str(), &[]) && name.as_str() != "content-encoding" {
+            if relayed(name.as_str()) && name.as_str() != "content-encoding" {
                 let _ = h.append_header(name.clone(), value.clone());
             }
         }
@@ -953,6 +1075,25 @@ impl Gateway {
                 }
             };
             match next {
+                Ok(Some(chunk)) if body.len() + chunk.len() > self.limits.max_response_bytes => {
+                    // The provider generated (and may bill) what it sent:
+                    // settle it as delivered output, capped by the reservation.
+                    finished.outcome = pb::SettleOutcome::UpstreamError;
+                    finished.output_bytes = (body.len() + chunk.len()) as u64;
+                    finished.upstream_status = header.status.as_u16();
+                    self.release(upstream, false).await;
+                    let e = ApiError::new(
+                        502,
+                        "upstream_error",
+                        "server_error",
+                        format!(
+                            "The provider '{}' sent a response larger than {} bytes; AEX stopped reading it. \
+                             Stream the call (stream: true) or raise aex-dataplane --max-response-bytes.",
+                            admission.provider, self.limits.max_response_bytes
+                        ),
+                    );
+                    return (Self::respond_error(session, request_id, e).await, finished);
+                }
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) => break true,
                 Err(failure) => {
@@ -984,43 +1125,52 @@ impl Gateway {
         let status = header.status.as_u16();
         let mut head = Self::response_head(&header, request_id);
         if header.status.is_success() {
-            finished.usage = usage_of_body(inspected.api, &body);
-            finished.output_bytes = body.len() as u64;
-            let pricing = Pricing {
-                input_pico_per_token: admission.input_pico_per_token,
-                output_pico_per_token: admission.output_pico_per_token,
-            };
-            let (prompt, completion, reported) = match finished.usage {
-                Some(u) => (u.prompt_tokens, u.completion_tokens, true),
-                None => (
-                    inspected.estimated_prompt_tokens(),
-                    (body.len() as u64).div_ceil(4),
-                    false,
-                ),
-            };
-            let (cost, _) = charge(
-                pricing,
-                admission.reserved_micro,
-                prompt,
-                completion,
-                reported,
-                false,
+            let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            finished.usage = parsed.as_ref().and_then(|v| usage_of(inspected.api, v));
+            // The generated text, which usage must account for; a body that
+            // is not JSON counts whole.
+            finished.output_bytes = parsed
+                .as_ref()
+                .map_or(body.len() as u64, |v| output_text_bytes(inspected.api, v));
+            let metered = meter(
+                finished.outcome,
+                finished.usage,
+                finished.output_bytes,
+                inspected.estimated_prompt_tokens(),
             );
+            let cost = Self::charge_of(admission, finished.outcome, metered).charged_micro;
             let _ = head.insert_header("x-aex-cost-micro", cost.to_string());
             let remaining = admission.remaining_micro + admission.reserved_micro - cost;
             let _ = head.insert_header("x-aex-remaining-micro", remaining.to_string());
         } else {
             finished.upstream_retry_after_ms = retry_after_ms(&header);
-            finished.outcome = if status == 429 {
-                pb::SettleOutcome::UpstreamRateLimited
-            } else if status >= 500 {
-                pb::SettleOutcome::UpstreamError
-            } else {
-                pb::SettleOutcome::Completed
+            finished.outcome = match status {
+                429 => pb::SettleOutcome::UpstreamRateLimited,
+                500.. => pb::SettleOutcome::UpstreamError,
+                // The provider refused the request: nothing generated, nothing billed.
+                _ => pb::SettleOutcome::UpstreamRejected,
             };
             if status == 429 {
                 // The provider's limit, not AEX's: say so, keep its Retry-After.
                 let _ = head.insert_header("x-aex-denied-by", "upstream");
+            }
+            if matches!(status, 401 | 403) {
+                // AEX's own provider key was refused. Relayed as is, the
+                // client would read it as its AEX token being wrong.
+                let e = ApiError::new(
+                    502,
+                    "upstream_error",
+                    "server_error",
+                    format!(
+                        "The provider '{}' refused AEX's provider key (HTTP {status}). Your AEX token is fine: \
+                         the operator must set a valid key in {} (in AEX_HOME/.env or the environment of \
+                         aex-dataplane) and restart the data plane.",
+                        admission.provider,
+                        aex_control::config::api_key_env(&admission.provider),
+                    ),
+                );
+                tracing::warn!(provider = %admission.provider, status, "provider refused AEX's key");
+                return (Self::respond_error(session, request_id, e).await, finished);
             }
         }
         let _ = head.insert_header("content-length", body.len().to_string());
@@ -1057,7 +1207,10 @@ impl Gateway {
             return false;
         }
         let mut meter = SseMeter::new(inspected.api, !inspected.client_wants_usage);
-        let cap = admission.output_tokens_cap;
+        // Every choice may run to the cap; the reservation covered them all.
+        let cap = admission
+            .output_tokens_cap
+            .saturating_mul(u64::from(inspected.output_multiplier.max(1)));
         let mut out = Vec::new();
         loop {
             out.clear();
@@ -1105,8 +1258,9 @@ impl Gateway {
             // A provider that ignores the output cap is cut off once its text
             // is far past it, so spent never passes budget. Tokens average
             // about 4 bytes; the margin (12 bytes a token) keeps an honest
-            // provider with long tokens from ever being cut.
-            if cap > 0 && meter.usage().is_none() && meter.output_bytes() > cut_off_bytes(cap) {
+            // provider with long tokens from ever being cut. Counted from
+            // what was streamed, whatever usage the provider claims so far.
+            if meter.output_bytes() > cut_off_bytes(cap) {
                 finished.outcome = pb::SettleOutcome::CutOff;
                 let _ = session
                     .write_response_body(Bytes::from(cut_off_event(inspected.api)), false)
@@ -1125,11 +1279,6 @@ impl Gateway {
             .is_ok()
             && finished.outcome == pb::SettleOutcome::Completed
     }
-}
-
-/// Output text beyond which a stream has certainly passed `cap` tokens.
-pub fn cut_off_bytes(cap: u64) -> u64 {
-    cap.saturating_mul(12).saturating_add(64)
 }
 
 /// The clean end of a stream AEX stopped at its output cap.
@@ -1165,12 +1314,39 @@ impl HttpServerApp for Gateway {
         mut session: ServerSession,
         _shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        // A client that half-closes after its request still gets the answer
+        // (RFC 9112 §9.6), and pipelined requests are answered in order.
+        // Neither setting is carried to a reused connection's next session.
+        session.set_abort_on_close(false);
+        session.set_pipelining_enabled(true);
+        session.set_request_header_timeout(Some(self.limits.header_timeout));
         match session.read_request().await {
             Ok(true) => {}
-            _ => return None,
+            Ok(false) => return None,
+            Err(e) => {
+                // A request that began but is not valid HTTP gets its 4xx;
+                // one that never began (an idle connection closing) nothing.
+                if let Some(status) = session.request_reject_status() {
+                    // Never log `e` itself: it quotes the raw head, tokens included.
+                    tracing::debug!(status, kind = ?e.etype(), "malformed request");
+                    self.metrics
+                        .requests
+                        .with_label_values(&["", "", &status.to_string(), "malformed"])
+                        .inc();
+                    let error = ApiError::malformed(status, self.limits.header_timeout);
+                    Self::respond_error(&mut session, &new_request_id(), error).await;
+                    session.close_lingering(Duration::from_secs(2)).await;
+                }
+                return None;
+            }
         }
         if !self.handle(&mut session).await {
             return None;
+        }
+        // pingora keeps an HTTP/1.1 connection forever between requests;
+        // bound it (unless this response already closes it).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.limits.keepalive_idle.as_secs().max(1)));
         }
         let settings = HttpPersistentSettings::for_session(&session);
         session

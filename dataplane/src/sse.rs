@@ -39,19 +39,83 @@ pub fn usage_of_body(api: Api, body: &[u8]) -> Option<Usage> {
         .and_then(|v| usage_of(api, &v))
 }
 
+fn content_len(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::String(s)) => s.len() as u64,
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| text_len(p.get("text")) + text_len(p.get("refusal")))
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Bytes of generated text (content, refusals, reasoning, tool arguments)
+/// in a complete response object: what a provider's usage must at least
+/// account for.
+pub fn output_text_bytes(api: Api, object: &Value) -> u64 {
+    let items = |key: &str| {
+        object
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    };
+    match api {
+        Api::Embeddings => 0,
+        Api::Responses => items("output")
+            .map(|item| {
+                content_len(item.get("content"))
+                    + text_len(item.get("arguments"))
+                    + content_len(item.get("summary"))
+            })
+            .sum(),
+        Api::ChatCompletions | Api::Completions => items("choices")
+            .map(|choice| {
+                let message = choice.get("message");
+                let field = |k: &str| message.and_then(|m| m.get(k));
+                text_len(choice.get("text"))
+                    + content_len(field("content"))
+                    + text_len(field("refusal"))
+                    + text_len(field("reasoning_content"))
+                    + text_len(field("reasoning"))
+                    + text_len(field("function_call").and_then(|f| f.get("arguments")))
+                    + field("tool_calls")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|c| text_len(c.get("function").and_then(|f| f.get("arguments"))))
+                        .sum::<u64>()
+            })
+            .sum(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SseMeter {
     api: Api,
     strip_usage_chunk: bool,
     pending: Vec<u8>,
+    /// How much of `pending` was already searched for an event's end, so a
+    /// stream without delimiters is scanned once, not once per chunk.
+    scanned: usize,
+    /// Bytes examined for delimiters over the stream's life (linear in its
+    /// length; tests hold it to that).
+    examined: u64,
     usage: Option<Usage>,
     output_bytes: u64,
     saw_done: bool,
 }
 
-/// Where the first complete event in `buf` ends (after its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The longest event AEX holds back to inspect. Past it, the bytes are
+/// forwarded unread and all counted as output, so an endless event can
+/// neither exhaust memory nor slip past the cut-off.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Where the first complete event in `buf` ends (after its blank line),
+/// searching from `from` (a delimiter is at most 3 bytes long).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i < buf.len() {
         match buf[i] {
             b'\n' => {
@@ -82,6 +146,8 @@ impl SseMeter {
             api,
             strip_usage_chunk,
             pending: Vec::new(),
+            scanned: 0,
+            examined: 0,
             usage: None,
             output_bytes: 0,
             saw_done: false,
@@ -101,21 +167,39 @@ impl SseMeter {
         self.saw_done
     }
 
+    pub fn examined_bytes(&self) -> u64 {
+        self.examined
+    }
+
     /// Takes a chunk as it came off the wire; appends to `out` the bytes to
     /// forward now (whole events only).
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let mut pending = std::mem::take(&mut self.pending);
         pending.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some(len) = event_end(&pending[start..]) {
+        // A match not found before could only start in the last 2 bytes seen.
+        let mut from = self.scanned.saturating_sub(2);
+        loop {
+            let Some(len) = event_end(&pending[start..], from) else {
+                self.examined += (pending.len() - start).saturating_sub(from) as u64;
+                break;
+            };
+            self.examined += len.saturating_sub(from) as u64;
             let end = start + len;
             let event = &pending[start..end];
             if self.inspect(event) {
                 out.extend_from_slice(event);
             }
             start = end;
+            from = 0;
         }
         pending.drain(..start);
+        if pending.len() > MAX_EVENT_BYTES {
+            self.output_bytes = self.output_bytes.saturating_add(pending.len() as u64);
+            out.extend_from_slice(&pending);
+            pending.clear();
+        }
+        self.scanned = pending.len();
         self.pending = pending;
     }
 
@@ -123,6 +207,7 @@ impl SseMeter {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
+            self.scanned = 0;
             if self.inspect(&rest) {
                 out.extend_from_slice(&rest);
             }
@@ -131,7 +216,10 @@ impl SseMeter {
 
     /// Meters one event; returns whether to forward it.
     fn inspect(&mut self, event: &[u8]) -> bool {
+        // What cannot be read is counted as output: a provider must not
+        // evade the cut-off by sending text AEX does not parse.
         let Ok(text) = std::str::from_utf8(event) else {
+            self.output_bytes = self.output_bytes.saturating_add(event.len() as u64);
             return true;
         };
         let mut data = String::new();
@@ -151,13 +239,16 @@ impl SseMeter {
             return true;
         }
         let Ok(json) = serde_json::from_str::<Value>(&data) else {
+            self.output_bytes = self.output_bytes.saturating_add(data.len() as u64);
             return true;
         };
         match self.api {
             Api::Responses => {
                 let kind = json.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind.ends_with(".delta") {
-                    self.output_bytes += text_len(json.get("delta"));
+                    self.output_bytes = self
+                        .output_bytes
+                        .saturating_add(text_len(json.get("delta")));
                 }
                 if matches!(
                     kind,
@@ -288,6 +379,59 @@ mod tests {
         assert_eq!(usage_of_body(Api::ChatCompletions, b"{}"), None);
     }
 
+    /// Regression (hardening #9): a stream without event delimiters was
+    /// rescanned from its start on every chunk, and held whole in memory.
+    #[test]
+    fn an_endless_event_is_scanned_once_and_never_held_whole() {
+        let mut m = SseMeter::new(Api::ChatCompletions, true);
+        let mut forwarded = 0usize;
+        let chunk = vec![b'x'; 1024];
+        let total = 4 * MAX_EVENT_BYTES;
+        for _ in 0..total / chunk.len() {
+            let mut out = Vec::new();
+            m.feed(&chunk, &mut out);
+            forwarded += out.len();
+            assert!(m.pending.len() <= MAX_EVENT_BYTES);
+        }
+        let mut out = Vec::new();
+        m.finish(&mut out);
+        forwarded += out.len();
+        assert_eq!(forwarded, total, "every byte is forwarded");
+        assert!(
+            m.examined_bytes() <= 2 * total as u64,
+            "linear: {}",
+            m.examined_bytes()
+        );
+        assert!(
+            m.output_bytes() >= (total - MAX_EVENT_BYTES) as u64,
+            "unread bytes count as output, so the cut-off still applies"
+        );
+    }
+
+    #[test]
+    fn text_the_cut_off_cannot_parse_is_counted() {
+        let (_, m) = run(Api::ChatCompletions, true, &[b"data: not json at all\n\n"]);
+        assert_eq!(m.output_bytes(), "not json at all".len() as u64);
+    }
+
+    #[test]
+    fn output_text_of_whole_bodies() {
+        let chat = serde_json::json!({"choices": [
+            {"message": {"content": "hello", "tool_calls": [{"function": {"arguments": "{}"}}]}},
+            {"message": {"content": [{"type": "text", "text": "abc"}], "reasoning_content": "r"}}]});
+        assert_eq!(
+            output_text_bytes(Api::ChatCompletions, &chat),
+            5 + 2 + 3 + 1
+        );
+        let completion = serde_json::json!({"choices": [{"text": "four"}, {"text": "xy"}]});
+        assert_eq!(output_text_bytes(Api::Completions, &completion), 6);
+        let responses = serde_json::json!({"output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "hi"}]},
+            {"type": "function_call", "arguments": "{\"a\":1}"}]});
+        assert_eq!(output_text_bytes(Api::Responses, &responses), 2 + 7);
+        assert_eq!(output_text_bytes(Api::Embeddings, &chat), 0);
+    }
+
     fn splits(text: &'static str) -> impl Strategy<Value = Vec<usize>> {
         proptest::collection::vec(0..=text.len(), 0..40)
     }
@@ -323,9 +467,49 @@ mod tests {
             prop_assert_eq!(m.usage(), Some(Usage { prompt_tokens: 20, completion_tokens: 3 }));
         }
 
+        /// Fuzz: whatever bytes arrive, in whatever chunks, the meter never
+        /// panics, forwards only what it was given, and for the OpenAI
+        /// streams (where only usage chunks are stripped) what it holds
+        /// back is bounded.
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let (_out, _m) = run(Api::ChatCompletions, true, &[&bytes]);
+        fn garbage_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..20),
+            api in prop_oneof![Just(Api::ChatCompletions), Just(Api::Responses), Just(Api::Completions)],
+            strip in any::<bool>(),
+        ) {
+            let cuts = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            let parts = split_at(&bytes, cuts);
+            let chunks = parts.len() as u64;
+            let (out, m) = run(api, strip, &parts);
+            prop_assert!(out.len() <= bytes.len());
+            if !strip || api == Api::Responses {
+                prop_assert_eq!(out, bytes.clone());
+            }
+            // Linear: each byte once, plus a delimiter's overlap per chunk.
+            prop_assert!(m.examined_bytes() <= bytes.len() as u64 + 2 * chunks);
+        }
+
+        /// Fuzz: usage parsing of arbitrary JSON never panics.
+        #[test]
+        fn usage_of_any_json_never_panics(
+            p in any::<i64>(), c in any::<f64>(), big in any::<u64>(), s in ".{0,12}",
+        ) {
+            for body in [
+                serde_json::json!({"usage": {"prompt_tokens": p, "completion_tokens": c}}),
+                serde_json::json!({"usage": {"prompt_tokens": big, "completion_tokens": s}}),
+                serde_json::json!({"usage": {"input_tokens": big, "output_tokens": p}, "output": s}),
+                serde_json::json!({"usage": s, "choices": [{"message": {"content": p}}]}),
+            ] {
+                for api in [Api::ChatCompletions, Api::Responses, Api::Completions, Api::Embeddings] {
+                    let u = usage_of(api, &body);
+                    let _ = output_text_bytes(api, &body);
+                    // Negative or fractional counts are not usage.
+                    if u.is_some() && api != Api::Responses {
+                        prop_assert!(p >= 0 || body["usage"]["prompt_tokens"].is_u64());
+                    }
+                }
+            }
         }
     }
 }

@@ -261,6 +261,8 @@ pub mod mock;
 pub struct DataPlane {
     child: Child,
     pub addr: std::net::SocketAddr,
+    /// Its Prometheus listener (None when started with `--metrics-listen off`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl DataPlane {
@@ -280,6 +282,7 @@ impl DataPlane {
             .append(true)
             .open(home.file("logs/dataplane.test.log"))
             .expect("log file");
+        let own_metrics = !extra_args.contains(&"--metrics-listen");
         let mut child = Command::new(bin("aex-dataplane"))
             .args([
                 "--home",
@@ -289,6 +292,11 @@ impl DataPlane {
                 "--control",
                 control_url,
             ])
+            .args(if own_metrics {
+                &["--metrics-listen", "127.0.0.1:0"][..]
+            } else {
+                &[]
+            })
             .args(extra_args)
             .envs(env.iter().copied())
             .env("AEX_LOG", "info")
@@ -297,10 +305,23 @@ impl DataPlane {
             .stderr(log)
             .spawn()
             .expect("spawn aex-dataplane");
-        let (addr, _) = first_line_addr(&mut child, "aex-dataplane listening on ", || {
+        let (addr, lines) = first_line_addr(&mut child, "aex-dataplane listening on ", || {
             std::fs::read_to_string(home.file("logs/dataplane.test.log")).unwrap_or_default()
         });
-        let dp = Self { child, addr };
+        let metrics_addr = own_metrics.then(|| {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the metrics address line");
+            line.strip_prefix("aex-dataplane metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected second line: {line}"))
+        });
+        let dp = Self {
+            child,
+            addr,
+            metrics_addr,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while http_status(dp.addr, "/readyz") != Some(200) {
             assert!(
@@ -318,6 +339,15 @@ impl DataPlane {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `http://…/metrics` on the data plane's own metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!(
+            "http://{}/metrics",
+            self.metrics_addr
+                .expect("started with its own metrics listener")
+        )
     }
 }
 
@@ -450,7 +480,12 @@ impl Stack {
         format!(
             "version: 1
 providers:
-  mock: {{ base_url: {mock_base_url}, type: openai_compatible }}
+  mock:
+    base_url: {mock_base_url}
+    type: openai_compatible
+    # The mock is steered per request by these; AEX forwards them only
+    # because they are listed.
+    forward_headers: [x-mock, x-mock-delay-ms, x-mock-usage]
   dead: {{ base_url: http://127.0.0.1:1/v1, type: openai_compatible }}
   sim: {{ type: simulated, latency_ms: 0, tokens_per_second: 0, completion_tokens: 8 }}
 models:

@@ -353,7 +353,7 @@ async fn status_and_metrics_count_what_clients_saw_by_reason() {
 
     // Prometheus, on both planes, agrees with the clients too.
     let dp = client
-        .get(stack.url("/metrics"))
+        .get(stack.data.metrics_url())
         .send()
         .await
         .unwrap()

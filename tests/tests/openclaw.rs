@@ -257,7 +257,7 @@ async fn openclaw_surfaces_denials_and_retries_a_429_after_retry_after() {
     assert_eq!(denials("claw-poor", "budget"), 1);
     assert_eq!(denials("claw-fenced", "model"), 1);
     let metrics = client
-        .get(stack.url("/metrics"))
+        .get(stack.data.metrics_url())
         .send()
         .await
         .unwrap()

@@ -478,6 +478,7 @@ pub fn agent_json(a: &pb::Agent) -> serde_json::Value {
         "budget_micro": a.budget_micro,
         "spent_micro": a.spent_micro,
         "reserved_micro": a.reserved_micro,
+        "overrun_micro": a.overrun_micro,
         "remaining_micro": remaining(a),
         "budget_usd": dollars(a.budget_micro),
         "spent_usd": dollars(a.spent_micro),
@@ -551,6 +552,13 @@ fn print_inspect(a: &pb::Agent) {
     println!("  Spent:       {}", usd_with_micro(a.spent_micro));
     println!("  Reserved:    {}", usd_with_micro(a.reserved_micro));
     println!("  Remaining:   {}", usd_with_micro(remaining(a)));
+    if a.overrun_micro > 0 {
+        println!(
+            "  Overrun:     {}  (reported by providers beyond reservations; not charged, see `aexctl events --agent {}`)",
+            usd_with_micro(a.overrun_micro),
+            a.name
+        );
+    }
     println!("  RPM Limit:   {}", a.rpm);
     println!("  TPM Limit:   {}", limit(a.tpm));
     println!("  Concurrency: {}", limit(u64::from(a.max_concurrent)));

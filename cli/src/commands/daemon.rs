@@ -38,6 +38,9 @@ pub struct StartArgs {
     /// Control-plane Prometheus port.
     #[arg(long, default_value_t = 9002)]
     metrics_port: u16,
+    /// Data-plane Prometheus port (its own listener, never the API port).
+    #[arg(long, default_value_t = 9004)]
+    dataplane_metrics_port: u16,
     /// Address to bind; loopback unless you mean to expose AEX.
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
@@ -341,6 +344,7 @@ async fn start(home: &Home, a: &StartArgs) -> Result<()> {
     let control_url = format!("http://{control_addr}");
     let metrics_addr = format!("{}:{}", a.bind, a.metrics_port);
     let data_addr = format!("{}:{}", a.bind, a.port);
+    let data_metrics_addr = format!("{}:{}", a.bind, a.dataplane_metrics_port);
     let timeout = Duration::from_secs(a.timeout);
 
     let control_pid = match control_up {
@@ -370,11 +374,18 @@ async fn start(home: &Home, a: &StartArgs) -> Result<()> {
         Running::Yes(pid) => pid,
         _ => {
             port_free(&data_addr, a.port, "--port")?;
+            port_free(
+                &data_metrics_addr,
+                a.dataplane_metrics_port,
+                "--dataplane-metrics-port",
+            )?;
             let args = [
                 "--listen".to_string(),
                 data_addr.clone(),
                 "--control".into(),
                 control_url.clone(),
+                "--metrics-listen".into(),
+                data_metrics_addr.clone(),
             ];
             let mut child = spawn(home, DATAPLANE, &args)?;
             std::fs::write(DATAPLANE.addr_file(home), &data_addr)
@@ -388,7 +399,9 @@ async fn start(home: &Home, a: &StartArgs) -> Result<()> {
     println!(
         "  ✅ Control plane: running (PID {control_pid}) on {control_addr} (gRPC), metrics http://{metrics_addr}/metrics"
     );
-    println!("  ✅ Data plane:    running (PID {data_pid}) on http://{data_addr}/v1");
+    println!(
+        "  ✅ Data plane:    running (PID {data_pid}) on http://{data_addr}/v1, metrics http://{data_metrics_addr}/metrics"
+    );
     println!("  Logs: {}", CONTROL.log_file(home).display());
     println!("        {}", DATAPLANE.log_file(home).display());
     println!("Point agents at it: export OPENAI_BASE_URL=http://{data_addr}/v1");

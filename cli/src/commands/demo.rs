@@ -189,7 +189,14 @@ pub async fn run(args: Args) -> Result<()> {
     let data_addr = start(
         &home,
         "aex-dataplane",
-        &["--listen", "127.0.0.1:0", "--control", &control_url],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            &control_url,
+            "--metrics-listen",
+            "off",
+        ],
         &mut daemons,
     )?;
     let deadline = Instant::now() + Duration::from_secs(15);

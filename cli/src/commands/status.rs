@@ -56,6 +56,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
             "upstream_denials": s.upstream_denials,
             "upstream_errors": s.upstream_errors,
             "overruns": s.overruns,
+            "total_overrun_micro": s.total_overrun_micro,
             "open_reservations": s.open_reservations,
             "expired_reservations": s.expired_reservations,
             "processes_active": s.processes_active,
@@ -105,7 +106,11 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         s.upstream_denials
     );
     println!("  Upstream Errors:    {}", s.upstream_errors);
-    println!("  Overruns:           {}", s.overruns);
+    println!(
+        "  Overruns:           {}  ({} reported beyond reservations, not charged)",
+        s.overruns,
+        usd_with_micro(s.total_overrun_micro)
+    );
     println!("  Open Reservations:  {}", s.open_reservations);
     println!("  Expired:            {}", s.expired_reservations);
     println!("  Processes Killed:   {}", s.processes_killed);

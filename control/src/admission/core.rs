@@ -71,6 +71,7 @@ pub enum Outcome {
     UpstreamRateLimited,
     ClientDisconnected,
     CutOff,
+    UpstreamRejected,
 }
 
 impl Outcome {
@@ -82,6 +83,7 @@ impl Outcome {
             Outcome::UpstreamRateLimited => "upstream_rate_limited",
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::CutOff => "cut_off",
+            Outcome::UpstreamRejected => "upstream_rejected",
         }
     }
 }
@@ -102,11 +104,12 @@ pub struct Settled {
     pub charged_micro: i64,
     pub remaining_micro: i64,
     pub already_settled: bool,
-    pub overrun: bool,
+    /// Reported usage beyond the reservation, recorded apart (0: none).
+    pub overrun_micro: i64,
 }
 
 /// The charge for a finished call: see [`crate::money::charge`].
-pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> (i64, bool) {
+pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> crate::money::Charge {
     crate::money::charge(
         r.pricing,
         r.amount_micro,
@@ -167,6 +170,14 @@ struct Refused {
     agent_name: String,
 }
 
+/// What one expiry sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExpirySweep {
+    pub expired: usize,
+    /// Reservations that could not be settled: (id, why).
+    pub failed: Vec<(String, String)>,
+}
+
 /// An order to the supervisors of an agent's processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KillOrder {
@@ -180,6 +191,9 @@ pub struct AdmissionCore {
     changes: broadcast::Sender<Change>,
     kills: broadcast::Sender<KillOrder>,
     reservation_ttl_ms: i64,
+    /// Reservations an expiry sweep could not settle, so each is logged as
+    /// an error once rather than at every sweep.
+    unexpirable: Mutex<std::collections::HashSet<String>>,
 }
 
 impl AdmissionCore {
@@ -235,6 +249,7 @@ impl AdmissionCore {
             changes,
             kills,
             reservation_ttl_ms,
+            unexpirable: Mutex::default(),
         })
     }
 
@@ -640,16 +655,26 @@ impl AdmissionCore {
                 charged_micro: 0,
                 remaining_micro: 0,
                 already_settled: true,
-                overrun: false,
+                overrun_micro: 0,
             });
         };
-        let (charge, overrun) = charge_for(&record, &s);
+        let crate::money::Charge {
+            charged_micro: charge,
+            overrun_micro,
+        } = charge_for(&record, &s);
         let mut extra_events = Vec::new();
-        if overrun {
+        if overrun_micro > 0 {
+            // An alert as well as a record: a provider billed (or claims to
+            // have billed) more than AEX let the call cost.
+            tracing::warn!(
+                reservation = %record.id, agent = %agent_name, reserved_micro = record.amount_micro,
+                overrun_micro, "provider reported usage above the reservation; charged the reservation, overrun recorded apart"
+            );
             extra_events.push((
                 "overrun",
                 "usage_above_reservation".to_string(),
                 json!({"reserved_micro": record.amount_micro, "charged_micro": charge,
+                       "overrun_micro": overrun_micro,
                        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}),
             ));
         }
@@ -675,6 +700,7 @@ impl AdmissionCore {
                 agent_name,
                 state: if charge == 0 { "released" } else { "settled" },
                 charge_micro: charge,
+                overrun_micro,
                 outcome: s.outcome.as_str().to_string(),
                 prompt_tokens: s.prompt_tokens,
                 completion_tokens: s.completion_tokens,
@@ -705,13 +731,13 @@ impl AdmissionCore {
                 charged_micro,
                 remaining_micro,
                 already_settled: false,
-                overrun,
+                overrun_micro,
             },
             SettleOutcome::AlreadyClosed | SettleOutcome::UnknownReservation => Settled {
                 charged_micro: 0,
                 remaining_micro: 0,
                 already_settled: true,
-                overrun: false,
+                overrun_micro: 0,
             },
         })
     }
@@ -744,9 +770,11 @@ impl AdmissionCore {
 
     /// Settles every open reservation past its expiry by `policy`: a data
     /// plane that died mid-call never settles, and the provider may have
-    /// been paid, so by default the reserved amount is charged. Returns how
-    /// many expired.
-    pub async fn expire_due(&self, now: i64, policy: ExpiryPolicy) -> Result<usize> {
+    /// been paid, so by default the reserved amount is charged. Each is
+    /// settled on its own: one that cannot be (a row edited out of line
+    /// with its agent, say) is reported and skipped, never allowed to keep
+    /// every other agent's expired reservations open.
+    pub async fn expire_due(&self, now: i64, policy: ExpiryPolicy) -> Result<ExpirySweep> {
         let due: Vec<(ReservationRecord, String)> = {
             let live = self.lock();
             live.open
@@ -755,19 +783,20 @@ impl AdmissionCore {
                 .map(|o| (o.record.clone(), o.agent_name.clone()))
                 .collect()
         };
-        let mut expired = 0;
+        let mut sweep = ExpirySweep::default();
         for (r, agent_name) in due {
             let charge = match policy {
                 ExpiryPolicy::Charge => r.amount_micro,
                 ExpiryPolicy::Release => 0,
             };
-            let outcome = self
+            let settled = self
                 .store
                 .settle(Settlement {
                     reservation_id: r.id.clone(),
-                    agent_name,
+                    agent_name: agent_name.clone(),
                     state: "expired",
                     charge_micro: charge,
+                    overrun_micro: 0,
                     outcome: "expired".into(),
                     prompt_tokens: 0,
                     completion_tokens: 0,
@@ -777,14 +806,34 @@ impl AdmissionCore {
                         "expires_at_ms": r.expires_at_ms, "model": r.model,
                     }),
                 })
-                .await?;
+                .await;
+            let outcome = match settled {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // Left open and in memory: audit names it, and the next
+                    // sweep tries again (after a repair, it succeeds).
+                    let first = self
+                        .unexpirable
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(r.id.clone());
+                    if first {
+                        tracing::error!(
+                            reservation = %r.id, agent = %agent_name, error = %e,
+                            "cannot expire this reservation; skipped it and went on with the others (run `aexctl audit`)"
+                        );
+                    }
+                    sweep.failed.push((r.id.clone(), e.to_string()));
+                    continue;
+                }
+            };
             self.forget(&r.id, None);
             if matches!(outcome, SettleOutcome::Settled { .. }) {
                 tracing::warn!(reservation = %r.id, charged = charge, "reservation expired");
-                expired += 1;
+                sweep.expired += 1;
             }
         }
-        Ok(expired)
+        Ok(sweep)
     }
 
     /// Extends open reservations of long streams; returns the ids that are

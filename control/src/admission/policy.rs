@@ -108,7 +108,13 @@ pub struct Ask<'a> {
     pub uses_vision: bool,
     pub input_tokens_bound: u64,
     pub requested_output_tokens: Option<u64>,
+    /// Outputs generated per call (`n`, `best_of`); 0 from an older data
+    /// plane means 1.
+    pub output_multiplier: u32,
 }
+
+/// The most outputs one call may ask for (OpenAI's limit on `n`).
+pub const MAX_OUTPUT_MULTIPLIER: u32 = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -197,6 +203,22 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
         ));
     }
     capabilities(agent, model, ask)?;
+    if ask.requested_output_tokens == Some(0) {
+        // Providers read 0 as "no limit": the reservation would not bound the call.
+        return Err(Denial::bad_request(
+            "max_tokens",
+            "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+        ));
+    }
+    if ask.output_multiplier > MAX_OUTPUT_MULTIPLIER {
+        return Err(Denial::bad_request(
+            "n",
+            format!(
+                "Invalid 'n': integer above maximum value. Expected a value <= {MAX_OUTPUT_MULTIPLIER}, but got {} instead.",
+                ask.output_multiplier
+            ),
+        ));
+    }
     let (output_tokens_cap, output_cap_injected) = match ask.endpoint {
         Endpoint::Embeddings | Endpoint::Models => (0, false),
         _ => match ask.requested_output_tokens {
@@ -208,9 +230,11 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
     Ok(Plan {
         output_tokens_cap,
         output_cap_injected,
-        reserve_micro: model
-            .pricing
-            .cost_micro(ask.input_tokens_bound, output_tokens_cap),
+        // The prompt is billed once; every choice may run to the cap.
+        reserve_micro: model.pricing.cost_micro(
+            ask.input_tokens_bound,
+            output_tokens_cap.saturating_mul(u64::from(ask.output_multiplier.max(1))),
+        ),
     })
 }
 
@@ -288,6 +312,7 @@ mod tests {
             budget_micro: 1_000_000,
             spent_micro: 0,
             reserved_micro: 0,
+            overrun_micro: 0,
             rpm: 60,
             tpm: 0,
             max_concurrent: 0,
@@ -317,6 +342,7 @@ mod tests {
             uses_vision: false,
             input_tokens_bound: 100,
             requested_output_tokens: Some(50),
+            output_multiplier: 1,
         }
     }
 
@@ -368,6 +394,55 @@ mod tests {
         .unwrap();
         assert_eq!(p.output_tokens_cap, 0);
         assert_eq!(p.reserve_micro, 15); // 100 × 0.15 µ
+    }
+
+    /// Regression (hardening #1, #2): `n` multiplied the output past the
+    /// reservation, and a cap of 0 reserved no output at all.
+    #[test]
+    fn every_choice_is_reserved_and_a_zero_cap_is_refused() {
+        let m = models();
+        let p = plan(
+            &agent(),
+            &m,
+            &Ask {
+                output_multiplier: 100,
+                requested_output_tokens: Some(20),
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap();
+        assert_eq!(p.output_tokens_cap, 20);
+        assert_eq!(p.reserve_micro, 100 + 100 * 20 * 2);
+        let older_data_plane = plan(
+            &agent(),
+            &m,
+            &Ask {
+                output_multiplier: 0,
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap();
+        assert_eq!(older_data_plane.reserve_micro, 100 + 50 * 2);
+        let zero = plan(
+            &agent(),
+            &m,
+            &Ask {
+                requested_output_tokens: Some(0),
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap_err();
+        assert_eq!((zero.http_status, zero.param), (400, "max_tokens"));
+        let too_many = plan(
+            &agent(),
+            &m,
+            &Ask {
+                output_multiplier: 129,
+                ..ask("llama3-local")
+            },
+        )
+        .unwrap_err();
+        assert_eq!((too_many.http_status, too_many.param), (400, "n"));
     }
 
     #[test]

@@ -109,6 +109,7 @@ impl ChainVerifier {
 #[derive(Debug, Default)]
 pub struct LogTally {
     charged: std::collections::HashMap<String, i64>,
+    overrun: std::collections::HashMap<String, i64>,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
@@ -116,7 +117,12 @@ impl LogTally {
     pub fn push(&mut self, e: &EventRecord) {
         let b = &e.body;
         if b.kind == "settle" || b.kind == "expire" {
-            *self.charged.entry(b.agent_id.clone()).or_default() += b.amount_micro;
+            let c = self.charged.entry(b.agent_id.clone()).or_default();
+            *c = c.saturating_add(b.amount_micro);
+        }
+        if b.kind == "overrun" {
+            let o = self.overrun.entry(b.agent_id.clone()).or_default();
+            *o = o.saturating_add(b.amount_micro);
         }
         *self
             .event_counts
@@ -127,6 +133,7 @@ impl LogTally {
     /// Hands the tally to the invariants.
     pub fn into_data(self, data: &mut AuditData) {
         data.charged = self.charged;
+        data.overrun_logged = self.overrun;
         data.event_counts = self.event_counts;
     }
 }
@@ -140,26 +147,16 @@ fn name_of(data: &AuditData, agent_id: &str) -> String {
 }
 
 /// Every invariant except the chain (see [`ChainVerifier`]). Returns the
-/// checks and the agents with recorded overruns.
+/// checks and the agents with recorded overruns (provider-reported usage
+/// beyond a reservation, never charged).
 pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
-    let overrun_agents: Vec<String> = data
-        .agents
-        .iter()
-        .filter(|a| {
-            data.counters
-                .get(&(a.id.clone(), "overrun".into()))
-                .copied()
-                .unwrap_or(0)
-                > 0
-        })
-        .map(|a| a.id.clone())
-        .collect();
     let mut checks = Vec::new();
 
+    // No exception for overruns: a charge never passes its reservation.
     let over: Vec<String> = data
         .agents
         .iter()
-        .filter(|a| a.spent_micro > a.budget_micro && !overrun_agents.contains(&a.id))
+        .filter(|a| a.spent_micro > a.budget_micro)
         .map(|a| {
             format!(
                 "agent '{}': spent {} µ > budget {} µ",
@@ -169,19 +166,21 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         .collect();
     checks.push(Check::new(
         "spent_within_budget",
-        "no agent spent more than its budget (recorded overruns are listed apart)",
-        "agents spent more than their budget with no overrun recorded",
+        "no agent spent more than its budget",
+        "agents spent more than their budget",
         over,
     ));
 
     let negative: Vec<String> = data
         .agents
         .iter()
-        .filter(|a| a.budget_micro < 0 || a.spent_micro < 0 || a.reserved_micro < 0)
+        .filter(|a| {
+            a.budget_micro < 0 || a.spent_micro < 0 || a.reserved_micro < 0 || a.overrun_micro < 0
+        })
         .map(|a| {
             format!(
-                "agent '{}': budget {} spent {} reserved {}",
-                a.name, a.budget_micro, a.spent_micro, a.reserved_micro
+                "agent '{}': budget {} spent {} reserved {} overrun {}",
+                a.name, a.budget_micro, a.spent_micro, a.reserved_micro, a.overrun_micro
             )
         })
         .collect();
@@ -232,6 +231,26 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         spent,
     ));
 
+    let overrun: Vec<String> = data
+        .agents
+        .iter()
+        .filter_map(|a| {
+            let logged = data.overrun_logged.get(&a.id).copied().unwrap_or(0);
+            (a.overrun_micro != logged).then(|| {
+                format!(
+                    "agent '{}': overrun {} µ but overrun events sum to {logged} µ",
+                    a.name, a.overrun_micro
+                )
+            })
+        })
+        .collect();
+    checks.push(Check::new(
+        "overruns_match_events",
+        "every agent's recorded overrun equals its overrun events",
+        "recorded overruns disagree with the event log",
+        overrun,
+    ));
+
     let overdue: Vec<String> = data
         .overdue
         .iter()
@@ -277,7 +296,12 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         counters,
     ));
 
-    let overruns = overrun_agents.iter().map(|id| name_of(data, id)).collect();
+    let overruns = data
+        .agents
+        .iter()
+        .filter(|a| a.overrun_micro > 0)
+        .map(|a| format!("agent '{}' ({} µ not charged)", a.name, a.overrun_micro))
+        .collect();
     (checks, overruns)
 }
 
@@ -374,6 +398,7 @@ mod tests {
             budget_micro: budget,
             spent_micro: spent,
             reserved_micro: reserved,
+            overrun_micro: 0,
             rpm: 1,
             tpm: 0,
             max_concurrent: 0,
@@ -411,12 +436,35 @@ mod tests {
         assert_eq!(failed, ["spent_within_budget"]);
         assert!(checks[0].offenders[0].contains("agent 'bad'"));
         assert!(overruns.is_empty());
-        // A recorded overrun is listed apart, not a failure.
-        d.counters.insert(("bad".into(), "overrun".into()), 1);
-        d.event_counts.insert(("bad".into(), "overrun".into()), 1);
+        // Regression (hardening #3): a recorded overrun used to excuse a
+        // spend past the budget. It no longer does: it is listed apart.
+        d.agents[1].overrun_micro = 70;
+        d.overrun_logged.insert("bad".into(), 70);
         let (checks, overruns) = invariants(&d);
+        let failed: Vec<_> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(failed, ["spent_within_budget"]);
+        assert_eq!(overruns, ["agent 'bad' (70 µ not charged)"]);
+        d.agents[1].spent_micro = 100;
+        d.charged.insert("bad".into(), 100);
+        d.overrun_logged.insert("bad".into(), 69);
+        let (checks, _) = invariants(&d);
+        let failed: Vec<_> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            failed,
+            ["overruns_match_events"],
+            "an edited overrun is named"
+        );
+        d.overrun_logged.insert("bad".into(), 70);
+        let (checks, _) = invariants(&d);
         assert!(checks.iter().all(|c| c.passed), "{checks:?}");
-        assert_eq!(overruns, ["agent 'bad'"]);
         // Tampered spend and a counter without its events.
         d.agents[0].spent_micro = 41;
         d.counters.insert(("ok".into(), "deny:rpm".into()), 3);

@@ -47,6 +47,7 @@ fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
         pb::SettleOutcome::UpstreamRateLimited => Outcome::UpstreamRateLimited,
         pb::SettleOutcome::ClientDisconnected => Outcome::ClientDisconnected,
         pb::SettleOutcome::CutOff => Outcome::CutOff,
+        pb::SettleOutcome::UpstreamRejected => Outcome::UpstreamRejected,
     }
 }
 
@@ -66,6 +67,7 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
         uses_vision: r.uses_vision,
         input_tokens_bound: r.input_tokens_bound,
         requested_output_tokens: r.requested_output_tokens,
+        output_multiplier: r.output_multiplier,
     };
     let admission = &state.admission;
     if endpoint == Endpoint::Models {
@@ -226,7 +228,8 @@ async fn settle_one(
         charged_micro: settled.charged_micro,
         remaining_micro: settled.remaining_micro,
         already_settled: settled.already_settled,
-        overrun: settled.overrun,
+        overrun: settled.overrun_micro > 0,
+        overrun_micro: settled.overrun_micro,
     })
 }
 

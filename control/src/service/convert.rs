@@ -35,6 +35,7 @@ pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
         name: a.name.clone(),
         budget_micro: a.budget_micro,
         spent_micro: a.spent_micro,
+        overrun_micro: a.overrun_micro,
         reserved_micro: a.reserved_micro,
         rpm: a.rpm,
         tpm: a.tpm,
@@ -83,6 +84,7 @@ pub fn models_to_pb(c: &ModelsConfig, loaded_at_ms: i64) -> pb::ModelConfig {
                     base_url,
                     api_key_env: p.api_key_env.clone(),
                     simulated,
+                    forward_headers: p.forward_headers.clone(),
                 }
             })
             .collect(),

@@ -100,9 +100,10 @@ impl LedgerApi {
             total_budget_micro: t.total_budget_micro,
             total_spent_micro: t.total_spent_micro,
             total_reserved_micro: t.total_reserved_micro,
-            total_remaining_micro: t.total_budget_micro
-                - t.total_spent_micro
-                - t.total_reserved_micro,
+            total_remaining_micro: t
+                .total_budget_micro
+                .saturating_sub(t.total_spent_micro)
+                .saturating_sub(t.total_reserved_micro),
             requests_served: counter("admit"),
             denials_by_reason,
             upstream_denials: counter("upstream_denied"),
@@ -118,6 +119,7 @@ impl LedgerApi {
             data_planes: self.state.data_planes.load(Ordering::Relaxed),
             processes_active: t.running_processes as u32,
             processes_killed: counter("process.killed"),
+            total_overrun_micro: t.total_overrun_micro,
         })
     }
 

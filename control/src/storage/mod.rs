@@ -74,6 +74,8 @@ pub struct AgentRecord {
     pub budget_micro: i64,
     pub spent_micro: i64,
     pub reserved_micro: i64,
+    /// Provider-reported usage beyond reservations, never charged.
+    pub overrun_micro: i64,
     pub rpm: u32,
     pub tpm: u64,
     pub max_concurrent: u32,
@@ -208,6 +210,8 @@ pub struct Settlement {
     /// `settled` (charged), `released` (nothing charged) or `expired`.
     pub state: &'static str,
     pub charge_micro: i64,
+    /// Reported usage beyond the reservation (not charged).
+    pub overrun_micro: i64,
     pub outcome: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -267,6 +271,8 @@ pub struct AuditData {
     /// Filled from the log by [`crate::ledger::audit::LogTally`] while the
     /// chain is verified, not by the store.
     pub charged: std::collections::HashMap<String, i64>,
+    /// Sum of overrun events' amounts per agent id (filled by the tally).
+    pub overrun_logged: std::collections::HashMap<String, i64>,
     /// Open reservations past their expiry: (reservation id, agent id, expired at).
     pub overdue: Vec<(String, String, i64)>,
     /// (agent id, counter name) → value, from the counters table.
@@ -286,6 +292,7 @@ pub struct StatusTotals {
     pub total_budget_micro: i64,
     pub total_spent_micro: i64,
     pub total_reserved_micro: i64,
+    pub total_overrun_micro: i64,
     /// Counter name → total over all agents.
     pub counters: std::collections::HashMap<String, i64>,
     pub open_reservations: u64,

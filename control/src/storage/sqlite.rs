@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 const AGENT_COLUMNS: &str = "id, name, token_sha256, token_prefix, token_expires_at_ms, \
-    token_ttl_seconds, budget_micro, spent_micro, reserved_micro, rpm, tpm, max_concurrent, \
+    token_ttl_seconds, budget_micro, spent_micro, reserved_micro, overrun_micro, rpm, tpm, max_concurrent, \
     allowed_models, cap_streaming, cap_tools, cap_function_calling, cap_vision, scope, state, \
     created_at_ms, updated_at_ms, last_activity_at_ms, deleted_at_ms";
 
@@ -94,6 +94,7 @@ struct AgentRow {
     budget_micro: i64,
     spent_micro: i64,
     reserved_micro: i64,
+    overrun_micro: i64,
     rpm: i64,
     tpm: i64,
     max_concurrent: i64,
@@ -138,6 +139,7 @@ impl TryFrom<AgentRow> for AgentRecord {
             budget_micro: r.budget_micro,
             spent_micro: r.spent_micro,
             reserved_micro: r.reserved_micro,
+            overrun_micro: r.overrun_micro,
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             last_activity_at_ms: r.last_activity_at_ms,
@@ -393,6 +395,7 @@ impl Store for SqliteStore {
             budget_micro: n.budget_micro,
             spent_micro: 0,
             reserved_micro: 0,
+            overrun_micro: 0,
             rpm: n.rpm,
             tpm: n.tpm,
             max_concurrent: n.max_concurrent,
@@ -828,17 +831,25 @@ impl Store for SqliteStore {
     }
 
     async fn status_totals(&self) -> Result<StatusTotals, StoreError> {
-        let (agents, budget, spent, reserved): (i64, Option<i64>, Option<i64>, Option<i64>) =
-            sqlx::query_as(
-                "SELECT COUNT(*), SUM(budget_micro), SUM(spent_micro), SUM(reserved_micro) \
+        // Summed here, saturating: SQLite's SUM fails outright on overflow,
+        // and one absurd value must not take `status` down.
+        let amounts: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT budget_micro, spent_micro, reserved_micro, overrun_micro \
              FROM agents WHERE deleted_at_ms IS NULL",
-            )
-            .fetch_one(&self.reader)
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let total = |pick: fn(&(i64, i64, i64, i64)) -> i64| {
+            amounts.iter().map(pick).fold(0i64, i64::saturating_add)
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT name, value FROM counters")
+            .fetch_all(&self.reader)
             .await?;
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT name, SUM(value) FROM counters GROUP BY name")
-                .fetch_all(&self.reader)
-                .await?;
+        let mut counters = std::collections::HashMap::<String, i64>::new();
+        for (name, value) in rows {
+            let c = counters.entry(name).or_default();
+            *c = c.saturating_add(value);
+        }
         let (open,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM reservations WHERE state = 'open'")
                 .fetch_one(&self.reader)
@@ -849,11 +860,12 @@ impl Store for SqliteStore {
                 .await?;
         Ok(StatusTotals {
             running_processes: running as u64,
-            agents: agents as u32,
-            total_budget_micro: budget.unwrap_or(0),
-            total_spent_micro: spent.unwrap_or(0),
-            total_reserved_micro: reserved.unwrap_or(0),
-            counters: rows.into_iter().collect(),
+            agents: amounts.len() as u32,
+            total_budget_micro: total(|a| a.0),
+            total_spent_micro: total(|a| a.1),
+            total_reserved_micro: total(|a| a.2),
+            total_overrun_micro: total(|a| a.3),
+            counters,
             open_reservations: open as u64,
         })
     }
@@ -1166,6 +1178,7 @@ mod tests {
                 agent_name: "busy".into(),
                 state: "settled",
                 charge_micro: 1,
+                overrun_micro: 0,
                 outcome: "completed".into(),
                 prompt_tokens: 1,
                 completion_tokens: 1,
@@ -1217,6 +1230,7 @@ mod tests {
                     agent_name: "busy".into(),
                     state: "settled",
                     charge_micro: (n % 7) as i64,
+                    overrun_micro: 0,
                     outcome: "completed".into(),
                     prompt_tokens: 1,
                     completion_tokens: 1,

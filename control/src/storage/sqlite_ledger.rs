@@ -520,45 +520,56 @@ fn settle(
     };
     // Compare-and-set: only the first settlement of an open reservation
     // changes anything, however often it is retried.
+    // Provider-reported counts are untrusted: a u64 past i64::MAX is stored
+    // saturated, never wrapped to a negative number.
+    let stored_tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let overrun = st.overrun_micro.max(0);
+    let charge = st.charge_micro.clamp(0, reserved);
     let closed =
         tx.prepare_cached(
             "UPDATE reservations SET state = ?2, settled_at_ms = ?3, charged_micro = ?4, \
-             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7 \
+             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7, overrun_micro = ?8 \
              WHERE id = ?1 AND state = 'open'",
         )?
         .execute(params![
             st.reservation_id,
             st.state,
             now,
-            st.charge_micro,
+            charge,
             st.outcome,
-            st.prompt_tokens as i64,
-            st.completion_tokens as i64,
+            stored_tokens(st.prompt_tokens),
+            stored_tokens(st.completion_tokens),
+            overrun,
         ])? == 1;
     if !closed {
         return Ok(SettleOutcome::AlreadyClosed);
     }
+    // The charge never passes the reservation (money::charge), so spent
+    // stays within budget; the overrun total saturates.
     let remaining: i64 = tx
         .prepare_cached(
             "UPDATE agents SET reserved_micro = reserved_micro - ?2, \
-             spent_micro = spent_micro + ?3, last_activity_at_ms = ?4 WHERE id = ?1 \
+             spent_micro = spent_micro + ?3, last_activity_at_ms = ?4, \
+             overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - ?5 \
+                 THEN 9223372036854775807 ELSE overrun_micro + ?5 END WHERE id = ?1 \
              RETURNING budget_micro - spent_micro - reserved_micro",
         )?
-        .query_row(params![agent_id, reserved, st.charge_micro, now], |r| {
+        .query_row(params![agent_id, reserved, charge, now, overrun], |r| {
             r.get(0)
         })?;
     let kind = match st.state {
         "expired" => "expire",
-        _ if st.charge_micro == 0 => "release",
+        _ if charge == 0 => "release",
         _ => "settle",
     };
     // The settlement's own event, then any extra ones (overrun, upstream
     // denial), which carry no amount.
-    let own = (kind, st.outcome.as_str(), &st.details, st.charge_micro);
-    let extra = st
-        .extra_events
-        .iter()
-        .map(|(kind, reason, details)| (*kind, reason.as_str(), details, 0));
+    let own = (kind, st.outcome.as_str(), &st.details, charge);
+    let extra = st.extra_events.iter().map(|(kind, reason, details)| {
+        // The overrun event carries its amount, so audit can total it.
+        let amount = if *kind == "overrun" { overrun } else { 0 };
+        (*kind, reason.as_str(), details, amount)
+    });
     for (kind, reason, details, amount_micro) in std::iter::once(own).chain(extra) {
         append_event(
             tx,
@@ -577,7 +588,7 @@ fn settle(
         )?;
     }
     Ok(SettleOutcome::Settled {
-        charged_micro: st.charge_micro,
+        charged_micro: charge,
         remaining_micro: remaining,
     })
 }

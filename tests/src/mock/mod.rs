@@ -11,6 +11,10 @@
 //! | `drop` | closes the connection without answering |
 //! | `drop-mid-stream` | streams two chunks, then closes |
 //! | `ignore-cap` | streams 2000 chunks of text, ignoring max tokens, no usage |
+//! | `early-usage` | streams a tiny usage chunk first, then 2000 chunks ignoring max tokens |
+//! | `n-choices` | answers every one of `n` choices at the cap, reporting usage for all |
+//! | `huge` | a 200 OK JSON body of 8 MiB |
+//! | `400`, `401`, `403`, `404`, `422` | that status with an OpenAI error body |
 //!
 //! `x-mock-delay-ms` paces stream chunks (and delays a JSON answer); `x-mock-usage: P,C` sets the
 //! reported prompt and completion tokens (default 10 and min(5, cap)).
@@ -198,6 +202,7 @@ async fn handle(
     let responses = path.ends_with("/responses");
     let embeddings = path.ends_with("/embeddings");
     let report_usage = behaviour != "no-usage" && behaviour != "ignore-cap";
+    let early_usage = behaviour == "early-usage";
     let error = |status: u16, code: &str| {
         json!({"error": {"message": format!("mock {status}"), "type": "mock", "param": null, "code": code}})
             .to_string()
@@ -219,6 +224,36 @@ async fn handle(
                 &[],
             ));
         }
+        "400" | "401" | "403" | "404" | "422" => {
+            let status: u16 = behaviour.parse().expect("listed");
+            return Ok(full(
+                status,
+                "application/json",
+                error(status, "mock_refused"),
+                &[],
+            ));
+        }
+        "huge" => {
+            let text = "x".repeat(8 * 1024 * 1024);
+            let v = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+            return Ok(full(200, "application/json", v.to_string(), &[]));
+        }
+        "n-choices" => {
+            // What an OpenAI-like upstream does with `n`: every choice runs
+            // to the cap, and usage counts them all.
+            let n = body.get("n").and_then(Value::as_u64).unwrap_or(1);
+            let per_choice = cap.min(1000);
+            let choices: Vec<Value> = (0..n)
+                .map(|i| json!({"index": i, "finish_reason": "length",
+                    "message": {"role": "assistant", "content": "word ".repeat(per_choice as usize)}}))
+                .collect();
+            let v = json!({"id": "chatcmpl-n", "object": "chat.completion", "model": body.get("model"),
+                "choices": choices,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": n * per_choice,
+                          "total_tokens": prompt + n * per_choice}});
+            return Ok(full(200, "application/json", v.to_string(), &[]));
+        }
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
@@ -226,10 +261,10 @@ async fn handle(
         _ => {}
     }
     let usage = if responses {
-        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt.saturating_add(completion),
                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}})
     } else {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion)})
     };
     let usage = report_usage.then_some(usage);
     if embeddings {
@@ -260,7 +295,9 @@ async fn handle(
         return Ok(full(200, "application/json", v.to_string(), &[]));
     }
     let words = match (&answer, behaviour.as_str()) {
-        (openai::Answer::Text { tool_output }, "ignore-cap") => openai::deltas(tool_output, 2000),
+        (openai::Answer::Text { tool_output }, "ignore-cap" | "early-usage") => {
+            openai::deltas(tool_output, 2000)
+        }
         (openai::Answer::Text { tool_output }, "drop-mid-stream") => openai::deltas(tool_output, 2),
         (openai::Answer::Text { tool_output }, _) => openai::deltas(tool_output, completion),
         (openai::Answer::ToolCall { .. }, _) => Vec::new(),
@@ -270,6 +307,16 @@ async fn handle(
     } else {
         openai::chat_chunks(&model, &answer, &words)
     };
+    if early_usage && !responses {
+        // A liar's trick: report almost nothing up front, then stream on.
+        events.insert(
+            0,
+            openai::chat_usage_chunk(
+                &model,
+                &json!({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}),
+            ),
+        );
+    }
     let cut_after = (behaviour == "drop-mid-stream").then_some(
         // The head events and two deltas.
         if responses { 4 + 2 } else { 1 + 2 },

@@ -507,6 +507,34 @@ impl Session {
         }
     }
 
+    /// AEX patch: after [`Self::read_request`] failed, the status the
+    /// malformed request should be answered with (H1 only), or `None`.
+    pub fn request_reject_status(&self) -> Option<u16> {
+        match self {
+            Self::H1(s) => s.request_reject_status(),
+            _ => None,
+        }
+    }
+
+    /// AEX patch: a total deadline for a request head, from its first byte
+    /// (H1 only; 408 via [`Self::request_reject_status`] past it).
+    pub fn set_request_header_timeout(&mut self, timeout: Option<Duration>) {
+        if let Self::H1(s) = self {
+            s.set_request_header_timeout(timeout);
+        }
+    }
+
+    /// AEX patch: closes after an error response without resetting the
+    /// connection: flushes, sends FIN, and discards what the client is still
+    /// sending for up to `linger` (or 1 MiB), so it reads the error instead
+    /// of a reset. H1 only; others just shut down.
+    pub async fn close_lingering(&mut self, linger: Duration) {
+        match self {
+            Self::H1(s) => s.close_lingering(linger).await,
+            _ => self.shutdown().await,
+        }
+    }
+
     /// Return a digest of the request including the method, path and Host header
     // TODO: make this use a `Formatter`
     pub fn request_summary(&self) -> String {

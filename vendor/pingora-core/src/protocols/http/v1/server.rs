@@ -158,7 +158,18 @@ pub struct HttpSession {
     /// [`super::super::HttpPersistentSettings`] into the next session.
     /// Scoped narrowly so it cannot affect FIN / `abort_on_close` semantics.
     pipelined_idle_bytes_stashed: bool,
+    /// AEX patch: the status an application should answer with when
+    /// [`Self::read_request`] failed on a malformed request (400, 408, 414,
+    /// 431, 501, 505), instead of closing the connection silently.
+    reject_status: Option<u16>,
+    /// AEX patch: a total deadline for a request head, counted from its
+    /// first byte. `None` keeps pingora's behaviour (per-read timeouts only).
+    request_header_timeout: Option<Duration>,
 }
+
+/// AEX patch: the longest request target accepted (414 beyond it). The http
+/// crate refuses more than 65534 bytes anyway; no API path comes near this.
+pub const MAX_REQUEST_TARGET_LEN: usize = 16 * 1024;
 
 impl HttpSession {
     /// Create a new http server session from an established (TCP or TLS) [`Stream`].
@@ -206,7 +217,49 @@ impl HttpSession {
             pipelining_enabled: false,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
+            reject_status: None,
+            request_header_timeout: None,
         }
+    }
+
+    /// AEX patch: records the status the application should answer a
+    /// malformed request with, turns keep-alive off (the rest of the stream
+    /// cannot be framed), and returns the error unchanged.
+    fn reject<T>(&mut self, status: u16, e: Box<Error>) -> Result<T> {
+        self.reject_status = Some(status);
+        self.set_keepalive(None);
+        Err(e)
+    }
+
+    /// AEX patch: after [`Self::read_request`] failed, the 4xx/5xx the
+    /// request deserves, or `None` if nothing should be answered (the client
+    /// closed, or sent nothing).
+    pub fn request_reject_status(&self) -> Option<u16> {
+        self.reject_status
+    }
+
+    /// AEX patch: see [`super::server::Session::close_lingering`].
+    pub async fn close_lingering(&mut self, linger: Duration) {
+        let _ = self.underlying_stream.flush().await;
+        let _ = self.underlying_stream.shutdown().await;
+        let drain = async {
+            let mut scratch = [0u8; 4096];
+            let mut left: usize = 1024 * 1024;
+            while left > 0 {
+                match self.underlying_stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = timeout(linger, drain).await;
+    }
+
+    /// AEX patch: a total deadline for reading a request head, from its
+    /// first byte (408 past it). The wait before the first byte is bounded
+    /// by the keep-alive timeout as before.
+    pub fn set_request_header_timeout(&mut self, timeout: Option<Duration>) {
+        self.request_header_timeout = timeout;
     }
 
     async fn read_request_buf(
@@ -214,9 +267,17 @@ impl HttpSession {
         buf: &mut BytesMut,
         already_read: usize,
     ) -> Result<Option<usize>> {
+        // AEX patch: the keep-alive timeout bounds the wait between requests;
+        // once a head has begun, its reads are bounded by the read timeout
+        // (and the head deadline), never silently cut as "idle".
+        let keepalive = if already_read > 0 {
+            KeepaliveStatus::Off
+        } else {
+            self.keepalive_timeout.clone()
+        };
         let read_result = {
             let read_event = self.underlying_stream.read_buf(buf);
-            match self.keepalive_timeout {
+            match keepalive {
                 KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
                     Ok(res) => res,
                     Err(e) => {
@@ -279,6 +340,7 @@ impl HttpSession {
         const MAX_ERR_BUF_LEN: usize = 2048;
 
         self.buf.clear();
+        self.reject_status = None;
         // Account parsing a fully buffered request against Tokio's cooperative task budget. Do
         // this before taking the prefix so cancellation cannot discard bytes between sessions.
         if self
@@ -304,14 +366,20 @@ impl HttpSession {
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
+        let mut deadline = (already_read > 0)
+            .then(|| self.request_header_timeout.map(|t| std::time::Instant::now() + t))
+            .flatten();
         loop {
             if already_read > MAX_HEADER_SIZE {
                 /* NOTE: this check only blocks second read. The first large read is allowed
                 since the buf is already allocated. The goal is to avoid slowly bloating
                 this buffer */
-                return Error::e_explain(
-                    InvalidHTTPHeader,
-                    format!("Request header larger than {MAX_HEADER_SIZE}"),
+                return self.reject(
+                    431,
+                    Error::explain(
+                        InvalidHTTPHeader,
+                        format!("Request header larger than {MAX_HEADER_SIZE}"),
+                    ),
                 );
             }
 
@@ -323,10 +391,37 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
-                already_read += n;
             } else {
-                return Ok(None);
+                let read = match deadline {
+                    Some(at) => {
+                        let left = at.saturating_duration_since(std::time::Instant::now());
+                        match timeout(left, self.read_request_buf(&mut buf, already_read)).await {
+                            Ok(read) => read,
+                            Err(_) => {
+                                return self.reject(
+                                    408,
+                                    Error::explain(ReadTimedout, "request header deadline"),
+                                )
+                            }
+                        }
+                    }
+                    None => self.read_request_buf(&mut buf, already_read).await,
+                };
+                match read {
+                    Ok(Some(n)) => already_read += n,
+                    Ok(None) => return Ok(None),
+                    // A head that began and then stalled past the read timeout.
+                    Err(e) if e.etype() == &ReadTimedout => return self.reject(408, e),
+                    // A head that began and then ended: answer it, the client may
+                    // only have half-closed.
+                    Err(e) if e.etype() == &ConnectionClosed => return self.reject(400, e),
+                    Err(e) => return Err(e),
+                }
+                if deadline.is_none() {
+                    deadline = self
+                        .request_header_timeout
+                        .map(|t| std::time::Instant::now() + t);
+                }
             }
 
             // Use loop as GOTO to retry escaped request buffer, not a real loop
@@ -349,12 +444,26 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
 
-                        let mut request_header = Box::new(RequestHeader::build(
+                        let target_len = req.path.map_or(0, str::len);
+                        if target_len > MAX_REQUEST_TARGET_LEN {
+                            return self.reject(
+                                414,
+                                Error::explain(
+                                    InvalidHTTPHeader,
+                                    format!("request target of {target_len} bytes"),
+                                ),
+                            );
+                        }
+                        let built = RequestHeader::build(
                             req.method.unwrap_or(""),
                             // we path httparse to allow unsafe bytes in the str
                             req.path.unwrap_or("").as_bytes(),
                             Some(req.headers.len()),
-                        )?);
+                        );
+                        let mut request_header = match built {
+                            Ok(h) => Box::new(h),
+                            Err(e) => return self.reject(400, e),
+                        };
 
                         request_header.set_version(match req.version {
                             Some(1) => Version::HTTP_11,
@@ -391,9 +500,33 @@ impl HttpSession {
                                 http::HeaderValue::from_maybe_shared_unchecked(value_bytes)
                             };
 
-                            request_header
+                            if let Err(e) = request_header
                                 .append_header(header_name, header_value)
-                                .or_err(InvalidHTTPHeader, "while parsing request header")?;
+                                .or_err(InvalidHTTPHeader, "while parsing request header")
+                            {
+                                return self.reject(400, e);
+                            }
+                        }
+                        // AEX patch: RFC 9112 §3.2.2: a server receiving an
+                        // absolute-form target ignores Host and uses the target's
+                        // authority, so a differing Host is replaced, not refused.
+                        if request_header.method != Method::CONNECT {
+                            if let pingora_http::authority::RawTargetAuthority::Absolute {
+                                scheme,
+                                authority,
+                                ..
+                            } = pingora_http::authority::raw_target_authority(
+                                request_header.raw_path(),
+                            ) {
+                                if pingora_http::authority::is_http_family_scheme(scheme)
+                                    && !authority.contains(&b'@')
+                                {
+                                    if let Ok(host) = HeaderValue::from_bytes(authority) {
+                                        request_header.remove_header(&header::HOST);
+                                        let _ = request_header.insert_header(header::HOST, host);
+                                    }
+                                }
+                            }
                         }
 
                         let contains_transfer_encoding =
@@ -426,7 +559,12 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request()?;
+                        if let Err(e) = self.validate_request() {
+                            // RFC 9112 §6.1: a transfer coding the server does
+                            // not understand is 501; other framing faults are 400.
+                            let status = if self.has_unknown_transfer_coding() { 501 } else { 400 };
+                            return self.reject(status, e);
+                        }
 
                         return Ok(Some(s));
                     }
@@ -454,27 +592,57 @@ impl HttpSession {
                                 already_read = buf.len();
                             } else {
                                 debug!("Invalid request header from {:?}", self.underlying_stream);
+                                let status = if e == httparse::Error::Version
+                                    && has_http_version_shape(&buf)
+                                {
+                                    505
+                                } else {
+                                    400
+                                };
                                 buf.truncate(MAX_ERR_BUF_LEN);
-                                return Error::e_because(
-                                    InvalidHTTPHeader,
-                                    format!("buf: {}", buf.escape_ascii()),
-                                    e,
+                                return self.reject(
+                                    status,
+                                    Error::because(
+                                        InvalidHTTPHeader,
+                                        format!("buf: {}", buf.escape_ascii()),
+                                        e,
+                                    ),
                                 );
                             }
                         }
                         _ => {
                             debug!("Invalid request header from {:?}", self.underlying_stream);
+                            let status = if e == httparse::Error::TooManyHeaders { 431 } else { 400 };
                             buf.truncate(MAX_ERR_BUF_LEN);
-                            return Error::e_because(
-                                InvalidHTTPHeader,
-                                format!("buf: {:?}", buf.as_bstr()),
-                                e,
+                            return self.reject(
+                                status,
+                                Error::because(
+                                    InvalidHTTPHeader,
+                                    format!("buf: {:?}", buf.as_bstr()),
+                                    e,
+                                ),
                             );
                         }
                     },
                 }
             }
         }
+    }
+
+    /// AEX patch: a Transfer-Encoding naming no `chunked` at all on an
+    /// HTTP/1.1 request: a coding this server does not implement.
+    fn has_unknown_transfer_coding(&self) -> bool {
+        let Some(req) = self.request_header.as_ref() else {
+            return false;
+        };
+        req.version != Version::HTTP_10
+            && req.headers.get_all(TRANSFER_ENCODING).iter().next().is_some()
+            && !req
+                .headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     }
 
     /// Validate the request header read. This function must be called after the request header
@@ -4592,4 +4760,19 @@ mod test_pipelining {
 
         assert!(prefix.is_empty());
     }
+}
+
+/// AEX patch: whether the request line ends in a well-formed but unsupported
+/// version (`HTTP/2.0`, `HTTP/1.2`, `HTTP/9.9`): 505 rather than 400.
+fn has_http_version_shape(buf: &[u8]) -> bool {
+    let line_end = buf
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[..line_end].strip_suffix(b"\r").unwrap_or(&buf[..line_end]);
+    let Some(version) = line.rsplit(|b| *b == b' ').next() else {
+        return false;
+    };
+    matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }

@@ -1,0 +1,97 @@
+//! What the end-to-end tests share: requests, error shapes, the ledger.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use aex_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
+use aex_tests::Stack;
+use reqwest::{Client, Response};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+pub fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+pub async fn post(
+    stack: &Stack,
+    token: &str,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut r = Client::new()
+        .post(stack.url(path))
+        .bearer_auth(token)
+        .json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("request")
+}
+
+pub fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+pub async fn error_of(r: Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status().as_u16(), status, "{:?}", r.headers());
+    let body: Value = r.json().await.expect("JSON error body");
+    let e = body["error"].clone();
+    assert_eq!(e["code"], code, "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(
+        e.get("type").is_some() && e.get("param").is_some(),
+        "{body}"
+    );
+    e
+}
+
+pub async fn events(stack: &Stack, agent: &str) -> Vec<pb::Event> {
+    let mut client = LedgerServiceClient::connect(stack.control.url())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::ListEventsRequest {
+        agent_name: agent.into(),
+        limit: 10_000,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", stack.home.admin_token())
+            .parse()
+            .unwrap(),
+    );
+    client
+        .list_events(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+/// Waits until every reservation of `agent` is settled; returns the agent.
+pub async fn settled(stack: &Stack, agent: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = stack.inspect(agent);
+        if a["reserved_micro"] == 0 {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled within {within:?}: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn read_sse(r: Response) -> String {
+    let bytes = r
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("the stream broke: {e:?}"));
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
