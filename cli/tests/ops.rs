@@ -26,6 +26,8 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// Data-plane, control-plane and control metrics ports; the data plane's
+/// metrics port is [`dp_metrics`].
 fn ports() -> (String, String, String) {
     (
         free_port().to_string(),
@@ -34,10 +36,17 @@ fn ports() -> (String, String, String) {
     )
 }
 
+/// A free port for the data plane's own metrics listener, so tests running
+/// at once never share the default 9004.
+fn dp_metrics() -> String {
+    free_port().to_string()
+}
+
 #[test]
 fn daemon_start_status_stop_restart_and_stale_pid_files() {
     let home = TestHome::new();
     let (p, c, m) = ports();
+    let dpm = dp_metrics();
     let start = [
         "daemon",
         "start",
@@ -47,6 +56,8 @@ fn daemon_start_status_stop_restart_and_stale_pid_files() {
         &c,
         "--metrics-port",
         &m,
+        "--dataplane-metrics-port",
+        &dpm,
     ];
     let _guard = Started(&home);
 
@@ -144,6 +155,8 @@ fn daemon_start_status_stop_restart_and_stale_pid_files() {
         &c,
         "--metrics-port",
         &m,
+        "--dataplane-metrics-port",
+        &dpm,
     ]);
     restarted.assert_ok();
     assert!(
@@ -168,6 +181,7 @@ fn a_port_in_use_is_named() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();
     let (p, _, m) = ports();
+    let dpm = dp_metrics();
     let _guard = Started(&home);
     let out = home.aexctl(&[
         "daemon",
@@ -178,6 +192,8 @@ fn a_port_in_use_is_named() {
         &port,
         "--metrics-port",
         &m,
+        "--dataplane-metrics-port",
+        &dpm,
     ]);
     out.assert_code(1);
     assert!(
@@ -446,6 +462,7 @@ fn doctor_says_what_is_wrong_and_when_all_is_well() {
         );
     std::fs::write(home.file("config/models.yaml"), models).unwrap();
     let (p, c, m) = ports();
+    let dpm = dp_metrics();
     let _guard = Started(&home);
     home.aexctl(&[
         "daemon",
@@ -456,6 +473,8 @@ fn doctor_says_what_is_wrong_and_when_all_is_well() {
         &c,
         "--metrics-port",
         &m,
+        "--dataplane-metrics-port",
+        &dpm,
     ])
     .assert_ok();
     let up = home.aexctl(&["doctor"]);

@@ -374,6 +374,9 @@ impl Gateway {
                 keep
             }
             (_, p) if Api::from_path(p).is_some() || p == "/v1/models" => {
+                // Read past the body first, so a pipelined request behind
+                // it is still answered.
+                Self::drain_request_body(session).await;
                 let e = ApiError::new(
                     405,
                     "method_not_allowed",
@@ -383,12 +386,15 @@ impl Gateway {
                 Self::respond_error(session, &request_id, e).await
             }
             (_, p) => {
+                Self::drain_request_body(session).await;
+                // A path may be 16 KiB long: echo only its start.
+                let shown: String = p.chars().take(120).collect();
                 let e = ApiError::new(
                     404,
                     "not_found",
                     "invalid_request_error",
                     format!(
-                        "Unknown path {p}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions and /v1/models."
+                        "Unknown path {shown}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions and /v1/models."
                     ),
                 );
                 Self::respond_error(session, &request_id, e).await
@@ -560,14 +566,10 @@ impl Gateway {
         request_id: &str,
         observed: &mut Observed,
     ) -> bool {
-        if let Err(e) = Self::check_headers(session) {
-            Self::respond_error(session, request_id, e).await;
-            Self::drain_request_body(session).await;
-            return false;
-        }
         let raw = match self.read_body(session).await {
             Ok(raw) => raw,
             Err(e) => {
+                session.set_keepalive(None);
                 Self::respond_error(session, request_id, e).await;
                 // Closing while the client is still uploading would reset the
                 // connection before it reads the 413: swallow the rest of the
@@ -576,6 +578,10 @@ impl Gateway {
                 return false;
             }
         };
+        // After the body, so the connection stays usable for what follows.
+        if let Err(e) = Self::check_headers(session) {
+            return Self::respond_error(session, request_id, e).await;
+        }
         let inspected = match openai::inspect(api, &raw) {
             Ok(i) => i,
             Err(e) => {
@@ -1202,6 +1208,13 @@ impl Gateway {
             admission.remaining_micro.to_string(),
         );
         let _ = head.insert_header("cache-control", "no-cache");
+        // Chunked, so the connection outlives the stream: without it pingora
+        // delimits the body by closing (while saying keep-alive), and every
+        // request pipelined or sent after a stream was lost. HTTP/1.0
+        // clients get the close-delimited body they expect.
+        if session.req_header().version == http::Version::HTTP_11 {
+            let _ = head.insert_header("transfer-encoding", "chunked");
+        }
         if session.write_response_header(Box::new(head)).await.is_err() {
             finished.outcome = pb::SettleOutcome::ClientDisconnected;
             return false;
@@ -1341,6 +1354,9 @@ impl HttpServerApp for Gateway {
             }
         }
         if !self.handle(&mut session).await {
+            // Whatever the client still sends is read and dropped for a
+            // moment, so it gets the answer rather than a reset.
+            session.close_lingering(Duration::from_secs(1)).await;
             return None;
         }
         // pingora keeps an HTTP/1.1 connection forever between requests;

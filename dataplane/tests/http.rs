@@ -5,108 +5,11 @@
 use aex_tests::Stack;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-/// One parsed response off the wire.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Answer {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-/// Reads responses from `bytes` (a whole conversation, read to EOF).
-pub fn parse_answers(mut bytes: &[u8]) -> Vec<Answer> {
-    let mut out = Vec::new();
-    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-        let head = String::from_utf8_lossy(&bytes[..end]).to_string();
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .expect("a status line");
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect();
-        let rest = &bytes[end + 4..];
-        let length = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse::<usize>().ok());
-        let (body, consumed) = match length {
-            Some(n) => (rest[..n.min(rest.len())].to_vec(), n.min(rest.len())),
-            None => dechunk(rest),
-        };
-        out.push(Answer {
-            status,
-            headers,
-            body,
-        });
-        bytes = &rest[consumed..];
-    }
-    out
-}
-
-fn dechunk(mut rest: &[u8]) -> (Vec<u8>, usize) {
-    let total = rest.len();
-    let mut body = Vec::new();
-    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&rest[..line_end]).unwrap_or("0").trim(),
-            16,
-        )
-        .unwrap_or(0);
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            rest = &rest[rest.len().min(2)..];
-            break;
-        }
-        body.extend_from_slice(&rest[..size.min(rest.len())]);
-        rest = &rest[(size + 2).min(rest.len())..];
-    }
-    (body, total - rest.len())
-}
-
-/// Sends `raw`, optionally half-closes, and reads until the server closes
-/// (or `wait` passes with nothing more).
-pub fn converse(addr: SocketAddr, raw: &[u8], half_close: bool, wait: Duration) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).expect("connect");
-    tcp.set_read_timeout(Some(wait)).unwrap();
-    // A reset while writing is itself a finding: the server stopped reading.
-    let _ = tcp.write_all(raw);
-    if half_close {
-        tcp.shutdown(Shutdown::Write).unwrap();
-    }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        match tcp.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
-            Err(e) => panic!("connection reset instead of an answer: {e} (got {got:?})"),
-        }
-    }
-    got
-}
+mod common;
+use common::wire::{converse, parse_answers};
 
 fn post(path: &str, token: &str, body: &Value, extra: &str) -> Vec<u8> {
     let body = body.to_string();
@@ -147,7 +50,10 @@ async fn a_half_closed_request_is_answered_and_billed() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events = stack.events("half");
-    let settle = events.iter().find(|e| e["kind"] == "settle").expect("settled");
+    let settle = events
+        .iter()
+        .find(|e| e["kind"] == "settle")
+        .expect("settled");
     assert_eq!(settle["reason"], "completed");
 }
 
@@ -398,4 +304,27 @@ async fn a_slow_head_gets_408_and_connections_past_the_cap_get_503() {
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(aex_tests::http_status(addr, "/healthz"), Some(200));
+}
+
+/// Found by the HTTP fuzzer: a streamed answer was delimited by closing the
+/// connection (no chunked encoding) while it said `Connection: keep-alive`,
+/// so whatever was sent after a stream on that connection was lost.
+#[tokio::test]
+async fn a_connection_outlives_a_stream() {
+    let stack = Stack::start().await;
+    let token = stack.agent("streamer", "1", "600", &[]);
+    let mut streamed = chat();
+    streamed["stream"] = json!(true);
+    let mut raw = post("/v1/chat/completions", &token, &streamed, "");
+    raw.extend(post("/v1/chat/completions", &token, &chat(), ""));
+    let addr = stack.data.addr;
+    let got =
+        tokio::task::spawn_blocking(move || converse(addr, &raw, true, Duration::from_secs(5)))
+            .await
+            .unwrap();
+    let answers = parse_answers(&got);
+    assert_eq!(answers.len(), 2, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(answers[0].header("transfer-encoding"), Some("chunked"));
+    assert!(String::from_utf8_lossy(&answers[0].body).ends_with("data: [DONE]\n\n"));
+    assert_eq!(answers[1].status, 200);
 }

@@ -7,6 +7,8 @@ use reqwest::{Client, Response};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+pub mod wire;
+
 pub fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]})
 }

@@ -1415,7 +1415,15 @@ impl HttpSession {
                 .await?;
             if read == 0 {
                 self.half_closed = true;
-                self.set_keepalive(None);
+                // AEX patch: requests the client pipelined before its FIN
+                // are already read (the overread); keep the connection for
+                // them. Their sessions end at the same EOF once they are done.
+                let pipelined_before_fin = !self.abort_on_close
+                    && self.pipelining_enabled
+                    && self.body_reader.has_bytes_overread();
+                if !pipelined_before_fin {
+                    self.set_keepalive(None);
+                }
                 if self.abort_on_close {
                     Error::e_explain(
                         ConnectionClosed,
