@@ -146,6 +146,9 @@ impl Control {
                         Ok(sweep) => state.metrics.expired.inc_by(sweep.expired as u64),
                         Err(e) => tracing::error!(error = %e, "could not expire reservations"),
                     }
+                    if let Err(e) = state.admission.flush_unauthenticated().await {
+                        tracing::error!(error = %e, "could not log unauthenticated denials");
+                    }
                 }
             })
         };
@@ -218,6 +221,9 @@ impl Control {
             } => Ok(()),
         };
         sweeper.abort();
+        if let Err(e) = self.state.admission.flush_unauthenticated().await {
+            tracing::error!(error = %e, "could not log unauthenticated denials at shutdown");
+        }
         served
     }
 }

@@ -458,3 +458,64 @@ async fn a_huge_answer_is_refused_and_the_first_byte_timeout_is_its_own() {
     let text = read_sse(r).await;
     assert!(text.contains("provider failed mid-stream"), "{text}");
 }
+
+/// Before: every bad-token request appended a chained deny event (~1 ms
+/// each), so anyone who reached the port grew the ledger without bound.
+/// Now they are counted (metrics, status) and written as one event per
+/// sweep that says how many.
+#[tokio::test]
+async fn unknown_tokens_are_counted_not_logged_one_by_one() {
+    let stack = Stack::start().await;
+    let body = chat("mock-model");
+    let calls = (0..200).map(|i| {
+        let token = format!("aex_guess{i}");
+        let body = body.clone();
+        let stack = &stack;
+        async move {
+            post(stack, &token, "/v1/chat/completions", &body, &[])
+                .await
+                .status()
+        }
+    });
+    for status in futures_util::future::join_all(calls).await {
+        assert_eq!(status.as_u16(), 401);
+    }
+    // Exact at once, whether or not the batch was written yet.
+    assert_eq!(status_json(&stack)["auth_denials"], 200);
+    // Written within a sweep interval (1 s), as a handful of events at most.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = stack
+        .control
+        .aexctl(&["events", "--json", "--limit", "100000"]);
+    out.assert_ok();
+    let unknown: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"] == "deny" && e["agent"] == "")
+        .collect();
+    assert!(!unknown.is_empty() && unknown.len() <= 3, "{unknown:?}");
+    let logged: i64 = unknown
+        .iter()
+        .map(|e| e["details"]["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(logged, 200);
+    assert_eq!(
+        status_json(&stack)["auth_denials"],
+        200,
+        "not counted twice"
+    );
+    let metrics = Client::new()
+        .get(stack.data.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        aex_tests::prometheus_value(&metrics, "aex_requests_total", &[("reason", "auth")]),
+        200.0
+    );
+    audit_passes(&stack);
+}

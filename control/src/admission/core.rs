@@ -194,6 +194,38 @@ pub struct AdmissionCore {
     /// Reservations an expiry sweep could not settle, so each is logged as
     /// an error once rather than at every sweep.
     unexpirable: Mutex<std::collections::HashSet<String>>,
+    /// Denials of unknown tokens since the last flush.
+    unauthenticated: Mutex<UnauthenticatedDenials>,
+}
+
+/// Denials of tokens no agent has, gathered between two flushes.
+#[derive(Debug, Default)]
+struct UnauthenticatedDenials {
+    by_reason: std::collections::BTreeMap<&'static str, u64>,
+    first_ms: i64,
+    last_ms: i64,
+    /// Enough to correlate repeated attempts; useless for forging one.
+    token_prefixes: std::collections::BTreeSet<String>,
+}
+
+impl UnauthenticatedDenials {
+    const PREFIXES_KEPT: usize = 16;
+
+    fn add(&mut self, reason: &'static str, token_sha256: &str, now: i64) {
+        if self.by_reason.is_empty() {
+            self.first_ms = now;
+        }
+        self.last_ms = now;
+        *self.by_reason.entry(reason).or_default() += 1;
+        if self.token_prefixes.len() < Self::PREFIXES_KEPT {
+            self.token_prefixes
+                .insert(token_sha256.get(..12).unwrap_or("").to_string());
+        }
+    }
+
+    fn pending(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
 }
 
 impl AdmissionCore {
@@ -250,6 +282,7 @@ impl AdmissionCore {
             kills,
             reservation_ttl_ms,
             unexpirable: Mutex::default(),
+            unauthenticated: Mutex::default(),
         })
     }
 
@@ -572,6 +605,16 @@ impl AdmissionCore {
         ask: &Ask<'_>,
         token_sha256: &str,
     ) {
+        if agent_id.is_empty() {
+            // Anyone who reaches the port can send these: one chained event
+            // each would let them grow the ledger without bound. They are
+            // counted in memory and written as one event per sweep.
+            self.unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(d.denied_by, token_sha256, now_ms());
+            return;
+        }
         let mut details = json!({
             "status": d.http_status, "code": d.code, "model": ask.model,
             "endpoint": format!("{:?}", ask.endpoint),
@@ -579,15 +622,12 @@ impl AdmissionCore {
         if d.retry_after_ms > 0 {
             details["retry_after_ms"] = json!(d.retry_after_ms);
         }
-        if agent_id.is_empty() {
-            // Enough to correlate repeated attempts; useless for forging one.
-            details["token_sha256_prefix"] = json!(token_sha256.get(..12).unwrap_or(""));
-        }
         let record = DenialRecord {
             agent_id: agent_id.to_string(),
             agent_name: agent_name.to_string(),
             reason: d.denied_by.to_string(),
             details,
+            count: 1,
         };
         if let Err(e) = self.store.record_denial(record).await {
             tracing::error!(error = %e, reason = d.denied_by, "could not log a denial");
@@ -834,6 +874,51 @@ impl AdmissionCore {
             }
         }
         Ok(sweep)
+    }
+
+    /// Writes the unauthenticated denials gathered since the last call as one
+    /// event per reason (its `details.count` and counter increment are the
+    /// number of denials). Called by the sweeper and at shutdown; a crash
+    /// loses at most one sweep interval of these counts, never a decision
+    /// about money. On failure they are kept for the next call.
+    pub async fn flush_unauthenticated(&self) -> Result<()> {
+        let gathered = std::mem::take(
+            &mut *self
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (&reason, &count) in &gathered.by_reason {
+            let record = DenialRecord {
+                agent_id: String::new(),
+                agent_name: String::new(),
+                reason: reason.to_string(),
+                details: json!({
+                    "status": 401, "code": "invalid_api_key", "count": count,
+                    "first_ts_ms": gathered.first_ms, "last_ts_ms": gathered.last_ms,
+                    "token_sha256_prefixes": gathered.token_prefixes,
+                }),
+                count,
+            };
+            if let Err(e) = self.store.record_denial(record).await {
+                let mut pending = self
+                    .unauthenticated
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                *pending.by_reason.entry(reason).or_default() += count;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Unauthenticated denials not yet written (status adds them, so it
+    /// counts exactly what clients saw).
+    pub fn pending_unauthenticated(&self) -> u64 {
+        self.unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending()
     }
 
     /// Extends open reservations of long streams; returns the ids that are

@@ -110,6 +110,8 @@ impl ChainVerifier {
 pub struct LogTally {
     charged: std::collections::HashMap<String, i64>,
     overrun: std::collections::HashMap<String, i64>,
+    /// Occurrences beyond one that aggregated events stand for.
+    aggregated_extra: i64,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
@@ -124,10 +126,27 @@ impl LogTally {
             let o = self.overrun.entry(b.agent_id.clone()).or_default();
             *o = o.saturating_add(b.amount_micro);
         }
-        *self
+        // An aggregated denial stands for `details.count` of them.
+        let count = if b.kind == "deny" && b.agent_id.is_empty() {
+            serde_json::from_str::<serde_json::Value>(&b.details_json)
+                .ok()
+                .and_then(|d| d.get("count").and_then(serde_json::Value::as_i64))
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        self.aggregated_extra = self.aggregated_extra.saturating_add(count - 1);
+        let c = self
             .event_counts
             .entry((b.agent_id.clone(), counter_name(&b.kind, &b.reason)))
-            .or_default() += 1;
+            .or_default();
+        *c = c.saturating_add(count);
+    }
+
+    /// How many events the counters stand for: their sum, less the
+    /// occurrences aggregated events carry beyond their own one.
+    pub fn events_counted(&self, counters_total: i64) -> i64 {
+        counters_total.saturating_sub(self.aggregated_extra)
     }
 
     /// Hands the tally to the invariants.

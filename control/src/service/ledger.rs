@@ -59,8 +59,8 @@ impl LedgerApi {
             .await
             .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?;
         }
+        let counted = tally.events_counted(data.counters.values().sum());
         tally.into_data(&mut data);
-        let counted: i64 = data.counters.values().sum();
         let checked = verifier.checked();
         let chain = verifier.finish(counted);
         let (mut checks, overruns) = invariants(&data);
@@ -84,13 +84,19 @@ impl LedgerApi {
     async fn status(&self) -> Result<pb::Status, Error> {
         let t = self.state.store.status_totals().await?;
         let counter = |name: &str| t.counters.get(name).copied().unwrap_or(0).max(0) as u64;
-        let denials_by_reason: std::collections::HashMap<String, u64> = t
+        let mut denials_by_reason: std::collections::HashMap<String, u64> = t
             .counters
             .iter()
             .filter_map(|(name, v)| {
                 Some((name.strip_prefix("deny:")?.to_string(), (*v).max(0) as u64))
             })
             .collect();
+        // Unknown tokens' denials are written in batches; count the ones
+        // still in memory too, so status agrees with what clients saw.
+        let pending = self.state.admission.pending_unauthenticated();
+        if pending > 0 {
+            *denials_by_reason.entry("auth".into()).or_default() += pending;
+        }
         let policy_violations = POLICY_REASONS
             .iter()
             .map(|r| denials_by_reason.get(*r).copied().unwrap_or(0))

@@ -238,6 +238,9 @@ pub struct DenialRecord {
     pub agent_name: String,
     pub reason: String,
     pub details: serde_json::Value,
+    /// Denials this record stands for: 1, or a window of unauthenticated
+    /// ones aggregated into one event (`details.count` says so too).
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

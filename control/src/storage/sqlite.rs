@@ -220,8 +220,10 @@ pub(super) const INSERT_EVENT: &str = "INSERT INTO events (seq, ts_ms, kind, age
     agent_name, reservation_id, amount_micro, reason, details, prev_hash, hash) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 /// Per-agent event counters, bumped in the event's own transaction.
+/// Bumps a counter by $3: 1 per event, or the number of denials an
+/// aggregated event stands for.
 pub(super) const BUMP_COUNTER: &str = "INSERT INTO counters (agent_id, name, value) \
-    VALUES ($1, $2, 1) ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + 1";
+    VALUES ($1, $2, $3) ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + $3";
 
 async fn append_event(
     conn: &mut SqliteConnection,
@@ -263,6 +265,7 @@ async fn append_event(
     sqlx::query(BUMP_COUNTER)
         .bind(&body.agent_id)
         .bind(counter_name(&body.kind, &body.reason))
+        .bind(1i64)
         .execute(&mut *conn)
         .await?;
     Ok(EventRecord {
@@ -1262,6 +1265,7 @@ mod tests {
                     agent_name: "nobody".into(),
                     reason: "rpm".into(),
                     details: json!({}),
+                    count: 1,
                 })
                 .await
                 .unwrap();

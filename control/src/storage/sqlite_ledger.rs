@@ -303,6 +303,7 @@ fn apply(tx: &Connection, key: &ChainKey, head: &mut Head, job: &Job) -> Result<
                     amount_micro: 0,
                     reason: &d.reason,
                     details: &d.details,
+                    count: i64::try_from(d.count.max(1)).unwrap_or(i64::MAX),
                 },
             )?;
             Done::Deny
@@ -341,6 +342,9 @@ struct Event<'a> {
     amount_micro: i64,
     reason: &'a str,
     details: &'a serde_json::Value,
+    /// How many occurrences the event stands for (its counter's increment):
+    /// 1, or the denials an aggregated event sums up.
+    count: i64,
 }
 
 /// Appends the event after `head` and moves `head` to it.
@@ -377,7 +381,8 @@ fn append_event(
     ])?;
     tx.prepare_cached(BUMP_COUNTER)?.execute(params![
         body.agent_id,
-        counter_name(&body.kind, &body.reason)
+        counter_name(&body.kind, &body.reason),
+        e.count,
     ])?;
     head.seq = body.seq;
     head.hash = hash;
@@ -459,6 +464,7 @@ fn reserve(
                 amount_micro: 0,
                 reason: "budget",
                 details: &details,
+                count: 1,
             },
         )?;
         return Ok(ReserveOutcome::InsufficientBudget {
@@ -497,6 +503,7 @@ fn reserve(
             amount_micro: r.amount_micro,
             reason: "",
             details: &n.details,
+            count: 1,
         },
     )?;
     Ok(ReserveOutcome::Reserved {
@@ -584,6 +591,7 @@ fn settle(
                 amount_micro,
                 reason,
                 details,
+                count: 1,
             },
         )?;
     }
