@@ -98,6 +98,19 @@ impl Home {
     pub fn ledger_key_path(&self) -> PathBuf {
         self.root.join("ledger.key")
     }
+    /// The chain's head anchor for the database at `db` (see
+    /// `ledger::anchor`): next to the key, never next to the database.
+    pub fn ledger_head_path(&self, db: &Path) -> PathBuf {
+        if db == self.db_path() {
+            return self.root.join("ledger.head");
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(db.to_string_lossy().as_bytes());
+        self.root.join(format!(
+            "ledger-{}.head",
+            &crate::config::hex(&digest)[..16]
+        ))
+    }
 
     /// Creates what is missing. Never overwrites without `force`; even then
     /// the ledger key and `.env` are kept, because replacing the key would

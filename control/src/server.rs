@@ -87,8 +87,14 @@ impl Control {
         let ledger_key = home.read_ledger_key()?;
         let models = ModelsConfig::load(&home.models_yaml())?;
         let db_path = db.unwrap_or_else(|| home.db_path());
-        let store: Arc<dyn crate::storage::Store> =
-            Arc::new(SqliteStore::open(&db_path, ledger_key.clone()).await?);
+        let store: Arc<dyn crate::storage::Store> = Arc::new(
+            SqliteStore::open_anchored(
+                &db_path,
+                ledger_key.clone(),
+                &home.ledger_head_path(&db_path),
+            )
+            .await?,
+        );
         let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
         let state = Arc::new(ControlState::new(
             store,

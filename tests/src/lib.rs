@@ -57,6 +57,26 @@ impl TestHome {
         self.dir.path()
     }
 
+    /// A copy of another home, files and all (its daemons must be stopped:
+    /// the database, its WAL and the anchor are copied as they are).
+    pub fn copy_of(other: &TestHome) -> Self {
+        fn copy(from: &Path, to: &Path) {
+            for entry in std::fs::read_dir(from).expect("read home") {
+                let entry = entry.expect("entry");
+                let target = to.join(entry.file_name());
+                if entry.file_type().expect("type").is_dir() {
+                    std::fs::create_dir_all(&target).expect("mkdir");
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), &target).expect("copy");
+                }
+            }
+        }
+        let home = Self::empty();
+        copy(other.path(), home.path());
+        home
+    }
+
     pub fn file(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }

@@ -112,11 +112,13 @@ pub struct LogTally {
     overrun: std::collections::HashMap<String, i64>,
     /// Occurrences beyond one that aggregated events stand for.
     aggregated_extra: i64,
+    agents: super::fold::AgentFold,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
 impl LogTally {
     pub fn push(&mut self, e: &EventRecord) {
+        self.agents.push(e);
         let b = &e.body;
         if b.kind == "settle" || b.kind == "expire" {
             let c = self.charged.entry(b.agent_id.clone()).or_default();
@@ -149,6 +151,20 @@ impl LogTally {
         counters_total.saturating_sub(self.aggregated_extra)
     }
 
+    /// Every agent row against the fold of its events (see `ledger::fold`).
+    pub fn agents_match_log(
+        &self,
+        rows: &[crate::storage::AgentRecord],
+        ledger_key: &[u8],
+    ) -> Check {
+        Check::new(
+            "agents_match_log",
+            "every agent's name, budget, token, policy and state is what its events say",
+            "agent rows were edited outside AEX",
+            self.agents.compare(rows, ledger_key),
+        )
+    }
+
     /// Hands the tally to the invariants.
     pub fn into_data(self, data: &mut AuditData) {
         data.charged = self.charged;
@@ -163,6 +179,59 @@ fn name_of(data: &AuditData, agent_id: &str) -> String {
         .find(|a| a.id == agent_id)
         .map(|a| format!("agent '{}'", a.name))
         .unwrap_or_else(|| format!("agent id {agent_id}"))
+}
+
+/// The chain reaches the head anchored outside the database, and no start
+/// ever found it short of one (see `ledger::anchor`).
+fn head_anchored(data: &AuditData) -> Check {
+    use super::anchor::AnchorState;
+    let mut offenders = Vec::new();
+    match &data.anchor {
+        None => {}
+        Some(AnchorState::Missing) => offenders.push(
+            "the head anchor file (AEX_HOME/ledger.head) is missing: it was deleted".to_string(),
+        ),
+        Some(AnchorState::Invalid(why)) => {
+            offenders.push(format!("the head anchor is forged or damaged: {why}"))
+        }
+        Some(AnchorState::Present(a)) => {
+            if data.last_seq < a.seq {
+                offenders.push(if data.last_seq == 0 {
+                    format!("the database was wiped: it has no events, the anchor says the chain reached event {}", a.seq)
+                } else {
+                    format!(
+                        "the log ends at event {} but the anchor says it reached event {}: events {}..{} were removed",
+                        data.last_seq, a.seq, data.last_seq + 1, a.seq
+                    )
+                });
+            } else if data.hash_at_anchor.as_deref() != Some(a.hash.as_str()) {
+                offenders.push(format!(
+                    "event {} is not the one the anchor recorded: the chain was replaced from there",
+                    a.seq
+                ));
+            }
+        }
+    }
+    let mismatches = data
+        .event_counts
+        .get(&(String::new(), "ledger.head_mismatch".to_string()))
+        .copied()
+        .unwrap_or(0);
+    if mismatches > 0 {
+        offenders.push(format!(
+            "{mismatches} start(s) found the database short of its anchored head (ledger.head_mismatch events: `aexctl events --json | grep head_mismatch`)"
+        ));
+    }
+    Check::new(
+        "head_anchored",
+        if data.anchor.is_some() {
+            "the log reaches the head anchored outside the database"
+        } else {
+            "no head anchor kept by this store"
+        },
+        "the log does not reach its anchored head: events were removed or replaced",
+        offenders,
+    )
 }
 
 /// Every invariant except the chain (see [`ChainVerifier`]). Returns the
@@ -268,6 +337,42 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         "every agent's recorded overrun equals its overrun events",
         "recorded overruns disagree with the event log",
         overrun,
+    ));
+
+    checks.push(head_anchored(data));
+
+    // Every admit event made one reservation row, and the rows' charges are
+    // the settlements': a deleted (or invented) reservation shows here.
+    let mut ids: Vec<&String> = data
+        .reservation_rows
+        .keys()
+        .chain(data.agents.iter().map(|a| &a.id))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let reservations: Vec<String> = ids
+        .into_iter()
+        .filter_map(|id| {
+            let (rows, charged) = data.reservation_rows.get(id).copied().unwrap_or((0, 0));
+            let admitted = data
+                .event_counts
+                .get(&(id.clone(), "admit".to_string()))
+                .copied()
+                .unwrap_or(0);
+            let settled = data.charged.get(id).copied().unwrap_or(0);
+            (rows != admitted || charged != settled).then(|| {
+                format!(
+                    "{}: {rows} reservation rows charging {charged} µ, but {admitted} admit events and settlements of {settled} µ",
+                    name_of(data, id)
+                )
+            })
+        })
+        .collect();
+    checks.push(Check::new(
+        "reservations_match_log",
+        "every admitted call has its reservation row, charged as settled",
+        "reservation rows were deleted, invented or edited",
+        reservations,
     ));
 
     let overdue: Vec<String> = data
@@ -446,6 +551,11 @@ mod tests {
         d.open_reserved.insert("ok".into(), 10);
         d.charged.insert("ok".into(), 40);
         d.charged.insert("bad".into(), 150);
+        for (id, charged) in [("ok", 40), ("bad", 150)] {
+            d.reservation_rows.insert(id.into(), (1, charged));
+            d.event_counts.insert((id.into(), "admit".into()), 1);
+            d.counters.insert((id.into(), "admit".into()), 1);
+        }
         let (checks, overruns) = invariants(&d);
         let failed: Vec<_> = checks
             .iter()
@@ -469,6 +579,7 @@ mod tests {
         assert_eq!(overruns, ["agent 'bad' (70 µ not charged)"]);
         d.agents[1].spent_micro = 100;
         d.charged.insert("bad".into(), 100);
+        d.reservation_rows.insert("bad".into(), (1, 100));
         d.overrun_logged.insert("bad".into(), 69);
         let (checks, _) = invariants(&d);
         let failed: Vec<_> = checks

@@ -60,11 +60,13 @@ impl LedgerApi {
             .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?;
         }
         let counted = tally.events_counted(data.counters.values().sum());
+        let agents = tally.agents_match_log(&data.agents, &self.state.ledger_key);
         tally.into_data(&mut data);
         let checked = verifier.checked();
         let chain = verifier.finish(counted);
         let (mut checks, overruns) = invariants(&data);
         checks.insert(0, chain);
+        checks.insert(1, agents);
         Ok(pb::AuditReport {
             checks: checks
                 .into_iter()

@@ -3,6 +3,7 @@
 //! unchanged on PostgreSQL (`$N` parameters, no SQLite-only syntax).
 
 pub mod sqlite;
+mod sqlite_anchor;
 mod sqlite_ledger;
 
 use crate::ledger::chain::EventBody;
@@ -283,6 +284,12 @@ pub struct AuditData {
     /// (agent id, counter name) → events of that kind in the log (filled
     /// by the tally, like `charged`).
     pub event_counts: std::collections::HashMap<(String, String), i64>,
+    /// The anchor file as read just before the snapshot (None: the store
+    /// keeps no anchor), and the hash of the event at its seq in the snapshot.
+    pub anchor: Option<crate::ledger::anchor::AnchorState>,
+    /// Per agent id: reservation rows and the sum of their charges.
+    pub reservation_rows: std::collections::HashMap<String, (i64, i64)>,
+    pub hash_at_anchor: Option<String>,
     /// The newest event when the rest was read: everything above is one
     /// snapshot, and the audit checks the log up to this event.
     pub last_seq: i64,

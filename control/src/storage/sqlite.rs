@@ -12,6 +12,7 @@ use super::{
     EventRecord, NewAgent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, Scope,
     SettleOutcome, Settlement, StatusTotals, Store, StoreError, TokenChange, counter_name, now_ms,
 };
+use crate::ledger::anchor::AnchorFile;
 use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
 use crate::money::Pricing;
 use async_trait::async_trait;
@@ -19,6 +20,7 @@ use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 const AGENT_COLUMNS: &str = "id, name, token_sha256, token_prefix, token_expires_at_ms, \
@@ -35,6 +37,9 @@ pub struct SqliteStore {
     /// Reservations, settlements and denials, group-committed.
     ledger: LedgerWriter,
     ledger_key: Vec<u8>,
+    /// The chain's head outside the database (see `ledger::anchor`); None
+    /// for stores opened without one (migrations, tests, benchmarks).
+    anchor: Option<Arc<AnchorFile>>,
 }
 
 impl SqliteStore {
@@ -47,6 +52,26 @@ impl SqliteStore {
         path: &Path,
         ledger_key: Vec<u8>,
         wal: WalPolicy,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, ledger_key, wal, None).await
+    }
+
+    /// Opens the database with its head anchored in `anchor_path`: checks
+    /// the anchor against the chain first (a mismatch is recorded in the
+    /// chain, see `sqlite_anchor`), then anchors every commit.
+    pub async fn open_anchored(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        anchor_path: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, ledger_key, WalPolicy::default(), Some(anchor_path)).await
+    }
+
+    async fn open_inner(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        wal: WalPolicy,
+        anchor_path: Option<&Path>,
     ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -65,12 +90,20 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let ledger = LedgerWriter::start(path, ledger_key.clone(), wal)?;
+        // Before the ledger writer starts and anything is admitted.
+        let anchor = match anchor_path {
+            Some(p) => Some(Arc::new(
+                super::sqlite_anchor::check_and_open(&writer, &ledger_key, p).await?,
+            )),
+            None => None,
+        };
+        let ledger = LedgerWriter::start(path, ledger_key.clone(), wal, anchor.clone())?;
         Ok(Self {
             writer,
             reader,
             ledger,
             ledger_key,
+            anchor,
         })
     }
 }
@@ -80,6 +113,27 @@ impl SqliteStore {
     /// statement (why: see `writer`).
     async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Commits an admin transaction and anchors the chain's new head before
+    /// the change is acknowledged.
+    async fn commit_anchored(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    ) -> Result<(), StoreError> {
+        tx.commit().await?;
+        if let Some(anchor) = &self.anchor {
+            let head: Option<(i64, String)> =
+                sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&self.writer)
+                    .await?;
+            if let Some((seq, hash)) = head
+                && let Err(e) = anchor.write(seq, &hash)
+            {
+                tracing::error!(error = %e, path = %anchor.path().display(), "cannot write the ledger head anchor");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -184,17 +238,30 @@ impl From<EventRow> for EventRecord {
 }
 
 /// What a mutation wants logged; seq, time and hashes are filled in here.
-struct NewEvent<'a> {
-    kind: &'a str,
-    agent_id: &'a str,
-    agent_name: &'a str,
-    reservation_id: &'a str,
-    amount_micro: i64,
-    reason: &'a str,
-    details: serde_json::Value,
+pub(super) struct NewEvent<'a> {
+    pub(super) kind: &'a str,
+    pub(super) agent_id: &'a str,
+    pub(super) agent_name: &'a str,
+    pub(super) reservation_id: &'a str,
+    pub(super) amount_micro: i64,
+    pub(super) reason: &'a str,
+    pub(super) details: serde_json::Value,
 }
 
 impl<'a> NewEvent<'a> {
+    /// An event about the ledger itself (no agent).
+    pub(super) fn ledger(kind: &'a str, reason: &'a str, details: serde_json::Value) -> Self {
+        Self {
+            kind,
+            agent_id: "",
+            agent_name: "",
+            reservation_id: "",
+            amount_micro: 0,
+            reason,
+            details,
+        }
+    }
+
     /// An admin change to `agent`.
     fn admin(
         kind: &'a str,
@@ -225,7 +292,7 @@ pub(super) const INSERT_EVENT: &str = "INSERT INTO events (seq, ts_ms, kind, age
 pub(super) const BUMP_COUNTER: &str = "INSERT INTO counters (agent_id, name, value) \
     VALUES ($1, $2, $3) ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + $3";
 
-async fn append_event(
+pub(super) async fn append_event(
     conn: &mut SqliteConnection,
     key: &[u8],
     ts_ms: i64,
@@ -451,6 +518,8 @@ impl Store for SqliteStore {
             "streaming": agent.caps.streaming, "tools": agent.caps.tools,
             "function_calling": agent.caps.function_calling, "vision": agent.caps.vision,
             "token_prefix": agent.token_prefix, "token_expires_at_ms": agent.token_expires_at_ms,
+            "token_mac": crate::ledger::fold::token_mac(&self.ledger_key, &agent.token_sha256),
+            "token_ttl_seconds": agent.token_ttl_seconds,
         });
         append_event(
             &mut tx,
@@ -459,7 +528,7 @@ impl Store for SqliteStore {
             NewEvent::admin("agent.created", &agent, agent.budget_micro, details),
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -501,16 +570,9 @@ impl Store for SqliteStore {
         let now = now_ms();
         agent.updated_at_ms = now;
         save_agent(&mut tx, &agent).await?;
-        if let Some(amount) = top_up {
-            let details = json!({"budget_micro": agent.budget_micro});
-            append_event(
-                &mut tx,
-                &self.ledger_key,
-                now,
-                NewEvent::admin("agent.topped_up", &agent, amount, details),
-            )
-            .await?;
-        }
+        // In the order apply_patch applied them (a new budget, then the
+        // top-up on it), so the chain folds to the row. Older logs wrote the
+        // top-up first; `ledger::fold` knows that order too.
         if !changed.is_empty() {
             append_event(
                 &mut tx,
@@ -525,7 +587,17 @@ impl Store for SqliteStore {
             )
             .await?;
         }
-        tx.commit().await?;
+        if let Some(amount) = top_up {
+            let details = json!({"budget_micro": agent.budget_micro, "order": "after_update"});
+            append_event(
+                &mut tx,
+                &self.ledger_key,
+                now,
+                NewEvent::admin("agent.topped_up", &agent, amount, details),
+            )
+            .await?;
+        }
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -546,6 +618,8 @@ impl Store for SqliteStore {
         let details = json!({
             "old_token_prefix": old_prefix, "token_prefix": agent.token_prefix,
             "token_expires_at_ms": agent.token_expires_at_ms,
+            "token_mac": crate::ledger::fold::token_mac(&self.ledger_key, &agent.token_sha256),
+            "token_ttl_seconds": agent.token_ttl_seconds,
         });
         append_event(
             &mut tx,
@@ -554,7 +628,7 @@ impl Store for SqliteStore {
             NewEvent::admin("agent.token_rotated", &agent, 0, details),
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -580,7 +654,7 @@ impl Store for SqliteStore {
             NewEvent::admin(kind, &agent, 0, json!({})),
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -606,7 +680,7 @@ impl Store for SqliteStore {
             NewEvent::admin("agent.deleted", &agent, 0, details),
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -651,7 +725,7 @@ impl Store for SqliteStore {
                 closed.push(id.clone());
             }
         }
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(closed)
     }
 
@@ -669,7 +743,7 @@ impl Store for SqliteStore {
             NewEvent::admin("agent.killed", &agent, 0, json!({})),
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(agent)
     }
 
@@ -703,7 +777,7 @@ impl Store for SqliteStore {
             },
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(p)
     }
 
@@ -772,7 +846,7 @@ impl Store for SqliteStore {
             },
         )
         .await?;
-        tx.commit().await?;
+        self.commit_anchored(tx).await?;
         Ok(Some(process))
     }
 
@@ -795,6 +869,12 @@ impl Store for SqliteStore {
         // one snapshot even while requests keep settling. The log itself is
         // tallied as it is verified (one pass instead of two GROUP BY scans,
         // which took 4 s each over 1M events).
+        // Before the snapshot: the anchor is written after each commit, so
+        // the snapshot reaches at least the head it names.
+        let anchor = self
+            .anchor
+            .as_ref()
+            .map(|a| crate::ledger::anchor::read(a.path(), &self.ledger_key));
         let mut tx = self.reader.begin().await?;
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at_ms, id"
@@ -829,6 +909,23 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         data.last_seq = last_seq.unwrap_or(0);
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT agent_id, COUNT(*), COALESCE(SUM(charged_micro), 0) FROM reservations GROUP BY agent_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        data.reservation_rows = rows.into_iter().map(|(a, n, c)| (a, (n, c))).collect();
+        if let Some(crate::ledger::anchor::AnchorState::Present(a)) = &anchor {
+            data.hash_at_anchor = if a.seq == 0 {
+                Some(GENESIS.to_string())
+            } else {
+                sqlx::query_scalar("SELECT hash FROM events WHERE seq = $1")
+                    .bind(a.seq)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            };
+        }
+        data.anchor = anchor;
         tx.commit().await?;
         Ok(data)
     }
@@ -1104,8 +1201,8 @@ mod tests {
             kinds,
             [
                 "agent.created",
-                "agent.topped_up",
                 "agent.updated",
+                "agent.topped_up",
                 "agent.paused",
                 "agent.deleted",
                 "agent.created"

@@ -21,6 +21,7 @@ use super::{
     DenialRecord, NewReservation, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement,
     StoreError, counter_name, now_ms,
 };
+use crate::ledger::anchor::AnchorFile;
 use crate::ledger::chain::{ChainKey, EventBody, GENESIS};
 use crate::money::Pricing;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -92,7 +93,12 @@ impl Default for WalPolicy {
 impl LedgerWriter {
     /// Opens a second connection to the (already migrated) database and
     /// starts the writer thread.
-    pub fn start(path: &Path, ledger_key: Vec<u8>, wal: WalPolicy) -> Result<Self, StoreError> {
+    pub fn start(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        wal: WalPolicy,
+        anchor: Option<Arc<AnchorFile>>,
+    ) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -121,7 +127,13 @@ impl LedgerWriter {
         std::thread::Builder::new()
             .name("aex-ledger-writer".into())
             .spawn(move || {
-                run(conn, &ChainKey::new(&ledger_key), rx, &restart_wanted);
+                run(
+                    conn,
+                    &ChainKey::new(&ledger_key),
+                    rx,
+                    &restart_wanted,
+                    anchor.as_deref(),
+                );
                 drop(writer_alive);
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger writer: {e}")))?;
@@ -205,6 +217,7 @@ fn run(
     key: &ChainKey,
     mut rx: mpsc::Receiver<Job>,
     restart_wanted: &AtomicBool,
+    anchor: Option<&AnchorFile>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -215,7 +228,7 @@ fn run(
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, key, &mut batch);
+        commit_batch(&mut conn, key, &mut batch, anchor);
         // After answering, so no caller waits for it: nothing is appended
         // while the writer copies the last frames, so the checkpoint
         // completes and the next commit starts the WAL over. Asked again
@@ -236,8 +249,13 @@ fn run(
 /// Runs every job in one transaction (each inside a savepoint, so one
 /// failing job leaves the others), commits, then answers. If the commit
 /// fails, every job in the batch gets the error: none of them happened.
-fn commit_batch(conn: &mut Connection, key: &ChainKey, batch: &mut Vec<Job>) {
-    let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+fn commit_batch(
+    conn: &mut Connection,
+    key: &ChainKey,
+    batch: &mut Vec<Job>,
+    anchor: Option<&AnchorFile>,
+) {
+    let outcome = (|| -> Result<(Vec<Result<Done, StoreError>>, Head), StoreError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut head = chain_head(&tx)?;
         let mut results = Vec::with_capacity(batch.len());
@@ -254,10 +272,17 @@ fn commit_batch(conn: &mut Connection, key: &ChainKey, batch: &mut Vec<Job>) {
             results.push(result);
         }
         tx.commit()?;
-        Ok(results)
+        Ok((results, head))
     })();
     match outcome {
-        Ok(results) => {
+        Ok((results, head)) => {
+            // Anchored before anyone is answered: every acknowledged
+            // decision is covered by the head outside the database.
+            if let Some(anchor) = anchor
+                && let Err(e) = anchor.write(head.seq, &head.hash)
+            {
+                tracing::error!(error = %e, "cannot write the ledger head anchor");
+            }
             for (job, result) in batch.drain(..).zip(results) {
                 answer(job, result);
             }

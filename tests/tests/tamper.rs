@@ -1,0 +1,342 @@
+//! Database edits made without `ledger.key`, with the daemons stopped: each
+//! kind is applied to its own copy of one ledger, the control plane started
+//! on it, and `aexctl audit` must fail naming the check that caught it.
+//! Then random edits of the columns the chain covers, the seed printed
+//! (`AEX_TAMPER_SEED` replays a run).
+
+use aex_tests::{ControlPlane, MOCK_PROVIDER_KEY, Stack, TestHome};
+use reqwest::Client;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// One ledger with agents, settled calls, admin changes and a paused agent
+/// as its newest event; returns the stopped stack's home.
+async fn ledger() -> TestHome {
+    let stack = Stack::start().await;
+    let token = stack.agent("victim", "5", "600", &[]);
+    stack.agent("bystander", "1", "600", &[]);
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let r = Client::new()
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    stack
+        .control
+        .aexctl(&["agent", "update", "victim", "--top-up", "1", "--rpm", "100"])
+        .assert_ok();
+    stack
+        .control
+        .aexctl(&["agent", "rotate-token", "bystander"])
+        .assert_ok();
+    stack
+        .control
+        .aexctl(&["agent", "pause", "bystander"])
+        .assert_ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stack.inspect("victim")["reserved_micro"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "not settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let audit = stack.control.aexctl(&["audit"]);
+    assert_eq!(
+        audit.code(),
+        0,
+        "the untouched ledger passes:\n{}",
+        audit.stdout
+    );
+    let Stack {
+        data,
+        control,
+        mock,
+        home,
+    } = stack;
+    drop(data);
+    drop(control); // SIGKILL: the WAL and the anchor stay as a crash leaves them
+    drop(mock);
+    home
+}
+
+async fn db(home: &TestHome) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", home.file("aex.db").display()))
+        .await
+        .unwrap()
+}
+
+async fn exec(home: &TestHome, statements: &[&str]) {
+    let pool = db(home).await;
+    for s in statements {
+        sqlx::query(s)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    pool.close().await;
+}
+
+/// The names of the audit checks that failed on `home`.
+fn failed_checks(home: &TestHome) -> (Vec<String>, String) {
+    let cp = ControlPlane::start(home);
+    let out = cp.aexctl(&["audit", "--json"]);
+    let report: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "audit printed no JSON:\n{}\n{}",
+            out.stdout,
+            out.stderr_text()
+        )
+    });
+    let failed = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    (failed, out.stdout)
+}
+
+enum Edit {
+    Sql(&'static [&'static str]),
+    DeleteAnchor,
+    ForgeAnchor,
+}
+
+fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
+    use Edit::*;
+    vec![
+        (
+            "consistent tail truncation (the last event removed, state and counters rolled back)",
+            Sql(&[
+                "DELETE FROM events WHERE seq = (SELECT MAX(seq) FROM events)",
+                "UPDATE agents SET state = 'active' WHERE name = 'bystander'",
+                "UPDATE counters SET value = value - 1 WHERE name = 'agent.paused'",
+            ]),
+            "head_anchored",
+        ),
+        (
+            "budget raise",
+            Sql(&["UPDATE agents SET budget_micro = budget_micro * 10 WHERE name = 'victim'"]),
+            "agents_match_log",
+        ),
+        (
+            "token swap",
+            Sql(&[
+                "UPDATE agents SET token_sha256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855' WHERE name = 'victim'",
+            ]),
+            "agents_match_log",
+        ),
+        (
+            "full wipe",
+            Sql(&[
+                "DELETE FROM events",
+                "DELETE FROM agents",
+                "DELETE FROM reservations",
+                "DELETE FROM counters",
+            ]),
+            "head_anchored",
+        ),
+        (
+            "rename",
+            Sql(&["UPDATE agents SET name = 'renamed' WHERE name = 'victim'"]),
+            "agents_match_log",
+        ),
+        (
+            "policy edit (rpm, allowed models)",
+            Sql(&[
+                "UPDATE agents SET rpm = 999999, allowed_models = '[\"mock-model\"]' WHERE name = 'victim'",
+            ]),
+            "agents_match_log",
+        ),
+        (
+            "settled reservations deleted",
+            Sql(&["DELETE FROM reservations WHERE state = 'settled'"]),
+            "reservations_match_log",
+        ),
+        (
+            "spent rolled back",
+            Sql(&["UPDATE agents SET spent_micro = 0 WHERE name = 'victim'"]),
+            "spent_matches_settle_events",
+        ),
+        (
+            "an event in the middle deleted",
+            Sql(&["DELETE FROM events WHERE seq = 4"]),
+            "chain_intact",
+        ),
+        (
+            "an event's amount edited",
+            Sql(&["UPDATE events SET amount_micro = 1 WHERE kind = 'settle'"]),
+            "chain_intact",
+        ),
+        (
+            "two events reordered",
+            Sql(&[
+                "UPDATE events SET seq = -1 WHERE seq = 3",
+                "UPDATE events SET seq = 3 WHERE seq = 4",
+                "UPDATE events SET seq = 4 WHERE seq = -1",
+            ]),
+            "chain_intact",
+        ),
+        (
+            "a forged event inserted",
+            Sql(&[
+                "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, amount_micro, reason, details, prev_hash, hash) \
+                 SELECT MAX(seq) + 1, 0, 'agent.topped_up', '', 'victim', '', 1000000, '', '{}', 'x', 'y' FROM events",
+            ]),
+            "chain_intact",
+        ),
+        (
+            "a counter edited",
+            Sql(&["UPDATE counters SET value = value + 5 WHERE name = 'admit'"]),
+            "counters_match_events",
+        ),
+        (
+            "reserved edited",
+            Sql(&["UPDATE agents SET reserved_micro = 500 WHERE name = 'victim'"]),
+            "reserved_matches_open_reservations",
+        ),
+        ("the anchor deleted", DeleteAnchor, "head_anchored"),
+        ("the anchor forged", ForgeAnchor, "head_anchored"),
+        (
+            "a paused agent resumed",
+            Sql(&["UPDATE agents SET state = 'active' WHERE name = 'bystander'"]),
+            "agents_match_log",
+        ),
+        (
+            "a capability granted",
+            Sql(&["UPDATE agents SET cap_vision = NOT cap_vision WHERE name = 'victim'"]),
+            "agents_match_log",
+        ),
+        (
+            "a reservation invented",
+            Sql(&[
+                "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, charged_micro) \
+                 SELECT 'rsv_forged', 'req_forged', id, 'mock-model', 0, 0, 0, 0, 0, 'released', 0, 0, 0 FROM agents WHERE name = 'victim'",
+            ]),
+            "reservations_match_log",
+        ),
+        (
+            "a reservation's charge edited",
+            Sql(&[
+                "UPDATE reservations SET charged_micro = charged_micro + 7 WHERE state = 'settled'",
+            ]),
+            "reservations_match_log",
+        ),
+        (
+            "an overrun edited",
+            Sql(&["UPDATE agents SET overrun_micro = 123 WHERE name = 'victim'"]),
+            "overruns_match_events",
+        ),
+        (
+            "an agent row deleted",
+            Sql(&["DELETE FROM agents WHERE name = 'bystander'"]),
+            "agents_match_log",
+        ),
+        (
+            "a token's expiry extended",
+            Sql(&["UPDATE agents SET token_expires_at_ms = 4102444800000 WHERE name = 'victim'"]),
+            "agents_match_log",
+        ),
+        (
+            "scope edited",
+            Sql(&["UPDATE agents SET scope = 'read-only' WHERE name = 'victim'"]),
+            "agents_match_log",
+        ),
+    ]
+}
+
+async fn apply(home: &TestHome, edit: &Edit) {
+    match edit {
+        Edit::Sql(statements) => exec(home, statements).await,
+        Edit::DeleteAnchor => std::fs::remove_file(home.file("ledger.head")).unwrap(),
+        Edit::ForgeAnchor => std::fs::write(home.file("ledger.head"), [0x41u8; 256]).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn every_kind_of_database_edit_is_named_by_audit() {
+    let original = ledger().await;
+    assert!(MOCK_PROVIDER_KEY.starts_with("sk-"));
+    let kinds = kinds();
+    let mut caught = 0;
+    for (what, edit, check) in &kinds {
+        let home = TestHome::copy_of(&original);
+        apply(&home, edit).await;
+        let (failed, report) = failed_checks(&home);
+        assert!(
+            failed.iter().any(|f| f == check),
+            "{what}: expected {check} to fail, failed: {failed:?}\n{report}"
+        );
+        caught += 1;
+    }
+    println!("tamper: {caught}/{} edit kinds named by audit", kinds.len());
+    // Untouched, the copy still passes: the checks name edits, not copies.
+    let (failed, report) = failed_checks(&TestHome::copy_of(&original));
+    assert!(failed.is_empty(), "{report}");
+}
+
+#[tokio::test]
+async fn random_edits_of_covered_columns_are_named() {
+    let seed: u64 = std::env::var("AEX_TAMPER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("tamper: seed {seed} (replay with AEX_TAMPER_SEED={seed})");
+    let original = ledger().await;
+    let columns = [
+        ("agents", "budget_micro", "budget_micro + 1"),
+        ("agents", "spent_micro", "spent_micro + 1"),
+        ("agents", "rpm", "rpm + 1"),
+        ("agents", "tpm", "tpm + 1"),
+        ("agents", "max_concurrent", "max_concurrent + 1"),
+        ("agents", "name", "name || 'x'"),
+        ("agents", "token_sha256", "token_sha256 || 'x'"),
+        ("agents", "cap_tools", "NOT cap_tools"),
+        ("agents", "cap_streaming", "NOT cap_streaming"),
+        ("agents", "overrun_micro", "overrun_micro + 1"),
+        ("reservations", "charged_micro", "charged_micro + 1"),
+        ("events", "amount_micro", "amount_micro + 1"),
+        ("events", "details", "details || ' '"),
+        ("events", "agent_name", "agent_name || 'x'"),
+        ("counters", "value", "value + 1"),
+    ];
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z ^ (z >> 31)
+    };
+    for _ in 0..6 {
+        let (table, column, value) = columns[(next() % columns.len() as u64) as usize];
+        let home = TestHome::copy_of(&original);
+        let pool = db(&home).await;
+        // One row, chosen by the seed among those the edit changes.
+        let rowids: Vec<i64> = sqlx::query_scalar(&format!("SELECT rowid FROM {table}"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let rowid = rowids[(next() % rowids.len() as u64) as usize];
+        sqlx::query(&format!(
+            "UPDATE {table} SET {column} = {value} WHERE rowid = {rowid}"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let (failed, report) = failed_checks(&home);
+        assert!(
+            !failed.is_empty(),
+            "seed {seed}: {table}.{column} of row {rowid} edited and audit passed:\n{report}"
+        );
+    }
+}
