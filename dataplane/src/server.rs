@@ -1000,13 +1000,25 @@ impl Gateway {
             } => forward_headers,
             Route::Simulated(_) => &[],
         };
+        // Headers the client named in Connection are hop-by-hop (RFC 9110
+        // §7.6.1), even allowed ones.
+        let connection_listed: Vec<String> = session
+            .get_header("connection")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
         session
             .req_header()
             .headers
             .iter()
             .filter(|(name, _)| {
                 let name = name.as_str();
-                FORWARDED_BY_DEFAULT.contains(&name) || extra.iter().any(|e| e == name)
+                (FORWARDED_BY_DEFAULT.contains(&name) || extra.iter().any(|e| e == name))
+                    && !connection_listed.iter().any(|c| c == name)
             })
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()

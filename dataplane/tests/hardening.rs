@@ -372,6 +372,20 @@ async fn only_allowed_headers_reach_the_provider() {
     assert_eq!(seen.header("idempotency-key"), Some("k-1"));
     assert_eq!(seen.header("accept"), Some("application/json"));
     assert!(seen.header("traceparent").is_some());
+    // Named in Connection, an allowed header is hop-by-hop and stays here.
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[
+            ("openai-beta", "x"),
+            ("connection", "keep-alive, openai-beta"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(stack.mock.requests()[1].header("openai-beta"), None);
 
     let big = "a".repeat(1_000_000);
     let r = post(
@@ -387,7 +401,7 @@ async fn only_allowed_headers_reach_the_provider() {
     let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
     let r = post(&stack, &token, "/v1/chat/completions", &body, &many).await;
     error_of(r, 431, "request_header_fields_too_large").await;
-    assert_eq!(stack.mock.count(), 1, "refused before admission");
+    assert_eq!(stack.mock.count(), 2, "refused before admission");
 }
 
 /// Before: a 64 MB upstream body was buffered whole (140 MB RSS), and a hung

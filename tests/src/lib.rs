@@ -319,7 +319,11 @@ impl DataPlane {
             })
             .args(extra_args)
             .envs(env.iter().copied())
-            .env("AEX_LOG", "info")
+            // AEX_TEST_DATAPLANE_LOG=debug shows pingora's view when a client hangs.
+            .env(
+                "AEX_LOG",
+                std::env::var("AEX_TEST_DATAPLANE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
