@@ -123,13 +123,8 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         tx.commit().await?;
         if let Some(anchor) = &self.anchor {
-            let head: Option<(i64, String)> =
-                sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&self.writer)
-                    .await?;
-            if let Some((seq, hash)) = head
-                && let Err(e) = anchor.write(seq, &hash)
-            {
+            let (seq, hash) = super::sqlite_anchor::head(&self.writer).await?;
+            if let Err(e) = anchor.write(seq, &hash) {
                 tracing::error!(error = %e, path = %anchor.path().display(), "cannot write the ledger head anchor");
             }
         }

@@ -17,7 +17,8 @@ use serde_json::json;
 use sqlx::SqlitePool;
 use std::path::Path;
 
-async fn head(pool: &SqlitePool) -> Result<(i64, String), StoreError> {
+/// The chain's newest seq and hash (`genesis` when empty).
+pub(super) async fn head(pool: &SqlitePool) -> Result<(i64, String), StoreError> {
     let head: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(pool)
