@@ -290,6 +290,14 @@ impl AdmissionCore {
         self.live.lock().expect("admission state poisoned")
     }
 
+    /// A count, so a panic elsewhere while holding it loses nothing worth
+    /// refusing service for.
+    fn unauthenticated(&self) -> std::sync::MutexGuard<'_, UnauthenticatedDenials> {
+        self.unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Called after every admin change to an agent; takes effect for the
     /// very next request.
     pub fn agent_changed(&self, record: &AgentRecord) {
@@ -609,9 +617,7 @@ impl AdmissionCore {
             // Anyone who reaches the port can send these: one chained event
             // each would let them grow the ledger without bound. They are
             // counted in memory and written as one event per sweep.
-            self.unauthenticated
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            self.unauthenticated()
                 .add(d.denied_by, token_sha256, now_ms());
             return;
         }
@@ -882,13 +888,10 @@ impl AdmissionCore {
     /// loses at most one sweep interval of these counts, never a decision
     /// about money. On failure they are kept for the next call.
     pub async fn flush_unauthenticated(&self) -> Result<()> {
-        let gathered = std::mem::take(
-            &mut *self
-                .unauthenticated
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for (&reason, &count) in &gathered.by_reason {
+        let gathered = std::mem::take(&mut *self.unauthenticated());
+        let reasons: Vec<(&'static str, u64)> =
+            gathered.by_reason.iter().map(|(r, c)| (*r, *c)).collect();
+        for (i, &(reason, count)) in reasons.iter().enumerate() {
             let record = DenialRecord {
                 agent_id: String::new(),
                 agent_name: String::new(),
@@ -901,11 +904,15 @@ impl AdmissionCore {
                 count,
             };
             if let Err(e) = self.store.record_denial(record).await {
-                let mut pending = self
-                    .unauthenticated
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                *pending.by_reason.entry(reason).or_default() += count;
+                // This reason and the ones not written yet go back.
+                let mut pending = self.unauthenticated();
+                if pending.by_reason.is_empty() {
+                    pending.first_ms = gathered.first_ms;
+                }
+                pending.last_ms = pending.last_ms.max(gathered.last_ms);
+                for &(reason, count) in &reasons[i..] {
+                    *pending.by_reason.entry(reason).or_default() += count;
+                }
                 return Err(e.into());
             }
         }
@@ -915,10 +922,7 @@ impl AdmissionCore {
     /// Unauthenticated denials not yet written (status adds them, so it
     /// counts exactly what clients saw).
     pub fn pending_unauthenticated(&self) -> u64 {
-        self.unauthenticated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pending()
+        self.unauthenticated().pending()
     }
 
     /// Extends open reservations of long streams; returns the ids that are
