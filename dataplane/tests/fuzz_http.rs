@@ -12,6 +12,7 @@
 //! counting exactly the calls the clients saw admitted.
 
 use aex_tests::Stack;
+use aex_tests::rng::{Rng, seed_from_env};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,28 +20,6 @@ use std::time::Duration;
 
 mod common;
 use common::wire::{Answer, parse_answers, try_converse};
-
-/// splitmix64: tiny, seedable, good enough to drive a fuzzer.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// What a case is, so the right things can be asserted about its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,7 +213,7 @@ fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
         }
         let at = rng.below(bytes.len() as u64) as usize;
         match rng.below(5) {
-            0 => bytes[at] = rng.next() as u8,
+            0 => bytes[at] = rng.next_u64() as u8,
             1 => {
                 bytes.remove(at);
             }
@@ -377,15 +356,7 @@ fn run_worker(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_data_plane_survives_hostile_http() {
-    let seed: u64 = std::env::var("AEX_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = seed_from_env("AEX_FUZZ_SEED");
     let cases: u64 = std::env::var("AEX_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -3,7 +3,6 @@
 //! charged wrongly before its fix. Real processes; the mock is in-process.
 
 use aex_tests::Stack;
-use reqwest::Client;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -203,14 +202,7 @@ async fn a_lying_provider_is_charged_at_most_the_reservation_and_the_rest_is_an_
     assert_eq!(overruns[0].amount_micro, reported - reserved);
     let audit = audit_passes(&stack);
     assert_eq!(audit["overruns"].as_array().unwrap().len(), 1, "{audit}");
-    let metrics = Client::new()
-        .get(stack.data.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&stack).await;
     assert!(
         aex_tests::prometheus_value(
             &metrics,
@@ -519,14 +511,7 @@ async fn unknown_tokens_are_counted_not_logged_one_by_one() {
         200,
         "not counted twice"
     );
-    let metrics = Client::new()
-        .get(stack.data.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&stack).await;
     assert_eq!(
         aex_tests::prometheus_value(&metrics, "aex_requests_total", &[("reason", "auth")]),
         200.0

@@ -234,12 +234,7 @@ async fn every_malformed_request_gets_its_status_and_a_json_body() {
         Some(200),
         "still serving"
     );
-    let metrics = reqwest::get(stack.data.metrics_url())
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&stack).await;
     let malformed: f64 = [400, 414, 431, 501, 505]
         .iter()
         .map(|s| {

@@ -276,6 +276,7 @@ impl Drop for ControlPlane {
 }
 pub mod clients;
 pub mod mock;
+pub mod rng;
 
 /// A running `aex-dataplane`, killed on drop.
 pub struct DataPlane {

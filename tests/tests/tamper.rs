@@ -281,15 +281,7 @@ async fn every_kind_of_database_edit_is_named_by_audit() {
 
 #[tokio::test]
 async fn random_edits_of_covered_columns_are_named() {
-    let seed: u64 = std::env::var("AEX_TAMPER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = aex_tests::rng::seed_from_env("AEX_TAMPER_SEED");
     println!("tamper: seed {seed} (replay with AEX_TAMPER_SEED={seed})");
     let original = ledger().await;
     let columns = [
@@ -309,15 +301,9 @@ async fn random_edits_of_covered_columns_are_named() {
         ("events", "agent_name", "agent_name || 'x'"),
         ("counters", "value", "value + 1"),
     ];
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z ^ (z >> 31)
-    };
+    let mut rng = aex_tests::rng::Rng(seed);
     for _ in 0..6 {
-        let (table, column, value) = columns[(next() % columns.len() as u64) as usize];
+        let (table, column, value) = *rng.pick(&columns);
         let home = TestHome::copy_of(&original);
         let pool = db(&home).await;
         // One row, chosen by the seed among those the edit changes.
@@ -325,7 +311,7 @@ async fn random_edits_of_covered_columns_are_named() {
             .fetch_all(&pool)
             .await
             .unwrap();
-        let rowid = rowids[(next() % rowids.len() as u64) as usize];
+        let rowid = *rng.pick(&rowids);
         sqlx::query(&format!(
             "UPDATE {table} SET {column} = {value} WHERE rowid = {rowid}"
         ))

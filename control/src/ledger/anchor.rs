@@ -103,6 +103,15 @@ fn decode(key: &Hmac<Sha256>, slot: &[u8]) -> Option<(u64, Anchor)> {
     ))
 }
 
+/// The valid slot with the highest counter, if any.
+fn newest_slot(key: &Hmac<Sha256>, bytes: &[u8]) -> Option<(u64, Anchor)> {
+    bytes
+        .chunks(SLOT)
+        .take(2)
+        .filter_map(|slot| decode(key, slot))
+        .max_by_key(|(counter, _)| *counter)
+}
+
 /// Reads the anchor file (without opening it for writing).
 pub fn read(path: &Path, ledger_key: &[u8]) -> AnchorState {
     let bytes = match std::fs::read(path) {
@@ -110,13 +119,7 @@ pub fn read(path: &Path, ledger_key: &[u8]) -> AnchorState {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AnchorState::Missing,
         Err(e) => return AnchorState::Invalid(format!("cannot read {}: {e}", path.display())),
     };
-    let key = head_key(ledger_key);
-    let best = bytes
-        .chunks(SLOT)
-        .take(2)
-        .filter_map(|slot| decode(&key, slot))
-        .max_by_key(|(counter, _)| *counter);
-    match best {
+    match newest_slot(&head_key(ledger_key), &bytes) {
         Some((_, anchor)) => AnchorState::Present(anchor),
         None => AnchorState::Invalid(format!(
             "{} is not an anchor written with this ledger.key",
@@ -138,20 +141,13 @@ pub struct AnchorFile {
 
 impl AnchorFile {
     pub fn open(path: &Path, ledger_key: &[u8]) -> std::io::Result<Self> {
-        let counter = match read(path, ledger_key) {
-            AnchorState::Present(_) => {
-                let key = head_key(ledger_key);
-                let bytes = std::fs::read(path)?;
-                bytes
-                    .chunks(SLOT)
-                    .take(2)
-                    .filter_map(|slot| decode(&key, slot))
-                    .map(|(c, _)| c + 1)
-                    .max()
-                    .unwrap_or(0)
-            }
-            _ => 0,
-        };
+        let key = head_key(ledger_key);
+        // Go on counting from the file, so the next write lands in the
+        // other slot than the newest valid one.
+        let counter = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| newest_slot(&key, &bytes))
+            .map_or(0, |(c, _)| c + 1);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -161,7 +157,7 @@ impl AnchorFile {
             .open(path)?;
         Ok(Self {
             path: path.to_path_buf(),
-            key: head_key(ledger_key),
+            key,
             file,
             state: Mutex::new((counter, i64::MIN)),
         })

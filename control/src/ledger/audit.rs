@@ -181,6 +181,30 @@ fn name_of(data: &AuditData, agent_id: &str) -> String {
         .unwrap_or_else(|| format!("agent id {agent_id}"))
 }
 
+/// Agents whose stored amount (`stored`) differs from the sum `source`
+/// holds for them, one line each.
+fn amounts_disagree(
+    data: &AuditData,
+    stored: fn(&crate::storage::AgentRecord) -> i64,
+    expected: &std::collections::HashMap<String, i64>,
+    what: &str,
+    source: &str,
+) -> Vec<String> {
+    data.agents
+        .iter()
+        .filter_map(|a| {
+            let sum = expected.get(&a.id).copied().unwrap_or(0);
+            (stored(a) != sum).then(|| {
+                format!(
+                    "agent '{}': {what} {} µ but {source} sum to {sum} µ",
+                    a.name,
+                    stored(a)
+                )
+            })
+        })
+        .collect()
+}
+
 /// The chain reaches the head anchored outside the database, and no start
 /// ever found it short of one (see `ledger::anchor`).
 fn head_anchored(data: &AuditData) -> Check {
@@ -279,64 +303,41 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         negative,
     ));
 
-    let reserved: Vec<String> = data
-        .agents
-        .iter()
-        .filter_map(|a| {
-            let open = data.open_reserved.get(&a.id).copied().unwrap_or(0);
-            (a.reserved_micro != open).then(|| {
-                format!(
-                    "agent '{}': reserved {} µ but open reservations sum to {open} µ",
-                    a.name, a.reserved_micro
-                )
-            })
-        })
-        .collect();
     checks.push(Check::new(
         "reserved_matches_open_reservations",
         "every agent's reserved amount equals its open reservations",
         "reserved amounts disagree with open reservations",
-        reserved,
+        amounts_disagree(
+            data,
+            |a| a.reserved_micro,
+            &data.open_reserved,
+            "reserved",
+            "open reservations",
+        ),
     ));
-
-    let spent: Vec<String> = data
-        .agents
-        .iter()
-        .filter_map(|a| {
-            let charged = data.charged.get(&a.id).copied().unwrap_or(0);
-            (a.spent_micro != charged).then(|| {
-                format!(
-                    "agent '{}': spent {} µ but settle events sum to {charged} µ",
-                    a.name, a.spent_micro
-                )
-            })
-        })
-        .collect();
     checks.push(Check::new(
         "spent_matches_settle_events",
         "every agent's spend equals the sum of its settle events",
         "spend disagrees with the event log",
-        spent,
+        amounts_disagree(
+            data,
+            |a| a.spent_micro,
+            &data.charged,
+            "spent",
+            "settle events",
+        ),
     ));
-
-    let overrun: Vec<String> = data
-        .agents
-        .iter()
-        .filter_map(|a| {
-            let logged = data.overrun_logged.get(&a.id).copied().unwrap_or(0);
-            (a.overrun_micro != logged).then(|| {
-                format!(
-                    "agent '{}': overrun {} µ but overrun events sum to {logged} µ",
-                    a.name, a.overrun_micro
-                )
-            })
-        })
-        .collect();
     checks.push(Check::new(
         "overruns_match_events",
         "every agent's recorded overrun equals its overrun events",
         "recorded overruns disagree with the event log",
-        overrun,
+        amounts_disagree(
+            data,
+            |a| a.overrun_micro,
+            &data.overrun_logged,
+            "overrun",
+            "overrun events",
+        ),
     ));
 
     checks.push(head_anchored(data));

@@ -97,3 +97,13 @@ pub async fn read_sse(r: Response) -> String {
         .unwrap_or_else(|e| panic!("the stream broke: {e:?}"));
     String::from_utf8(bytes.to_vec()).unwrap()
 }
+
+/// The data plane's Prometheus text, from its own metrics listener.
+pub async fn metrics_text(stack: &Stack) -> String {
+    reqwest::get(stack.data.metrics_url())
+        .await
+        .expect("metrics listener")
+        .text()
+        .await
+        .expect("metrics text")
+}
