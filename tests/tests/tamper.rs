@@ -26,6 +26,20 @@ async fn ledger() -> TestHome {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // A supervised process: its row holds a token that authenticates as
+    // the agent, so it is part of what audit compares.
+    let run = std::process::Command::new(aex_tests::bin("aexctl"))
+        .args(["run", "--agent", "victim", "--grace", "1", "--", "true"])
+        .env("AEX_HOME", stack.home.path())
+        .env("AEX_CONTROL_ADDR", stack.control.url())
+        .env("AEX_DATAPLANE_ADDR", stack.data.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "aexctl run: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     stack
         .control
         .aexctl(&["agent", "update", "victim", "--top-up", "1", "--rpm", "100"])
@@ -227,6 +241,48 @@ fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
             "reservations_match_log",
         ),
         (
+            "a charge moved between two settled reservations (the agent's totals kept)",
+            Sql(&[
+                "UPDATE reservations SET charged_micro = charged_micro + 1 WHERE id = (SELECT MIN(id) FROM reservations WHERE state = 'settled')",
+                "UPDATE reservations SET charged_micro = charged_micro - 1 WHERE id = (SELECT MAX(id) FROM reservations WHERE state = 'settled')",
+            ]),
+            "reservations_match_log",
+        ),
+        (
+            "a reservation's outcome and token counts rewritten",
+            Sql(&[
+                "UPDATE reservations SET outcome = 'client_disconnected', completion_tokens = 0 WHERE id = (SELECT MIN(id) FROM reservations)",
+            ]),
+            "reservations_match_log",
+        ),
+        (
+            "a settled reservation reopened",
+            Sql(&[
+                "UPDATE reservations SET state = 'open', charged_micro = NULL, settled_at_ms = NULL WHERE id = (SELECT MIN(id) FROM reservations)",
+            ]),
+            "reservations_match_log",
+        ),
+        (
+            "a running process invented with an attacker's token",
+            Sql(&[
+                "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
+                 SELECT 'prc_forged', id, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 1, 'sh', 'h', 'running', 0 FROM agents WHERE name = 'victim'",
+            ]),
+            "processes_match_log",
+        ),
+        (
+            "a process's token swapped",
+            Sql(&[
+                "UPDATE processes SET token_sha256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'",
+            ]),
+            "processes_match_log",
+        ),
+        (
+            "an ended process set running again",
+            Sql(&["UPDATE processes SET state = 'running', ended_at_ms = NULL"]),
+            "processes_match_log",
+        ),
+        (
             "an overrun edited",
             Sql(&["UPDATE agents SET overrun_micro = 123 WHERE name = 'victim'"]),
             "overruns_match_events",
@@ -296,6 +352,12 @@ async fn random_edits_of_covered_columns_are_named() {
         ("agents", "cap_streaming", "NOT cap_streaming"),
         ("agents", "overrun_micro", "overrun_micro + 1"),
         ("reservations", "charged_micro", "charged_micro + 1"),
+        ("reservations", "amount_micro", "amount_micro + 1"),
+        ("reservations", "outcome", "outcome || 'x'"),
+        ("reservations", "prompt_tokens", "prompt_tokens + 1"),
+        ("reservations", "model", "model || 'x'"),
+        ("processes", "token_sha256", "token_sha256 || 'x'"),
+        ("processes", "state", "'running'"),
         ("events", "amount_micro", "amount_micro + 1"),
         ("events", "details", "details || ' '"),
         ("events", "agent_name", "agent_name || 'x'"),

@@ -395,6 +395,9 @@ impl AdmissionCore {
             "request_id": request_id, "model": ask.model, "endpoint": format!("{:?}", ask.endpoint),
             "stream": ask.stream, "input_tokens_bound": ask.input_tokens_bound,
             "output_tokens_cap": plan.output_tokens_cap, "output_cap_injected": plan.output_cap_injected,
+            // Logged so that audit can tell an open reservation repriced in the database.
+            "input_pico_per_token": model.pricing.input_pico_per_token,
+            "output_pico_per_token": model.pricing.output_pico_per_token,
         });
         let outcome = self
             .store

@@ -106,19 +106,35 @@ impl ChainVerifier {
 
 /// What the log says, per agent, gathered in the same pass that verifies
 /// the chain: the amounts charged and how many events of each kind.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LogTally {
     charged: std::collections::HashMap<String, i64>,
     overrun: std::collections::HashMap<String, i64>,
     /// Occurrences beyond one that aggregated events stand for.
     aggregated_extra: i64,
     agents: super::fold::AgentFold,
+    reservations: super::fold::ReservationFold,
+    processes: super::fold::ProcessFold,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
 impl LogTally {
+    pub fn new(ledger_key: &[u8]) -> Self {
+        Self {
+            charged: Default::default(),
+            overrun: Default::default(),
+            aggregated_extra: 0,
+            agents: Default::default(),
+            reservations: super::fold::ReservationFold::new(ledger_key),
+            processes: Default::default(),
+            event_counts: Default::default(),
+        }
+    }
+
     pub fn push(&mut self, e: &EventRecord) {
         self.agents.push(e);
+        self.reservations.push(e);
+        self.processes.push(e);
         let b = &e.body;
         if b.kind == "settle" || b.kind == "expire" {
             let c = self.charged.entry(b.agent_id.clone()).or_default();
@@ -165,12 +181,63 @@ impl LogTally {
         )
     }
 
+    /// Every supervised process row against the fold of its events.
+    pub fn processes_match_log(
+        &self,
+        rows: &[crate::storage::ProcessRecord],
+        ledger_key: &[u8],
+    ) -> Check {
+        Check::new(
+            "processes_match_log",
+            "every supervised process and its token is what its events say",
+            "process rows were edited outside AEX",
+            self.processes.compare(rows, ledger_key),
+        )
+    }
+
+    /// The open reservation rows against the fold one by one, the closed
+    /// ones by digest: the offenders so far, and the agents whose closed
+    /// reservations differ (replay them with [`reservations_replayed`]).
+    pub fn reservations_against(&mut self, data: &AuditData) -> (Vec<String>, Vec<String>) {
+        let fold = std::mem::replace(
+            &mut self.reservations,
+            super::fold::ReservationFold::new(&[]),
+        );
+        fold.compare(&data.open_reservation_rows, &data.closed_reservations)
+    }
+
     /// Hands the tally to the invariants.
     pub fn into_data(self, data: &mut AuditData) {
         data.charged = self.charged;
         data.overrun_logged = self.overrun;
         data.event_counts = self.event_counts;
     }
+}
+
+/// One agent's reservations replayed from its own events (read with its
+/// rows in one snapshot): the rows that differ, by reservation id.
+pub fn reservations_replayed(
+    ledger_key: &[u8],
+    rows: &[crate::ledger::fold::ReservationRow],
+    events: &[EventRecord],
+) -> Vec<String> {
+    let mut fold = super::fold::ReservationFold::detailed(ledger_key);
+    for e in events {
+        fold.push(e);
+    }
+    fold.compare_detailed(rows)
+}
+
+/// The check over every reservation, from the offenders found.
+pub fn reservations_match_log(mut offenders: Vec<String>) -> Check {
+    offenders.sort();
+    offenders.dedup();
+    Check::new(
+        "reservations_match_log",
+        "every reservation row is what its admit and settlement events say",
+        "reservation rows were deleted, invented or edited",
+        offenders,
+    )
 }
 
 fn name_of(data: &AuditData, agent_id: &str) -> String {
@@ -342,40 +409,6 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 
     checks.push(head_anchored(data));
 
-    // Every admit event made one reservation row, and the rows' charges are
-    // the settlements': a deleted (or invented) reservation shows here.
-    let mut ids: Vec<&String> = data
-        .reservation_rows
-        .keys()
-        .chain(data.agents.iter().map(|a| &a.id))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    let reservations: Vec<String> = ids
-        .into_iter()
-        .filter_map(|id| {
-            let (rows, charged) = data.reservation_rows.get(id).copied().unwrap_or((0, 0));
-            let admitted = data
-                .event_counts
-                .get(&(id.clone(), "admit".to_string()))
-                .copied()
-                .unwrap_or(0);
-            let settled = data.charged.get(id).copied().unwrap_or(0);
-            (rows != admitted || charged != settled).then(|| {
-                format!(
-                    "{}: {rows} reservation rows charging {charged} µ, but {admitted} admit events and settlements of {settled} µ",
-                    name_of(data, id)
-                )
-            })
-        })
-        .collect();
-    checks.push(Check::new(
-        "reservations_match_log",
-        "every admitted call has its reservation row, charged as settled",
-        "reservation rows were deleted, invented or edited",
-        reservations,
-    ));
-
     let overdue: Vec<String> = data
         .overdue
         .iter()
@@ -466,7 +499,7 @@ mod tests {
         let mut evs = events(&[1; 32], 3);
         evs[2].body.kind = "deny".into();
         evs[2].body.reason = "rpm".into();
-        let mut tally = LogTally::default();
+        let mut tally = LogTally::new(b"k");
         for e in &evs {
             tally.push(e);
         }
@@ -552,8 +585,7 @@ mod tests {
         d.open_reserved.insert("ok".into(), 10);
         d.charged.insert("ok".into(), 40);
         d.charged.insert("bad".into(), 150);
-        for (id, charged) in [("ok", 40), ("bad", 150)] {
-            d.reservation_rows.insert(id.into(), (1, charged));
+        for id in ["ok", "bad"] {
             d.event_counts.insert((id.into(), "admit".into()), 1);
             d.counters.insert((id.into(), "admit".into()), 1);
         }
@@ -580,7 +612,6 @@ mod tests {
         assert_eq!(overruns, ["agent 'bad' (70 µ not charged)"]);
         d.agents[1].spent_micro = 100;
         d.charged.insert("bad".into(), 100);
-        d.reservation_rows.insert("bad".into(), (1, 100));
         d.overrun_logged.insert("bad".into(), 69);
         let (checks, _) = invariants(&d);
         let failed: Vec<_> = checks

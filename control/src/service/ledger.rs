@@ -1,5 +1,7 @@
 use crate::error::Error;
-use crate::ledger::audit::{ChainVerifier, LogTally, invariants};
+use crate::ledger::audit::{
+    ChainVerifier, LogTally, invariants, reservations_match_log, reservations_replayed,
+};
 use crate::service::convert::event_to_pb;
 use crate::state::ControlState;
 use crate::storage::{EventFilter, now_ms};
@@ -33,7 +35,7 @@ impl LedgerApi {
         let store = &self.state.store;
         let mut data = store.audit_data(now_ms()).await?;
         let mut verifier = ChainVerifier::new(&self.state.ledger_key);
-        let mut tally = LogTally::default();
+        let mut tally = LogTally::new(&self.state.ledger_key);
         let mut after_seq = 0;
         // Up to the snapshot's last event: later ones belong to the next audit.
         // Hashing a page is CPU work (tens of ms per 10,000 events), so it
@@ -60,13 +62,22 @@ impl LedgerApi {
             .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?;
         }
         let counted = tally.events_counted(data.counters.values().sum());
-        let agents = tally.agents_match_log(&data.agents, &self.state.ledger_key);
+        let key = &self.state.ledger_key;
+        let agents = tally.agents_match_log(&data.agents, key);
+        let processes = tally.processes_match_log(&data.processes, key);
+        let (mut reservation_offenders, differing) = tally.reservations_against(&data);
+        for agent_id in differing {
+            let (rows, events) = store.reservation_history(&agent_id).await?;
+            reservation_offenders.extend(reservations_replayed(key, &rows, &events));
+        }
         tally.into_data(&mut data);
         let checked = verifier.checked();
         let chain = verifier.finish(counted);
         let (mut checks, overruns) = invariants(&data);
         checks.insert(0, chain);
         checks.insert(1, agents);
+        checks.insert(2, reservations_match_log(reservation_offenders));
+        checks.insert(3, processes);
         Ok(pb::AuditReport {
             checks: checks
                 .into_iter()

@@ -4,6 +4,7 @@
 
 pub mod sqlite;
 mod sqlite_anchor;
+mod sqlite_baseline;
 mod sqlite_ledger;
 
 use crate::ledger::chain::EventBody;
@@ -287,8 +288,13 @@ pub struct AuditData {
     /// The anchor file as read just before the snapshot (None: the store
     /// keeps no anchor), and the hash of the event at its seq in the snapshot.
     pub anchor: Option<crate::ledger::anchor::AnchorState>,
-    /// Per agent id: reservation rows and the sum of their charges.
-    pub reservation_rows: std::collections::HashMap<String, (i64, i64)>,
+    /// The open reservation rows, compared one by one with the log.
+    pub open_reservation_rows: Vec<crate::ledger::fold::ReservationRow>,
+    /// The closed reservation rows, digested per agent (see
+    /// `ledger::fold::reservations`): the history is never held in memory.
+    pub closed_reservations: crate::ledger::fold::ClosedDigest,
+    /// Every supervised process, ended ones included.
+    pub processes: Vec<ProcessRecord>,
     pub hash_at_anchor: Option<String>,
     /// The newest event when the rest was read: everything above is one
     /// snapshot, and the audit checks the log up to this event.
@@ -402,6 +408,12 @@ pub trait Store: Send + Sync + 'static {
     async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError>;
 
     async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError>;
+    /// One agent's reservation rows and its events, read in one snapshot:
+    /// audit replays them to name the rows that differ from the log.
+    async fn reservation_history(
+        &self,
+        agent_id: &str,
+    ) -> Result<(Vec<crate::ledger::fold::ReservationRow>, Vec<EventRecord>), StoreError>;
     async fn status_totals(&self) -> Result<StatusTotals, StoreError>;
     /// Activity per agent id since `window_start_ms` (charges) and
     /// `minute_start_ms` (admissions).

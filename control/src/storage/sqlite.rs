@@ -92,9 +92,16 @@ impl SqliteStore {
             .await?;
         // Before the ledger writer starts and anything is admitted.
         let anchor = match anchor_path {
-            Some(p) => Some(Arc::new(
-                super::sqlite_anchor::check_and_open(&writer, &ledger_key, p).await?,
-            )),
+            Some(p) => {
+                let anchor = super::sqlite_anchor::check_and_open(&writer, &ledger_key, p).await?;
+                if super::sqlite_baseline::commit_legacy_tokens(&writer, &ledger_key).await? > 0 {
+                    let (seq, hash) = super::sqlite_anchor::head(&writer).await?;
+                    anchor
+                        .write(seq, &hash)
+                        .map_err(|e| StoreError::Unavailable(format!("ledger head anchor: {e}")))?;
+                }
+                Some(Arc::new(anchor))
+            }
             None => None,
         };
         let ledger = LedgerWriter::start(path, ledger_key.clone(), wal, anchor.clone())?;
@@ -768,7 +775,10 @@ impl Store for SqliteStore {
                 reservation_id: "",
                 amount_micro: 0,
                 reason: "",
-                details: json!({"process_id": p.id, "command": p.command, "host": p.host}),
+                details: json!({
+                    "process_id": p.id, "command": p.command, "host": p.host,
+                    "token_mac": crate::ledger::fold::token_mac(&self.ledger_key, &p.token_sha256),
+                }),
             },
         )
         .await?;
@@ -904,12 +914,32 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         data.last_seq = last_seq.unwrap_or(0);
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT agent_id, COUNT(*), COALESCE(SUM(charged_micro), 0) FROM reservations GROUP BY agent_id",
-        )
+        let rows: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations WHERE state = 'open'"
+        ))
         .fetch_all(&mut *tx)
         .await?;
-        data.reservation_rows = rows.into_iter().map(|(a, n, c)| (a, (n, c))).collect();
+        data.open_reservation_rows = rows.into_iter().map(Into::into).collect();
+        // In pages, by key: the history can hold millions of rows.
+        data.closed_reservations = crate::ledger::fold::ClosedDigest::new(&self.ledger_key);
+        let mut after_id = String::new();
+        loop {
+            let page: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+                "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations \
+                 WHERE id > $1 AND state <> 'open' ORDER BY id LIMIT 10000"
+            ))
+            .bind(&after_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = page.last() else { break };
+            after_id = last.id.clone();
+            for row in page {
+                data.closed_reservations
+                    .add(&crate::ledger::fold::ReservationRow::from(row).facts);
+            }
+        }
+        let rows: Vec<ProcessRow> = sqlx::query_as(PROCESS_SELECT).fetch_all(&mut *tx).await?;
+        data.processes = rows.into_iter().map(Into::into).collect();
         if let Some(crate::ledger::anchor::AnchorState::Present(a)) = &anchor {
             data.hash_at_anchor = if a.seq == 0 {
                 Some(GENESIS.to_string())
@@ -923,6 +953,32 @@ impl Store for SqliteStore {
         data.anchor = anchor;
         tx.commit().await?;
         Ok(data)
+    }
+
+    async fn reservation_history(
+        &self,
+        agent_id: &str,
+    ) -> Result<(Vec<crate::ledger::fold::ReservationRow>, Vec<EventRecord>), StoreError> {
+        let mut tx = self.reader.begin().await?;
+        let rows: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations WHERE agent_id = $1"
+        ))
+        .bind(agent_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<EventRow> = sqlx::query_as(
+            "SELECT seq, ts_ms, kind, agent_id, agent_name, reservation_id, amount_micro, reason, \
+             details, prev_hash, hash FROM events WHERE agent_id = $1 \
+             AND kind IN ('admit', 'settle', 'release', 'expire', 'overrun') ORDER BY seq",
+        )
+        .bind(agent_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            rows.into_iter().map(Into::into).collect(),
+            events.into_iter().map(Into::into).collect(),
+        ))
     }
 
     async fn status_totals(&self) -> Result<StatusTotals, StoreError> {
@@ -1028,9 +1084,63 @@ impl Store for SqliteStore {
     }
 }
 
-const PROCESS_SELECT: &str = "SELECT p.id, p.agent_id, a.name AS agent_name, p.token_sha256, p.pid, \
-    p.command, p.host, p.state, p.started_at_ms, p.ended_at_ms, p.exit_code, p.reason, p.kill_reason \
-    FROM processes p JOIN agents a ON a.id = p.agent_id";
+// A LEFT JOIN: a process row naming no agent is shown (and audited), not hidden.
+const PROCESS_SELECT: &str = "SELECT p.id, p.agent_id, COALESCE(a.name, '') AS agent_name, \
+    p.token_sha256, p.pid, p.command, p.host, p.state, p.started_at_ms, p.ended_at_ms, p.exit_code, \
+    p.reason, p.kill_reason FROM processes p LEFT JOIN agents a ON a.id = p.agent_id";
+
+const RESERVATION_AUDIT_COLUMNS: &str = "id, agent_id, request_id, model, amount_micro, \
+    input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, state, \
+    created_at_ms, settled_at_ms, charged_micro, outcome, prompt_tokens, completion_tokens, overrun_micro";
+
+#[derive(sqlx::FromRow)]
+struct ReservationAuditRow {
+    id: String,
+    agent_id: String,
+    request_id: String,
+    model: String,
+    amount_micro: i64,
+    input_pico_per_token: i64,
+    output_pico_per_token: i64,
+    input_tokens_bound: i64,
+    output_tokens_cap: i64,
+    state: String,
+    created_at_ms: i64,
+    settled_at_ms: Option<i64>,
+    charged_micro: Option<i64>,
+    outcome: Option<String>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    overrun_micro: i64,
+}
+
+impl From<ReservationAuditRow> for crate::ledger::fold::ReservationRow {
+    fn from(r: ReservationAuditRow) -> Self {
+        Self {
+            facts: crate::ledger::fold::ReservationFacts {
+                id: r.id,
+                agent_id: r.agent_id,
+                request_id: r.request_id,
+                model: r.model,
+                amount_micro: r.amount_micro,
+                input_tokens_bound: r.input_tokens_bound,
+                output_tokens_cap: r.output_tokens_cap,
+                created_at_ms: r.created_at_ms,
+                state: r.state,
+                settled_at_ms: r.settled_at_ms,
+                charged_micro: r.charged_micro,
+                outcome: r.outcome,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                overrun_micro: r.overrun_micro,
+            },
+            pricing: crate::money::Pricing {
+                input_pico_per_token: r.input_pico_per_token,
+                output_pico_per_token: r.output_pico_per_token,
+            },
+        }
+    }
+}
 
 #[derive(sqlx::FromRow)]
 struct ProcessRow {
@@ -1459,5 +1569,76 @@ mod tests {
             s.update_agent("nobody", AgentPatch::default()).await,
             Err(StoreError::AgentNotFound(_))
         ));
+    }
+
+    /// An agent created before the chain committed to tokens: swapping its
+    /// token went unnoticed until the first start of this version gave it
+    /// an `agent.baseline` commitment.
+    #[tokio::test]
+    async fn legacy_agents_get_their_token_committed_once() {
+        let (_d, s) = store().await;
+        let key = vec![7; 32];
+        s.create_agent(new_agent("old", "h1")).await.unwrap();
+        // Rewrite the log as an earlier version wrote it: no token_mac.
+        let created: (String,) = sqlx::query_as("SELECT details FROM events WHERE seq = 1")
+            .fetch_one(&s.writer)
+            .await
+            .unwrap();
+        let mut details: serde_json::Value = serde_json::from_str(&created.0).unwrap();
+        details.as_object_mut().unwrap().remove("token_mac");
+        let mut events = s.list_events(EventFilter::default()).await.unwrap();
+        events[0].body.details_json = details.to_string();
+        let mut prev = GENESIS.to_string();
+        for e in &mut events {
+            e.prev_hash = prev.clone();
+            e.hash = chain_hash(&key, &prev, &e.body);
+            sqlx::query("UPDATE events SET details = $2, prev_hash = $3, hash = $4 WHERE seq = $1")
+                .bind(e.body.seq)
+                .bind(&e.body.details_json)
+                .bind(&e.prev_hash)
+                .bind(&e.hash)
+                .execute(&s.writer)
+                .await
+                .unwrap();
+            prev = e.hash.clone();
+        }
+        let fold_against = |events: &[EventRecord], rows: &[AgentRecord]| {
+            let mut fold = crate::ledger::fold::AgentFold::default();
+            for e in events {
+                fold.push(e);
+            }
+            fold.compare(rows, &key)
+        };
+        let mut swapped = s.list_agents(true).await.unwrap();
+        swapped[0].token_sha256 = "attacker".into();
+        assert_eq!(
+            fold_against(&events, &swapped),
+            Vec::<String>::new(),
+            "without a commitment the swap is not seen"
+        );
+        assert_eq!(
+            super::super::sqlite_baseline::commit_legacy_tokens(&s.writer, &key)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            super::super::sqlite_baseline::commit_legacy_tokens(&s.writer, &key)
+                .await
+                .unwrap(),
+            0,
+            "once"
+        );
+        let events = s.list_events(EventFilter::default()).await.unwrap();
+        assert_eq!(events.last().unwrap().body.kind, "agent.baseline");
+        let rows = s.list_agents(true).await.unwrap();
+        assert_eq!(fold_against(&events, &rows), Vec::<String>::new());
+        let offenders = fold_against(&events, &swapped);
+        assert!(
+            offenders
+                .iter()
+                .any(|o| o.contains("token hash was replaced")),
+            "{offenders:?}"
+        );
     }
 }

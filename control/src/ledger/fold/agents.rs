@@ -3,24 +3,10 @@
 //! raised, a token swapped, an agent renamed, a policy or a state changed in
 //! the database without `ledger.key` is named. Pure: events in, offenders out.
 
+use super::token_mac;
 use crate::storage::{AgentRecord, EventRecord};
-use hmac::{Hmac, Mac};
 use serde_json::Value;
-use sha2::Sha256;
 use std::collections::HashMap;
-
-/// The chain's commitment to an agent's token hash: keyed, so the events
-/// (which `aexctl events` prints) never carry a token verifier anyone
-/// without `ledger.key` could use or forge.
-pub fn token_mac(ledger_key: &[u8], token_sha256: &str) -> String {
-    let mut derive =
-        Hmac::<Sha256>::new_from_slice(ledger_key).expect("HMAC accepts any key length");
-    derive.update(b"aex/token-commit/v1");
-    let mut mac = Hmac::<Sha256>::new_from_slice(&derive.finalize().into_bytes())
-        .expect("HMAC accepts any key length");
-    mac.update(token_sha256.as_bytes());
-    crate::config::hex(&mac.finalize().into_bytes())
-}
 
 /// What the chain says an agent is.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -142,7 +128,10 @@ impl AgentFold {
                     a.scope = v.to_string();
                 }
             }
-            "agent.token_rotated" => {
+            // `agent.baseline`: the chain's first commitment to the token of
+            // an agent created before tokens were committed (written once at
+            // start, see `storage::sqlite`).
+            "agent.token_rotated" | "agent.baseline" => {
                 a.token_mac = details["token_mac"].as_str().map(str::to_string);
                 a.token_expires_at_ms = details["token_expires_at_ms"].as_i64();
             }
@@ -227,8 +216,10 @@ impl AgentFold {
                 offenders.push(format!("agent '{}': {}", row.name, differs.join("; ")));
             }
         }
+        let with_rows: std::collections::HashSet<&str> =
+            rows.iter().map(|r| r.id.as_str()).collect();
         for (id, f) in &self.agents {
-            if !rows.iter().any(|r| &r.id == id) {
+            if !with_rows.contains(id.as_str()) {
                 offenders.push(format!(
                     "agent '{}' (id {id}) is in the log but its row was deleted",
                     f.name
