@@ -372,7 +372,7 @@ async fn main() {
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let home = aex_control::home::Home::new(dir.path());
+    let home = aex_core::home::Home::new(dir.path());
     home.init(false).expect("init");
     std::fs::write(home.models_yaml(), models_yaml(mock_addr)).expect("models.yaml");
     let mut daemons = Daemons(Vec::new());

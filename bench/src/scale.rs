@@ -6,11 +6,11 @@
 //! `aexctl agent list`.
 
 use crate::{Daemons, sibling, spawn, workload};
-use aex_control::money::Pricing;
 use aex_control::storage::sqlite::SqliteStore;
 use aex_control::storage::{
     Caps, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store, now_ms,
 };
+use aex_core::money::Pricing;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ pub fn new_agent(i: u64) -> NewAgent {
 
 /// Agents, then reservation + settlement pairs (two events each) spread
 /// over them, 64 at a time. Returns the seconds the events took.
-async fn seed(home: &aex_control::home::Home, agents: u64, events: u64) -> (f64, f64) {
+async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f64) {
     let store = Arc::new(
         SqliteStore::open(&home.db_path(), home.read_ledger_key().expect("ledger key"))
             .await
@@ -223,15 +223,15 @@ async fn measure(home: &Path, args: &ScaleArgs) -> Measured {
 }
 
 pub async fn run(args: ScaleArgs, mock_addr: std::net::SocketAddr, out: &Path) {
-    let write_models = |home: &aex_control::home::Home| {
+    let write_models = |home: &aex_core::home::Home| {
         std::fs::write(home.models_yaml(), crate::models_yaml(mock_addr)).expect("models.yaml");
     };
     let empty_dir = tempfile::tempdir().expect("tempdir");
-    let empty = aex_control::home::Home::new(empty_dir.path());
+    let empty = aex_core::home::Home::new(empty_dir.path());
     empty.init(false).expect("init");
     write_models(&empty);
     let big_dir = tempfile::tempdir().expect("tempdir");
-    let big = aex_control::home::Home::new(big_dir.path());
+    let big = aex_core::home::Home::new(big_dir.path());
     big.init(false).expect("init");
     write_models(&big);
 

@@ -1,7 +1,7 @@
 //! Where the daemons are: a flag wins, then the environment, then what
 //! `aexctl daemon start` recorded in AEX_HOME/run, then the defaults.
 
-use aex_control::home::Home;
+use aex_core::home::Home;
 
 pub const DEFAULT_CONTROL_ADDR: &str = "http://127.0.0.1:9001";
 pub const DEFAULT_DATAPLANE_ADDR: &str = "127.0.0.1:9000";

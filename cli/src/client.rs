@@ -1,7 +1,7 @@
 //! gRPC connection to the control plane, carrying the admin credential.
 
 use crate::error::{CliError, Result};
-use aex_control::home::Home;
+use aex_core::home::Home;
 use aex_proto::v1::{
     agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
     model_service_client::ModelServiceClient, process_service_client::ProcessServiceClient,

@@ -51,8 +51,8 @@ impl CliError {
     }
 }
 
-impl From<aex_control::home::HomeError> for CliError {
-    fn from(e: aex_control::home::HomeError) -> Self {
+impl From<aex_core::home::HomeError> for CliError {
+    fn from(e: aex_core::home::HomeError) -> Self {
         CliError::Failed(e.to_string())
     }
 }

@@ -1,5 +1,5 @@
 fn main() -> std::process::ExitCode {
     // `daemon start` creates the logs and run files; `init` the home.
-    aex_control::home::create_files_private();
+    aex_core::home::create_files_private();
     aexctl::main()
 }

@@ -1,7 +1,7 @@
 //! gRPC credentials. Admin RPCs and data-plane RPCs each require their own
 //! bearer token, so a leaked sidecar credential cannot create agents.
 
-use crate::secrets::secrets_match;
+use aex_core::secrets::secrets_match;
 use std::sync::Arc;
 use tonic::{Request, Status, service::Interceptor};
 

@@ -1,8 +1,8 @@
 //! The control plane's one error type, mapped once to a gRPC status.
 
-use crate::config::ConfigError;
-use crate::home::HomeError;
 use crate::storage::StoreError;
+use aex_core::config::ConfigError;
+use aex_core::home::HomeError;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]

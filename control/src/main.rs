@@ -1,6 +1,6 @@
 use aex_control::admission::core::ExpiryPolicy;
-use aex_control::home::Home;
 use aex_control::server::{Control, ReservationSettings};
+use aex_core::home::Home;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,14 +10,17 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "aex-control", version)]
 struct Args {
+    /// Without a command: serve.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// AEX home directory (default: $AEX_HOME, else ~/.aex).
-    #[arg(long)]
+    #[arg(long, global = true)]
     home: Option<PathBuf>,
     /// Address to listen on. Port 0 picks a free port (printed on start).
     #[arg(long, env = "AEX_CONTROL_LISTEN", default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
     /// SQLite database file (default: AEX_HOME/aex.db).
-    #[arg(long, env = "AEX_DB")]
+    #[arg(long, env = "AEX_DB", global = true)]
     db: Option<PathBuf>,
     /// How long a reservation lives without being settled or extended by a
     /// data plane's heartbeat.
@@ -39,11 +42,22 @@ struct Args {
     metrics_listen: String,
 }
 
+/// The database's own chores, run by `aexctl init` and `aexctl doctor` so
+/// that the CLI never opens the database itself.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Create the database if needed, apply pending migrations, and exit.
+    Migrate,
+    /// Check the database file (read-only) and print the verdict as JSON;
+    /// exits 1 when it is damaged.
+    CheckDb,
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    aex_control::home::create_files_private();
+    aex_core::home::create_files_private();
     let args = Args::parse();
-    let telemetry = aex_control::telemetry::init("aex-control");
+    let telemetry = aex_telemetry::init("aex-control");
     let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -57,6 +71,29 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let home = Home::resolve(args.home)?;
+    let db_path = args.db.clone().unwrap_or_else(|| home.db_path());
+    match args.command {
+        Some(Command::Migrate) => {
+            let applied = aex_control::storage::sqlite::migrate(&db_path).await?;
+            println!(
+                "{}",
+                serde_json::json!({"database": db_path, "migrations_applied": applied})
+            );
+            return Ok(());
+        }
+        Some(Command::CheckDb) => {
+            let verdict = aex_control::storage::sqlite::integrity_check(&db_path).await?;
+            println!(
+                "{}",
+                serde_json::json!({"database": db_path, "integrity": verdict})
+            );
+            if verdict != "ok" {
+                return Err(format!("{} is damaged: {verdict}", db_path.display()).into());
+            }
+            return Ok(());
+        }
+        None => {}
+    }
     let reservations = ReservationSettings {
         ttl_ms: args.reservation_ttl_ms.max(1_000),
         expiry_policy: if args.expired_reservations == "release" {
@@ -96,7 +133,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     tracing::info!(%addr, home = %home.root().display(), "control plane started");
     control
-        .serve(listener, aex_control::telemetry::shutdown_signal())
+        .serve(listener, aex_telemetry::shutdown_signal())
         .await?;
     tracing::info!("control plane stopped");
     Ok(())

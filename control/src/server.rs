@@ -3,15 +3,15 @@
 
 use crate::admission::core::{AdmissionCore, ExpiryPolicy};
 use crate::auth::RequireBearer;
-use crate::config::ModelsConfig;
 use crate::error::Result;
-use crate::home::Home;
 use crate::service::{
     admission::AdmissionApi, agents::AgentsApi, ledger::LedgerApi, models::ModelsApi,
     processes::ProcessesApi,
 };
 use crate::state::ControlState;
 use crate::storage::sqlite::SqliteStore;
+use aex_core::config::ModelsConfig;
+use aex_core::home::Home;
 use aex_proto::v1::{
     FILE_DESCRIPTOR_SET, admission_service_server::AdmissionServiceServer,
     agent_service_server::AgentServiceServer, ledger_service_server::LedgerServiceServer,
@@ -122,7 +122,7 @@ impl Control {
             state.metrics.agents.set(agents as i64);
             state.metrics.render()
         });
-        tokio::spawn(crate::metrics::serve(listener, render));
+        tokio::spawn(aex_telemetry::metrics::serve(listener, render));
     }
 
     pub async fn serve(
@@ -184,7 +184,7 @@ impl Control {
                     otel.kind = "server",
                     rpc.system = "grpc",
                 );
-                crate::telemetry::set_parent_from(&span, request.headers());
+                aex_telemetry::set_parent_from(&span, request.headers());
                 span
             })
             .add_service(health_service)

@@ -1,9 +1,9 @@
 //! What every RPC handler shares.
 
 use crate::admission::core::AdmissionCore;
-use crate::config::ModelsConfig;
 use crate::error::Result;
 use crate::storage::{AgentRecord, Store};
+use aex_core::config::ModelsConfig;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 

@@ -1,6 +1,6 @@
 //! The data plane's gRPC API against a real `aex-control` process.
 
-use aex_control::secrets::token_sha256;
+use aex_core::secrets::token_sha256;
 use aex_proto::v1::{
     self as pb, admission_service_client::AdmissionServiceClient, admit_response::Outcome,
     agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,

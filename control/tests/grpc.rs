@@ -1,7 +1,7 @@
 //! Drives a real `aex-control` process with raw gRPC clients.
 
-use aex_control::secrets::token_sha256;
 use aex_control::storage::{Store, sqlite::SqliteStore};
+use aex_core::secrets::token_sha256;
 use aex_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use aex_tests::{ControlPlane, TestHome};
 use tonic::transport::Channel;
@@ -33,7 +33,7 @@ fn create_request(name: &str) -> pb::CreateAgentRequest {
 }
 
 async fn ledger_store(home: &TestHome) -> SqliteStore {
-    let key = aex_control::home::Home::new(home.path())
+    let key = aex_core::home::Home::new(home.path())
         .read_ledger_key()
         .unwrap();
     SqliteStore::open(&home.file("aex.db"), key).await.unwrap()

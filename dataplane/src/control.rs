@@ -39,7 +39,7 @@ impl Interceptor for Bearer {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         r.metadata_mut().insert("authorization", self.0.clone());
         // Carry the caller's trace to the control plane (W3C traceparent).
-        for (key, value) in aex_control::telemetry::current_context_headers() {
+        for (key, value) in aex_telemetry::current_context_headers() {
             if let (Ok(k), Ok(v)) = (
                 tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
                 value.parse(),

@@ -1,4 +1,4 @@
-use aex_control::home::Home;
+use aex_core::home::Home;
 use aex_dataplane::control::{Cache, ControlPlane};
 use aex_dataplane::server::{Gateway, Limits};
 use clap::Parser;
@@ -66,13 +66,13 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    aex_control::home::create_files_private();
+    aex_core::home::create_files_private();
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let telemetry = runtime.block_on(async { aex_control::telemetry::init("aex-dataplane") });
+    let telemetry = runtime.block_on(async { aex_telemetry::init("aex-dataplane") });
     let code = match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -133,7 +133,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     listener.local_addr()?
                 );
                 let render = Arc::new(move || metrics.render());
-                tokio::spawn(aex_control::metrics::serve(listener, render));
+                tokio::spawn(aex_telemetry::metrics::serve(listener, render));
             }
             Err(e) => eprintln!(
                 "aex-dataplane: metrics disabled: cannot listen on {} ({e}); pick another with --metrics-listen",
@@ -146,7 +146,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listener,
         gateway,
         control,
-        aex_control::telemetry::shutdown_signal(),
+        aex_telemetry::shutdown_signal(),
         Duration::from_millis(args.drain_ms),
         args.max_connections.max(1),
     )

@@ -105,6 +105,6 @@ impl Default for Metrics {
 impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
-        aex_control::metrics::render_text(&self.registry)
+        aex_telemetry::metrics::render_text(&self.registry)
     }
 }

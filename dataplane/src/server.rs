@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::openai::{self, Api, Inspected};
 use crate::simulated::{self, SimulatedResponse};
 use crate::sse::{SseMeter, Usage, output_text_bytes, usage_of};
-use aex_control::money::{Pricing, charge};
+use aex_core::money::{Pricing, charge};
 use aex_proto::v1 as pb;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -252,7 +252,7 @@ fn retry_after_ms(header: &ResponseHeader) -> u64 {
 }
 
 fn new_request_id() -> String {
-    aex_control::secrets::new_id("req")
+    aex_core::secrets::new_id("req")
 }
 
 impl Gateway {
@@ -365,7 +365,7 @@ impl Gateway {
                     url.path = %p,
                     aex.request_id = %request_id,
                 );
-                aex_control::telemetry::set_parent_from(&span, &session.req_header().headers);
+                aex_telemetry::set_parent_from(&span, &session.req_header().headers);
                 let keep = self
                     .proxy(session, api, &request_id, &mut observed)
                     .instrument(span)
@@ -412,7 +412,7 @@ impl Gateway {
             })
             .map(str::trim)
             .unwrap_or("");
-        aex_control::secrets::token_sha256(token)
+        aex_core::secrets::token_sha256(token)
     }
 
     fn denial_error(d: pb::Denial) -> ApiError {
@@ -660,7 +660,7 @@ impl Gateway {
         admission: &pb::Admission,
         outcome: pb::SettleOutcome,
         metered: Metered,
-    ) -> aex_control::money::Charge {
+    ) -> aex_core::money::Charge {
         charge(
             Pricing {
                 input_pico_per_token: admission.input_pico_per_token,
@@ -786,7 +786,7 @@ impl Gateway {
         let _ = req.insert_header("x-aex-request-id", request_id);
         // The provider's spans become children of ours; without tracing the
         // client's own traceparent (copied above) passes through.
-        for (key, value) in aex_control::telemetry::current_context_headers() {
+        for (key, value) in aex_telemetry::current_context_headers() {
             let _ = req.insert_header(key, value);
         }
         if let Some(key) = api_key {
@@ -1184,7 +1184,7 @@ impl Gateway {
                          the operator must set a valid key in {} (in AEX_HOME/.env or the environment of \
                          aex-dataplane) and restart the data plane.",
                         admission.provider,
-                        aex_control::config::api_key_env(&admission.provider),
+                        aex_core::config::api_key_env(&admission.provider),
                     ),
                 );
                 tracing::warn!(provider = %admission.provider, status, "provider refused AEX's key");

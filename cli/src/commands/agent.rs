@@ -1,8 +1,8 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
 use crate::output::{parse_ttl, print_json, rfc3339, rfc3339_opt, table};
-use aex_control::home::Home;
-use aex_control::money::{parse_usd, usd, usd_with_micro};
+use aex_core::home::Home;
+use aex_core::money::{parse_usd, usd, usd_with_micro};
 use aex_proto::v1 as pb;
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;

@@ -1,7 +1,7 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
 use crate::output::print_json;
-use aex_control::home::Home;
+use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use serde_json::json;
 

@@ -1,6 +1,6 @@
 use crate::error::{CliError, Result};
 use crate::output::print_json;
-use aex_control::home::Home;
+use aex_core::home::Home;
 use clap::Subcommand;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -2,8 +2,8 @@ use crate::client::Admin;
 use crate::commands::daemon::{http_get, running_pid};
 use crate::error::{CliError, Result};
 use crate::output::print_json;
-use aex_control::config::{ModelsConfig, ProviderKind};
-use aex_control::home::Home;
+use aex_core::config::{ModelsConfig, ProviderKind};
+use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
@@ -128,27 +128,44 @@ pub async fn run(home: &Home, control: &str, dataplane: &str, args: Args) -> Res
             }
         }
         Err(_) if db.exists() => {
-            let url = format!("sqlite://{}?mode=ro", db.display());
-            let verdict: std::result::Result<String, String> = async {
-                let pool = sqlx::SqlitePool::connect(&url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (r,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-                    .fetch_one(&pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(r)
-            }
-            .await;
-            match verdict {
-                Ok(r) if r == "ok" => line(
-                    true,
+            // The control plane's binary checks its own database: aexctl
+            // never opens it.
+            let checked =
+                tokio::process::Command::new(crate::commands::daemon::binary("aex-control"))
+                    .arg("check-db")
+                    .arg("--home")
+                    .arg(home.root())
+                    .arg("--db")
+                    .arg(&db)
+                    .output()
+                    .await;
+            match checked {
+                Ok(out) => {
+                    let verdict = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                        .ok()
+                        .and_then(|v| v["integrity"].as_str().map(str::to_string));
+                    match verdict {
+                        Some(r) if r == "ok" => line(
+                            true,
+                            "DB Integrity",
+                            "PASS (SQLite integrity check; start AEX for the full audit)",
+                            "",
+                        ),
+                        Some(r) => line(false, "DB Integrity", r, "restore aex.db from a backup"),
+                        None => line(
+                            false,
+                            "DB Integrity",
+                            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                            "check the file's permissions",
+                        ),
+                    }
+                }
+                Err(e) => line(
+                    false,
                     "DB Integrity",
-                    "PASS (SQLite integrity check; start AEX for the full audit)",
-                    "",
+                    format!("cannot run aex-control check-db: {e}"),
+                    "install aex-control next to aexctl or on PATH",
                 ),
-                Ok(r) => line(false, "DB Integrity", r, "restore aex.db from a backup"),
-                Err(e) => line(false, "DB Integrity", e, "check the file's permissions"),
             }
         }
         Err(_) => line(false, "DB Integrity", "no database", "run `aexctl init`"),

@@ -1,7 +1,7 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
 use crate::output::rfc3339;
-use aex_control::home::Home;
+use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

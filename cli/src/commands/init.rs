@@ -1,8 +1,7 @@
 use crate::error::{CliError, Result};
 use crate::output::print_json;
-use aex_control::config::ModelsConfig;
-use aex_control::home::Home;
-use aex_control::storage::sqlite::SqliteStore;
+use aex_core::config::ModelsConfig;
+use aex_core::home::Home;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,10 +24,26 @@ pub async fn run(home: &Home, args: Args) -> Result<()> {
             "{e}\nFix the file, or run `aexctl init --force` to restore the default."
         ))
     })?;
-    let key = home.read_ledger_key()?;
-    SqliteStore::open(&home.db_path(), key).await.map_err(|e| {
-        CliError::Failed(format!("cannot create {}: {e}", home.db_path().display()))
-    })?;
+    // The control plane's binary owns the database and its migrations.
+    let migrated = tokio::process::Command::new(crate::commands::daemon::binary("aex-control"))
+        .arg("migrate")
+        .arg("--home")
+        .arg(home.root())
+        .output()
+        .await
+        .map_err(|e| {
+            CliError::Failed(format!(
+                "cannot run aex-control to create {}: {e} (install aex-control next to aexctl or on PATH)",
+                home.db_path().display()
+            ))
+        })?;
+    if !migrated.status.success() {
+        return Err(CliError::Failed(format!(
+            "cannot create {}: {}",
+            home.db_path().display(),
+            String::from_utf8_lossy(&migrated.stderr).trim()
+        )));
+    }
     let name = |p: &std::path::PathBuf| {
         p.strip_prefix(home.root())
             .unwrap_or(p)

@@ -1,8 +1,8 @@
 use crate::client::Admin;
 use crate::error::Result;
 use crate::output::{print_json, rfc3339, table};
-use aex_control::home::Home;
-use aex_control::money::usd;
+use aex_core::home::Home;
+use aex_core::money::usd;
 use aex_proto::v1 as pb;
 use serde_json::json;
 use std::time::Duration;

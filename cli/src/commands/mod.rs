@@ -13,7 +13,7 @@ pub mod version;
 
 use crate::error::Result;
 use crate::{Cli, Command};
-use aex_control::home::Home;
+use aex_core::home::Home;
 
 pub async fn run(cli: Cli) -> Result<()> {
     let home = Home::resolve(cli.home)?;

@@ -1,6 +1,6 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
-use aex_control::home::Home;
+use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;

@@ -4,13 +4,13 @@
 
 use super::limiter::{Gcra, TokenBucket};
 use super::policy::{Ask, Denial, Endpoint, authenticate, plan};
-use crate::config::ModelsConfig;
 use crate::error::Result;
-use crate::secrets::new_id;
 use crate::storage::{
     AgentRecord, AgentState, DenialRecord, NewReservation, ReservationRecord, ReserveOutcome,
     SettleOutcome, Settlement, Store, now_ms,
 };
+use aex_core::config::ModelsConfig;
+use aex_core::secrets::new_id;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ pub enum Change {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
-    pub pricing: crate::money::Pricing,
+    pub pricing: aex_core::money::Pricing,
     pub reservation_id: String,
     pub agent_id: String,
     pub agent_name: String,
@@ -108,9 +108,9 @@ pub struct Settled {
     pub overrun_micro: i64,
 }
 
-/// The charge for a finished call: see [`crate::money::charge`].
-pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> crate::money::Charge {
-    crate::money::charge(
+/// The charge for a finished call: see [`aex_core::money::charge`].
+pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> aex_core::money::Charge {
+    aex_core::money::charge(
         r.pricing,
         r.amount_micro,
         s.prompt_tokens,
@@ -435,8 +435,8 @@ impl AdmissionCore {
                          ({} input tokens bound + {} output tokens). Lower max_tokens, or top up with \
                          `aexctl agent update {} --top-up USD`.",
                         tentative.agent_name,
-                        crate::money::usd_with_micro(remaining_micro.max(0)),
-                        crate::money::usd_with_micro(plan.reserve_micro),
+                        aex_core::money::usd_with_micro(remaining_micro.max(0)),
+                        aex_core::money::usd_with_micro(plan.reserve_micro),
                         ask.input_tokens_bound,
                         plan.output_tokens_cap,
                         tentative.agent_name,
@@ -707,7 +707,7 @@ impl AdmissionCore {
                 overrun_micro: 0,
             });
         };
-        let crate::money::Charge {
+        let aex_core::money::Charge {
             charged_micro: charge,
             overrun_micro,
         } = charge_for(&record, &s);

@@ -3,8 +3,8 @@
 //! cost bound to reserve) or the denial to send. No I/O, no clocks except the
 //! `now` passed in.
 
-use crate::config::{Model, ModelsConfig};
 use crate::storage::{AgentRecord, AgentState, Scope};
+use aex_core::config::{Model, ModelsConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -297,8 +297,8 @@ fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_MODELS_YAML;
     use crate::storage::Caps;
+    use aex_core::config::DEFAULT_MODELS_YAML;
     use std::path::Path;
 
     fn agent() -> AgentRecord {

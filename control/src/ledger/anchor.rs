@@ -89,9 +89,9 @@ fn decode(key: &Hmac<Sha256>, slot: &[u8]) -> Option<(u64, Anchor)> {
     };
     let seq = int(16..24) as i64;
     let hash = if seq == 0 {
-        crate::ledger::chain::GENESIS.to_string()
+        aex_core::chain::GENESIS.to_string()
     } else {
-        crate::config::hex(&slot[24..56])
+        aex_core::secrets::hex(&slot[24..56])
     };
     Some((
         int(8..16),

@@ -1,8 +1,8 @@
 //! `aexctl audit`: the ledger's invariants and the keyed hash chain, as pure
 //! functions over data the store hands over. Each check names what failed.
 
-use super::chain::{ChainKey, GENESIS};
 use crate::storage::{AuditData, EventRecord, counter_name};
+use aex_core::chain::{ChainKey, GENESIS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
@@ -466,9 +466,9 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::chain::EventBody;
-    use crate::ledger::chain::chain_hash;
     use crate::storage::{AgentRecord, AgentState, Caps, Scope};
+    use aex_core::chain::EventBody;
+    use aex_core::chain::chain_hash;
 
     fn events(key: &[u8], n: i64) -> Vec<EventRecord> {
         let mut prev = GENESIS.to_string();

@@ -1,6 +1,6 @@
-//! The append-only event log and its keyed hash chain.
+//! The append-only event log: its head anchor, the folds of stored state,
+//! and the audit. The keyed hash chain itself is `aex_core::chain`.
 
 pub mod anchor;
 pub mod audit;
-pub mod chain;
 pub mod fold;

@@ -1,11 +1,11 @@
-use crate::config::ModelsConfig;
 use crate::error::{Error, Result};
-use crate::secrets::{new_agent_token, token_prefix, token_sha256};
 use crate::service::convert::{agent_to_pb, scope_from_pb};
 use crate::state::ControlState;
 use crate::storage::{
     AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, TokenChange, now_ms,
 };
+use aex_core::config::ModelsConfig;
+use aex_core::secrets::{new_agent_token, token_prefix, token_sha256};
 use aex_proto::v1::{self as pb, agent_service_server::AgentService};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};

@@ -1,8 +1,8 @@
 //! Domain ⇄ protobuf conversions, in one place.
 
-use crate::config::{ModelsConfig, ProviderKind};
-use crate::ledger::chain::EventBody;
 use crate::storage::{AgentRecord, AgentState, EventRecord, Scope};
+use aex_core::chain::EventBody;
+use aex_core::config::{ModelsConfig, ProviderKind};
 use aex_proto::v1 as pb;
 
 pub fn scope_to_pb(s: Scope) -> pb::Scope {

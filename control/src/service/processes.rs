@@ -2,10 +2,10 @@
 //! as it runs, and its supervisor is told when to kill it.
 
 use crate::error::Error;
-use crate::secrets::{new_agent_token, new_id, token_sha256};
 use crate::service::convert::agent_to_pb;
 use crate::state::ControlState;
 use crate::storage::{AgentState, ProcessRecord, StoreError, now_ms};
+use aex_core::secrets::{new_agent_token, new_id, token_sha256};
 use aex_proto::v1::{self as pb, process_service_server::ProcessService};
 use std::pin::Pin;
 use std::sync::Arc;

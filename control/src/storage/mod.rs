@@ -7,7 +7,7 @@ mod sqlite_anchor;
 mod sqlite_baseline;
 mod sqlite_ledger;
 
-use crate::ledger::chain::EventBody;
+use aex_core::chain::EventBody;
 use async_trait::async_trait;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,7 +176,7 @@ pub struct ReservationRecord {
     pub agent_id: String,
     pub model: String,
     pub amount_micro: i64,
-    pub pricing: crate::money::Pricing,
+    pub pricing: aex_core::money::Pricing,
     pub input_tokens_bound: u64,
     pub output_tokens_cap: u64,
     pub created_at_ms: i64,

@@ -13,8 +13,8 @@ use super::{
     SettleOutcome, Settlement, StatusTotals, Store, StoreError, TokenChange, counter_name, now_ms,
 };
 use crate::ledger::anchor::AnchorFile;
-use crate::ledger::chain::{EventBody, GENESIS, chain_hash};
-use crate::money::Pricing;
+use aex_core::chain::{EventBody, GENESIS, chain_hash};
+use aex_core::money::Pricing;
 use async_trait::async_trait;
 use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -113,6 +113,55 @@ impl SqliteStore {
             anchor,
         })
     }
+}
+
+/// Creates the database if needed and applies pending migrations; how
+/// many were applied. Opens no ledger writer (for `aex-control migrate`).
+pub async fn migrate(path: &Path) -> Result<usize, StoreError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let migrator = sqlx::migrate!("./migrations/sqlite");
+    let applied_before: i64 = applied_migrations(&pool).await;
+    migrator.run(&pool).await?;
+    let applied_after: i64 = applied_migrations(&pool).await;
+    pool.close().await;
+    Ok((applied_after - applied_before).max(0) as usize)
+}
+
+async fn applied_migrations(pool: &SqlitePool) -> i64 {
+    // The table does not exist before the first migration.
+    sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// SQLite's own integrity check of the file, read-only: `ok`, or what it
+/// found (for `aexctl doctor` while the control plane is stopped).
+pub async fn integrity_check(path: &Path) -> Result<String, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Unavailable(format!(
+            "{} does not exist (run `aexctl init`)",
+            path.display()
+        )));
+    }
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let verdict: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    Ok(verdict)
 }
 
 impl SqliteStore {
@@ -458,7 +507,7 @@ impl Store for SqliteStore {
     async fn create_agent(&self, n: NewAgent) -> Result<AgentRecord, StoreError> {
         let now = now_ms();
         let agent = AgentRecord {
-            id: crate::secrets::new_id("agt"),
+            id: aex_core::secrets::new_id("agt"),
             name: n.name,
             token_sha256: n.token_sha256,
             token_prefix: n.token_prefix,
@@ -1134,7 +1183,7 @@ impl From<ReservationAuditRow> for crate::ledger::fold::ReservationRow {
                 completion_tokens: r.completion_tokens,
                 overrun_micro: r.overrun_micro,
             },
-            pricing: crate::money::Pricing {
+            pricing: aex_core::money::Pricing {
                 input_pico_per_token: r.input_pico_per_token,
                 output_pico_per_token: r.output_pico_per_token,
             },

@@ -12,7 +12,7 @@
 use super::StoreError;
 use super::sqlite::{NewEvent, append_event};
 use crate::ledger::anchor::{self, AnchorFile, AnchorState};
-use crate::ledger::chain::GENESIS;
+use aex_core::chain::GENESIS;
 use serde_json::json;
 use sqlx::SqlitePool;
 use std::path::Path;

@@ -22,8 +22,8 @@ use super::{
     StoreError, counter_name, now_ms,
 };
 use crate::ledger::anchor::AnchorFile;
-use crate::ledger::chain::{ChainKey, EventBody, GENESIS};
-use crate::money::Pricing;
+use aex_core::chain::{ChainKey, EventBody, GENESIS};
+use aex_core::money::Pricing;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::json;
 use std::path::Path;

@@ -34,5 +34,5 @@ fn keyed(ledger_key: &[u8], purpose: &[u8]) -> Hmac<Sha256> {
 pub fn token_mac(ledger_key: &[u8], token_sha256: &str) -> String {
     let mut mac = keyed(ledger_key, b"aex/token-commit/v1");
     mac.update(token_sha256.as_bytes());
-    crate::config::hex(&mac.finalize().into_bytes())
+    aex_core::secrets::hex(&mac.finalize().into_bytes())
 }

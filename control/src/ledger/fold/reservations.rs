@@ -11,8 +11,8 @@
 //! events, [`ReservationFold::detailed`]) to name the rows.
 
 use super::derived_key;
-use crate::money::Pricing;
 use crate::storage::EventRecord;
+use aex_core::money::Pricing;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -400,7 +400,7 @@ fn field_differences(row: &ReservationFacts, log: &ReservationFacts) -> Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::chain::EventBody;
+    use aex_core::chain::EventBody;
 
     const KEY: &[u8] = b"k";
 

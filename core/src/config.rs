@@ -307,7 +307,7 @@ impl ModelsConfig {
         let config = v.validate(raw);
         match (config, v.errors.into_iter().next()) {
             (Some(mut config), None) => {
-                config.digest = hex(&Sha256::digest(text.as_bytes()));
+                config.digest = crate::secrets::hex(&Sha256::digest(text.as_bytes()));
                 Ok(config)
             }
             (_, Some(first)) => Err(first),
@@ -613,23 +613,13 @@ impl Validator<'_> {
     }
 }
 
-const NAME_RULE: &str = "names may only use letters, digits, '.', '_', '-' and ':'";
+const NAME_RULE: &str = "names may only use letters, digits, '.', '_', '-', ':' and '/'";
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/'))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// The 1-based line of `a.b.c` in block-style YAML (or of the line holding a

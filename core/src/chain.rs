@@ -55,7 +55,7 @@ impl ChainKey {
         field(&e.amount_micro.to_be_bytes());
         field(e.reason.as_bytes());
         field(e.details_json.as_bytes());
-        crate::config::hex(&mac.finalize().into_bytes())
+        crate::secrets::hex(&mac.finalize().into_bytes())
     }
 }
 

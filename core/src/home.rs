@@ -108,7 +108,7 @@ impl Home {
         let digest = sha2::Sha256::digest(db.to_string_lossy().as_bytes());
         self.root.join(format!(
             "ledger-{}.head",
-            &crate::config::hex(&digest)[..16]
+            &crate::secrets::hex(&digest)[..16]
         ))
     }
 
@@ -168,7 +168,7 @@ impl Home {
             0o600,
             true,
         )?;
-        let key = crate::config::hex(&random_bytes::<32>());
+        let key = crate::secrets::hex(&random_bytes::<32>());
         write(
             self.ledger_key_path(),
             format!("{key}\n").as_bytes(),

@@ -48,7 +48,7 @@ pub fn new_credential(kind: &str) -> String {
 /// Tokens carry 256 bits of entropy, so an unsalted SHA-256 cannot be
 /// brute-forced; lower-case hex.
 pub fn token_sha256(token: &str) -> String {
-    crate::config::hex(&Sha256::digest(token.as_bytes()))
+    hex(&Sha256::digest(token.as_bytes()))
 }
 
 pub fn token_prefix(token: &str) -> String {
@@ -76,8 +76,19 @@ pub fn new_id(prefix: &str) -> String {
     format!(
         "{prefix}_{:012x}{}",
         ms & 0xffff_ffff_ffff,
-        crate::config::hex(&random_bytes::<10>())
+        hex(&random_bytes::<10>())
     )
+}
+
+/// Lower-case hex, two digits per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
