@@ -391,13 +391,11 @@ impl AdmissionCore {
             created_at_ms: now,
             expires_at_ms: now + self.reservation_ttl_ms,
         };
+        // The store adds what the reservation row holds (request id, model,
+        // bounds, prices); these are the particulars only admission knows.
         let details = json!({
-            "request_id": request_id, "model": ask.model, "endpoint": format!("{:?}", ask.endpoint),
-            "stream": ask.stream, "input_tokens_bound": ask.input_tokens_bound,
-            "output_tokens_cap": plan.output_tokens_cap, "output_cap_injected": plan.output_cap_injected,
-            // Logged so that audit can tell an open reservation repriced in the database.
-            "input_pico_per_token": model.pricing.input_pico_per_token,
-            "output_pico_per_token": model.pricing.output_pico_per_token,
+            "endpoint": format!("{:?}", ask.endpoint), "stream": ask.stream,
+            "output_cap_injected": plan.output_cap_injected,
         });
         let outcome = self
             .store
@@ -754,9 +752,9 @@ impl AdmissionCore {
                 prompt_tokens: s.prompt_tokens,
                 completion_tokens: s.completion_tokens,
                 extra_events,
+                // The store adds the token counts the row stores.
                 details: json!({
-                    "reserved_micro": record.amount_micro, "prompt_tokens": s.prompt_tokens,
-                    "completion_tokens": s.completion_tokens, "usage_reported": s.usage_reported,
+                    "reserved_micro": record.amount_micro, "usage_reported": s.usage_reported,
                     "upstream_status": s.upstream_status, "model": record.model,
                 }),
             })

@@ -1690,4 +1690,48 @@ mod tests {
             "{offenders:?}"
         );
     }
+
+    /// Whatever details a caller passes, the admit and settle events say
+    /// what the reservation row holds, so audit's replay of a store's own
+    /// writes finds nothing (benchmarks seed with bare details).
+    #[tokio::test]
+    async fn reservation_events_describe_their_rows_whatever_the_caller_adds() {
+        let (_d, s) = store().await;
+        let key = vec![7; 32];
+        let a = s.create_agent(new_agent("busy", "h1")).await.unwrap();
+        for n in 0..3 {
+            let mut r = reservation(&a.id, n, 100);
+            r.details = json!({});
+            s.reserve(r).await.unwrap();
+        }
+        for n in 0..2 {
+            s.settle(Settlement {
+                reservation_id: format!("rsv_{n}"),
+                agent_name: "busy".into(),
+                state: if n == 0 { "settled" } else { "released" },
+                charge_micro: if n == 0 { 40 } else { 0 },
+                overrun_micro: if n == 0 { 5 } else { 0 },
+                outcome: "completed".into(),
+                prompt_tokens: u64::MAX,
+                completion_tokens: 7,
+                extra_events: if n == 0 {
+                    vec![("overrun", "usage_above_reservation".into(), json!({}))]
+                } else {
+                    vec![]
+                },
+                details: serde_json::Value::Null,
+            })
+            .await
+            .unwrap();
+        }
+        let data = s.audit_data(now_ms()).await.unwrap();
+        let mut tally = crate::ledger::audit::LogTally::new(&key);
+        for e in s.list_events(EventFilter::default()).await.unwrap() {
+            tally.push(&e);
+        }
+        let (offenders, differing) = tally.reservations_against(&data);
+        assert_eq!(offenders, Vec::<String>::new());
+        assert_eq!(differing, Vec::<String>::new());
+        assert_eq!(data.open_reservation_rows.len(), 1);
+    }
 }

@@ -515,6 +515,7 @@ fn reserve(
         r.created_at_ms,
         r.expires_at_ms,
     ])?;
+    let details = admit_details(n);
     append_event(
         tx,
         key,
@@ -527,13 +528,52 @@ fn reserve(
             reservation_id: &r.id,
             amount_micro: r.amount_micro,
             reason: "",
-            details: &n.details,
+            details: &details,
             count: 1,
         },
     )?;
     Ok(ReserveOutcome::Reserved {
         remaining_micro: remaining,
     })
+}
+
+/// The admit event says everything its reservation row holds (what audit
+/// replays, see `ledger::fold`), whatever the caller added: the record's
+/// values win over the caller's details of the same name.
+fn admit_details(n: &NewReservation) -> serde_json::Value {
+    let r = &n.record;
+    let mut details = match &n.details {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    for (k, v) in [
+        ("request_id", json!(r.request_id)),
+        ("model", json!(r.model)),
+        ("input_tokens_bound", json!(r.input_tokens_bound)),
+        ("output_tokens_cap", json!(r.output_tokens_cap)),
+        (
+            "input_pico_per_token",
+            json!(r.pricing.input_pico_per_token),
+        ),
+        (
+            "output_pico_per_token",
+            json!(r.pricing.output_pico_per_token),
+        ),
+    ] {
+        details.insert(k.to_string(), v);
+    }
+    serde_json::Value::Object(details)
+}
+
+/// The settlement's event carries the token counts its row stores.
+fn settle_details(st: &Settlement) -> serde_json::Value {
+    let mut details = match &st.details {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    details.insert("prompt_tokens".into(), json!(st.prompt_tokens));
+    details.insert("completion_tokens".into(), json!(st.completion_tokens));
+    serde_json::Value::Object(details)
 }
 
 fn settle(
@@ -596,7 +636,8 @@ fn settle(
     };
     // The settlement's own event, then any extra ones (overrun, upstream
     // denial), which carry no amount.
-    let own = (kind, st.outcome.as_str(), &st.details, charge);
+    let own_details = settle_details(st);
+    let own = (kind, st.outcome.as_str(), &own_details, charge);
     let extra = st.extra_events.iter().map(|(kind, reason, details)| {
         // The overrun event carries its amount, so audit can total it.
         let amount = if *kind == "overrun" { overrun } else { 0 };
