@@ -3,10 +3,10 @@
 //! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
 
 pub mod control;
+pub mod http;
 pub mod metering;
 pub mod metrics;
 pub mod openai;
-pub mod server;
 pub mod simulated;
 pub mod sse;
 
@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 /// `max_connections` are served at once; the next ones get a 503.
 pub async fn serve(
     listener: TcpListener,
-    gateway: Arc<server::Gateway>,
+    gateway: Arc<http::Gateway>,
     control: Arc<control::ControlPlane>,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
@@ -83,7 +83,7 @@ pub async fn serve(
 /// (reading what the client sent, so it sees the answer, not a reset).
 async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = r#"{"error":{"message":"AEX is serving as many connections as it is allowed (--max-connections); retry shortly.","type":"server_error","param":null,"code":"overloaded"}}"#;
+    let body = http::GatewayError::overloaded().body();
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
@@ -92,7 +92,7 @@ async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
     // The request head usually arrives at once; do not wait long for it.
     let _ = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut scratch)).await;
     let _ = tcp.write_all(head.as_bytes()).await;
-    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.write_all(&body).await;
     let _ = tcp.shutdown().await;
     let drain = async { while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;

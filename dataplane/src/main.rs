@@ -1,6 +1,6 @@
 use aex_core::home::Home;
 use aex_dataplane::control::{Cache, ControlPlane};
-use aex_dataplane::server::{Gateway, Limits};
+use aex_dataplane::http::{Gateway, Limits};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;

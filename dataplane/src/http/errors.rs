@@ -1,0 +1,386 @@
+//! Every error the data plane answers with, in one place: its status, its
+//! OpenAI `code` and `type`, its message, the headers that go with it, and
+//! both shapes it is sent in (a JSON body, or an SSE event once a stream
+//! has begun). Named constructors, so a site says what went wrong, not
+//! which triple to send.
+
+use super::upstream::UpstreamFailure;
+use crate::openai::{self, Api};
+use aex_proto::v1 as pb;
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct GatewayError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+const INVALID_REQUEST: &str = "invalid_request_error";
+const SERVER_ERROR: &str = "server_error";
+
+impl GatewayError {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            kind,
+            message: message.into(),
+            param: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The answer to a request that is not valid HTTP/1.1, by the status
+    /// the parser chose. Never echoes the request: its head may carry a token.
+    pub fn malformed(status: u16, header_timeout: Duration) -> Self {
+        let (status, code, message) = match status {
+            408 => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "The request's headers did not arrive within {} s.",
+                    header_timeout.as_secs_f64()
+                ),
+            ),
+            414 => (
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!(
+                    "The request target is longer than {} bytes.",
+                    pingora_core::protocols::http::v1::server::MAX_REQUEST_TARGET_LEN
+                ),
+            ),
+            431 => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                "The request has too many headers, or they are too large.".to_string(),
+            ),
+            501 => (
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                "Unsupported Transfer-Encoding: AEX accepts bodies with Content-Length or chunked."
+                    .to_string(),
+            ),
+            505 => (
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "http_version_not_supported",
+                "Unsupported HTTP version: AEX speaks HTTP/1.1 and HTTP/1.0.".to_string(),
+            ),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The request is not valid HTTP/1.1 (its request line, a header, or its framing). \
+                 Check for bare CR or NUL in values, folded or duplicate headers, and a single \
+                 valid Content-Length."
+                    .to_string(),
+            ),
+        };
+        Self::new(status, code, INVALID_REQUEST, message)
+    }
+
+    pub fn bad_request(e: openai::BadRequest) -> Self {
+        let mut err = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            INVALID_REQUEST,
+            e.message,
+        );
+        err.param = (!e.param.is_empty()).then(|| e.param.to_string());
+        err
+    }
+
+    pub fn method_not_allowed(path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            INVALID_REQUEST,
+            format!("Method not allowed for {path}."),
+        )
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        // A path may be 16 KiB long: echo only its start.
+        let shown: String = path.chars().take(120).collect();
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            INVALID_REQUEST,
+            format!(
+                "Unknown path {shown}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions and /v1/models."
+            ),
+        )
+    }
+
+    pub fn body_too_large(max_body_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            INVALID_REQUEST,
+            format!("The request body is larger than {max_body_bytes} bytes."),
+        )
+    }
+
+    pub fn body_unreadable(e: &pingora_error::Error) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            INVALID_REQUEST,
+            format!("Could not read the request body: {e}"),
+        )
+    }
+
+    /// `what` says which bound was passed.
+    pub fn headers_too_large(what: String) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_header_fields_too_large",
+            INVALID_REQUEST,
+            format!("{what}. Send fewer or shorter headers."),
+        )
+    }
+
+    /// A refusal decided by the control plane. Its status, code and type
+    /// come over the wire: anything outside the closed sets AEX answers
+    /// with is mapped, never trusted into a panic.
+    pub fn denied(d: pb::Denial) -> Self {
+        let status = u16::try_from(d.http_status)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .filter(|s| s.is_client_error() || s.is_server_error())
+            .unwrap_or(StatusCode::FORBIDDEN);
+        let code = match d.code.as_str() {
+            "invalid_api_key" => "invalid_api_key",
+            "budget_exceeded" => "budget_exceeded",
+            "model_not_allowed" => "model_not_allowed",
+            "capability_denied" => "capability_denied",
+            "agent_paused" => "agent_paused",
+            "rate_limit_exceeded" => "rate_limit_exceeded",
+            _ => "invalid_request",
+        };
+        let kind = match d.r#type.as_str() {
+            "insufficient_quota" => "insufficient_quota",
+            "permission_error" => "permission_error",
+            "rate_limit_error" => "rate_limit_error",
+            _ => INVALID_REQUEST,
+        };
+        let mut e =
+            Self::new(status, code, kind, d.message).with_header("x-aex-denied-by", d.denied_by);
+        e.param = (!d.param.is_empty()).then_some(d.param);
+        if status == StatusCode::PAYMENT_REQUIRED {
+            e = e.with_header("x-should-retry", "false");
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let ms = d.retry_after_ms.max(1);
+            e = e
+                .with_header("retry-after", ms.div_ceil(1000).clamp(1, 60).to_string())
+                .with_header("retry-after-ms", ms.to_string());
+        }
+        e
+    }
+
+    pub fn control_unavailable(status: &tonic::Status) -> Self {
+        tracing::error!(%status, "control plane unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "control_plane_unavailable",
+            SERVER_ERROR,
+            "AEX cannot reach its control plane, so it cannot admit requests; retry shortly.",
+        )
+        .with_header("retry-after", "1")
+        .with_header("x-aex-denied-by", "control_plane")
+    }
+
+    /// Past `--max-connections` (answered before any request is parsed).
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            SERVER_ERROR,
+            "AEX is serving as many connections as it is allowed (--max-connections); retry shortly.",
+        )
+        .with_header("retry-after", "1")
+    }
+
+    pub fn no_route(provider: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
+            format!(
+                "No route to provider '{provider}' yet; the data plane is still loading its configuration."
+            ),
+        )
+    }
+
+    /// The provider could not be reached, or gave no answer in time.
+    pub fn upstream_unreachable(failure: &UpstreamFailure, provider: &str) -> Self {
+        if failure.is_timeout() {
+            Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                SERVER_ERROR,
+                format!("The provider '{provider}' did not answer in time: {failure}."),
+            )
+        } else {
+            Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                SERVER_ERROR,
+                format!("The provider '{provider}' could not be reached: {failure}."),
+            )
+        }
+    }
+
+    /// The provider failed after its response began (buffered calls).
+    pub fn upstream_failed_answering(failure: &UpstreamFailure, provider: &str) -> Self {
+        let (status, code) = if failure.is_timeout() {
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+        } else {
+            (StatusCode::BAD_GATEWAY, "upstream_error")
+        };
+        Self::new(
+            status,
+            code,
+            SERVER_ERROR,
+            format!("The provider '{provider}' failed while answering."),
+        )
+    }
+
+    pub fn response_too_large(provider: &str, max_response_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
+            format!(
+                "The provider '{provider}' sent a response larger than {max_response_bytes} bytes; AEX stopped reading it. \
+                 Stream the call (stream: true) or raise aex-dataplane --max-response-bytes."
+            ),
+        )
+    }
+
+    /// AEX's own provider key was refused. Relayed as is, the client would
+    /// read it as its AEX token being wrong.
+    pub fn provider_key_refused(provider: &str, upstream_status: u16) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
+            format!(
+                "The provider '{provider}' refused AEX's provider key (HTTP {upstream_status}). Your AEX token is fine: \
+                 the operator must set a valid key in {} (in AEX_HOME/.env or the environment of \
+                 aex-dataplane) and restart the data plane.",
+                aex_core::config::api_key_env(provider),
+            ),
+        )
+    }
+
+    /// The JSON body, in OpenAI's shape.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(self.error_object().to_string())
+    }
+
+    fn error_object(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+
+    /// The same error as the last event of a stream that has begun, in the
+    /// API's own stream shape.
+    pub fn sse_event(&self, api: Api) -> String {
+        let error = &self.error_object()["error"];
+        match api {
+            Api::Responses => format!(
+                "event: error\ndata: {}\n\n",
+                json!({"type": "error", "error": error})
+            ),
+            _ => format!("data: {}\n\n", json!({"error": error})),
+        }
+    }
+
+    /// A provider that failed mid-stream.
+    pub fn upstream_failed_mid_stream() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
+            "The provider failed mid-stream.",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denial(status: u32) -> pb::Denial {
+        pb::Denial {
+            http_status: status,
+            code: "budget_exceeded".into(),
+            r#type: "insufficient_quota".into(),
+            message: "no".into(),
+            denied_by: "budget".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn any_status_from_the_control_plane_is_answerable() {
+        for status in [0, 1, 99, 200, 302, 402, 429, 599, 600, 70_000, u32::MAX] {
+            let e = GatewayError::denied(denial(status));
+            assert!(
+                e.status.is_client_error() || e.status.is_server_error(),
+                "{status} -> {}",
+                e.status
+            );
+        }
+        assert_eq!(
+            GatewayError::denied(denial(402)).status,
+            StatusCode::PAYMENT_REQUIRED
+        );
+    }
+
+    #[test]
+    fn both_shapes_carry_the_same_error() {
+        let e = GatewayError::upstream_failed_mid_stream();
+        let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        let event = e.sse_event(Api::ChatCompletions);
+        let data: serde_json::Value =
+            serde_json::from_str(event.strip_prefix("data: ").unwrap().trim()).unwrap();
+        assert_eq!(body, data);
+        let event = e.sse_event(Api::Responses);
+        assert!(event.starts_with("event: error\ndata: "));
+        assert!(event.contains("\"code\":\"upstream_error\""));
+    }
+
+    #[test]
+    fn rate_limits_tell_clients_when_to_retry() {
+        let mut d = denial(429);
+        d.retry_after_ms = 2_500;
+        let e = GatewayError::denied(d);
+        let header = |n: &str| {
+            e.headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(header("retry-after"), Some("3"));
+        assert_eq!(header("retry-after-ms"), Some("2500"));
+        assert_eq!(header("x-aex-denied-by"), Some("budget"));
+    }
+}

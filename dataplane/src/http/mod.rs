@@ -1,0 +1,438 @@
+//! The OpenAI-compatible HTTP service, on pingora's HTTP server and pingora's
+//! pooled upstream connector. This file routes a request and runs a call's
+//! steps; each step is a file: `intake` (body, headers, token), `upstream`
+//! (the provider connection), `relay` (the answer back, buffered or
+//! streamed), `settle` (what it cost), `errors` (every error answered).
+//!
+//! Why not pingora's `ProxyHttp` pipeline: it picks the upstream and sends
+//! the request head before the body is read, and replays a buffered body only
+//! up to 64 KiB. AEX must read the whole body first: the model (and so the
+//! provider) is in it, admission needs it, and the upstream body is rewritten.
+//! A denied request must never reach a provider at all.
+
+mod errors;
+mod intake;
+mod relay;
+mod settle;
+mod upstream;
+
+pub use errors::GatewayError;
+pub use intake::{FORWARDED_BY_DEFAULT, MAX_HEADER_VALUE_BYTES, MAX_HEADERS, MAX_HEADERS_BYTES};
+
+use crate::control::ControlPlane;
+use crate::metrics::Metrics;
+use crate::openai::{self, Api, Inspected};
+use aex_proto::v1 as pb;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub connect_timeout: Duration,
+    /// From the request being sent to the response head arriving.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two pieces of a response; there is no total
+    /// deadline, so long streams are never truncated.
+    pub idle_timeout: Duration,
+    /// Largest non-streamed response held to meter it; a bigger one is a
+    /// 502 (streams are relayed as they come and never held whole).
+    pub max_response_bytes: usize,
+    /// From a request head's first byte to its end (408 past it).
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection is kept between requests.
+    pub keepalive_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 8 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            max_response_bytes: 32 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            keepalive_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct Gateway {
+    control: Arc<ControlPlane>,
+    connector: Connector,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// What one request's metrics need that the response head does not say.
+struct Observed {
+    endpoint: &'static str,
+    /// The model label: the requested model if configured, else "" (so
+    /// clients cannot grow the label set).
+    model: String,
+    /// Time spent waiting on the provider (not AEX's own latency).
+    upstream: Duration,
+}
+
+/// One admitted call: what every step after admission needs.
+struct Call<'a> {
+    request_id: &'a str,
+    inspected: &'a Inspected,
+    admission: &'a pb::Admission,
+}
+
+fn new_request_id() -> String {
+    aex_core::secrets::new_id("req")
+}
+
+impl Gateway {
+    pub fn new(control: Arc<ControlPlane>, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            control,
+            connector: Connector::new(None),
+            limits,
+            metrics,
+        }
+    }
+
+    /// Counts a finished API request by what was actually sent.
+    fn observe(&self, session: &ServerSession, o: &Observed, total: Duration) {
+        let Some(head) = session.response_written() else {
+            return;
+        };
+        let status = head.status.as_u16();
+        let reason = match head
+            .headers
+            .get("x-aex-denied-by")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(rule) => rule.to_string(),
+            None if status < 400 => "ok".into(),
+            None if matches!(status, 400 | 404 | 405 | 413) => "bad_request".into(),
+            None => "upstream".into(),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[o.endpoint, &o.model, &status.to_string(), &reason])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[o.endpoint])
+            .observe(total.as_secs_f64());
+        self.metrics
+            .added_latency
+            .with_label_values(&[o.endpoint])
+            .observe(total.saturating_sub(o.upstream).as_secs_f64());
+    }
+
+    async fn respond(
+        session: &mut ServerSession,
+        status: StatusCode,
+        content_type: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+    ) -> bool {
+        let mut h = upstream::response_head(status, headers.len() + 3);
+        let _ = h.insert_header("content-type", content_type);
+        let _ = h.insert_header("content-length", body.len().to_string());
+        for (k, v) in headers {
+            let _ = h.insert_header(*k, v.as_str());
+        }
+        session.write_response_header(Box::new(h)).await.is_ok()
+            && session.write_response_body(body, true).await.is_ok()
+    }
+
+    async fn respond_error(session: &mut ServerSession, request_id: &str, e: GatewayError) -> bool {
+        let mut headers = e.headers.clone();
+        headers.push(("x-aex-request-id", request_id.to_string()));
+        Self::respond(session, e.status, "application/json", &headers, e.body()).await
+    }
+
+    /// Handles one request; returns whether the connection may be reused.
+    async fn handle(&self, session: &mut ServerSession) -> bool {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let request_id = new_request_id();
+        match (method, path.as_str()) {
+            (Method::GET, "/healthz") => {
+                let body = format!(
+                    "{{\"status\":\"ok\",\"version\":\"{}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                );
+                Self::respond(
+                    session,
+                    StatusCode::OK,
+                    "application/json",
+                    &[],
+                    body.into(),
+                )
+                .await
+            }
+            (Method::GET, "/readyz") => {
+                let ready = self.control.cache.is_ready();
+                let (status, body) = if ready {
+                    (StatusCode::OK, "{\"status\":\"ready\"}")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "{\"status\":\"waiting for the control plane\"}",
+                    )
+                };
+                Self::respond(
+                    session,
+                    status,
+                    "application/json",
+                    &[],
+                    Bytes::from_static(body.as_bytes()),
+                )
+                .await
+            }
+            (Method::GET, "/v1/models") => self.list_models(session, &request_id).await,
+            (Method::POST, p) if Api::from_path(p).is_some() => {
+                let api = Api::from_path(p).expect("checked");
+                let _guard = self.control.inflight.enter();
+                let started = std::time::Instant::now();
+                let mut observed = Observed {
+                    endpoint: api.upstream_suffix().trim_start_matches('/'),
+                    model: String::new(),
+                    upstream: Duration::ZERO,
+                };
+                let span = tracing::info_span!(
+                    "aex.request",
+                    otel.name = %format!("POST {p}"),
+                    otel.kind = "server",
+                    http.request.method = "POST",
+                    url.path = %p,
+                    aex.request_id = %request_id,
+                );
+                aex_telemetry::set_parent_from(&span, &session.req_header().headers);
+                let keep = self
+                    .proxy(session, api, &request_id, &mut observed)
+                    .instrument(span)
+                    .await;
+                self.observe(session, &observed, started.elapsed());
+                keep
+            }
+            (_, p) if Api::from_path(p).is_some() || p == "/v1/models" => {
+                // Read past the body first, so a pipelined request behind
+                // it is still answered.
+                intake::drain_request_body(session).await;
+                Self::respond_error(session, &request_id, GatewayError::method_not_allowed(p)).await
+            }
+            (_, p) => {
+                intake::drain_request_body(session).await;
+                Self::respond_error(session, &request_id, GatewayError::not_found(p)).await
+            }
+        }
+    }
+
+    async fn list_models(&self, session: &mut ServerSession, request_id: &str) -> bool {
+        let request = pb::AdmitRequest {
+            request_id: request_id.to_string(),
+            token_sha256: intake::token_sha256(session),
+            endpoint: pb::Endpoint::Models as i32,
+            ..Default::default()
+        };
+        let agent_id = match self.control.admit(request).await {
+            Err(status) => {
+                return Self::respond_error(
+                    session,
+                    request_id,
+                    GatewayError::control_unavailable(&status),
+                )
+                .await;
+            }
+            Ok(r) => match r.outcome {
+                Some(pb::admit_response::Outcome::Admitted(a)) => a.agent_id,
+                Some(pb::admit_response::Outcome::Denied(d)) => {
+                    return Self::respond_error(session, request_id, GatewayError::denied(d)).await;
+                }
+                None => String::new(),
+            },
+        };
+        let data: Vec<_> = self
+            .control
+            .cache
+            .models_for(&agent_id)
+            .into_iter()
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aex"}))
+            .collect();
+        let body = json!({"object": "list", "data": data}).to_string();
+        Self::respond(
+            session,
+            StatusCode::OK,
+            "application/json",
+            &[("x-aex-request-id", request_id.to_string())],
+            body.into(),
+        )
+        .await
+    }
+
+    async fn proxy(
+        &self,
+        session: &mut ServerSession,
+        api: Api,
+        request_id: &str,
+        observed: &mut Observed,
+    ) -> bool {
+        let raw = match self.read_body(session).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                session.set_keepalive(None);
+                Self::respond_error(session, request_id, e).await;
+                // Closing while the client is still uploading would reset the
+                // connection before it reads the 413: swallow the rest of the
+                // upload first (bounded), then close.
+                intake::drain_request_body(session).await;
+                return false;
+            }
+        };
+        // After the body, so the connection stays usable for what follows.
+        if let Err(e) = intake::check_headers(session) {
+            return Self::respond_error(session, request_id, e).await;
+        }
+        let inspected = match openai::inspect(api, &raw) {
+            Ok(i) => i,
+            Err(e) => {
+                return Self::respond_error(session, request_id, GatewayError::bad_request(e))
+                    .await;
+            }
+        };
+        if self.control.cache.has_model(&inspected.model) {
+            observed.model = inspected.model.clone();
+        }
+        let endpoint = match api {
+            Api::ChatCompletions => pb::Endpoint::ChatCompletions,
+            Api::Responses => pb::Endpoint::Responses,
+            Api::Embeddings => pb::Endpoint::Embeddings,
+            Api::Completions => pb::Endpoint::Completions,
+        };
+        let admit = pb::AdmitRequest {
+            request_id: request_id.to_string(),
+            token_sha256: intake::token_sha256(session),
+            endpoint: endpoint as i32,
+            model: inspected.model.clone(),
+            stream: inspected.stream,
+            uses_tools: inspected.uses_tools,
+            uses_function_calling: inspected.uses_function_calling,
+            uses_vision: inspected.uses_vision,
+            input_tokens_bound: inspected.input_tokens_bound,
+            requested_output_tokens: inspected.requested_output_tokens,
+            output_multiplier: inspected.output_multiplier,
+        };
+        let admitted = self
+            .control
+            .admit(admit)
+            .instrument(tracing::info_span!("aex.admit", otel.kind = "client"));
+        let admission = match admitted.await {
+            Err(status) => {
+                return Self::respond_error(
+                    session,
+                    request_id,
+                    GatewayError::control_unavailable(&status),
+                )
+                .await;
+            }
+            Ok(r) => match r.outcome {
+                Some(pb::admit_response::Outcome::Admitted(a)) => a,
+                Some(pb::admit_response::Outcome::Denied(d)) => {
+                    return Self::respond_error(session, request_id, GatewayError::denied(d)).await;
+                }
+                None => {
+                    return Self::respond_error(
+                        session,
+                        request_id,
+                        GatewayError::control_unavailable(&tonic::Status::internal(
+                            "empty admission",
+                        )),
+                    )
+                    .await;
+                }
+            },
+        };
+        self.metrics.open_reservations.inc();
+        let admitted_at = std::time::Instant::now();
+        let upstream_span = tracing::info_span!(
+            "aex.upstream",
+            otel.kind = "client",
+            aex.provider = %admission.provider,
+            gen_ai.request.model = %admission.provider_model,
+        );
+        let call = Call {
+            request_id,
+            inspected: &inspected,
+            admission: &admission,
+        };
+        let (keep, mut finished) = self.forward(session, &call).instrument(upstream_span).await;
+        observed.upstream = finished
+            .upstream_time
+            .unwrap_or_else(|| admitted_at.elapsed());
+        self.settle(&call, &mut finished, &observed.model);
+        self.metrics.open_reservations.dec();
+        keep
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Gateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // A client that half-closes after its request still gets the answer
+        // (RFC 9112 §9.6), and pipelined requests are answered in order.
+        // Neither setting is carried to a reused connection's next session.
+        session.set_abort_on_close(false);
+        session.set_pipelining_enabled(true);
+        session.set_request_header_timeout(Some(self.limits.header_timeout));
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                // A request that began but is not valid HTTP gets its 4xx;
+                // one that never began (an idle connection closing) nothing.
+                if let Some(status) = session.request_reject_status() {
+                    // Never log `e` itself: it quotes the raw head, tokens included.
+                    tracing::debug!(status, kind = ?e.etype(), "malformed request");
+                    self.metrics
+                        .requests
+                        .with_label_values(&["", "", &status.to_string(), "malformed"])
+                        .inc();
+                    let error = GatewayError::malformed(status, self.limits.header_timeout);
+                    Self::respond_error(&mut session, &new_request_id(), error).await;
+                    session.close_lingering(Duration::from_secs(2)).await;
+                }
+                return None;
+            }
+        }
+        if !self.handle(&mut session).await {
+            // Whatever the client still sends is read and dropped for a
+            // moment, so it gets the answer rather than a reset.
+            session.close_lingering(Duration::from_secs(1)).await;
+            return None;
+        }
+        // pingora keeps an HTTP/1.1 connection forever between requests;
+        // bound it (unless this response already closes it).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.limits.keepalive_idle.as_secs().max(1)));
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|stream| ReusedHttpStream::from_reusable_stream(stream, settings))
+    }
+}

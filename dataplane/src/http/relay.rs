@@ -1,0 +1,327 @@
+//! The provider's answer back to the client: buffered (read whole within
+//! the response limit, metered from the body) or streamed (SSE metered as
+//! it passes and cut off at the reservation), with the provider's headers
+//! minus the hop-by-hop ones and AEX's own added.
+
+use super::errors::GatewayError;
+use super::intake::forwardable_headers;
+use super::settle::Finished;
+use super::upstream::{Upstream, UpstreamFailure, response_head, retry_after_ms};
+use super::{Call, Gateway};
+use crate::metering::cut_off_bytes;
+use crate::openai::Api;
+use crate::sse::{SseMeter, output_text_bytes, usage_of};
+use aex_proto::v1 as pb;
+use bytes::Bytes;
+use http::StatusCode;
+use pingora_core::protocols::http::ServerSession;
+use pingora_http::ResponseHeader;
+use serde_json::json;
+use std::time::Instant;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones AEX sets itself: never
+/// relayed from a provider's response.
+const NOT_RELAYED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+    "accept-encoding",
+    "expect",
+    // The body is relayed as AEX read it: identity.
+    "content-encoding",
+];
+
+/// The head the client gets for a provider's response.
+fn relayed_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
+    let mut h = response_head(upstream.status, upstream.headers.len() + 2);
+    for (name, value) in upstream.headers.iter() {
+        if !NOT_RELAYED.contains(&name.as_str()) {
+            let _ = h.append_header(name.clone(), value.clone());
+        }
+    }
+    let _ = h.insert_header("x-aex-request-id", request_id);
+    h
+}
+
+/// The clean end of a stream AEX stopped at its output cap.
+fn cut_off_event(api: Api) -> String {
+    match api {
+        Api::Responses => format!(
+            "event: response.incomplete\ndata: {}\n\n",
+            json!({"type": "response.incomplete", "response": {"status": "incomplete",
+                   "incomplete_details": {"reason": "max_output_tokens"}}})
+        ),
+        _ => format!(
+            "data: {}\n\ndata: [DONE]\n\n",
+            json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        ),
+    }
+}
+
+fn outcome_of(failure: &UpstreamFailure) -> pb::SettleOutcome {
+    if failure.is_timeout() {
+        pb::SettleOutcome::UpstreamTimeout
+    } else {
+        pb::SettleOutcome::UpstreamError
+    }
+}
+
+impl Gateway {
+    /// Sends the request upstream and the response back. Returns whether the
+    /// client connection may be reused, and how the call ended.
+    pub(super) async fn forward(
+        &self,
+        session: &mut ServerSession,
+        call: &Call<'_>,
+    ) -> (bool, Finished) {
+        let mut finished = Finished::new();
+        let provider = &call.admission.provider;
+        let Some(route) = self.control.cache.route(provider) else {
+            finished.outcome = pb::SettleOutcome::UpstreamError;
+            let e = GatewayError::no_route(provider);
+            return (
+                Self::respond_error(session, call.request_id, e).await,
+                finished,
+            );
+        };
+        let cap = call
+            .admission
+            .output_cap_injected
+            .then_some(call.admission.output_tokens_cap);
+        let body = call
+            .inspected
+            .upstream_body(&call.admission.provider_model, cap);
+        let client_headers = forwardable_headers(session, &route);
+        finished.upstream_started = Some(Instant::now());
+        let opened = tokio::select! {
+            r = self.open_upstream(&route, call, body, &client_headers) => Some(r),
+            _ = session.read_body_or_idle(true) => None,
+        };
+        let (mut upstream, header) = match opened {
+            None => {
+                finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                return (false, finished);
+            }
+            Some(Err(failure)) => {
+                finished.outcome = outcome_of(&failure);
+                let e = GatewayError::upstream_unreachable(&failure, provider);
+                return (
+                    Self::respond_error(session, call.request_id, e).await,
+                    finished,
+                );
+            }
+            Some(Ok(opened)) => opened,
+        };
+        finished.upstream_status = header.status.as_u16();
+        let is_sse = header
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if header.status == StatusCode::OK && is_sse {
+            let keep = self
+                .stream(session, &mut upstream, &header, call, &mut finished)
+                .await;
+            finished.upstream_done();
+            let complete = finished.outcome == pb::SettleOutcome::Completed;
+            self.release(upstream, complete).await;
+            return (keep, finished);
+        }
+        let keep = self
+            .buffered(session, upstream, header, call, &mut finished)
+            .await;
+        (keep, finished)
+    }
+
+    async fn buffered(
+        &self,
+        session: &mut ServerSession,
+        mut upstream: Upstream,
+        header: ResponseHeader,
+        call: &Call<'_>,
+        finished: &mut Finished,
+    ) -> bool {
+        let provider = &call.admission.provider;
+        let mut body = Vec::new();
+        let complete = loop {
+            let next = tokio::select! {
+                r = Self::read_chunk(&mut upstream, self.limits.idle_timeout) => r,
+                _ = session.read_body_or_idle(true) => {
+                    finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                    self.release(upstream, false).await;
+                    return false;
+                }
+            };
+            match next {
+                Ok(Some(chunk)) if body.len() + chunk.len() > self.limits.max_response_bytes => {
+                    // The provider generated (and may bill) what it sent:
+                    // settle it as delivered output, capped by the reservation.
+                    finished.outcome = pb::SettleOutcome::UpstreamError;
+                    finished.output_bytes = (body.len() + chunk.len()) as u64;
+                    self.release(upstream, false).await;
+                    let e =
+                        GatewayError::response_too_large(provider, self.limits.max_response_bytes);
+                    return Self::respond_error(session, call.request_id, e).await;
+                }
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break true,
+                Err(failure) => {
+                    finished.outcome = outcome_of(&failure);
+                    self.release(upstream, false).await;
+                    let e = GatewayError::upstream_failed_answering(&failure, provider);
+                    return Self::respond_error(session, call.request_id, e).await;
+                }
+            }
+        };
+        finished.upstream_done();
+        self.release(upstream, complete).await;
+        let status = header.status.as_u16();
+        let mut head = relayed_head(&header, call.request_id);
+        if header.status.is_success() {
+            let api = call.inspected.api;
+            let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            finished.usage = parsed.as_ref().and_then(|v| usage_of(api, v));
+            // The generated text, which usage must account for; a body that
+            // is not JSON counts whole.
+            finished.output_bytes = parsed
+                .as_ref()
+                .map_or(body.len() as u64, |v| output_text_bytes(api, v));
+            let cost = finished.account(call).charge.charged_micro;
+            let _ = head.insert_header("x-aex-cost-micro", cost.to_string());
+            let remaining = call.admission.remaining_micro + call.admission.reserved_micro - cost;
+            let _ = head.insert_header("x-aex-remaining-micro", remaining.to_string());
+        } else {
+            finished.upstream_retry_after_ms = retry_after_ms(&header);
+            finished.outcome = match status {
+                429 => pb::SettleOutcome::UpstreamRateLimited,
+                500.. => pb::SettleOutcome::UpstreamError,
+                // The provider refused the request: nothing generated, nothing billed.
+                _ => pb::SettleOutcome::UpstreamRejected,
+            };
+            if status == 429 {
+                // The provider's limit, not AEX's: say so, keep its Retry-After.
+                let _ = head.insert_header("x-aex-denied-by", "upstream");
+            }
+            if matches!(status, 401 | 403) {
+                tracing::warn!(provider = %provider, status, "provider refused AEX's key");
+                let e = GatewayError::provider_key_refused(provider, status);
+                return Self::respond_error(session, call.request_id, e).await;
+            }
+        }
+        let _ = head.insert_header("content-length", body.len().to_string());
+        let ok = session.write_response_header(Box::new(head)).await.is_ok()
+            && session
+                .write_response_body(Bytes::from(body), true)
+                .await
+                .is_ok();
+        if !ok {
+            finished.outcome = pb::SettleOutcome::ClientDisconnected;
+        }
+        ok
+    }
+
+    async fn stream(
+        &self,
+        session: &mut ServerSession,
+        upstream: &mut Upstream,
+        header: &ResponseHeader,
+        call: &Call<'_>,
+        finished: &mut Finished,
+    ) -> bool {
+        let api = call.inspected.api;
+        let mut head = relayed_head(header, call.request_id);
+        let _ = head.insert_header(
+            "x-aex-remaining-micro",
+            call.admission.remaining_micro.to_string(),
+        );
+        let _ = head.insert_header("cache-control", "no-cache");
+        // Chunked, so the connection outlives the stream: without it pingora
+        // delimits the body by closing (while saying keep-alive), and every
+        // request pipelined or sent after a stream was lost. HTTP/1.0
+        // clients get the close-delimited body they expect.
+        if session.req_header().version == http::Version::HTTP_11 {
+            let _ = head.insert_header("transfer-encoding", "chunked");
+        }
+        if session.write_response_header(Box::new(head)).await.is_err() {
+            finished.outcome = pb::SettleOutcome::ClientDisconnected;
+            return false;
+        }
+        let mut meter = SseMeter::new(api, !call.inspected.client_wants_usage);
+        // Every choice may run to the cap; the reservation covered them all.
+        let cap = call
+            .admission
+            .output_tokens_cap
+            .saturating_mul(u64::from(call.inspected.output_multiplier.max(1)));
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::select! {
+                r = Self::read_chunk(upstream, self.limits.idle_timeout) => r,
+                _ = session.read_body_or_idle(true) => {
+                    finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                    break;
+                }
+            };
+            let ended = match next {
+                Ok(Some(chunk)) => {
+                    meter.feed(&chunk, &mut out);
+                    false
+                }
+                Ok(None) => {
+                    meter.finish(&mut out);
+                    true
+                }
+                Err(failure) => {
+                    finished.outcome = outcome_of(&failure);
+                    // Best effort: the provider's failure is the outcome.
+                    let event = GatewayError::upstream_failed_mid_stream().sse_event(api);
+                    let _ = session.write_response_body(Bytes::from(event), false).await;
+                    break;
+                }
+            };
+            // The buffer is handed over whole: no copy per chunk.
+            if !out.is_empty()
+                && session
+                    .write_response_body(Bytes::from(std::mem::take(&mut out)), false)
+                    .await
+                    .is_err()
+            {
+                finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                break;
+            }
+            if ended {
+                break;
+            }
+            // A provider that ignores the output cap is cut off once its text
+            // is far past it, so spent never passes budget. Tokens average
+            // about 4 bytes; the margin (12 bytes a token) keeps an honest
+            // provider with long tokens from ever being cut. Counted from
+            // what was streamed, whatever usage the provider claims so far.
+            if meter.output_bytes() > cut_off_bytes(cap) {
+                finished.outcome = pb::SettleOutcome::CutOff;
+                let _ = session
+                    .write_response_body(Bytes::from(cut_off_event(api)), false)
+                    .await;
+                break;
+            }
+        }
+        finished.usage = meter.usage();
+        finished.output_bytes = meter.output_bytes();
+        if finished.outcome == pb::SettleOutcome::ClientDisconnected {
+            return false;
+        }
+        session
+            .write_response_body(Bytes::new(), true)
+            .await
+            .is_ok()
+            && finished.outcome == pb::SettleOutcome::Completed
+    }
+}
