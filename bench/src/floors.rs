@@ -245,7 +245,7 @@ where
 /// Reservations through the control plane's ledger writer, each awaited
 /// until committed, on a fresh database.
 async fn reservation_calls(dir: &Path, total: u64, concurrency: u64, max: Duration) -> Calls {
-    let store = Arc::new(
+    let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&dir.join(format!("floor-c{concurrency}.db")), vec![7; 32])
             .await
             .expect("open the store"),

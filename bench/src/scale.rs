@@ -8,7 +8,7 @@
 use crate::{Daemons, sibling, spawn, workload};
 use aex_control::storage::sqlite::SqliteStore;
 use aex_control::storage::{
-    Caps, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store, now_ms,
+    Caps, Closing, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store, now_ms,
 };
 use aex_core::money::Pricing;
 use std::path::Path;
@@ -49,7 +49,7 @@ pub fn new_agent(i: u64) -> NewAgent {
 /// Agents, then reservation + settlement pairs (two events each) spread
 /// over them, 64 at a time. Returns the seconds the events took.
 async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f64) {
-    let store = Arc::new(
+    let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&home.db_path(), home.read_ledger_key().expect("ledger key"))
             .await
             .expect("open the store"),
@@ -83,7 +83,7 @@ async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f6
                     .settle(Settlement {
                         reservation_id: format!("rsv_seed_{n}"),
                         agent_name: name,
-                        state: "settled",
+                        closing: Closing::Finished,
                         charge_micro: 3,
                         overrun_micro: 0,
                         outcome: "completed".into(),

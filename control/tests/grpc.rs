@@ -1,6 +1,6 @@
 //! Drives a real `aex-control` process with raw gRPC clients.
 
-use aex_control::storage::{Store, sqlite::SqliteStore};
+use aex_control::storage::{AgentRecord, AgentStore, StoreError, sqlite::SqliteStore};
 use aex_core::secrets::token_sha256;
 use aex_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use aex_tests::{ControlPlane, TestHome};
@@ -37,6 +37,25 @@ async fn ledger_store(home: &TestHome) -> SqliteStore {
         .read_ledger_key()
         .unwrap();
     SqliteStore::open(&home.file("aex.db"), key).await.unwrap()
+}
+
+/// The live agent whose stored token hash is `token_sha256`, as admission
+/// would find it.
+trait ByToken {
+    async fn live_agent_with_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<AgentRecord>, StoreError>;
+}
+
+impl ByToken for SqliteStore {
+    async fn live_agent_with_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let agents = self.list_agents(false).await?;
+        Ok(agents.into_iter().find(|a| a.token_sha256 == token_sha256))
+    }
 }
 
 #[tokio::test]
@@ -203,7 +222,7 @@ async fn agent_lifecycle_over_raw_grpc() {
     let store = ledger_store(&home).await;
     assert_eq!(
         store
-            .agent_by_token(&token_sha256(&token))
+            .live_agent_with_token(&token_sha256(&token))
             .await
             .unwrap()
             .unwrap()
@@ -224,14 +243,14 @@ async fn agent_lifecycle_over_raw_grpc() {
     assert_ne!(rotated.token, token);
     assert!(
         store
-            .agent_by_token(&token_sha256(&token))
+            .live_agent_with_token(&token_sha256(&token))
             .await
             .unwrap()
             .is_none()
     );
     assert_eq!(
         store
-            .agent_by_token(&token_sha256(&rotated.token))
+            .live_agent_with_token(&token_sha256(&rotated.token))
             .await
             .unwrap()
             .unwrap()
@@ -254,7 +273,7 @@ async fn agent_lifecycle_over_raw_grpc() {
     assert_eq!(deleted.state(), pb::AgentState::Deleted);
     assert!(
         store
-            .agent_by_token(&token_sha256(&rotated.token))
+            .live_agent_with_token(&token_sha256(&rotated.token))
             .await
             .unwrap()
             .is_none()

@@ -6,8 +6,8 @@ use super::limiter::{Gcra, TokenBucket};
 use super::policy::{Ask, Denial, Endpoint, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
-    AgentRecord, AgentState, DenialRecord, NewReservation, ReservationRecord, ReserveOutcome,
-    SettleOutcome, Settlement, Store, now_ms,
+    AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
+    ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, now_ms,
 };
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::new_id;
@@ -717,35 +717,35 @@ impl AdmissionCore {
                 reservation = %record.id, agent = %agent_name, reserved_micro = record.amount_micro,
                 overrun_micro, "provider reported usage above the reservation; charged the reservation, overrun recorded apart"
             );
-            extra_events.push((
-                "overrun",
-                "usage_above_reservation".to_string(),
-                json!({"reserved_micro": record.amount_micro, "charged_micro": charge,
+            extra_events.push(ExtraEvent {
+                kind: EventKind::Overrun,
+                reason: "usage_above_reservation".to_string(),
+                details: json!({"reserved_micro": record.amount_micro, "charged_micro": charge,
                        "overrun_micro": overrun_micro,
                        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}),
-            ));
+            });
         }
         if s.upstream_status == 429 || s.outcome == Outcome::UpstreamRateLimited {
-            extra_events.push((
-                "upstream_denied",
-                "upstream_429".to_string(),
-                json!({"status": s.upstream_status, "retry_after_ms": s.upstream_retry_after_ms}),
-            ));
+            extra_events.push(ExtraEvent {
+                kind: EventKind::UpstreamDenied,
+                reason: "upstream_429".to_string(),
+                details: json!({"status": s.upstream_status, "retry_after_ms": s.upstream_retry_after_ms}),
+            });
         } else if s.upstream_status >= 500
             || matches!(s.outcome, Outcome::UpstreamError | Outcome::UpstreamTimeout)
         {
-            extra_events.push((
-                "upstream_error",
-                s.outcome.as_str().to_string(),
-                json!({"status": s.upstream_status}),
-            ));
+            extra_events.push(ExtraEvent {
+                kind: EventKind::UpstreamError,
+                reason: s.outcome.as_str().to_string(),
+                details: json!({"status": s.upstream_status}),
+            });
         }
         let outcome = self
             .store
             .settle(Settlement {
                 reservation_id: record.id.clone(),
                 agent_name,
-                state: if charge == 0 { "released" } else { "settled" },
+                closing: Closing::Finished,
                 charge_micro: charge,
                 overrun_micro,
                 outcome: s.outcome.as_str().to_string(),
@@ -841,7 +841,7 @@ impl AdmissionCore {
                 .settle(Settlement {
                     reservation_id: r.id.clone(),
                     agent_name: agent_name.clone(),
-                    state: "expired",
+                    closing: Closing::Expired,
                     charge_micro: charge,
                     overrun_micro: 0,
                     outcome: "expired".into(),

@@ -1,7 +1,7 @@
 //! `aexctl audit`: the ledger's invariants and the keyed hash chain, as pure
 //! functions over data the store hands over. Each check names what failed.
 
-use crate::storage::{AuditData, EventRecord, counter_name};
+use crate::storage::{AuditData, EventKind, EventRecord};
 use aex_core::chain::{ChainKey, GENESIS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,16 +136,17 @@ impl LogTally {
         self.reservations.push(e);
         self.processes.push(e);
         let b = &e.body;
-        if b.kind == "settle" || b.kind == "expire" {
+        let kind = EventKind::parse(&b.kind);
+        if matches!(kind, Some(EventKind::Settle | EventKind::Expire)) {
             let c = self.charged.entry(b.agent_id.clone()).or_default();
             *c = c.saturating_add(b.amount_micro);
         }
-        if b.kind == "overrun" {
+        if kind == Some(EventKind::Overrun) {
             let o = self.overrun.entry(b.agent_id.clone()).or_default();
             *o = o.saturating_add(b.amount_micro);
         }
         // An aggregated denial stands for `details.count` of them.
-        let count = if b.kind == "deny" && b.agent_id.is_empty() {
+        let count = if kind == Some(EventKind::Deny) && b.agent_id.is_empty() {
             serde_json::from_str::<serde_json::Value>(&b.details_json)
                 .ok()
                 .and_then(|d| d.get("count").and_then(serde_json::Value::as_i64))
@@ -156,7 +157,11 @@ impl LogTally {
         self.aggregated_extra = self.aggregated_extra.saturating_add(count - 1);
         let c = self
             .event_counts
-            .entry((b.agent_id.clone(), counter_name(&b.kind, &b.reason)))
+            .entry((
+                b.agent_id.clone(),
+                // A kind no AEX writes still counts under its own name.
+                kind.map_or_else(|| b.kind.clone(), |k| k.counter_name(&b.reason)),
+            ))
             .or_default();
         *c = c.saturating_add(count);
     }
@@ -305,7 +310,10 @@ fn head_anchored(data: &AuditData) -> Check {
     }
     let mismatches = data
         .event_counts
-        .get(&(String::new(), "ledger.head_mismatch".to_string()))
+        .get(&(
+            String::new(),
+            EventKind::LedgerHeadMismatch.as_str().to_string(),
+        ))
         .copied()
         .unwrap_or(0);
     if mismatches > 0 {

@@ -4,3 +4,4 @@
 pub mod anchor;
 pub mod audit;
 pub mod fold;
+pub mod run;

@@ -1,10 +1,8 @@
 use crate::error::Error;
-use crate::ledger::audit::{
-    ChainVerifier, LogTally, invariants, reservations_match_log, reservations_replayed,
-};
+use crate::ledger::run::{Audit, audit_store};
 use crate::service::convert::event_to_pb;
 use crate::state::ControlState;
-use crate::storage::{EventFilter, now_ms};
+use crate::storage::{EventFilter, EventKind, now_ms};
 use aex_proto::v1::{self as pb, ledger_service_server::LedgerService};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,9 +19,6 @@ const POLICY_REASONS: &[&str] = &[
     "paused",
 ];
 
-/// Agents whose reservations one audit itemizes row by row.
-const REPLAYED_AGENTS_MAX: usize = 20;
-
 pub struct LedgerApi {
     state: Arc<ControlState>,
 }
@@ -35,60 +30,11 @@ impl LedgerApi {
 
     async fn audit(&self) -> Result<pb::AuditReport, Error> {
         let started = std::time::Instant::now();
-        let store = &self.state.store;
-        let mut data = store.audit_data(now_ms()).await?;
-        let mut verifier = ChainVerifier::new(&self.state.ledger_key);
-        let mut tally = LogTally::new(&self.state.ledger_key);
-        let mut after_seq = 0;
-        // Up to the snapshot's last event: later ones belong to the next audit.
-        // Hashing a page is CPU work (tens of ms per 10,000 events), so it
-        // runs off the runtime that serves admissions.
-        let last_seq = data.last_seq;
-        while after_seq < last_seq {
-            let page = store
-                .list_events(EventFilter {
-                    after_seq,
-                    limit: 10_000,
-                    ..Default::default()
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after_seq = last.body.seq;
-            (verifier, tally) = tokio::task::spawn_blocking(move || {
-                for e in page.iter().take_while(|e| e.body.seq <= last_seq) {
-                    verifier.push(e);
-                    tally.push(e);
-                }
-                (verifier, tally)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?;
-        }
-        let counted = tally.events_counted(data.counters.values().sum());
-        let key = &self.state.ledger_key;
-        let agents = tally.agents_match_log(&data.agents, key);
-        let processes = tally.processes_match_log(&data.processes, key);
-        let (mut reservation_offenders, differing) = tally.reservations_against(&data);
-        // Itemizing reads an agent's whole history: enough of them to act
-        // on, and a count of the rest.
-        for agent_id in differing.iter().take(REPLAYED_AGENTS_MAX) {
-            let (rows, events) = store.reservation_history(agent_id).await?;
-            reservation_offenders.extend(reservations_replayed(key, &rows, &events));
-        }
-        if differing.len() > REPLAYED_AGENTS_MAX {
-            reservation_offenders.push(format!(
-                "and {} more agents whose closed reservations differ from the log (not itemized)",
-                differing.len() - REPLAYED_AGENTS_MAX
-            ));
-        }
-        tally.into_data(&mut data);
-        let checked = verifier.checked();
-        let chain = verifier.finish(counted);
-        let (mut checks, overruns) = invariants(&data);
-        checks.insert(0, chain);
-        checks.insert(1, agents);
-        checks.insert(2, reservations_match_log(reservation_offenders));
-        checks.insert(3, processes);
+        let Audit {
+            checks,
+            events_checked,
+            overruns,
+        } = audit_store(self.state.store.as_ref(), &self.state.ledger_key).await?;
         Ok(pb::AuditReport {
             checks: checks
                 .into_iter()
@@ -99,7 +45,7 @@ impl LedgerApi {
                     offenders: c.offenders,
                 })
                 .collect(),
-            events_checked: checked,
+            events_checked,
             overruns,
             duration_ms: started.elapsed().as_millis() as i64,
         })
@@ -107,7 +53,8 @@ impl LedgerApi {
 
     async fn status(&self) -> Result<pb::Status, Error> {
         let t = self.state.store.status_totals().await?;
-        let counter = |name: &str| t.counters.get(name).copied().unwrap_or(0).max(0) as u64;
+        let counter =
+            |kind: EventKind| t.counters.get(kind.as_str()).copied().unwrap_or(0).max(0) as u64;
         let mut denials_by_reason: std::collections::HashMap<String, u64> = t
             .counters
             .iter()
@@ -134,21 +81,21 @@ impl LedgerApi {
                 .total_budget_micro
                 .saturating_sub(t.total_spent_micro)
                 .saturating_sub(t.total_reserved_micro),
-            requests_served: counter("admit"),
+            requests_served: counter(EventKind::Admit),
             denials_by_reason,
-            upstream_denials: counter("upstream_denied"),
-            upstream_errors: counter("upstream_error"),
+            upstream_denials: counter(EventKind::UpstreamDenied),
+            upstream_errors: counter(EventKind::UpstreamError),
             policy_violations,
-            overruns: counter("overrun"),
+            overruns: counter(EventKind::Overrun),
             open_reservations: t.open_reservations,
-            expired_reservations: counter("expire"),
+            expired_reservations: counter(EventKind::Expire),
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             started_at_ms: self.state.started_at_ms,
             database: self.state.database.clone(),
             data_planes: self.state.data_planes.load(Ordering::Relaxed),
             processes_active: t.running_processes as u32,
-            processes_killed: counter("process.killed"),
+            processes_killed: counter(EventKind::ProcessKilled),
             total_overrun_micro: t.total_overrun_micro,
         })
     }

@@ -4,7 +4,7 @@
 use crate::error::Error;
 use crate::service::convert::agent_to_pb;
 use crate::state::ControlState;
-use crate::storage::{AgentState, ProcessRecord, StoreError, now_ms};
+use crate::storage::{AgentState, ProcessRecord, ProcessState, StoreError, now_ms};
 use aex_core::secrets::{new_agent_token, new_id, token_sha256};
 use aex_proto::v1::{self as pb, process_service_server::ProcessService};
 use std::pin::Pin;
@@ -31,11 +31,11 @@ pub fn process_to_pb(p: &ProcessRecord) -> pb::ProcessRecord {
         pid: p.pid,
         command: p.command.clone(),
         host: p.host.clone(),
-        state: match p.state.as_str() {
-            "running" => pb::ProcessState::Running,
-            "killed" => pb::ProcessState::Killed,
-            "lost" => pb::ProcessState::Lost,
-            _ => pb::ProcessState::Exited,
+        state: match p.state() {
+            Some(ProcessState::Running) => pb::ProcessState::Running,
+            Some(ProcessState::Killed) => pb::ProcessState::Killed,
+            Some(ProcessState::Lost) => pb::ProcessState::Lost,
+            Some(ProcessState::Exited) | None => pb::ProcessState::Exited,
         } as i32,
         started_at_ms: p.started_at_ms,
         ended_at_ms: p.ended_at_ms,
@@ -50,7 +50,7 @@ type OrderStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessOrder, Status>> +
 async fn end(
     state: &ControlState,
     id: &str,
-    how: &'static str,
+    how: ProcessState,
     code: Option<i32>,
     reason: &str,
 ) -> Result<Option<ProcessRecord>, Error> {
@@ -90,7 +90,7 @@ impl ProcessService for ProcessesApi {
             pid: r.pid,
             command: r.command.chars().take(500).collect(),
             host: r.host,
-            state: "running".into(),
+            state: ProcessState::Running.as_str().into(),
             started_at_ms: now_ms(),
             ended_at_ms: None,
             exit_code: None,
@@ -169,7 +169,7 @@ impl ProcessService for ProcessesApi {
                     _ = &mut stopping => return,
                     _ = tx.closed() => {
                         // The supervisor went away without reporting an exit.
-                        if let Err(e) = end(&state, &process.id, "lost", None, "supervisor disconnected").await {
+                        if let Err(e) = end(&state, &process.id, ProcessState::Lost, None, "supervisor disconnected").await {
                             tracing::error!(error = %e, "could not mark a process lost");
                         }
                         return;
@@ -195,7 +195,11 @@ impl ProcessService for ProcessesApi {
         request: Request<pb::ProcessExit>,
     ) -> Result<Response<pb::ProcessRecord>, Status> {
         let r = request.into_inner();
-        let how = if r.killed { "killed" } else { "exited" };
+        let how = if r.killed {
+            ProcessState::Killed
+        } else {
+            ProcessState::Exited
+        };
         let ended = end(
             &self.state,
             &r.process_id,

@@ -1,164 +1,31 @@
-//! Storage behind a trait, so that callers never see which database holds
-//! the ledger. SQLite (embedded, the default) now; the SQL is written to run
-//! unchanged on PostgreSQL (`$N` parameters, no SQLite-only syntax).
+//! Storage behind traits, so that callers never see which database holds
+//! the ledger. Every decision — the new row, the events that log it, a
+//! reservation's closing state — is made above the store by `aex_core`'s
+//! domain (`agent`, `reservation`, `process`, `event`); a backend makes each
+//! step atomic and durable and seals the decided events onto the chain with
+//! [`aex_core::event::Head::seal`]. SQLite (embedded, the default) is
+//! `sqlite/`; `conformance` is what any backend must pass.
+//!
+//! Where the chain's order comes from: one appender at a time. In SQLite
+//! that is its single writer (one thread runs every write, see
+//! `sqlite/writer.rs`); another backend must keep the same property (or
+//! chain per agent, which the several-nodes issue designs).
 
+#[cfg(test)]
+pub mod conformance;
 pub mod sqlite;
-mod sqlite_anchor;
-mod sqlite_baseline;
-mod sqlite_ledger;
 
-use aex_core::chain::EventBody;
+pub use aex_core::agent::{
+    AgentPatch, AgentRecord, AgentState, AgentWrite, Caps, InvalidChange, NewAgent, Scope,
+    TokenChange,
+};
+pub use aex_core::event::{EventKind, EventRecord, NewEvent};
+pub use aex_core::process::{ProcessRecord, ProcessState};
+pub use aex_core::reservation::{
+    Closing, DenialRecord, ExtraEvent, NewReservation, ReservationRecord, ReservationState,
+    ReserveOutcome, SettleOutcome, Settlement,
+};
 use async_trait::async_trait;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Execution,
-    ReadOnly,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Execution => "execution",
-            Scope::ReadOnly => "read-only",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "execution" => Some(Scope::Execution),
-            "read-only" => Some(Scope::ReadOnly),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    Active,
-    Paused,
-    Deleted,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Active => "active",
-            AgentState::Paused => "paused",
-            AgentState::Deleted => "deleted",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "active" => Some(AgentState::Active),
-            "paused" => Some(AgentState::Paused),
-            "deleted" => Some(AgentState::Deleted),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
-    pub streaming: bool,
-    pub tools: bool,
-    pub function_calling: bool,
-    pub vision: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentRecord {
-    pub id: String,
-    pub name: String,
-    pub token_sha256: String,
-    pub token_prefix: String,
-    pub token_expires_at_ms: Option<i64>,
-    pub token_ttl_seconds: i64,
-    pub budget_micro: i64,
-    pub spent_micro: i64,
-    pub reserved_micro: i64,
-    /// Provider-reported usage beyond reservations, never charged.
-    pub overrun_micro: i64,
-    pub rpm: u32,
-    pub tpm: u64,
-    pub max_concurrent: u32,
-    pub allowed_models: Vec<String>,
-    pub caps: Caps,
-    pub scope: Scope,
-    pub state: AgentState,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-    pub last_activity_at_ms: Option<i64>,
-    pub deleted_at_ms: Option<i64>,
-}
-
-impl AgentRecord {
-    pub fn remaining_micro(&self) -> i64 {
-        self.budget_micro - self.spent_micro - self.reserved_micro
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct NewAgent {
-    pub name: String,
-    pub token_sha256: String,
-    pub token_prefix: String,
-    pub token_expires_at_ms: Option<i64>,
-    pub token_ttl_seconds: i64,
-    pub budget_micro: i64,
-    pub rpm: u32,
-    pub tpm: u64,
-    pub max_concurrent: u32,
-    pub allowed_models: Vec<String>,
-    pub caps: Caps,
-    pub scope: Scope,
-}
-
-/// Only the fields that are `Some` change.
-#[derive(Debug, Clone, Default)]
-pub struct AgentPatch {
-    pub budget_micro: Option<i64>,
-    pub top_up_micro: Option<i64>,
-    pub rpm: Option<u32>,
-    pub tpm: Option<u64>,
-    pub max_concurrent: Option<u32>,
-    pub allowed_models: Option<Vec<String>>,
-    pub streaming: Option<bool>,
-    pub tools: Option<bool>,
-    pub function_calling: Option<bool>,
-    pub vision: Option<bool>,
-    pub scope: Option<Scope>,
-}
-
-impl AgentPatch {
-    pub fn is_empty(&self) -> bool {
-        self.budget_micro.is_none()
-            && self.top_up_micro.is_none()
-            && self.rpm.is_none()
-            && self.tpm.is_none()
-            && self.max_concurrent.is_none()
-            && self.allowed_models.is_none()
-            && self.streaming.is_none()
-            && self.tools.is_none()
-            && self.function_calling.is_none()
-            && self.vision.is_none()
-            && self.scope.is_none()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenChange {
-    pub token_sha256: String,
-    pub token_prefix: String,
-    pub token_expires_at_ms: Option<i64>,
-    pub token_ttl_seconds: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventRecord {
-    pub body: EventBody,
-    pub prev_hash: String,
-    pub hash: String,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
@@ -167,101 +34,6 @@ pub struct EventFilter {
     pub after_seq: i64,
     pub since_ms: i64,
     pub limit: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReservationRecord {
-    pub id: String,
-    pub request_id: String,
-    pub agent_id: String,
-    pub model: String,
-    pub amount_micro: i64,
-    pub pricing: aex_core::money::Pricing,
-    pub input_tokens_bound: u64,
-    pub output_tokens_cap: u64,
-    pub created_at_ms: i64,
-    pub expires_at_ms: i64,
-}
-
-/// A reservation to take, and the admit event's particulars.
-#[derive(Debug, Clone)]
-pub struct NewReservation {
-    pub record: ReservationRecord,
-    pub agent_name: String,
-    pub details: serde_json::Value,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReserveOutcome {
-    Reserved {
-        remaining_micro: i64,
-    },
-    /// Nothing was reserved; a `deny` event with reason `budget` was logged.
-    InsufficientBudget {
-        remaining_micro: i64,
-    },
-    /// The request id was already admitted: this is that reservation.
-    AlreadyAdmitted(ReservationRecord),
-}
-
-/// How a reservation ends.
-#[derive(Debug, Clone)]
-pub struct Settlement {
-    pub reservation_id: String,
-    pub agent_name: String,
-    /// `settled` (charged), `released` (nothing charged) or `expired`.
-    pub state: &'static str,
-    pub charge_micro: i64,
-    /// Reported usage beyond the reservation (not charged).
-    pub overrun_micro: i64,
-    pub outcome: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Extra events to log with it, e.g. an overrun or an upstream denial.
-    pub extra_events: Vec<(&'static str, String, serde_json::Value)>,
-    pub details: serde_json::Value,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SettleOutcome {
-    Settled {
-        charged_micro: i64,
-        remaining_micro: i64,
-    },
-    /// Settled, released or expired before; nothing changed.
-    AlreadyClosed,
-    UnknownReservation,
-}
-
-/// A refused request, for the ledger.
-#[derive(Debug, Clone)]
-pub struct DenialRecord {
-    pub agent_id: String,
-    pub agent_name: String,
-    pub reason: String,
-    pub details: serde_json::Value,
-    /// Denials this record stands for: 1, or a window of unauthenticated
-    /// ones aggregated into one event (`details.count` says so too).
-    pub count: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessRecord {
-    pub id: String,
-    pub agent_id: String,
-    pub agent_name: String,
-    pub token_sha256: String,
-    pub pid: u32,
-    pub command: String,
-    pub host: String,
-    /// running | exited | killed | lost
-    pub state: String,
-    pub started_at_ms: i64,
-    pub ended_at_ms: Option<i64>,
-    pub exit_code: Option<i32>,
-    pub reason: String,
-    /// A kill ordered and not yet carried out.
-    pub kill_reason: Option<String>,
 }
 
 /// Raw material for `aexctl audit`; the checks themselves are pure
@@ -324,61 +96,148 @@ pub struct AgentActivity {
     pub denied: i64,
 }
 
-/// The counter an event bumps: its kind, and for denials the rule too.
-pub fn counter_name(kind: &str, reason: &str) -> String {
-    if kind == "deny" {
-        format!("deny:{reason}")
-    } else {
-        kind.to_string()
-    }
-}
-
+/// What went wrong, in terms any backend can say; each backend maps its
+/// own errors into these (SQLite's: `sqlite/errors.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no agent named '{0}'")]
     AgentNotFound(String),
     #[error("an agent named '{0}' already exists")]
     DuplicateName(String),
+    /// A write that collides with what is stored (a reused id, say).
+    #[error("{0}")]
+    Conflict(String),
+    /// The change would break an invariant; nothing was written.
     #[error("{0}")]
     Invalid(String),
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The ledger could not commit (or its writer is gone); nothing of the
-    /// operation happened, and retrying it is safe.
+    /// The ledger could not commit (or its writer is gone, or the database
+    /// is busy); nothing of the operation happened, and retrying it is safe.
     #[error("the ledger is unavailable: {0}")]
     Unavailable(String),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the database holds a value this AEX cannot read: {0}")]
     Corrupt(String),
+    /// Anything else the backend reported.
+    #[error("database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Every mutation appends its event to the chain in the same transaction,
-/// so the log and the state can never disagree.
+impl StoreError {
+    /// Whether the same operation may succeed if simply tried again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<InvalidChange> for StoreError {
+    fn from(e: InvalidChange) -> Self {
+        StoreError::Invalid(e.0)
+    }
+}
+
+/// Decides one change to an agent from its current row: what to write, or
+/// `None` for nothing. A backend calls it inside the transaction that reads
+/// the row (and may call it again if it retries that transaction).
+pub type AgentChange = dyn Fn(&AgentRecord) -> Result<Option<AgentWrite>, StoreError> + Send + Sync;
+
+/// Agents. A backend implements the first five; the changes below are the
+/// domain's (`aex_core::agent`), written through `change_agent`.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    async fn create_agent(&self, agent: NewAgent) -> Result<AgentRecord, StoreError>;
+pub trait AgentStore: Send + Sync + 'static {
+    /// The key this store seals the chain with; events commit to tokens under it.
+    fn ledger_key(&self) -> &[u8];
+    /// Writes a new agent and its events; `DuplicateName` if a live agent
+    /// has its name.
+    async fn insert_agent(&self, write: AgentWrite) -> Result<AgentRecord, StoreError>;
+    /// Atomically: reads the live agent `name` (`AgentNotFound`), asks
+    /// `change` what to write, writes the row and logs the events. Returns
+    /// the agent as it is after.
+    async fn change_agent(
+        &self,
+        name: &str,
+        change: Box<AgentChange>,
+    ) -> Result<AgentRecord, StoreError>;
     async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError>;
     /// A live (not deleted) agent.
     async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
-    /// The live agent whose token hashes to `token_sha256`, if any.
-    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError>;
-    async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError>;
-    async fn rotate_token(&self, name: &str, token: TokenChange)
-    -> Result<AgentRecord, StoreError>;
-    /// Pause or resume. Setting the state it already has changes nothing.
-    async fn set_state(&self, name: &str, state: AgentState) -> Result<AgentRecord, StoreError>;
-    /// Tombstones the agent: state `deleted`, token unusable, history kept.
-    async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
-    async fn list_events(&self, filter: EventFilter) -> Result<Vec<EventRecord>, StoreError>;
 
-    /// Atomically: reserve if `budget - spent - reserved` covers the amount
-    /// (else log the budget denial), insert the reservation, log the admit.
+    async fn create_agent(&self, agent: NewAgent) -> Result<AgentRecord, StoreError> {
+        let id = aex_core::secrets::new_id("agt");
+        let write = aex_core::agent::create(id, agent, now_ms(), self.ledger_key());
+        self.insert_agent(write).await
+    }
+
+    async fn update_agent(&self, name: &str, patch: AgentPatch) -> Result<AgentRecord, StoreError> {
+        self.change_agent(
+            name,
+            Box::new(move |a| Ok(aex_core::agent::update(a, &patch, now_ms())?)),
+        )
+        .await
+    }
+
+    async fn rotate_token(
+        &self,
+        name: &str,
+        token: TokenChange,
+    ) -> Result<AgentRecord, StoreError> {
+        let key = self.ledger_key().to_vec();
+        self.change_agent(
+            name,
+            Box::new(move |a| {
+                let now = now_ms();
+                Ok(Some(aex_core::agent::rotate_token(
+                    a,
+                    token.clone(),
+                    now,
+                    &key,
+                )))
+            }),
+        )
+        .await
+    }
+
+    /// Pause or resume (or delete). Setting the state it already has
+    /// changes nothing.
+    async fn set_state(&self, name: &str, state: AgentState) -> Result<AgentRecord, StoreError> {
+        self.change_agent(
+            name,
+            Box::new(move |a| Ok(aex_core::agent::set_state(a, state, now_ms()))),
+        )
+        .await
+    }
+
+    /// Tombstones the agent: state `deleted`, token unusable, history kept.
+    async fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
+        self.change_agent(
+            name,
+            Box::new(|a| Ok(Some(aex_core::agent::delete(a, now_ms())))),
+        )
+        .await
+    }
+
+    /// Pauses the agent and logs `agent.killed`.
+    async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
+        self.change_agent(
+            name,
+            Box::new(|a| Ok(Some(aex_core::agent::kill(a, now_ms())))),
+        )
+        .await
+    }
+}
+
+/// The hot path: reservations, settlements, denials.
+#[async_trait]
+pub trait LedgerStore: Send + Sync + 'static {
+    /// Atomically: returns the reservation already taken for this request
+    /// id, or reserves if `budget - spent - reserved` covers the amount and
+    /// logs [`aex_core::reservation::admit_event`], or logs
+    /// [`aex_core::reservation::budget_denial_event`] and reserves nothing.
+    /// No two reservations may both take the last micro, on any number of
+    /// nodes.
     async fn reserve(&self, reservation: NewReservation) -> Result<ReserveOutcome, StoreError>;
-    /// Closes an open reservation exactly once: moves its amount out of
-    /// `reserved` and charges `charge_micro` to `spent`.
+    /// Closes an open reservation exactly once, however often retried: moves
+    /// its amount out of `reserved`, charges [`Settlement::charge_within`]
+    /// to `spent`, adds the overrun, stores [`Settlement::final_state`] and
+    /// logs [`Settlement::events`].
     async fn settle(&self, settlement: Settlement) -> Result<SettleOutcome, StoreError>;
     async fn record_denial(&self, denial: DenialRecord) -> Result<(), StoreError>;
     async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError>;
@@ -389,27 +248,36 @@ pub trait Store: Send + Sync + 'static {
         ids: &[String],
         expires_at_ms: i64,
     ) -> Result<Vec<String>, StoreError>;
+}
 
-    /// Pauses the agent and logs `agent.killed`.
-    async fn kill_agent(&self, name: &str) -> Result<AgentRecord, StoreError>;
+/// Supervised processes (`aexctl run`).
+#[async_trait]
+pub trait ProcessStore: Send + Sync + 'static {
+    /// Stores a running process and logs [`ProcessRecord::started_event`].
     async fn start_process(&self, process: ProcessRecord) -> Result<ProcessRecord, StoreError>;
     async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError>;
     /// Records a kill order on the agent's running processes; how many.
     async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError>;
-    /// Ends a running process (`exited`, `killed` or `lost`) and logs it;
+    /// Ends a running process and logs [`ProcessRecord::ended_event`];
     /// `None` if it was not running.
     async fn end_process(
         &self,
         id: &str,
-        state: &'static str,
+        state: ProcessState,
         exit_code: Option<i32>,
         reason: &str,
     ) -> Result<Option<ProcessRecord>, StoreError>;
     async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError>;
+}
 
+/// What `events`, `audit`, `status` and `metrics` read.
+#[async_trait]
+pub trait ReportStore: Send + Sync + 'static {
+    async fn list_events(&self, filter: EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError>;
-    /// One agent's reservation rows and its events, read in one snapshot:
-    /// audit replays them to name the rows that differ from the log.
+    /// One agent's reservation rows and its events about reservations,
+    /// read in one snapshot: audit replays them to name the rows that
+    /// differ from the log.
     async fn reservation_history(
         &self,
         agent_id: &str,
@@ -423,6 +291,12 @@ pub trait Store: Send + Sync + 'static {
         minute_start_ms: i64,
     ) -> Result<std::collections::HashMap<String, AgentActivity>, StoreError>;
 }
+
+/// A whole backend. Every mutation logs its events in its own transaction,
+/// so the log and the state can never disagree.
+pub trait Store: AgentStore + LedgerStore + ProcessStore + ReportStore {}
+
+impl<T: AgentStore + LedgerStore + ProcessStore + ReportStore> Store for T {}
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

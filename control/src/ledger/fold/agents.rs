@@ -4,7 +4,7 @@
 //! the database without `ledger.key` is named. Pure: events in, offenders out.
 
 use super::token_mac;
-use crate::storage::{AgentRecord, EventRecord};
+use crate::storage::{AgentRecord, EventKind, EventRecord};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -45,11 +45,12 @@ fn int(v: &Value) -> i64 {
 impl AgentFold {
     pub fn push(&mut self, e: &EventRecord) {
         let b = &e.body;
-        if !b.kind.starts_with("agent.") {
+        let Some(kind) = EventKind::parse(&b.kind).filter(|k| k.as_str().starts_with("agent."))
+        else {
             return;
-        }
+        };
         let details: Value = serde_json::from_str(&b.details_json).unwrap_or(Value::Null);
-        if b.kind == "agent.created" {
+        if kind == EventKind::AgentCreated {
             let folded = Folded {
                 name: b.agent_name.clone(),
                 budget_micro: b.amount_micro,
@@ -84,17 +85,17 @@ impl AgentFold {
             ));
             return;
         };
-        match b.kind.as_str() {
-            "agent.topped_up" => {
+        match kind {
+            EventKind::AgentToppedUp => {
                 a.budget_micro = int(&details["budget_micro"]);
                 a.legacy_top_up = details.get("order").is_none();
             }
-            "agent.updated" => {
+            EventKind::AgentUpdated => {
                 let to = |field: &str| details.get(field).map(|c| &c["to"]);
                 // Older logs wrote a combined top-up before its update; the
                 // top-up's total is then the final budget.
                 let after_legacy_top_up = a.legacy_top_up
-                    && a.last.0 == "agent.topped_up"
+                    && a.last.0 == EventKind::AgentToppedUp.as_str()
                     && a.last.1 + 1 == b.seq
                     && a.last.2 == b.ts_ms;
                 if let Some(v) = to("budget_micro")
@@ -130,14 +131,14 @@ impl AgentFold {
             }
             // `agent.baseline`: the chain's first commitment to the token of
             // an agent created before tokens were committed (written once at
-            // start, see `storage::sqlite`).
-            "agent.token_rotated" | "agent.baseline" => {
+            // start, see `storage/sqlite/baseline.rs`).
+            EventKind::AgentTokenRotated | EventKind::AgentBaseline => {
                 a.token_mac = details["token_mac"].as_str().map(str::to_string);
                 a.token_expires_at_ms = details["token_expires_at_ms"].as_i64();
             }
-            "agent.paused" | "agent.killed" => a.state = "paused",
-            "agent.resumed" => a.state = "active",
-            "agent.deleted" => a.state = "deleted",
+            EventKind::AgentPaused | EventKind::AgentKilled => a.state = "paused",
+            EventKind::AgentResumed => a.state = "active",
+            EventKind::AgentDeleted => a.state = "deleted",
             _ => {}
         }
         a.last = (b.kind.clone(), b.seq, b.ts_ms);

@@ -11,28 +11,4 @@ pub use agents::AgentFold;
 pub use processes::ProcessFold;
 pub use reservations::{ClosedDigest, ReservationFacts, ReservationFold, ReservationRow};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-/// A purpose-specific key derived from `ledger.key`, so values the chain
-/// commits to can be neither read back nor forged by anyone without it.
-fn derived_key(ledger_key: &[u8], purpose: &[u8]) -> Vec<u8> {
-    let mut derive =
-        Hmac::<Sha256>::new_from_slice(ledger_key).expect("HMAC accepts any key length");
-    derive.update(purpose);
-    derive.finalize().into_bytes().to_vec()
-}
-
-fn keyed(ledger_key: &[u8], purpose: &[u8]) -> Hmac<Sha256> {
-    Hmac::<Sha256>::new_from_slice(&derived_key(ledger_key, purpose))
-        .expect("HMAC accepts any key length")
-}
-
-/// The chain's commitment to an agent's token hash: keyed, so the events
-/// (which `aexctl events` prints) never carry a token verifier anyone
-/// without `ledger.key` could use or forge.
-pub fn token_mac(ledger_key: &[u8], token_sha256: &str) -> String {
-    let mut mac = keyed(ledger_key, b"aex/token-commit/v1");
-    mac.update(token_sha256.as_bytes());
-    aex_core::secrets::hex(&mac.finalize().into_bytes())
-}
+pub use aex_core::chain::{derived_key, token_mac};

@@ -3,7 +3,7 @@
 //! or given another token in the database is a way in: audit names it.
 
 use super::token_mac;
-use crate::storage::{EventRecord, ProcessRecord};
+use crate::storage::{EventKind, EventRecord, ProcessRecord, ProcessState};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -29,11 +29,11 @@ pub struct ProcessFold {
 impl ProcessFold {
     pub fn push(&mut self, e: &EventRecord) {
         let b = &e.body;
-        let ended_state = match b.kind.as_str() {
-            "process.started" => None,
-            "process.exited" => Some("exited"),
-            "process.killed" => Some("killed"),
-            "process.lost" => Some("lost"),
+        let ended_state = match EventKind::parse(&b.kind) {
+            Some(EventKind::ProcessStarted) => None,
+            Some(EventKind::ProcessExited) => Some(ProcessState::Exited),
+            Some(EventKind::ProcessKilled) => Some(ProcessState::Killed),
+            Some(EventKind::ProcessLost) => Some(ProcessState::Lost),
             _ => return,
         };
         let details: Value = serde_json::from_str(&b.details_json).unwrap_or(Value::Null);
@@ -44,7 +44,7 @@ impl ProcessFold {
                 command: details["command"].as_str().unwrap_or("").to_string(),
                 host: details["host"].as_str().unwrap_or("").to_string(),
                 token_mac: details["token_mac"].as_str().map(str::to_string),
-                state: "running".to_string(),
+                state: ProcessState::Running.as_str().to_string(),
                 ended_at_ms: None,
                 exit_code: None,
                 reason: String::new(),
@@ -56,8 +56,8 @@ impl ProcessFold {
             return;
         };
         match self.processes.get_mut(&id) {
-            Some(p) if p.state == "running" => {
-                p.state = state.to_string();
+            Some(p) if p.state == ProcessState::Running.as_str() => {
+                p.state = state.as_str().to_string();
                 p.ended_at_ms = Some(b.ts_ms);
                 p.exit_code = details["exit_code"].as_i64();
                 p.reason = b.reason.clone();

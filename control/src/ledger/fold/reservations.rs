@@ -11,7 +11,7 @@
 //! events, [`ReservationFold::detailed`]) to name the rows.
 
 use super::derived_key;
-use crate::storage::EventRecord;
+use crate::storage::{EventKind, EventRecord, ReservationState};
 use aex_core::money::Pricing;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -176,19 +176,20 @@ impl ReservationFold {
 
     pub fn push(&mut self, e: &EventRecord) {
         let b = &e.body;
-        if b.kind == "overrun"
+        let kind = EventKind::parse(&b.kind);
+        if kind == Some(EventKind::Overrun)
             && let Some(f) = &mut self.just_closed
             && f.id == b.reservation_id
         {
             f.overrun_micro = f.overrun_micro.saturating_add(b.amount_micro);
             return;
         }
-        let closing_state = match b.kind.as_str() {
-            "admit" => None,
-            "settle" => Some("settled"),
-            "release" => Some("released"),
-            "expire" => Some("expired"),
-            "overrun" => {
+        let closing_state = match kind {
+            Some(EventKind::Admit) => None,
+            Some(EventKind::Settle) => Some(ReservationState::Settled.as_str()),
+            Some(EventKind::Release) => Some(ReservationState::Released.as_str()),
+            Some(EventKind::Expire) => Some(ReservationState::Expired.as_str()),
+            Some(EventKind::Overrun) => {
                 self.problems.push(format!(
                     "event seq {} records an overrun of reservation {} apart from its settlement",
                     b.seq, b.reservation_id

@@ -9,25 +9,17 @@
 //! beside it. The control plane then carries on from the database as it is
 //! (an attacker who can edit the database can stop it anyway).
 
-use super::StoreError;
-use super::sqlite::{NewEvent, append_event};
+use super::writer::{Chain, read_head};
 use crate::ledger::anchor::{self, AnchorFile, AnchorState};
-use aex_core::chain::GENESIS;
+use crate::storage::{EventKind, NewEvent, StoreError, now_ms};
+use aex_core::chain::{ChainKey, GENESIS};
+use aex_core::event::Head;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use serde_json::json;
-use sqlx::SqlitePool;
 use std::path::Path;
 
-/// The chain's newest seq and hash (`genesis` when empty).
-pub(super) async fn head(pool: &SqlitePool) -> Result<(i64, String), StoreError> {
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(pool)
-            .await?;
-    Ok(head.unwrap_or((0, GENESIS.to_string())))
-}
-
-pub(super) async fn check_and_open(
-    pool: &SqlitePool,
+pub(super) fn check_and_open(
+    conn: &mut Connection,
     ledger_key: &[u8],
     path: &Path,
 ) -> Result<AnchorFile, StoreError> {
@@ -35,20 +27,24 @@ pub(super) async fn check_and_open(
         StoreError::Unavailable(format!("ledger head anchor {}: {e}", path.display()))
     };
     let state = anchor::read(path, ledger_key);
-    let (db_seq, db_hash) = head(pool).await?;
-    let (anchored_before,): (bool,) =
-        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'ledger.anchored')")
-            .fetch_one(pool)
-            .await?;
+    let Head {
+        seq: db_seq,
+        hash: db_hash,
+    } = read_head(conn)?;
+    let anchored_before: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE kind = ?1)",
+        [EventKind::LedgerAnchored.as_str()],
+        |r| r.get(0),
+    )?;
     let mismatch = match &state {
         AnchorState::Present(a) => {
             let at_anchor: Option<String> = if a.seq == 0 {
                 Some(GENESIS.to_string())
             } else {
-                sqlx::query_scalar("SELECT hash FROM events WHERE seq = ?1")
-                    .bind(a.seq)
-                    .fetch_optional(pool)
-                    .await?
+                conn.query_row("SELECT hash FROM events WHERE seq = ?1", [a.seq], |r| {
+                    r.get(0)
+                })
+                .optional()?
             };
             if at_anchor.as_deref() == Some(a.hash.as_str()) {
                 None
@@ -87,11 +83,13 @@ pub(super) async fn check_and_open(
     };
     if mismatch.is_some() && path.exists() {
         // Keep the evidence before the anchor is rewritten.
-        let kept = path.with_extension(format!("head.rejected-{}", super::now_ms()));
+        let kept = path.with_extension(format!("head.rejected-{}", now_ms()));
         std::fs::copy(path, &kept).map_err(io)?;
     }
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let now = super::now_ms();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let key = ChainKey::new(ledger_key);
+    let mut chain = Chain::read(&tx, &key)?;
+    let now = now_ms();
     if let Some((reason, message, anchor)) = &mismatch {
         tracing::error!(reason, %message, "the ledger does not reach its anchored head; recorded in the chain (run `aexctl audit`)");
         let details = json!({
@@ -101,30 +99,25 @@ pub(super) async fn check_and_open(
             "anchor_written_at_ms": anchor.as_ref().map(|a| a.written_at_ms),
             "db_seq": db_seq, "db_hash": db_hash,
         });
-        append_event(
-            &mut tx,
-            ledger_key,
-            now,
-            NewEvent::ledger("ledger.head_mismatch", reason, details),
-        )
-        .await?;
+        chain.append(
+            &tx,
+            &NewEvent::ledger(now, EventKind::LedgerHeadMismatch, reason, details),
+        )?;
     } else if matches!(state, AnchorState::Missing) {
         // The first start with an anchor: from here on the head is known.
-        append_event(
-            &mut tx,
-            ledger_key,
-            now,
-            NewEvent::ledger(
-                "ledger.anchored",
+        chain.append(
+            &tx,
+            &NewEvent::ledger(
+                now,
+                EventKind::LedgerAnchored,
                 "",
                 json!({"anchor": path.display().to_string(), "head_seq": db_seq}),
             ),
-        )
-        .await?;
+        )?;
     }
-    tx.commit().await?;
+    let (seq, hash) = (chain.head().seq, chain.head().hash.clone());
+    tx.commit()?;
     let file = AnchorFile::open(path, ledger_key).map_err(io)?;
-    let (seq, hash) = head(pool).await?;
     file.reset(seq, &hash).map_err(io)?;
     tracing::info!(seq, hash = %hash, anchor = %path.display(), "ledger head anchored");
     Ok(file)

@@ -1,0 +1,704 @@
+//! What every store backend must do, written once against the traits: a
+//! backend's tests run the whole suite with
+//! `crate::store_conformance!(open_fresh_store)`, where `open_fresh_store`
+//! is an `async fn() -> (Guard, Backend)` opening an empty store keyed with
+//! [`KEY`] (the guard keeps its database alive for the test).
+//!
+//! Seeded from the SQLite backend's own tests; concurrency claims are made
+//! under real concurrency (tasks on a multi-threaded runtime).
+
+use super::*;
+use crate::ledger::audit::ChainVerifier;
+use crate::ledger::run::audit_store;
+use aex_core::chain::{GENESIS, chain_hash};
+use aex_core::money::Pricing;
+use serde_json::json;
+use std::sync::Arc;
+
+pub const KEY: [u8; 32] = [7; 32];
+
+/// One test per case for the backend `$open` opens.
+#[macro_export]
+macro_rules! store_conformance {
+    ($open:path) => {
+        $crate::store_conformance!(@cases $open;
+            lifecycle_is_logged_in_an_intact_chain,
+            concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money,
+            a_failing_operation_leaves_the_others,
+            budget_cannot_drop_below_spent,
+            reservation_events_describe_their_rows_whatever_the_caller_adds,
+            the_last_micro_goes_to_exactly_one_reservation,
+            a_reservation_closes_once_in_the_state_its_charge_says,
+            events_hold_exactly_the_bytes_the_domain_decided,
+            supervised_processes_start_end_and_take_orders,
+            extending_names_the_reservations_already_closed,
+            reports_add_up_from_the_counters,
+            audit_passes_over_the_stores_own_writes,
+        );
+    };
+    (@cases $open:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (_guard, store) = $open().await;
+                $crate::storage::conformance::$case(std::sync::Arc::new(store)).await;
+            }
+        )*
+    };
+}
+
+pub fn new_agent(name: &str, token_sha256: &str) -> NewAgent {
+    NewAgent {
+        name: name.into(),
+        token_sha256: token_sha256.into(),
+        token_prefix: "aex_abc".into(),
+        token_expires_at_ms: None,
+        token_ttl_seconds: 0,
+        budget_micro: 5_000_000,
+        rpm: 120,
+        tpm: 0,
+        max_concurrent: 0,
+        allowed_models: vec!["m".into()],
+        caps: Caps {
+            streaming: true,
+            tools: true,
+            function_calling: true,
+            vision: false,
+        },
+        scope: Scope::Execution,
+    }
+}
+
+pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReservation {
+    NewReservation {
+        record: ReservationRecord {
+            id: format!("rsv_{n}"),
+            request_id: format!("req_{n}"),
+            agent_id: agent.id.clone(),
+            model: "m".into(),
+            amount_micro,
+            pricing: Pricing {
+                input_pico_per_token: 1_000_000,
+                output_pico_per_token: 2_000_000,
+            },
+            input_tokens_bound: 10,
+            output_tokens_cap: 10,
+            created_at_ms: now_ms(),
+            expires_at_ms: now_ms() + 60_000,
+        },
+        agent_name: agent.name.clone(),
+        details: json!({"n": n}),
+    }
+}
+
+pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlement {
+    Settlement {
+        reservation_id: format!("rsv_{n}"),
+        agent_name: agent.name.clone(),
+        closing: Closing::Finished,
+        charge_micro,
+        overrun_micro: 0,
+        outcome: "completed".into(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        extra_events: vec![],
+        details: json!({}),
+    }
+}
+
+async fn all_events(s: &dyn Store) -> Vec<EventRecord> {
+    s.list_events(EventFilter {
+        limit: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn assert_one_chain(events: &[EventRecord]) {
+    let mut verifier = ChainVerifier::new(&KEY);
+    for e in events {
+        verifier.push(e);
+    }
+    let check = verifier.finish(events.len() as i64);
+    assert!(check.passed, "{:?}", check.offenders);
+}
+
+fn kinds(events: &[EventRecord]) -> Vec<&str> {
+    events.iter().map(|e| e.body.kind.as_str()).collect()
+}
+
+async fn spend(s: &dyn Store, agent: &AgentRecord, n: usize, micro: i64) {
+    s.reserve(reservation(agent, n, micro)).await.unwrap();
+    s.settle(settlement(agent, n, micro)).await.unwrap();
+}
+
+pub async fn lifecycle_is_logged_in_an_intact_chain(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
+    assert!(matches!(
+        s.create_agent(new_agent("dev", "h2")).await,
+        Err(StoreError::DuplicateName(_))
+    ));
+    let up = s
+        .update_agent(
+            "dev",
+            AgentPatch {
+                top_up_micro: Some(1_000_000),
+                rpm: Some(60),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(up.budget_micro, 6_000_000);
+    assert_eq!(up.rpm, 60);
+    assert!(matches!(
+        s.update_agent(
+            "dev",
+            AgentPatch {
+                top_up_micro: Some(-1),
+                ..Default::default()
+            }
+        )
+        .await,
+        Err(StoreError::Invalid(_))
+    ));
+    s.set_state("dev", AgentState::Paused).await.unwrap();
+    s.set_state("dev", AgentState::Paused).await.unwrap(); // no second event
+    s.delete_agent("dev").await.unwrap();
+    assert!(s.agent_by_name("dev").await.unwrap().is_none());
+    assert_eq!(s.list_agents(true).await.unwrap()[0].id, a.id);
+    assert!(s.list_agents(false).await.unwrap().is_empty());
+    assert!(matches!(
+        s.set_state("dev", AgentState::Active).await,
+        Err(StoreError::AgentNotFound(_))
+    ));
+    // The name is free again after the tombstone.
+    s.create_agent(new_agent("dev", "h1")).await.unwrap();
+
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "agent.created",
+            "agent.updated",
+            "agent.topped_up",
+            "agent.paused",
+            "agent.deleted",
+            "agent.created"
+        ]
+    );
+    let mut prev = GENESIS.to_string();
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.body.seq, i as i64 + 1);
+        assert_eq!(e.prev_hash, prev);
+        assert_eq!(e.hash, chain_hash(&KEY, &prev, &e.body));
+        prev = e.hash.clone();
+    }
+    let by_name = s
+        .list_events(EventFilter {
+            agent_name: Some("dev".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_name.len(), 6, "a reused name shows both histories");
+    let after = s
+        .list_events(EventFilter {
+            after_seq: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(kinds(&after), ["agent.deleted", "agent.created"]);
+}
+
+/// Ledger writes and admin writes all at once: one unbroken chain, and
+/// money that adds up to the micro.
+pub async fn concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money(s: Arc<dyn Store>) {
+    let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..300 {
+        let (s, agent) = (s.clone(), agent.clone());
+        tasks.spawn(async move {
+            let reserved = s.reserve(reservation(&agent, n, 100)).await.unwrap();
+            assert!(matches!(reserved, ReserveOutcome::Reserved { .. }));
+            // A retried admission is the same reservation, not a second.
+            let again = s.reserve(reservation(&agent, n, 100)).await.unwrap();
+            assert!(matches!(again, ReserveOutcome::AlreadyAdmitted(_)));
+            let settle = settlement(&agent, n, (n % 7) as i64);
+            let first = s.settle(settle.clone()).await.unwrap();
+            assert!(matches!(first, SettleOutcome::Settled { .. }));
+            assert_eq!(
+                s.settle(settle).await.unwrap(),
+                SettleOutcome::AlreadyClosed
+            );
+        });
+    }
+    for _ in 0..30 {
+        let s = s.clone();
+        tasks.spawn(async move {
+            s.update_agent(
+                "busy",
+                AgentPatch {
+                    top_up_micro: Some(1_000),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            s.record_denial(DenialRecord {
+                agent_id: "nobody".into(),
+                agent_name: "nobody".into(),
+                reason: "rpm".into(),
+                details: json!({}),
+                count: 1,
+            })
+            .await
+            .unwrap();
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let after = s.agent_by_name("busy").await.unwrap().unwrap();
+    let charged: i64 = (0..300).map(|n| (n % 7) as i64).sum();
+    assert_eq!(after.spent_micro, charged);
+    assert_eq!(after.reserved_micro, 0);
+    assert_eq!(after.budget_micro, 5_000_000 + 30 * 1_000);
+    let events = all_events(s.as_ref()).await;
+    // created + 300 × (admit, settle or release) + 30 × (top-up, deny)
+    assert_eq!(events.len(), 1 + 600 + 60);
+    assert_one_chain(&events);
+}
+
+/// One operation failing leaves every other one, and the chain, whole.
+pub async fn a_failing_operation_leaves_the_others(s: Arc<dyn Store>) {
+    let agent = s.create_agent(new_agent("busy", "h")).await.unwrap();
+    s.reserve(reservation(&agent, 999, 10)).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..50 {
+        let (s, agent) = (s.clone(), agent.clone());
+        tasks.spawn(async move {
+            let mut r = reservation(&agent, n, 10);
+            if n % 10 == 0 {
+                // The id of an existing reservation, for a new request.
+                r.record.id = "rsv_999".into();
+            }
+            (n, s.reserve(r).await)
+        });
+    }
+    let mut failed = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (n, result) = done.unwrap();
+        if n % 10 == 0 {
+            assert!(
+                matches!(result, Err(StoreError::Conflict(_))),
+                "{n}: {result:?}"
+            );
+            failed += 1;
+        } else {
+            assert!(matches!(result, Ok(ReserveOutcome::Reserved { .. })), "{n}");
+        }
+    }
+    assert_eq!(failed, 5);
+    let after = s.agent_by_name("busy").await.unwrap().unwrap();
+    assert_eq!(
+        after.reserved_micro,
+        46 * 10,
+        "only the ones that succeeded"
+    );
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(events.len(), 1 + 46);
+    assert_one_chain(&events);
+}
+
+pub async fn budget_cannot_drop_below_spent(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    spend(s.as_ref(), &a, 1, 100).await;
+    let e = s
+        .update_agent(
+            "a",
+            AgentPatch {
+                budget_micro: Some(99),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already spent"), "{e}");
+    assert!(matches!(
+        s.update_agent("nobody", AgentPatch::default()).await,
+        Err(StoreError::AgentNotFound(_))
+    ));
+    let kept = s
+        .update_agent(
+            "a",
+            AgentPatch {
+                budget_micro: Some(100),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((kept.budget_micro, kept.spent_micro), (100, 100));
+    assert_eq!(kept.remaining_micro(), 0);
+}
+
+/// Whatever details a caller passes, the admit and settle events say what
+/// the reservation row holds, so audit's replay of a store's own writes
+/// finds nothing (benchmarks seed with bare details).
+pub async fn reservation_events_describe_their_rows_whatever_the_caller_adds(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("busy", "h1")).await.unwrap();
+    for n in 0..3 {
+        let mut r = reservation(&a, n, 100);
+        r.details = json!({});
+        s.reserve(r).await.unwrap();
+    }
+    for n in 0..2 {
+        s.settle(Settlement {
+            charge_micro: if n == 0 { 40 } else { 0 },
+            overrun_micro: if n == 0 { 5 } else { 0 },
+            prompt_tokens: u64::MAX,
+            completion_tokens: 7,
+            extra_events: if n == 0 {
+                vec![ExtraEvent {
+                    kind: EventKind::Overrun,
+                    reason: "usage_above_reservation".into(),
+                    details: json!({}),
+                }]
+            } else {
+                vec![]
+            },
+            details: serde_json::Value::Null,
+            ..settlement(&a, n, 0)
+        })
+        .await
+        .unwrap();
+    }
+    let data = s.audit_data(now_ms()).await.unwrap();
+    let mut tally = crate::ledger::audit::LogTally::new(&KEY);
+    for e in all_events(s.as_ref()).await {
+        tally.push(&e);
+    }
+    let (offenders, differing) = tally.reservations_against(&data);
+    assert_eq!(offenders, Vec::<String>::new());
+    assert_eq!(differing, Vec::<String>::new());
+    assert_eq!(data.open_reservation_rows.len(), 1);
+}
+
+/// Many admissions racing for one budget: exactly as many as it covers
+/// are reserved, the rest are denied and logged, nothing is overdrawn.
+pub async fn the_last_micro_goes_to_exactly_one_reservation(s: Arc<dyn Store>) {
+    let mut n = new_agent("tight", "h");
+    n.budget_micro = 1_000;
+    let agent = s.create_agent(n).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let (s, agent) = (s.clone(), agent.clone());
+        tasks.spawn(async move { s.reserve(reservation(&agent, i, 30)).await.unwrap() });
+    }
+    let (mut reserved, mut denied) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            ReserveOutcome::Reserved { remaining_micro } => {
+                assert!(remaining_micro >= 0);
+                reserved += 1;
+            }
+            ReserveOutcome::InsufficientBudget { remaining_micro } => {
+                assert!(remaining_micro < 30, "{remaining_micro}");
+                denied += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((reserved, denied), (33, 31));
+    let after = s.agent_by_name("tight").await.unwrap().unwrap();
+    assert_eq!(after.reserved_micro, 990);
+    let events = all_events(s.as_ref()).await;
+    let budget_denials = events
+        .iter()
+        .filter(|e| e.body.kind == "deny" && e.body.reason == "budget")
+        .count();
+    assert_eq!(budget_denials, 31);
+    assert_eq!(s.open_reservations().await.unwrap().len(), 33);
+    assert_one_chain(&events);
+}
+
+pub async fn a_reservation_closes_once_in_the_state_its_charge_says(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    for n in 0..4 {
+        s.reserve(reservation(&a, n, 100)).await.unwrap();
+    }
+    // Above the reservation: charged the reservation, never more.
+    let over = s.settle(settlement(&a, 0, 500)).await.unwrap();
+    assert_eq!(
+        over,
+        SettleOutcome::Settled {
+            charged_micro: 100,
+            remaining_micro: 5_000_000 - 100 - 300
+        }
+    );
+    // Nothing charged: released.
+    s.settle(settlement(&a, 1, 0)).await.unwrap();
+    // A negative charge is no charge.
+    s.settle(settlement(&a, 2, -50)).await.unwrap();
+    let expired = Settlement {
+        closing: Closing::Expired,
+        outcome: "expired".into(),
+        ..settlement(&a, 3, 100)
+    };
+    s.settle(expired.clone()).await.unwrap();
+    assert_eq!(
+        s.settle(expired).await.unwrap(),
+        SettleOutcome::AlreadyClosed
+    );
+    assert_eq!(
+        s.settle(settlement(&a, 77, 1)).await.unwrap(),
+        SettleOutcome::UnknownReservation
+    );
+    let after = s.agent_by_name("a").await.unwrap().unwrap();
+    assert_eq!((after.spent_micro, after.reserved_micro), (200, 0));
+    let data = s.audit_data(now_ms()).await.unwrap();
+    assert!(data.open_reservation_rows.is_empty());
+    let events = all_events(s.as_ref()).await;
+    let closing: Vec<(&str, i64)> = events
+        .iter()
+        .filter(|e| !e.body.reservation_id.is_empty() && e.body.kind != "admit")
+        .map(|e| (e.body.kind.as_str(), e.body.amount_micro))
+        .collect();
+    assert_eq!(
+        closing,
+        [
+            ("settle", 100),
+            ("release", 0),
+            ("release", 0),
+            ("expire", 100)
+        ]
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+/// A backend stores the events the domain built, byte for byte: the same
+/// decision hashes the same whatever database holds it.
+pub async fn events_hold_exactly_the_bytes_the_domain_decided(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
+    let rotated = s
+        .rotate_token(
+            "dev",
+            TokenChange {
+                token_sha256: "h2".into(),
+                token_prefix: "aex_new".into(),
+                token_expires_at_ms: Some(1),
+                token_ttl_seconds: 60,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.token_sha256, "h2");
+    let killed = s.kill_agent("dev").await.unwrap();
+    assert_eq!(killed.state, AgentState::Paused);
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(
+        kinds(&events),
+        ["agent.created", "agent.token_rotated", "agent.killed"]
+    );
+    let created = &events[0].body;
+    let decided =
+        aex_core::agent::create(a.id.clone(), new_agent("dev", "h1"), a.created_at_ms, &KEY);
+    let expected = &decided.events[0];
+    assert_eq!(created.ts_ms, expected.ts_ms);
+    assert_eq!(created.amount_micro, expected.amount_micro);
+    assert_eq!(created.details_json, expected.details.to_string());
+    assert_eq!(decided.agent, a);
+    let mac = aex_core::chain::token_mac(&KEY, "h2");
+    assert!(events[1].body.details_json.contains(&mac));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.body.details_json.contains("\"h2\"")),
+        "the chain commits to tokens, never carries their hashes"
+    );
+    assert_one_chain(&events);
+}
+
+pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
+    let process = |id: &str, token: &str| ProcessRecord {
+        id: id.into(),
+        agent_id: a.id.clone(),
+        agent_name: a.name.clone(),
+        token_sha256: token.into(),
+        pid: 0,
+        command: "agent --loop".into(),
+        host: "laptop".into(),
+        state: ProcessState::Running.as_str().into(),
+        started_at_ms: now_ms(),
+        ended_at_ms: None,
+        exit_code: None,
+        reason: String::new(),
+        kill_reason: None,
+    };
+    s.start_process(process("prc_1", "p1")).await.unwrap();
+    s.start_process(process("prc_2", "p2")).await.unwrap();
+    s.set_process_pid("prc_1", 4242).await.unwrap();
+    assert_eq!(s.request_kill(&a.id, "budget exhausted").await.unwrap(), 2);
+    let running = s.list_processes(false).await.unwrap();
+    assert_eq!(running.len(), 2);
+    assert_eq!(running[0].pid, 4242);
+    assert_eq!(running[0].kill_reason.as_deref(), Some("budget exhausted"));
+    let ended = s
+        .end_process("prc_1", ProcessState::Killed, Some(137), "budget exhausted")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state(), Some(ProcessState::Killed));
+    assert_eq!(ended.exit_code, Some(137));
+    assert!(ended.ended_at_ms.is_some());
+    assert_eq!(
+        s.end_process("prc_1", ProcessState::Exited, Some(0), "")
+            .await
+            .unwrap(),
+        None,
+        "ends once"
+    );
+    assert!(matches!(
+        s.end_process("prc_2", ProcessState::Running, None, "")
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    s.end_process("prc_2", ProcessState::Lost, None, "supervisor disconnected")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.list_processes(false).await.unwrap().is_empty());
+    assert_eq!(s.list_processes(true).await.unwrap().len(), 2);
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "agent.created",
+            "process.started",
+            "process.started",
+            "process.killed",
+            "process.lost"
+        ]
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+pub async fn extending_names_the_reservations_already_closed(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    for n in 0..3 {
+        s.reserve(reservation(&a, n, 10)).await.unwrap();
+    }
+    s.settle(settlement(&a, 1, 5)).await.unwrap();
+    let later = now_ms() + 3_600_000;
+    let ids: Vec<String> = ["rsv_0", "rsv_1", "rsv_2", "rsv_none"]
+        .map(String::from)
+        .to_vec();
+    let closed = s.extend_reservations(&ids, later).await.unwrap();
+    assert_eq!(closed, ["rsv_1", "rsv_none"]);
+    let open = s.open_reservations().await.unwrap();
+    assert_eq!(open.len(), 2);
+    assert!(open.iter().all(|r| r.expires_at_ms == later));
+}
+
+pub async fn reports_add_up_from_the_counters(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "ha")).await.unwrap();
+    let b = s.create_agent(new_agent("b", "hb")).await.unwrap();
+    spend(s.as_ref(), &a, 1, 40).await;
+    spend(s.as_ref(), &b, 2, 2).await;
+    s.reserve(reservation(&a, 3, 10)).await.unwrap();
+    for _ in 0..2 {
+        s.record_denial(DenialRecord {
+            agent_id: a.id.clone(),
+            agent_name: a.name.clone(),
+            reason: "rpm".into(),
+            details: json!({}),
+            count: 1,
+        })
+        .await
+        .unwrap();
+    }
+    // Unauthenticated denials, aggregated: one event standing for 5.
+    s.record_denial(DenialRecord {
+        agent_id: String::new(),
+        agent_name: String::new(),
+        reason: "auth".into(),
+        details: json!({"count": 5}),
+        count: 5,
+    })
+    .await
+    .unwrap();
+    let t = s.status_totals().await.unwrap();
+    assert_eq!(t.agents, 2);
+    assert_eq!(t.total_budget_micro, 10_000_000);
+    assert_eq!(t.total_spent_micro, 42);
+    assert_eq!(t.total_reserved_micro, 10);
+    assert_eq!(t.open_reservations, 1);
+    assert_eq!(t.counters.get("admit"), Some(&3));
+    assert_eq!(t.counters.get("settle"), Some(&2));
+    assert_eq!(t.counters.get("deny:rpm"), Some(&2));
+    assert_eq!(t.counters.get("deny:auth"), Some(&5));
+    let activity = s.activity(0, 0).await.unwrap();
+    let of_a = &activity[&a.id];
+    assert_eq!(of_a.charged_in_window, 40);
+    assert_eq!((of_a.admitted, of_a.denied), (2, 2));
+    assert_eq!(of_a.admitted_last_minute, 2);
+    assert_eq!(activity[&b.id].charged_in_window, 2);
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+/// Everything a store writes through the traits, audited: every check
+/// passes (a backend that logs an event its rows do not say fails here).
+pub async fn audit_passes_over_the_stores_own_writes(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "ha")).await.unwrap();
+    s.create_agent(new_agent("gone", "hg")).await.unwrap();
+    s.update_agent(
+        "a",
+        AgentPatch {
+            budget_micro: Some(9_000_000),
+            top_up_micro: Some(1),
+            allowed_models: Some(vec!["m".into(), "n".into()]),
+            vision: Some(true),
+            scope: Some(Scope::ReadOnly),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for n in 0..20 {
+        s.reserve(reservation(&a, n, 100)).await.unwrap();
+    }
+    for n in 0..15 {
+        s.settle(Settlement {
+            overrun_micro: if n == 3 { 9 } else { 0 },
+            extra_events: if n == 3 {
+                vec![ExtraEvent {
+                    kind: EventKind::Overrun,
+                    reason: "usage_above_reservation".into(),
+                    details: json!({}),
+                }]
+            } else {
+                vec![]
+            },
+            ..settlement(&a, n, (n as i64) * 7)
+        })
+        .await
+        .unwrap();
+    }
+    s.delete_agent("gone").await.unwrap();
+    s.set_state("a", AgentState::Paused).await.unwrap();
+    s.set_state("a", AgentState::Active).await.unwrap();
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+    assert_eq!(
+        audit.events_checked,
+        all_events(s.as_ref()).await.len() as u64
+    );
+    assert_eq!(audit.overruns.len(), 1);
+}

@@ -1,0 +1,285 @@
+//! SQLite storage (WAL), the embedded default. Every write goes through one
+//! thread with group commit (`writer.rs`), which both serialises the hash
+//! chain and matches SQLite's one-writer design; reads use their own sqlx
+//! pool (`reads.rs`), so they never wait behind a write.
+//!
+//! Durability: WAL with `synchronous = NORMAL` survives a `kill -9` of the
+//! process (committed frames are in the OS page cache); only a power loss can
+//! drop the last transactions.
+
+mod anchor;
+mod baseline;
+mod errors;
+mod reads;
+mod rows;
+#[cfg(test)]
+mod tests;
+mod writer;
+mod writes;
+
+pub use writer::WalPolicy;
+
+use crate::ledger::anchor::AnchorFile;
+use crate::storage::{
+    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore, NewReservation,
+    ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome,
+    Settlement, StoreError,
+};
+use async_trait::async_trait;
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use writer::LedgerWriter;
+
+pub struct SqliteStore {
+    reader: SqlitePool,
+    writer: LedgerWriter,
+    ledger_key: Vec<u8>,
+    /// The chain's head outside the database (see `ledger::anchor`); None
+    /// for stores opened without one (tests, benchmarks).
+    anchor: Option<Arc<AnchorFile>>,
+}
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and applies migrations.
+    pub async fn open(path: &Path, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+        Self::open_with(path, ledger_key, WalPolicy::default()).await
+    }
+
+    pub async fn open_with(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        wal: WalPolicy,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, ledger_key, wal, None).await
+    }
+
+    /// Opens the database with its head anchored in `anchor_path`: checks
+    /// the anchor against the chain first (a mismatch is recorded in the
+    /// chain, see `anchor.rs`), then anchors every commit.
+    pub async fn open_anchored(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        anchor_path: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, ledger_key, WalPolicy::default(), Some(anchor_path)).await
+    }
+
+    async fn open_inner(
+        path: &Path,
+        ledger_key: Vec<u8>,
+        wal: WalPolicy,
+        anchor_path: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        migrate(path).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(connect_options(path).read_only(true))
+            .await?;
+        let mut conn = writer::connect(path, wal)?;
+        // Before the writer starts and anything is admitted.
+        let anchor = match anchor_path {
+            Some(p) => {
+                let anchor = anchor::check_and_open(&mut conn, &ledger_key, p)?;
+                if baseline::commit_legacy_tokens(&mut conn, &ledger_key)? > 0 {
+                    let head = writer::read_head(&conn)?;
+                    anchor
+                        .write(head.seq, &head.hash)
+                        .map_err(|e| StoreError::Unavailable(format!("ledger head anchor: {e}")))?;
+                }
+                Some(Arc::new(anchor))
+            }
+            None => None,
+        };
+        let writer = LedgerWriter::start(conn, path, ledger_key.clone(), wal, anchor.clone())?;
+        Ok(Self {
+            reader,
+            writer,
+            ledger_key,
+            anchor,
+        })
+    }
+}
+
+/// Creates the database if needed and applies pending migrations; how
+/// many were applied. Opens no ledger writer (for `aex-control migrate`).
+pub async fn migrate(path: &Path) -> Result<usize, StoreError> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(path))
+        .await?;
+    let migrator = sqlx::migrate!("./migrations/sqlite");
+    let applied_before: i64 = applied_migrations(&pool).await;
+    migrator.run(&pool).await?;
+    let applied_after: i64 = applied_migrations(&pool).await;
+    pool.close().await;
+    Ok((applied_after - applied_before).max(0) as usize)
+}
+
+async fn applied_migrations(pool: &SqlitePool) -> i64 {
+    // The table does not exist before the first migration.
+    sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// SQLite's own integrity check of the file, read-only: `ok`, or what it
+/// found (for `aexctl doctor` while the control plane is stopped).
+pub async fn integrity_check(path: &Path) -> Result<String, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Unavailable(format!(
+            "{} does not exist (run `aexctl init`)",
+            path.display()
+        )));
+    }
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let verdict: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    Ok(verdict)
+}
+
+#[async_trait]
+impl AgentStore for SqliteStore {
+    fn ledger_key(&self) -> &[u8] {
+        &self.ledger_key
+    }
+
+    async fn insert_agent(&self, write: AgentWrite) -> Result<AgentRecord, StoreError> {
+        self.writer
+            .write(move |conn, chain| writes::insert_agent(conn, chain, &write))
+            .await
+    }
+
+    async fn change_agent(
+        &self,
+        name: &str,
+        change: Box<AgentChange>,
+    ) -> Result<AgentRecord, StoreError> {
+        // Decided on the writer's thread, inside the transaction that reads
+        // the row: against the row as committed, never a stale copy.
+        let name = name.to_string();
+        self.writer
+            .write(move |conn, chain| writes::change_agent(conn, chain, &name, &*change))
+            .await
+    }
+
+    async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError> {
+        reads::list_agents(&self.reader, include_deleted).await
+    }
+
+    async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_name(&self.reader, name).await
+    }
+}
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        self.writer
+            .write(move |conn, chain| writes::reserve(conn, chain, &n))
+            .await
+    }
+
+    async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
+        self.writer
+            .write(move |conn, chain| writes::settle(conn, chain, &st))
+            .await
+    }
+
+    async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
+        self.writer
+            .write(move |conn, chain| writes::deny(conn, chain, &d))
+            .await
+    }
+
+    async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError> {
+        reads::open_reservations(&self.reader).await
+    }
+
+    async fn extend_reservations(
+        &self,
+        ids: &[String],
+        expires_at_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let ids = ids.to_vec();
+        self.writer
+            .write(move |conn, _| writes::extend_reservations(conn, &ids, expires_at_ms))
+            .await
+    }
+}
+
+#[async_trait]
+impl ProcessStore for SqliteStore {
+    async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
+        let key = self.ledger_key.clone();
+        self.writer
+            .write(move |conn, chain| {
+                writes::start_process(conn, chain, &p, &key)?;
+                Ok(p)
+            })
+            .await
+    }
+
+    async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.writer
+            .write(move |conn, _| {
+                conn.prepare_cached("UPDATE processes SET pid = ?2 WHERE id = ?1")?
+                    .execute(rusqlite::params![id, i64::from(pid)])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError> {
+        let (agent_id, reason) = (agent_id.to_string(), reason.to_string());
+        self.writer
+            .write(move |conn, _| {
+                let ordered = conn
+                    .prepare_cached(
+                        "UPDATE processes SET kill_reason = ?2 WHERE agent_id = ?1 AND state = 'running'",
+                    )?
+                    .execute(rusqlite::params![agent_id, reason])?;
+                Ok(ordered as u64)
+            })
+            .await
+    }
+
+    async fn end_process(
+        &self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<ProcessRecord>, StoreError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.writer
+            .write(move |conn, chain| {
+                writes::end_process(conn, chain, &id, state, exit_code, &reason)
+            })
+            .await
+    }
+
+    async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError> {
+        reads::list_processes(&self.reader, include_ended).await
+    }
+}

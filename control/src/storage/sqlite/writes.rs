@@ -1,0 +1,335 @@
+//! The write operations, each run by the writer thread inside its batch's
+//! transaction (see `writer.rs`). What to write was decided by the domain
+//! (`aex_core::{agent, reservation, process}`); here each step is made
+//! atomic in SQL, and the decided events appended.
+
+use super::errors::is_unique_violation;
+use super::rows::{AGENT_COLUMNS, AgentRow, PROCESS_SELECT, RESERVATION_COLUMNS, ReservationRow};
+use super::writer::Chain;
+use crate::storage::{
+    AgentChange, AgentRecord, AgentWrite, DenialRecord, NewReservation, ProcessRecord,
+    ProcessState, ReservationState, ReserveOutcome, SettleOutcome, Settlement, StoreError, now_ms,
+};
+use aex_core::reservation::{admit_event, budget_denial_event};
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub(super) fn insert_agent(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    w: &AgentWrite,
+) -> Result<AgentRecord, StoreError> {
+    let a = &w.agent;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO agents (id, name, token_sha256, token_prefix, token_expires_at_ms, \
+             token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, \
+             cap_streaming, cap_tools, cap_function_calling, cap_vision, scope, state, \
+             created_at_ms, updated_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        )?
+        .execute(params![
+            a.id,
+            a.name,
+            a.token_sha256,
+            a.token_prefix,
+            a.token_expires_at_ms,
+            a.token_ttl_seconds,
+            a.budget_micro,
+            i64::from(a.rpm),
+            stored_u64(a.tpm),
+            i64::from(a.max_concurrent),
+            allowed_models_json(a),
+            a.caps.streaming,
+            a.caps.tools,
+            a.caps.function_calling,
+            a.caps.vision,
+            a.scope.as_str(),
+            a.state.as_str(),
+            a.created_at_ms,
+            a.updated_at_ms,
+        ]);
+    match inserted {
+        Err(e) if is_unique_violation(&e) && e.to_string().contains("agents.token_sha256") => {
+            return Err(StoreError::Conflict(
+                "another agent already has this token; issue a new one".into(),
+            ));
+        }
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::DuplicateName(a.name.clone())),
+        other => other?,
+    };
+    chain.append_all(conn, &w.events)?;
+    Ok(w.agent.clone())
+}
+
+pub(super) fn change_agent(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    name: &str,
+    change: &AgentChange,
+) -> Result<AgentRecord, StoreError> {
+    let current: AgentRecord = conn
+        .prepare_cached(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?1 AND deleted_at_ms IS NULL"
+        ))?
+        .query_row([name], AgentRow::from_rusqlite)
+        .optional()?
+        .ok_or_else(|| StoreError::AgentNotFound(name.to_string()))?
+        .try_into()?;
+    let Some(w) = change(&current)? else {
+        return Ok(current);
+    };
+    save_agent(conn, &w.agent)?;
+    chain.append_all(conn, &w.events)?;
+    Ok(w.agent)
+}
+
+/// Writes every column an admin change may touch back to its row (the money
+/// columns the hot path moves are not among them).
+fn save_agent(conn: &Connection, a: &AgentRecord) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE agents SET token_sha256 = ?2, token_prefix = ?3, token_expires_at_ms = ?4, \
+         token_ttl_seconds = ?5, budget_micro = ?6, rpm = ?7, tpm = ?8, max_concurrent = ?9, \
+         allowed_models = ?10, cap_streaming = ?11, cap_tools = ?12, cap_function_calling = ?13, \
+         cap_vision = ?14, scope = ?15, state = ?16, updated_at_ms = ?17, deleted_at_ms = ?18 \
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        a.id,
+        a.token_sha256,
+        a.token_prefix,
+        a.token_expires_at_ms,
+        a.token_ttl_seconds,
+        a.budget_micro,
+        i64::from(a.rpm),
+        stored_u64(a.tpm),
+        i64::from(a.max_concurrent),
+        allowed_models_json(a),
+        a.caps.streaming,
+        a.caps.tools,
+        a.caps.function_calling,
+        a.caps.vision,
+        a.scope.as_str(),
+        a.state.as_str(),
+        a.updated_at_ms,
+        a.deleted_at_ms,
+    ])?;
+    Ok(())
+}
+
+fn allowed_models_json(a: &AgentRecord) -> String {
+    serde_json::to_string(&a.allowed_models).expect("strings serialise")
+}
+
+/// Provider-reported and configured counts are u64; SQLite's integers are
+/// i64. Past i64::MAX a count is stored saturated, never wrapped negative.
+fn stored_u64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) fn reserve(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    n: &NewReservation,
+) -> Result<ReserveOutcome, StoreError> {
+    let r = &n.record;
+    let existing = conn
+        .prepare_cached(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE request_id = ?1"
+        ))?
+        .query_row([&r.request_id], ReservationRow::from_rusqlite)
+        .optional()?;
+    if let Some(existing) = existing {
+        return Ok(ReserveOutcome::AlreadyAdmitted(existing.into()));
+    }
+    // The budget check and the reservation are one statement, so no two
+    // admissions can both take the last micro.
+    let taken: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE agents SET reserved_micro = reserved_micro + ?1, last_activity_at_ms = ?3 \
+             WHERE id = ?2 AND deleted_at_ms IS NULL \
+             AND budget_micro - spent_micro - reserved_micro >= ?1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )?
+        .query_row(
+            params![r.amount_micro, r.agent_id, r.created_at_ms],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(remaining) = taken else {
+        let remaining: i64 = conn
+            .prepare_cached(
+                "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = ?1",
+            )?
+            .query_row([&r.agent_id], |row| row.get(0))?;
+        chain.append(conn, &budget_denial_event(n, remaining))?;
+        return Ok(ReserveOutcome::InsufficientBudget {
+            remaining_micro: remaining,
+        });
+    };
+    conn.prepare_cached(
+        "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
+         input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
+         state, created_at_ms, expires_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        r.id,
+        r.request_id,
+        r.agent_id,
+        r.model,
+        r.amount_micro,
+        r.pricing.input_pico_per_token,
+        r.pricing.output_pico_per_token,
+        stored_u64(r.input_tokens_bound),
+        stored_u64(r.output_tokens_cap),
+        ReservationState::Open.as_str(),
+        r.created_at_ms,
+        r.expires_at_ms,
+    ])?;
+    chain.append(conn, &admit_event(n))?;
+    Ok(ReserveOutcome::Reserved {
+        remaining_micro: remaining,
+    })
+}
+
+pub(super) fn settle(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    st: &Settlement,
+) -> Result<SettleOutcome, StoreError> {
+    let now = now_ms();
+    let row: Option<(String, i64)> = conn
+        .prepare_cached("SELECT agent_id, amount_micro FROM reservations WHERE id = ?1")?
+        .query_row([&st.reservation_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((agent_id, reserved)) = row else {
+        return Ok(SettleOutcome::UnknownReservation);
+    };
+    let charge = st.charge_within(reserved);
+    let overrun = st.overrun();
+    // Compare-and-set: only the first settlement of an open reservation
+    // changes anything, however often it is retried.
+    let closed =
+        conn.prepare_cached(
+            "UPDATE reservations SET state = ?2, settled_at_ms = ?3, charged_micro = ?4, \
+             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7, overrun_micro = ?8 \
+             WHERE id = ?1 AND state = 'open'",
+        )?
+        .execute(params![
+            st.reservation_id,
+            st.final_state(charge).as_str(),
+            now,
+            charge,
+            st.outcome,
+            stored_u64(st.prompt_tokens),
+            stored_u64(st.completion_tokens),
+            overrun,
+        ])? == 1;
+    if !closed {
+        return Ok(SettleOutcome::AlreadyClosed);
+    }
+    // The overrun total saturates: one absurd report must not wrap it.
+    let remaining: i64 = conn
+        .prepare_cached(
+            "UPDATE agents SET reserved_micro = reserved_micro - ?2, \
+             spent_micro = spent_micro + ?3, last_activity_at_ms = ?4, \
+             overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - ?5 \
+                 THEN 9223372036854775807 ELSE overrun_micro + ?5 END WHERE id = ?1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )?
+        .query_row(params![agent_id, reserved, charge, now, overrun], |r| {
+            r.get(0)
+        })?;
+    chain.append_all(conn, &st.events(&agent_id, charge, now))?;
+    Ok(SettleOutcome::Settled {
+        charged_micro: charge,
+        remaining_micro: remaining,
+    })
+}
+
+pub(super) fn deny(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    d: &DenialRecord,
+) -> Result<(), StoreError> {
+    chain.append(conn, &d.event(now_ms()))
+}
+
+pub(super) fn extend_reservations(
+    conn: &Connection,
+    ids: &[String],
+    expires_at_ms: i64,
+) -> Result<Vec<String>, StoreError> {
+    let mut closed = Vec::new();
+    let mut extend = conn.prepare_cached(
+        "UPDATE reservations SET expires_at_ms = ?2 WHERE id = ?1 AND state = 'open'",
+    )?;
+    for id in ids {
+        if extend.execute(params![id, expires_at_ms])? == 0 {
+            closed.push(id.clone());
+        }
+    }
+    Ok(closed)
+}
+
+pub(super) fn start_process(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    p: &ProcessRecord,
+    ledger_key: &[u8],
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        p.id,
+        p.agent_id,
+        p.token_sha256,
+        i64::from(p.pid),
+        p.command,
+        p.host,
+        ProcessState::Running.as_str(),
+        p.started_at_ms,
+    ])?;
+    chain.append(conn, &p.started_event(ledger_key))
+}
+
+pub(super) fn end_process(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    id: &str,
+    state: ProcessState,
+    exit_code: Option<i32>,
+    reason: &str,
+) -> Result<Option<ProcessRecord>, StoreError> {
+    if state == ProcessState::Running {
+        return Err(StoreError::Invalid(
+            "a process ends as exited, killed or lost, not running".into(),
+        ));
+    }
+    let now = now_ms();
+    let ended =
+        conn.prepare_cached(
+            "UPDATE processes SET state = ?2, ended_at_ms = ?3, exit_code = ?4, reason = ?5 \
+             WHERE id = ?1 AND state = 'running'",
+        )?
+        .execute(params![
+            id,
+            state.as_str(),
+            now,
+            exit_code.map(i64::from),
+            reason
+        ])? == 1;
+    if !ended {
+        return Ok(None);
+    }
+    let process: ProcessRecord = conn
+        .prepare_cached(&format!("{PROCESS_SELECT} WHERE p.id = ?1"))?
+        .query_row([id], super::rows::ProcessRow::from_rusqlite)?
+        .into();
+    if let Some(event) = process.ended_event(state, exit_code, reason, now) {
+        chain.append(conn, &event)?;
+    }
+    Ok(Some(process))
+}

@@ -1,0 +1,335 @@
+//! Reservations: the worst-case cost of a call held against its agent's
+//! budget, closed exactly once. The records, the closing states and the
+//! events each step logs are decided here; a store backend makes each step
+//! atomic (see `docs/ARCHITECTURE.md`, "Adding a store backend").
+
+use crate::event::{EventKind, NewEvent};
+use crate::money::Pricing;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRecord {
+    pub id: String,
+    pub request_id: String,
+    pub agent_id: String,
+    pub model: String,
+    pub amount_micro: i64,
+    pub pricing: Pricing,
+    pub input_tokens_bound: u64,
+    pub output_tokens_cap: u64,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A reservation to take, and the admit event's particulars.
+#[derive(Debug, Clone)]
+pub struct NewReservation {
+    pub record: ReservationRecord,
+    pub agent_name: String,
+    /// What only admission knows (endpoint, stream, whether the output cap
+    /// was injected); what the row holds is added by [`admit_event`].
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved {
+        remaining_micro: i64,
+    },
+    /// Nothing was reserved; a `deny` event with reason `budget` was logged.
+    InsufficientBudget {
+        remaining_micro: i64,
+    },
+    /// The request id was already admitted: this is that reservation.
+    AlreadyAdmitted(ReservationRecord),
+}
+
+/// A reservation's state. The strings are the stored form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReservationState {
+    Open,
+    /// Closed with a charge.
+    Settled,
+    /// Closed with nothing charged.
+    Released,
+    /// Nobody settled it before its expiry; the sweeper closed it.
+    Expired,
+}
+
+impl ReservationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationState::Open => "open",
+            ReservationState::Settled => "settled",
+            ReservationState::Released => "released",
+            ReservationState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ReservationState::Open,
+            ReservationState::Settled,
+            ReservationState::Released,
+            ReservationState::Expired,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+
+    /// The event that closes a reservation into this state (`None` for open).
+    pub fn closing_event(self) -> Option<EventKind> {
+        match self {
+            ReservationState::Open => None,
+            ReservationState::Settled => Some(EventKind::Settle),
+            ReservationState::Released => Some(EventKind::Release),
+            ReservationState::Expired => Some(EventKind::Expire),
+        }
+    }
+}
+
+/// Why a reservation is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// The call finished (or failed) and its usage is known.
+    Finished,
+    /// Its expiry passed with no settlement.
+    Expired,
+}
+
+/// An event logged with a settlement (an overrun, an upstream denial or
+/// error), after the settlement's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraEvent {
+    pub kind: EventKind,
+    pub reason: String,
+    pub details: serde_json::Value,
+}
+
+/// How a reservation ends.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub reservation_id: String,
+    pub agent_name: String,
+    pub closing: Closing,
+    /// What to charge; never more than the reservation (see [`Settlement::charge_within`]).
+    pub charge_micro: i64,
+    /// Reported usage beyond the reservation (not charged).
+    pub overrun_micro: i64,
+    pub outcome: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub extra_events: Vec<ExtraEvent>,
+    /// The settlement event's particulars; the token counts are added by
+    /// [`Settlement::events`].
+    pub details: serde_json::Value,
+}
+
+impl Settlement {
+    /// The charge as applied to a reservation of `reserved_micro`: never
+    /// negative, never more than was reserved, so spent stays within budget.
+    pub fn charge_within(&self, reserved_micro: i64) -> i64 {
+        self.charge_micro.clamp(0, reserved_micro.max(0))
+    }
+
+    /// The overrun recorded: never negative.
+    pub fn overrun(&self) -> i64 {
+        self.overrun_micro.max(0)
+    }
+
+    /// The state this settlement closes the reservation into, given the
+    /// charge as applied: decided here only.
+    pub fn final_state(&self, charge_micro: i64) -> ReservationState {
+        match self.closing {
+            Closing::Expired => ReservationState::Expired,
+            Closing::Finished if charge_micro == 0 => ReservationState::Released,
+            Closing::Finished => ReservationState::Settled,
+        }
+    }
+
+    /// The events that log this settlement of a reservation of `agent_id`:
+    /// its own (with the charge and the token counts its row stores), then
+    /// the extra ones, of which an overrun carries its amount so audit can
+    /// total it.
+    pub fn events(&self, agent_id: &str, charge_micro: i64, now: i64) -> Vec<NewEvent> {
+        let mut details = match &self.details {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        details.insert("prompt_tokens".into(), json!(self.prompt_tokens));
+        details.insert("completion_tokens".into(), json!(self.completion_tokens));
+        let kind = self
+            .final_state(charge_micro)
+            .closing_event()
+            .expect("a settlement closes");
+        let event = |kind: EventKind, reason: &str, details: serde_json::Value, amount: i64| {
+            NewEvent::about(now, kind, agent_id, &self.agent_name)
+                .reservation(&self.reservation_id)
+                .amount(amount)
+                .reason(reason)
+                .details(details)
+        };
+        let mut events = vec![event(
+            kind,
+            &self.outcome,
+            serde_json::Value::Object(details),
+            charge_micro,
+        )];
+        for extra in &self.extra_events {
+            let amount = if extra.kind == EventKind::Overrun {
+                self.overrun()
+            } else {
+                0
+            };
+            events.push(event(
+                extra.kind,
+                &extra.reason,
+                extra.details.clone(),
+                amount,
+            ));
+        }
+        events
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled {
+        charged_micro: i64,
+        remaining_micro: i64,
+    },
+    /// Settled, released or expired before; nothing changed.
+    AlreadyClosed,
+    UnknownReservation,
+}
+
+/// The admit event says everything its reservation row holds (what audit
+/// replays), whatever the caller added: the record's values win over the
+/// caller's details of the same name.
+pub fn admit_event(n: &NewReservation) -> NewEvent {
+    let r = &n.record;
+    let mut details = match &n.details {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    for (k, v) in [
+        ("request_id", json!(r.request_id)),
+        ("model", json!(r.model)),
+        ("input_tokens_bound", json!(r.input_tokens_bound)),
+        ("output_tokens_cap", json!(r.output_tokens_cap)),
+        (
+            "input_pico_per_token",
+            json!(r.pricing.input_pico_per_token),
+        ),
+        (
+            "output_pico_per_token",
+            json!(r.pricing.output_pico_per_token),
+        ),
+    ] {
+        details.insert(k.to_string(), v);
+    }
+    NewEvent::about(
+        r.created_at_ms,
+        EventKind::Admit,
+        &r.agent_id,
+        &n.agent_name,
+    )
+    .reservation(&r.id)
+    .amount(r.amount_micro)
+    .details(serde_json::Value::Object(details))
+}
+
+/// The denial logged when the budget does not cover the reservation.
+pub fn budget_denial_event(n: &NewReservation, remaining_micro: i64) -> NewEvent {
+    let r = &n.record;
+    NewEvent::about(r.created_at_ms, EventKind::Deny, &r.agent_id, &n.agent_name)
+        .reason("budget")
+        .details(json!({
+            "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining_micro,
+            "request_id": r.request_id,
+        }))
+}
+
+/// A refused request, for the ledger.
+#[derive(Debug, Clone)]
+pub struct DenialRecord {
+    pub agent_id: String,
+    pub agent_name: String,
+    pub reason: String,
+    pub details: serde_json::Value,
+    /// Denials this record stands for: 1, or a window of unauthenticated
+    /// ones aggregated into one event (`details.count` says so too).
+    pub count: u64,
+}
+
+impl DenialRecord {
+    pub fn event(&self, now: i64) -> NewEvent {
+        let mut event = NewEvent::about(now, EventKind::Deny, &self.agent_id, &self.agent_name)
+            .reason(&self.reason)
+            .details(self.details.clone());
+        event.count = i64::try_from(self.count.max(1)).unwrap_or(i64::MAX);
+        event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settlement(closing: Closing, charge: i64) -> Settlement {
+        Settlement {
+            reservation_id: "rsv_1".into(),
+            agent_name: "dev".into(),
+            closing,
+            charge_micro: charge,
+            overrun_micro: 7,
+            outcome: "completed".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            extra_events: vec![ExtraEvent {
+                kind: EventKind::Overrun,
+                reason: "usage_above_reservation".into(),
+                details: json!({}),
+            }],
+            details: json!({"model": "m"}),
+        }
+    }
+
+    #[test]
+    fn the_closing_state_follows_the_charge_as_applied() {
+        let s = settlement(Closing::Finished, 500);
+        assert_eq!(s.charge_within(100), 100);
+        assert_eq!(s.final_state(100), ReservationState::Settled);
+        assert_eq!(s.final_state(0), ReservationState::Released);
+        assert_eq!(settlement(Closing::Finished, -5).charge_within(100), 0);
+        let e = settlement(Closing::Expired, 100);
+        assert_eq!(e.final_state(100), ReservationState::Expired);
+        assert_eq!(e.final_state(0), ReservationState::Expired);
+    }
+
+    #[test]
+    fn a_settlement_logs_itself_then_its_extras() {
+        let events = settlement(Closing::Finished, 40).events("agt_1", 40, 9);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].kind, EventKind::Settle);
+        assert_eq!(events[0].amount_micro, 40);
+        assert_eq!(events[0].reason, "completed");
+        assert_eq!(events[0].details["prompt_tokens"], 3);
+        assert_eq!(events[0].details["model"], "m");
+        assert_eq!(events[1].kind, EventKind::Overrun);
+        assert_eq!(events[1].amount_micro, 7);
+        assert!(
+            events
+                .iter()
+                .all(|e| e.reservation_id == "rsv_1" && e.ts_ms == 9)
+        );
+    }
+
+    #[test]
+    fn every_state_round_trips() {
+        for s in ["open", "settled", "released", "expired"] {
+            assert_eq!(ReservationState::parse(s).unwrap().as_str(), s);
+        }
+        assert_eq!(ReservationState::parse("closed"), None);
+    }
+}
