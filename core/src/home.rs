@@ -250,9 +250,48 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// `NAME=value` lines from `AEX_HOME/.env`; the process environment wins.
+pub fn read_env_file(path: &Path) -> std::collections::HashMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Default::default();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            if line.starts_with('#') {
+                return None;
+            }
+            let (k, v) = line.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_file() {
+        let dir = std::env::temp_dir().join(format!("aex-env-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "# c\nLOCAL_API_KEY=dummy\nexport GROQ_API_KEY=\"g k\"\nBAD\n",
+        )
+        .unwrap();
+        let env = read_env_file(&dir);
+        assert_eq!(env["LOCAL_API_KEY"], "dummy");
+        assert_eq!(env["GROQ_API_KEY"], "g k");
+        assert_eq!(env.len(), 2);
+        let _ = std::fs::remove_file(dir);
+    }
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777

@@ -1,0 +1,311 @@
+//! The data plane's side of the control plane: the admission client
+//! (`admit.rs` batches), the policy/route cache fed by the watch stream
+//! (`cache.rs`, `watch.rs`), settlement that retries until the control plane
+//! answers (`settle.rs`), heartbeats for long streams, and what a shutdown
+//! waits for (`inflight.rs`). Every retrying loop waits by `backoff.rs`.
+
+mod admit;
+mod backoff;
+mod cache;
+mod inflight;
+mod settle;
+mod watch;
+
+pub use cache::{Cache, Route, parse_base_url};
+pub use inflight::{Inflight, InflightGuard};
+
+use admit::PendingAdmit;
+use aex_proto::v1::{self as pb, admission_service_client::AdmissionServiceClient};
+use backoff::{Backoff, retryable};
+use settle::PendingSettle;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        // Carry the caller's trace to the control plane (W3C traceparent).
+        for (key, value) in aex_telemetry::current_context_headers() {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                r.metadata_mut().insert(k, v);
+            }
+        }
+        Ok(r)
+    }
+}
+
+pub type Client = AdmissionServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub struct ControlPlane {
+    pub(super) client: Client,
+    pub cache: Arc<Cache>,
+    pub(super) open: Arc<Mutex<HashSet<String>>>,
+    pub inflight: Arc<Inflight>,
+    settlements: mpsc::UnboundedSender<PendingSettle>,
+    admissions: mpsc::UnboundedSender<PendingAdmit>,
+    /// Admissions asked and not yet answered, by any path.
+    admitting: Arc<AtomicUsize>,
+}
+
+impl ControlPlane {
+    /// Must be called inside the runtime: it starts the admission and
+    /// settlement senders.
+    pub fn connect(url: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| {
+            "the data-plane credential holds characters that cannot be sent".to_string()
+        })?);
+        let client = AdmissionServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
+        let open = Arc::new(Mutex::default());
+        let (settlements, queue) = mpsc::unbounded_channel();
+        tokio::spawn(settle::send_settlements(
+            client.clone(),
+            open.clone(),
+            queue,
+        ));
+        let (admissions, queue) = mpsc::unbounded_channel();
+        tokio::spawn(admit::send_admissions(client.clone(), queue));
+        Ok(Arc::new(Self {
+            client,
+            cache,
+            open,
+            inflight: Arc::default(),
+            settlements,
+            admissions,
+            admitting: Arc::default(),
+        }))
+    }
+
+    /// Asks the control plane to admit. Admission is idempotent by request
+    /// id, so a call lost to a control-plane restart is retried (for up to
+    /// `ADMIT_PATIENCE`) without reserving twice. When giving up, whatever
+    /// may have been reserved is released in the background, so a client
+    /// that saw a failure is never charged.
+    pub async fn admit(
+        self: &Arc<Self>,
+        request: pb::AdmitRequest,
+    ) -> Result<pb::AdmitResponse, tonic::Status> {
+        const ADMIT_PATIENCE: Duration = Duration::from_secs(5);
+        let started = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
+        let response = loop {
+            match self.ask_admission(request.clone()).await {
+                Ok(response) => break response,
+                Err(status)
+                    if retryable(&status)
+                        && started.elapsed() + backoff.delay() < ADMIT_PATIENCE =>
+                {
+                    backoff.wait().await;
+                }
+                Err(status) => {
+                    if retryable(&status) && request.endpoint != pb::Endpoint::Models as i32 {
+                        self.settle(pb::SettleRequest {
+                            request_id: request.request_id.clone(),
+                            outcome: pb::SettleOutcome::UpstreamError as i32,
+                            ..Default::default()
+                        });
+                    }
+                    return Err(status);
+                }
+            }
+        };
+        if let Some(pb::admit_response::Outcome::Admitted(a)) = &response.outcome
+            && !a.reservation_id.is_empty()
+        {
+            self.open
+                .lock()
+                .expect("open lock")
+                .insert(a.reservation_id.clone());
+        }
+        Ok(response)
+    }
+
+    /// One admission round trip. Alone, it is sent from the caller's task
+    /// (no hand-off, nothing to wait for); while others are in flight it
+    /// joins the queue, whose sender batches what accumulates.
+    async fn ask_admission(
+        &self,
+        request: pb::AdmitRequest,
+    ) -> Result<pb::AdmitResponse, tonic::Status> {
+        struct Asking(Arc<AtomicUsize>);
+        impl Drop for Asking {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let others = self.admitting.fetch_add(1, Ordering::Relaxed);
+        let _asking = Asking(self.admitting.clone());
+        if others == 0 {
+            return admit::admit_unary(self.client.clone(), request).await;
+        }
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingAdmit {
+            request,
+            span: tracing::Span::current(),
+            answer,
+        };
+        self.admissions
+            .send(pending)
+            .map_err(|_| tonic::Status::unavailable("the admission sender has stopped"))?;
+        answered
+            .await
+            .map_err(|_| tonic::Status::unavailable("the admission sender dropped this request"))?
+    }
+
+    /// Queues a settlement and returns at once. The sender delivers it,
+    /// retrying until the control plane answers (settlement is idempotent
+    /// by reservation id).
+    pub fn settle(&self, request: pb::SettleRequest) {
+        let span = tracing::info_span!(
+            "aex.settle",
+            otel.kind = "client",
+            aex.reservation_id = %request.reservation_id
+        );
+        let pending = PendingSettle {
+            request,
+            span,
+            _inflight: self.inflight.enter(),
+        };
+        if self.settlements.send(pending).is_err() {
+            // Only if the sender task panicked; the reservation then expires
+            // and the control plane settles it.
+            tracing::error!("the settlement sender has stopped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A control plane from before AdmitBatch and SettleBatch: the data plane
+    /// falls back to one unary call per item, and every caller still gets
+    /// its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_control_plane_gets_unary_calls() {
+        use aex_proto::v1::admission_service_server::{AdmissionService, AdmissionServiceServer};
+        use std::sync::atomic::AtomicU64;
+        use tonic::{Request, Response, Status};
+
+        #[derive(Default)]
+        struct Older {
+            admits: AtomicU64,
+            settles: AtomicU64,
+            batches_refused: AtomicU64,
+        }
+        #[tonic::async_trait]
+        impl AdmissionService for Older {
+            async fn admit(
+                &self,
+                r: Request<pb::AdmitRequest>,
+            ) -> Result<Response<pb::AdmitResponse>, Status> {
+                self.admits.fetch_add(1, Ordering::SeqCst);
+                // Slow enough that concurrent callers must queue.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let id = r.into_inner().request_id;
+                Ok(Response::new(pb::AdmitResponse {
+                    outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                        reservation_id: format!("rsv-{id}"),
+                        ..Default::default()
+                    })),
+                }))
+            }
+            async fn admit_batch(
+                &self,
+                _: Request<pb::AdmitBatchRequest>,
+            ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+                self.batches_refused.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unimplemented("too old"))
+            }
+            async fn settle(
+                &self,
+                _: Request<pb::SettleRequest>,
+            ) -> Result<Response<pb::SettleResponse>, Status> {
+                self.settles.fetch_add(1, Ordering::SeqCst);
+                Ok(Response::new(pb::SettleResponse::default()))
+            }
+            async fn settle_batch(
+                &self,
+                _: Request<pb::SettleBatchRequest>,
+            ) -> Result<Response<pb::SettleBatchResponse>, Status> {
+                self.batches_refused.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unimplemented("too old"))
+            }
+            async fn heartbeat(
+                &self,
+                _: Request<pb::HeartbeatRequest>,
+            ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+                Err(Status::unimplemented("not here"))
+            }
+            type WatchStream =
+                tokio_stream::wrappers::ReceiverStream<Result<pb::WatchEvent, Status>>;
+            async fn watch(
+                &self,
+                _: Request<pb::WatchRequest>,
+            ) -> Result<Response<Self::WatchStream>, Status> {
+                Err(Status::unimplemented("not here"))
+            }
+        }
+
+        let older = Arc::new(Older::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AdmissionServiceServer::from_arc(older.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let control = ControlPlane::connect(&url, "t", Arc::new(Cache::new(None))).unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for n in 0..20 {
+            let control = control.clone();
+            calls.spawn(async move {
+                let answer = control
+                    .admit(pb::AdmitRequest {
+                        request_id: format!("req-{n}"),
+                        endpoint: pb::Endpoint::ChatCompletions as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                match answer.outcome {
+                    Some(pb::admit_response::Outcome::Admitted(a)) => {
+                        assert_eq!(a.reservation_id, format!("rsv-req-{n}"));
+                        control.settle(pb::SettleRequest {
+                            reservation_id: a.reservation_id,
+                            ..Default::default()
+                        });
+                    }
+                    other => panic!("not admitted: {other:?}"),
+                }
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            done.unwrap();
+        }
+        assert!(control.inflight.drained(Duration::from_secs(10)).await);
+        assert_eq!(older.admits.load(Ordering::SeqCst), 20);
+        assert_eq!(older.settles.load(Ordering::SeqCst), 20);
+        // The batches were tried first, and refused.
+        assert!(older.batches_refused.load(Ordering::SeqCst) >= 2);
+        server.abort();
+    }
+}

@@ -1,0 +1,69 @@
+//! What the data plane keeps up with while it runs: the watch stream that
+//! feeds the cache, and heartbeats that keep long streams' reservations open.
+
+use super::ControlPlane;
+use super::backoff::Backoff;
+use aex_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl ControlPlane {
+    /// Keeps the watch stream connected for as long as the process runs.
+    pub async fn watch_forever(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let mut client = self.client.clone();
+            match client.watch(pb::WatchRequest {}).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    while let Ok(Some(event)) = stream.message().await {
+                        if let Some(change) = event.change {
+                            let snapshot = matches!(change, pb::watch_event::Change::Snapshot(_));
+                            self.cache.apply(change);
+                            if snapshot {
+                                backoff.reset();
+                            }
+                        }
+                        if self.cache.has_routes() {
+                            self.cache.set_ready(true);
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%status, "cannot watch the control plane; retrying");
+                }
+            }
+            self.cache.set_ready(false);
+            backoff.wait().await;
+        }
+    }
+
+    /// Extends the reservations of calls still running, so long streams do
+    /// not expire while they are being served.
+    pub async fn heartbeat_forever(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ids: Vec<String> = self
+                .open
+                .lock()
+                .expect("open lock")
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let mut client = self.client.clone();
+            if let Err(status) = client
+                .heartbeat(pb::HeartbeatRequest {
+                    reservation_ids: ids,
+                })
+                .await
+            {
+                tracing::warn!(%status, "heartbeat failed");
+            }
+        }
+    }
+}
