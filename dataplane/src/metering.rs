@@ -25,6 +25,16 @@ pub struct Metered {
     pub usage_reported: bool,
 }
 
+/// The rough rule for text whose tokens nobody counted: about 4 bytes per
+/// token (English prose with OpenAI's and Llama's tokenizers). Used only
+/// where no provider reported usage; the reservation caps what it charges.
+pub const ESTIMATED_BYTES_PER_TOKEN: u64 = 4;
+
+/// Tokens in `bytes` of text by [`ESTIMATED_BYTES_PER_TOKEN`], rounded up.
+pub fn estimated_tokens(bytes: u64) -> u64 {
+    bytes.div_ceil(ESTIMATED_BYTES_PER_TOKEN)
+}
+
 /// `output_bytes` is the generated text delivered to the client (streamed,
 /// or in the body); `estimated_prompt_tokens` is the request's rough count.
 pub fn meter(
@@ -55,7 +65,7 @@ pub fn meter(
         // reservation).
         None if output_bytes > 0 || outcome == SettleOutcome::Completed => Metered {
             prompt_tokens: estimated_prompt_tokens,
-            completion_tokens: output_bytes.div_ceil(4),
+            completion_tokens: estimated_tokens(output_bytes),
             usage_reported: false,
         },
         None if outcome == SettleOutcome::CutOff => Metered {

@@ -368,10 +368,11 @@ impl Inspected {
         serde_json::to_vec(&body).expect("JSON values serialise")
     }
 
-    /// A rough count of the prompt's tokens (≈ 4 bytes each), for settling a
-    /// call whose provider never reported usage.
+    /// A rough count of the prompt's tokens, for settling a call whose
+    /// provider never reported usage: the bound counts one token per byte,
+    /// the estimate [`crate::metering::ESTIMATED_BYTES_PER_TOKEN`].
     pub fn estimated_prompt_tokens(&self) -> u64 {
-        self.input_tokens_bound.div_ceil(4)
+        crate::metering::estimated_tokens(self.input_tokens_bound)
     }
 
     pub fn body(&self) -> &Map<String, Value> {

@@ -15,17 +15,6 @@ pub struct Args {
     json: bool,
 }
 
-pub const DEFAULT_DATAPLANE_ADDR: &str = "127.0.0.1:9000";
-
-pub fn dataplane_addr(flag: Option<String>) -> String {
-    flag.or_else(|| {
-        std::env::var("AEX_DATAPLANE_ADDR")
-            .ok()
-            .filter(|a| !a.is_empty())
-    })
-    .unwrap_or_else(|| DEFAULT_DATAPLANE_ADDR.to_string())
-}
-
 pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     let mut admin = Admin::connect(home, control).await?;
     let s = admin
