@@ -41,21 +41,12 @@ async fn ledger_store(home: &TestHome) -> SqliteStore {
 
 /// The live agent whose stored token hash is `token_sha256`, as admission
 /// would find it.
-trait ByToken {
-    async fn live_agent_with_token(
-        &self,
-        token_sha256: &str,
-    ) -> Result<Option<AgentRecord>, StoreError>;
-}
-
-impl ByToken for SqliteStore {
-    async fn live_agent_with_token(
-        &self,
-        token_sha256: &str,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        let agents = self.list_agents(false).await?;
-        Ok(agents.into_iter().find(|a| a.token_sha256 == token_sha256))
-    }
+async fn live_agent_with_token(
+    store: &SqliteStore,
+    token_sha256: &str,
+) -> Result<Option<AgentRecord>, StoreError> {
+    let agents = store.list_agents(false).await?;
+    Ok(agents.into_iter().find(|a| a.token_sha256 == token_sha256))
 }
 
 #[tokio::test]
@@ -221,8 +212,7 @@ async fn agent_lifecycle_over_raw_grpc() {
     // The stored token is a hash of the issued token; rotation replaces it.
     let store = ledger_store(&home).await;
     assert_eq!(
-        store
-            .live_agent_with_token(&token_sha256(&token))
+        live_agent_with_token(&store, &token_sha256(&token))
             .await
             .unwrap()
             .unwrap()
@@ -242,15 +232,13 @@ async fn agent_lifecycle_over_raw_grpc() {
         .into_inner();
     assert_ne!(rotated.token, token);
     assert!(
-        store
-            .live_agent_with_token(&token_sha256(&token))
+        live_agent_with_token(&store, &token_sha256(&token))
             .await
             .unwrap()
             .is_none()
     );
     assert_eq!(
-        store
-            .live_agent_with_token(&token_sha256(&rotated.token))
+        live_agent_with_token(&store, &token_sha256(&rotated.token))
             .await
             .unwrap()
             .unwrap()
@@ -272,8 +260,7 @@ async fn agent_lifecycle_over_raw_grpc() {
         .into_inner();
     assert_eq!(deleted.state(), pb::AgentState::Deleted);
     assert!(
-        store
-            .live_agent_with_token(&token_sha256(&rotated.token))
+        live_agent_with_token(&store, &token_sha256(&rotated.token))
             .await
             .unwrap()
             .is_none()

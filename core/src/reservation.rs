@@ -66,17 +66,6 @@ impl ReservationState {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            ReservationState::Open,
-            ReservationState::Settled,
-            ReservationState::Released,
-            ReservationState::Expired,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == s)
-    }
-
     /// The event that closes a reservation into this state (`None` for open).
     pub fn closing_event(self) -> Option<EventKind> {
         match self {
@@ -323,13 +312,5 @@ mod tests {
                 .iter()
                 .all(|e| e.reservation_id == "rsv_1" && e.ts_ms == 9)
         );
-    }
-
-    #[test]
-    fn every_state_round_trips() {
-        for s in ["open", "settled", "released", "expired"] {
-            assert_eq!(ReservationState::parse(s).unwrap().as_str(), s);
-        }
-        assert_eq!(ReservationState::parse("closed"), None);
     }
 }

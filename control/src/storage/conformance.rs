@@ -106,6 +106,16 @@ pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlemen
     }
 }
 
+/// The extra event admission logs with a settlement whose reported usage
+/// passed the reservation.
+fn overrun() -> ExtraEvent {
+    ExtraEvent {
+        kind: EventKind::Overrun,
+        reason: "usage_above_reservation".into(),
+        details: json!({}),
+    }
+}
+
 async fn all_events(s: &dyn Store) -> Vec<EventRecord> {
     s.list_events(EventFilter {
         limit: 10_000,
@@ -361,15 +371,7 @@ pub async fn reservation_events_describe_their_rows_whatever_the_caller_adds(s: 
             overrun_micro: if n == 0 { 5 } else { 0 },
             prompt_tokens: u64::MAX,
             completion_tokens: 7,
-            extra_events: if n == 0 {
-                vec![ExtraEvent {
-                    kind: EventKind::Overrun,
-                    reason: "usage_above_reservation".into(),
-                    details: json!({}),
-                }]
-            } else {
-                vec![]
-            },
+            extra_events: if n == 0 { vec![overrun()] } else { vec![] },
             details: serde_json::Value::Null,
             ..settlement(&a, n, 0)
         })
@@ -677,15 +679,7 @@ pub async fn audit_passes_over_the_stores_own_writes(s: Arc<dyn Store>) {
     for n in 0..15 {
         s.settle(Settlement {
             overrun_micro: if n == 3 { 9 } else { 0 },
-            extra_events: if n == 3 {
-                vec![ExtraEvent {
-                    kind: EventKind::Overrun,
-                    reason: "usage_above_reservation".into(),
-                    details: json!({}),
-                }]
-            } else {
-                vec![]
-            },
+            extra_events: if n == 3 { vec![overrun()] } else { vec![] },
             ..settlement(&a, n, (n as i64) * 7)
         })
         .await

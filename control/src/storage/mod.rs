@@ -121,13 +121,6 @@ pub enum StoreError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-impl StoreError {
-    /// Whether the same operation may succeed if simply tried again.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
-    }
-}
-
 impl From<InvalidChange> for StoreError {
     fn from(e: InvalidChange) -> Self {
         StoreError::Invalid(e.0)

@@ -242,25 +242,14 @@ impl ProcessStore for SqliteStore {
     async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
         let id = id.to_string();
         self.writer
-            .write(move |conn, _| {
-                conn.prepare_cached("UPDATE processes SET pid = ?2 WHERE id = ?1")?
-                    .execute(rusqlite::params![id, i64::from(pid)])?;
-                Ok(())
-            })
+            .write(move |conn, _| writes::set_process_pid(conn, &id, pid))
             .await
     }
 
     async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError> {
         let (agent_id, reason) = (agent_id.to_string(), reason.to_string());
         self.writer
-            .write(move |conn, _| {
-                let ordered = conn
-                    .prepare_cached(
-                        "UPDATE processes SET kill_reason = ?2 WHERE agent_id = ?1 AND state = 'running'",
-                    )?
-                    .execute(rusqlite::params![agent_id, reason])?;
-                Ok(ordered as u64)
-            })
+            .write(move |conn, _| writes::request_kill(conn, &agent_id, &reason))
             .await
     }
 

@@ -11,7 +11,8 @@ use crate::storage::{
     ProcessState, ReservationState, ReserveOutcome, SettleOutcome, Settlement, StoreError, now_ms,
 };
 use aex_core::reservation::{admit_event, budget_denial_event};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 pub(super) fn insert_agent(
     conn: &Connection,
@@ -19,35 +20,16 @@ pub(super) fn insert_agent(
     w: &AgentWrite,
 ) -> Result<AgentRecord, StoreError> {
     let a = &w.agent;
+    // The settable columns as `?1..?18`, then what only an insert sets.
     let inserted = conn
-        .prepare_cached(
-            "INSERT INTO agents (id, name, token_sha256, token_prefix, token_expires_at_ms, \
-             token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, \
-             cap_streaming, cap_tools, cap_function_calling, cap_vision, scope, state, \
-             created_at_ms, updated_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-        )?
-        .execute(params![
-            a.id,
-            a.name,
-            a.token_sha256,
-            a.token_prefix,
-            a.token_expires_at_ms,
-            a.token_ttl_seconds,
-            a.budget_micro,
-            i64::from(a.rpm),
-            stored_u64(a.tpm),
-            i64::from(a.max_concurrent),
-            allowed_models_json(a),
-            a.caps.streaming,
-            a.caps.tools,
-            a.caps.function_calling,
-            a.caps.vision,
-            a.scope.as_str(),
-            a.state.as_str(),
-            a.created_at_ms,
-            a.updated_at_ms,
-        ]);
+        .prepare_cached(&format!(
+            "INSERT INTO agents ({AGENT_SETTABLE_COLUMNS}, name, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+        ))?
+        .execute(params_from_iter(settable_values(a).into_iter().chain([
+            Value::from(a.name.clone()),
+            Value::from(a.created_at_ms),
+        ])));
     match inserted {
         Err(e) if is_unique_violation(&e) && e.to_string().contains("agents.token_sha256") => {
             return Err(StoreError::Conflict(
@@ -83,41 +65,49 @@ pub(super) fn change_agent(
     Ok(w.agent)
 }
 
-/// Writes every column an admin change may touch back to its row (the money
-/// columns the hot path moves are not among them).
-fn save_agent(conn: &Connection, a: &AgentRecord) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE agents SET token_sha256 = ?2, token_prefix = ?3, token_expires_at_ms = ?4, \
-         token_ttl_seconds = ?5, budget_micro = ?6, rpm = ?7, tpm = ?8, max_concurrent = ?9, \
-         allowed_models = ?10, cap_streaming = ?11, cap_tools = ?12, cap_function_calling = ?13, \
-         cap_vision = ?14, scope = ?15, state = ?16, updated_at_ms = ?17, deleted_at_ms = ?18 \
-         WHERE id = ?1",
-    )?
-    .execute(params![
-        a.id,
-        a.token_sha256,
-        a.token_prefix,
-        a.token_expires_at_ms,
-        a.token_ttl_seconds,
-        a.budget_micro,
-        i64::from(a.rpm),
-        stored_u64(a.tpm),
-        i64::from(a.max_concurrent),
-        allowed_models_json(a),
-        a.caps.streaming,
-        a.caps.tools,
-        a.caps.function_calling,
-        a.caps.vision,
-        a.scope.as_str(),
-        a.state.as_str(),
-        a.updated_at_ms,
-        a.deleted_at_ms,
-    ])?;
-    Ok(())
+/// The columns an admin change may set, in the order of [`settable_values`];
+/// the money columns the hot path moves are not among them.
+const AGENT_SETTABLE_COLUMNS: &str = "id, token_sha256, token_prefix, token_expires_at_ms, \
+    token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, cap_streaming, \
+    cap_tools, cap_function_calling, cap_vision, scope, state, updated_at_ms, deleted_at_ms";
+
+fn settable_values(a: &AgentRecord) -> [Value; 18] {
+    [
+        a.id.clone().into(),
+        a.token_sha256.clone().into(),
+        a.token_prefix.clone().into(),
+        a.token_expires_at_ms.into(),
+        a.token_ttl_seconds.into(),
+        a.budget_micro.into(),
+        i64::from(a.rpm).into(),
+        stored_u64(a.tpm).into(),
+        i64::from(a.max_concurrent).into(),
+        serde_json::to_string(&a.allowed_models)
+            .expect("strings serialise")
+            .into(),
+        a.caps.streaming.into(),
+        a.caps.tools.into(),
+        a.caps.function_calling.into(),
+        a.caps.vision.into(),
+        a.scope.as_str().to_string().into(),
+        a.state.as_str().to_string().into(),
+        a.updated_at_ms.into(),
+        a.deleted_at_ms.into(),
+    ]
 }
 
-fn allowed_models_json(a: &AgentRecord) -> String {
-    serde_json::to_string(&a.allowed_models).expect("strings serialise")
+/// Writes every settable column of `a` back to its row.
+fn save_agent(conn: &Connection, a: &AgentRecord) -> Result<(), StoreError> {
+    let assignments = AGENT_SETTABLE_COLUMNS
+        .split(", ")
+        .enumerate()
+        .skip(1)
+        .map(|(i, column)| format!("{column} = ?{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    conn.prepare_cached(&format!("UPDATE agents SET {assignments} WHERE id = ?1"))?
+        .execute(params_from_iter(settable_values(a)))?;
+    Ok(())
 }
 
 /// Provider-reported and configured counts are u64; SQLite's integers are
@@ -293,6 +283,26 @@ pub(super) fn start_process(
         p.started_at_ms,
     ])?;
     chain.append(conn, &p.started_event(ledger_key))
+}
+
+pub(super) fn set_process_pid(conn: &Connection, id: &str, pid: u32) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE processes SET pid = ?2 WHERE id = ?1")?
+        .execute(params![id, i64::from(pid)])?;
+    Ok(())
+}
+
+/// Records a kill order on the agent's running processes; how many.
+pub(super) fn request_kill(
+    conn: &Connection,
+    agent_id: &str,
+    reason: &str,
+) -> Result<u64, StoreError> {
+    let ordered = conn
+        .prepare_cached(
+            "UPDATE processes SET kill_reason = ?2 WHERE agent_id = ?1 AND state = 'running'",
+        )?
+        .execute(params![agent_id, reason])?;
+    Ok(ordered as u64)
 }
 
 pub(super) fn end_process(
