@@ -2,7 +2,7 @@
 
 use crate::admission::core::AdmissionCore;
 use crate::error::Result;
-use crate::storage::{AgentRecord, Store};
+use crate::storage::Store;
 use aex_core::config::ModelsConfig;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -66,12 +66,5 @@ impl ControlState {
         self.admission.models_changed(fresh.clone());
         tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
         Ok(fresh)
-    }
-
-    /// Every admin mutation ends here, so admission and the data planes'
-    /// caches see it before the RPC returns.
-    pub fn agent_changed(&self, record: AgentRecord) -> AgentRecord {
-        self.admission.agent_changed(&record);
-        record
     }
 }

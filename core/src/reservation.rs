@@ -40,8 +40,12 @@ pub enum ReserveOutcome {
     InsufficientBudget {
         remaining_micro: i64,
     },
-    /// The request id was already admitted: this is that reservation.
+    /// The request id was already admitted: this is that reservation, open.
     AlreadyAdmitted(ReservationRecord),
+    /// The request id was admitted before and its reservation is closed
+    /// (settled, released or expired): nothing was reserved, and the call
+    /// must not go ahead on it.
+    AlreadyClosed(ReservationRecord),
 }
 
 /// A reservation's state. The strings are the stored form.

@@ -7,7 +7,7 @@ use super::policy::{Ask, Denial, Endpoint, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
     AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
-    ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, now_ms,
+    ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError, now_ms,
 };
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::new_id;
@@ -196,6 +196,8 @@ pub struct AdmissionCore {
     unexpirable: Mutex<std::collections::HashSet<String>>,
     /// Denials of unknown tokens since the last flush.
     unauthenticated: Mutex<UnauthenticatedDenials>,
+    /// Held across an admin change's write and its application here.
+    admin_changes: tokio::sync::Mutex<()>,
 }
 
 /// Denials of tokens no agent has, gathered between two flushes.
@@ -283,6 +285,7 @@ impl AdmissionCore {
             reservation_ttl_ms,
             unexpirable: Mutex::default(),
             unauthenticated: Mutex::default(),
+            admin_changes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -298,9 +301,24 @@ impl AdmissionCore {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called after every admin change to an agent; takes effect for the
-    /// very next request.
-    pub fn agent_changed(&self, record: &AgentRecord) {
+    /// An admin change to an agent: `write` stores it, then it takes effect
+    /// here for the very next request. One at a time: two changes racing
+    /// (a pause and a resume, two rotations) would otherwise be applied
+    /// here in the other order than the store applied them, leaving memory
+    /// and every data plane's cache disagreeing with the store.
+    pub async fn change_agent<F, Fut>(&self, write: F) -> Result<AgentRecord>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<AgentRecord, StoreError>>,
+    {
+        let _one_at_a_time = self.admin_changes.lock().await;
+        let record = write().await?;
+        self.agent_changed(&record);
+        Ok(record)
+    }
+
+    /// Applies an agent as stored; see [`AdmissionCore::change_agent`].
+    fn agent_changed(&self, record: &AgentRecord) {
         let mut live = self.lock();
         if record.state == AgentState::Deleted {
             live.by_token.retain(|_, id| id != &record.id);
@@ -453,6 +471,26 @@ impl AdmissionCore {
                     model_tpm_limit: 0,
                 };
                 Ok(Decision::Admitted(self.admitted_from(&open, 0, models)))
+            }
+            Ok(ReserveOutcome::AlreadyClosed(closed)) => {
+                self.undo(&tentative, ask.model, now);
+                let denial = Denial::request_closed(format!(
+                    "This request's reservation {} was already closed (settled or expired) when its \
+                     admission was retried, so it cannot go ahead on it. Send the request again.",
+                    closed.id
+                ));
+                self.log_denial(
+                    &denial,
+                    &tentative.agent_id,
+                    &tentative.agent_name,
+                    ask,
+                    token_sha256,
+                )
+                .await;
+                Ok(Decision::Denied {
+                    denial,
+                    agent_name: tentative.agent_name,
+                })
             }
             Err(e) => {
                 self.undo(&tentative, ask.model, now);

@@ -5,3 +5,5 @@
 pub mod core;
 pub mod limiter;
 pub mod policy;
+#[cfg(test)]
+mod properties;

@@ -75,6 +75,21 @@ impl Denial {
         }
     }
 
+    /// A retried admission of a request whose reservation already closed
+    /// (it expired while the answer was lost, say). 409, which the OpenAI
+    /// SDKs retry: as a new request, with a reservation of its own.
+    pub fn request_closed(message: impl Into<String>) -> Self {
+        Self {
+            http_status: 409,
+            code: "request_already_closed",
+            error_type: "invalid_request_error",
+            message: message.into(),
+            denied_by: "request",
+            param: "",
+            retry_after_ms: 0,
+        }
+    }
+
     pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
         Self {
             http_status: 400,

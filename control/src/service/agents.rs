@@ -2,7 +2,7 @@ use crate::error::{Error, Result};
 use crate::service::convert::{agent_to_pb, scope_from_pb};
 use crate::state::ControlState;
 use crate::storage::{
-    AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, TokenChange, now_ms,
+    AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, StoreError, TokenChange, now_ms,
 };
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::{new_agent_token, token_prefix, token_sha256};
@@ -102,30 +102,30 @@ impl AgentsApi {
         });
         let scope = scope_from_pb(r.scope()).unwrap_or(Scope::Execution);
         let token = new_agent_token();
+        let new_agent = NewAgent {
+            name: r.name,
+            token_sha256: token_sha256(&token),
+            token_prefix: token_prefix(&token),
+            token_expires_at_ms: expiry(r.ttl_seconds)?,
+            token_ttl_seconds: r.ttl_seconds as i64,
+            budget_micro: r.budget_micro,
+            rpm: r.rpm,
+            tpm: r.tpm,
+            max_concurrent: r.max_concurrent,
+            allowed_models,
+            caps: Caps {
+                streaming: caps.streaming,
+                tools: caps.tools,
+                function_calling: caps.function_calling,
+                vision: caps.vision,
+            },
+            scope,
+        };
         let record = self
             .state
-            .store
-            .create_agent(NewAgent {
-                name: r.name,
-                token_sha256: token_sha256(&token),
-                token_prefix: token_prefix(&token),
-                token_expires_at_ms: expiry(r.ttl_seconds)?,
-                token_ttl_seconds: r.ttl_seconds as i64,
-                budget_micro: r.budget_micro,
-                rpm: r.rpm,
-                tpm: r.tpm,
-                max_concurrent: r.max_concurrent,
-                allowed_models,
-                caps: Caps {
-                    streaming: caps.streaming,
-                    tools: caps.tools,
-                    function_calling: caps.function_calling,
-                    vision: caps.vision,
-                },
-                scope,
-            })
+            .admission
+            .change_agent(|| self.state.store.create_agent(new_agent))
             .await?;
-        let record = self.state.agent_changed(record);
         tracing::info!(agent = %record.name, "agent created");
         Ok(pb::AgentWithToken {
             agent: Some(agent_to_pb(&record)),
@@ -162,8 +162,10 @@ impl AgentsApi {
                 "nothing to update: name at least one field to change".into(),
             ));
         }
-        let record = self.state.store.update_agent(&r.name, patch).await?;
-        Ok(self.state.agent_changed(record))
+        self.state
+            .admission
+            .change_agent(|| self.state.store.update_agent(&r.name, patch))
+            .await
     }
 
     async fn rotate(&self, r: pb::RotateTokenRequest) -> Result<pb::AgentWithToken> {
@@ -177,20 +179,17 @@ impl AgentsApi {
             .ttl_seconds
             .unwrap_or(current.token_ttl_seconds.max(0) as u64);
         let token = new_agent_token();
+        let change = TokenChange {
+            token_sha256: token_sha256(&token),
+            token_prefix: token_prefix(&token),
+            token_expires_at_ms: expiry(ttl)?,
+            token_ttl_seconds: ttl as i64,
+        };
         let record = self
             .state
-            .store
-            .rotate_token(
-                &r.name,
-                TokenChange {
-                    token_sha256: token_sha256(&token),
-                    token_prefix: token_prefix(&token),
-                    token_expires_at_ms: expiry(ttl)?,
-                    token_ttl_seconds: ttl as i64,
-                },
-            )
+            .admission
+            .change_agent(|| self.state.store.rotate_token(&r.name, change))
             .await?;
-        let record = self.state.agent_changed(record);
         tracing::info!(agent = %record.name, "token rotated");
         Ok(pb::AgentWithToken {
             agent: Some(agent_to_pb(&record)),
@@ -204,8 +203,12 @@ fn ok(a: AgentRecord) -> Result<Response<pb::Agent>, Status> {
 }
 
 impl AgentsApi {
-    fn changed(&self, a: AgentRecord) -> Result<Response<pb::Agent>, Status> {
-        ok(self.state.agent_changed(a))
+    async fn changed<F, Fut>(&self, write: F) -> Result<Response<pb::Agent>, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<AgentRecord, StoreError>>,
+    {
+        ok(self.state.admission.change_agent(write).await?)
     }
 }
 
@@ -269,13 +272,9 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        self.changed(
-            self.state
-                .store
-                .set_state(&name, AgentState::Paused)
-                .await
-                .map_err(Error::from)?,
-        )
+        let store = &self.state.store;
+        self.changed(|| store.set_state(&name, AgentState::Paused))
+            .await
     }
 
     async fn resume_agent(
@@ -283,13 +282,9 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        self.changed(
-            self.state
-                .store
-                .set_state(&name, AgentState::Active)
-                .await
-                .map_err(Error::from)?,
-        )
+        let store = &self.state.store;
+        self.changed(|| store.set_state(&name, AgentState::Active))
+            .await
     }
 
     async fn kill_agent(
@@ -297,13 +292,11 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::KillAgentResponse>, Status> {
         let name = request.into_inner().name;
-        let agent = self.state.agent_changed(
-            self.state
-                .store
-                .kill_agent(&name)
-                .await
-                .map_err(Error::from)?,
-        );
+        let agent = self
+            .state
+            .admission
+            .change_agent(|| self.state.store.kill_agent(&name))
+            .await?;
         let running = self
             .state
             .store
@@ -323,13 +316,8 @@ impl AgentService for AgentsApi {
         request: Request<pb::AgentRef>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        self.changed(
-            self.state
-                .store
-                .delete_agent(&name)
-                .await
-                .map_err(Error::from)?,
-        )
+        let store = &self.state.store;
+        self.changed(|| store.delete_agent(&name)).await
     }
 }
 

@@ -34,6 +34,7 @@ macro_rules! store_conformance {
             extending_names_the_reservations_already_closed,
             reports_add_up_from_the_counters,
             audit_passes_over_the_stores_own_writes,
+            a_retried_admission_of_a_closed_reservation_reserves_nothing,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -695,4 +696,23 @@ pub async fn audit_passes_over_the_stores_own_writes(s: Arc<dyn Store>) {
         all_events(s.as_ref()).await.len() as u64
     );
     assert_eq!(audit.overruns.len(), 1);
+}
+
+/// A request id's reservation answers its retries while open; once closed
+/// it reserves nothing again, for the same or a new reservation id.
+pub async fn a_retried_admission_of_a_closed_reservation_reserves_nothing(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    s.reserve(reservation(&a, 1, 100)).await.unwrap();
+    let again = s.reserve(reservation(&a, 1, 100)).await.unwrap();
+    assert!(matches!(again, ReserveOutcome::AlreadyAdmitted(r) if r.id == "rsv_1"));
+    s.settle(settlement(&a, 1, 40)).await.unwrap();
+    let mut retried = reservation(&a, 1, 100);
+    retried.record.id = "rsv_other".into();
+    let closed = s.reserve(retried).await.unwrap();
+    assert!(matches!(closed, ReserveOutcome::AlreadyClosed(r) if r.id == "rsv_1"));
+    let after = s.agent_by_name("a").await.unwrap().unwrap();
+    assert_eq!((after.spent_micro, after.reserved_micro), (40, 0));
+    assert!(s.open_reservations().await.unwrap().is_empty());
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(kinds(&events), ["agent.created", "admit", "settle"]);
 }

@@ -13,6 +13,8 @@
 
 #[cfg(test)]
 pub mod conformance;
+#[cfg(test)]
+pub mod memory;
 pub mod sqlite;
 
 pub use aex_core::agent::{

@@ -124,12 +124,21 @@ pub(super) fn reserve(
     let r = &n.record;
     let existing = conn
         .prepare_cached(&format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE request_id = ?1"
+            "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = ?1"
         ))?
-        .query_row([&r.request_id], ReservationRow::from_rusqlite)
+        .query_row([&r.request_id], |row| {
+            Ok((
+                ReservationRow::from_rusqlite(row)?,
+                row.get::<_, String>(11)?,
+            ))
+        })
         .optional()?;
-    if let Some(existing) = existing {
-        return Ok(ReserveOutcome::AlreadyAdmitted(existing.into()));
+    if let Some((existing, state)) = existing {
+        return Ok(if state == ReservationState::Open.as_str() {
+            ReserveOutcome::AlreadyAdmitted(existing.into())
+        } else {
+            ReserveOutcome::AlreadyClosed(existing.into())
+        });
     }
     // The budget check and the reservation are one statement, so no two
     // admissions can both take the last micro.

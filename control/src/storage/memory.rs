@@ -1,0 +1,685 @@
+//! A store held in memory, for tests: the whole contract (it runs the
+//! conformance suite) with none of a database's I/O, so property tests can
+//! drive thousands of admissions through the real admission code, and edit
+//! the log directly to see that audit catches it.
+//!
+//! Every operation runs under one lock, which makes each atomic and gives
+//! the chain its one appender, as SQLite's writer thread does. The head is
+//! also kept apart from the log after each write (the anchor), as the
+//! anchored SQLite store keeps it in `ledger.head`: an edit of the log alone
+//! cannot move it.
+
+use crate::ledger::anchor::{Anchor, AnchorState};
+use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
+use crate::storage::{
+    AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, DenialRecord,
+    EventFilter, EventKind, EventRecord, LedgerStore, NewEvent, NewReservation, ProcessRecord,
+    ProcessState, ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome,
+    SettleOutcome, Settlement, StatusTotals, StoreError, now_ms,
+};
+use aex_core::chain::{ChainKey, GENESIS};
+use aex_core::event::Head;
+use aex_core::reservation::{admit_event, budget_denial_event};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+pub struct MemoryStore {
+    ledger_key: Vec<u8>,
+    chain_key: ChainKey,
+    tables: Mutex<Tables>,
+}
+
+#[derive(Default)]
+struct Tables {
+    /// In creation order, deleted ones included.
+    agents: Vec<AgentRecord>,
+    reservations: HashMap<String, StoredReservation>,
+    /// Request id → reservation id.
+    by_request: HashMap<String, String>,
+    processes: Vec<ProcessRecord>,
+    events: Vec<EventRecord>,
+    /// (agent id, counter name) → value.
+    counters: HashMap<(String, String), i64>,
+    /// Where the next event goes: the chain as this store last wrote it,
+    /// whatever has been done to `events` since.
+    head: Option<Head>,
+}
+
+#[derive(Debug, Clone)]
+struct StoredReservation {
+    row: ReservationRow,
+    expires_at_ms: i64,
+}
+
+impl StoredReservation {
+    fn is_open(&self) -> bool {
+        self.row.facts.state == ReservationState::Open.as_str()
+    }
+
+    fn record(&self) -> ReservationRecord {
+        let f = &self.row.facts;
+        ReservationRecord {
+            id: f.id.clone(),
+            request_id: f.request_id.clone(),
+            agent_id: f.agent_id.clone(),
+            model: f.model.clone(),
+            amount_micro: f.amount_micro,
+            pricing: self.row.pricing,
+            input_tokens_bound: f.input_tokens_bound as u64,
+            output_tokens_cap: f.output_tokens_cap as u64,
+            created_at_ms: f.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+}
+
+/// Counts are u64 in the domain and i64 in a row, saturated as SQLite
+/// stores them.
+fn stored_u64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Tables {
+    fn head(&self) -> Head {
+        self.head.clone().unwrap_or_else(Head::genesis)
+    }
+
+    fn append(&mut self, key: &ChainKey, events: &[NewEvent]) {
+        let mut head = self.head();
+        for event in events {
+            let sealed = head.seal(key, event);
+            let counter = (sealed.body.agent_id.clone(), event.counter_name());
+            *self.counters.entry(counter).or_default() += event.count;
+            self.events.push(sealed);
+        }
+        self.head = Some(head);
+    }
+
+    fn live_agent(&self, name: &str) -> Option<usize> {
+        self.agents
+            .iter()
+            .position(|a| a.name == name && a.deleted_at_ms.is_none())
+    }
+
+    fn agent(&mut self, id: &str) -> Option<&mut AgentRecord> {
+        self.agents.iter_mut().find(|a| a.id == id)
+    }
+
+    /// The checks SQLite's schema makes on an agent row.
+    fn check_row(&self, a: &AgentRecord, replacing: Option<usize>) -> Result<(), StoreError> {
+        let others = || {
+            self.agents
+                .iter()
+                .enumerate()
+                .filter(move |(i, _)| Some(*i) != replacing)
+                .map(|(_, other)| other)
+        };
+        if others().any(|o| o.token_sha256 == a.token_sha256) {
+            return Err(StoreError::Conflict(
+                "another agent already has this token; issue a new one".into(),
+            ));
+        }
+        if a.deleted_at_ms.is_none()
+            && others().any(|o| o.name == a.name && o.deleted_at_ms.is_none())
+        {
+            return Err(StoreError::DuplicateName(a.name.clone()));
+        }
+        if others().any(|o| o.id == a.id) {
+            return Err(StoreError::Conflict(format!("agent id {} is taken", a.id)));
+        }
+        if a.budget_micro < 0 || a.spent_micro < 0 || a.reserved_micro < 0 {
+            return Err(StoreError::Conflict(
+                "an agent's budget, spent and reserved are never negative".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn process_with_name(&self, p: &ProcessRecord) -> ProcessRecord {
+        let name = self
+            .agents
+            .iter()
+            .find(|a| a.id == p.agent_id)
+            .map(|a| a.name.clone())
+            .unwrap_or_default();
+        ProcessRecord {
+            agent_name: name,
+            ..p.clone()
+        }
+    }
+
+    fn anchor(&self) -> AnchorState {
+        let head = self.head();
+        AnchorState::Present(Anchor {
+            seq: head.seq,
+            hash: head.hash,
+            written_at_ms: now_ms(),
+        })
+    }
+}
+
+impl MemoryStore {
+    pub fn new(ledger_key: Vec<u8>) -> Self {
+        Self {
+            chain_key: ChainKey::new(&ledger_key),
+            ledger_key,
+            tables: Mutex::new(Tables::default()),
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The log as stored, to edit as someone without `ledger.key` could:
+    /// the anchor stays where this store's last write put it.
+    pub fn edit_events<T>(&self, edit: impl FnOnce(&mut Vec<EventRecord>) -> T) -> T {
+        edit(&mut self.tables().events)
+    }
+
+    /// Every open reservation's id, for a test to check against.
+    pub fn open_reservation_ids(&self) -> Vec<String> {
+        let t = self.tables();
+        let mut ids: Vec<String> = t
+            .reservations
+            .values()
+            .filter(|r| r.is_open())
+            .map(|r| r.row.facts.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Lets a test yield to the runtime around each operation, as a real
+/// store's I/O would, so concurrent callers really interleave.
+async fn io_point() {
+    tokio::task::yield_now().await;
+}
+
+#[async_trait]
+impl AgentStore for MemoryStore {
+    fn ledger_key(&self) -> &[u8] {
+        &self.ledger_key
+    }
+
+    async fn insert_agent(&self, write: AgentWrite) -> Result<AgentRecord, StoreError> {
+        io_point().await;
+        // Built apart so the lock is released before the reply's await.
+        let out = (|| -> Result<AgentRecord, StoreError> {
+            let mut t = self.tables();
+            t.check_row(&write.agent, None)?;
+            t.agents.push(write.agent.clone());
+            t.append(&self.chain_key, &write.events);
+            Ok(write.agent)
+        })();
+        io_point().await;
+        out
+    }
+
+    async fn change_agent(
+        &self,
+        name: &str,
+        change: Box<AgentChange>,
+    ) -> Result<AgentRecord, StoreError> {
+        io_point().await;
+        // Built apart so the lock is released before the reply's await.
+        let out = (|| -> Result<AgentRecord, StoreError> {
+            let mut t = self.tables();
+            let i = t
+                .live_agent(name)
+                .ok_or_else(|| StoreError::AgentNotFound(name.to_string()))?;
+            let current = t.agents[i].clone();
+            let Some(w) = change(&current)? else {
+                return Ok(current);
+            };
+            // As SQLite's UPDATE: only the settable columns; the money the hot
+            // path moves, the name and the creation time stay the row's.
+            let agent = AgentRecord {
+                name: current.name.clone(),
+                created_at_ms: current.created_at_ms,
+                spent_micro: current.spent_micro,
+                reserved_micro: current.reserved_micro,
+                overrun_micro: current.overrun_micro,
+                last_activity_at_ms: current.last_activity_at_ms,
+                ..w.agent.clone()
+            };
+            t.check_row(&agent, Some(i))?;
+            t.agents[i] = agent;
+            t.append(&self.chain_key, &w.events);
+            Ok(w.agent)
+        })();
+        io_point().await;
+        out
+    }
+
+    async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError> {
+        io_point().await;
+        let mut agents: Vec<AgentRecord> = self
+            .tables()
+            .agents
+            .iter()
+            .filter(|a| include_deleted || a.deleted_at_ms.is_none())
+            .cloned()
+            .collect();
+        agents.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(agents)
+    }
+
+    async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        io_point().await;
+        let t = self.tables();
+        Ok(t.live_agent(name).map(|i| t.agents[i].clone()))
+    }
+}
+
+#[async_trait]
+impl LedgerStore for MemoryStore {
+    async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        io_point().await;
+        // Built apart so the lock is released before the reply's await.
+        let out = (|| -> Result<ReserveOutcome, StoreError> {
+            let mut t = self.tables();
+            let r = &n.record;
+            if let Some(existing) = t.by_request.get(&r.request_id) {
+                let existing = &t.reservations[existing];
+                return Ok(if existing.is_open() {
+                    ReserveOutcome::AlreadyAdmitted(existing.record())
+                } else {
+                    ReserveOutcome::AlreadyClosed(existing.record())
+                });
+            }
+            if t.reservations.contains_key(&r.id) {
+                return Err(StoreError::Conflict(format!(
+                    "reservation id {} is taken",
+                    r.id
+                )));
+            }
+            let agent = t.agent(&r.agent_id).ok_or_else(|| {
+                StoreError::Invalid(format!("no agent with id {} to reserve for", r.agent_id))
+            })?;
+            let remaining = agent.remaining_micro();
+            if agent.deleted_at_ms.is_some() || remaining < r.amount_micro {
+                t.append(&self.chain_key, &[budget_denial_event(&n, remaining)]);
+                return Ok(ReserveOutcome::InsufficientBudget {
+                    remaining_micro: remaining,
+                });
+            }
+            agent.reserved_micro += r.amount_micro;
+            agent.last_activity_at_ms = Some(r.created_at_ms);
+            let stored = StoredReservation {
+                row: ReservationRow {
+                    facts: ReservationFacts {
+                        id: r.id.clone(),
+                        agent_id: r.agent_id.clone(),
+                        request_id: r.request_id.clone(),
+                        model: r.model.clone(),
+                        amount_micro: r.amount_micro,
+                        input_tokens_bound: stored_u64(r.input_tokens_bound),
+                        output_tokens_cap: stored_u64(r.output_tokens_cap),
+                        created_at_ms: r.created_at_ms,
+                        state: ReservationState::Open.as_str().into(),
+                        ..Default::default()
+                    },
+                    pricing: r.pricing,
+                },
+                expires_at_ms: r.expires_at_ms,
+            };
+            t.by_request.insert(r.request_id.clone(), r.id.clone());
+            t.reservations.insert(r.id.clone(), stored);
+            t.append(&self.chain_key, &[admit_event(&n)]);
+            Ok(ReserveOutcome::Reserved {
+                remaining_micro: remaining - r.amount_micro,
+            })
+        })();
+        io_point().await;
+        out
+    }
+
+    async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
+        io_point().await;
+        // Built apart so the lock is released before the reply's await.
+        let out = (|| -> Result<SettleOutcome, StoreError> {
+            let now = now_ms();
+            let mut t = self.tables();
+            let Some(stored) = t.reservations.get(&st.reservation_id) else {
+                return Ok(SettleOutcome::UnknownReservation);
+            };
+            if !stored.is_open() {
+                return Ok(SettleOutcome::AlreadyClosed);
+            }
+            let (agent_id, reserved) = (
+                stored.row.facts.agent_id.clone(),
+                stored.row.facts.amount_micro,
+            );
+            let charge = st.charge_within(reserved);
+            let overrun = st.overrun();
+            let agent = t.agent(&agent_id).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "reservation {} belongs to no agent",
+                    st.reservation_id
+                ))
+            })?;
+            agent.reserved_micro -= reserved;
+            agent.spent_micro += charge;
+            agent.overrun_micro = agent.overrun_micro.saturating_add(overrun);
+            agent.last_activity_at_ms = Some(now);
+            let remaining = agent.remaining_micro();
+            let facts = &mut t
+                .reservations
+                .get_mut(&st.reservation_id)
+                .expect("looked up above")
+                .row
+                .facts;
+            facts.state = st.final_state(charge).as_str().into();
+            facts.settled_at_ms = Some(now);
+            facts.charged_micro = Some(charge);
+            facts.outcome = Some(st.outcome.clone());
+            facts.prompt_tokens = Some(stored_u64(st.prompt_tokens));
+            facts.completion_tokens = Some(stored_u64(st.completion_tokens));
+            facts.overrun_micro = overrun;
+            t.append(&self.chain_key, &st.events(&agent_id, charge, now));
+            Ok(SettleOutcome::Settled {
+                charged_micro: charge,
+                remaining_micro: remaining,
+            })
+        })();
+        io_point().await;
+        out
+    }
+
+    async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
+        io_point().await;
+        self.tables().append(&self.chain_key, &[d.event(now_ms())]);
+        Ok(())
+    }
+
+    async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError> {
+        io_point().await;
+        let mut open: Vec<ReservationRecord> = self
+            .tables()
+            .reservations
+            .values()
+            .filter(|r| r.is_open())
+            .map(StoredReservation::record)
+            .collect();
+        open.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(open)
+    }
+
+    async fn extend_reservations(
+        &self,
+        ids: &[String],
+        expires_at_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        io_point().await;
+        let mut t = self.tables();
+        let mut closed = Vec::new();
+        for id in ids {
+            match t.reservations.get_mut(id) {
+                Some(r) if r.is_open() => r.expires_at_ms = expires_at_ms,
+                _ => closed.push(id.clone()),
+            }
+        }
+        Ok(closed)
+    }
+}
+
+#[async_trait]
+impl ProcessStore for MemoryStore {
+    async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
+        io_point().await;
+        let mut t = self.tables();
+        if t.processes
+            .iter()
+            .any(|o| o.id == p.id || o.token_sha256 == p.token_sha256)
+        {
+            return Err(StoreError::Conflict(format!(
+                "process {} or its token is already registered",
+                p.id
+            )));
+        }
+        let stored = ProcessRecord {
+            state: ProcessState::Running.as_str().into(),
+            ..p.clone()
+        };
+        t.processes.push(stored);
+        t.append(&self.chain_key, &[p.started_event(&self.ledger_key)]);
+        Ok(p)
+    }
+
+    async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
+        io_point().await;
+        if let Some(p) = self.tables().processes.iter_mut().find(|p| p.id == id) {
+            p.pid = pid;
+        }
+        Ok(())
+    }
+
+    async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError> {
+        io_point().await;
+        let mut ordered = 0;
+        for p in self.tables().processes.iter_mut() {
+            if p.agent_id == agent_id && p.state() == Some(ProcessState::Running) {
+                p.kill_reason = Some(reason.to_string());
+                ordered += 1;
+            }
+        }
+        Ok(ordered)
+    }
+
+    async fn end_process(
+        &self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<ProcessRecord>, StoreError> {
+        io_point().await;
+        if state == ProcessState::Running {
+            return Err(StoreError::Invalid(
+                "a process ends as exited, killed or lost, not running".into(),
+            ));
+        }
+        let now = now_ms();
+        let mut t = self.tables();
+        let Some(p) = t
+            .processes
+            .iter_mut()
+            .find(|p| p.id == id && p.state() == Some(ProcessState::Running))
+        else {
+            return Ok(None);
+        };
+        p.state = state.as_str().into();
+        p.ended_at_ms = Some(now);
+        p.exit_code = exit_code;
+        p.reason = reason.to_string();
+        let ended = p.clone();
+        let ended = t.process_with_name(&ended);
+        if let Some(event) = ended.ended_event(state, exit_code, reason, now) {
+            t.append(&self.chain_key, &[event]);
+        }
+        Ok(Some(ended))
+    }
+
+    async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError> {
+        io_point().await;
+        let t = self.tables();
+        let mut processes: Vec<ProcessRecord> = t
+            .processes
+            .iter()
+            .filter(|p| include_ended || p.state() == Some(ProcessState::Running))
+            .map(|p| t.process_with_name(p))
+            .collect();
+        processes.sort_by_key(|p| p.started_at_ms);
+        Ok(processes)
+    }
+}
+
+#[async_trait]
+impl ReportStore for MemoryStore {
+    async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        io_point().await;
+        let limit = if f.limit == 0 {
+            1000
+        } else {
+            f.limit.min(10_000)
+        };
+        let t = self.tables();
+        let mut events: Vec<EventRecord> = t
+            .events
+            .iter()
+            .filter(|e| e.body.seq > f.after_seq && e.body.ts_ms >= f.since_ms)
+            .filter(|e| {
+                f.agent_name
+                    .as_ref()
+                    .is_none_or(|n| &e.body.agent_name == n)
+            })
+            .cloned()
+            .collect();
+        // By seq, as a database's ORDER BY returns them, whatever order the
+        // stored rows are in.
+        events.sort_by_key(|e| e.body.seq);
+        events.truncate(limit as usize);
+        Ok(events)
+    }
+
+    async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError> {
+        io_point().await;
+        let t = self.tables();
+        let mut data = AuditData {
+            agents: t.agents.clone(),
+            closed_reservations: ClosedDigest::new(&self.ledger_key),
+            processes: t.processes.iter().map(|p| t.process_with_name(p)).collect(),
+            last_seq: t.events.iter().map(|e| e.body.seq).max().unwrap_or(0),
+            anchor: Some(t.anchor()),
+            counters: t.counters.clone(),
+            ..Default::default()
+        };
+        data.agents
+            .sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        for r in t.reservations.values() {
+            let f = &r.row.facts;
+            if r.is_open() {
+                *data.open_reserved.entry(f.agent_id.clone()).or_default() += f.amount_micro;
+                if r.expires_at_ms < now_ms {
+                    data.overdue
+                        .push((f.id.clone(), f.agent_id.clone(), r.expires_at_ms));
+                }
+                data.open_reservation_rows.push(r.row.clone());
+            } else {
+                data.closed_reservations.add(f);
+            }
+        }
+        let head = t.head();
+        data.hash_at_anchor = if head.seq == 0 {
+            Some(GENESIS.to_string())
+        } else {
+            t.events
+                .iter()
+                .find(|e| e.body.seq == head.seq)
+                .map(|e| e.hash.clone())
+        };
+        Ok(data)
+    }
+
+    async fn reservation_history(
+        &self,
+        agent_id: &str,
+    ) -> Result<(Vec<ReservationRow>, Vec<EventRecord>), StoreError> {
+        io_point().await;
+        let t = self.tables();
+        let rows = t
+            .reservations
+            .values()
+            .filter(|r| r.row.facts.agent_id == agent_id)
+            .map(|r| r.row.clone())
+            .collect();
+        let mut events: Vec<EventRecord> = t
+            .events
+            .iter()
+            .filter(|e| e.body.agent_id == agent_id)
+            .filter(|e| EventKind::parse(&e.body.kind).is_some_and(|k| k.is_about_reservations()))
+            .cloned()
+            .collect();
+        events.sort_by_key(|e| e.body.seq);
+        Ok((rows, events))
+    }
+
+    async fn status_totals(&self) -> Result<StatusTotals, StoreError> {
+        io_point().await;
+        let t = self.tables();
+        let live: Vec<&AgentRecord> = t
+            .agents
+            .iter()
+            .filter(|a| a.deleted_at_ms.is_none())
+            .collect();
+        let total = |pick: fn(&AgentRecord) -> i64| {
+            live.iter().map(|a| pick(a)).fold(0i64, i64::saturating_add)
+        };
+        let mut counters = HashMap::<String, i64>::new();
+        for ((_, name), value) in &t.counters {
+            let c = counters.entry(name.clone()).or_default();
+            *c = c.saturating_add(*value);
+        }
+        Ok(StatusTotals {
+            agents: live.len() as u32,
+            total_budget_micro: total(|a| a.budget_micro),
+            total_spent_micro: total(|a| a.spent_micro),
+            total_reserved_micro: total(|a| a.reserved_micro),
+            total_overrun_micro: total(|a| a.overrun_micro),
+            counters,
+            open_reservations: t.reservations.values().filter(|r| r.is_open()).count() as u64,
+            running_processes: t
+                .processes
+                .iter()
+                .filter(|p| p.state() == Some(ProcessState::Running))
+                .count() as u64,
+        })
+    }
+
+    async fn activity(
+        &self,
+        window_start_ms: i64,
+        minute_start_ms: i64,
+    ) -> Result<HashMap<String, AgentActivity>, StoreError> {
+        io_point().await;
+        let t = self.tables();
+        let mut out: HashMap<String, AgentActivity> = HashMap::new();
+        for e in &t.events {
+            let b = &e.body;
+            let kind = EventKind::parse(&b.kind);
+            if b.ts_ms >= window_start_ms
+                && matches!(kind, Some(EventKind::Settle | EventKind::Expire))
+            {
+                out.entry(b.agent_id.clone()).or_default().charged_in_window += b.amount_micro;
+            }
+            if b.ts_ms >= minute_start_ms && kind == Some(EventKind::Admit) {
+                out.entry(b.agent_id.clone())
+                    .or_default()
+                    .admitted_last_minute += 1;
+            }
+        }
+        for ((agent, name), value) in &t.counters {
+            if name == "admit" {
+                out.entry(agent.clone()).or_default().admitted += value;
+            } else if name.starts_with("deny:") {
+                out.entry(agent.clone()).or_default().denied += value;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryStore;
+    use crate::storage::conformance::KEY;
+
+    async fn store() -> ((), MemoryStore) {
+        ((), MemoryStore::new(KEY.to_vec()))
+    }
+
+    crate::store_conformance!(store);
+}
