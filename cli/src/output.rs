@@ -13,6 +13,14 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
+/// What a `write_*` renderer writes, as text: the human output is built
+/// apart from printing it, so it can be snapshot-tested.
+pub fn rendered(write: impl FnOnce(&mut String) -> std::fmt::Result) -> String {
+    let mut out = String::new();
+    write(&mut out).expect("writing to a String cannot fail");
+    out
+}
+
 pub fn print_json(value: &serde_json::Value) {
     println!(
         "{}",

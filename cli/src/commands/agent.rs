@@ -1,11 +1,12 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
-use crate::output::{parse_ttl, print_json, rfc3339, rfc3339_opt, table};
+use crate::output::{parse_ttl, print_json, rendered, rfc3339, rfc3339_opt, table};
 use aex_core::home::Home;
 use aex_core::money::{parse_usd, usd, usd_with_micro};
 use aex_proto::v1 as pb;
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
+use std::fmt::{self, Write};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ScopeArg {
@@ -181,7 +182,7 @@ pub async fn run(home: &Home, control: &str, cmd: AgentCommand) -> Result<()> {
             if json {
                 print_json(&json!(agents.iter().map(agent_json).collect::<Vec<_>>()));
             } else {
-                print_list(&agents);
+                print!("{}", rendered(|out| write_list(out, &agents)));
             }
             Ok(())
         }
@@ -196,7 +197,7 @@ pub async fn run(home: &Home, control: &str, cmd: AgentCommand) -> Result<()> {
             if json {
                 print_json(&agent_json(&agent));
             } else {
-                print_inspect(&agent);
+                print!("{}", rendered(|out| write_inspect(out, &agent)));
             }
             Ok(())
         }
@@ -502,10 +503,13 @@ pub fn agent_json(a: &pb::Agent) -> serde_json::Value {
     })
 }
 
-fn print_list(agents: &[pb::Agent]) {
+pub(super) fn write_list(out: &mut impl Write, agents: &[pb::Agent]) -> fmt::Result {
     if agents.is_empty() {
-        println!("No agents. Create one with `aexctl agent create NAME BUDGET_USD RPM`.");
-        return;
+        writeln!(
+            out,
+            "No agents. Create one with `aexctl agent create NAME BUDGET_USD RPM`."
+        )?;
+        return Ok(());
     }
     let mut t = table(&[
         "Name",
@@ -539,49 +543,54 @@ fn print_list(agents: &[pb::Agent]) {
                 .unwrap_or_else(|| "never".into()),
         ]);
     }
-    println!("AEX Agents");
-    println!("{t}");
+    writeln!(out, "AEX Agents")?;
+    writeln!(out, "{t}")?;
+    Ok(())
 }
 
-fn print_inspect(a: &pb::Agent) {
+pub(super) fn write_inspect(out: &mut impl Write, a: &pb::Agent) -> fmt::Result {
     let c = a.capabilities.unwrap_or_default();
     let tick = |on: bool| if on { "✅" } else { "❌" };
-    println!("Agent: {} ({})", a.name, state_text(a));
-    println!("  ID:          {}", a.id);
-    println!("  Budget:      {}", usd_with_micro(a.budget_micro));
-    println!("  Spent:       {}", usd_with_micro(a.spent_micro));
-    println!("  Reserved:    {}", usd_with_micro(a.reserved_micro));
-    println!("  Remaining:   {}", usd_with_micro(remaining(a)));
+    writeln!(out, "Agent: {} ({})", a.name, state_text(a))?;
+    writeln!(out, "  ID:          {}", a.id)?;
+    writeln!(out, "  Budget:      {}", usd_with_micro(a.budget_micro))?;
+    writeln!(out, "  Spent:       {}", usd_with_micro(a.spent_micro))?;
+    writeln!(out, "  Reserved:    {}", usd_with_micro(a.reserved_micro))?;
+    writeln!(out, "  Remaining:   {}", usd_with_micro(remaining(a)))?;
     if a.overrun_micro > 0 {
-        println!(
+        writeln!(
+            out,
             "  Overrun:     {}  (reported by providers beyond reservations; not charged, see `aexctl events --agent {}`)",
             usd_with_micro(a.overrun_micro),
             a.name
-        );
+        )?;
     }
-    println!("  RPM Limit:   {}", a.rpm);
-    println!("  TPM Limit:   {}", limit(a.tpm));
-    println!("  Concurrency: {}", limit(u64::from(a.max_concurrent)));
-    println!(
+    writeln!(out, "  RPM Limit:   {}", a.rpm)?;
+    writeln!(out, "  TPM Limit:   {}", limit(a.tpm))?;
+    writeln!(out, "  Concurrency: {}", limit(u64::from(a.max_concurrent)))?;
+    writeln!(
+        out,
         "  Last:        {}",
         a.last_activity_at_ms
             .map(rfc3339)
             .unwrap_or_else(|| "never".into())
-    );
-    println!();
-    println!("Capabilities:");
-    println!("  Streaming:        {}", tick(c.streaming));
-    println!("  Tools:            {}", tick(c.tools));
-    println!("  Function Calling: {}", tick(c.function_calling));
-    println!("  Vision:           {}", tick(c.vision));
-    println!("  Allowed Models:   {}", models_text(a));
-    println!();
-    println!("Auth:");
-    println!("  Scope:        {}", scope_text(a));
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(out, "Capabilities:")?;
+    writeln!(out, "  Streaming:        {}", tick(c.streaming))?;
+    writeln!(out, "  Tools:            {}", tick(c.tools))?;
+    writeln!(out, "  Function Calling: {}", tick(c.function_calling))?;
+    writeln!(out, "  Vision:           {}", tick(c.vision))?;
+    writeln!(out, "  Allowed Models:   {}", models_text(a))?;
+    writeln!(out)?;
+    writeln!(out, "Auth:")?;
+    writeln!(out, "  Scope:        {}", scope_text(a))?;
+    writeln!(
+        out,
         "  Token:        {}… (prefix only; the token is never stored)",
         a.token_prefix
-    );
-    println!("  Expires:      {}", expires(a));
-    println!("  Created:      {}", rfc3339(a.created_at_ms));
+    )?;
+    writeln!(out, "  Expires:      {}", expires(a))?;
+    writeln!(out, "  Created:      {}", rfc3339(a.created_at_ms))?;
+    Ok(())
 }

@@ -1,9 +1,10 @@
 use crate::client::Admin;
 use crate::error::{CliError, Result};
-use crate::output::print_json;
+use crate::output::{print_json, rendered};
 use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use serde_json::json;
+use std::fmt::{self, Write};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,39 +34,47 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
             })).collect::<Vec<_>>(),
         }));
     } else {
-        println!("AEX Audit — Invariant Verification");
-        println!();
-        for c in &report.checks {
-            let mark = if c.passed { "✅" } else { "❌" };
-            let verdict = if c.passed { "PASS" } else { "FAIL" };
-            println!("  {mark} {}: {verdict} — {}", c.name, c.detail);
-            for o in &c.offenders {
-                println!("       {o}");
-            }
-        }
-        if !report.overruns.is_empty() {
-            println!();
-            println!(
-                "  Overruns (provider reported more than was reserved; charged and recorded):"
-            );
-            for o in &report.overruns {
-                println!("       {o}");
-            }
-        }
-        println!();
-        println!(
-            "  {} events checked in {} ms.",
-            report.events_checked, report.duration_ms
-        );
-        if failed == 0 {
-            println!("All {} invariant checks passed.", report.checks.len());
-        }
+        print!("{}", rendered(|out| write_report(out, &report)));
     }
     if failed > 0 {
         return Err(CliError::Failed(format!(
             "{failed} of {} audit checks failed; see above. The ledger was changed outside AEX or is inconsistent.",
             report.checks.len()
         )));
+    }
+    Ok(())
+}
+
+pub(super) fn write_report(out: &mut impl Write, report: &pb::AuditReport) -> fmt::Result {
+    let failed = report.checks.iter().filter(|c| !c.passed).count();
+    writeln!(out, "AEX Audit — Invariant Verification")?;
+    writeln!(out)?;
+    for c in &report.checks {
+        let mark = if c.passed { "✅" } else { "❌" };
+        let verdict = if c.passed { "PASS" } else { "FAIL" };
+        writeln!(out, "  {mark} {}: {verdict} — {}", c.name, c.detail)?;
+        for o in &c.offenders {
+            writeln!(out, "       {o}")?;
+        }
+    }
+    if !report.overruns.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "  Overruns (provider reported more than was reserved; charged and recorded):"
+        )?;
+        for o in &report.overruns {
+            writeln!(out, "       {o}")?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "  {} events checked in {} ms.",
+        report.events_checked, report.duration_ms
+    )?;
+    if failed == 0 {
+        writeln!(out, "All {} invariant checks passed.", report.checks.len())?;
     }
     Ok(())
 }

@@ -1,11 +1,12 @@
 use crate::client::Admin;
 use crate::commands::daemon::{http_get, running_pid};
 use crate::error::{CliError, Result};
-use crate::output::print_json;
+use crate::output::{print_json, rendered};
 use aex_core::config::{ModelsConfig, ProviderKind};
 use aex_core::home::Home;
 use aex_proto::v1 as pb;
 use serde_json::json;
+use std::fmt::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ pub struct Args {
     json: bool,
 }
 
-struct Line {
+pub(super) struct Line {
     ok: bool,
     label: String,
     value: String,
@@ -23,7 +24,12 @@ struct Line {
     fix: String,
 }
 
-fn line(ok: bool, label: &str, value: impl Into<String>, fix: impl Into<String>) -> Line {
+pub(super) fn line(
+    ok: bool,
+    label: &str,
+    value: impl Into<String>,
+    fix: impl Into<String>,
+) -> Line {
     Line {
         ok,
         label: label.to_string(),
@@ -318,26 +324,40 @@ pub async fn run(home: &Home, control: &str, dataplane: &str, args: Args) -> Res
             "checks": lines.iter().map(|l| json!({"check": l.label, "ok": l.ok, "value": l.value, "fix": l.fix})).collect::<Vec<_>>(),
         }));
     } else {
-        println!("AEX Doctor v{}", env!("CARGO_PKG_VERSION"));
-        println!();
-        let width = lines.iter().map(|l| l.label.len()).max().unwrap_or(0) + 1;
-        for l in &lines {
-            let mark = if l.ok { "✅" } else { "❌" };
-            let label = format!("{}:", l.label);
-            println!("  {mark} {label:<width$} {}", l.value, width = width + 1);
-            if !l.ok && !l.fix.is_empty() {
-                println!("       fix: {}", l.fix);
-            }
-        }
-        println!();
-        if failed == 0 {
-            println!("All checks passed.");
-        }
+        print!(
+            "{}",
+            rendered(|out| write_lines(out, env!("CARGO_PKG_VERSION"), &lines))
+        );
     }
     if failed > 0 {
         return Err(CliError::Failed(format!(
             "{failed} check(s) failed; see the fixes above."
         )));
+    }
+    Ok(())
+}
+
+pub(super) fn write_lines(out: &mut impl Write, version: &str, lines: &[Line]) -> fmt::Result {
+    let failed = lines.iter().filter(|l| !l.ok).count();
+    writeln!(out, "AEX Doctor v{version}")?;
+    writeln!(out)?;
+    let width = lines.iter().map(|l| l.label.len()).max().unwrap_or(0) + 1;
+    for l in lines {
+        let mark = if l.ok { "✅" } else { "❌" };
+        let label = format!("{}:", l.label);
+        writeln!(
+            out,
+            "  {mark} {label:<width$} {}",
+            l.value,
+            width = width + 1
+        )?;
+        if !l.ok && !l.fix.is_empty() {
+            writeln!(out, "       fix: {}", l.fix)?;
+        }
+    }
+    writeln!(out)?;
+    if failed == 0 {
+        writeln!(out, "All checks passed.")?;
     }
     Ok(())
 }

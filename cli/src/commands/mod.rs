@@ -8,6 +8,8 @@ pub mod init;
 pub mod metrics;
 pub mod models;
 pub mod run;
+#[cfg(test)]
+mod snapshots;
 pub mod status;
 pub mod version;
 

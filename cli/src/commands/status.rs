@@ -1,10 +1,11 @@
 use crate::client::Admin;
 use crate::error::Result;
-use crate::output::{print_json, rfc3339};
+use crate::output::{print_json, rendered, rfc3339};
 use aex_core::home::Home;
 use aex_core::money::usd_with_micro;
 use aex_proto::v1 as pb;
 use serde_json::json;
+use std::fmt::{self, Write};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,10 +26,7 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         .into_inner();
     let addr = crate::addresses::dataplane(home, args.dataplane);
     let dp = super::daemon::http_status(&addr, "/healthz").await;
-    let mut reasons: Vec<(&String, &u64)> = s.denials_by_reason.iter().collect();
-    reasons.sort();
-    let denial = |r: &str| s.denials_by_reason.get(r).copied().unwrap_or(0);
-    let rate_denials = denial("rpm") + denial("tpm") + denial("concurrency") + denial("model_tpm");
+    let denials = DenialTotals::of(&s);
     if args.json {
         print_json(&json!({
             "agents": s.agents,
@@ -38,9 +36,9 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
             "total_remaining_micro": s.total_remaining_micro,
             "requests_served": s.requests_served,
             "denials_by_reason": s.denials_by_reason,
-            "budget_denials": denial("budget"),
-            "rate_limit_denials": rate_denials,
-            "auth_denials": denial("auth") + denial("token_expired"),
+            "budget_denials": denials.budget,
+            "rate_limit_denials": denials.rate_limit,
+            "auth_denials": denials.auth,
             "policy_violations": s.policy_violations,
             "upstream_denials": s.upstream_denials,
             "upstream_errors": s.upstream_errors,
@@ -62,67 +60,111 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         }));
         return Ok(());
     }
-    println!("AEX Enforcement Status");
-    println!();
-    println!("  Agents:             {}", s.agents);
-    println!(
+    print!(
+        "{}",
+        rendered(|out| write_status(out, &s, control, &addr, &dp))
+    );
+    Ok(())
+}
+
+/// The denial totals both forms show, by the rules each groups.
+struct DenialTotals {
+    budget: u64,
+    rate_limit: u64,
+    auth: u64,
+}
+
+impl DenialTotals {
+    fn of(s: &pb::Status) -> Self {
+        let denial = |r: &str| s.denials_by_reason.get(r).copied().unwrap_or(0);
+        Self {
+            budget: denial("budget"),
+            rate_limit: denial("rpm") + denial("tpm") + denial("concurrency") + denial("model_tpm"),
+            auth: denial("auth") + denial("token_expired"),
+        }
+    }
+}
+
+/// The human form of `status`; `dp` is the data plane's /healthz answer.
+pub(super) fn write_status(
+    out: &mut impl Write,
+    s: &pb::Status,
+    control: &str,
+    addr: &str,
+    dp: &std::result::Result<u16, String>,
+) -> fmt::Result {
+    let mut reasons: Vec<(&String, &u64)> = s.denials_by_reason.iter().collect();
+    reasons.sort();
+    let denials = DenialTotals::of(s);
+    writeln!(out, "AEX Enforcement Status")?;
+    writeln!(out)?;
+    writeln!(out, "  Agents:             {}", s.agents)?;
+    writeln!(
+        out,
         "  Total Budget:       {}",
         usd_with_micro(s.total_budget_micro)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  Total Spent:        {}",
         usd_with_micro(s.total_spent_micro)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  Total Reserved:     {}",
         usd_with_micro(s.total_reserved_micro)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  Remaining:          {}",
         usd_with_micro(s.total_remaining_micro)
-    );
-    println!();
-    println!("  Requests Served:    {}", s.requests_served);
-    println!("  Budget Denials:     {}", denial("budget"));
-    println!("  Rate Limit Denials: {}", rate_denials);
-    println!(
-        "  Auth Denials:       {}",
-        denial("auth") + denial("token_expired")
-    );
-    println!("  Policy Violations:  {}", s.policy_violations);
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(out, "  Requests Served:    {}", s.requests_served)?;
+    writeln!(out, "  Budget Denials:     {}", denials.budget)?;
+    writeln!(out, "  Rate Limit Denials: {}", denials.rate_limit)?;
+    writeln!(out, "  Auth Denials:       {}", denials.auth)?;
+    writeln!(out, "  Policy Violations:  {}", s.policy_violations)?;
+    writeln!(
+        out,
         "  Upstream 429s:      {}  (the provider's limits, not AEX's)",
         s.upstream_denials
-    );
-    println!("  Upstream Errors:    {}", s.upstream_errors);
-    println!(
+    )?;
+    writeln!(out, "  Upstream Errors:    {}", s.upstream_errors)?;
+    writeln!(
+        out,
         "  Overruns:           {}  ({} reported beyond reservations, not charged)",
         s.overruns,
         usd_with_micro(s.total_overrun_micro)
-    );
-    println!("  Open Reservations:  {}", s.open_reservations);
-    println!("  Expired:            {}", s.expired_reservations);
-    println!("  Processes Killed:   {}", s.processes_killed);
-    println!("  Active Processes:   {}", s.processes_active);
+    )?;
+    writeln!(out, "  Open Reservations:  {}", s.open_reservations)?;
+    writeln!(out, "  Expired:            {}", s.expired_reservations)?;
+    writeln!(out, "  Processes Killed:   {}", s.processes_killed)?;
+    writeln!(out, "  Active Processes:   {}", s.processes_active)?;
     if !reasons.is_empty() {
         let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
-        println!("  Denials by Rule:    {}", list.join(", "));
+        writeln!(out, "  Denials by Rule:    {}", list.join(", "))?;
     }
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "  Control Plane:      running (PID {}, v{}, {}) since {}",
         s.pid,
         s.version,
         control,
         rfc3339(s.started_at_ms)
-    );
+    )?;
     match dp {
-        Ok(200) => println!(
+        Ok(200) => writeln!(
+            out,
             "  Data Plane:         running ({addr}, {} connected)",
             s.data_planes
-        ),
-        Ok(code) => println!("  Data Plane:         unhealthy ({addr} answered {code})"),
-        Err(e) => println!("  Data Plane:         not reachable at {addr} ({e})"),
+        )?,
+        Ok(code) => writeln!(
+            out,
+            "  Data Plane:         unhealthy ({addr} answered {code})"
+        )?,
+        Err(e) => writeln!(out, "  Data Plane:         not reachable at {addr} ({e})")?,
     }
     Ok(())
 }

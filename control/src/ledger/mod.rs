@@ -3,5 +3,7 @@
 
 pub mod anchor;
 pub mod audit;
+#[cfg(test)]
+mod edit_properties;
 pub mod fold;
 pub mod run;
