@@ -288,6 +288,26 @@ async fn admit_and_settle_are_idempotent_and_overruns_are_kept_apart() {
     assert_eq!(events.iter().filter(|e| e.kind == "settle").count(), 1);
 }
 
+/// An Admit retried after its reservation closed (the first answer lost,
+/// the reservation settled or expired meanwhile) must not let the call go
+/// ahead on nothing: a 409 the SDKs retry as a new request.
+#[tokio::test]
+async fn an_admit_retried_after_its_reservation_closed_is_refused() {
+    let f = Fixture::new().await;
+    let token = f.create("late", 1_000_000, 60).await;
+    let first = f.admit(&token, "lost-answer", 50).await;
+    let id = admitted(&first).reservation_id.clone();
+    f.settle(&id, 10, 10).await;
+    let retried = f.admit(&token, "lost-answer", 50).await;
+    let d = denied(&retried);
+    assert_eq!(
+        (d.http_status, d.code.as_str(), d.denied_by.as_str()),
+        (409, "request_already_closed", "request")
+    );
+    let agent = f.agent("late").await;
+    assert_eq!((agent.reserved_micro, agent.spent_micro), (0, 30));
+}
+
 #[tokio::test]
 async fn rpm_burst_denials_match_the_ledger() {
     let f = Fixture::new().await;

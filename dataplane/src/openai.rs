@@ -87,6 +87,32 @@ pub struct Inspected {
     body: Map<String, Value>,
 }
 
+/// The client's body with a few fields replaced, serialised without
+/// copying it: a prompt can be tens of KB (OpenClaw re-sends its system
+/// prompt every turn), and only the fields AEX sets change.
+struct Overlay<'a> {
+    base: &'a Map<String, Value>,
+    replaced: Vec<(&'static str, Value)>,
+    dropped: Option<&'static str>,
+}
+
+impl serde::Serialize for Overlay<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.base {
+            let replaced = self.replaced.iter().any(|(r, _)| r == k);
+            if !replaced && self.dropped != Some(k.as_str()) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in &self.replaced {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 /// The largest output cap a request may name. A model's own limit clamps
 /// anything below this; above it, the value is not a cap but a mistake or an
 /// attempt to overflow a provider's 32-bit field.
@@ -346,24 +372,28 @@ impl Inspected {
     /// chose one, and a request for usage in streams. Everything else the
     /// client sent is passed through untouched.
     pub fn upstream_body(&self, provider_model: &str, output_cap: Option<u64>) -> Vec<u8> {
-        let mut body = self.body.clone();
-        body.insert("model".into(), Value::String(provider_model.to_string()));
+        let mut body = Overlay {
+            base: &self.body,
+            replaced: vec![("model", Value::String(provider_model.to_string()))],
+            dropped: None,
+        };
         if let (Some(cap), Some(field)) = (output_cap, self.api.output_field()) {
             // A clamp must win over whatever name the client used.
             if self.api == Api::ChatCompletions {
-                body.remove("max_tokens");
+                body.dropped = Some("max_tokens");
             }
-            body.insert(field.into(), Value::from(cap));
+            body.replaced.push((field, Value::from(cap)));
         }
         if self.stream && matches!(self.api, Api::ChatCompletions | Api::Completions) {
-            let options = body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(o) = options {
-                o.insert("include_usage".into(), Value::Bool(true));
-            } else {
-                *options = serde_json::json!({"include_usage": true});
-            }
+            let options = match self.body.get("stream_options") {
+                Some(Value::Object(o)) => {
+                    let mut o = o.clone();
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    Value::Object(o)
+                }
+                _ => serde_json::json!({"include_usage": true}),
+            };
+            body.replaced.push(("stream_options", options));
         }
         serde_json::to_vec(&body).expect("JSON values serialise")
     }

@@ -70,7 +70,7 @@ async fn a_call_is_forwarded_metered_and_settled_exactly() {
             "the agent token leaked upstream in {name}"
         );
     }
-    let agent = settled(&stack, "fwd", Duration::from_secs(2)).await;
+    let agent = stack.settled("fwd", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 20);
 }
 
@@ -101,7 +101,7 @@ async fn streams_bill_the_same_with_and_without_include_usage() {
     let text = read_sse(post(&stack, &token, "/v1/chat/completions", &with_usage, &[]).await).await;
     assert!(text.contains("\"prompt_tokens\":10"), "{text}");
 
-    let agent = settled(&stack, "streamer", Duration::from_secs(2)).await;
+    let agent = stack.settled("streamer", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 40, "20 µ each way");
     let settles: Vec<i64> = events(&stack, "streamer")
         .await
@@ -148,7 +148,7 @@ async fn responses_embeddings_and_completions_are_metered() {
     assert_eq!(e.status(), StatusCode::OK);
     assert_eq!(header(&e, "x-aex-cost-micro"), Some("10"));
     assert_eq!(stack.mock.requests()[2].body["encoding_format"], "base64");
-    let agent = settled(&stack, "apis", Duration::from_secs(2)).await;
+    let agent = stack.settled("apis", Duration::from_secs(2)).await;
     // 20 (responses) + 10 + 2×3 (stream: 10 prompt, 3 output) + 10 (embeddings)
     assert_eq!(agent["spent_micro"], 46);
     // The simulated provider answers without any upstream.
@@ -432,7 +432,7 @@ async fn provider_failures_are_relayed_and_settled_apart_from_aex_limits() {
     .await;
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    let agent = settled(&stack, "unlucky", Duration::from_secs(2)).await;
+    let agent = stack.settled("unlucky", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 0, "failed calls cost nothing");
     let ev = events(&stack, "unlucky").await;
     let count = |kind: &str| ev.iter().filter(|e| e.kind == kind).count();
@@ -482,7 +482,7 @@ async fn fifty_concurrent_requests_against_a_budget_for_ten() {
     let denied = statuses.iter().filter(|s| **s == 402).count();
     assert_eq!((ok, denied), (10, 40), "{statuses:?}");
     assert_eq!(stack.mock.count(), 10);
-    let agent = settled(&stack, "ten", Duration::from_secs(3)).await;
+    let agent = stack.settled("ten", Duration::from_secs(3)).await;
     assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
     assert_eq!(agent["spent_micro"], 10 * 20);
     let ev = events(&stack, "ten").await;
@@ -556,8 +556,10 @@ async fn a_burst_over_rpm_is_counted_the_same_by_clients_and_ledger() {
         .await;
         assert_eq!(header(&r, "x-aex-denied-by"), Some("upstream"));
     }
-    settled(&stack, "burst", Duration::from_secs(3)).await;
-    settled(&stack, "burst-upstream", Duration::from_secs(3)).await;
+    stack.settled("burst", Duration::from_secs(3)).await;
+    stack
+        .settled("burst-upstream", Duration::from_secs(3))
+        .await;
     let ev = events(&stack, "burst").await;
     assert_eq!(
         ev.iter()
@@ -596,7 +598,7 @@ async fn a_client_disconnect_mid_stream_settles_within_a_second() {
     assert!(stack.inspect("leaver")["reserved_micro"].as_i64().unwrap() > 0);
     drop(chunks);
     let gone = Instant::now();
-    let agent = settled(&stack, "leaver", Duration::from_secs(1)).await;
+    let agent = stack.settled("leaver", Duration::from_secs(1)).await;
     assert!(gone.elapsed() < Duration::from_secs(1));
     // Charged for what was seen so far (an estimate: the provider never said).
     let spent = agent["spent_micro"].as_i64().unwrap();
@@ -631,7 +633,7 @@ async fn a_control_plane_restart_during_a_stream_still_settles_it() {
     }
     let text = String::from_utf8(text).unwrap();
     assert!(text.contains("\"completion_tokens\":15"), "{text}");
-    let agent = settled(&stack, "survivor", Duration::from_secs(5)).await;
+    let agent = stack.settled("survivor", Duration::from_secs(5)).await;
     assert_eq!(agent["spent_micro"], 10 + 2 * 15);
 }
 
@@ -657,7 +659,7 @@ async fn a_provider_that_ignores_the_cap_is_cut_off_within_budget() {
         !text.contains("word1999"),
         "cut off long before the provider stopped"
     );
-    let agent = settled(&stack, "capped", Duration::from_secs(2)).await;
+    let agent = stack.settled("capped", Duration::from_secs(2)).await;
     let reserved_bound = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
     assert_eq!(
         agent["spent_micro"], reserved_bound,

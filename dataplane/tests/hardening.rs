@@ -76,7 +76,7 @@ async fn every_choice_is_reserved_so_n_cannot_pass_the_budget() {
         10 + 3 * 20 * 2,
         "10 prompt tokens + 3 × 20 output tokens"
     );
-    let agent = settled(&stack, "many", Duration::from_secs(2)).await;
+    let agent = stack.settled("many", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], cost);
     assert_eq!(agent["overrun_micro"], 0);
 
@@ -166,7 +166,7 @@ async fn a_lying_provider_is_charged_at_most_the_reservation_and_the_rest_is_an_
         header(&r, "x-aex-cost-micro"),
         Some(reserved.to_string().as_str())
     );
-    let agent = settled(&stack, "lied-to", Duration::from_secs(2)).await;
+    let agent = stack.settled("lied-to", Duration::from_secs(2)).await;
     assert_eq!(
         agent["spent_micro"], reserved,
         "charged the reservation, no more"
@@ -185,7 +185,7 @@ async fn a_lying_provider_is_charged_at_most_the_reservation_and_the_rest_is_an_
     )
     .await;
     assert_eq!(r.status().as_u16(), 200);
-    let agent = settled(&stack, "lied-to", Duration::from_secs(2)).await;
+    let agent = stack.settled("lied-to", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 2 * reserved);
     assert_eq!(agent["overrun_micro"], i64::MAX, "saturated, never wrapped");
     assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
@@ -245,7 +245,7 @@ async fn an_early_usage_chunk_does_not_switch_the_cut_off_off() {
         !text.contains("word1999"),
         "cut off long before the provider stopped"
     );
-    let agent = settled(&stack, "early", Duration::from_secs(2)).await;
+    let agent = stack.settled("early", Duration::from_secs(2)).await;
     let reserved = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
     assert_eq!(
         agent["spent_micro"], reserved,
@@ -292,7 +292,7 @@ async fn provider_failures_are_charged_what_they_delivered_and_refusals_nothing(
             "{message}"
         );
     }
-    let agent = settled(&stack, "refused", Duration::from_secs(2)).await;
+    let agent = stack.settled("refused", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 0, "providers do not bill refusals");
     let released = events(&stack, "refused")
         .await
@@ -314,7 +314,7 @@ async fn provider_failures_are_charged_what_they_delivered_and_refusals_nothing(
     .await;
     let text = read_sse(r).await;
     assert!(text.contains("word0"), "the client got output: {text}");
-    let agent = settled(&stack, "refused", Duration::from_secs(2)).await;
+    let agent = stack.settled("refused", Duration::from_secs(2)).await;
     assert!(
         agent["spent_micro"].as_i64().unwrap() > 0,
         "what was delivered is charged: {agent}"
@@ -428,7 +428,7 @@ async fn a_huge_answer_is_refused_and_the_first_byte_timeout_is_its_own() {
             .contains("--max-response-bytes"),
         "{e}"
     );
-    let agent = settled(&stack, "bounded", Duration::from_secs(2)).await;
+    let agent = stack.settled("bounded", Duration::from_secs(2)).await;
     let reserved = serde_json::to_vec(&body).unwrap().len() as i64 + 100 * 2;
     assert_eq!(
         agent["spent_micro"], reserved,

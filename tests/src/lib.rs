@@ -563,4 +563,21 @@ default_model: mock-model
         out.assert_ok();
         out.json()
     }
+
+    /// Waits until every reservation of `agent` is settled (settlement is
+    /// queued, so it lands just after the response); returns the agent.
+    pub async fn settled(&self, agent: &str, within: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let a = self.inspect(agent);
+            if a["reserved_micro"] == 0 {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not settled within {within:?}: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

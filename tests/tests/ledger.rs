@@ -5,25 +5,10 @@ use aex_tests::{DataPlane, Stack, TestHome, prometheus_value};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10})
-}
-
-async fn settled(stack: &Stack, agent: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let a = stack.inspect(agent);
-        if a["reserved_micro"] == 0 {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled within {within:?}: {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn audit_passes(stack: &Stack) {
@@ -83,7 +68,7 @@ async fn kill_9_of_the_control_plane_under_load_charges_every_success_once_and_n
     );
     assert_eq!(ok + failed, 200);
     assert!(ok > 0, "some requests succeed across the restart");
-    let agent = settled(&stack, "load", Duration::from_secs(10)).await;
+    let agent = stack.settled("load", Duration::from_secs(10)).await;
     assert_eq!(
         agent["spent_micro"].as_i64().unwrap(),
         charged_to_clients,
@@ -150,7 +135,7 @@ async fn kill_9_of_the_data_plane_mid_stream_expires_the_reservation_by_policy()
     );
     drop(killed);
     drop(stream);
-    let agent = settled(&stack, "orphan", Duration::from_secs(5)).await;
+    let agent = stack.settled("orphan", Duration::from_secs(5)).await;
     assert_eq!(
         agent["spent_micro"].as_i64().unwrap(),
         reserved,
@@ -312,7 +297,7 @@ async fn status_and_metrics_count_what_clients_saw_by_reason() {
         "{seen:?}"
     );
     for agent in ["limited", "upstream"] {
-        settled(&stack, agent, Duration::from_secs(2)).await;
+        stack.settled(agent, Duration::from_secs(2)).await;
     }
     let s = stack.control.aexctl(&["status", "--json"]).json();
     // Admitted = the 200s plus the calls the provider refused.

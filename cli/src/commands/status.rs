@@ -1,6 +1,7 @@
 use crate::client::Admin;
 use crate::error::Result;
 use crate::output::{print_json, rendered, rfc3339};
+use aex_core::denial::Rule;
 use aex_core::home::Home;
 use aex_core::money::usd_with_micro;
 use aex_proto::v1 as pb;
@@ -76,11 +77,17 @@ struct DenialTotals {
 
 impl DenialTotals {
     fn of(s: &pb::Status) -> Self {
-        let denial = |r: &str| s.denials_by_reason.get(r).copied().unwrap_or(0);
+        let total = |of: fn(Rule) -> bool| -> u64 {
+            s.denials_by_reason
+                .iter()
+                .filter(|(r, _)| Rule::parse(r).is_some_and(of))
+                .map(|(_, n)| n)
+                .sum()
+        };
         Self {
-            budget: denial("budget"),
-            rate_limit: denial("rpm") + denial("tpm") + denial("concurrency") + denial("model_tpm"),
-            auth: denial("auth") + denial("token_expired"),
+            budget: total(|r| r == Rule::Budget),
+            rate_limit: total(Rule::is_rate_limit),
+            auth: total(Rule::is_authentication),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! the hot path is one database transaction to reserve and one to settle.
 
 use super::limiter::{Gcra, TokenBucket};
-use super::policy::{Ask, Denial, Endpoint, authenticate, plan};
+use super::policy::{Ask, Denial, Endpoint, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
     AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
@@ -203,7 +203,7 @@ pub struct AdmissionCore {
 /// Denials of tokens no agent has, gathered between two flushes.
 #[derive(Debug, Default)]
 struct UnauthenticatedDenials {
-    by_reason: std::collections::BTreeMap<&'static str, u64>,
+    by_reason: std::collections::BTreeMap<Rule, u64>,
     first_ms: i64,
     last_ms: i64,
     /// Enough to correlate repeated attempts; useless for forging one.
@@ -213,7 +213,7 @@ struct UnauthenticatedDenials {
 impl UnauthenticatedDenials {
     const PREFIXES_KEPT: usize = 16;
 
-    fn add(&mut self, reason: &'static str, token_sha256: &str, now: i64) {
+    fn add(&mut self, reason: Rule, token_sha256: &str, now: i64) {
         if self.by_reason.is_empty() {
             self.first_ms = now;
         }
@@ -541,7 +541,7 @@ impl AdmissionCore {
         let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
         if max_concurrent > 0 && a.open >= max_concurrent {
             return Err(deny(Denial::rate_limited(
-                "concurrency",
+                Rule::Concurrency,
                 1000,
                 format!(
                     "Rate limit reached: agent '{name}' already has {max_concurrent} request(s) in flight \
@@ -551,7 +551,7 @@ impl AdmissionCore {
         }
         if let Err(wait) = a.rpm.take(rpm, now) {
             return Err(deny(Denial::rate_limited(
-                "rpm",
+                Rule::Rpm,
                 wait,
                 format!(
                     "Rate limit reached: agent '{name}' is limited to {rpm} requests per minute. Retry in {wait} ms."
@@ -563,7 +563,7 @@ impl AdmissionCore {
         {
             a.rpm.give_back(rpm);
             return Err(deny(Denial::rate_limited(
-                "tpm",
+                Rule::Tpm,
                 wait,
                 format!(
                     "Rate limit reached: agent '{name}' is limited to {tpm} tokens per minute. Retry in {wait} ms."
@@ -580,7 +580,7 @@ impl AdmissionCore {
                     a.tpm.adjust(tpm, -(tokens as i64), now);
                 }
                 return Err(deny(Denial::rate_limited(
-                    "model_tpm",
+                    Rule::ModelTpm,
                     wait,
                     format!(
                         "Rate limit reached: model '{}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait} ms.",
@@ -661,7 +661,7 @@ impl AdmissionCore {
             return;
         }
         let mut details = json!({
-            "status": d.http_status, "code": d.code, "model": ask.model,
+            "status": d.http_status, "code": d.code.as_str(), "model": ask.model,
             "endpoint": format!("{:?}", ask.endpoint),
         });
         if d.retry_after_ms > 0 {
@@ -675,7 +675,7 @@ impl AdmissionCore {
             count: 1,
         };
         if let Err(e) = self.store.record_denial(record).await {
-            tracing::error!(error = %e, reason = d.denied_by, "could not log a denial");
+            tracing::error!(error = %e, reason = %d.denied_by, "could not log a denial");
         }
     }
 
@@ -928,8 +928,7 @@ impl AdmissionCore {
     /// about money. On failure they are kept for the next call.
     pub async fn flush_unauthenticated(&self) -> Result<()> {
         let gathered = std::mem::take(&mut *self.unauthenticated());
-        let reasons: Vec<(&'static str, u64)> =
-            gathered.by_reason.iter().map(|(r, c)| (*r, *c)).collect();
+        let reasons: Vec<(Rule, u64)> = gathered.by_reason.iter().map(|(r, c)| (*r, *c)).collect();
         for (i, &(reason, count)) in reasons.iter().enumerate() {
             let record = DenialRecord {
                 agent_id: String::new(),

@@ -5,41 +5,32 @@
 
 use crate::storage::{AgentRecord, AgentState, Scope};
 use aex_core::config::{Model, ModelsConfig};
+pub use aex_core::denial::{DenialCode, ErrorType, Rule};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub http_status: u16,
-    pub code: &'static str,
-    pub error_type: &'static str,
+    pub code: DenialCode,
+    pub error_type: ErrorType,
     pub message: String,
     /// The rule that fired: `x-aex-denied-by`, and the reason in the ledger.
-    pub denied_by: &'static str,
+    pub denied_by: Rule,
     pub param: &'static str,
     pub retry_after_ms: u64,
 }
 
 impl Denial {
-    pub fn unauthenticated(denied_by: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            http_status: 401,
-            code: "invalid_api_key",
-            error_type: "invalid_request_error",
-            message: message.into(),
-            denied_by,
-            param: "",
-            retry_after_ms: 0,
-        }
-    }
-
-    pub fn forbidden(
-        code: &'static str,
-        denied_by: &'static str,
+    fn new(
+        http_status: u16,
+        code: DenialCode,
+        error_type: ErrorType,
+        denied_by: Rule,
         message: impl Into<String>,
     ) -> Self {
         Self {
-            http_status: 403,
+            http_status,
             code,
-            error_type: "permission_error",
+            error_type,
             message: message.into(),
             denied_by,
             param: "",
@@ -47,58 +38,66 @@ impl Denial {
         }
     }
 
-    pub fn rate_limited(
-        denied_by: &'static str,
-        retry_after_ms: u64,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            http_status: 429,
-            code: "rate_limit_exceeded",
-            error_type: "rate_limit_error",
-            message: message.into(),
+    pub fn unauthenticated(denied_by: Rule, message: impl Into<String>) -> Self {
+        Self::new(
+            401,
+            DenialCode::InvalidApiKey,
+            ErrorType::InvalidRequestError,
             denied_by,
-            param: "",
+            message,
+        )
+    }
+
+    pub fn forbidden(code: DenialCode, denied_by: Rule, message: impl Into<String>) -> Self {
+        Self::new(403, code, ErrorType::PermissionError, denied_by, message)
+    }
+
+    pub fn rate_limited(denied_by: Rule, retry_after_ms: u64, message: impl Into<String>) -> Self {
+        Self {
             retry_after_ms,
+            ..Self::new(
+                429,
+                DenialCode::RateLimitExceeded,
+                ErrorType::RateLimitError,
+                denied_by,
+                message,
+            )
         }
     }
 
     pub fn budget(message: impl Into<String>) -> Self {
-        Self {
-            http_status: 402,
-            code: "budget_exceeded",
-            error_type: "insufficient_quota",
-            message: message.into(),
-            denied_by: "budget",
-            param: "",
-            retry_after_ms: 0,
-        }
+        Self::new(
+            402,
+            DenialCode::BudgetExceeded,
+            ErrorType::InsufficientQuota,
+            Rule::Budget,
+            message,
+        )
     }
 
     /// A retried admission of a request whose reservation already closed
     /// (it expired while the answer was lost, say). 409, which the OpenAI
     /// SDKs retry: as a new request, with a reservation of its own.
     pub fn request_closed(message: impl Into<String>) -> Self {
-        Self {
-            http_status: 409,
-            code: "request_already_closed",
-            error_type: "invalid_request_error",
-            message: message.into(),
-            denied_by: "request",
-            param: "",
-            retry_after_ms: 0,
-        }
+        Self::new(
+            409,
+            DenialCode::RequestAlreadyClosed,
+            ErrorType::InvalidRequestError,
+            Rule::Request,
+            message,
+        )
     }
 
     pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
         Self {
-            http_status: 400,
-            code: "invalid_request",
-            error_type: "invalid_request_error",
-            message: message.into(),
-            denied_by: "request",
             param,
-            retry_after_ms: 0,
+            ..Self::new(
+                400,
+                DenialCode::InvalidRequest,
+                ErrorType::InvalidRequestError,
+                Rule::Request,
+                message,
+            )
         }
     }
 }
@@ -142,7 +141,7 @@ pub struct Plan {
 pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRecord, Denial> {
     let Some(agent) = agent else {
         return Err(Denial::unauthenticated(
-            "auth",
+            Rule::Auth,
             "Invalid API key: this token is not known to AEX (it may have been rotated or the agent deleted). \
              Use the token printed by `aexctl agent create` or `aexctl agent rotate-token`.",
         ));
@@ -151,7 +150,7 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
         && expiry <= now_ms
     {
         return Err(Denial::unauthenticated(
-            "token_expired",
+            Rule::TokenExpired,
             format!(
                 "The token of agent '{}' has expired. Issue a new one with `aexctl agent rotate-token {}`.",
                 agent.name, agent.name
@@ -161,15 +160,15 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
     match agent.state {
         AgentState::Active => Ok(agent),
         AgentState::Paused => Err(Denial::forbidden(
-            "agent_paused",
-            "paused",
+            DenialCode::AgentPaused,
+            Rule::Paused,
             format!(
                 "Agent '{}' is paused. Resume it with `aexctl agent resume {}`.",
                 agent.name, agent.name
             ),
         )),
         AgentState::Deleted => Err(Denial::unauthenticated(
-            "auth",
+            Rule::Auth,
             "Invalid API key: the agent was deleted.",
         )),
     }
@@ -179,8 +178,8 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
 pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
     if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
         return Err(Denial::forbidden(
-            "capability_denied",
-            "scope",
+            DenialCode::CapabilityDenied,
+            Rule::Scope,
             format!(
                 "Agent '{}' has read-only scope: it may list models but not call them. \
                  Change it with `aexctl agent update {} --scope execution`.",
@@ -196,8 +195,8 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
     }
     let Some(model) = models.models.get(ask.model) else {
         return Err(Denial::forbidden(
-            "model_not_allowed",
-            "model",
+            DenialCode::ModelNotAllowed,
+            Rule::Model,
             format!(
                 "The model '{}' is not configured in AEX. Configured models: {}.",
                 ask.model,
@@ -207,8 +206,8 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
     };
     if !agent.allowed_models.is_empty() && !agent.allowed_models.iter().any(|m| m == ask.model) {
         return Err(Denial::forbidden(
-            "model_not_allowed",
-            "model",
+            DenialCode::ModelNotAllowed,
+            Rule::Model,
             format!(
                 "Agent '{}' may not use model '{}' (allowed: {}).",
                 agent.name,
@@ -254,9 +253,9 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
 }
 
 fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(), Denial> {
-    let deny = |denied_by: &'static str, what: &str, fix: &str| {
+    let deny = |denied_by: Rule, what: &str, fix: &str| {
         Err(Denial::forbidden(
-            "capability_denied",
+            DenialCode::CapabilityDenied,
             denied_by,
             format!("{what} {fix}"),
         ))
@@ -264,7 +263,7 @@ fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(),
     let name = &agent.name;
     if ask.stream && !agent.caps.streaming {
         return deny(
-            "streaming",
+            Rule::Streaming,
             &format!("Agent '{name}' may not stream (stream: true)."),
             &format!(
                 "Send stream: false, or allow it: `aexctl agent update {name} --streaming true`."
@@ -273,35 +272,35 @@ fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(),
     }
     if ask.uses_tools && !model.tools {
         return deny(
-            "tools",
+            Rule::Tools,
             &format!("Model '{}' is configured without tool support.", model.name),
             "Remove `tools`, or set capabilities.tools: true in models.yaml.",
         );
     }
     if ask.uses_tools && !agent.caps.tools {
         return deny(
-            "tools",
+            Rule::Tools,
             &format!("Agent '{name}' may not use tools."),
             &format!("Remove `tools`, or allow them: `aexctl agent update {name} --tools true`."),
         );
     }
     if ask.uses_function_calling && !agent.caps.function_calling {
         return deny(
-            "function_calling",
+            Rule::FunctionCalling,
             &format!("Agent '{name}' may not use function calling (functions / tool_choice)."),
             &format!("Allow it with `aexctl agent update {name} --function-calling true`."),
         );
     }
     if ask.uses_vision && !model.vision {
         return deny(
-            "vision",
+            Rule::Vision,
             &format!("Model '{}' is configured without vision.", model.name),
             "Remove the image inputs, or set capabilities.vision: true in models.yaml.",
         );
     }
     if ask.uses_vision && !agent.caps.vision {
         return deny(
-            "vision",
+            Rule::Vision,
             &format!("Agent '{name}' may not send images."),
             &format!("Allow it with `aexctl agent update {name} --vision true`."),
         );
@@ -514,7 +513,7 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!((d.http_status, d.denied_by), (403, "function_calling"));
+        assert_eq!((d.http_status, d.denied_by), (403, Rule::FunctionCalling));
         let mut a = agent();
         a.caps.vision = true;
         // The model itself has no vision.
@@ -564,6 +563,6 @@ mod tests {
         let mut a = agent();
         a.state = AgentState::Paused;
         let d = authenticate(Some(&a), 0).unwrap_err();
-        assert_eq!((d.http_status, d.code), (403, "agent_paused"));
+        assert_eq!((d.http_status, d.code), (403, DenialCode::AgentPaused));
     }
 }

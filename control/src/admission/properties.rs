@@ -14,10 +14,11 @@
 use super::core::{AdmissionCore, Decision, ExpiryPolicy, Outcome, SettleInput};
 use super::policy::{Ask, Endpoint};
 use crate::ledger::run::audit_store;
+use crate::storage::conformance::new_agent;
 use crate::storage::memory::MemoryStore;
 use crate::storage::{
-    AgentPatch, AgentState, AgentStore, Caps, EventFilter, EventKind, LedgerStore, NewAgent,
-    ReportStore, Scope, Store, now_ms,
+    AgentPatch, AgentState, AgentStore, EventFilter, EventKind, LedgerStore, NewAgent, ReportStore,
+    Store, now_ms,
 };
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
 use aex_tests::rng::{Rng, seed_from_env};
@@ -139,25 +140,13 @@ impl World {
             let token_sha256 = format!("{:064x}", i + 1);
             let record = store
                 .create_agent(NewAgent {
-                    name: format!("agent-{i}"),
-                    token_sha256: token_sha256.clone(),
-                    token_prefix: "aex_".into(),
-                    token_expires_at_ms: None,
-                    token_ttl_seconds: 0,
                     budget_micro: 5_000 + rng.below(60_000) as i64,
                     rpm: 0,
-                    tpm: 0,
                     // One agent with a concurrency limit, whose slots must
                     // come back however its calls end.
                     max_concurrent: if i == 2 { 3 } else { 0 },
                     allowed_models: vec![],
-                    caps: Caps {
-                        streaming: true,
-                        tools: true,
-                        function_calling: true,
-                        vision: true,
-                    },
-                    scope: Scope::Execution,
+                    ..new_agent(&format!("agent-{i}"), &token_sha256)
                 })
                 .await
                 .unwrap();

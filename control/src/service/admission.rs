@@ -28,10 +28,10 @@ fn denial_to_pb(d: Denial, agent_name: String) -> pb::AdmitResponse {
     pb::AdmitResponse {
         outcome: Some(pb::admit_response::Outcome::Denied(pb::Denial {
             http_status: u32::from(d.http_status),
-            code: d.code.into(),
-            r#type: d.error_type.into(),
+            code: d.code.as_str().into(),
+            r#type: d.error_type.as_str().into(),
             message: d.message,
-            denied_by: d.denied_by.into(),
+            denied_by: d.denied_by.as_str().into(),
             param: d.param.into(),
             retry_after_ms: d.retry_after_ms,
             agent_name,
@@ -106,7 +106,7 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
             .inc(),
         Decision::Denied { denial, .. } => metrics
             .admissions
-            .with_label_values(&["denied", denial.denied_by])
+            .with_label_values(&["denied", denial.denied_by.as_str()])
             .inc(),
     }
     Ok(match decision {

@@ -66,7 +66,9 @@ impl LedgerApi {
         // still in memory too, so status agrees with what clients saw.
         let pending = self.state.admission.pending_unauthenticated();
         if pending > 0 {
-            *denials_by_reason.entry("auth".into()).or_default() += pending;
+            *denials_by_reason
+                .entry(aex_core::denial::Rule::Auth.as_str().into())
+                .or_default() += pending;
         }
         let policy_violations = POLICY_REASONS
             .iter()

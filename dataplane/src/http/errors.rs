@@ -6,6 +6,7 @@
 
 use super::upstream::UpstreamFailure;
 use crate::openai::{self, Api};
+use aex_core::denial::{DenialCode, ErrorType, Rule};
 use aex_proto::v1 as pb;
 use bytes::Bytes;
 use http::StatusCode;
@@ -23,6 +24,10 @@ pub struct GatewayError {
 }
 
 const INVALID_REQUEST: &str = "invalid_request_error";
+
+fn is_plain_name(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
 const SERVER_ERROR: &str = "server_error";
 
 impl GatewayError {
@@ -165,23 +170,21 @@ impl GatewayError {
             .and_then(|s| StatusCode::from_u16(s).ok())
             .filter(|s| s.is_client_error() || s.is_server_error())
             .unwrap_or(StatusCode::FORBIDDEN);
-        let code = match d.code.as_str() {
-            "invalid_api_key" => "invalid_api_key",
-            "budget_exceeded" => "budget_exceeded",
-            "model_not_allowed" => "model_not_allowed",
-            "capability_denied" => "capability_denied",
-            "agent_paused" => "agent_paused",
-            "rate_limit_exceeded" => "rate_limit_exceeded",
-            _ => "invalid_request",
-        };
-        let kind = match d.r#type.as_str() {
-            "insufficient_quota" => "insufficient_quota",
-            "permission_error" => "permission_error",
-            "rate_limit_error" => "rate_limit_error",
-            _ => INVALID_REQUEST,
+        let code = DenialCode::parse(&d.code)
+            .unwrap_or(DenialCode::InvalidRequest)
+            .as_str();
+        let kind = ErrorType::parse(&d.r#type)
+            .unwrap_or(ErrorType::InvalidRequestError)
+            .as_str();
+        // A rule this data plane does not know yet (a newer control plane)
+        // is still named, if it is a plain name; never raw bytes in a header.
+        let denied_by = match Rule::parse(&d.denied_by) {
+            Some(rule) => rule.as_str().to_string(),
+            None if is_plain_name(&d.denied_by) => d.denied_by,
+            None => Rule::Request.as_str().to_string(),
         };
         let mut e =
-            Self::new(status, code, kind, d.message).with_header("x-aex-denied-by", d.denied_by);
+            Self::new(status, code, kind, d.message).with_header("x-aex-denied-by", denied_by);
         e.param = (!d.param.is_empty()).then_some(d.param);
         if status == StatusCode::PAYMENT_REQUIRED {
             e = e.with_header("x-should-retry", "false");
@@ -382,5 +385,35 @@ mod tests {
         assert_eq!(header("retry-after"), Some("3"));
         assert_eq!(header("retry-after-ms"), Some("2500"));
         assert_eq!(header("x-aex-denied-by"), Some("budget"));
+    }
+
+    #[test]
+    fn what_the_control_plane_names_is_kept_and_what_it_garbles_is_mapped() {
+        let header = |e: &GatewayError, n: &str| {
+            e.headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.clone())
+        };
+        let mut d = denial(409);
+        d.code = "request_already_closed".into();
+        d.r#type = "invalid_request_error".into();
+        d.denied_by = "request".into();
+        let e = GatewayError::denied(d);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::CONFLICT, "request_already_closed")
+        );
+        let mut d = denial(403);
+        d.code = "something_new".into();
+        d.r#type = "new_kind".into();
+        d.denied_by = "group".into();
+        let e = GatewayError::denied(d);
+        assert_eq!((e.code, e.kind), ("invalid_request", INVALID_REQUEST));
+        assert_eq!(header(&e, "x-aex-denied-by").as_deref(), Some("group"));
+        let mut d = denial(403);
+        d.denied_by = "rpm\r\nset-cookie: x".into();
+        let e = GatewayError::denied(d);
+        assert_eq!(header(&e, "x-aex-denied-by").as_deref(), Some("request"));
     }
 }

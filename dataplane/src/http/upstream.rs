@@ -175,7 +175,9 @@ impl Gateway {
         if let Some(key) = api_key {
             let _ = req.insert_header("authorization", format!("Bearer {key}"));
         }
-        let req = Box::new(req);
+        // Kept for a retry only while one is possible: the head is copied
+        // at most once, and only for a reused connection.
+        let mut req = Some(Box::new(req));
         let body = Bytes::from(body);
         // A pooled connection may have been closed by the provider while
         // idle; that shows as a failure to send on a reused connection, and
@@ -192,8 +194,12 @@ impl Gateway {
             // The head may take up to the first-byte timeout (a model
             // thinking); after it, silence is bounded by the idle timeout.
             session.set_read_timeout(Some(self.limits.first_byte_timeout));
+            let head = match (may_retry, &mut req) {
+                (true, Some(req)) => req.clone(),
+                (_, req) => req.take().expect("a head is kept until the last attempt"),
+            };
             let sent = async {
-                session.write_request_header(req.clone()).await?;
+                session.write_request_header(head).await?;
                 session.write_request_body(body.clone(), true).await?;
                 session.finish_request_body().await
             }

@@ -5,7 +5,6 @@ use aex_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use aex_tests::Stack;
 use reqwest::{Client, Response};
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
 
 pub mod wire;
 
@@ -72,22 +71,6 @@ pub async fn events(stack: &Stack, agent: &str) -> Vec<pb::Event> {
         .unwrap()
         .into_inner()
         .events
-}
-
-/// Waits until every reservation of `agent` is settled; returns the agent.
-pub async fn settled(stack: &Stack, agent: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let a = stack.inspect(agent);
-        if a["reserved_micro"] == 0 {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled within {within:?}: {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 pub async fn read_sse(r: Response) -> String {
