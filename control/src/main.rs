@@ -1,5 +1,6 @@
 use aex_control::admission::core::ExpiryPolicy;
 use aex_control::server::{Control, ReservationSettings};
+use aex_control::storage::Database;
 use aex_core::home::Home;
 use clap::Parser;
 use std::net::SocketAddr;
@@ -22,6 +23,11 @@ struct Args {
     /// SQLite database file (default: AEX_HOME/aex.db).
     #[arg(long, env = "AEX_DB", global = true)]
     db: Option<PathBuf>,
+    /// The ledger on a PostgreSQL server instead of the SQLite file:
+    /// postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, shared by every
+    /// control plane of a deployment.
+    #[arg(long, env = "AEX_DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
     /// How long a reservation lives without being settled or extended by a
     /// data plane's heartbeat.
     #[arg(long, env = "AEX_RESERVATION_TTL_MS", default_value_t = 120_000)]
@@ -71,24 +77,29 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let home = Home::resolve(args.home)?;
-    let db_path = args.db.clone().unwrap_or_else(|| home.db_path());
+    let database = Database::choose(&home, args.database_url.as_deref(), args.db.clone())?;
     match args.command {
         Some(Command::Migrate) => {
-            let applied = aex_control::storage::sqlite::migrate(&db_path).await?;
+            let applied = database.migrate().await?;
             println!(
                 "{}",
-                serde_json::json!({"database": db_path, "migrations_applied": applied})
+                serde_json::json!({"database": database.describe(), "migrations_applied": applied})
             );
             return Ok(());
         }
         Some(Command::CheckDb) => {
-            let verdict = aex_control::storage::sqlite::integrity_check(&db_path).await?;
+            let verdict = match &database {
+                Database::Sqlite(path) => {
+                    aex_control::storage::sqlite::integrity_check(path).await?
+                }
+                Database::Postgres(options) => aex_control::storage::postgres::check(options).await,
+            };
             println!(
                 "{}",
-                serde_json::json!({"database": db_path, "integrity": verdict})
+                serde_json::json!({"database": database.describe(), "integrity": verdict})
             );
             if verdict != "ok" {
-                return Err(format!("{} is damaged: {verdict}", db_path.display()).into());
+                return Err(format!("{} is not usable: {verdict}", database.describe()).into());
             }
             return Ok(());
         }
@@ -103,7 +114,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         sweep_interval_ms: args.sweep_interval_ms.max(10),
     };
-    let control = Control::open(&home, args.db, reservations).await?;
+    let control = Control::open(&home, &database, reservations).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

@@ -9,7 +9,7 @@ use crate::service::{
     processes::ProcessesApi,
 };
 use crate::state::ControlState;
-use crate::storage::sqlite::SqliteStore;
+use crate::storage::Database;
 use aex_core::config::ModelsConfig;
 use aex_core::home::Home;
 use aex_proto::v1::{
@@ -18,7 +18,6 @@ use aex_proto::v1::{
     model_service_server::ModelServiceServer, process_service_server::ProcessServiceServer,
 };
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -76,32 +75,24 @@ pub struct Control {
 
 impl Control {
     /// Reads credentials, the ledger key and models.yaml from `home`, and
-    /// opens the database (`db` overrides `AEX_HOME/aex.db`).
+    /// opens `database`.
     pub async fn open(
         home: &Home,
-        db: Option<PathBuf>,
+        database: &Database,
         reservations: ReservationSettings,
     ) -> Result<Self> {
         let admin_token = home.read_admin_token()?;
         let dataplane_token = home.read_dataplane_token()?;
         let ledger_key = home.read_ledger_key()?;
         let models = ModelsConfig::load(&home.models_yaml())?;
-        let db_path = db.unwrap_or_else(|| home.db_path());
-        let store: Arc<dyn crate::storage::Store> = Arc::new(
-            SqliteStore::open_anchored(
-                &db_path,
-                ledger_key.clone(),
-                &home.ledger_head_path(&db_path),
-            )
-            .await?,
-        );
+        let store = database.open(home, ledger_key.clone()).await?;
         let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
         let state = Arc::new(ControlState::new(
             store,
             admission,
             models,
             home.models_yaml(),
-            db_path.display().to_string(),
+            database.describe(),
             ledger_key,
         ));
         Ok(Self {

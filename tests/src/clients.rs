@@ -5,7 +5,6 @@
 //! its name to AEX_SKIP_LOG, which `scripts/test` lists at the end (cargo
 //! hides what a passing test prints).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -24,19 +23,7 @@ fn missing(client: &str) -> Option<PathBuf> {
             "{message}: run ./scripts/install-clients (or ./scripts/test, which does), or set AEX_SKIP_CLIENTS=1 to skip the tests that drive it"
         );
     }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("a conformance test")
-        .to_string();
-    eprintln!("\n!!! SKIPPED {test}: {message} !!!\n");
-    if let Some(log) = std::env::var_os("AEX_SKIP_LOG")
-        && let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(log)
-    {
-        let _ = writeln!(f, "{test}: {message}");
-    }
+    crate::skipped(&message);
     None
 }
 

@@ -8,6 +8,39 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// Reports the running test as not run, where people look: loudly on
+/// stderr, and in AEX_SKIP_LOG, which `scripts/test` lists at the end
+/// (cargo hides what a passing test prints).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    eprintln!("\n!!! SKIPPED {test}: {why} !!!\n");
+    if let Some(log) = std::env::var_os("AEX_SKIP_LOG")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+    {
+        let _ = writeln!(f, "{test}: {why}");
+    }
+}
+
+/// The PostgreSQL server tests may create databases on
+/// (`AEX_TEST_DATABASE_URL`, e.g. postgres://postgres@127.0.0.1:5432/test);
+/// `None`, reported as skipped, when it is unset.
+pub fn test_database_url() -> Option<String> {
+    match std::env::var("AEX_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            skipped("AEX_TEST_DATABASE_URL is unset, so this PostgreSQL test did not run");
+            None
+        }
+    }
+}
+
 /// A built workspace binary (`aex-control`, `aexctl`, …). Integration tests
 /// run from `target/<profile>/deps/`, and `cargo test --workspace` builds
 /// every package's binaries before any test runs.
@@ -276,6 +309,7 @@ impl Drop for ControlPlane {
 }
 pub mod clients;
 pub mod mock;
+pub mod postgres;
 pub mod rng;
 
 /// A running `aex-dataplane`, killed on drop.

@@ -11,6 +11,7 @@
 
 use crate::ledger::anchor::{Anchor, AnchorState};
 use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
+use crate::storage::rows::stored_u64;
 use crate::storage::{
     AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, DenialRecord,
     EventFilter, EventKind, EventRecord, LedgerStore, NewEvent, NewReservation, ProcessRecord,
@@ -72,12 +73,6 @@ impl StoredReservation {
             expires_at_ms: self.expires_at_ms,
         }
     }
-}
-
-/// Counts are u64 in the domain and i64 in a row, saturated as SQLite
-/// stores them.
-fn stored_u64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Tables {

@@ -13,8 +13,13 @@
 
 #[cfg(test)]
 pub mod conformance;
+mod database;
 #[cfg(test)]
 pub mod memory;
+pub mod postgres;
+mod rows;
+mod sql_errors;
+mod sql_reads;
 pub mod sqlite;
 
 pub use aex_core::agent::{
@@ -28,6 +33,7 @@ pub use aex_core::reservation::{
     ReserveOutcome, SettleOutcome, Settlement,
 };
 use async_trait::async_trait;
+pub use database::Database;
 
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {

@@ -1,5 +1,5 @@
-//! SQLite's errors (sqlx for reads and migrations, rusqlite for the writer)
-//! mapped once into the backend-neutral [`StoreError`].
+//! SQLite's writer errors (rusqlite) mapped once into the backend-neutral
+//! [`StoreError`]; sqlx's, shared with PostgreSQL, are `storage/sql_errors.rs`.
 
 use crate::storage::StoreError;
 
@@ -16,26 +16,6 @@ impl From<rusqlite::Error> for StoreError {
             },
             _ => StoreError::Backend(Box::new(e)),
         }
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(e.to_string())
-            }
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                StoreError::Conflict(e.to_string())
-            }
-            _ => StoreError::Backend(Box::new(e)),
-        }
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        StoreError::Backend(format!("database migration failed: {e}").into())
     }
 }
 

@@ -53,6 +53,13 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
 }
 
 impl SqliteStore {
+    /// What the anchor file says now (None: opened without one).
+    fn anchor_state(&self) -> Option<crate::ledger::anchor::AnchorState> {
+        self.anchor
+            .as_ref()
+            .map(|a| crate::ledger::anchor::read(a.path(), &self.ledger_key))
+    }
+
     /// Opens (creating if needed) the database and applies migrations.
     pub async fn open(path: &Path, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
         Self::open_with(path, ledger_key, WalPolicy::default()).await

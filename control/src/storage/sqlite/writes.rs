@@ -4,8 +4,11 @@
 //! atomic in SQL, and the decided events appended.
 
 use super::errors::is_unique_violation;
-use super::rows::{AGENT_COLUMNS, AgentRow, PROCESS_SELECT, RESERVATION_COLUMNS, ReservationRow};
 use super::writer::Chain;
+use crate::storage::rows::{
+    AGENT_COLUMNS, AGENT_SETTABLE_COLUMNS, AgentRow, PROCESS_SELECT, ProcessRow,
+    RESERVATION_COLUMNS, ReservationRow, stored_u64,
+};
 use crate::storage::{
     AgentChange, AgentRecord, AgentWrite, DenialRecord, NewReservation, ProcessRecord,
     ProcessState, ReservationState, ReserveOutcome, SettleOutcome, Settlement, StoreError, now_ms,
@@ -65,12 +68,6 @@ pub(super) fn change_agent(
     Ok(w.agent)
 }
 
-/// The columns an admin change may set, in the order of [`settable_values`];
-/// the money columns the hot path moves are not among them.
-const AGENT_SETTABLE_COLUMNS: &str = "id, token_sha256, token_prefix, token_expires_at_ms, \
-    token_ttl_seconds, budget_micro, rpm, tpm, max_concurrent, allowed_models, cap_streaming, \
-    cap_tools, cap_function_calling, cap_vision, scope, state, updated_at_ms, deleted_at_ms";
-
 fn settable_values(a: &AgentRecord) -> [Value; 18] {
     [
         a.id.clone().into(),
@@ -108,12 +105,6 @@ fn save_agent(conn: &Connection, a: &AgentRecord) -> Result<(), StoreError> {
     conn.prepare_cached(&format!("UPDATE agents SET {assignments} WHERE id = ?1"))?
         .execute(params_from_iter(settable_values(a)))?;
     Ok(())
-}
-
-/// Provider-reported and configured counts are u64; SQLite's integers are
-/// i64. Past i64::MAX a count is stored saturated, never wrapped negative.
-fn stored_u64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 pub(super) fn reserve(
@@ -345,7 +336,7 @@ pub(super) fn end_process(
     }
     let process: ProcessRecord = conn
         .prepare_cached(&format!("{PROCESS_SELECT} WHERE p.id = ?1"))?
-        .query_row([id], super::rows::ProcessRow::from_rusqlite)?
+        .query_row([id], ProcessRow::from_rusqlite)?
         .into();
     if let Some(event) = process.ended_event(state, exit_code, reason, now) {
         chain.append(conn, &event)?;

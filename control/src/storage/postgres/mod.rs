@@ -1,0 +1,237 @@
+//! PostgreSQL storage, for several control planes over one database.
+//! Selected by `--database-url postgres://…` (or `AEX_DATABASE_URL`); SQLite
+//! stays the embedded default.
+//!
+//! Writes go through one writer task per control plane with group commit
+//! (`writer.rs`): every queued operation in one transaction, each in a
+//! savepoint, committed once with `synchronous_commit` as the server has it
+//! (on by default), then answered. The chain's one appender across all
+//! replicas is a transaction-scoped advisory lock taken at the start of
+//! each batch, so replicas take turns per batch, not per event. Reads use
+//! a sqlx pool, with the SQL shared with SQLite (`storage/sql_reads.rs`).
+//!
+//! Not yet here (the several-nodes issue, #19): a head anchor outside the
+//! database (audit cannot yet tell a removed tail from a shorter history),
+//! and chains that do not serialize replicas at all (docs/LEDGER.md).
+
+mod reads;
+#[cfg(test)]
+mod tests;
+mod writer;
+mod writes;
+
+use crate::ledger::anchor::AnchorState;
+use crate::storage::{
+    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore, NewReservation,
+    ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome,
+    Settlement, StoreError,
+};
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+use writer::LedgerWriter;
+
+pub struct PgStore {
+    reader: PgPool,
+    writer: LedgerWriter,
+    ledger_key: Vec<u8>,
+}
+
+/// `postgres://user@host:port/db?…` → connect options; the error names the
+/// flag, never the URL (it may hold a password).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url).map_err(|e| {
+        StoreError::Invalid(format!(
+            "--database-url is not a PostgreSQL URL ({e}); write postgres://USER[:PASSWORD]@HOST:PORT/DATABASE"
+        ))
+    })
+}
+
+impl PgStore {
+    /// Connects, applies migrations (several control planes starting at
+    /// once take turns: sqlx's migrator holds an advisory lock) and starts
+    /// the writer.
+    pub async fn open(options: PgConnectOptions, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+        migrate(&options).await?;
+        let reader = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        let writer = LedgerWriter::start(options, ledger_key.clone()).await?;
+        Ok(Self {
+            reader,
+            writer,
+            ledger_key,
+        })
+    }
+
+    /// The head outside the database: none yet on PostgreSQL.
+    fn anchor_state(&self) -> Option<AnchorState> {
+        None
+    }
+}
+
+/// Applies pending migrations; how many were applied.
+pub async fn migrate(options: &PgConnectOptions) -> Result<usize, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await?;
+    let migrator = sqlx::migrate!("./migrations/postgres");
+    let applied: std::collections::HashSet<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+    let pending = migrator
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count();
+    migrator.run(&pool).await?;
+    pool.close().await;
+    Ok(pending)
+}
+
+/// `ok` when the server answers and every migration this AEX knows is
+/// applied; else what is wrong. (The server checks its own pages.)
+pub async fn check(options: &PgConnectOptions) -> String {
+    let pool = match PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await
+    {
+        Ok(pool) => pool,
+        Err(e) => return format!("cannot connect: {e}"),
+    };
+    let applied: Result<Vec<i64>, _> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&pool)
+            .await;
+    pool.close().await;
+    let known = sqlx::migrate!("./migrations/postgres");
+    match applied {
+        Ok(applied) if known.iter().all(|m| applied.contains(&m.version)) => "ok".into(),
+        Ok(_) => "migrations are pending: run `aex-control --database-url … migrate`".into(),
+        Err(e) => format!("not an AEX ledger ({e}): run `aex-control --database-url … migrate`"),
+    }
+}
+
+#[async_trait]
+impl AgentStore for PgStore {
+    fn ledger_key(&self) -> &[u8] {
+        &self.ledger_key
+    }
+
+    async fn insert_agent(&self, write: AgentWrite) -> Result<AgentRecord, StoreError> {
+        self.writer.write(writes::InsertAgent(write)).await
+    }
+
+    async fn change_agent(
+        &self,
+        name: &str,
+        change: Box<AgentChange>,
+    ) -> Result<AgentRecord, StoreError> {
+        self.writer
+            .write(writes::ChangeAgent {
+                name: name.to_string(),
+                change,
+            })
+            .await
+    }
+
+    async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError> {
+        reads::list_agents(&self.reader, include_deleted).await
+    }
+
+    async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_name(&self.reader, name).await
+    }
+}
+
+#[async_trait]
+impl LedgerStore for PgStore {
+    async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
+        self.writer.write(writes::Reserve(n)).await
+    }
+
+    async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
+        self.writer.write(writes::Settle(st)).await
+    }
+
+    async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
+        self.writer.write(writes::Deny(d)).await
+    }
+
+    async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError> {
+        reads::open_reservations(&self.reader).await
+    }
+
+    async fn extend_reservations(
+        &self,
+        ids: &[String],
+        expires_at_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.writer
+            .write(writes::Extend {
+                ids: ids.to_vec(),
+                expires_at_ms,
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl ProcessStore for PgStore {
+    async fn start_process(&self, p: ProcessRecord) -> Result<ProcessRecord, StoreError> {
+        self.writer
+            .write(writes::StartProcess {
+                process: p,
+                ledger_key: self.ledger_key.clone(),
+            })
+            .await
+    }
+
+    async fn set_process_pid(&self, id: &str, pid: u32) -> Result<(), StoreError> {
+        self.writer
+            .write(writes::SetPid {
+                id: id.to_string(),
+                pid,
+            })
+            .await
+    }
+
+    async fn request_kill(&self, agent_id: &str, reason: &str) -> Result<u64, StoreError> {
+        self.writer
+            .write(writes::RequestKill {
+                agent_id: agent_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+    }
+
+    async fn end_process(
+        &self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        reason: &str,
+    ) -> Result<Option<ProcessRecord>, StoreError> {
+        self.writer
+            .write(writes::EndProcess {
+                id: id.to_string(),
+                state,
+                exit_code,
+                reason: reason.to_string(),
+            })
+            .await
+    }
+
+    async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError> {
+        reads::list_processes(&self.reader, include_ended).await
+    }
+}

@@ -1,0 +1,3 @@
+//! PostgreSQL's reads: the shared SQL (`storage/sql_reads.rs`) on its pool.
+
+crate::sql_reads!(super::PgStore, sqlx::PgPool);

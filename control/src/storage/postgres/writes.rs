@@ -1,0 +1,463 @@
+//! The write operations, each run by the writer inside its batch's
+//! transaction (see `writer.rs`). What to write was decided by the domain
+//! (`aex_core::{agent, reservation, process}`); here each step is one SQL
+//! statement where it must be atomic — the budget check and the take, the
+//! close of a reservation as a compare-and-set — and the decided events are
+//! appended. The same steps as `sqlite/writes.rs`, in PostgreSQL's SQL.
+
+use super::writer::{Chain, Operation};
+use crate::storage::rows::{
+    AGENT_COLUMNS, AGENT_SETTABLE_COLUMNS, AgentRow, PROCESS_SELECT, ProcessRow,
+    RESERVATION_COLUMNS, ReservationRow, stored_u64,
+};
+use crate::storage::{
+    AgentChange, AgentRecord, AgentWrite, DenialRecord, NewReservation, ProcessRecord,
+    ProcessState, ReservationState, ReserveOutcome, SettleOutcome, Settlement, StoreError, now_ms,
+};
+use aex_core::reservation::{admit_event, budget_denial_event};
+use async_trait::async_trait;
+use sqlx::Postgres;
+use sqlx::postgres::{PgArguments, PgConnection};
+use sqlx::query::Query;
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+/// Binds the settable columns of `a`, in [`AGENT_SETTABLE_COLUMNS`]' order.
+fn bind_settable<'q>(q: PgQuery<'q>, a: &'q AgentRecord) -> PgQuery<'q> {
+    q.bind(&a.id)
+        .bind(&a.token_sha256)
+        .bind(&a.token_prefix)
+        .bind(a.token_expires_at_ms)
+        .bind(a.token_ttl_seconds)
+        .bind(a.budget_micro)
+        .bind(i64::from(a.rpm))
+        .bind(stored_u64(a.tpm))
+        .bind(i64::from(a.max_concurrent))
+        .bind(serde_json::to_string(&a.allowed_models).expect("strings serialise"))
+        .bind(a.caps.streaming)
+        .bind(a.caps.tools)
+        .bind(a.caps.function_calling)
+        .bind(a.caps.vision)
+        .bind(a.scope.as_str())
+        .bind(a.state.as_str())
+        .bind(a.updated_at_ms)
+        .bind(a.deleted_at_ms)
+}
+
+/// `$from, $from+1, …` for `n` parameters.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn settable_count() -> usize {
+    AGENT_SETTABLE_COLUMNS.split(", ").count()
+}
+
+pub(super) struct InsertAgent(pub AgentWrite);
+
+#[async_trait]
+impl Operation for InsertAgent {
+    type Output = AgentRecord;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<AgentRecord, StoreError> {
+        let a = &self.0.agent;
+        let n = settable_count();
+        let sql = format!(
+            "INSERT INTO agents ({AGENT_SETTABLE_COLUMNS}, name, created_at_ms) VALUES ({})",
+            placeholders(1, n + 2)
+        );
+        let inserted = bind_settable(sqlx::query(&sql), a)
+            .bind(&a.name)
+            .bind(a.created_at_ms)
+            .execute(&mut *conn)
+            .await;
+        if let Err(sqlx::Error::Database(db)) = &inserted
+            && db.is_unique_violation()
+        {
+            return Err(match db.constraint() {
+                Some("agents_token_sha256_key") => StoreError::Conflict(
+                    "another agent already has this token; issue a new one".into(),
+                ),
+                Some("agents_live_name") => StoreError::DuplicateName(a.name.clone()),
+                _ => StoreError::Conflict(format!("agent id {} is taken", a.id)),
+            });
+        }
+        inserted?;
+        chain.append_all(conn, &self.0.events).await?;
+        Ok(a.clone())
+    }
+}
+
+pub(super) struct ChangeAgent {
+    pub name: String,
+    pub change: Box<AgentChange>,
+}
+
+#[async_trait]
+impl Operation for ChangeAgent {
+    type Output = AgentRecord;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<AgentRecord, StoreError> {
+        // FOR UPDATE: decided against the row as committed, and a change
+        // from another control plane waits for this one.
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1 AND deleted_at_ms IS NULL FOR UPDATE"
+        ))
+        .bind(&self.name)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let current: AgentRecord = row
+            .ok_or_else(|| StoreError::AgentNotFound(self.name.clone()))?
+            .try_into()?;
+        let Some(w) = (self.change)(&current)? else {
+            return Ok(current);
+        };
+        let assignments = AGENT_SETTABLE_COLUMNS
+            .split(", ")
+            .enumerate()
+            .skip(1)
+            .map(|(i, column)| format!("{column} = ${}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        bind_settable(
+            sqlx::query(&format!("UPDATE agents SET {assignments} WHERE id = $1")),
+            &w.agent,
+        )
+        .execute(&mut *conn)
+        .await?;
+        chain.append_all(conn, &w.events).await?;
+        Ok(w.agent)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ExistingReservation {
+    #[sqlx(flatten)]
+    row: ReservationRow,
+    state: String,
+}
+
+pub(super) struct Reserve(pub NewReservation);
+
+#[async_trait]
+impl Operation for Reserve {
+    type Output = ReserveOutcome;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let n = &self.0;
+        let r = &n.record;
+        let existing: Option<ExistingReservation> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
+        ))
+        .bind(&r.request_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(existing) = existing {
+            return Ok(if existing.state == ReservationState::Open.as_str() {
+                ReserveOutcome::AlreadyAdmitted(existing.row.into())
+            } else {
+                ReserveOutcome::AlreadyClosed(existing.row.into())
+            });
+        }
+        // The budget check and the reservation are one statement: no two
+        // admissions, on any control plane, can both take the last micro.
+        let taken: Option<i64> = sqlx::query_scalar(
+            "UPDATE agents SET reserved_micro = reserved_micro + $1, last_activity_at_ms = $3 \
+             WHERE id = $2 AND deleted_at_ms IS NULL \
+             AND budget_micro - spent_micro - reserved_micro >= $1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )
+        .bind(r.amount_micro)
+        .bind(&r.agent_id)
+        .bind(r.created_at_ms)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(remaining) = taken else {
+            let remaining: i64 = sqlx::query_scalar(
+                "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = $1",
+            )
+            .bind(&r.agent_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            chain
+                .append(conn, &budget_denial_event(n, remaining))
+                .await?;
+            return Ok(ReserveOutcome::InsufficientBudget {
+                remaining_micro: remaining,
+            });
+        };
+        sqlx::query(
+            "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
+             input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
+             state, created_at_ms, expires_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&r.id)
+        .bind(&r.request_id)
+        .bind(&r.agent_id)
+        .bind(&r.model)
+        .bind(r.amount_micro)
+        .bind(r.pricing.input_pico_per_token)
+        .bind(r.pricing.output_pico_per_token)
+        .bind(stored_u64(r.input_tokens_bound))
+        .bind(stored_u64(r.output_tokens_cap))
+        .bind(ReservationState::Open.as_str())
+        .bind(r.created_at_ms)
+        .bind(r.expires_at_ms)
+        .execute(&mut *conn)
+        .await?;
+        chain.append(conn, &admit_event(n)).await?;
+        Ok(ReserveOutcome::Reserved {
+            remaining_micro: remaining,
+        })
+    }
+}
+
+pub(super) struct Settle(pub Settlement);
+
+#[async_trait]
+impl Operation for Settle {
+    type Output = SettleOutcome;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<SettleOutcome, StoreError> {
+        let st = &self.0;
+        let now = now_ms();
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT agent_id, amount_micro FROM reservations WHERE id = $1")
+                .bind(&st.reservation_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let Some((agent_id, reserved)) = row else {
+            return Ok(SettleOutcome::UnknownReservation);
+        };
+        let charge = st.charge_within(reserved);
+        let overrun = st.overrun();
+        // Compare-and-set: only the first settlement of an open reservation
+        // changes anything, however often (and wherever) it is retried.
+        let closed = sqlx::query(
+            "UPDATE reservations SET state = $2, settled_at_ms = $3, charged_micro = $4, \
+             outcome = $5, prompt_tokens = $6, completion_tokens = $7, overrun_micro = $8 \
+             WHERE id = $1 AND state = 'open'",
+        )
+        .bind(&st.reservation_id)
+        .bind(st.final_state(charge).as_str())
+        .bind(now)
+        .bind(charge)
+        .bind(&st.outcome)
+        .bind(stored_u64(st.prompt_tokens))
+        .bind(stored_u64(st.completion_tokens))
+        .bind(overrun)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+        if !closed {
+            return Ok(SettleOutcome::AlreadyClosed);
+        }
+        // The overrun total saturates: one absurd report must not overflow it.
+        let remaining: i64 = sqlx::query_scalar(
+            "UPDATE agents SET reserved_micro = reserved_micro - $2, \
+             spent_micro = spent_micro + $3, last_activity_at_ms = $4, \
+             overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - $5 \
+                 THEN 9223372036854775807 ELSE overrun_micro + $5 END WHERE id = $1 \
+             RETURNING budget_micro - spent_micro - reserved_micro",
+        )
+        .bind(&agent_id)
+        .bind(reserved)
+        .bind(charge)
+        .bind(now)
+        .bind(overrun)
+        .fetch_one(&mut *conn)
+        .await?;
+        chain
+            .append_all(conn, &st.events(&agent_id, charge, now))
+            .await?;
+        Ok(SettleOutcome::Settled {
+            charged_micro: charge,
+            remaining_micro: remaining,
+        })
+    }
+}
+
+pub(super) struct Deny(pub DenialRecord);
+
+#[async_trait]
+impl Operation for Deny {
+    type Output = ();
+    async fn run(&self, conn: &mut PgConnection, chain: &mut Chain<'_>) -> Result<(), StoreError> {
+        chain.append(conn, &self.0.event(now_ms())).await
+    }
+}
+
+pub(super) struct Extend {
+    pub ids: Vec<String>,
+    pub expires_at_ms: i64,
+}
+
+#[async_trait]
+impl Operation for Extend {
+    type Output = Vec<String>;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        _chain: &mut Chain<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        let extended: Vec<String> = sqlx::query_scalar(
+            "UPDATE reservations SET expires_at_ms = $2 \
+             WHERE id = ANY($1) AND state = 'open' RETURNING id",
+        )
+        .bind(&self.ids)
+        .bind(self.expires_at_ms)
+        .fetch_all(&mut *conn)
+        .await?;
+        let extended: std::collections::HashSet<String> = extended.into_iter().collect();
+        Ok(self
+            .ids
+            .iter()
+            .filter(|id| !extended.contains(*id))
+            .cloned()
+            .collect())
+    }
+}
+
+pub(super) struct StartProcess {
+    pub process: ProcessRecord,
+    pub ledger_key: Vec<u8>,
+}
+
+#[async_trait]
+impl Operation for StartProcess {
+    type Output = ProcessRecord;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<ProcessRecord, StoreError> {
+        let p = &self.process;
+        sqlx::query(
+            "INSERT INTO processes (id, agent_id, token_sha256, pid, command, host, state, started_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&p.id)
+        .bind(&p.agent_id)
+        .bind(&p.token_sha256)
+        .bind(i64::from(p.pid))
+        .bind(&p.command)
+        .bind(&p.host)
+        .bind(ProcessState::Running.as_str())
+        .bind(p.started_at_ms)
+        .execute(&mut *conn)
+        .await?;
+        chain
+            .append(conn, &p.started_event(&self.ledger_key))
+            .await?;
+        Ok(p.clone())
+    }
+}
+
+pub(super) struct SetPid {
+    pub id: String,
+    pub pid: u32,
+}
+
+#[async_trait]
+impl Operation for SetPid {
+    type Output = ();
+    async fn run(&self, conn: &mut PgConnection, _chain: &mut Chain<'_>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE processes SET pid = $2 WHERE id = $1")
+            .bind(&self.id)
+            .bind(i64::from(self.pid))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+pub(super) struct RequestKill {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+#[async_trait]
+impl Operation for RequestKill {
+    type Output = u64;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        _chain: &mut Chain<'_>,
+    ) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE processes SET kill_reason = $2 WHERE agent_id = $1 AND state = 'running'",
+        )
+        .bind(&self.agent_id)
+        .bind(&self.reason)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+    }
+}
+
+pub(super) struct EndProcess {
+    pub id: String,
+    pub state: ProcessState,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
+#[async_trait]
+impl Operation for EndProcess {
+    type Output = Option<ProcessRecord>;
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        chain: &mut Chain<'_>,
+    ) -> Result<Option<ProcessRecord>, StoreError> {
+        if self.state == ProcessState::Running {
+            return Err(StoreError::Invalid(
+                "a process ends as exited, killed or lost, not running".into(),
+            ));
+        }
+        let now = now_ms();
+        let ended = sqlx::query(
+            "UPDATE processes SET state = $2, ended_at_ms = $3, exit_code = $4, reason = $5 \
+             WHERE id = $1 AND state = 'running'",
+        )
+        .bind(&self.id)
+        .bind(self.state.as_str())
+        .bind(now)
+        .bind(self.exit_code.map(i64::from))
+        .bind(&self.reason)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+        if !ended {
+            return Ok(None);
+        }
+        let process: ProcessRecord =
+            sqlx::query_as::<_, ProcessRow>(&format!("{PROCESS_SELECT} WHERE p.id = $1"))
+                .bind(&self.id)
+                .fetch_one(&mut *conn)
+                .await?
+                .into();
+        if let Some(event) = process.ended_event(self.state, self.exit_code, &self.reason, now) {
+            chain.append(conn, &event).await?;
+        }
+        Ok(Some(process))
+    }
+}

@@ -1,0 +1,301 @@
+//! The reads, on each SQL backend's sqlx pool, never behind a write. The
+//! SQL is the same on SQLite and PostgreSQL (`$N` parameters, `CAST` where
+//! PostgreSQL's `SUM` would widen to NUMERIC), so it is written once, here,
+//! and expanded for each backend's store and pool type: sqlx's generic
+//! executor bounds would cost more lines than the queries themselves.
+//! The store must have `reader: $Pool`, `ledger_key: Vec<u8>` and
+//! `fn anchor_state(&self) -> Option<AnchorState>`.
+
+#[macro_export]
+#[doc(hidden)]
+macro_rules! sql_reads {
+    ($Store:ty, $Pool:ty) => {
+use $crate::storage::rows::{
+    AGENT_COLUMNS, AgentRow, EVENT_COLUMNS, EventRow, PROCESS_SELECT, ProcessRow,
+    RESERVATION_AUDIT_COLUMNS, RESERVATION_COLUMNS, ReservationAuditRow, ReservationRow,
+};
+use $crate::storage::{
+    AgentActivity, AgentRecord, AuditData, EventFilter, EventKind, EventRecord, ProcessRecord,
+    ReportStore, ReservationRecord, StatusTotals, StoreError,
+};
+use aex_core::chain::GENESIS;
+use async_trait::async_trait;
+
+pub(super) async fn list_agents(
+    reader: &$Pool,
+    include_deleted: bool,
+) -> Result<Vec<AgentRecord>, StoreError> {
+    let live = if include_deleted {
+        ""
+    } else {
+        "WHERE deleted_at_ms IS NULL"
+    };
+    let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents {live} ORDER BY created_at_ms, id"
+    ))
+    .fetch_all(reader)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+pub(super) async fn agent_by_name(
+    reader: &$Pool,
+    name: &str,
+) -> Result<Option<AgentRecord>, StoreError> {
+    let row: Option<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1 AND deleted_at_ms IS NULL"
+    ))
+    .bind(name)
+    .fetch_optional(reader)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+pub(super) async fn open_reservations(
+    reader: &$Pool,
+) -> Result<Vec<ReservationRecord>, StoreError> {
+    let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
+        "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'open' ORDER BY created_at_ms"
+    ))
+    .fetch_all(reader)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+pub(super) async fn list_processes(
+    reader: &$Pool,
+    include_ended: bool,
+) -> Result<Vec<ProcessRecord>, StoreError> {
+    let filter = if include_ended {
+        ""
+    } else {
+        "WHERE p.state = 'running'"
+    };
+    let rows: Vec<ProcessRow> = sqlx::query_as(&format!(
+        "{PROCESS_SELECT} {filter} ORDER BY p.started_at_ms"
+    ))
+    .fetch_all(reader)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+#[async_trait]
+impl ReportStore for $Store {
+    async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let limit = if f.limit == 0 {
+            1000
+        } else {
+            f.limit.min(10_000)
+        };
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE seq > $1 AND ts_ms >= $2 AND ($3 = '' OR agent_name = $3) \
+             ORDER BY seq LIMIT $4"
+        ))
+        .bind(f.after_seq)
+        .bind(f.since_ms)
+        .bind(f.agent_name.unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn audit_data(&self, now_ms: i64) -> Result<AuditData, StoreError> {
+        // One read transaction: agents, counters and the last event seq are
+        // one snapshot even while requests keep settling. The log itself is
+        // tallied as it is verified (one pass instead of two GROUP BY scans,
+        // which took 4 s each over 1M events).
+        // Before the snapshot: the anchor is written after each commit, so
+        // the snapshot reaches at least the head it names.
+        let anchor = self.anchor_state();
+        let mut tx = self.reader.begin().await?;
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at_ms, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut data = AuditData {
+            agents: rows
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+            ..Default::default()
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, CAST(SUM(amount_micro) AS BIGINT) FROM reservations WHERE state = 'open' GROUP BY agent_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        data.open_reserved = rows.into_iter().collect();
+        data.overdue = sqlx::query_as(
+            "SELECT id, agent_id, expires_at_ms FROM reservations WHERE state = 'open' AND expires_at_ms < $1",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT agent_id, name, value FROM counters")
+                .fetch_all(&mut *tx)
+                .await?;
+        data.counters = rows.into_iter().map(|(a, n, v)| ((a, n), v)).collect();
+        let (last_seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        data.last_seq = last_seq.unwrap_or(0);
+        let rows: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations WHERE state = 'open'"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        data.open_reservation_rows = rows.into_iter().map(Into::into).collect();
+        // In pages, by key: the history can hold millions of rows.
+        data.closed_reservations = $crate::ledger::fold::ClosedDigest::new(&self.ledger_key);
+        let mut after_id = String::new();
+        loop {
+            let page: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+                "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations \
+                 WHERE id > $1 AND state <> 'open' ORDER BY id LIMIT 10000"
+            ))
+            .bind(&after_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = page.last() else { break };
+            after_id = last.id.clone();
+            for row in page {
+                data.closed_reservations
+                    .add(&$crate::ledger::fold::ReservationRow::from(row).facts);
+            }
+        }
+        let rows: Vec<ProcessRow> = sqlx::query_as(PROCESS_SELECT).fetch_all(&mut *tx).await?;
+        data.processes = rows.into_iter().map(Into::into).collect();
+        if let Some($crate::ledger::anchor::AnchorState::Present(a)) = &anchor {
+            data.hash_at_anchor = if a.seq == 0 {
+                Some(GENESIS.to_string())
+            } else {
+                sqlx::query_scalar("SELECT hash FROM events WHERE seq = $1")
+                    .bind(a.seq)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            };
+        }
+        data.anchor = anchor;
+        tx.commit().await?;
+        Ok(data)
+    }
+
+    async fn reservation_history(
+        &self,
+        agent_id: &str,
+    ) -> Result<(Vec<$crate::ledger::fold::ReservationRow>, Vec<EventRecord>), StoreError> {
+        let mut tx = self.reader.begin().await?;
+        let rows: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations WHERE agent_id = $1"
+        ))
+        .bind(agent_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let kinds = EventKind::ALL
+            .into_iter()
+            .filter(|k| k.is_about_reservations())
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let events: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE agent_id = $1 AND kind IN ({kinds}) ORDER BY seq"
+        ))
+        .bind(agent_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            rows.into_iter().map(Into::into).collect(),
+            events.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    async fn status_totals(&self) -> Result<StatusTotals, StoreError> {
+        // Summed here, saturating: SQLite's SUM fails outright on overflow,
+        // PostgreSQL's widens to NUMERIC,
+        // and one absurd value must not take `status` down.
+        let amounts: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT budget_micro, spent_micro, reserved_micro, overrun_micro \
+             FROM agents WHERE deleted_at_ms IS NULL",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let total = |pick: fn(&(i64, i64, i64, i64)) -> i64| {
+            amounts.iter().map(pick).fold(0i64, i64::saturating_add)
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT name, value FROM counters")
+            .fetch_all(&self.reader)
+            .await?;
+        let mut counters = std::collections::HashMap::<String, i64>::new();
+        for (name, value) in rows {
+            let c = counters.entry(name).or_default();
+            *c = c.saturating_add(value);
+        }
+        let (open,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM reservations WHERE state = 'open'")
+                .fetch_one(&self.reader)
+                .await?;
+        let (running,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM processes WHERE state = 'running'")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(StatusTotals {
+            running_processes: running as u64,
+            agents: amounts.len() as u32,
+            total_budget_micro: total(|a| a.0),
+            total_spent_micro: total(|a| a.1),
+            total_reserved_micro: total(|a| a.2),
+            total_overrun_micro: total(|a| a.3),
+            counters,
+            open_reservations: open as u64,
+        })
+    }
+
+    async fn activity(
+        &self,
+        window_start_ms: i64,
+        minute_start_ms: i64,
+    ) -> Result<std::collections::HashMap<String, AgentActivity>, StoreError> {
+        let mut out: std::collections::HashMap<String, AgentActivity> = Default::default();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, CAST(SUM(amount_micro) AS BIGINT) FROM events \
+             WHERE ts_ms >= $1 AND kind IN ('settle', 'expire') GROUP BY agent_id",
+        )
+        .bind(window_start_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, charged) in rows {
+            out.entry(agent).or_default().charged_in_window = charged;
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, COUNT(*) FROM events WHERE ts_ms >= $1 AND kind = 'admit' GROUP BY agent_id",
+        )
+        .bind(minute_start_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, n) in rows {
+            out.entry(agent).or_default().admitted_last_minute = n as u32;
+        }
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT agent_id, name, value FROM counters WHERE name = 'admit' OR name LIKE 'deny:%'",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        for (agent, name, value) in rows {
+            let a = out.entry(agent).or_default();
+            if name == "admit" {
+                a.admitted += value;
+            } else {
+                a.denied += value;
+            }
+        }
+        Ok(out)
+    }
+}
+
+    };
+}

@@ -1,0 +1,187 @@
+//! Several control planes over one PostgreSQL database, with data planes
+//! spread over them: real processes, the machine's PostgreSQL
+//! (`AEX_TEST_DATABASE_URL`; reported skipped without it), a fresh
+//! database per test.
+
+use aex_tests::postgres::TestDatabase;
+use aex_tests::{ControlPlane, DataPlane, MOCK_PROVIDER_KEY, Stack, TestHome, mock::MockUpstream};
+use reqwest::Client;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+struct Nodes {
+    _db: TestDatabase,
+    _mock: MockUpstream,
+    home: TestHome,
+    controls: Vec<ControlPlane>,
+    data: Vec<DataPlane>,
+}
+
+async fn home_on(db: &TestDatabase) -> (TestHome, MockUpstream, ControlPlane) {
+    let mock = MockUpstream::start().await;
+    let home = TestHome::new();
+    std::fs::write(
+        home.file("config/models.yaml"),
+        Stack::models_yaml(&mock.base_url()),
+    )
+    .unwrap();
+    std::fs::write(
+        home.file(".env"),
+        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+    )
+    .unwrap();
+    let control = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    (home, mock, control)
+}
+
+fn chat() -> Value {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+}
+
+/// One call's worst-case reservation, read from a probe agent's admit event.
+async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
+    let out = control.aexctl(&["agent", "create", "probe", "1", "1000", "--json"]);
+    out.assert_ok();
+    let token = out.json()["token"].as_str().unwrap().to_string();
+    let r = Client::new()
+        .post(data.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = control.aexctl(&["events", "--agent", "probe", "--json"]);
+    events
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "admit")
+        .and_then(|e| e["amount_micro"].as_i64())
+        .expect("an admit event")
+}
+
+/// 2 control planes and 3 data planes over one database; 300 calls at once
+/// (a slow provider keeps every admitted one in flight) at one agent whose
+/// budget covers exactly 50 of them: exactly 50 go through, the rest get
+/// 402, nothing is overspent, and audit passes over the shared ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_admit_exactly_what_one_budget_covers() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, mock, first) = home_on(&db).await;
+    let probe_plane = DataPlane::start(&home, &first.url(), &[]);
+    let worst = worst_case_micro(&first, &probe_plane).await;
+    drop(probe_plane);
+    let budget = 50 * worst;
+    let budget_usd = format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000);
+    let out = first.aexctl(&["agent", "create", "fleet", &budget_usd, "100000", "--json"]);
+    out.assert_ok();
+    let token = out.json()["token"].as_str().unwrap().to_string();
+    // Started after the agent exists: it loads agents at start (a change
+    // made later through another replica does not reach it yet).
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let nodes = Nodes {
+        data: vec![
+            DataPlane::start(&home, &first.url(), &[]),
+            DataPlane::start(&home, &second.url(), &[]),
+            DataPlane::start(&home, &first.url(), &[]),
+        ],
+        controls: vec![first, second],
+        home,
+        _mock: mock,
+        _db: db,
+    };
+    let client = Client::new();
+    let calls = (0..300).map(|i| {
+        let url = nodes.data[i % nodes.data.len()].url("/v1/chat/completions");
+        let request = client
+            .post(url)
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "1500")
+            .json(&chat())
+            .timeout(Duration::from_secs(30))
+            .send();
+        async move { request.await.map(|r| r.status().as_u16()) }
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every call is answered"))
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 402).count();
+    assert_eq!(
+        (ok, refused),
+        (50, 250),
+        "budget {budget} µ = 50 × {worst} µ; statuses {statuses:?}"
+    );
+    let control = &nodes.controls[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let agent = loop {
+        let out = control.aexctl(&["agent", "inspect", "fleet", "--json"]);
+        out.assert_ok();
+        let a = out.json();
+        if a["reserved_micro"] == 0 || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(agent["reserved_micro"], 0, "{agent}");
+    let spent = agent["spent_micro"].as_i64().unwrap();
+    assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
+    for control in &nodes.controls {
+        let audit = control.aexctl(&["audit", "--json"]);
+        let report = audit.json();
+        assert_eq!(report["passed"], true, "{report:#}");
+    }
+    assert!(nodes.home.path().exists());
+}
+
+/// The database chores on PostgreSQL: migrate once (then nothing is
+/// pending), and check-db says so; the URL's password never appears.
+#[tokio::test]
+async fn migrate_and_check_db_on_postgres() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let home = TestHome::new();
+    let control = |args: &[&str]| {
+        std::process::Command::new(aex_tests::bin("aex-control"))
+            .args([
+                "--home",
+                home.path().to_str().unwrap(),
+                "--database-url",
+                &db.url(),
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let check = control(&["check-db"]);
+    assert!(
+        !check.status.success(),
+        "an empty database is not a ledger yet"
+    );
+    let first = control(&["migrate"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(out["migrations_applied"], 1);
+    assert!(
+        out["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgresql://")
+    );
+    let again: Value = serde_json::from_slice(&control(&["migrate"]).stdout).unwrap();
+    assert_eq!(again["migrations_applied"], 0);
+    let check = control(&["check-db"]);
+    assert!(check.status.success());
+    let verdict: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(verdict["integrity"], "ok");
+}
