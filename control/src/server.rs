@@ -66,6 +66,17 @@ fn nodelay(
     })
 }
 
+/// Applies agents changed through any control plane on the database, so
+/// this one's admission and its data planes' caches follow within the
+/// notification's delay.
+async fn apply_agent_changes(state: Arc<ControlState>, mut feed: crate::storage::AgentFeed) {
+    while let Some(agent_id) = feed.recv().await {
+        if let Err(e) = state.admission.refresh_agent(&agent_id).await {
+            tracing::error!(error = %e, agent = %agent_id, "cannot apply a change made through another control plane");
+        }
+    }
+}
+
 pub struct Control {
     pub state: Arc<ControlState>,
     admin_token: String,
@@ -86,6 +97,9 @@ impl Control {
         let ledger_key = home.read_ledger_key()?;
         let models = ModelsConfig::load(&home.models_yaml())?;
         let store = database.open(home, ledger_key.clone()).await?;
+        // Listening before loading: a change committed in between is
+        // re-read, never missed.
+        let agent_changes = store.agent_changes().await?;
         let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
         let state = Arc::new(ControlState::new(
             store,
@@ -95,6 +109,9 @@ impl Control {
             database.describe(),
             ledger_key,
         ));
+        if let Some(feed) = agent_changes {
+            tokio::spawn(apply_agent_changes(state.clone(), feed));
+        }
         Ok(Self {
             state,
             admin_token,

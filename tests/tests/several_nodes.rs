@@ -71,6 +71,7 @@ async fn two_control_planes_admit_exactly_what_one_budget_covers() {
         return;
     };
     let (home, mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
     let probe_plane = DataPlane::start(&home, &first.url(), &[]);
     let worst = worst_case_micro(&first, &probe_plane).await;
     drop(probe_plane);
@@ -79,9 +80,6 @@ async fn two_control_planes_admit_exactly_what_one_budget_covers() {
     let out = first.aexctl(&["agent", "create", "fleet", &budget_usd, "100000", "--json"]);
     out.assert_ok();
     let token = out.json()["token"].as_str().unwrap().to_string();
-    // Started after the agent exists: it loads agents at start (a change
-    // made later through another replica does not reach it yet).
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
     let nodes = Nodes {
         data: vec![
             DataPlane::start(&home, &first.url(), &[]),
@@ -184,4 +182,72 @@ async fn migrate_and_check_db_on_postgres() {
     assert!(check.status.success());
     let verdict: Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(verdict["integrity"], "ok");
+}
+
+/// Waits until `call` answers `status`, for at most `within`; how long it took.
+async fn until_status(
+    within: Duration,
+    status: u16,
+    call: impl Fn() -> reqwest::RequestBuilder,
+) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let got = call().send().await.unwrap().status().as_u16();
+        if got == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "still {got}, not {status}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A change made through one control plane reaches every data plane, also
+/// those served by the other, within 1 s: a new agent, a pause, a resume,
+/// a rotated token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_second() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, _mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let near = DataPlane::start(&home, &first.url(), &[]);
+    let far = DataPlane::start(&home, &second.url(), &[]);
+    let client = Client::new();
+    let call = |data: &DataPlane, token: &str| {
+        let (url, token, client) = (
+            data.url("/v1/chat/completions"),
+            token.to_string(),
+            client.clone(),
+        );
+        move || client.post(&url).bearer_auth(&token).json(&chat())
+    };
+    let second_of_slack = Duration::from_secs(1);
+
+    // Created through the first, after the second started.
+    let out = first.aexctl(&["agent", "create", "roamer", "5", "1000", "--json"]);
+    out.assert_ok();
+    let token = out.json()["token"].as_str().unwrap().to_string();
+    until_status(second_of_slack, 200, call(&far, &token)).await;
+
+    first.aexctl(&["agent", "pause", "roamer"]).assert_ok();
+    until_status(second_of_slack, 403, call(&far, &token)).await;
+    assert_eq!(
+        call(&near, &token)().send().await.unwrap().status(),
+        403,
+        "the replica that made the change applied it before answering"
+    );
+
+    second.aexctl(&["agent", "resume", "roamer"]).assert_ok();
+    until_status(second_of_slack, 200, call(&near, &token)).await;
+
+    let out = second.aexctl(&["agent", "rotate-token", "roamer", "--json"]);
+    out.assert_ok();
+    let rotated = out.json()["token"].as_str().unwrap().to_string();
+    until_status(second_of_slack, 401, call(&near, &token)).await;
+    until_status(second_of_slack, 200, call(&near, &rotated)).await;
+    assert_eq!(call(&far, &token)().send().await.unwrap().status(), 401);
 }

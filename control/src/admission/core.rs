@@ -317,6 +317,38 @@ impl AdmissionCore {
         Ok(record)
     }
 
+    /// Re-reads an agent changed through another control plane on the
+    /// same database ([`crate::storage::EVERY_AGENT`]: every agent) and
+    /// applies it as stored. Under the admin-change lock, so a local change
+    /// and a refresh cannot apply an older row after a newer one.
+    pub async fn refresh_agent(&self, agent_id: &str) -> Result<()> {
+        let _one_at_a_time = self.admin_changes.lock().await;
+        if agent_id == crate::storage::EVERY_AGENT {
+            let stored = self.store.list_agents(true).await?;
+            let live: Vec<AgentRecord> = {
+                let live = self.lock();
+                live.agents.values().map(|a| a.record.clone()).collect()
+            };
+            for record in &stored {
+                if live.iter().all(|l| l != record) {
+                    self.agent_changed(record);
+                }
+            }
+            return Ok(());
+        }
+        if let Some(record) = self.store.agent_by_id(agent_id).await? {
+            let unchanged = self
+                .lock()
+                .agents
+                .get(agent_id)
+                .is_some_and(|a| a.record == record);
+            if !unchanged {
+                self.agent_changed(&record);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies an agent as stored; see [`AdmissionCore::change_agent`].
     fn agent_changed(&self, record: &AgentRecord) {
         let mut live = self.lock();

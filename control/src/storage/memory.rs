@@ -267,6 +267,11 @@ impl AgentStore for MemoryStore {
         let t = self.tables();
         Ok(t.live_agent(name).map(|i| t.agents[i].clone()))
     }
+
+    async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        io_point().await;
+        Ok(self.tables().agents.iter().find(|a| a.id == id).cloned())
+    }
 }
 
 #[async_trait]

@@ -135,6 +135,12 @@ impl From<InvalidChange> for StoreError {
     }
 }
 
+/// See [`AgentStore::agent_changes`].
+pub type AgentFeed = tokio::sync::mpsc::Receiver<String>;
+
+/// Sent on an [`AgentFeed`] when changes may have been missed.
+pub const EVERY_AGENT: &str = "*";
+
 /// Decides one change to an agent from its current row: what to write, or
 /// `None` for nothing. A backend calls it inside the transaction that reads
 /// the row (and may call it again if it retries that transaction).
@@ -160,6 +166,16 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn list_agents(&self, include_deleted: bool) -> Result<Vec<AgentRecord>, StoreError>;
     /// A live (not deleted) agent.
     async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// The agent with this id, deleted or not.
+    async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// Ids of agents changed through any control plane on this database
+    /// (this one's included), as they commit; `None` for a store only one
+    /// control plane uses. After a gap in the feed (a lost connection) the
+    /// store sends [`EVERY_AGENT`]: anything may have changed.
+    async fn agent_changes(&self) -> Result<Option<AgentFeed>, StoreError> {
+        Ok(None)
+    }
 
     async fn create_agent(&self, agent: NewAgent) -> Result<AgentRecord, StoreError> {
         let id = aex_core::secrets::new_id("agt");

@@ -51,6 +51,19 @@ pub(super) async fn agent_by_name(
     row.map(TryInto::try_into).transpose()
 }
 
+pub(super) async fn agent_by_id(
+    reader: &$Pool,
+    id: &str,
+) -> Result<Option<AgentRecord>, StoreError> {
+    let row: Option<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(reader)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
 pub(super) async fn open_reservations(
     reader: &$Pool,
 ) -> Result<Vec<ReservationRecord>, StoreError> {

@@ -10,10 +10,15 @@
 //! each batch, so replicas take turns per batch, not per event. Reads use
 //! a sqlx pool, with the SQL shared with SQLite (`storage/sql_reads.rs`).
 //!
+//! Every change to an agent is also a NOTIFY on [`notify::AGENT_CHANNEL`]
+//! in its transaction (delivered when it commits), so every control plane
+//! on the database applies it and tells its data planes (`notify.rs`).
+//!
 //! Not yet here (the several-nodes issue, #19): a head anchor outside the
 //! database (audit cannot yet tell a removed tail from a shorter history),
 //! and chains that do not serialize replicas at all (docs/LEDGER.md).
 
+mod notify;
 mod reads;
 #[cfg(test)]
 mod tests;
@@ -22,9 +27,9 @@ mod writes;
 
 use crate::ledger::anchor::AnchorState;
 use crate::storage::{
-    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore, NewReservation,
-    ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome,
-    Settlement, StoreError,
+    AgentChange, AgentFeed, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore,
+    NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome,
+    SettleOutcome, Settlement, StoreError,
 };
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -150,6 +155,14 @@ impl AgentStore for PgStore {
 
     async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
         reads::agent_by_name(&self.reader, name).await
+    }
+
+    async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_id(&self.reader, id).await
+    }
+
+    async fn agent_changes(&self) -> Result<Option<AgentFeed>, StoreError> {
+        Ok(Some(notify::agent_changes(&self.reader).await?))
     }
 }
 

@@ -90,6 +90,7 @@ impl Operation for InsertAgent {
         }
         inserted?;
         chain.append_all(conn, &self.0.events).await?;
+        super::notify::agent_changed(conn, &a.id).await?;
         Ok(a.clone())
     }
 }
@@ -135,6 +136,7 @@ impl Operation for ChangeAgent {
         .execute(&mut *conn)
         .await?;
         chain.append_all(conn, &w.events).await?;
+        super::notify::agent_changed(conn, &w.agent.id).await?;
         Ok(w.agent)
     }
 }

@@ -196,6 +196,10 @@ impl AgentStore for SqliteStore {
     async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
         reads::agent_by_name(&self.reader, name).await
     }
+
+    async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_id(&self.reader, id).await
+    }
 }
 
 #[async_trait]
