@@ -19,7 +19,8 @@ struct Args {
     /// Address to serve the OpenAI API on. Port 0 picks a free port.
     #[arg(long, env = "AEX_DATAPLANE_LISTEN", default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
-    /// Control-plane gRPC address.
+    /// Control-plane gRPC address; several over one database, comma
+    /// separated (`http://cp-0:9001,http://cp-1:9001`), fail over.
     #[arg(
         long,
         env = "AEX_CONTROL_ADDR",

@@ -251,3 +251,161 @@ async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_se
     until_status(second_of_slack, 200, call(&near, &rotated)).await;
     assert_eq!(call(&far, &token)().send().await.unwrap().status(), 401);
 }
+
+/// `kill -9` of one control plane under load: the data planes (each given
+/// both) carry on through the other; every call a client saw succeed is
+/// closed exactly once and charged; the dead replica's open reservations
+/// are expired by the survivor; audit passes on the shared ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let url = db.url();
+    let (home, _mock, first) = home_on(&db).await;
+    let short_ttl = [
+        "--database-url",
+        &url,
+        "--reservation-ttl-ms",
+        "1000",
+        "--sweep-interval-ms",
+        "100",
+    ];
+    drop(first);
+    let mut controls = vec![
+        ControlPlane::start_with(&home, &short_ttl),
+        ControlPlane::start_with(&home, &short_ttl),
+    ];
+    let both = format!("{},{}", controls[0].url(), controls[1].url());
+    let data: Vec<DataPlane> = (0..3)
+        .map(|_| DataPlane::start(&home, &both, &[]))
+        .collect();
+    let out = controls[1].aexctl(&["agent", "create", "steady", "5", "100000", "--json"]);
+    out.assert_ok();
+    let token = out.json()["token"].as_str().unwrap().to_string();
+    let client = Client::new();
+    let send = |i: usize| {
+        let request = client
+            .post(data[i % data.len()].url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "20")
+            .json(&chat())
+            .timeout(Duration::from_secs(20))
+            .send();
+        async move {
+            let r = request.await.ok()?;
+            let id = r
+                .headers()
+                .get("x-aex-request-id")?
+                .to_str()
+                .ok()?
+                .to_string();
+            Some((r.status().as_u16(), id))
+        }
+    };
+    let mut answers = Vec::new();
+    for wave in 0..12 {
+        let calls = futures_util::future::join_all((0..16).map(|i| send(wave * 16 + i)));
+        if wave == 4 {
+            // kill -9 (the kit's drop) while this wave is being admitted,
+            // relayed and settled.
+            let victim = controls.remove(0);
+            let served = reqwest::get(&victim.metrics_url)
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let admitted = aex_tests::prometheus_value(
+                &served,
+                "aex_admissions_total",
+                &[("decision", "admitted")],
+            );
+            assert!(admitted > 0.0, "the replica to kill served no admissions");
+            let kill = async move {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                drop(victim);
+            };
+            answers.push(futures_util::future::join(calls, kill).await.0);
+        } else {
+            answers.push(calls.await);
+        }
+    }
+    let statuses: Vec<Vec<u16>> = answers
+        .iter()
+        .map(|w| {
+            w.iter()
+                .map(|a| a.as_ref().map_or(0, |(s, _)| *s))
+                .collect()
+        })
+        .collect();
+    eprintln!("statuses by wave: {statuses:?}");
+    let succeeded: Vec<String> = answers
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, id)| id.clone())
+        .collect();
+    // After a short failover, everything goes through the survivor.
+    for (status, _) in answers[8..].iter().flatten().flatten() {
+        assert_eq!(*status, 200, "after the failover");
+    }
+    assert!(answers[8..].iter().all(|w| w.iter().all(Option::is_some)));
+    let survivor = &controls[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let agent = loop {
+        let a = survivor
+            .aexctl(&["agent", "inspect", "steady", "--json"])
+            .json();
+        if a["reserved_micro"] == 0 || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        agent["reserved_micro"], 0,
+        "the dead replica's reservations expired: {agent}"
+    );
+    let events: Vec<Value> = survivor
+        .aexctl(&["events", "--agent", "steady", "--limit", "100000", "--json"])
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reservation_of = |request_id: &str| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "admit")
+            .find(|e| e["details"]["request_id"] == request_id)
+            .and_then(|e| e["reservation_id"].as_str())
+            .map(str::to_string)
+    };
+    let mut charged = 0;
+    for request_id in &succeeded {
+        let reservation = reservation_of(request_id)
+            .unwrap_or_else(|| panic!("a success without an admission: {request_id}"));
+        let closings: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["reservation_id"] == reservation.as_str())
+            .filter(|e| ["settle", "release", "expire"].contains(&e["kind"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            closings.len(),
+            1,
+            "{request_id} closed {} times",
+            closings.len()
+        );
+        let amount = closings[0]["amount_micro"].as_i64().unwrap();
+        assert!(amount > 0, "{request_id} succeeded and was not charged");
+        charged += amount;
+    }
+    let spent = agent["spent_micro"].as_i64().unwrap();
+    assert!(
+        spent >= charged,
+        "spent {spent} < what the successes cost {charged}"
+    );
+    assert!(succeeded.len() >= 8 * 16, "{} successes", succeeded.len());
+    let audit = survivor.aexctl(&["audit", "--json"]).json();
+    assert_eq!(audit["passed"], true, "{audit:#}");
+}

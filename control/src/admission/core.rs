@@ -754,6 +754,15 @@ impl AdmissionCore {
         (live.open.len(), live.agents.len())
     }
 
+    /// An agent's name as this control plane knows it ("" if it does not).
+    fn agent_name(&self, agent_id: &str) -> String {
+        self.lock()
+            .agents
+            .get(agent_id)
+            .map(|a| a.record.name.clone())
+            .unwrap_or_default()
+    }
+
     /// The open reservation taken for `request_id`, if any.
     pub fn reservation_for_request(&self, request_id: &str) -> Option<String> {
         self.lock().by_request.get(request_id).cloned()
@@ -766,8 +775,21 @@ impl AdmissionCore {
                 .get(&s.reservation_id)
                 .map(|o| (o.record.clone(), o.agent_name.clone()))
         };
+        let open = match open {
+            Some(open) => Some(open),
+            // Not open here: admitted through another control plane on the
+            // same database (one that died, say), settled before, or never
+            // admitted. The store knows which.
+            None => self
+                .store
+                .open_reservation(&s.reservation_id)
+                .await?
+                .map(|r| {
+                    let name = self.agent_name(&r.agent_id);
+                    (r, name)
+                }),
+        };
         let Some((record, agent_name)) = open else {
-            // Not open here: settled before (a retry), or never admitted.
             return Ok(Settled {
                 charged_micro: 0,
                 remaining_micro: 0,
@@ -892,7 +914,7 @@ impl AdmissionCore {
     /// with its agent, say) is reported and skipped, never allowed to keep
     /// every other agent's expired reservations open.
     pub async fn expire_due(&self, now: i64, policy: ExpiryPolicy) -> Result<ExpirySweep> {
-        let due: Vec<(ReservationRecord, String)> = {
+        let mut due: Vec<(ReservationRecord, String)> = {
             let live = self.lock();
             live.open
                 .values()
@@ -900,6 +922,24 @@ impl AdmissionCore {
                 .map(|o| (o.record.clone(), o.agent_name.clone()))
                 .collect()
         };
+        // And those only the store knows: admitted through another control
+        // plane that stopped sweeping (killed, say), one TTL after they
+        // were due there. The grace keeps a sweeper whose clock runs ahead
+        // (by less than a TTL) off a reservation its replica has just
+        // taken and not yet recorded as open. Settling is a compare-and-set,
+        // so two sweepers never both expire one.
+        let known: std::collections::HashSet<String> =
+            due.iter().map(|(r, _)| r.id.clone()).collect();
+        let elsewhere = self
+            .store
+            .due_reservations(now - self.reservation_ttl_ms)
+            .await?;
+        for r in elsewhere {
+            if !known.contains(&r.id) && !self.lock().open.contains_key(&r.id) {
+                let name = self.agent_name(&r.agent_id);
+                due.push((r, name));
+            }
+        }
         let mut sweep = ExpirySweep::default();
         for (r, agent_name) in due {
             let charge = match policy {

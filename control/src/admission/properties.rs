@@ -244,8 +244,11 @@ impl World {
                 };
                 Op::Settle { held, input }
             }
+            // Time moved on by up to 1.5 TTL: what this control plane holds
+            // expires; what only the store holds needs a TTL more (see
+            // `expire_due`), which a reservation taken this instant never has.
             75..=84 => Op::Expire {
-                ahead_ms: *r.pick(&[0, TTL_MS / 2, TTL_MS * 2]),
+                ahead_ms: *r.pick(&[0, TTL_MS / 2, TTL_MS * 3 / 2]),
             },
             85..=89 if !self.held.is_empty() => {
                 let n = 1 + r.below(3) as usize;

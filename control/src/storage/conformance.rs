@@ -37,6 +37,7 @@ macro_rules! store_conformance {
             reports_add_up_from_the_counters,
             audit_passes_over_the_stores_own_writes,
             a_retried_admission_of_a_closed_reservation_reserves_nothing,
+            open_and_due_reservations_are_found_by_id_and_expiry,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -738,4 +739,35 @@ pub async fn a_retried_admission_of_a_closed_reservation_reserves_nothing(s: Arc
     assert!(s.open_reservations().await.unwrap().is_empty());
     let events = all_events(s.as_ref()).await;
     assert_eq!(kinds(&events), ["agent.created", "admit", "settle"]);
+}
+
+/// What a control plane that did not admit a reservation reads to settle or
+/// expire it: only open ones, by id, and the due ones by their expiry.
+pub async fn open_and_due_reservations_are_found_by_id_and_expiry(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    for n in 0..3 {
+        s.reserve(reservation(&a, n, 10)).await.unwrap();
+    }
+    s.settle(settlement(&a, 1, 5)).await.unwrap();
+    let open = s.open_reservation("rsv_0").await.unwrap().unwrap();
+    assert_eq!((open.amount_micro, open.request_id.as_str()), (10, "req_0"));
+    assert!(
+        s.open_reservation("rsv_1").await.unwrap().is_none(),
+        "closed"
+    );
+    assert!(s.open_reservation("rsv_x").await.unwrap().is_none());
+    let expires = open.expires_at_ms;
+    s.extend_reservations(&["rsv_2".to_string()], expires + 60_000)
+        .await
+        .unwrap();
+    let due: Vec<String> = s
+        .due_reservations(expires)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(due, ["rsv_0"]);
+    assert!(s.due_reservations(expires - 1).await.unwrap().is_empty());
+    assert_eq!(s.due_reservations(expires + 60_000).await.unwrap().len(), 2);
 }

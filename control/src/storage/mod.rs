@@ -258,6 +258,22 @@ pub trait LedgerStore: Send + Sync + 'static {
     async fn settle(&self, settlement: Settlement) -> Result<SettleOutcome, StoreError>;
     async fn record_denial(&self, denial: DenialRecord) -> Result<(), StoreError>;
     async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError>;
+    /// The reservation `id` if it is open, whichever control plane admitted
+    /// it (one that died leaves its reservations to the others).
+    async fn open_reservation(&self, id: &str) -> Result<Option<ReservationRecord>, StoreError> {
+        Ok(self
+            .open_reservations()
+            .await?
+            .into_iter()
+            .find(|r| r.id == id))
+    }
+    /// Open reservations whose expiry is at or before `now_ms`, whichever
+    /// control plane admitted them.
+    async fn due_reservations(&self, now_ms: i64) -> Result<Vec<ReservationRecord>, StoreError> {
+        let mut open = self.open_reservations().await?;
+        open.retain(|r| r.expires_at_ms <= now_ms);
+        Ok(open)
+    }
     /// Moves the expiry of the open ones among `ids`; returns the ids that
     /// are not open any more.
     async fn extend_reservations(

@@ -75,6 +75,34 @@ pub(super) async fn open_reservations(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+pub(super) async fn open_reservation(
+    reader: &$Pool,
+    id: &str,
+) -> Result<Option<ReservationRecord>, StoreError> {
+    let row: Option<ReservationRow> = sqlx::query_as(&format!(
+        "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = $1 AND state = 'open'"
+    ))
+    .bind(id)
+    .fetch_optional(reader)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+/// By the `reservations_open (state, expires_at_ms)` index.
+pub(super) async fn due_reservations(
+    reader: &$Pool,
+    now_ms: i64,
+) -> Result<Vec<ReservationRecord>, StoreError> {
+    let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
+        "SELECT {RESERVATION_COLUMNS} FROM reservations \
+         WHERE state = 'open' AND expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT 10000"
+    ))
+    .bind(now_ms)
+    .fetch_all(reader)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
 pub(super) async fn list_processes(
     reader: &$Pool,
     include_ended: bool,

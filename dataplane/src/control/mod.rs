@@ -63,17 +63,33 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Must be called inside the runtime: it starts the admission and
     /// settlement senders.
-    pub fn connect(url: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+    /// `urls`: one control plane, or several over one database, comma
+    /// separated. With several, calls are balanced over the ones that
+    /// answer: one that goes away is left out (its calls fail as
+    /// UNAVAILABLE and are retried, idempotently, on another).
+    pub fn connect(urls: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
+        let endpoints = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|url| {
+                Ok(Endpoint::from_shared(url.to_string())
+                    .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(2))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_while_idle(true))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let channel = match endpoints.as_slice() {
+            [] => return Err("--control names no control plane".into()),
+            [one] => one.connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
         let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| {
             "the data-plane credential holds characters that cannot be sent".to_string()
         })?);
-        let client = AdmissionServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
+        let client = AdmissionServiceClient::with_interceptor(channel, bearer);
         let open = Arc::new(Mutex::default());
         let (settlements, queue) = mpsc::unbounded_channel();
         tokio::spawn(settle::send_settlements(

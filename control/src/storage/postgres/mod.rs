@@ -184,6 +184,14 @@ impl LedgerStore for PgStore {
         reads::open_reservations(&self.reader).await
     }
 
+    async fn open_reservation(&self, id: &str) -> Result<Option<ReservationRecord>, StoreError> {
+        reads::open_reservation(&self.reader, id).await
+    }
+
+    async fn due_reservations(&self, now_ms: i64) -> Result<Vec<ReservationRecord>, StoreError> {
+        reads::due_reservations(&self.reader, now_ms).await
+    }
+
     async fn extend_reservations(
         &self,
         ids: &[String],
