@@ -154,6 +154,9 @@ struct Tentative {
     agent_id: String,
     agent_name: String,
     rpm: u32,
+    /// The RPM limit is the database's, shared with other control planes
+    /// (taken after `decide`), not this process's.
+    shared_rpm: bool,
     tpm: u64,
     model_tpm: u64,
     debited_tokens: u64,
@@ -198,6 +201,8 @@ pub struct AdmissionCore {
     unauthenticated: Mutex<UnauthenticatedDenials>,
     /// Held across an admin change's write and its application here.
     admin_changes: tokio::sync::Mutex<()>,
+    /// RPM limiters shared with the other control planes on the database.
+    shared_rates: Option<Arc<dyn crate::storage::SharedRates>>,
 }
 
 /// Denials of tokens no agent has, gathered between two flushes.
@@ -277,6 +282,7 @@ impl AdmissionCore {
         }
         let (changes, _) = broadcast::channel(1024);
         let (kills, _) = broadcast::channel(256);
+        let shared_rates = store.shared_rates();
         Ok(Self {
             store,
             live: Mutex::new(live),
@@ -286,6 +292,7 @@ impl AdmissionCore {
             unexpirable: Mutex::default(),
             unauthenticated: Mutex::default(),
             admin_changes: tokio::sync::Mutex::new(()),
+            shared_rates,
         })
     }
 
@@ -428,6 +435,34 @@ impl AdmissionCore {
                 return Ok(Decision::Denied { denial, agent_name });
             }
         };
+        if let Some(rates) = &self.shared_rates {
+            let taken = rates
+                .take(&rpm_key(&tentative.agent_id), tentative.rpm, now)
+                .await;
+            let refused = match taken {
+                Ok(Ok(())) => None,
+                Ok(Err(wait)) => Some(rpm_denial(&tentative.agent_name, tentative.rpm, wait)),
+                Err(e) => {
+                    self.undo(&tentative, ask.model, now);
+                    return Err(e.into());
+                }
+            };
+            if let Some(denial) = refused {
+                self.undo(&tentative, ask.model, now);
+                self.log_denial(
+                    &denial,
+                    &tentative.agent_id,
+                    &tentative.agent_name,
+                    ask,
+                    token_sha256,
+                )
+                .await;
+                return Ok(Decision::Denied {
+                    denial,
+                    agent_name: tentative.agent_name,
+                });
+            }
+        }
         let model = &models.models[ask.model];
         let record = ReservationRecord {
             id: new_id("rsv"),
@@ -472,7 +507,7 @@ impl AdmissionCore {
                 Ok(Decision::Admitted(admitted))
             }
             Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) => {
-                self.undo(&tentative, ask.model, now);
+                self.undo_all(&tentative, ask.model, now).await;
                 // Nothing in flight can free budget: the agent cannot go on.
                 if self.open_count(&tentative.agent_id) == 0 {
                     self.order_kill(&tentative.agent_id, "budget exhausted");
@@ -494,7 +529,7 @@ impl AdmissionCore {
             }
             Ok(ReserveOutcome::AlreadyAdmitted(existing)) => {
                 // A concurrent retry of the same request won the race.
-                self.undo(&tentative, ask.model, now);
+                self.undo_all(&tentative, ask.model, now).await;
                 let open = OpenReservation {
                     record: existing,
                     agent_name: tentative.agent_name,
@@ -505,7 +540,7 @@ impl AdmissionCore {
                 Ok(Decision::Admitted(self.admitted_from(&open, 0, models)))
             }
             Ok(ReserveOutcome::AlreadyClosed(closed)) => {
-                self.undo(&tentative, ask.model, now);
+                self.undo_all(&tentative, ask.model, now).await;
                 let denial = Denial::request_closed(format!(
                     "This request's reservation {} was already closed (settled or expired) when its \
                      admission was retried, so it cannot go ahead on it. Send the request again.",
@@ -525,7 +560,7 @@ impl AdmissionCore {
                 })
             }
             Err(e) => {
-                self.undo(&tentative, ask.model, now);
+                self.undo_all(&tentative, ask.model, now).await;
                 Err(e.into())
             }
         }
@@ -581,19 +616,16 @@ impl AdmissionCore {
                 ),
             )));
         }
-        if let Err(wait) = a.rpm.take(rpm, now) {
-            return Err(deny(Denial::rate_limited(
-                Rule::Rpm,
-                wait,
-                format!(
-                    "Rate limit reached: agent '{name}' is limited to {rpm} requests per minute. Retry in {wait} ms."
-                ),
-            )));
+        let shared_rpm = self.shared_rates.is_some();
+        if !shared_rpm && let Err(wait) = a.rpm.take(rpm, now) {
+            return Err(deny(rpm_denial(&name, rpm, wait)));
         }
         if tpm > 0
             && let Err(wait) = a.tpm.take(tpm, tokens, now)
         {
-            a.rpm.give_back(rpm);
+            if !shared_rpm {
+                a.rpm.give_back(rpm);
+            }
             return Err(deny(Denial::rate_limited(
                 Rule::Tpm,
                 wait,
@@ -607,7 +639,9 @@ impl AdmissionCore {
             let bucket = live.model_tpm.entry(model.name.clone()).or_default();
             if let Err(wait) = bucket.take(model_tpm, tokens, now) {
                 let a = live.agents.get_mut(&id).expect("looked up above");
-                a.rpm.give_back(rpm);
+                if !shared_rpm {
+                    a.rpm.give_back(rpm);
+                }
                 if tpm > 0 {
                     a.tpm.adjust(tpm, -(tokens as i64), now);
                 }
@@ -627,6 +661,7 @@ impl AdmissionCore {
                 agent_id: id.clone(),
                 agent_name: name.clone(),
                 rpm,
+                shared_rpm,
                 tpm,
                 model_tpm,
                 debited_tokens: tokens,
@@ -635,12 +670,26 @@ impl AdmissionCore {
         })
     }
 
+    /// [`Self::undo`], and the shared RPM taken after `decide`.
+    async fn undo_all(&self, t: &Tentative, model: &str, now: i64) {
+        self.undo(t, model, now);
+        if let Some(rates) = &self.shared_rates
+            && t.shared_rpm
+            && let Err(e) = rates.give_back(&rpm_key(&t.agent_id), t.rpm).await
+        {
+            // Counted against the rate for at most one interval.
+            tracing::warn!(error = %e, agent = %t.agent_name, "could not give back a shared RPM slot");
+        }
+    }
+
     /// Returns what `decide` took for a request that did not go through.
     fn undo(&self, t: &Tentative, model: &str, now: i64) {
         let mut live = self.lock();
         if let Some(a) = live.agents.get_mut(&t.agent_id) {
             a.open = a.open.saturating_sub(1);
-            a.rpm.give_back(t.rpm);
+            if !t.shared_rpm {
+                a.rpm.give_back(t.rpm);
+            }
             if t.tpm > 0 {
                 a.tpm.adjust(t.tpm, -(t.debited_tokens as i64), now);
             }
@@ -1063,6 +1112,21 @@ impl AdmissionCore {
             .map(|a| &a.record);
         authenticate(record, now_ms()).cloned()
     }
+}
+
+/// The shared limiter of an agent's requests per minute.
+fn rpm_key(agent_id: &str) -> String {
+    format!("rpm:{agent_id}")
+}
+
+fn rpm_denial(agent_name: &str, rpm: u32, wait_ms: u64) -> Denial {
+    Denial::rate_limited(
+        Rule::Rpm,
+        wait_ms,
+        format!(
+            "Rate limit reached: agent '{agent_name}' is limited to {rpm} requests per minute. Retry in {wait_ms} ms."
+        ),
+    )
 }
 
 /// Maps the wire endpoint to the policy's.

@@ -21,7 +21,17 @@ impl Default for Gcra {
 pub type Check = Result<(), u64>;
 
 impl Gcra {
-    fn interval_us(per_minute: u32) -> i64 {
+    /// The limiter as a shared store holds it: its theoretical arrival
+    /// time, in µs.
+    pub fn from_tat(tat_us: i64) -> Self {
+        Self { tat_us }
+    }
+
+    pub fn tat_us(&self) -> i64 {
+        self.tat_us
+    }
+
+    pub fn interval_us(per_minute: u32) -> i64 {
         // At least 1 µs: above 60 M/min the quotient is 0, which left no
         // burst at all, and two calls whose clock readings crossed (threads
         // read the time before taking the lock) refused each other.
@@ -29,10 +39,16 @@ impl Gcra {
     }
 
     /// Admits one request if the limit allows, recording it.
+    /// How far ahead of now the arrival time may run: a whole minute's
+    /// requests at once.
+    pub fn burst_us(per_minute: u32) -> i64 {
+        Self::interval_us(per_minute) * i64::from(per_minute.max(1))
+    }
+
     pub fn take(&mut self, per_minute: u32, now_ms: i64) -> Check {
         let now_us = now_ms.saturating_mul(1000);
         let interval = Self::interval_us(per_minute);
-        let burst_us = interval * i64::from(per_minute.max(1));
+        let burst_us = Self::burst_us(per_minute);
         let tat = self.tat_us.max(now_us);
         let new_tat = tat + interval;
         let allowed_at = new_tat - burst_us;

@@ -241,9 +241,33 @@ pub trait AgentStore: Send + Sync + 'static {
     }
 }
 
+/// Requests-per-minute limiters shared by every control plane on one
+/// database, so a limit holds across replicas. Each `take` is atomic; the
+/// arithmetic is [`crate::admission::limiter::Gcra`]'s.
+#[async_trait]
+pub trait SharedRates: Send + Sync + 'static {
+    /// Admits one request under `key`'s limit if it allows, recording it;
+    /// `Err(wait_ms)` when refused (nothing recorded).
+    async fn take(
+        &self,
+        key: &str,
+        per_minute: u32,
+        now_ms: i64,
+    ) -> Result<crate::admission::limiter::Check, StoreError>;
+    /// Gives back a request taken and not used.
+    async fn give_back(&self, key: &str, per_minute: u32) -> Result<(), StoreError>;
+}
+
 /// The hot path: reservations, settlements, denials.
 #[async_trait]
 pub trait LedgerStore: Send + Sync + 'static {
+    /// Limiters shared with other control planes on the same database;
+    /// `None` where one control plane owns the store (its in-memory
+    /// limiters are then exact).
+    fn shared_rates(&self) -> Option<std::sync::Arc<dyn SharedRates>> {
+        None
+    }
+
     /// Atomically: returns the reservation already taken for this request
     /// id, or reserves if `budget - spent - reserved` covers the amount and
     /// logs [`aex_core::reservation::admit_event`], or logs

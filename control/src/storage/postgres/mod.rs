@@ -19,6 +19,7 @@
 //! and chains that do not serialize replicas at all (docs/LEDGER.md).
 
 mod notify;
+mod rates;
 mod reads;
 #[cfg(test)]
 mod tests;
@@ -168,6 +169,12 @@ impl AgentStore for PgStore {
 
 #[async_trait]
 impl LedgerStore for PgStore {
+    fn shared_rates(&self) -> Option<std::sync::Arc<dyn crate::storage::SharedRates>> {
+        Some(std::sync::Arc::new(rates::PgRates {
+            pool: self.reader.clone(),
+        }))
+    }
+
     async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
         self.writer.write(writes::Reserve(n)).await
     }
