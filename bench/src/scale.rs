@@ -124,6 +124,7 @@ pub fn reservation(key: &str, agent_id: String, agent_name: &str) -> NewReservat
             expires_at_ms: now + 600_000,
         },
         agent_name: agent_name.into(),
+        max_open: 0,
         details: serde_json::json!({"model": "bench"}),
     }
 }

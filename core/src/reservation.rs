@@ -29,6 +29,10 @@ pub struct NewReservation {
     /// What only admission knows (endpoint, stream, whether the output cap
     /// was injected); what the row holds is added by [`admit_event`].
     pub details: serde_json::Value,
+    /// The agent's limit on reservations open at once (0: none), checked
+    /// by the store in the same step as the budget, so that it holds across
+    /// every control plane on the store.
+    pub max_open: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,9 @@ pub enum ReserveOutcome {
     InsufficientBudget {
         remaining_micro: i64,
     },
+    /// The agent already has `max_open` reservations open: nothing was
+    /// reserved or logged (admission logs the denial).
+    TooManyOpen,
     /// The request id was already admitted: this is that reservation, open.
     AlreadyAdmitted(ReservationRecord),
     /// The request id was admitted before and its reservation is closed

@@ -468,3 +468,59 @@ async fn an_rpm_limit_holds_across_control_planes() {
         assert!((1..=1000).contains(&wait), "wait {wait} ms");
     }
 }
+
+/// One concurrency limit across replicas: a limit of 5, 30 slow calls at
+/// once over 3 data planes on 2 control planes → exactly 5 in flight, the
+/// rest refused by rule `concurrency`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_holds_across_control_planes() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, _mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let data = [
+        DataPlane::start(&home, &first.url(), &[]),
+        DataPlane::start(&home, &second.url(), &[]),
+        DataPlane::start(&home, &second.url(), &[]),
+    ];
+    let out = first.aexctl(&[
+        "agent",
+        "create",
+        "narrow",
+        "5",
+        "100000",
+        "--max-concurrent",
+        "5",
+        "--json",
+    ]);
+    out.assert_ok();
+    let token = out.json()["token"].as_str().unwrap().to_string();
+    // The change feed brings the agent to the second replica within this.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let client = Client::new();
+    let calls = (0..30).map(|i| {
+        let request = client
+            .post(data[i % data.len()].url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "1500")
+            .json(&chat())
+            .send();
+        async move {
+            let r = request.await.unwrap();
+            let rule = r
+                .headers()
+                .get("x-aex-denied-by")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (r.status().as_u16(), rule)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let passed = answers.iter().filter(|a| a.0 == 200).count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.0 == 429 && a.1.as_deref() == Some("concurrency"))
+        .count();
+    assert_eq!((passed, limited), (5, 25), "{answers:?}");
+}

@@ -157,6 +157,9 @@ struct Tentative {
     /// The RPM limit is the database's, shared with other control planes
     /// (taken after `decide`), not this process's.
     shared_rpm: bool,
+    /// Checked again by the store, for the reservations other control
+    /// planes hold.
+    max_concurrent: u32,
     tpm: u64,
     model_tpm: u64,
     debited_tokens: u64,
@@ -488,6 +491,7 @@ impl AdmissionCore {
                 record: record.clone(),
                 agent_name: tentative.agent_name.clone(),
                 details,
+                max_open: tentative.max_concurrent,
             })
             .await;
         match outcome {
@@ -538,6 +542,22 @@ impl AdmissionCore {
                     model_tpm_limit: 0,
                 };
                 Ok(Decision::Admitted(self.admitted_from(&open, 0, models)))
+            }
+            Ok(ReserveOutcome::TooManyOpen) => {
+                self.undo_all(&tentative, ask.model, now).await;
+                let denial = concurrency_denial(&tentative.agent_name, tentative.max_concurrent);
+                self.log_denial(
+                    &denial,
+                    &tentative.agent_id,
+                    &tentative.agent_name,
+                    ask,
+                    token_sha256,
+                )
+                .await;
+                Ok(Decision::Denied {
+                    denial,
+                    agent_name: tentative.agent_name,
+                })
             }
             Ok(ReserveOutcome::AlreadyClosed(closed)) => {
                 self.undo_all(&tentative, ask.model, now).await;
@@ -607,14 +627,7 @@ impl AdmissionCore {
         let a = live.agents.get_mut(&id).expect("looked up above");
         let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
         if max_concurrent > 0 && a.open >= max_concurrent {
-            return Err(deny(Denial::rate_limited(
-                Rule::Concurrency,
-                1000,
-                format!(
-                    "Rate limit reached: agent '{name}' already has {max_concurrent} request(s) in flight \
-                     (its concurrency limit). Retry when one finishes."
-                ),
-            )));
+            return Err(deny(concurrency_denial(&name, max_concurrent)));
         }
         let shared_rpm = self.shared_rates.is_some();
         if !shared_rpm && let Err(wait) = a.rpm.take(rpm, now) {
@@ -662,6 +675,7 @@ impl AdmissionCore {
                 agent_name: name.clone(),
                 rpm,
                 shared_rpm,
+                max_concurrent,
                 tpm,
                 model_tpm,
                 debited_tokens: tokens,
@@ -1117,6 +1131,17 @@ impl AdmissionCore {
 /// The shared limiter of an agent's requests per minute.
 fn rpm_key(agent_id: &str) -> String {
     format!("rpm:{agent_id}")
+}
+
+fn concurrency_denial(agent_name: &str, max_concurrent: u32) -> Denial {
+    Denial::rate_limited(
+        Rule::Concurrency,
+        1000,
+        format!(
+            "Rate limit reached: agent '{agent_name}' already has {max_concurrent} request(s) in flight \
+             (its concurrency limit). Retry when one finishes."
+        ),
+    )
 }
 
 fn rpm_denial(agent_name: &str, rpm: u32, wait_ms: u64) -> Denial {

@@ -38,6 +38,7 @@ macro_rules! store_conformance {
             audit_passes_over_the_stores_own_writes,
             a_retried_admission_of_a_closed_reservation_reserves_nothing,
             open_and_due_reservations_are_found_by_id_and_expiry,
+            no_more_reservations_open_than_the_limit_under_concurrency,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -112,6 +113,7 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
             expires_at_ms: now_ms() + 60_000,
         },
         agent_name: agent.name.clone(),
+        max_open: 0,
         details: json!({"n": n}),
     }
 }
@@ -770,4 +772,48 @@ pub async fn open_and_due_reservations_are_found_by_id_and_expiry(s: Arc<dyn Sto
     assert_eq!(due, ["rsv_0"]);
     assert!(s.due_reservations(expires - 1).await.unwrap().is_empty());
     assert_eq!(s.due_reservations(expires + 60_000).await.unwrap().len(), 2);
+}
+
+/// The limit on open reservations is checked in the reservation's own step:
+/// many at once against a limit of 3 leave exactly 3 open; one closing
+/// frees a slot.
+pub async fn no_more_reservations_open_than_the_limit_under_concurrency(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..40 {
+        let (s, a) = (s.clone(), a.clone());
+        tasks.spawn(async move {
+            let mut r = reservation(&a, n, 10);
+            r.max_open = 3;
+            s.reserve(r).await.unwrap()
+        });
+    }
+    let mut reserved = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            ReserveOutcome::Reserved { .. } => reserved.push(()),
+            ReserveOutcome::TooManyOpen => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(reserved.len(), 3);
+    let open = s.open_reservations().await.unwrap();
+    assert_eq!(open.len(), 3);
+    let after = s.agent_by_name("a").await.unwrap().unwrap();
+    assert_eq!(after.reserved_micro, 30);
+    let first = open[0]
+        .id
+        .trim_start_matches("rsv_")
+        .parse::<usize>()
+        .unwrap();
+    s.settle(settlement(&a, first, 1)).await.unwrap();
+    let mut again = reservation(&a, 100, 10);
+    again.max_open = 3;
+    assert!(matches!(
+        s.reserve(again).await.unwrap(),
+        ReserveOutcome::Reserved { .. }
+    ));
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(events.iter().filter(|e| e.body.kind == "admit").count(), 4);
+    assert_one_chain(&events);
 }

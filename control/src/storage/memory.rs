@@ -296,6 +296,16 @@ impl LedgerStore for MemoryStore {
                     r.id
                 )));
             }
+            if n.max_open > 0 {
+                let open = t
+                    .reservations
+                    .values()
+                    .filter(|o| o.is_open() && o.row.facts.agent_id == r.agent_id)
+                    .count();
+                if open >= n.max_open as usize {
+                    return Ok(ReserveOutcome::TooManyOpen);
+                }
+            }
             let agent = t.agent(&r.agent_id).ok_or_else(|| {
                 StoreError::Invalid(format!("no agent with id {} to reserve for", r.agent_id))
             })?;

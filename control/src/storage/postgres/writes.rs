@@ -173,6 +173,19 @@ impl Operation for Reserve {
                 ReserveOutcome::AlreadyClosed(existing.row.into())
             });
         }
+        // Under the chain lock every control plane takes in turn, so the
+        // count cannot move before this reservation is inserted.
+        if n.max_open > 0 {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM reservations WHERE state = 'open' AND agent_id = $1",
+            )
+            .bind(&r.agent_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            if open >= i64::from(n.max_open) {
+                return Ok(ReserveOutcome::TooManyOpen);
+            }
+        }
         // The budget check and the reservation are one statement: no two
         // admissions, on any control plane, can both take the last micro.
         let taken: Option<i64> = sqlx::query_scalar(

@@ -131,6 +131,16 @@ pub(super) fn reserve(
             ReserveOutcome::AlreadyClosed(existing.into())
         });
     }
+    if n.max_open > 0 {
+        let open: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM reservations WHERE state = 'open' AND agent_id = ?1",
+            )?
+            .query_row([&r.agent_id], |row| row.get(0))?;
+        if open >= i64::from(n.max_open) {
+            return Ok(ReserveOutcome::TooManyOpen);
+        }
+    }
     // The budget check and the reservation are one statement, so no two
     // admissions can both take the last micro.
     let taken: Option<i64> = conn
