@@ -37,6 +37,14 @@ pub struct Admin {
     pub address: String,
 }
 
+/// The TLS files of this invocation (global flags or AEX_TLS_*), set once
+/// by `commands::run` before any connection.
+static TLS: std::sync::OnceLock<aex_proto::tls::ClientTls> = std::sync::OnceLock::new();
+
+pub fn use_tls(tls: aex_proto::tls::ClientTls) {
+    let _ = TLS.set(tls);
+}
+
 impl Admin {
     pub async fn connect(home: &Home, address: &str) -> Result<Self> {
         Self::connect_with_timeout(home, address, Duration::from_secs(30)).await
@@ -60,6 +68,12 @@ impl Admin {
             .map_err(|e| CliError::Usage(format!("--control '{address}' is not a URL: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(request_timeout);
+        let endpoint = TLS
+            .get()
+            .cloned()
+            .unwrap_or_default()
+            .apply(endpoint, address)
+            .map_err(CliError::Usage)?;
         let channel = endpoint.connect().await.map_err(|e| {
             CliError::Failed(format!(
                 "cannot reach the AEX control plane at {address} ({}).\n\

@@ -24,6 +24,15 @@ pub struct Cli {
     /// Control-plane gRPC address [env: AEX_CONTROL_ADDR] [default: http://127.0.0.1:9001].
     #[arg(long, global = true, value_name = "URL")]
     pub control: Option<String>,
+    /// CA certificate (PEM) that signed an https:// control plane's certificate.
+    #[arg(long, global = true, env = "AEX_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a control plane that requires mutual TLS.
+    #[arg(long, global = true, env = "AEX_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "AEX_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,5 +1,5 @@
 use aex_control::admission::core::ExpiryPolicy;
-use aex_control::server::{Control, ReservationSettings};
+use aex_control::server::{Control, ReservationSettings, ServerTls};
 use aex_control::storage::Database;
 use aex_core::home::Home;
 use clap::Parser;
@@ -46,6 +46,21 @@ struct Args {
         default_value = "127.0.0.1:9002"
     )]
     metrics_listen: String,
+    /// Serve gRPC over TLS with this certificate (PEM; with --tls-key).
+    #[arg(long, env = "AEX_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, env = "AEX_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients presenting a certificate this CA
+    /// (PEM) signed.
+    #[arg(
+        long,
+        env = "AEX_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// The database's own chores, run by `aexctl init` and `aexctl doctor` so
@@ -114,7 +129,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         sweep_interval_ms: args.sweep_interval_ms.max(10),
     };
-    let control = Control::open(&home, &database, reservations).await?;
+    let mut control = Control::open(&home, &database, reservations).await?;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        control.tls = Some(ServerTls::load(cert, key, args.tls_client_ca.as_deref())?);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

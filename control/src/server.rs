@@ -77,8 +77,48 @@ async fn apply_agent_changes(state: Arc<ControlState>, mut feed: crate::storage:
     }
 }
 
+/// The gRPC listener's TLS: its certificate and key, and with a client CA,
+/// mutual TLS (every client must present a certificate it signed).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl ServerTls {
+    /// Reads the PEM files; the error names the file that could not be read.
+    pub fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> std::result::Result<Self, String> {
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+        };
+        Ok(Self {
+            cert_pem: read("TLS certificate", cert)?,
+            key_pem: read("TLS key", key)?,
+            client_ca_pem: client_ca.map(|p| read("client CA", p)).transpose()?,
+        })
+    }
+
+    fn config(&self) -> tonic::transport::ServerTlsConfig {
+        let config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem),
+        );
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
 pub struct Control {
     pub state: Arc<ControlState>,
+    /// None: plain HTTP/2 (loopback, or TLS terminated in front).
+    pub tls: Option<ServerTls>,
     admin_token: String,
     dataplane_token: String,
     reservations: ReservationSettings,
@@ -114,6 +154,7 @@ impl Control {
         }
         Ok(Self {
             state,
+            tls: None,
             admin_token,
             dataplane_token,
             reservations,
@@ -183,7 +224,11 @@ impl Control {
             .build_v1alpha()
             .expect("the embedded descriptor set is valid");
 
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(tls.config())?;
+        }
+        let served = builder
             // A span per RPC, child of the caller's trace (W3C metadata).
             .trace_fn(|request| {
                 let span = tracing::info_span!(

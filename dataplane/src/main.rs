@@ -27,6 +27,15 @@ struct Args {
         default_value = "http://127.0.0.1:9001"
     )]
     control: String,
+    /// CA certificate (PEM) that signed an https:// control plane's certificate.
+    #[arg(long, env = "AEX_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a control plane that requires mutual TLS.
+    #[arg(long, env = "AEX_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) of --tls-cert.
+    #[arg(long, env = "AEX_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint, or `off`. Its own
     /// listener, loopback by default: the API port serves agents only.
     #[arg(
@@ -92,7 +101,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ => home.read_dataplane_token()?,
     };
     let cache = Arc::new(Cache::new(Some(home.env_file())));
-    let control = ControlPlane::connect(&args.control, &token, cache)?;
+    let tls = aex_proto::tls::ClientTls {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    };
+    let control = ControlPlane::connect(&args.control, &tls, &token, cache)?;
     tokio::spawn(control.clone().watch_forever());
     tokio::spawn(
         control

@@ -3,6 +3,8 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod tls;
+
 pub mod v1 {
     tonic::include_proto!("aex.v1");
 

@@ -20,6 +20,11 @@ use aex_core::home::Home;
 pub async fn run(cli: Cli) -> Result<()> {
     let home = Home::resolve(cli.home)?;
     let control = crate::addresses::control(&home, cli.control);
+    crate::client::use_tls(aex_proto::tls::ClientTls {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    });
     match cli.command {
         Command::Init(args) => init::run(&home, args).await,
         Command::Version(args) => version::run(args),

@@ -67,18 +67,24 @@ impl ControlPlane {
     /// separated. With several, calls are balanced over the ones that
     /// answer: one that goes away is left out (its calls fail as
     /// UNAVAILABLE and are retried, idempotently, on another).
-    pub fn connect(urls: &str, token: &str, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
+    pub fn connect(
+        urls: &str,
+        tls: &aex_proto::tls::ClientTls,
+        token: &str,
+        cache: Arc<Cache>,
+    ) -> Result<Arc<Self>, String> {
         let endpoints = urls
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|url| {
-                Ok(Endpoint::from_shared(url.to_string())
+                let endpoint = Endpoint::from_shared(url.to_string())
                     .map_err(|e| format!("--control '{url}' is not a URL: {e}"))?
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(2))
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_while_idle(true))
+                    .keep_alive_while_idle(true);
+                tls.apply(endpoint, url)
             })
             .collect::<Result<Vec<_>, String>>()?;
         let channel = match endpoints.as_slice() {
@@ -289,7 +295,9 @@ mod tests {
                 .add_service(AdmissionServiceServer::from_arc(older.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let control = ControlPlane::connect(&url, "t", Arc::new(Cache::new(None))).unwrap();
+        let control =
+            ControlPlane::connect(&url, &Default::default(), "t", Arc::new(Cache::new(None)))
+                .unwrap();
         let mut calls = tokio::task::JoinSet::new();
         for n in 0..20 {
             let control = control.clone();

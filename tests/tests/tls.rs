@@ -1,0 +1,241 @@
+//! TLS on the gRPC API, with certificates made here (rcgen): a control
+//! plane requiring mutual TLS serves the clients whose certificates its
+//! client CA signed, and refuses a client without the server's CA, one
+//! without a certificate, and one whose certificate another CA signed.
+
+use aex_tests::{
+    ControlPlane, DataPlane, MOCK_PROVIDER_KEY, Stack, TestHome, bin, mock::MockUpstream,
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Issued {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pem: PathBuf,
+}
+
+fn ca(dir: &Path, name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pem = dir.join(format!("{name}.ca.pem"));
+    std::fs::write(&pem, cert.pem()).unwrap();
+    Ca { cert, key, pem }
+}
+
+fn issue(dir: &Path, ca: &Ca, name: &str, server: bool) -> Issued {
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    if server {
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Issued {
+        cert: cert_path,
+        key: key_path,
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `aexctl status --json` against `url` with these TLS files.
+fn aexctl_status(home: &TestHome, url: &str, tls: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(bin("aexctl"));
+    cmd.args(["agent", "list", "--json"])
+        .env("AEX_HOME", home.path())
+        .env("AEX_CONTROL_ADDR", url)
+        .env_remove("AEX_TLS_CA")
+        .env_remove("AEX_TLS_CERT")
+        .env_remove("AEX_TLS_KEY");
+    for (var, file) in tls {
+        cmd.env(var, file);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A data plane that never gets ready within `within` (its control plane
+/// refuses it): started by hand, since the kit waits for readiness.
+fn never_ready(home: &TestHome, control: &str, tls: &[&str], within: Duration) {
+    let port = aex_tests::free_port();
+    let mut child = Command::new(bin("aex-dataplane"))
+        .args([
+            "--home",
+            path(home.path()),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--control", control, "--metrics-listen", "off"])
+        .args(tls)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    while started.elapsed() < within {
+        assert_ne!(
+            aex_tests::http_status(addr, "/readyz"),
+            Some(200),
+            "a data plane the control plane should refuse got ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_serves_the_signed_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = ca(dir.path(), "aex");
+    let theirs = ca(dir.path(), "stranger");
+    let server = issue(dir.path(), &ours, "control", true);
+    let client = issue(dir.path(), &ours, "dataplane", false);
+    let stranger = issue(dir.path(), &theirs, "intruder", false);
+
+    let mock = MockUpstream::start().await;
+    let home = TestHome::new();
+    std::fs::write(
+        home.file("config/models.yaml"),
+        Stack::models_yaml(&mock.base_url()),
+    )
+    .unwrap();
+    std::fs::write(
+        home.file(".env"),
+        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+    )
+    .unwrap();
+    let control = ControlPlane::start_with(
+        &home,
+        &[
+            "--tls-cert",
+            path(&server.cert),
+            "--tls-key",
+            path(&server.key),
+            "--tls-client-ca",
+            path(&ours.pem),
+        ],
+    );
+    let url = format!("https://127.0.0.1:{}", control.addr.port());
+
+    // aexctl: with everything, served; each missing piece, refused.
+    let (ok, err) = aexctl_status(
+        &home,
+        &url,
+        &[
+            ("AEX_TLS_CA", &ours.pem),
+            ("AEX_TLS_CERT", &client.cert),
+            ("AEX_TLS_KEY", &client.key),
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = aexctl_status(&home, &url, &[]);
+    assert!(!ok && err.contains("--tls-ca"), "{err}");
+    let (ok, _) = aexctl_status(&home, &url, &[("AEX_TLS_CA", &ours.pem)]);
+    assert!(!ok, "no client certificate under mutual TLS");
+    let (ok, _) = aexctl_status(
+        &home,
+        &url,
+        &[
+            ("AEX_TLS_CA", &ours.pem),
+            ("AEX_TLS_CERT", &stranger.cert),
+            ("AEX_TLS_KEY", &stranger.key),
+        ],
+    );
+    assert!(!ok, "a certificate another CA signed");
+    let (ok, _) = aexctl_status(
+        &home,
+        &url,
+        &[
+            ("AEX_TLS_CA", &theirs.pem),
+            ("AEX_TLS_CERT", &client.cert),
+            ("AEX_TLS_KEY", &client.key),
+        ],
+    );
+    assert!(!ok, "a server certificate the given CA did not sign");
+    let (ok, err) = aexctl_status(&home, &control.url(), &[]);
+    assert!(!ok, "plain HTTP/2 to a TLS listener: {err}");
+
+    // Data planes: the signed one serves calls; the others never get ready.
+    let data = DataPlane::start(
+        &home,
+        &url,
+        &[
+            "--tls-ca",
+            path(&ours.pem),
+            "--tls-cert",
+            path(&client.cert),
+            "--tls-key",
+            path(&client.key),
+        ],
+    );
+    let mut create = Command::new(bin("aexctl"));
+    let out = create
+        .args(["agent", "create", "secure", "1", "60", "--json"])
+        .env("AEX_HOME", home.path())
+        .env("AEX_CONTROL_ADDR", &url)
+        .env("AEX_TLS_CA", &ours.pem)
+        .env("AEX_TLS_CERT", &client.cert)
+        .env("AEX_TLS_KEY", &client.key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = created["token"].as_str().unwrap();
+    let r = reqwest::Client::new()
+        .post(data.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let wait = Duration::from_secs(2);
+    never_ready(&home, &url, &["--tls-ca", path(&ours.pem)], wait);
+    never_ready(
+        &home,
+        &url,
+        &[
+            "--tls-ca",
+            path(&ours.pem),
+            "--tls-cert",
+            path(&stranger.cert),
+            "--tls-key",
+            path(&stranger.key),
+        ],
+        wait,
+    );
+}
