@@ -8,6 +8,7 @@
 //! invocation when `bench/install-peers` has installed them.
 
 mod floors;
+mod multinode;
 mod peers;
 mod scale;
 
@@ -65,6 +66,17 @@ enum Mode {
     /// What AEX's parts cost alone on this machine: one extra HTTP hop, a
     /// gRPC call, a durable reservation.
     Floors,
+    /// 1 and 2 control planes on PostgreSQL with 1-3 data planes, against
+    /// one on SQLite and direct, in one run.
+    Multinode {
+        /// A PostgreSQL server the benchmark may create databases on.
+        #[arg(
+            long,
+            env = "AEX_BENCH_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/test"
+        )]
+        database_url: String,
+    },
     /// (internal) The bare proxy `floors` measures.
     #[command(hide = true)]
     FloorProxy {
@@ -256,15 +268,27 @@ struct Result {
 }
 
 async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: &Args) -> Result {
+    workload_over(&[url.to_string()], token, stream, concurrency, args).await
+}
+
+/// The workload with its workers spread over `urls` (worker i on
+/// `urls[i % len]`), as agents spread over several data planes.
+async fn workload_over(
+    urls: &[String],
+    token: &str,
+    stream: bool,
+    concurrency: u64,
+    args: &Args,
+) -> Result {
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
+    for worker in 0..concurrency {
         let (url, token, counter, errors, first_error) = (
-            url.to_string(),
+            urls[worker as usize % urls.len()].clone(),
             token.to_string(),
             counter.clone(),
             errors.clone(),
@@ -358,6 +382,10 @@ async fn main() {
 
     if let Some(Mode::Floors) = args.mode {
         floors::run(&args, mock_addr, &args.out).await;
+        return;
+    }
+    if let Some(Mode::Multinode { database_url }) = &args.mode {
+        multinode::run(&args, mock_addr, database_url).await;
         return;
     }
     if let Some(Mode::Scale { agents, events }) = args.mode {

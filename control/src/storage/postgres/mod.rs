@@ -3,8 +3,9 @@
 //! stays the embedded default.
 //!
 //! Writes go through one writer task per control plane with group commit
-//! (`writer.rs`): every queued operation in one transaction, each in a
-//! savepoint, committed once with `synchronous_commit` as the server has it
+//! (`writer.rs`): every queued operation in one transaction (one that fails
+//! is taken out and the rest run again), committed once with
+//! `synchronous_commit` as the server has it
 //! (on by default), then answered. The chain's one appender across all
 //! replicas is a transaction-scoped advisory lock taken at the start of
 //! each batch, so replicas take turns per batch, not per event. Reads use

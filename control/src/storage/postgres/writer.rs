@@ -1,7 +1,7 @@
 //! Every write to the PostgreSQL ledger from this control plane, on one
 //! task with group commit: the operations waiting in its queue run in one
-//! transaction, each inside a savepoint (one failing leaves the others),
-//! committed once, and only then answered — an acknowledged operation is
+//! transaction (one failing is taken out and the rest run again, see
+//! `commit_batch`), committed once, and only then answered — an acknowledged operation is
 //! committed, and under load one commit (one fsync with
 //! `synchronous_commit = on`) serves many requests.
 //!
@@ -14,8 +14,8 @@ use crate::storage::{NewEvent, StoreError};
 use aex_core::chain::ChainKey;
 use aex_core::event::Head;
 use async_trait::async_trait;
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{Acquire, Connection};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,8 +26,9 @@ const MAX_BATCH: usize = 512;
 /// no other use of the database takes: "aex-chain" in ASCII).
 const CHAIN_LOCK: i64 = 0x6165_782d_6368_6169;
 
-/// One write, run inside the batch's transaction; `conn` is inside its
-/// savepoint.
+/// One write, run inside the batch's transaction; it may be run again
+/// (when another operation of its batch failed), so it reads what it needs
+/// each time.
 #[async_trait]
 pub(super) trait Operation: Send + Sync + 'static {
     type Output: Send + 'static;
@@ -65,10 +66,13 @@ impl<'k> Chain<'k> {
     ) -> Result<(), StoreError> {
         let sealed = self.head.seal(self.key, event);
         let b = &sealed.body;
+        // One statement, one round trip: the event and its counter.
         sqlx::query(
-            "INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, reservation_id, \
-             amount_micro, reason, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "WITH stored AS (INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, \
+             reservation_id, amount_micro, reason, details, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)) \
+             INSERT INTO counters (agent_id, name, value) VALUES ($4, $12, $13) \
+             ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + EXCLUDED.value",
         )
         .bind(b.seq)
         .bind(b.ts_ms)
@@ -81,13 +85,6 @@ impl<'k> Chain<'k> {
         .bind(&b.details_json)
         .bind(&sealed.prev_hash)
         .bind(&sealed.hash)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO counters (agent_id, name, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + EXCLUDED.value",
-        )
-        .bind(&b.agent_id)
         .bind(event.counter_name())
         .bind(event.count)
         .execute(&mut *conn)
@@ -111,7 +108,7 @@ impl<'k> Chain<'k> {
 /// after its commit.
 #[async_trait]
 trait Job: Send {
-    /// False if it failed (its savepoint is then rolled back).
+    /// False if it failed (the batch is then run again without it).
     async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain<'_>) -> bool;
     fn answer(self: Box<Self>, commit: Result<(), &str>);
 }
@@ -215,35 +212,42 @@ async fn reconnect(options: &PgConnectOptions) -> PgConnection {
     }
 }
 
-/// Runs every job in one transaction (each inside a savepoint, so one
-/// failing job leaves the others), commits, then answers. If the commit
-/// fails, every job in the batch gets the error: none of them happened.
+/// Runs every job in one transaction, commits, then answers. Optimistic:
+/// no savepoint per job (two round trips each); a job that fails takes the
+/// transaction down with it, so the batch is rolled back and run again
+/// without it (its error is its answer). Failures are rare (a taken name, a
+/// reused id), so a batch almost always commits on its first pass. If the
+/// commit fails, every job gets the error: none of them happened.
 async fn commit_batch(
     conn: &mut PgConnection,
     key: &ChainKey,
     batch: &mut Vec<Box<dyn Job>>,
 ) -> Result<(), ()> {
-    let committed = async {
-        let mut tx = Connection::begin(conn).await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CHAIN_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let mut chain = Chain::read(&mut tx, key).await?;
-        for job in batch.iter_mut() {
-            let mut sp = Acquire::begin(&mut tx).await?;
-            if job.apply(&mut sp, &mut chain).await {
-                sp.commit().await?;
-            } else {
-                sp.rollback().await?;
-                // Back to the chain as it was before this job.
-                chain = Chain::read(&mut tx, key).await?;
+    let mut failed = vec![false; batch.len()];
+    let committed = loop {
+        let pass = async {
+            let mut tx = Connection::begin(&mut *conn).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(CHAIN_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            let mut chain = Chain::read(&mut tx, key).await?;
+            for (i, job) in batch.iter_mut().enumerate() {
+                if !failed[i] && !job.apply(&mut tx, &mut chain).await {
+                    tx.rollback().await?;
+                    return Ok::<Option<usize>, StoreError>(Some(i));
+                }
             }
+            tx.commit().await?;
+            Ok(None)
         }
-        tx.commit().await?;
-        Ok::<(), StoreError>(())
-    }
-    .await;
+        .await;
+        match pass {
+            Ok(Some(i)) => failed[i] = true,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     match committed {
         Ok(()) => {
             for job in batch.drain(..) {
