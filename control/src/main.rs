@@ -47,10 +47,20 @@ struct Args {
     )]
     metrics_listen: String,
     /// Serve gRPC over TLS with this certificate (PEM; with --tls-key).
-    #[arg(long, env = "AEX_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "AEX_CONTROL_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     tls_cert: Option<PathBuf>,
     /// The key (PEM) of --tls-cert.
-    #[arg(long, env = "AEX_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "AEX_CONTROL_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     tls_key: Option<PathBuf>,
     /// Mutual TLS: accept only clients presenting a certificate this CA
     /// (PEM) signed.

@@ -71,8 +71,13 @@ fn nodelay(
 /// notification's delay.
 async fn apply_agent_changes(state: Arc<ControlState>, mut feed: crate::storage::AgentFeed) {
     while let Some(agent_id) = feed.recv().await {
-        if let Err(e) = state.admission.refresh_agent(&agent_id).await {
-            tracing::error!(error = %e, agent = %agent_id, "cannot apply a change made through another control plane");
+        // Until it applies: a change skipped here would leave this replica
+        // admitting on a paused agent or a rotated token.
+        let mut backoff = std::time::Duration::from_millis(100);
+        while let Err(e) = state.admission.refresh_agent(&agent_id).await {
+            tracing::error!(error = %e, agent = %agent_id, "cannot apply a change made through another control plane; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
         }
     }
 }

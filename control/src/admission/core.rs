@@ -977,30 +977,33 @@ impl AdmissionCore {
     /// with its agent, say) is reported and skipped, never allowed to keep
     /// every other agent's expired reservations open.
     pub async fn expire_due(&self, now: i64, policy: ExpiryPolicy) -> Result<ExpirySweep> {
-        let mut due: Vec<(ReservationRecord, String)> = {
+        // The store's expiry is the one every control plane heartbeats (a
+        // data plane may have moved to another replica): only what is due
+        // there expires, whichever replica holds it in memory.
+        let store_due = self.store.due_reservations(now).await?;
+        let mut due: Vec<(ReservationRecord, String)> = Vec::new();
+        {
             let live = self.lock();
-            live.open
-                .values()
-                .filter(|o| o.record.expires_at_ms <= now)
-                .map(|o| (o.record.clone(), o.agent_name.clone()))
-                .collect()
-        };
-        // And those only the store knows: admitted through another control
-        // plane that stopped sweeping (killed, say), one TTL after they
-        // were due there. The grace keeps a sweeper whose clock runs ahead
-        // (by less than a TTL) off a reservation its replica has just
-        // taken and not yet recorded as open. Settling is a compare-and-set,
-        // so two sweepers never both expire one.
-        let known: std::collections::HashSet<String> =
-            due.iter().map(|(r, _)| r.id.clone()).collect();
-        let elsewhere = self
-            .store
-            .due_reservations(now - self.reservation_ttl_ms)
-            .await?;
-        for r in elsewhere {
-            if !known.contains(&r.id) && !self.lock().open.contains_key(&r.id) {
-                let name = self.agent_name(&r.agent_id);
-                due.push((r, name));
+            for r in store_due {
+                match live.open.get(&r.id) {
+                    Some(o) => due.push((r, o.agent_name.clone())),
+                    // Only the store knows it: admitted through another
+                    // control plane that stopped sweeping (killed, say). One
+                    // TTL later than its own: the grace keeps a sweeper whose
+                    // clock runs ahead (by less than a TTL) off a reservation
+                    // its replica has just taken and not yet recorded as
+                    // open. Settling is a compare-and-set, so two sweepers
+                    // never both expire one.
+                    None if r.expires_at_ms <= now - self.reservation_ttl_ms => {
+                        let name = live
+                            .agents
+                            .get(&r.agent_id)
+                            .map(|a| a.record.name.clone())
+                            .unwrap_or_default();
+                        due.push((r, name));
+                    }
+                    None => {}
+                }
             }
         }
         let mut sweep = ExpirySweep::default();

@@ -647,3 +647,63 @@ async fn random_interleavings_keep_the_ledger_exact() {
         run(seed).await;
     }
 }
+
+/// Two control planes over one store: a stream admitted through one and
+/// kept alive by heartbeats through the other (its data plane moved) is not
+/// expired by the first, whose memory still holds the old expiry; once the
+/// heartbeats stop, either expires it, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
+    let store = Arc::new(MemoryStore::new(KEY.to_vec()));
+    let token = format!("{:064x}", 7);
+    store
+        .create_agent(NewAgent {
+            allowed_models: vec![],
+            ..new_agent("streamer", &token)
+        })
+        .await
+        .unwrap();
+    let open =
+        |store: &Arc<MemoryStore>| AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
+    let (first, second) = (open(&store).await.unwrap(), open(&store).await.unwrap());
+    let models = models();
+    let Decision::Admitted(a) = first
+        .admit(&models, "stream-1", &token, &ask(100, Some(50), true))
+        .await
+        .unwrap()
+    else {
+        panic!("admitted")
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    let (extended_to, closed) = second
+        .heartbeat(std::slice::from_ref(&a.reservation_id))
+        .await
+        .unwrap();
+    assert!(closed.is_empty());
+    // Past the expiry the first replica holds, before the extended one.
+    let between = a.expires_at_ms + (extended_to - a.expires_at_ms) / 2;
+    assert!(between > a.expires_at_ms && between < extended_to);
+    let sweep = first
+        .expire_due(between, ExpiryPolicy::Charge)
+        .await
+        .unwrap();
+    assert_eq!(
+        sweep.expired, 0,
+        "expired a reservation heartbeated elsewhere"
+    );
+    assert_eq!(
+        store.open_reservation_ids(),
+        std::slice::from_ref(&a.reservation_id)
+    );
+    // The heartbeats stop: the replica that holds it expires it at the
+    // extended expiry; the other finds it closed.
+    let after = extended_to + 1;
+    let (one, other) = tokio::join!(
+        first.expire_due(after, ExpiryPolicy::Charge),
+        second.expire_due(after + TTL_MS, ExpiryPolicy::Charge)
+    );
+    assert_eq!(one.unwrap().expired + other.unwrap().expired, 1);
+    assert!(store.open_reservation_ids().is_empty());
+    let audit = audit_store(store.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}

@@ -3,8 +3,10 @@
 //! PostgreSQL's `SUM` would widen to NUMERIC), so it is written once, here,
 //! and expanded for each backend's store and pool type: sqlx's generic
 //! executor bounds would cost more lines than the queries themselves.
-//! The store must have `reader: $Pool`, `ledger_key: Vec<u8>` and
-//! `fn anchor_state(&self) -> Option<AnchorState>`.
+//! The store must have `reader: $Pool`, `ledger_key: Vec<u8>`,
+//! `fn anchor_state(&self) -> Option<AnchorState>` and `const SNAPSHOT:
+//! Option<&str>`, the statement that makes a read transaction one snapshot
+//! (SQLite's already is; PostgreSQL's READ COMMITTED is not).
 
 #[macro_export]
 #[doc(hidden)]
@@ -151,6 +153,9 @@ impl ReportStore for $Store {
         // the snapshot reaches at least the head it names.
         let anchor = self.anchor_state();
         let mut tx = self.reader.begin().await?;
+        if let Some(snapshot) = Self::SNAPSHOT {
+            sqlx::query(snapshot).execute(&mut *tx).await?;
+        }
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents ORDER BY created_at_ms, id"
         ))
@@ -230,6 +235,9 @@ impl ReportStore for $Store {
         agent_id: &str,
     ) -> Result<(Vec<$crate::ledger::fold::ReservationRow>, Vec<EventRecord>), StoreError> {
         let mut tx = self.reader.begin().await?;
+        if let Some(snapshot) = Self::SNAPSHOT {
+            sqlx::query(snapshot).execute(&mut *tx).await?;
+        }
         let rows: Vec<ReservationAuditRow> = sqlx::query_as(&format!(
             "SELECT {RESERVATION_AUDIT_COLUMNS} FROM reservations WHERE agent_id = $1"
         ))

@@ -56,6 +56,10 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
 }
 
 impl PgStore {
+    /// Audit's reads in one snapshot, while replicas keep writing.
+    const SNAPSHOT: Option<&'static str> =
+        Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+
     /// Connects, applies migrations (several control planes starting at
     /// once take turns: sqlx's migrator holds an advisory lock) and starts
     /// the writer.
@@ -86,7 +90,10 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<usize, StoreError> {
         .max_connections(1)
         .connect_with(options.clone())
         .await?;
-    let migrator = sqlx::migrate!("./migrations/postgres");
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    // A newer replica may have migrated already (a rolling update): an
+    // older one still starts on the schema it knows.
+    migrator.set_ignore_missing(true);
     let applied: std::collections::HashSet<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(&pool)

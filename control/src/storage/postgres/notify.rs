@@ -26,32 +26,51 @@ pub(super) async fn agent_changed(
 
 /// Starts listening; the feed ends when its receiver is dropped.
 pub(super) async fn agent_changes(pool: &PgPool) -> Result<AgentFeed, StoreError> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(AGENT_CHANNEL).await?;
+    let mut listener = subscribe(pool).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let pool = pool.clone();
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
         loop {
-            // A lost connection is reconnected by the listener on the next
-            // call; what was sent meanwhile is lost, so the receiver is told
-            // to re-read everything.
-            let sent = match listener.try_recv().await {
+            match listener.try_recv().await {
                 Ok(Some(n)) => {
-                    backoff = Duration::from_millis(100);
-                    tx.send(n.payload().to_string()).await
+                    if tx.send(n.payload().to_string()).await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
-                Ok(None) => tx.send(EVERY_AGENT.to_string()).await,
+                // The connection was lost (None) or could not be made again
+                // (Err): what was sent meanwhile is lost. Subscribe afresh,
+                // and only then ask for everything to be re-read, so that no
+                // change falls between the two.
+                Ok(None) => tracing::warn!("agent change feed lost its connection; resubscribing"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent change feed interrupted; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    tx.send(EVERY_AGENT.to_string()).await
+                    tracing::warn!(error = %e, "agent change feed interrupted; resubscribing")
+                }
+            }
+            let mut backoff = Duration::from_millis(100);
+            listener = loop {
+                if tx.is_closed() {
+                    return;
+                }
+                match subscribe(&pool).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot resubscribe to agent changes; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             };
-            if sent.is_err() {
+            if tx.send(EVERY_AGENT.to_string()).await.is_err() {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+async fn subscribe(pool: &PgPool) -> Result<PgListener, StoreError> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(AGENT_CHANNEL).await?;
+    Ok(listener)
 }

@@ -151,6 +151,14 @@ impl LedgerWriter {
         options: PgConnectOptions,
         ledger_key: Vec<u8>,
     ) -> Result<Self, StoreError> {
+        // A writer that stalls holding the chain lock (a replica cut off
+        // mid-batch) must not hold every replica's writes for long: its
+        // session gives the lock up, and a batch waits for it only so long.
+        let options = options.options([
+            ("idle_in_transaction_session_timeout", "10s"),
+            ("lock_timeout", "10s"),
+            ("statement_timeout", "30s"),
+        ]);
         let conn = PgConnection::connect_with(&options).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(conn, options, ChainKey::new(&ledger_key), rx));

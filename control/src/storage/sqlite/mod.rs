@@ -53,6 +53,9 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
 }
 
 impl SqliteStore {
+    /// A read transaction in WAL mode is one snapshot already.
+    const SNAPSHOT: Option<&'static str> = None;
+
     /// What the anchor file says now (None: opened without one).
     fn anchor_state(&self) -> Option<crate::ledger::anchor::AnchorState> {
         self.anchor
