@@ -414,15 +414,25 @@ impl AdmissionCore {
         ask: &Ask<'_>,
     ) -> Result<Decision> {
         let now = now_ms();
-        let decided = {
-            let mut live = self.lock();
-            if let Some(existing) = live
-                .by_request
+        // A retry of a request this control plane admitted: the same
+        // reservation, if the store still has it open (another control plane
+        // may have settled or expired it since; the reserve below then
+        // answers that it closed).
+        let retried = {
+            let live = self.lock();
+            live.by_request
                 .get(request_id)
                 .and_then(|id| live.open.get(id))
-            {
-                return Ok(Decision::Admitted(self.admitted_from(existing, 0, models)));
+                .map(|o| (o.record.id.clone(), self.admitted_from(o, 0, models)))
+        };
+        if let Some((id, admitted)) = retried {
+            if self.store.open_reservation(&id).await?.is_some() {
+                return Ok(Decision::Admitted(admitted));
             }
+            self.forget(&id, None);
+        }
+        let decided = {
+            let mut live = self.lock();
             self.decide(&mut live, models, token_sha256, ask, now)
         };
         let Accepted { tentative, plan } = match decided {

@@ -707,3 +707,60 @@ async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
     let audit = audit_store(store.as_ref(), &KEY).await.unwrap();
     assert!(audit.passed(), "{:?}", audit.failures());
 }
+
+/// A reservation settled through another control plane is closed for the
+/// one that admitted it too: a retried admission of its request is refused
+/// (409), not answered from memory, and its concurrency slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitter() {
+    let store = Arc::new(MemoryStore::new(KEY.to_vec()));
+    let token = format!("{:064x}", 8);
+    store
+        .create_agent(NewAgent {
+            allowed_models: vec![],
+            max_concurrent: 1,
+            ..new_agent("single", &token)
+        })
+        .await
+        .unwrap();
+    let open =
+        |store: &Arc<MemoryStore>| AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
+    let (first, second) = (open(&store).await.unwrap(), open(&store).await.unwrap());
+    let models = models();
+    let Decision::Admitted(a) = first
+        .admit(&models, "once", &token, &ask(100, Some(50), false))
+        .await
+        .unwrap()
+    else {
+        panic!("admitted")
+    };
+    let settled = second
+        .settle(SettleInput {
+            reservation_id: a.reservation_id.clone(),
+            outcome: Outcome::Completed,
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            usage_reported: true,
+            upstream_status: 200,
+            upstream_retry_after_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert!(!settled.already_settled && settled.charged_micro > 0);
+    match first
+        .admit(&models, "once", &token, &ask(100, Some(50), false))
+        .await
+        .unwrap()
+    {
+        Decision::Denied { denial, .. } => assert_eq!(denial.http_status, 409),
+        Decision::Admitted(again) => panic!("answered from memory: {again:?}"),
+    }
+    // Its one slot is free again on the replica that admitted it.
+    assert!(matches!(
+        first
+            .admit(&models, "next", &token, &ask(100, Some(50), false))
+            .await
+            .unwrap(),
+        Decision::Admitted(_)
+    ));
+}
