@@ -292,6 +292,35 @@ impl ControlPlane {
         self.child.id()
     }
 
+    /// Creates an agent with `aexctl agent create NAME BUDGET RPM ARGS…` and
+    /// returns its token.
+    pub fn agent(&self, name: &str, budget_usd: &str, rpm: &str, args: &[&str]) -> String {
+        let mut all = vec!["agent", "create", name, budget_usd, rpm, "--json"];
+        all.extend_from_slice(args);
+        let out = self.aexctl(&all);
+        out.assert_ok();
+        out.json()["token"].as_str().expect("token").to_string()
+    }
+
+    /// Waits until every reservation of `agent` is settled (settlement is
+    /// queued, so it lands just after the response); returns the agent.
+    pub async fn settled(&self, agent: &str, within: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let out = self.aexctl(&["agent", "inspect", agent, "--json"]);
+            out.assert_ok();
+            let a = out.json();
+            if a["reserved_micro"] == 0 {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not settled within {within:?}: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `kill -9`, then a fresh process on the same address and home.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
@@ -574,11 +603,7 @@ default_model: mock-model
     /// Creates an agent with `aexctl agent create NAME BUDGET RPM ARGS…` and
     /// returns its token.
     pub fn agent(&self, name: &str, budget_usd: &str, rpm: &str, args: &[&str]) -> String {
-        let mut all = vec!["agent", "create", name, budget_usd, rpm, "--json"];
-        all.extend_from_slice(args);
-        let out = self.control.aexctl(&all);
-        out.assert_ok();
-        out.json()["token"].as_str().expect("token").to_string()
+        self.control.agent(name, budget_usd, rpm, args)
     }
 
     /// The agent's ledger events, oldest first (`aexctl events --agent NAME --json`).
@@ -598,20 +623,8 @@ default_model: mock-model
         out.json()
     }
 
-    /// Waits until every reservation of `agent` is settled (settlement is
-    /// queued, so it lands just after the response); returns the agent.
+    /// Waits until every reservation of `agent` is settled; returns the agent.
     pub async fn settled(&self, agent: &str, within: Duration) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let a = self.inspect(agent);
-            if a["reserved_micro"] == 0 {
-                return a;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not settled within {within:?}: {a}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.control.settled(agent, within).await
     }
 }

@@ -40,9 +40,7 @@ fn chat() -> Value {
 
 /// One call's worst-case reservation, read from a probe agent's admit event.
 async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
-    let out = control.aexctl(&["agent", "create", "probe", "1", "1000", "--json"]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = control.agent("probe", "1", "1000", &[]);
     let r = Client::new()
         .post(data.url("/v1/chat/completions"))
         .bearer_auth(&token)
@@ -77,9 +75,7 @@ async fn two_control_planes_admit_exactly_what_one_budget_covers() {
     drop(probe_plane);
     let budget = 50 * worst;
     let budget_usd = format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000);
-    let out = first.aexctl(&["agent", "create", "fleet", &budget_usd, "100000", "--json"]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = first.agent("fleet", &budget_usd, "100000", &[]);
     let nodes = Nodes {
         data: vec![
             DataPlane::start(&home, &first.url(), &[]),
@@ -116,16 +112,7 @@ async fn two_control_planes_admit_exactly_what_one_budget_covers() {
         "budget {budget} µ = 50 × {worst} µ; statuses {statuses:?}"
     );
     let control = &nodes.controls[0];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let agent = loop {
-        let out = control.aexctl(&["agent", "inspect", "fleet", "--json"]);
-        out.assert_ok();
-        let a = out.json();
-        if a["reserved_micro"] == 0 || std::time::Instant::now() > deadline {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let agent = control.settled("fleet", Duration::from_secs(10)).await;
     assert_eq!(agent["reserved_micro"], 0, "{agent}");
     let spent = agent["spent_micro"].as_i64().unwrap();
     assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
@@ -233,9 +220,7 @@ async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_se
     let second_of_slack = Duration::from_secs(1);
 
     // Created through the first, after the second started.
-    let out = first.aexctl(&["agent", "create", "roamer", "5", "1000", "--json"]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = first.agent("roamer", "5", "1000", &[]);
     until_status(second_of_slack, 200, call(&far, &token)).await;
 
     first.aexctl(&["agent", "pause", "roamer"]).assert_ok();
@@ -285,9 +270,7 @@ async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
     let data: Vec<DataPlane> = (0..3)
         .map(|_| DataPlane::start(&home, &both, &[]))
         .collect();
-    let out = controls[1].aexctl(&["agent", "create", "steady", "5", "100000", "--json"]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = controls[1].agent("steady", "5", "100000", &[]);
     let client = Client::new();
     let send = |i: usize| {
         let request = client
@@ -358,16 +341,7 @@ async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
     }
     assert!(answers[8..].iter().all(|w| w.iter().all(Option::is_some)));
     let survivor = &controls[0];
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let agent = loop {
-        let a = survivor
-            .aexctl(&["agent", "inspect", "steady", "--json"])
-            .json();
-        if a["reserved_micro"] == 0 || std::time::Instant::now() > deadline {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let agent = survivor.settled("steady", Duration::from_secs(15)).await;
     assert_eq!(
         agent["reserved_micro"], 0,
         "the dead replica's reservations expired: {agent}"
@@ -430,9 +404,7 @@ async fn an_rpm_limit_holds_across_control_planes() {
         DataPlane::start(&home, &second.url(), &[]),
         DataPlane::start(&home, &format!("{},{}", first.url(), second.url()), &[]),
     ];
-    let out = first.aexctl(&["agent", "create", "paced", "5", "60", "--json"]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = first.agent("paced", "5", "60", &[]);
     let client = Client::new();
     // The change feed brings the agent to the second replica well within
     // this (the test above holds it to 1 s).
@@ -484,18 +456,7 @@ async fn a_concurrency_limit_holds_across_control_planes() {
         DataPlane::start(&home, &second.url(), &[]),
         DataPlane::start(&home, &second.url(), &[]),
     ];
-    let out = first.aexctl(&[
-        "agent",
-        "create",
-        "narrow",
-        "5",
-        "100000",
-        "--max-concurrent",
-        "5",
-        "--json",
-    ]);
-    out.assert_ok();
-    let token = out.json()["token"].as_str().unwrap().to_string();
+    let token = first.agent("narrow", "5", "100000", &["--max-concurrent", "5"]);
     // The change feed brings the agent to the second replica within this.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let client = Client::new();

@@ -149,6 +149,16 @@ struct Live {
     model_tpm: HashMap<String, TokenBucket>,
 }
 
+impl Live {
+    /// An agent's name as this control plane knows it ("" if it does not).
+    fn agent_name(&self, agent_id: &str) -> String {
+        self.agents
+            .get(agent_id)
+            .map(|a| a.record.name.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// What admission took in memory before the database said yes or no.
 struct Tentative {
     agent_id: String,
@@ -157,7 +167,7 @@ struct Tentative {
     /// The RPM limit is the database's, shared with other control planes
     /// (taken after `decide`), not this process's.
     shared_rpm: bool,
-    /// Checked again by the store, for the reservations other control
+    /// Checked again by a shared store, for the reservations other control
     /// planes hold.
     max_concurrent: u32,
     tpm: u64,
@@ -334,14 +344,16 @@ impl AdmissionCore {
     pub async fn refresh_agent(&self, agent_id: &str) -> Result<()> {
         let _one_at_a_time = self.admin_changes.lock().await;
         if agent_id == crate::storage::EVERY_AGENT {
-            let stored = self.store.list_agents(true).await?;
-            let live: Vec<AgentRecord> = {
-                let live = self.lock();
-                live.agents.values().map(|a| a.record.clone()).collect()
-            };
-            for record in &stored {
-                if live.iter().all(|l| l != record) {
-                    self.agent_changed(record);
+            for record in self.store.list_agents(true).await? {
+                let known = self
+                    .lock()
+                    .agents
+                    .get(&record.id)
+                    .map(|a| a.record == record);
+                // A tombstone this replica no longer holds is nothing new.
+                let gone = record.state == AgentState::Deleted && known.is_none();
+                if known != Some(true) && !gone {
+                    self.agent_changed(&record);
                 }
             }
             return Ok(());
@@ -501,7 +513,14 @@ impl AdmissionCore {
                 record: record.clone(),
                 agent_name: tentative.agent_name.clone(),
                 details,
-                max_open: tentative.max_concurrent,
+                // A store only this control plane uses is covered by the
+                // in-memory count in `decide`; a shared one counts again,
+                // for the reservations other replicas hold.
+                max_open: if self.shared_rates.is_some() {
+                    tentative.max_concurrent
+                } else {
+                    0
+                },
             })
             .await;
         match outcome {
@@ -827,13 +846,9 @@ impl AdmissionCore {
         (live.open.len(), live.agents.len())
     }
 
-    /// An agent's name as this control plane knows it ("" if it does not).
+    /// See [`Live::agent_name`].
     fn agent_name(&self, agent_id: &str) -> String {
-        self.lock()
-            .agents
-            .get(agent_id)
-            .map(|a| a.record.name.clone())
-            .unwrap_or_default()
+        self.lock().agent_name(agent_id)
     }
 
     /// The open reservation taken for `request_id`, if any.
@@ -1005,11 +1020,7 @@ impl AdmissionCore {
                     // open. Settling is a compare-and-set, so two sweepers
                     // never both expire one.
                     None if r.expires_at_ms <= now - self.reservation_ttl_ms => {
-                        let name = live
-                            .agents
-                            .get(&r.agent_id)
-                            .map(|a| a.record.name.clone())
-                            .unwrap_or_default();
+                        let name = live.agent_name(&r.agent_id);
                         due.push((r, name));
                     }
                     None => {}

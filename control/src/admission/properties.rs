@@ -648,24 +648,30 @@ async fn random_interleavings_keep_the_ledger_exact() {
     }
 }
 
+/// One store with `agent` (allowed every model), and two control planes
+/// over it, as two replicas over one database.
+async fn two_replicas(agent: NewAgent) -> (Arc<MemoryStore>, AdmissionCore, AdmissionCore) {
+    let store = Arc::new(MemoryStore::new(KEY.to_vec()));
+    store
+        .create_agent(NewAgent {
+            allowed_models: vec![],
+            ..agent
+        })
+        .await
+        .unwrap();
+    let open = || AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
+    let (first, second) = (open().await.unwrap(), open().await.unwrap());
+    (store, first, second)
+}
+
 /// Two control planes over one store: a stream admitted through one and
 /// kept alive by heartbeats through the other (its data plane moved) is not
 /// expired by the first, whose memory still holds the old expiry; once the
 /// heartbeats stop, either expires it, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
-    let store = Arc::new(MemoryStore::new(KEY.to_vec()));
     let token = format!("{:064x}", 7);
-    store
-        .create_agent(NewAgent {
-            allowed_models: vec![],
-            ..new_agent("streamer", &token)
-        })
-        .await
-        .unwrap();
-    let open =
-        |store: &Arc<MemoryStore>| AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
-    let (first, second) = (open(&store).await.unwrap(), open(&store).await.unwrap());
+    let (store, first, second) = two_replicas(new_agent("streamer", &token)).await;
     let models = models();
     let Decision::Admitted(a) = first
         .admit(&models, "stream-1", &token, &ask(100, Some(50), true))
@@ -713,19 +719,12 @@ async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
 /// (409), not answered from memory, and its concurrency slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitter() {
-    let store = Arc::new(MemoryStore::new(KEY.to_vec()));
     let token = format!("{:064x}", 8);
-    store
-        .create_agent(NewAgent {
-            allowed_models: vec![],
-            max_concurrent: 1,
-            ..new_agent("single", &token)
-        })
-        .await
-        .unwrap();
-    let open =
-        |store: &Arc<MemoryStore>| AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
-    let (first, second) = (open(&store).await.unwrap(), open(&store).await.unwrap());
+    let (_store, first, second) = two_replicas(NewAgent {
+        max_concurrent: 1,
+        ..new_agent("single", &token)
+    })
+    .await;
     let models = models();
     let Decision::Admitted(a) = first
         .admit(&models, "once", &token, &ask(100, Some(50), false))

@@ -262,8 +262,8 @@ pub trait SharedRates: Send + Sync + 'static {
 #[async_trait]
 pub trait LedgerStore: Send + Sync + 'static {
     /// Limiters shared with other control planes on the same database;
-    /// `None` where one control plane owns the store (its in-memory
-    /// limiters are then exact).
+    /// `None` exactly where one control plane owns the store (its in-memory
+    /// limiters and counts are then exact, and admission relies on that).
     fn shared_rates(&self) -> Option<std::sync::Arc<dyn SharedRates>> {
         None
     }

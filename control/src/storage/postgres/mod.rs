@@ -94,17 +94,10 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<usize, StoreError> {
     // A newer replica may have migrated already (a rolling update): an
     // older one still starts on the schema it knows.
     migrator.set_ignore_missing(true);
-    let applied: std::collections::HashSet<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&pool)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-    let pending = migrator
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .count();
+    // An empty database has no migrations table yet: every one is pending.
+    let pending = pending_migrations(&pool, &migrator)
+        .await
+        .unwrap_or_else(|_| migrator.iter().count());
     migrator.run(&pool).await?;
     pool.close().await;
     Ok(pending)
@@ -122,17 +115,30 @@ pub async fn check(options: &PgConnectOptions) -> String {
         Ok(pool) => pool,
         Err(e) => return format!("cannot connect: {e}"),
     };
-    let applied: Result<Vec<i64>, _> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&pool)
-            .await;
+    let pending = pending_migrations(&pool, &sqlx::migrate!("./migrations/postgres")).await;
     pool.close().await;
-    let known = sqlx::migrate!("./migrations/postgres");
-    match applied {
-        Ok(applied) if known.iter().all(|m| applied.contains(&m.version)) => "ok".into(),
+    match pending {
+        Ok(0) => "ok".into(),
         Ok(_) => "migrations are pending: run `aex-control --database-url … migrate`".into(),
         Err(e) => format!("not an AEX ledger ({e}): run `aex-control --database-url … migrate`"),
     }
+}
+
+/// How many of `migrator`'s migrations the database has not applied.
+async fn pending_migrations(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<usize, sqlx::Error> {
+    let applied: std::collections::HashSet<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(migrator
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count())
 }
 
 #[async_trait]
