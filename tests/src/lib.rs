@@ -59,6 +59,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read home") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
 /// A temporary AEX_HOME, initialised with `aexctl init`.
 pub struct TestHome {
     dir: tempfile::TempDir,
@@ -93,21 +106,23 @@ impl TestHome {
     /// A copy of another home, files and all (its daemons must be stopped:
     /// the database, its WAL and the anchor are copied as they are).
     pub fn copy_of(other: &TestHome) -> Self {
-        fn copy(from: &Path, to: &Path) {
-            for entry in std::fs::read_dir(from).expect("read home") {
-                let entry = entry.expect("entry");
-                let target = to.join(entry.file_name());
-                if entry.file_type().expect("type").is_dir() {
-                    std::fs::create_dir_all(&target).expect("mkdir");
-                    copy(&entry.path(), &target);
-                } else {
-                    std::fs::copy(entry.path(), &target).expect("copy");
-                }
+        let home = Self::empty();
+        copy_tree(other.path(), home.path());
+        home
+    }
+
+    /// This home's files replaced by a copy of `other`'s, at this home's
+    /// path (where a head anchor is known to the chain by its path).
+    pub fn reset_from(&self, other: &TestHome) {
+        for entry in std::fs::read_dir(self.path()).expect("read home") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("rm -r");
+            } else {
+                std::fs::remove_file(&path).expect("rm");
             }
         }
-        let home = Self::empty();
-        copy(other.path(), home.path());
-        home
+        copy_tree(other.path(), self.path());
     }
 
     pub fn file(&self, relative: &str) -> PathBuf {

@@ -16,16 +16,7 @@ impl TestDatabase {
     /// A fresh, empty database, or `None` (reported skipped) without a server.
     pub async fn fresh() -> Option<Self> {
         let server_url = crate::test_database_url()?;
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("the clock is after 1970")
-            .as_nanos();
-        let name = format!(
-            "aex_test_{}_{nanos}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = unique_name();
         let mut conn = connect(&server_url).await;
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
@@ -33,6 +24,59 @@ impl TestDatabase {
             .expect("CREATE DATABASE on the test server");
         let _ = conn.close().await;
         Some(Self { server_url, name })
+    }
+
+    /// A new database holding a copy of this one as it is now (sessions
+    /// still on it are ended first: PostgreSQL copies only an idle one).
+    pub async fn copy(&self) -> TestDatabase {
+        let name = unique_name();
+        self.create_from(&name).await;
+        TestDatabase {
+            server_url: self.server_url.clone(),
+            name,
+        }
+    }
+
+    /// Replaces this database with a copy of `source`, under the same name.
+    pub async fn reset_from(&self, source: &TestDatabase) {
+        let mut conn = connect(&self.server_url).await;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("DROP DATABASE on the test server");
+        let _ = conn.close().await;
+        source.create_from(&self.name).await;
+    }
+
+    async fn create_from(&self, name: &str) {
+        let mut conn = connect(&self.server_url).await;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(&mut conn)
+        .await
+        .expect("ending the sessions on the template");
+        // A session just ended may still be on its way out.
+        let mut tries = 0;
+        loop {
+            match sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {}", self.name))
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => break,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("CREATE DATABASE {name} TEMPLATE {}: {e}", self.name),
+            }
+        }
+        let _ = conn.close().await;
     }
 
     /// The server's URL with this database in its path.
@@ -52,6 +96,19 @@ impl TestDatabase {
     pub fn options(&self) -> PgConnectOptions {
         PgConnectOptions::from_str(&self.url()).expect("a PostgreSQL URL")
     }
+}
+
+fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_nanos();
+    format!(
+        "aex_test_{}_{nanos}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn connect(url: &str) -> PgConnection {

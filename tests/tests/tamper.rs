@@ -1,18 +1,29 @@
 //! Database edits made without `ledger.key`, with the daemons stopped: each
 //! kind is applied to its own copy of one ledger, the control plane started
-//! on it, and `aexctl audit` must fail naming the check that caught it.
-//! Then random edits of the columns the chain covers, the seed printed
-//! (`AEX_TAMPER_SEED` replays a run).
+//! on it, and `aexctl audit` must fail naming the check that caught it; on
+//! SQLite and on PostgreSQL (`AEX_TEST_DATABASE_URL`). Then random edits of
+//! the columns the chain covers, the seed printed (`AEX_TAMPER_SEED`
+//! replays a run).
 
+use aex_tests::postgres::TestDatabase;
 use aex_tests::{ControlPlane, MOCK_PROVIDER_KEY, Stack, TestHome};
 use reqwest::Client;
 use serde_json::{Value, json};
 use std::time::Duration;
 
+/// The control plane's arguments for the ledger on `pg` (None: SQLite in
+/// its home).
+fn control_args(pg: Option<&TestDatabase>) -> Vec<String> {
+    pg.map(|db| vec!["--database-url".to_string(), db.url()])
+        .unwrap_or_default()
+}
+
 /// One ledger with agents, settled calls, admin changes and a paused agent
 /// as its newest event; returns the stopped stack's home.
-async fn ledger() -> TestHome {
-    let stack = Stack::start().await;
+async fn ledger(pg: Option<&TestDatabase>) -> TestHome {
+    let args = control_args(pg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stack = Stack::start_full(&args, &[]).await;
     let token = stack.agent("victim", "5", "600", &[]);
     stack.agent("bystander", "1", "600", &[]);
     let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]});
@@ -76,26 +87,52 @@ async fn ledger() -> TestHome {
     home
 }
 
-async fn db(home: &TestHome) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", home.file("aex.db").display()))
-        .await
-        .unwrap()
+async fn exec(home: &TestHome, pg: Option<&TestDatabase>, statements: &[&str]) {
+    match pg {
+        None => {
+            let pool =
+                sqlx::SqlitePool::connect(&format!("sqlite://{}", home.file("aex.db").display()))
+                    .await
+                    .unwrap();
+            for s in statements {
+                sqlx::query(s)
+                    .execute(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+            pool.close().await;
+        }
+        Some(db) => {
+            let pool = sqlx::PgPool::connect_with(db.options()).await.unwrap();
+            for s in statements {
+                sqlx::query(s)
+                    .execute(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+            pool.close().await;
+        }
+    }
 }
 
-async fn exec(home: &TestHome, statements: &[&str]) {
-    let pool = db(home).await;
-    for s in statements {
-        sqlx::query(s)
-            .execute(&pool)
-            .await
-            .unwrap_or_else(|e| panic!("{s}: {e}"));
-    }
-    pool.close().await;
+/// The head anchor in `home`: `ledger.head` for its own SQLite file,
+/// `ledger-<hash>.head` for a PostgreSQL database.
+fn anchor_file(home: &TestHome) -> std::path::PathBuf {
+    std::fs::read_dir(home.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("ledger") && name.ends_with(".head")
+        })
+        .expect("a head anchor in AEX_HOME")
 }
 
 /// The names of the audit checks that failed on `home`.
-fn failed_checks(home: &TestHome) -> (Vec<String>, String) {
-    let cp = ControlPlane::start(home);
+fn failed_checks(home: &TestHome, pg: Option<&TestDatabase>) -> (Vec<String>, String) {
+    let args = control_args(pg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cp = ControlPlane::start_with(home, &args);
     let out = cp.aexctl(&["audit", "--json"]);
     let report: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|_| {
         panic!(
@@ -305,41 +342,113 @@ fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
     ]
 }
 
-async fn apply(home: &TestHome, edit: &Edit) {
+async fn apply(home: &TestHome, pg: Option<&TestDatabase>, edit: &Edit) {
     match edit {
-        Edit::Sql(statements) => exec(home, statements).await,
-        Edit::DeleteAnchor => std::fs::remove_file(home.file("ledger.head")).unwrap(),
-        Edit::ForgeAnchor => std::fs::write(home.file("ledger.head"), [0x41u8; 256]).unwrap(),
+        Edit::Sql(statements) => exec(home, pg, statements).await,
+        Edit::DeleteAnchor => std::fs::remove_file(anchor_file(home)).unwrap(),
+        Edit::ForgeAnchor => std::fs::write(anchor_file(home), [0x41u8; 256]).unwrap(),
     }
 }
 
-#[tokio::test]
-async fn every_kind_of_database_edit_is_named_by_audit() {
-    let original = ledger().await;
+/// Every kind of edit on its own copy of one ledger, each named by the
+/// check `kinds` expects; the untouched copy passes.
+async fn every_kind_is_named(pg: Option<&TestDatabase>) {
+    let original = ledger(pg).await;
+    // PostgreSQL: each edit on a copy of the database under the original's
+    // name, so that the control plane finds its anchor for it.
+    // And in the original's home: the chain knows its anchor by its path.
+    let pristine = match pg {
+        Some(db) => Some((db.copy().await, TestHome::copy_of(&original))),
+        None => None,
+    };
     assert!(MOCK_PROVIDER_KEY.starts_with("sk-"));
     let kinds = kinds();
     let mut caught = 0;
     for (what, edit, check) in &kinds {
-        let home = TestHome::copy_of(&original);
-        apply(&home, edit).await;
-        let (failed, report) = failed_checks(&home);
+        let copy;
+        let home = match (pg, &pristine) {
+            (Some(db), Some((pristine_db, pristine_home))) => {
+                db.reset_from(pristine_db).await;
+                original.reset_from(pristine_home);
+                &original
+            }
+            _ => {
+                copy = TestHome::copy_of(&original);
+                &copy
+            }
+        };
+        apply(home, pg, edit).await;
+        let (failed, report) = failed_checks(home, pg);
         assert!(
             failed.iter().any(|f| f == check),
             "{what}: expected {check} to fail, failed: {failed:?}\n{report}"
         );
         caught += 1;
     }
-    println!("tamper: {caught}/{} edit kinds named by audit", kinds.len());
+    let on = if pg.is_some() { "PostgreSQL" } else { "SQLite" };
+    println!(
+        "tamper on {on}: {caught}/{} edit kinds named by audit",
+        kinds.len()
+    );
     // Untouched, the copy still passes: the checks name edits, not copies.
-    let (failed, report) = failed_checks(&TestHome::copy_of(&original));
+    if let (Some(db), Some((pristine_db, pristine_home))) = (pg, &pristine) {
+        db.reset_from(pristine_db).await;
+        original.reset_from(pristine_home);
+    }
+    let (failed, report) = failed_checks(&TestHome::copy_of(&original), pg);
     assert!(failed.is_empty(), "{report}");
+}
+
+#[tokio::test]
+async fn every_kind_of_database_edit_is_named_by_audit() {
+    every_kind_is_named(None).await;
+}
+
+#[tokio::test]
+async fn every_kind_of_database_edit_is_named_by_audit_on_postgres() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    every_kind_is_named(Some(&db)).await;
+}
+
+/// On PostgreSQL every control plane keeps its own anchor: one started
+/// with a new AEX_HOME (a new pod) on a ledger others anchored starts its
+/// own, and audit passes there; its anchor deleted afterwards is named.
+#[tokio::test]
+async fn a_new_replica_anchors_on_its_own_and_its_anchor_counts_from_then() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let original = ledger(Some(&db)).await;
+    // The same secrets (ledger.key, tokens), a new AEX_HOME and no anchor.
+    let new_replica = || {
+        let home = TestHome::copy_of(&original);
+        std::fs::remove_file(anchor_file(&home)).unwrap();
+        home
+    };
+    let home = new_replica();
+    let (failed, report) = failed_checks(&home, Some(&db));
+    assert!(failed.is_empty(), "a new replica's audit: {report}");
+    // The same replica restarted without its anchor: deleted, not new.
+    std::fs::remove_file(anchor_file(&home)).unwrap();
+    let (failed, report) = failed_checks(&home, Some(&db));
+    assert!(
+        failed.iter().any(|f| f == "head_anchored"),
+        "a deleted anchor: {report}"
+    );
+    let (failed, _) = failed_checks(&new_replica(), Some(&db));
+    assert!(
+        failed.iter().any(|f| f == "head_anchored"),
+        "the mismatch stays in the chain for every replica"
+    );
 }
 
 #[tokio::test]
 async fn random_edits_of_covered_columns_are_named() {
     let seed = aex_tests::rng::seed_from_env("AEX_TAMPER_SEED");
     println!("tamper: seed {seed} (replay with AEX_TAMPER_SEED={seed})");
-    let original = ledger().await;
+    let original = ledger(None).await;
     let columns = [
         ("agents", "budget_micro", "budget_micro + 1"),
         ("agents", "spent_micro", "spent_micro + 1"),
@@ -367,7 +476,10 @@ async fn random_edits_of_covered_columns_are_named() {
     for _ in 0..6 {
         let (table, column, value) = *rng.pick(&columns);
         let home = TestHome::copy_of(&original);
-        let pool = db(&home).await;
+        let pool =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}", home.file("aex.db").display()))
+                .await
+                .unwrap();
         // One row, chosen by the seed among those the edit changes.
         let rowids: Vec<i64> = sqlx::query_scalar(&format!("SELECT rowid FROM {table}"))
             .fetch_all(&pool)
@@ -381,7 +493,7 @@ async fn random_edits_of_covered_columns_are_named() {
         .await
         .unwrap();
         pool.close().await;
-        let (failed, report) = failed_checks(&home);
+        let (failed, report) = failed_checks(&home, None);
         assert!(
             !failed.is_empty(),
             "seed {seed}: {table}.{column} of row {rowid} edited and audit passed:\n{report}"

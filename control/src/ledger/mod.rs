@@ -2,6 +2,7 @@
 //! and the audit. The keyed hash chain itself is `aex_core::chain`.
 
 pub mod anchor;
+pub mod anchor_check;
 pub mod audit;
 #[cfg(test)]
 mod edit_properties;

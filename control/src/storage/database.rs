@@ -49,8 +49,9 @@ impl Database {
         }
     }
 
-    /// Opens the store (migrating it first). SQLite's head is anchored
-    /// beside the database file.
+    /// Opens the store (migrating it first), its head anchored in AEX_HOME
+    /// (`ledger.head`, or `ledger-<hash>.head` for another file or a
+    /// PostgreSQL database).
     pub async fn open(
         &self,
         home: &Home,
@@ -61,7 +62,9 @@ impl Database {
                 SqliteStore::open_anchored(path, ledger_key, &home.ledger_head_path(path)).await?,
             ),
             Database::Postgres(options) => {
-                Arc::new(PgStore::open((**options).clone(), ledger_key).await?)
+                // This control plane's own anchor, named for the database.
+                let anchor = home.ledger_head_path(std::path::Path::new(&self.describe()));
+                Arc::new(PgStore::open((**options).clone(), ledger_key, Some(&anchor)).await?)
             }
         })
     }

@@ -19,6 +19,7 @@
 //! database (audit cannot yet tell a removed tail from a shorter history),
 //! and chains that do not serialize replicas at all (docs/LEDGER.md).
 
+mod anchored;
 mod notify;
 mod rates;
 mod reads;
@@ -27,7 +28,7 @@ mod tests;
 mod writer;
 mod writes;
 
-use crate::ledger::anchor::AnchorState;
+use crate::ledger::anchor::{AnchorFile, AnchorState};
 use crate::storage::{
     AgentChange, AgentFeed, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore,
     NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome,
@@ -35,7 +36,9 @@ use crate::storage::{
 };
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use writer::LedgerWriter;
 
@@ -43,6 +46,9 @@ pub struct PgStore {
     reader: PgPool,
     writer: LedgerWriter,
     ledger_key: Vec<u8>,
+    /// This control plane's copy of the chain's head outside the database
+    /// (see `anchored.rs`); None when opened without one (tests).
+    anchor: Option<Arc<AnchorFile>>,
 }
 
 /// `postgres://user@host:port/db?…` → connect options; the error names the
@@ -61,26 +67,44 @@ impl PgStore {
         Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
 
     /// Connects, applies migrations (several control planes starting at
-    /// once take turns: sqlx's migrator holds an advisory lock) and starts
-    /// the writer.
-    pub async fn open(options: PgConnectOptions, ledger_key: Vec<u8>) -> Result<Self, StoreError> {
+    /// once take turns: sqlx's migrator holds an advisory lock), checks
+    /// this control plane's head anchor (`anchor`, in its AEX_HOME) against
+    /// the chain and starts the writer, which anchors every commit it makes.
+    pub async fn open(
+        options: PgConnectOptions,
+        ledger_key: Vec<u8>,
+        anchor: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         migrate(&options).await?;
         let reader = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        let writer = LedgerWriter::start(options, ledger_key.clone()).await?;
+        let (anchor_file, start_event) = match anchor {
+            Some(path) => {
+                let (file, event) = anchored::check(&reader, &ledger_key, path).await?;
+                (Some(Arc::new(file)), event)
+            }
+            None => (None, None),
+        };
+        let writer = LedgerWriter::start(options, ledger_key.clone(), anchor_file.clone()).await?;
+        if let Some(file) = &anchor_file {
+            anchored::record(&reader, &writer, file, start_event).await?;
+        }
         Ok(Self {
             reader,
             writer,
             ledger_key,
+            anchor: anchor_file,
         })
     }
 
-    /// The head outside the database: none yet on PostgreSQL.
+    /// What this control plane's anchor file says now.
     fn anchor_state(&self) -> Option<AnchorState> {
-        None
+        self.anchor
+            .as_ref()
+            .map(|a| crate::ledger::anchor::read(a.path(), &self.ledger_key))
     }
 }
 

@@ -1,21 +1,29 @@
 //! Every write to the PostgreSQL ledger from this control plane, on one
 //! task with group commit: the operations waiting in its queue run in one
 //! transaction (one failing is taken out and the rest run again, see
-//! `commit_batch`), committed once, and only then answered — an acknowledged operation is
-//! committed, and under load one commit (one fsync with
-//! `synchronous_commit = on`) serves many requests.
+//! `commit_batch`), committed once, and only then answered — an
+//! acknowledged operation is committed, and under load one commit (one
+//! fsync with `synchronous_commit = on`) serves many requests.
 //!
-//! Each batch first takes a transaction-scoped advisory lock, the chain's
-//! one appender across every control plane on the database: it reads the
-//! head after taking it and appends after it. Replicas therefore take turns
-//! per batch; while one commits, the others gather their next batch.
+//! Replicas do not take turns for the work of a batch, only for its last
+//! step. A batch first locks the agents its operations touch (advisory
+//! locks, in one ascending order, so two replicas never deadlock on each
+//! other's rows), runs the operations while batches of other replicas run
+//! theirs on other agents, and buffers the events they decide. Then it takes
+//! the chain's lock, reads the head, seals every buffered event after it and
+//! stores them in one statement, and commits: the chain stays one keyed
+//! chain, contiguous from 1 in commit order, and the turn each replica takes
+//! is that statement and the commit. See docs/LEDGER.md.
 
+use crate::ledger::anchor::AnchorFile;
 use crate::storage::{NewEvent, StoreError};
 use aex_core::chain::ChainKey;
 use aex_core::event::Head;
 use async_trait::async_trait;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,81 +34,221 @@ const MAX_BATCH: usize = 512;
 /// no other use of the database takes: "aex-chain" in ASCII).
 const CHAIN_LOCK: i64 = 0x6165_782d_6368_6169;
 
+/// The first key of every agent's advisory lock ("aexa"); the second is a
+/// hash of its id. Two-key locks live apart from one-key ones such as
+/// [`CHAIN_LOCK`]; two agents sharing a hash only wait for each other.
+const AGENT_LOCK_CLASS: i32 = 0x6165_7861;
+
+/// Whose rows an operation reads and writes: the batch locks those agents
+/// before it runs. An operation touches only its owners' rows (and their
+/// counters); events for the ledger itself belong to the agent `""`.
+#[derive(Debug, Clone)]
+pub(super) enum Owner {
+    Agent(String),
+    AgentNamed(String),
+    Reservation(String),
+    Process(String),
+}
+
 /// One write, run inside the batch's transaction; it may be run again
 /// (when another operation of its batch failed), so it reads what it needs
 /// each time.
 #[async_trait]
 pub(super) trait Operation: Send + Sync + 'static {
     type Output: Send + 'static;
+    fn owners(&self) -> Vec<Owner>;
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<Self::Output, StoreError>;
 }
 
-/// The chain as the writer appends to it: the one place an event is written.
-pub(super) struct Chain<'k> {
-    key: &'k ChainKey,
-    head: Head,
+/// The events a batch decides, sealed and stored when it commits, and the
+/// agents it holds locked.
+#[derive(Default)]
+pub(super) struct Chain {
+    pending: Vec<NewEvent>,
+    locked: HashSet<String>,
 }
 
-impl<'k> Chain<'k> {
-    /// The chain as the database holds it now (under the chain lock).
-    async fn read(conn: &mut PgConnection, key: &'k ChainKey) -> Result<Self, StoreError> {
-        let head: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *conn)
-                .await?;
-        Ok(Self {
-            key,
-            head: head.map_or_else(Head::genesis, |(seq, hash)| Head { seq, hash }),
-        })
+impl Chain {
+    pub(super) fn append(&mut self, event: &NewEvent) {
+        self.pending.push(event.clone());
     }
 
-    /// Seals `event` after the head, stores it and bumps its counter.
-    pub(super) async fn append(
-        &mut self,
-        conn: &mut PgConnection,
-        event: &NewEvent,
-    ) -> Result<(), StoreError> {
-        let sealed = self.head.seal(self.key, event);
-        let b = &sealed.body;
-        // One statement, one round trip: the event and its counter.
-        sqlx::query(
-            "WITH stored AS (INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, \
-             reservation_id, amount_micro, reason, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)) \
-             INSERT INTO counters (agent_id, name, value) VALUES ($4, $12, $13) \
-             ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + EXCLUDED.value",
+    pub(super) fn append_all(&mut self, events: &[NewEvent]) {
+        self.pending.extend_from_slice(events);
+    }
+
+    /// Whether this batch holds `agent_id`'s lock: an operation that found
+    /// its agent only after locking (by name) checks it.
+    pub(super) fn holds(&self, agent_id: &str) -> bool {
+        self.locked.contains(agent_id)
+    }
+}
+
+/// FNV-1a: stable across processes and versions, which the lock key must be.
+fn agent_lock_key(agent_id: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in agent_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+/// Finds the agents behind `owners` and locks them, in ascending key order
+/// (the one order every replica uses). Returns the agents locked.
+async fn lock_owners(
+    conn: &mut PgConnection,
+    owners: &[Owner],
+) -> Result<HashSet<String>, StoreError> {
+    let mut agents: HashSet<String> = HashSet::new();
+    let (mut reservations, mut processes, mut names) = (vec![], vec![], vec![]);
+    for owner in owners {
+        match owner {
+            Owner::Agent(id) => {
+                agents.insert(id.clone());
+            }
+            Owner::AgentNamed(name) => names.push(name.clone()),
+            Owner::Reservation(id) => reservations.push(id.clone()),
+            Owner::Process(id) => processes.push(id.clone()),
+        }
+    }
+    if !(reservations.is_empty() && processes.is_empty() && names.is_empty()) {
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT agent_id FROM reservations WHERE id = ANY($1) \
+             UNION SELECT agent_id FROM processes WHERE id = ANY($2) \
+             UNION SELECT id FROM agents WHERE name = ANY($3) AND deleted_at_ms IS NULL",
         )
-        .bind(b.seq)
-        .bind(b.ts_ms)
-        .bind(&b.kind)
-        .bind(&b.agent_id)
-        .bind(&b.agent_name)
-        .bind(&b.reservation_id)
-        .bind(b.amount_micro)
-        .bind(&b.reason)
-        .bind(&b.details_json)
-        .bind(&sealed.prev_hash)
-        .bind(&sealed.hash)
-        .bind(event.counter_name())
-        .bind(event.count)
+        .bind(&reservations)
+        .bind(&processes)
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await?;
+        agents.extend(found);
+    }
+    let keys: Vec<i32> = agents
+        .iter()
+        .map(|a| agent_lock_key(a))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // unnest yields the array in order, so the locks are taken in it.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
+        .bind(AGENT_LOCK_CLASS)
+        .bind(&keys)
         .execute(&mut *conn)
         .await?;
-        Ok(())
+    Ok(agents)
+}
+
+/// Takes the chain's turn and stores the batch's events after its head in
+/// one statement, with their counters. Returns the new head.
+async fn seal_and_store(
+    conn: &mut PgConnection,
+    key: &ChainKey,
+    events: &[NewEvent],
+) -> Result<Option<Head>, StoreError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(CHAIN_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let mut head = head.map_or_else(Head::genesis, |(seq, hash)| Head { seq, hash });
+    let n = events.len();
+    let mut columns = EventColumns::with_capacity(n);
+    // Sorted, so that the counter rows are locked in one order by everyone.
+    let mut counters: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for event in events {
+        columns.push(head.seal(key, event));
+        *counters
+            .entry((event.agent_id.clone(), event.counter_name()))
+            .or_default() += event.count;
+    }
+    let (agents, names, values): (Vec<String>, Vec<String>, Vec<i64>) =
+        counters.into_iter().map(|((a, n), v)| (a, n, v)).fold(
+            (vec![], vec![], vec![]),
+            |(mut a, mut n, mut v), (x, y, z)| {
+                a.push(x);
+                n.push(y);
+                v.push(z);
+                (a, n, v)
+            },
+        );
+    sqlx::query(
+        "WITH stored AS (INSERT INTO events (seq, ts_ms, kind, agent_id, agent_name, \
+         reservation_id, amount_micro, reason, details, prev_hash, hash) \
+         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+         $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::text[])) \
+         INSERT INTO counters (agent_id, name, value) \
+         SELECT * FROM unnest($12::text[], $13::text[], $14::int8[]) \
+         ON CONFLICT (agent_id, name) DO UPDATE SET value = counters.value + EXCLUDED.value",
+    )
+    .bind(&columns.seq)
+    .bind(&columns.ts_ms)
+    .bind(&columns.kind)
+    .bind(&columns.agent_id)
+    .bind(&columns.agent_name)
+    .bind(&columns.reservation_id)
+    .bind(&columns.amount_micro)
+    .bind(&columns.reason)
+    .bind(&columns.details)
+    .bind(&columns.prev_hash)
+    .bind(&columns.hash)
+    .bind(&agents)
+    .bind(&names)
+    .bind(&values)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(head))
+}
+
+/// Sealed events as column arrays, for one `unnest` insert.
+#[derive(Default)]
+struct EventColumns {
+    seq: Vec<i64>,
+    ts_ms: Vec<i64>,
+    kind: Vec<String>,
+    agent_id: Vec<String>,
+    agent_name: Vec<String>,
+    reservation_id: Vec<String>,
+    amount_micro: Vec<i64>,
+    reason: Vec<String>,
+    details: Vec<String>,
+    prev_hash: Vec<String>,
+    hash: Vec<String>,
+}
+
+impl EventColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            seq: Vec::with_capacity(n),
+            ts_ms: Vec::with_capacity(n),
+            ..Default::default()
+        }
     }
 
-    pub(super) async fn append_all(
-        &mut self,
-        conn: &mut PgConnection,
-        events: &[NewEvent],
-    ) -> Result<(), StoreError> {
-        for event in events {
-            self.append(conn, event).await?;
-        }
-        Ok(())
+    fn push(&mut self, sealed: aex_core::event::EventRecord) {
+        let b = sealed.body;
+        self.seq.push(b.seq);
+        self.ts_ms.push(b.ts_ms);
+        self.kind.push(b.kind);
+        self.agent_id.push(b.agent_id);
+        self.agent_name.push(b.agent_name);
+        self.reservation_id.push(b.reservation_id);
+        self.amount_micro.push(b.amount_micro);
+        self.reason.push(b.reason);
+        self.details.push(b.details_json);
+        self.prev_hash.push(sealed.prev_hash);
+        self.hash.push(sealed.hash);
     }
 }
 
@@ -108,8 +256,9 @@ impl<'k> Chain<'k> {
 /// after its commit.
 #[async_trait]
 trait Job: Send {
+    fn owners(&self) -> Vec<Owner>;
     /// False if it failed (the batch is then run again without it).
-    async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain<'_>) -> bool;
+    async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain) -> bool;
     fn answer(self: Box<Self>, commit: Result<(), &str>);
 }
 
@@ -121,7 +270,11 @@ struct Pending<O: Operation> {
 
 #[async_trait]
 impl<O: Operation> Job for Pending<O> {
-    async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain<'_>) -> bool {
+    fn owners(&self) -> Vec<Owner> {
+        self.op.owners()
+    }
+
+    async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain) -> bool {
         let result = self.op.run(conn, chain).await;
         let ok = result.is_ok();
         self.result = Some(result);
@@ -147,13 +300,16 @@ pub(super) struct LedgerWriter {
 }
 
 impl LedgerWriter {
+    /// `anchor`: this control plane's copy of the head outside the
+    /// database, written after each commit of its own (`ledger::anchor`).
     pub(super) async fn start(
         options: PgConnectOptions,
         ledger_key: Vec<u8>,
+        anchor: Option<Arc<AnchorFile>>,
     ) -> Result<Self, StoreError> {
-        // A writer that stalls holding the chain lock (a replica cut off
-        // mid-batch) must not hold every replica's writes for long: its
-        // session gives the lock up, and a batch waits for it only so long.
+        // A writer that stalls holding a lock (a replica cut off mid-batch)
+        // must not hold every replica's writes for long: its session gives
+        // the lock up, and a batch waits for it only so long.
         let options = options.options([
             ("idle_in_transaction_session_timeout", "10s"),
             ("lock_timeout", "10s"),
@@ -161,7 +317,7 @@ impl LedgerWriter {
         ]);
         let conn = PgConnection::connect_with(&options).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(conn, options, ChainKey::new(&ledger_key), rx));
+        tokio::spawn(run(conn, options, ChainKey::new(&ledger_key), anchor, rx));
         Ok(Self { jobs })
     }
 
@@ -183,6 +339,7 @@ async fn run(
     mut conn: PgConnection,
     options: PgConnectOptions,
     key: ChainKey,
+    anchor: Option<Arc<AnchorFile>>,
     mut rx: mpsc::Receiver<Box<dyn Job>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -194,7 +351,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let committed = commit_batch(&mut conn, &key, &mut batch).await;
+        let committed = commit_batch(&mut conn, &key, &mut batch, anchor.as_deref()).await;
         if committed.is_err() && conn.ping().await.is_err() {
             // The database restarted or the connection broke: the batch was
             // answered unavailable (nothing of it happened), and the next
@@ -220,44 +377,54 @@ async fn reconnect(options: &PgConnectOptions) -> PgConnection {
     }
 }
 
-/// Runs every job in one transaction, commits, then answers. Optimistic:
-/// no savepoint per job (two round trips each); a job that fails takes the
-/// transaction down with it, so the batch is rolled back and run again
-/// without it (its error is its answer). Failures are rare (a taken name, a
-/// reused id), so a batch almost always commits on its first pass. If the
-/// commit fails, every job gets the error: none of them happened.
+/// Runs every job in one transaction, commits, anchors, then answers.
+/// Optimistic: no savepoint per job (two round trips each); a job that
+/// fails takes the transaction down with it, so the batch is rolled back
+/// and run again without it (its error is its answer). Failures are rare (a
+/// taken name, a reused id), so a batch almost always commits on its first
+/// pass. If the commit fails, every job gets the error: none of them
+/// happened.
 async fn commit_batch(
     conn: &mut PgConnection,
     key: &ChainKey,
     batch: &mut Vec<Box<dyn Job>>,
+    anchor: Option<&AnchorFile>,
 ) -> Result<(), ()> {
+    let owners: Vec<Owner> = batch.iter().flat_map(|job| job.owners()).collect();
     let mut failed = vec![false; batch.len()];
     let committed = loop {
         let pass = async {
             let mut tx = Connection::begin(&mut *conn).await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(CHAIN_LOCK)
-                .execute(&mut *tx)
-                .await?;
-            let mut chain = Chain::read(&mut tx, key).await?;
+            let mut chain = Chain {
+                pending: Vec::new(),
+                locked: lock_owners(&mut tx, &owners).await?,
+            };
             for (i, job) in batch.iter_mut().enumerate() {
                 if !failed[i] && !job.apply(&mut tx, &mut chain).await {
                     tx.rollback().await?;
-                    return Ok::<Option<usize>, StoreError>(Some(i));
+                    return Ok::<_, StoreError>(Err(i));
                 }
             }
+            let head = seal_and_store(&mut tx, key, &chain.pending).await?;
             tx.commit().await?;
-            Ok(None)
+            Ok(Ok(head))
         }
         .await;
         match pass {
-            Ok(Some(i)) => failed[i] = true,
-            Ok(None) => break Ok(()),
+            Ok(Err(i)) => failed[i] = true,
+            Ok(Ok(head)) => break Ok(head),
             Err(e) => break Err(e),
         }
     };
     match committed {
-        Ok(()) => {
+        Ok(head) => {
+            // Anchored before anyone is answered: every decision this
+            // control plane acknowledges is covered by its anchor.
+            if let (Some(anchor), Some(head)) = (anchor, head)
+                && let Err(e) = anchor.write(head.seq, &head.hash)
+            {
+                tracing::error!(error = %e, "cannot write the ledger head anchor");
+            }
             for job in batch.drain(..) {
                 job.answer(Ok(()));
             }
@@ -270,5 +437,19 @@ async fn commit_batch(
             }
             Err(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_lock_key;
+
+    #[test]
+    fn agent_lock_keys_are_stable_across_builds() {
+        // The key is shared by every replica, of any version, on the
+        // database: it must never change.
+        assert_eq!(agent_lock_key(""), 0x811c_9dc5_u32 as i32);
+        assert_eq!(agent_lock_key("agt_1"), agent_lock_key("agt_1"));
+        assert_ne!(agent_lock_key("agt_1"), agent_lock_key("agt_2"));
     }
 }

@@ -5,7 +5,7 @@
 //! close of a reservation as a compare-and-set — and the decided events are
 //! appended. The same steps as `sqlite/writes.rs`, in PostgreSQL's SQL.
 
-use super::writer::{Chain, Operation};
+use super::writer::{Chain, Operation, Owner};
 use crate::storage::rows::{
     AGENT_COLUMNS, AGENT_SETTABLE_COLUMNS, AgentRow, PROCESS_SELECT, ProcessRow,
     RESERVATION_COLUMNS, ReservationRow, stored_u64,
@@ -61,10 +61,13 @@ pub(super) struct InsertAgent(pub AgentWrite);
 #[async_trait]
 impl Operation for InsertAgent {
     type Output = AgentRecord;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Agent(self.0.agent.id.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<AgentRecord, StoreError> {
         let a = &self.0.agent;
         let n = settable_count();
@@ -89,7 +92,7 @@ impl Operation for InsertAgent {
             });
         }
         inserted?;
-        chain.append_all(conn, &self.0.events).await?;
+        chain.append_all(&self.0.events);
         super::notify::agent_changed(conn, &a.id).await?;
         Ok(a.clone())
     }
@@ -103,10 +106,13 @@ pub(super) struct ChangeAgent {
 #[async_trait]
 impl Operation for ChangeAgent {
     type Output = AgentRecord;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::AgentNamed(self.name.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<AgentRecord, StoreError> {
         // FOR UPDATE: decided against the row as committed, and a change
         // from another control plane waits for this one.
@@ -119,6 +125,14 @@ impl Operation for ChangeAgent {
         let current: AgentRecord = row
             .ok_or_else(|| StoreError::AgentNotFound(self.name.clone()))?
             .try_into()?;
+        if !chain.holds(&current.id) {
+            // The name moved to another agent (deleted, then created again)
+            // between the batch's lookup and its locks.
+            return Err(StoreError::Unavailable(format!(
+                "agent '{}' was replaced while this change waited; retry it",
+                self.name
+            )));
+        }
         let Some(w) = (self.change)(&current)? else {
             return Ok(current);
         };
@@ -135,7 +149,7 @@ impl Operation for ChangeAgent {
         )
         .execute(&mut *conn)
         .await?;
-        chain.append_all(conn, &w.events).await?;
+        chain.append_all(&w.events);
         super::notify::agent_changed(conn, &w.agent.id).await?;
         Ok(w.agent)
     }
@@ -153,10 +167,13 @@ pub(super) struct Reserve(pub NewReservation);
 #[async_trait]
 impl Operation for Reserve {
     type Output = ReserveOutcome;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Agent(self.0.record.agent_id.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<ReserveOutcome, StoreError> {
         let n = &self.0;
         let r = &n.record;
@@ -173,8 +190,9 @@ impl Operation for Reserve {
                 ReserveOutcome::AlreadyClosed(existing.row.into())
             });
         }
-        // Under the chain lock every control plane takes in turn, so the
-        // count cannot move before this reservation is inserted.
+        // Under the agent's lock, which every control plane takes before
+        // touching its rows, so the count cannot move before this
+        // reservation is inserted.
         if n.max_open > 0 {
             let open: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM reservations WHERE state = 'open' AND agent_id = $1",
@@ -206,9 +224,7 @@ impl Operation for Reserve {
             .bind(&r.agent_id)
             .fetch_one(&mut *conn)
             .await?;
-            chain
-                .append(conn, &budget_denial_event(n, remaining))
-                .await?;
+            chain.append(&budget_denial_event(n, remaining));
             return Ok(ReserveOutcome::InsufficientBudget {
                 remaining_micro: remaining,
             });
@@ -233,7 +249,7 @@ impl Operation for Reserve {
         .bind(r.expires_at_ms)
         .execute(&mut *conn)
         .await?;
-        chain.append(conn, &admit_event(n)).await?;
+        chain.append(&admit_event(n));
         Ok(ReserveOutcome::Reserved {
             remaining_micro: remaining,
         })
@@ -245,10 +261,13 @@ pub(super) struct Settle(pub Settlement);
 #[async_trait]
 impl Operation for Settle {
     type Output = SettleOutcome;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Reservation(self.0.reservation_id.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<SettleOutcome, StoreError> {
         let st = &self.0;
         let now = now_ms();
@@ -299,9 +318,7 @@ impl Operation for Settle {
         .bind(overrun)
         .fetch_one(&mut *conn)
         .await?;
-        chain
-            .append_all(conn, &st.events(&agent_id, charge, now))
-            .await?;
+        chain.append_all(&st.events(&agent_id, charge, now));
         Ok(SettleOutcome::Settled {
             charged_micro: charge,
             remaining_micro: remaining,
@@ -314,8 +331,12 @@ pub(super) struct Deny(pub DenialRecord);
 #[async_trait]
 impl Operation for Deny {
     type Output = ();
-    async fn run(&self, conn: &mut PgConnection, chain: &mut Chain<'_>) -> Result<(), StoreError> {
-        chain.append(conn, &self.0.event(now_ms())).await
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Agent(self.0.agent_id.clone())]
+    }
+    async fn run(&self, _conn: &mut PgConnection, chain: &mut Chain) -> Result<(), StoreError> {
+        chain.append(&self.0.event(now_ms()));
+        Ok(())
     }
 }
 
@@ -327,10 +348,13 @@ pub(super) struct Extend {
 #[async_trait]
 impl Operation for Extend {
     type Output = Vec<String>;
+    fn owners(&self) -> Vec<Owner> {
+        self.ids.iter().cloned().map(Owner::Reservation).collect()
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        _chain: &mut Chain<'_>,
+        _chain: &mut Chain,
     ) -> Result<Vec<String>, StoreError> {
         let extended: Vec<String> = sqlx::query_scalar(
             "UPDATE reservations SET expires_at_ms = $2 \
@@ -358,10 +382,13 @@ pub(super) struct StartProcess {
 #[async_trait]
 impl Operation for StartProcess {
     type Output = ProcessRecord;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Agent(self.process.agent_id.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<ProcessRecord, StoreError> {
         let p = &self.process;
         sqlx::query(
@@ -378,9 +405,7 @@ impl Operation for StartProcess {
         .bind(p.started_at_ms)
         .execute(&mut *conn)
         .await?;
-        chain
-            .append(conn, &p.started_event(&self.ledger_key))
-            .await?;
+        chain.append(&p.started_event(&self.ledger_key));
         Ok(p.clone())
     }
 }
@@ -393,7 +418,10 @@ pub(super) struct SetPid {
 #[async_trait]
 impl Operation for SetPid {
     type Output = ();
-    async fn run(&self, conn: &mut PgConnection, _chain: &mut Chain<'_>) -> Result<(), StoreError> {
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Process(self.id.clone())]
+    }
+    async fn run(&self, conn: &mut PgConnection, _chain: &mut Chain) -> Result<(), StoreError> {
         sqlx::query("UPDATE processes SET pid = $2 WHERE id = $1")
             .bind(&self.id)
             .bind(i64::from(self.pid))
@@ -411,11 +439,10 @@ pub(super) struct RequestKill {
 #[async_trait]
 impl Operation for RequestKill {
     type Output = u64;
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        _chain: &mut Chain<'_>,
-    ) -> Result<u64, StoreError> {
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Agent(self.agent_id.clone())]
+    }
+    async fn run(&self, conn: &mut PgConnection, _chain: &mut Chain) -> Result<u64, StoreError> {
         Ok(sqlx::query(
             "UPDATE processes SET kill_reason = $2 WHERE agent_id = $1 AND state = 'running'",
         )
@@ -437,10 +464,13 @@ pub(super) struct EndProcess {
 #[async_trait]
 impl Operation for EndProcess {
     type Output = Option<ProcessRecord>;
+    fn owners(&self) -> Vec<Owner> {
+        vec![Owner::Process(self.id.clone())]
+    }
     async fn run(
         &self,
         conn: &mut PgConnection,
-        chain: &mut Chain<'_>,
+        chain: &mut Chain,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         if self.state == ProcessState::Running {
             return Err(StoreError::Invalid(
@@ -471,7 +501,7 @@ impl Operation for EndProcess {
                 .await?
                 .into();
         if let Some(event) = process.ended_event(self.state, self.exit_code, &self.reason, now) {
-            chain.append(conn, &event).await?;
+            chain.append(&event);
         }
         Ok(Some(process))
     }
