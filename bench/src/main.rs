@@ -268,14 +268,15 @@ struct Result {
 }
 
 async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: &Args) -> Result {
-    workload_over(&[url.to_string()], token, stream, concurrency, args).await
+    workload_over(&[url.to_string()], &[token.to_string()], stream, concurrency, args).await
 }
 
 /// The workload with its workers spread over `urls` (worker i on
 /// `urls[i % len]`), as agents spread over several data planes.
+/// Worker *w* calls `urls[w mod n]` as `tokens[w mod m]`.
 async fn workload_over(
     urls: &[String],
-    token: &str,
+    tokens: &[String],
     stream: bool,
     concurrency: u64,
     args: &Args,
@@ -289,7 +290,7 @@ async fn workload_over(
     for worker in 0..concurrency {
         let (url, token, counter, errors, first_error) = (
             urls[worker as usize % urls.len()].clone(),
-            token.to_string(),
+            tokens[worker as usize % tokens.len()].clone(),
             counter.clone(),
             errors.clone(),
             first_error.clone(),

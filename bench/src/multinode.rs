@@ -13,6 +13,9 @@ struct Shape {
     postgres: bool,
     controls: usize,
     data_planes: usize,
+    /// One agent for every data plane (each agent with its sidecar), or
+    /// one agent for all of them.
+    agent_per_data_plane: bool,
 }
 
 const SHAPES: &[Shape] = &[
@@ -21,30 +24,42 @@ const SHAPES: &[Shape] = &[
         postgres: false,
         controls: 1,
         data_planes: 1,
+        agent_per_data_plane: false,
     },
     Shape {
         name: "PostgreSQL, 1 control plane, 1 data plane",
         postgres: true,
         controls: 1,
         data_planes: 1,
+        agent_per_data_plane: false,
     },
     Shape {
         name: "PostgreSQL, 1 control plane, 3 data planes",
         postgres: true,
         controls: 1,
         data_planes: 3,
+        agent_per_data_plane: false,
     },
     Shape {
         name: "PostgreSQL, 2 control planes, 2 data planes",
         postgres: true,
         controls: 2,
         data_planes: 2,
+        agent_per_data_plane: false,
     },
     Shape {
         name: "PostgreSQL, 2 control planes, 3 data planes",
         postgres: true,
         controls: 2,
         data_planes: 3,
+        agent_per_data_plane: false,
+    },
+    Shape {
+        name: "PostgreSQL, 2 control planes, 3 data planes, an agent each",
+        postgres: true,
+        controls: 2,
+        data_planes: 3,
+        agent_per_data_plane: true,
     },
 ];
 
@@ -153,21 +168,31 @@ pub async fn run(args: &Args, mock_addr: std::net::SocketAddr, server: &str) {
                 (pid, format!("http://{}/v1/chat/completions", lines[0]))
             })
             .collect();
-        let out = Command::new(sibling("aexctl"))
-            .args([
-                "agent",
-                "create",
-                "fleet",
-                "1000000",
-                "4000000000",
-                "--json",
-            ])
-            .env("AEX_HOME", dir.path())
-            .env("AEX_CONTROL_ADDR", &controls[0].1)
-            .output()
-            .expect("aexctl");
-        let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("agent JSON");
-        let token = created["token"].as_str().expect("token").to_string();
+        let agents = if shape.agent_per_data_plane {
+            shape.data_planes
+        } else {
+            1
+        };
+        let tokens: Vec<String> = (0..agents)
+            .map(|i| {
+                let out = Command::new(sibling("aexctl"))
+                    .args([
+                        "agent",
+                        "create",
+                        &format!("fleet-{i}"),
+                        "1000000",
+                        "4000000000",
+                        "--json",
+                    ])
+                    .env("AEX_HOME", dir.path())
+                    .env("AEX_CONTROL_ADDR", &controls[0].1)
+                    .output()
+                    .expect("aexctl");
+                let created: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).expect("agent JSON");
+                created["token"].as_str().expect("token").to_string()
+            })
+            .collect();
         // Every replica has the agent (LISTEN/NOTIFY) well within this.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let urls: Vec<String> = data.iter().map(|(_, u)| u.clone()).collect();
@@ -175,7 +200,7 @@ pub async fn run(args: &Args, mock_addr: std::net::SocketAddr, server: &str) {
         let cpu = |pids: &[u32]| pids.iter().map(|&p| usage(p).0).sum::<f64>();
         let (control_pids, data_pids) = (pids(&controls), pids(&data));
         let (c0, d0) = (cpu(&control_pids), cpu(&data_pids));
-        let r = workload_over(&urls, &token, false, CONCURRENCY, args).await;
+        let r = workload_over(&urls, &tokens, false, CONCURRENCY, args).await;
         let (c1, d1) = (cpu(&control_pids), cpu(&data_pids));
         let per_k = |a: f64, b: f64| (b - a) / r.done.max(1) as f64 * 1000.0;
         eprintln!(
@@ -207,7 +232,7 @@ Produced by `./bench/run multinode --requests {req}` (= `target/release/aex-benc
 PostgreSQL from `--database-url` / `AEX_BENCH_DATABASE_URL`, default the machine's 127.0.0.1:5432) on {cpus} CPUs, \
 everything on one machine: load generator, mock provider, PostgreSQL, every control and data plane. \
 Chat, {CONCURRENCY} workers spread over the data planes, each with one kept-alive connection; data plane *i* asks \
-control plane *i mod n*. Each shape has a fresh home and database and one agent; CPU is the sum over the processes \
+control plane *i mod n*. Each shape has a fresh home and database and one agent (or, where it says so, one agent per data plane, as sidecars are); CPU is the sum over the processes \
 of each plane, per 1,000 requests. Each workload stops after {max}s.\n\n\
 | shape | rps (% of direct) | p50 / p99 ms | added p50 ms | CPU s per 1k req, control / data | requests / errors |\n\
 |---|---|---|---|---|---|\n{}\n",
