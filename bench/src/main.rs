@@ -268,7 +268,14 @@ struct Result {
 }
 
 async fn workload(url: &str, token: &str, stream: bool, concurrency: u64, args: &Args) -> Result {
-    workload_over(&[url.to_string()], &[token.to_string()], stream, concurrency, args).await
+    workload_over(
+        &[url.to_string()],
+        &[token.to_string()],
+        stream,
+        concurrency,
+        args,
+    )
+    .await
 }
 
 /// The workload with its workers spread over `urls` (worker i on

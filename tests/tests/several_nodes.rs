@@ -442,6 +442,126 @@ async fn an_rpm_limit_holds_across_control_planes() {
     }
 }
 
+/// One call's input-token bound (what a TPM limit debits at admission),
+/// read from a probe agent's admit event.
+async fn input_bound(control: &ControlPlane, data: &DataPlane) -> u64 {
+    let token = control.agent("probe-tokens", "1", "1000", &[]);
+    let r = Client::new()
+        .post(data.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = control.aexctl(&["events", "--agent", "probe-tokens", "--json"]);
+    events
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "admit")
+        .and_then(|e| {
+            let details = match &e["details"] {
+                Value::String(s) => serde_json::from_str(s).unwrap(),
+                other => other.clone(),
+            };
+            details["input_tokens_bound"].as_u64()
+        })
+        .expect("an admit event with its input bound")
+}
+
+/// One TPM limit across replicas: room for exactly 10 calls' input bounds
+/// (and half of one more, which the refill during the burst cannot fill),
+/// 30 slow calls at once over 3 data planes on 2 control planes → exactly
+/// 10 admitted, the rest refused by rule `tpm` with a wait. Per replica,
+/// each control plane would admit 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_limit_holds_across_control_planes() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, _mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let data = [
+        DataPlane::start(&home, &first.url(), &[]),
+        DataPlane::start(&home, &second.url(), &[]),
+        DataPlane::start(&home, &second.url(), &[]),
+    ];
+    let bound = input_bound(&first, &data[0]).await;
+    let tpm = 10 * bound + bound / 2;
+    let token = first.agent("thrifty", "5", "100000", &["--tpm", &tpm.to_string()]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let client = Client::new();
+    let calls = (0..30).map(|i| {
+        let request = client
+            .post(data[i % data.len()].url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "1500")
+            .json(&chat())
+            .send();
+        async move {
+            let r = request.await.unwrap();
+            let header = |n: &str| {
+                r.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            (
+                r.status().as_u16(),
+                header("x-aex-denied-by"),
+                header("retry-after-ms").and_then(|v| v.parse::<u64>().ok()),
+            )
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let passed = answers.iter().filter(|a| a.0 == 200).count();
+    let limited: Vec<_> = answers
+        .iter()
+        .filter(|a| a.0 == 429 && a.1.as_deref() == Some("tpm"))
+        .collect();
+    assert_eq!(
+        (passed, limited.len()),
+        (10, 20),
+        "bound {bound}, tpm {tpm}: {answers:?}"
+    );
+    for (_, _, wait) in limited {
+        assert!(wait.expect("retry-after-ms") >= 1);
+    }
+}
+
+/// A data plane balanced over two control planes admits a call through
+/// one and may settle it through the other: the first must not go on
+/// counting it as in flight. 24 calls one after another under a
+/// concurrency limit of 1 all pass; the admitting replica's memory drops
+/// what another one closed (checked by the store, not by its own count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_settled_through_another_replica_frees_its_slot() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, _mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let data = DataPlane::start(&home, &format!("{},{}", first.url(), second.url()), &[]);
+    let token = first.agent("single", "5", "100000", &["--max-concurrent", "1"]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let client = Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..24 {
+        let r = client
+            .post(data.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        // The settlement is reported after the response; wait for it.
+        first.settled("single", Duration::from_secs(5)).await;
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
 /// One concurrency limit across replicas: a limit of 5, 30 slow calls at
 /// once over 3 data planes on 2 control planes → exactly 5 in flight, the
 /// rest refused by rule `concurrency`.

@@ -3,6 +3,8 @@
 //! the hot path is one database transaction to reserve and one to settle.
 
 use super::limiter::{Gcra, TokenBucket};
+
+mod shared;
 use super::policy::{Ask, Denial, Endpoint, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
@@ -164,9 +166,9 @@ struct Tentative {
     agent_id: String,
     agent_name: String,
     rpm: u32,
-    /// The RPM limit is the database's, shared with other control planes
-    /// (taken after `decide`), not this process's.
-    shared_rpm: bool,
+    /// The RPM and TPM limits are the database's, shared with other control
+    /// planes (taken after `decide`, see `shared.rs`), not this process's.
+    shared: bool,
     /// Checked again by a shared store, for the reservations other control
     /// planes hold.
     max_concurrent: u32,
@@ -441,7 +443,7 @@ impl AdmissionCore {
             if self.store.open_reservation(&id).await?.is_some() {
                 return Ok(Decision::Admitted(admitted));
             }
-            self.forget(&id, None);
+            let _ = self.forget(&id, None);
         }
         let decided = {
             let mut live = self.lock();
@@ -461,12 +463,8 @@ impl AdmissionCore {
             }
         };
         if let Some(rates) = &self.shared_rates {
-            let taken = rates
-                .take(&rpm_key(&tentative.agent_id), tentative.rpm, now)
-                .await;
-            let refused = match taken {
-                Ok(Ok(())) => None,
-                Ok(Err(wait)) => Some(rpm_denial(&tentative.agent_name, tentative.rpm, wait)),
+            let refused = match shared::take(rates.as_ref(), &tentative, ask.model, now).await {
+                Ok(refused) => refused,
                 Err(e) => {
                     self.undo(&tentative, ask.model, now);
                     return Err(e.into());
@@ -655,46 +653,49 @@ impl AdmissionCore {
         let tokens = ask.input_tokens_bound;
         let a = live.agents.get_mut(&id).expect("looked up above");
         let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
-        if max_concurrent > 0 && a.open >= max_concurrent {
+        let shared = self.shared_rates.is_some();
+        // A shared store counts the open reservations of every replica in
+        // the reservation's own step; this process's count would also hold
+        // ones another replica has settled since (a data plane moved).
+        if !shared && max_concurrent > 0 && a.open >= max_concurrent {
             return Err(deny(concurrency_denial(&name, max_concurrent)));
         }
-        let shared_rpm = self.shared_rates.is_some();
-        if !shared_rpm && let Err(wait) = a.rpm.take(rpm, now) {
+        if shared {
+            // Every rate limit is taken from the database after this.
+            a.open += 1;
+            return Ok(Accepted {
+                tentative: Tentative {
+                    agent_id: id.clone(),
+                    agent_name: name.clone(),
+                    rpm,
+                    shared,
+                    max_concurrent,
+                    tpm,
+                    model_tpm: model.max_tokens_per_minute,
+                    debited_tokens: tokens,
+                },
+                plan,
+            });
+        }
+        if let Err(wait) = a.rpm.take(rpm, now) {
             return Err(deny(rpm_denial(&name, rpm, wait)));
         }
         if tpm > 0
             && let Err(wait) = a.tpm.take(tpm, tokens, now)
         {
-            if !shared_rpm {
-                a.rpm.give_back(rpm);
-            }
-            return Err(deny(Denial::rate_limited(
-                Rule::Tpm,
-                wait,
-                format!(
-                    "Rate limit reached: agent '{name}' is limited to {tpm} tokens per minute. Retry in {wait} ms."
-                ),
-            )));
+            a.rpm.give_back(rpm);
+            return Err(deny(tpm_denial(&name, tpm, wait)));
         }
         let model_tpm = model.max_tokens_per_minute;
         if model_tpm > 0 {
             let bucket = live.model_tpm.entry(model.name.clone()).or_default();
             if let Err(wait) = bucket.take(model_tpm, tokens, now) {
                 let a = live.agents.get_mut(&id).expect("looked up above");
-                if !shared_rpm {
-                    a.rpm.give_back(rpm);
-                }
+                a.rpm.give_back(rpm);
                 if tpm > 0 {
                     a.tpm.adjust(tpm, -(tokens as i64), now);
                 }
-                return Err(deny(Denial::rate_limited(
-                    Rule::ModelTpm,
-                    wait,
-                    format!(
-                        "Rate limit reached: model '{}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait} ms.",
-                        model.name
-                    ),
-                )));
+                return Err(deny(model_tpm_denial(&model.name, model_tpm, wait)));
             }
         }
         live.agents.get_mut(&id).expect("looked up above").open += 1;
@@ -703,7 +704,7 @@ impl AdmissionCore {
                 agent_id: id.clone(),
                 agent_name: name.clone(),
                 rpm,
-                shared_rpm,
+                shared,
                 max_concurrent,
                 tpm,
                 model_tpm,
@@ -713,15 +714,13 @@ impl AdmissionCore {
         })
     }
 
-    /// [`Self::undo`], and the shared RPM taken after `decide`.
+    /// [`Self::undo`], and the shared limits taken after `decide`.
     async fn undo_all(&self, t: &Tentative, model: &str, now: i64) {
         self.undo(t, model, now);
         if let Some(rates) = &self.shared_rates
-            && t.shared_rpm
-            && let Err(e) = rates.give_back(&rpm_key(&t.agent_id), t.rpm).await
+            && t.shared
         {
-            // Counted against the rate for at most one interval.
-            tracing::warn!(error = %e, agent = %t.agent_name, "could not give back a shared RPM slot");
+            shared::give_back(rates.as_ref(), t, model, now).await;
         }
     }
 
@@ -730,14 +729,15 @@ impl AdmissionCore {
         let mut live = self.lock();
         if let Some(a) = live.agents.get_mut(&t.agent_id) {
             a.open = a.open.saturating_sub(1);
-            if !t.shared_rpm {
+            if !t.shared {
                 a.rpm.give_back(t.rpm);
-            }
-            if t.tpm > 0 {
-                a.tpm.adjust(t.tpm, -(t.debited_tokens as i64), now);
+                if t.tpm > 0 {
+                    a.tpm.adjust(t.tpm, -(t.debited_tokens as i64), now);
+                }
             }
         }
-        if t.model_tpm > 0
+        if !t.shared
+            && t.model_tpm > 0
             && let Some(b) = live.model_tpm.get_mut(model)
         {
             b.adjust(t.model_tpm, -(t.debited_tokens as i64), now);
@@ -939,10 +939,13 @@ impl AdmissionCore {
                 }),
             })
             .await?;
-        self.forget(
+        let correction = self.forget(
             &record.id,
             Some(s.prompt_tokens.saturating_add(s.completion_tokens)),
         );
+        if let (Some(rates), Some(correction)) = (&self.shared_rates, correction) {
+            shared::correct(rates.as_ref(), &correction, now_ms()).await;
+        }
         if let SettleOutcome::Settled {
             remaining_micro, ..
         } = outcome
@@ -970,29 +973,41 @@ impl AdmissionCore {
     }
 
     /// Drops a closed reservation from memory: frees its concurrency slot
-    /// and corrects the TPM debit to the tokens really used (when known).
-    fn forget(&self, reservation_id: &str, used_tokens: Option<u64>) {
+    /// and corrects the TPM debit to the tokens really used (when known);
+    /// with shared limits, returns that correction for the database's
+    /// buckets instead (`shared::correct`).
+    fn forget(&self, reservation_id: &str, used_tokens: Option<u64>) -> Option<shared::Correction> {
         let now = now_ms();
         let mut live = self.lock();
-        let Some(o) = live.open.remove(reservation_id) else {
-            return;
-        };
+        let o = live.open.remove(reservation_id)?;
         live.by_request.remove(&o.record.request_id);
         let delta = used_tokens.map(|used| used as i64 - o.debited_tokens as i64);
+        let mut agent_tpm = 0;
         if let Some(a) = live.agents.get_mut(&o.record.agent_id) {
             a.open = a.open.saturating_sub(1);
-            if let Some(delta) = delta
-                && a.record.tpm > 0
-            {
-                a.tpm.adjust(a.record.tpm, delta, now);
-            }
+            agent_tpm = a.record.tpm;
         }
-        if let Some(delta) = delta
-            && o.model_tpm_limit > 0
+        let delta = delta?;
+        if self.shared_rates.is_some() {
+            return Some(shared::Correction {
+                agent_id: o.record.agent_id,
+                agent_tpm,
+                model: o.record.model,
+                model_tpm: o.model_tpm_limit,
+                delta,
+            });
+        }
+        if agent_tpm > 0
+            && let Some(a) = live.agents.get_mut(&o.record.agent_id)
+        {
+            a.tpm.adjust(agent_tpm, delta, now);
+        }
+        if o.model_tpm_limit > 0
             && let Some(b) = live.model_tpm.get_mut(&o.record.model)
         {
             b.adjust(o.model_tpm_limit, delta, now);
         }
+        None
     }
 
     /// Settles every open reservation past its expiry by `policy`: a data
@@ -1006,6 +1021,7 @@ impl AdmissionCore {
         // data plane may have moved to another replica): only what is due
         // there expires, whichever replica holds it in memory.
         let store_due = self.store.due_reservations(now).await?;
+        self.drop_closed_elsewhere(now, &store_due).await?;
         let mut due: Vec<(ReservationRecord, String)> = Vec::new();
         {
             let live = self.lock();
@@ -1071,7 +1087,7 @@ impl AdmissionCore {
                     continue;
                 }
             };
-            self.forget(&r.id, None);
+            let _ = self.forget(&r.id, None);
             if matches!(outcome, SettleOutcome::Settled { .. }) {
                 tracing::warn!(reservation = %r.id, charged = charge, "reservation expired");
                 sweep.expired += 1;
@@ -1127,13 +1143,51 @@ impl AdmissionCore {
     pub async fn heartbeat(&self, ids: &[String]) -> Result<(i64, Vec<String>)> {
         let expires = now_ms() + self.reservation_ttl_ms;
         let closed = self.store.extend_reservations(ids, expires).await?;
-        let mut live = self.lock();
-        for id in ids {
-            if let Some(o) = live.open.get_mut(id) {
-                o.record.expires_at_ms = expires;
+        {
+            let mut live = self.lock();
+            for id in ids {
+                if let Some(o) = live.open.get_mut(id) {
+                    o.record.expires_at_ms = expires;
+                }
             }
         }
+        // Closed through another control plane: nothing of it is open here.
+        for id in &closed {
+            let _ = self.forget(id, None);
+        }
         Ok((expires, closed))
+    }
+
+    /// Reservations this process holds open past their expiry as it knows
+    /// it, that the store does not list as due: heartbeated, settled or
+    /// expired through another control plane (a data plane moved). Each is
+    /// looked up once; a closed one is dropped from memory (freeing its
+    /// slot), an open one takes the store's expiry.
+    async fn drop_closed_elsewhere(&self, now: i64, store_due: &[ReservationRecord]) -> Result<()> {
+        let due: std::collections::HashSet<&str> =
+            store_due.iter().map(|r| r.id.as_str()).collect();
+        let stale: Vec<String> = {
+            let live = self.lock();
+            live.open
+                .values()
+                .filter(|o| o.record.expires_at_ms <= now)
+                .filter(|o| !due.contains(o.record.id.as_str()))
+                .map(|o| o.record.id.clone())
+                .collect()
+        };
+        for id in stale {
+            match self.store.open_reservation(&id).await? {
+                None => {
+                    let _ = self.forget(&id, None);
+                }
+                Some(r) => {
+                    if let Some(o) = self.lock().open.get_mut(&id) {
+                        o.record.expires_at_ms = r.expires_at_ms;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `Endpoint::Models` needs authentication only: no reservation.
@@ -1150,11 +1204,6 @@ impl AdmissionCore {
             .map(|a| &a.record);
         authenticate(record, now_ms()).cloned()
     }
-}
-
-/// The shared limiter of an agent's requests per minute.
-fn rpm_key(agent_id: &str) -> String {
-    format!("rpm:{agent_id}")
 }
 
 fn concurrency_denial(agent_name: &str, max_concurrent: u32) -> Denial {
@@ -1174,6 +1223,26 @@ fn rpm_denial(agent_name: &str, rpm: u32, wait_ms: u64) -> Denial {
         wait_ms,
         format!(
             "Rate limit reached: agent '{agent_name}' is limited to {rpm} requests per minute. Retry in {wait_ms} ms."
+        ),
+    )
+}
+
+fn tpm_denial(agent_name: &str, tpm: u64, wait_ms: u64) -> Denial {
+    Denial::rate_limited(
+        Rule::Tpm,
+        wait_ms,
+        format!(
+            "Rate limit reached: agent '{agent_name}' is limited to {tpm} tokens per minute. Retry in {wait_ms} ms."
+        ),
+    )
+}
+
+fn model_tpm_denial(model: &str, model_tpm: u64, wait_ms: u64) -> Denial {
+    Denial::rate_limited(
+        Rule::ModelTpm,
+        wait_ms,
+        format!(
+            "Rate limit reached: model '{model}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait_ms} ms."
         ),
     )
 }

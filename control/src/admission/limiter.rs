@@ -84,8 +84,32 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// A bucket as a shared store keeps it (see `storage::SharedRates`).
+    pub fn from_state(level_milli: i64, last_ms: i64) -> Self {
+        Self {
+            level_milli,
+            last_ms,
+            initialised: true,
+        }
+    }
+
+    pub fn level_milli(&self) -> i64 {
+        self.level_milli
+    }
+
+    /// A full bucket, in thousandths of a token.
+    pub fn capacity_milli(per_minute: u64) -> i64 {
+        (per_minute as i64).saturating_mul(1000)
+    }
+
+    /// What a request of `tokens` must find in the bucket: never more than
+    /// a full one.
+    pub fn need_milli(per_minute: u64, tokens: u64) -> i64 {
+        (tokens.min(per_minute) as i64) * 1000
+    }
+
     fn refill(&mut self, per_minute: u64, now_ms: i64) {
-        let capacity = (per_minute as i64).saturating_mul(1000);
+        let capacity = Self::capacity_milli(per_minute);
         if !self.initialised {
             self.level_milli = capacity;
             self.last_ms = now_ms;
@@ -96,14 +120,16 @@ impl TokenBucket {
         // per_minute tokens per 60 000 ms = per_minute / 60 milli-tokens per ms.
         let gained = elapsed.saturating_mul(per_minute as i64) / 60;
         self.level_milli = self.level_milli.saturating_add(gained).min(capacity);
-        self.last_ms = now_ms;
+        // Never back: readings that cross (threads, replicas' clocks) must
+        // not refill the same milliseconds twice.
+        self.last_ms = self.last_ms.max(now_ms);
     }
 
     /// Admits if `tokens` fit (a request larger than a whole minute needs
     /// a full bucket, so it is never refused forever), debiting them.
     pub fn take(&mut self, per_minute: u64, tokens: u64, now_ms: i64) -> Check {
         self.refill(per_minute, now_ms);
-        let need = (tokens.min(per_minute) as i64) * 1000;
+        let need = Self::need_milli(per_minute, tokens);
         if self.level_milli < need {
             let deficit = (need - self.level_milli) as u64;
             // milli-tokens / (per_minute / 60 milli-tokens per ms), rounded up.
@@ -118,7 +144,7 @@ impl TokenBucket {
     /// debited; negative: refund).
     pub fn adjust(&mut self, per_minute: u64, delta: i64, now_ms: i64) {
         self.refill(per_minute, now_ms);
-        let capacity = (per_minute as i64).saturating_mul(1000);
+        let capacity = Self::capacity_milli(per_minute);
         self.level_milli = self
             .level_milli
             .saturating_sub(delta.saturating_mul(1000))

@@ -241,9 +241,10 @@ pub trait AgentStore: Send + Sync + 'static {
     }
 }
 
-/// Requests-per-minute limiters shared by every control plane on one
-/// database, so a limit holds across replicas. Each `take` is atomic; the
-/// arithmetic is [`crate::admission::limiter::Gcra`]'s.
+/// Rate limiters shared by every control plane on one database, so a limit
+/// holds across replicas: requests per minute (the arithmetic of
+/// [`crate::admission::limiter::Gcra`]) and tokens per minute (of
+/// [`crate::admission::limiter::TokenBucket`]). Each take is atomic.
 #[async_trait]
 pub trait SharedRates: Send + Sync + 'static {
     /// Admits one request under `key`'s limit if it allows, recording it;
@@ -256,6 +257,25 @@ pub trait SharedRates: Send + Sync + 'static {
     ) -> Result<crate::admission::limiter::Check, StoreError>;
     /// Gives back a request taken and not used.
     async fn give_back(&self, key: &str, per_minute: u32) -> Result<(), StoreError>;
+    /// Debits `tokens` from `key`'s bucket of `per_minute` if they fit, as
+    /// [`crate::admission::limiter::TokenBucket::take`]; `Err(wait_ms)` when
+    /// refused (nothing debited).
+    async fn take_tokens(
+        &self,
+        key: &str,
+        per_minute: u64,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<crate::admission::limiter::Check, StoreError>;
+    /// Corrects an earlier debit by `delta` tokens (negative: a refund), as
+    /// [`crate::admission::limiter::TokenBucket::adjust`].
+    async fn adjust_tokens(
+        &self,
+        key: &str,
+        per_minute: u64,
+        delta: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 }
 
 /// The hot path: reservations, settlements, denials.

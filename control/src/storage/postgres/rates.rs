@@ -1,10 +1,11 @@
-//! Requests-per-minute limits shared by every control plane on the
-//! database: the GCRA of `admission::limiter` with its arrival time in
-//! `rate_limits`, taken in one statement (insert or move the arrival time,
-//! only where the limit allows), so that no two replicas can both take the
-//! last request of a minute.
+//! Rate limits shared by every control plane on the database, each taken
+//! in one statement so that no two replicas can both take the last of a
+//! minute: requests per minute as the GCRA of `admission::limiter` with
+//! its arrival time in `rate_limits` (insert or move it, only where the
+//! limit allows), and tokens per minute as its `TokenBucket` in
+//! `token_buckets` (refill and debit, only where the request fits).
 
-use crate::admission::limiter::{Check, Gcra};
+use crate::admission::limiter::{Check, Gcra, TokenBucket};
 use crate::storage::{SharedRates, StoreError};
 use async_trait::async_trait;
 use sqlx::PgPool;
@@ -57,6 +58,85 @@ impl SharedRates for PgRates {
             .bind(Gcra::interval_us(per_minute))
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    async fn take_tokens(
+        &self,
+        key: &str,
+        per_minute: u64,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<Check, StoreError> {
+        let capacity = TokenBucket::capacity_milli(per_minute);
+        let need = TokenBucket::need_milli(per_minute, tokens);
+        // TokenBucket::take in SQL: refill by the time elapsed (never back),
+        // capped at a full bucket, then debit if the request fits. A first
+        // request finds a full bucket.
+        let taken: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO token_buckets AS b (key, level_milli, last_ms) VALUES ($1, $2 - $3, $4) \
+             ON CONFLICT (key) DO UPDATE SET \
+                 level_milli = LEAST(b.level_milli + GREATEST($4 - b.last_ms, 0) * $5 / 60, $2) - $3, \
+                 last_ms = GREATEST(b.last_ms, $4) \
+             WHERE LEAST(b.level_milli + GREATEST($4 - b.last_ms, 0) * $5 / 60, $2) >= $3 \
+             RETURNING level_milli",
+        )
+        .bind(key)
+        .bind(capacity)
+        .bind(need)
+        .bind(now_ms)
+        .bind(per_minute as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        if taken.is_some() {
+            return Ok(Ok(()));
+        }
+        // Refused: refilled all the same (as TokenBucket::take does, so the
+        // two stay equal to the milli-token), and the wait from there.
+        let (level, last): (i64, i64) = sqlx::query_as(
+            "UPDATE token_buckets SET \
+                 level_milli = LEAST(level_milli + GREATEST($2 - last_ms, 0) * $3 / 60, $4), \
+                 last_ms = GREATEST(last_ms, $2) \
+             WHERE key = $1 RETURNING level_milli, last_ms",
+        )
+        .bind(key)
+        .bind(now_ms)
+        .bind(per_minute as i64)
+        .bind(capacity)
+        .fetch_one(&self.pool)
+        .await?;
+        let wait = match TokenBucket::from_state(level, last).take(per_minute, tokens, now_ms) {
+            Err(wait) => wait,
+            // Another replica refunded in between: refused with the shortest
+            // wait rather than admitted on a state that moved.
+            Ok(()) => 1,
+        };
+        Ok(Err(wait.max(1)))
+    }
+
+    async fn adjust_tokens(
+        &self,
+        key: &str,
+        per_minute: u64,
+        delta: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        // TokenBucket::adjust: refill, then take the correction (a refund
+        // when negative), never above a full bucket.
+        sqlx::query(
+            "UPDATE token_buckets SET \
+                 level_milli = LEAST(LEAST(level_milli + GREATEST($3 - last_ms, 0) * $4 / 60, $2) \
+                     - $5 * 1000, $2), \
+                 last_ms = GREATEST(last_ms, $3) \
+             WHERE key = $1",
+        )
+        .bind(key)
+        .bind(TokenBucket::capacity_milli(per_minute))
+        .bind(now_ms)
+        .bind(per_minute as i64)
+        .bind(delta)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

@@ -91,3 +91,51 @@ async fn two_writers_on_many_agents_never_deadlock() {
     pool.close().await;
     assert_eq!(deadlocks, 0, "deadlocks PostgreSQL detected and broke");
 }
+
+/// The shared token bucket decides exactly as the in-memory one: the same
+/// takes and corrections, at the same times, give the same answers, waits
+/// and levels (seed printed; `AEX_BUCKET_SEED` replays a run).
+#[tokio::test]
+async fn the_shared_token_bucket_decides_as_the_in_memory_one() {
+    use crate::admission::limiter::TokenBucket;
+    let Some((db, store)) = store().await else {
+        return;
+    };
+    let seed = aex_tests::rng::seed_from_env("AEX_BUCKET_SEED");
+    println!("token bucket: seed {seed} (replay with AEX_BUCKET_SEED={seed})");
+    let mut rng = aex_tests::rng::Rng(seed);
+    let rates = crate::storage::LedgerStore::shared_rates(&store).expect("shared on PostgreSQL");
+    let per_minute = 1_000;
+    let mut memory = TokenBucket::default();
+    let mut now = 1_700_000_000_000i64;
+    let pool = sqlx::PgPool::connect_with(db.options()).await.unwrap();
+    for step in 0..400 {
+        now += rng.below(400) as i64;
+        if step == 0 || rng.chance(70) {
+            let tokens = rng.below(600);
+            let shared = rates
+                .take_tokens("k", per_minute, tokens, now)
+                .await
+                .unwrap();
+            assert_eq!(
+                shared,
+                memory.take(per_minute, tokens, now),
+                "step {step}: take {tokens} at {now} (seed {seed})"
+            );
+        } else {
+            let delta = rng.below(400) as i64 - 200;
+            rates
+                .adjust_tokens("k", per_minute, delta, now)
+                .await
+                .unwrap();
+            memory.adjust(per_minute, delta, now);
+        }
+        let level: i64 =
+            sqlx::query_scalar("SELECT level_milli FROM token_buckets WHERE key = 'k'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(level, memory.level_milli(), "step {step} (seed {seed})");
+    }
+    pool.close().await;
+}

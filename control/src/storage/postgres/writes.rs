@@ -177,63 +177,16 @@ impl Operation for Reserve {
     ) -> Result<ReserveOutcome, StoreError> {
         let n = &self.0;
         let r = &n.record;
-        let existing: Option<ExistingReservation> = sqlx::query_as(&format!(
-            "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
-        ))
-        .bind(&r.request_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(existing) = existing {
-            return Ok(if existing.state == ReservationState::Open.as_str() {
-                ReserveOutcome::AlreadyAdmitted(existing.row.into())
-            } else {
-                ReserveOutcome::AlreadyClosed(existing.row.into())
-            });
-        }
-        // Under the agent's lock, which every control plane takes before
-        // touching its rows, so the count cannot move before this
-        // reservation is inserted.
-        if n.max_open > 0 {
-            let open: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM reservations WHERE state = 'open' AND agent_id = $1",
-            )
-            .bind(&r.agent_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            if open >= i64::from(n.max_open) {
-                return Ok(ReserveOutcome::TooManyOpen);
-            }
-        }
-        // The budget check and the reservation are one statement: no two
-        // admissions, on any control plane, can both take the last micro.
-        let taken: Option<i64> = sqlx::query_scalar(
-            "UPDATE agents SET reserved_micro = reserved_micro + $1, last_activity_at_ms = $3 \
-             WHERE id = $2 AND deleted_at_ms IS NULL \
-             AND budget_micro - spent_micro - reserved_micro >= $1 \
-             RETURNING budget_micro - spent_micro - reserved_micro",
-        )
-        .bind(r.amount_micro)
-        .bind(&r.agent_id)
-        .bind(r.created_at_ms)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(remaining) = taken else {
-            let remaining: i64 = sqlx::query_scalar(
-                "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = $1",
-            )
-            .bind(&r.agent_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            chain.append(&budget_denial_event(n, remaining));
-            return Ok(ReserveOutcome::InsufficientBudget {
-                remaining_micro: remaining,
-            });
-        };
-        sqlx::query(
-            "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
-             input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
-             state, created_at_ms, expires_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        // One statement, one round trip, in the order the outcome is
+        // decided: a reservation this request already has; the agent's
+        // limit on open reservations (counted under the agent's lock, which
+        // every control plane takes before touching its rows, so the count
+        // cannot move before this one is inserted); then the budget check
+        // and the take together, so no two admissions on any control plane
+        // can both take the last micro. The row is inserted only if the
+        // budget was taken.
+        let decided: Option<(Option<String>, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "WITH existing AS (SELECT id FROM reservations WHERE request_id = $2),              open_now AS (SELECT COUNT(*) AS n FROM reservations                  WHERE $13 > 0 AND state = 'open' AND agent_id = $3),              taken AS (UPDATE agents SET reserved_micro = reserved_micro + $5,                  last_activity_at_ms = $11                  WHERE id = $3 AND deleted_at_ms IS NULL                  AND budget_micro - spent_micro - reserved_micro >= $5                  AND NOT EXISTS (SELECT 1 FROM existing)                  AND ($13 = 0 OR (SELECT n FROM open_now) < $13)                  RETURNING budget_micro - spent_micro - reserved_micro AS remaining),              inserted AS (INSERT INTO reservations (id, request_id, agent_id, model,                  amount_micro, input_pico_per_token, output_pico_per_token,                  input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms)                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM taken)              SELECT (SELECT id FROM existing), (SELECT n FROM open_now),                  (SELECT remaining FROM taken),                  budget_micro - spent_micro - reserved_micro              FROM agents WHERE id = $3",
         )
         .bind(&r.id)
         .bind(&r.request_id)
@@ -247,8 +200,36 @@ impl Operation for Reserve {
         .bind(ReservationState::Open.as_str())
         .bind(r.created_at_ms)
         .bind(r.expires_at_ms)
-        .execute(&mut *conn)
+        .bind(i64::from(n.max_open))
+        .fetch_optional(&mut *conn)
         .await?;
+        let Some((existing, open, taken, remaining_before)) = decided else {
+            return Err(StoreError::AgentNotFound(n.agent_name.clone()));
+        };
+        if existing.is_some() {
+            // A retry: answered with the row as it stands (rare, so read apart).
+            let existing: ExistingReservation = sqlx::query_as(&format!(
+                "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
+            ))
+            .bind(&r.request_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            return Ok(if existing.state == ReservationState::Open.as_str() {
+                ReserveOutcome::AlreadyAdmitted(existing.row.into())
+            } else {
+                ReserveOutcome::AlreadyClosed(existing.row.into())
+            });
+        }
+        if n.max_open > 0 && open >= i64::from(n.max_open) {
+            return Ok(ReserveOutcome::TooManyOpen);
+        }
+        let Some(remaining) = taken else {
+            let remaining = remaining_before.unwrap_or(0);
+            chain.append(&budget_denial_event(n, remaining));
+            return Ok(ReserveOutcome::InsufficientBudget {
+                remaining_micro: remaining,
+            });
+        };
         chain.append(&admit_event(n));
         Ok(ReserveOutcome::Reserved {
             remaining_micro: remaining,
@@ -282,11 +263,20 @@ impl Operation for Settle {
         let charge = st.charge_within(reserved);
         let overrun = st.overrun();
         // Compare-and-set: only the first settlement of an open reservation
-        // changes anything, however often (and wherever) it is retried.
-        let closed = sqlx::query(
-            "UPDATE reservations SET state = $2, settled_at_ms = $3, charged_micro = $4, \
-             outcome = $5, prompt_tokens = $6, completion_tokens = $7, overrun_micro = $8 \
-             WHERE id = $1 AND state = 'open'",
+        // changes anything, however often (and wherever) it is retried; the
+        // agent's totals move in the same statement. The overrun total
+        // saturates: one absurd report must not overflow it.
+        let (closed, remaining): (i64, Option<i64>) = sqlx::query_as(
+            "WITH closed AS (UPDATE reservations SET state = $2, settled_at_ms = $3, \
+                 charged_micro = $4, outcome = $5, prompt_tokens = $6, completion_tokens = $7, \
+                 overrun_micro = $8 WHERE id = $1 AND state = 'open' RETURNING agent_id), \
+             moved AS (UPDATE agents SET reserved_micro = reserved_micro - $9, \
+                 spent_micro = spent_micro + $4, last_activity_at_ms = $3, \
+                 overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - $8 \
+                     THEN 9223372036854775807 ELSE overrun_micro + $8 END \
+                 FROM closed WHERE agents.id = closed.agent_id \
+                 RETURNING budget_micro - spent_micro - reserved_micro AS remaining) \
+             SELECT (SELECT COUNT(*) FROM closed), (SELECT remaining FROM moved)",
         )
         .bind(&st.reservation_id)
         .bind(st.final_state(charge).as_str())
@@ -296,28 +286,17 @@ impl Operation for Settle {
         .bind(stored_u64(st.prompt_tokens))
         .bind(stored_u64(st.completion_tokens))
         .bind(overrun)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
-        if !closed {
-            return Ok(SettleOutcome::AlreadyClosed);
-        }
-        // The overrun total saturates: one absurd report must not overflow it.
-        let remaining: i64 = sqlx::query_scalar(
-            "UPDATE agents SET reserved_micro = reserved_micro - $2, \
-             spent_micro = spent_micro + $3, last_activity_at_ms = $4, \
-             overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - $5 \
-                 THEN 9223372036854775807 ELSE overrun_micro + $5 END WHERE id = $1 \
-             RETURNING budget_micro - spent_micro - reserved_micro",
-        )
-        .bind(&agent_id)
         .bind(reserved)
-        .bind(charge)
-        .bind(now)
-        .bind(overrun)
         .fetch_one(&mut *conn)
         .await?;
+        if closed == 0 {
+            return Ok(SettleOutcome::AlreadyClosed);
+        }
+        let Some(remaining) = remaining else {
+            // Undone with the batch: a reservation is never closed without
+            // its agent's totals.
+            return Err(StoreError::AgentNotFound(st.agent_name.clone()));
+        };
         chain.append_all(&st.events(&agent_id, charge, now));
         Ok(SettleOutcome::Settled {
             charged_micro: charge,
