@@ -76,12 +76,13 @@ async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f6
                 let agent_id = ids[(n % ids.len() as u64) as usize].clone();
                 let name = format!("seed-{:06}", n % ids.len() as u64);
                 store
-                    .reserve(reservation(&format!("seed_{n}"), agent_id, &name))
+                    .reserve(reservation(&format!("seed_{n}"), agent_id.clone(), &name))
                     .await
                     .expect("reserve");
                 store
                     .settle(Settlement {
                         reservation_id: format!("rsv_seed_{n}"),
+                        agent_id,
                         agent_name: name,
                         closing: Closing::Finished,
                         charge_micro: 3,

@@ -110,6 +110,10 @@ pub struct ExtraEvent {
 #[derive(Debug, Clone)]
 pub struct Settlement {
     pub reservation_id: String,
+    /// The agent the reservation belongs to, as the caller knows it: a
+    /// store may lock its rows by it before it reads the reservation (the
+    /// reservation's own row still decides, and a different one is refused).
+    pub agent_id: String,
     pub agent_name: String,
     pub closing: Closing,
     /// What to charge; never more than the reservation (see [`Settlement::charge_within`]).
@@ -279,6 +283,7 @@ mod tests {
     fn settlement(closing: Closing, charge: i64) -> Settlement {
         Settlement {
             reservation_id: "rsv_1".into(),
+            agent_id: "agt_1".into(),
             agent_name: "dev".into(),
             closing,
             charge_micro: charge,

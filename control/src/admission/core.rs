@@ -924,6 +924,7 @@ impl AdmissionCore {
             .store
             .settle(Settlement {
                 reservation_id: record.id.clone(),
+                agent_id: record.agent_id.clone(),
                 agent_name,
                 closing: Closing::Finished,
                 charge_micro: charge,
@@ -1053,6 +1054,7 @@ impl AdmissionCore {
                 .store
                 .settle(Settlement {
                     reservation_id: r.id.clone(),
+                    agent_id: r.agent_id.clone(),
                     agent_name: agent_name.clone(),
                     closing: Closing::Expired,
                     charge_micro: charge,

@@ -31,6 +31,7 @@ macro_rules! store_conformance {
             reservation_events_describe_their_rows_whatever_the_caller_adds,
             the_last_micro_goes_to_exactly_one_reservation,
             a_reservation_closes_once_in_the_state_its_charge_says,
+            a_settlement_naming_another_agent_is_refused,
             events_hold_exactly_the_bytes_the_domain_decided,
             supervised_processes_start_end_and_take_orders,
             extending_names_the_reservations_already_closed,
@@ -121,6 +122,7 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
 pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlement {
     Settlement {
         reservation_id: format!("rsv_{n}"),
+        agent_id: agent.id.clone(),
         agent_name: agent.name.clone(),
         closing: Closing::Finished,
         charge_micro,
@@ -452,6 +454,29 @@ pub async fn the_last_micro_goes_to_exactly_one_reservation(s: Arc<dyn Store>) {
     assert_eq!(budget_denials, 31);
     assert_eq!(s.open_reservations().await.unwrap().len(), 33);
     assert_one_chain(&events);
+}
+
+/// A settlement must name the reservation's own agent: another agent's
+/// is refused and changes nothing, and the right one then settles it.
+pub async fn a_settlement_naming_another_agent_is_refused(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("owner", "ho")).await.unwrap();
+    let b = s.create_agent(new_agent("other", "hx")).await.unwrap();
+    s.reserve(reservation(&a, 1, 100)).await.unwrap();
+    let wrong = Settlement {
+        agent_id: b.id.clone(),
+        agent_name: b.name.clone(),
+        ..settlement(&a, 1, 40)
+    };
+    assert!(matches!(s.settle(wrong).await, Err(StoreError::Invalid(_))));
+    let owner = s.agent_by_name("owner").await.unwrap().unwrap();
+    assert_eq!((owner.reserved_micro, owner.spent_micro), (100, 0));
+    assert!(matches!(
+        s.settle(settlement(&a, 1, 40)).await.unwrap(),
+        SettleOutcome::Settled {
+            charged_micro: 40,
+            ..
+        }
+    ));
 }
 
 pub async fn a_reservation_closes_once_in_the_state_its_charge_says(s: Arc<dyn Store>) {

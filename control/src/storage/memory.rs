@@ -356,6 +356,9 @@ impl LedgerStore for MemoryStore {
             let Some(stored) = t.reservations.get(&st.reservation_id) else {
                 return Ok(SettleOutcome::UnknownReservation);
             };
+            if stored.row.facts.agent_id != st.agent_id {
+                return Err(StoreError::settled_as_another_agent(&st));
+            }
             if !stored.is_open() {
                 return Ok(SettleOutcome::AlreadyClosed);
             }
@@ -363,6 +366,7 @@ impl LedgerStore for MemoryStore {
                 stored.row.facts.agent_id.clone(),
                 stored.row.facts.amount_micro,
             );
+
             let charge = st.charge_within(reserved);
             let overrun = st.overrun();
             let agent = t.agent(&agent_id).ok_or_else(|| {

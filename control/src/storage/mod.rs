@@ -129,6 +129,17 @@ pub enum StoreError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl StoreError {
+    /// A settlement naming another agent than its reservation's: refused by
+    /// every store, before anything is written.
+    pub fn settled_as_another_agent(st: &Settlement) -> Self {
+        StoreError::Invalid(format!(
+            "reservation {} does not belong to agent '{}' ({}); settle it as its own agent",
+            st.reservation_id, st.agent_name, st.agent_id
+        ))
+    }
+}
+
 impl From<InvalidChange> for StoreError {
     fn from(e: InvalidChange) -> Self {
         StoreError::Invalid(e.0)

@@ -46,6 +46,8 @@ pub struct PgStore {
     reader: PgPool,
     writer: LedgerWriter,
     ledger_key: Vec<u8>,
+    /// Rate-limiter writes, on sessions of their own (see `rates.rs`).
+    rates: PgPool,
     /// This control plane's copy of the chain's head outside the database
     /// (see `anchored.rs`); None when opened without one (tests).
     anchor: Option<Arc<AnchorFile>>,
@@ -88,6 +90,7 @@ impl PgStore {
             }
             None => (None, None),
         };
+        let rates = rates::pool(&options);
         let writer = LedgerWriter::start(options, ledger_key.clone(), anchor_file.clone()).await?;
         if let Some(file) = &anchor_file {
             anchored::record(&reader, &writer, file, start_event).await?;
@@ -96,6 +99,7 @@ impl PgStore {
             reader,
             writer,
             ledger_key,
+            rates,
             anchor: anchor_file,
         })
     }
@@ -209,7 +213,7 @@ impl AgentStore for PgStore {
 impl LedgerStore for PgStore {
     fn shared_rates(&self) -> Option<std::sync::Arc<dyn crate::storage::SharedRates>> {
         Some(std::sync::Arc::new(rates::PgRates {
-            pool: self.reader.clone(),
+            pool: self.rates.clone(),
         }))
     }
 

@@ -5,10 +5,29 @@
 //! limit allows), and tokens per minute as its `TokenBucket` in
 //! `token_buckets` (refill and debit, only where the request fits).
 
+//!
+//! These writes commit without waiting for the WAL to reach disk
+//! (`synchronous_commit = off` on their own sessions): a limiter's state is
+//! not a decision about money, and the wait would be one fsync per request.
+//! A crash of the database server can lose its last fraction of a second
+//! (PostgreSQL flushes within three `wal_writer_delay`s, 0.6 s by default),
+//! which forgets that many requests and tokens counted against the limits;
+//! budgets, reservations and the chain are untouched by this.
+
 use crate::admission::limiter::{Check, Gcra, TokenBucket};
 use crate::storage::{SharedRates, StoreError};
 use async_trait::async_trait;
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::time::Duration;
+
+/// The limiters' sessions, connected on first use.
+pub(super) fn pool(options: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options.clone().options([("synchronous_commit", "off")]))
+}
 
 pub(super) struct PgRates {
     pub(super) pool: PgPool,

@@ -243,7 +243,7 @@ pub(super) struct Settle(pub Settlement);
 impl Operation for Settle {
     type Output = SettleOutcome;
     fn owners(&self) -> Vec<Owner> {
-        vec![Owner::Reservation(self.0.reservation_id.clone())]
+        vec![Owner::Agent(self.0.agent_id.clone())]
     }
     async fn run(
         &self,
@@ -260,6 +260,10 @@ impl Operation for Settle {
         let Some((agent_id, reserved)) = row else {
             return Ok(SettleOutcome::UnknownReservation);
         };
+        if agent_id != st.agent_id {
+            // The batch locked the agent the caller named, not this one.
+            return Err(StoreError::settled_as_another_agent(st));
+        }
         let charge = st.charge_within(reserved);
         let overrun = st.overrun();
         // Compare-and-set: only the first settlement of an open reservation

@@ -205,6 +205,9 @@ pub(super) fn settle(
     let Some((agent_id, reserved)) = row else {
         return Ok(SettleOutcome::UnknownReservation);
     };
+    if agent_id != st.agent_id {
+        return Err(StoreError::settled_as_another_agent(st));
+    }
     let charge = st.charge_within(reserved);
     let overrun = st.overrun();
     // Compare-and-set: only the first settlement of an open reservation
