@@ -65,6 +65,24 @@ const SHAPES: &[Shape] = &[
 
 const CONCURRENCY: u64 = 32;
 
+/// CPU seconds of every PostgreSQL server process on the machine (the
+/// backends serving the control planes, the WAL writer, the checkpointer),
+/// 0 where there is none to see. A backend that exits mid-run takes its
+/// share with it; the pools keep theirs for the run.
+fn database_cpu() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| usage(pid).0)
+        .sum()
+}
+
 /// A database for one shape, dropped when done.
 struct Database {
     server: String,
@@ -199,16 +217,16 @@ pub async fn run(args: &Args, mock_addr: std::net::SocketAddr, server: &str) {
         let pids = |of: &[(u32, String)]| of.iter().map(|(p, _)| *p).collect::<Vec<_>>();
         let cpu = |pids: &[u32]| pids.iter().map(|&p| usage(p).0).sum::<f64>();
         let (control_pids, data_pids) = (pids(&controls), pids(&data));
-        let (c0, d0) = (cpu(&control_pids), cpu(&data_pids));
+        let (c0, d0, db0) = (cpu(&control_pids), cpu(&data_pids), database_cpu());
         let r = workload_over(&urls, &tokens, false, CONCURRENCY, args).await;
-        let (c1, d1) = (cpu(&control_pids), cpu(&data_pids));
+        let (c1, d1, db1) = (cpu(&control_pids), cpu(&data_pids), database_cpu());
         let per_k = |a: f64, b: f64| (b - a) / r.done.max(1) as f64 * 1000.0;
         eprintln!(
             "{}: {:.0} rps p50 {:.3} ms ({} errors)",
             shape.name, r.rps, r.p50, r.errors
         );
         rows.push(format!(
-            "| {} | {:.0} ({:.0}%) | {:.3} / {:.3} | +{:.3} | {:.2} / {:.2} | {} / {} |",
+            "| {} | {:.0} ({:.0}%) | {:.3} / {:.3} | +{:.3} | {:.2} / {:.2} / {} | {} / {} |",
             shape.name,
             r.rps,
             r.rps / d.rps * 100.0,
@@ -217,6 +235,11 @@ pub async fn run(args: &Args, mock_addr: std::net::SocketAddr, server: &str) {
             r.p50 - d.p50,
             per_k(c0, c1),
             per_k(d0, d1),
+            if shape.postgres {
+                format!("{:.2}", per_k(db0, db1))
+            } else {
+                "—".to_string()
+            },
             r.done,
             r.errors,
         ));
@@ -233,8 +256,8 @@ PostgreSQL from `--database-url` / `AEX_BENCH_DATABASE_URL`, default the machine
 everything on one machine: load generator, mock provider, PostgreSQL, every control and data plane. \
 Chat, {CONCURRENCY} workers spread over the data planes, each with one kept-alive connection; data plane *i* asks \
 control plane *i mod n*. Each shape has a fresh home and database and one agent (or, where it says so, one agent per data plane, as sidecars are); CPU is the sum over the processes \
-of each plane, per 1,000 requests. Each workload stops after {max}s.\n\n\
-| shape | rps (% of direct) | p50 / p99 ms | added p50 ms | CPU s per 1k req, control / data | requests / errors |\n\
+of each plane (and of PostgreSQL's server processes), per 1,000 requests. Each workload stops after {max}s.\n\n\
+| shape | rps (% of direct) | p50 / p99 ms | added p50 ms | CPU s per 1k req, control / data / database | requests / errors |\n\
 |---|---|---|---|---|---|\n{}\n",
         rows.join("\n"),
         req = args.requests,
