@@ -678,3 +678,79 @@ async fn many_agents_through_two_control_planes_never_deadlock() {
     pool.close().await;
     assert_eq!(deadlocks, 0, "deadlocks PostgreSQL detected and broke");
 }
+
+/// `aexctl run` through one control plane, its agent's calls through a
+/// data plane on the other: the process token signs in there (the process
+/// registry is shared), and when the budget runs out, decided there, the
+/// kill order reaches the supervisor connected to the first (through the
+/// order on the process's row and the change feed): the process is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aexctl_run_is_governed_by_whichever_replica_serves_its_calls() {
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (home, _mock, first) = home_on(&db).await;
+    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let data = DataPlane::start(&home, &second.url(), &[]);
+    let worst = worst_case_micro(&first, &data).await;
+    // Room for three calls at their worst case (they cost less, so more go
+    // through before the budget is spent).
+    let budget = 3 * worst + worst / 2;
+    let budget_usd = format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000);
+    first.agent("supervised", &budget_usd, "100000", &[]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let statuses = home.file("statuses.txt");
+    let body = chat().to_string();
+    // Calls until refused, then waits to be killed (60 s at most).
+    let script = format!(
+        "for i in $(seq 1 20); do \
+           curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"Authorization: Bearer $OPENAI_API_KEY\" \
+             -H 'content-type: application/json' -d '{body}' \"$OPENAI_BASE_URL/chat/completions\" >> {out}; \
+         done; sleep 60",
+        out = statuses.display()
+    );
+    let started = std::time::Instant::now();
+    let run = std::process::Command::new(aex_tests::bin("aexctl"))
+        .args([
+            "run",
+            "--agent",
+            "supervised",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("AEX_HOME", home.path())
+        .env("AEX_CONTROL_ADDR", first.url())
+        .env("AEX_DATAPLANE_ADDR", data.addr.to_string())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let seen = std::fs::read_to_string(&statuses).unwrap_or_default();
+    let codes: Vec<&str> = seen.lines().collect();
+    assert!(
+        codes.iter().filter(|c| **c == "200").count() >= 3,
+        "the process token signs in through the other replica: {codes:?}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(codes.contains(&"402"), "{codes:?}");
+    assert!(!codes.contains(&"401"), "{codes:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "killed on the order of the other replica, not after its 60 s sleep: took {took:?}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(!run.status.success(), "a killed run does not exit 0");
+    let events = second.aexctl(&["events", "--agent", "supervised", "--json"]);
+    assert!(
+        events
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .any(|e| e["kind"] == "process.killed"),
+        "{}",
+        events.stdout
+    );
+}

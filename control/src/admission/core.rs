@@ -9,7 +9,8 @@ use super::policy::{Ask, Denial, Endpoint, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
     AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
-    ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError, now_ms,
+    ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError,
+    now_ms,
 };
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::new_id;
@@ -208,6 +209,9 @@ pub struct AdmissionCore {
     live: Mutex<Live>,
     changes: broadcast::Sender<Change>,
     kills: broadcast::Sender<KillOrder>,
+    /// When each agent's kill order was last written to the store: an
+    /// exhausted agent that keeps calling writes it once a second at most.
+    kills_recorded: Mutex<HashMap<String, i64>>,
     reservation_ttl_ms: i64,
     /// Reservations an expiry sweep could not settle, so each is logged as
     /// an error once rather than at every sweep.
@@ -303,6 +307,7 @@ impl AdmissionCore {
             live: Mutex::new(live),
             changes,
             kills,
+            kills_recorded: Mutex::default(),
             reservation_ttl_ms,
             unexpirable: Mutex::default(),
             unauthenticated: Mutex::default(),
@@ -345,6 +350,7 @@ impl AdmissionCore {
     /// and a refresh cannot apply an older row after a newer one.
     pub async fn refresh_agent(&self, agent_id: &str) -> Result<()> {
         let _one_at_a_time = self.admin_changes.lock().await;
+        self.refresh_processes(agent_id).await?;
         if agent_id == crate::storage::EVERY_AGENT {
             for record in self.store.list_agents(true).await? {
                 let known = self
@@ -368,6 +374,36 @@ impl AdmissionCore {
                 .is_some_and(|a| a.record == record);
             if !unchanged {
                 self.agent_changed(&record);
+            }
+        }
+        Ok(())
+    }
+
+    /// The supervised processes of an agent ([`crate::storage::EVERY_AGENT`]:
+    /// of every agent) as stored: the tokens of those running sign in as
+    /// it, the others' no longer do, and a kill order on one (from any
+    /// control plane) is passed to the supervisors connected here.
+    async fn refresh_processes(&self, agent_id: &str) -> Result<()> {
+        let every = agent_id == crate::storage::EVERY_AGENT;
+        let running: Vec<ProcessRecord> = self
+            .store
+            .list_processes(false)
+            .await?
+            .into_iter()
+            .filter(|p| every || p.agent_id == agent_id)
+            .collect();
+        {
+            let mut live = self.lock();
+            live.process_tokens
+                .retain(|_, owner| !every && owner != agent_id);
+            for p in &running {
+                live.process_tokens
+                    .insert(p.token_sha256.clone(), p.agent_id.clone());
+            }
+        }
+        for p in running {
+            if let Some(reason) = p.kill_reason {
+                self.tell_supervisors(&p.agent_id, &reason);
             }
         }
         Ok(())
@@ -807,8 +843,37 @@ impl AdmissionCore {
         self.lock().agents.get(agent_id).map_or(0, |a| a.open)
     }
 
-    /// Tells the supervisors of the agent's processes to kill them.
+    /// Tells the supervisors of the agent's processes to kill them: those
+    /// connected here at once, and, through the order kept on the
+    /// processes' rows, those connected to any other control plane on the
+    /// store (its change feed passes it on) or reconnecting later.
     pub fn order_kill(&self, agent_id: &str, reason: &str) {
+        self.tell_supervisors(agent_id, reason);
+        let supervised = self.lock().process_tokens.values().any(|a| a == agent_id);
+        let now = now_ms();
+        let recently = {
+            let mut recorded = self
+                .kills_recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            recorded.retain(|_, at| now - *at < 1000);
+            recorded.insert(agent_id.to_string(), now).is_some()
+        };
+        if !supervised || recently {
+            return;
+        }
+        let (store, agent_id, reason) =
+            (self.store.clone(), agent_id.to_string(), reason.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = store.request_kill(&agent_id, &reason).await {
+                tracing::error!(error = %e, agent = %agent_id, "could not record a kill order; supervisors connected elsewhere will not see it");
+            }
+        });
+    }
+
+    /// Tells the supervisors connected here, for an order already on the
+    /// processes' rows.
+    pub fn tell_supervisors(&self, agent_id: &str, reason: &str) {
         let _ = self.kills.send(KillOrder {
             agent_id: agent_id.to_string(),
             reason: reason.to_string(),

@@ -303,7 +303,9 @@ impl AgentService for AgentsApi {
             .request_kill(&agent.id, "agent killed")
             .await
             .map_err(Error::from)?;
-        self.state.admission.order_kill(&agent.id, "agent killed");
+        self.state
+            .admission
+            .tell_supervisors(&agent.id, "agent killed");
         tracing::warn!(agent = %agent.name, processes = running, "agent killed");
         Ok(Response::new(pb::KillAgentResponse {
             agent: Some(agent_to_pb(&agent)),

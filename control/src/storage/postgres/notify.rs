@@ -1,4 +1,5 @@
-//! Agent changes between control planes: each write that changes an agent
+//! Agent changes between control planes (the agent, or its supervised
+//! processes: started, ended, ordered killed): each write that changes one
 //! sends `NOTIFY aex_agents, '<agent id>'` in its own transaction, which
 //! PostgreSQL delivers to every listener when (and only if) it commits; each
 //! control plane listens and re-reads the agent (`AdmissionCore`'s

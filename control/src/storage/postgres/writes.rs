@@ -389,6 +389,8 @@ impl Operation for StartProcess {
         .execute(&mut *conn)
         .await?;
         chain.append(&p.started_event(&self.ledger_key));
+        // Every control plane lets its token sign in (`refresh_agent`).
+        super::notify::agent_changed(conn, &p.agent_id).await?;
         Ok(p.clone())
     }
 }
@@ -426,14 +428,19 @@ impl Operation for RequestKill {
         vec![Owner::Agent(self.agent_id.clone())]
     }
     async fn run(&self, conn: &mut PgConnection, _chain: &mut Chain) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+        let ordered = sqlx::query(
             "UPDATE processes SET kill_reason = $2 WHERE agent_id = $1 AND state = 'running'",
         )
         .bind(&self.agent_id)
         .bind(&self.reason)
         .execute(&mut *conn)
         .await?
-        .rows_affected())
+        .rows_affected();
+        if ordered > 0 {
+            // Every control plane tells the supervisors connected to it.
+            super::notify::agent_changed(conn, &self.agent_id).await?;
+        }
+        Ok(ordered)
     }
 }
 
@@ -486,6 +493,8 @@ impl Operation for EndProcess {
         if let Some(event) = process.ended_event(self.state, self.exit_code, &self.reason, now) {
             chain.append(&event);
         }
+        // Every control plane stops letting its token sign in.
+        super::notify::agent_changed(conn, &process.agent_id).await?;
         Ok(Some(process))
     }
 }
