@@ -66,11 +66,24 @@ fn nodelay(
     })
 }
 
-/// Applies agents changed through any control plane on the database, so
-/// this one's admission and its data planes' caches follow within the
-/// notification's delay.
-async fn apply_agent_changes(state: Arc<ControlState>, mut feed: crate::storage::AgentFeed) {
-    while let Some(agent_id) = feed.recv().await {
+/// Applies what changed through any control plane on the database (agents,
+/// their processes, models reloads), so that this one's admission and its
+/// data planes' caches follow within the notification's delay.
+async fn apply_changes(state: Arc<ControlState>, mut feed: crate::storage::ChangeFeed) {
+    use crate::storage::{EVERY_AGENT, StoreChange};
+    while let Some(change) = feed.recv().await {
+        let agent_id = match change {
+            StoreChange::Agent(id) => id,
+            StoreChange::ModelsReloaded => {
+                reload_models_here(&state);
+                continue;
+            }
+            StoreChange::Everything => {
+                // A gap may have hidden a reload too.
+                reload_models_here(&state);
+                EVERY_AGENT.to_string()
+            }
+        };
         // Until it applies: a change skipped here would leave this replica
         // admitting on a paused agent or a rotated token.
         let mut backoff = std::time::Duration::from_millis(100);
@@ -79,6 +92,14 @@ async fn apply_agent_changes(state: Arc<ControlState>, mut feed: crate::storage:
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
         }
+    }
+}
+
+/// This control plane's own models.yaml, reloaded because another one was
+/// told to: a file that does not load leaves the running config as it is.
+fn reload_models_here(state: &ControlState) {
+    if let Err(e) = state.reload_models() {
+        tracing::error!(error = %e, "models.yaml was reloaded through another control plane, but this one's does not load; running on the config it had");
     }
 }
 
@@ -144,7 +165,7 @@ impl Control {
         let store = database.open(home, ledger_key.clone()).await?;
         // Listening before loading: a change committed in between is
         // re-read, never missed.
-        let agent_changes = store.agent_changes().await?;
+        let changes = store.changes().await?;
         let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
         let state = Arc::new(ControlState::new(
             store,
@@ -154,8 +175,8 @@ impl Control {
             database.describe(),
             ledger_key,
         ));
-        if let Some(feed) = agent_changes {
-            tokio::spawn(apply_agent_changes(state.clone(), feed));
+        if let Some(feed) = changes {
+            tokio::spawn(apply_changes(state.clone(), feed));
         }
         Ok(Self {
             state,

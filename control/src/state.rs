@@ -23,6 +23,9 @@ pub struct ControlState {
     pub shutting_down: tokio::sync::watch::Sender<bool>,
     models: RwLock<Arc<ModelsConfig>>,
     models_path: PathBuf,
+    /// When the running models.yaml was loaded (here, or on another
+    /// control plane's reload).
+    models_loaded_at_ms: std::sync::atomic::AtomicI64,
 }
 
 impl ControlState {
@@ -45,7 +48,13 @@ impl ControlState {
             shutting_down: tokio::sync::watch::Sender::new(false),
             models: RwLock::new(Arc::new(models)),
             models_path,
+            models_loaded_at_ms: crate::storage::now_ms().into(),
         }
+    }
+
+    pub fn models_loaded_at_ms(&self) -> i64 {
+        self.models_loaded_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The running model configuration; a cheap `Arc` clone.
@@ -63,6 +72,10 @@ impl ControlState {
     pub fn reload_models(&self) -> Result<Arc<ModelsConfig>> {
         let fresh = Arc::new(ModelsConfig::load(&self.models_path)?);
         *self.models.write().expect("models lock poisoned") = fresh.clone();
+        self.models_loaded_at_ms.store(
+            crate::storage::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.admission.models_changed(fresh.clone());
         tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
         Ok(fresh)

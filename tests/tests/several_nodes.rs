@@ -199,7 +199,7 @@ async fn until_status(
 
 /// A change made through one control plane reaches every data plane, also
 /// those served by the other, within 1 s: a new agent, a pause, a resume,
-/// a rotated token.
+/// a rotated token, a budget change, a models reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_second() {
     let Some(db) = TestDatabase::fresh().await else {
@@ -241,6 +241,51 @@ async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_se
     until_status(second_of_slack, 401, call(&near, &token)).await;
     until_status(second_of_slack, 200, call(&near, &rotated)).await;
     assert_eq!(call(&far, &token)().send().await.unwrap().status(), 401);
+
+    // A budget cut to what is spent, through one replica: the other
+    // refuses within the second.
+    let spent = first.settled("roamer", second_of_slack).await["spent_micro"]
+        .as_i64()
+        .unwrap();
+    let spent_usd = format!("{}.{:06}", spent / 1_000_000, spent % 1_000_000);
+    first
+        .aexctl(&["agent", "update", "roamer", "--budget", &spent_usd])
+        .assert_ok();
+    until_status(second_of_slack, 402, call(&far, &rotated)).await;
+    second
+        .aexctl(&["agent", "update", "roamer", "--budget", "5"])
+        .assert_ok();
+    until_status(second_of_slack, 200, call(&near, &rotated)).await;
+
+    // models.yaml gains a model and is reloaded through the first: the
+    // second replica reloads its own, and its data plane serves the model.
+    let yaml = std::fs::read_to_string(home.file("config/models.yaml")).unwrap();
+    let added = yaml.replace(
+        "  dead-model:",
+        "  fresh-model:\n    provider: mock\n    pricing: { input_micro: 1, output_micro: 2 }\n    limits: { max_tokens: 100 }\n  dead-model:",
+    );
+    assert_ne!(added, yaml);
+    std::fs::write(home.file("config/models.yaml"), added).unwrap();
+    let fresh = {
+        let (url, token, client) = (
+            far.url("/v1/chat/completions"),
+            rotated.clone(),
+            client.clone(),
+        );
+        move || {
+            client.post(&url).bearer_auth(&token).json(&json!({
+                "model": "fresh-model", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+        }
+    };
+    assert_ne!(
+        fresh().send().await.unwrap().status(),
+        200,
+        "not before the reload"
+    );
+    first.aexctl(&["models", "reload"]).assert_ok();
+    until_status(second_of_slack, 200, fresh).await;
 }
 
 /// `kill -9` of one control plane under load: the data planes (each given

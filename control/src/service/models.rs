@@ -1,22 +1,16 @@
 use crate::service::convert::models_to_pb;
 use crate::state::ControlState;
-use crate::storage::now_ms;
 use aex_proto::v1::{self as pb, model_service_server::ModelService};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use tonic::{Request, Response, Status};
 
 pub struct ModelsApi {
     state: Arc<ControlState>,
-    loaded_at_ms: AtomicI64,
 }
 
 impl ModelsApi {
     pub fn new(state: Arc<ControlState>) -> Self {
-        Self {
-            state,
-            loaded_at_ms: AtomicI64::new(now_ms()),
-        }
+        Self { state }
     }
 }
 
@@ -29,7 +23,7 @@ impl ModelService for ModelsApi {
         let models = self.state.models();
         Ok(Response::new(models_to_pb(
             &models,
-            self.loaded_at_ms.load(Ordering::Relaxed),
+            self.state.models_loaded_at_ms(),
         )))
     }
 
@@ -38,8 +32,16 @@ impl ModelService for ModelsApi {
         _: Request<pb::ReloadModelsRequest>,
     ) -> Result<Response<pb::ModelConfig>, Status> {
         let models = self.state.reload_models()?;
-        let now = now_ms();
-        self.loaded_at_ms.store(now, Ordering::Relaxed);
-        Ok(Response::new(models_to_pb(&models, now)))
+        // Every other control plane on the database reloads its own file.
+        if let Err(e) = self.state.store.announce_models_reloaded().await {
+            return Err(Status::unavailable(format!(
+                "models.yaml was reloaded on this control plane, but the others could not be told ({e}); \
+                 run `aexctl models reload` against each of them"
+            )));
+        }
+        Ok(Response::new(models_to_pb(
+            &models,
+            self.state.models_loaded_at_ms(),
+        )))
     }
 }

@@ -146,10 +146,21 @@ impl From<InvalidChange> for StoreError {
     }
 }
 
-/// See [`AgentStore::agent_changes`].
-pub type AgentFeed = tokio::sync::mpsc::Receiver<String>;
+/// What a store's change feed says changed ([`AgentStore::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// One agent (by id), or its supervised processes.
+    Agent(String),
+    /// The feed had a gap: anything may have changed.
+    Everything,
+    /// models.yaml was reloaded through some control plane.
+    ModelsReloaded,
+}
 
-/// Sent on an [`AgentFeed`] when changes may have been missed.
+/// See [`AgentStore::changes`].
+pub type ChangeFeed = tokio::sync::mpsc::Receiver<StoreChange>;
+
+/// `AdmissionCore::refresh_agent`'s argument for every agent.
 pub const EVERY_AGENT: &str = "*";
 
 /// Decides one change to an agent from its current row: what to write, or
@@ -180,12 +191,20 @@ pub trait AgentStore: Send + Sync + 'static {
     /// The agent with this id, deleted or not.
     async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
 
-    /// Ids of agents changed through any control plane on this database
-    /// (this one's included), as they commit; `None` for a store only one
-    /// control plane uses. After a gap in the feed (a lost connection) the
-    /// store sends [`EVERY_AGENT`]: anything may have changed.
-    async fn agent_changes(&self) -> Result<Option<AgentFeed>, StoreError> {
+    /// What changed through any control plane on this database (this
+    /// one's included), as it commits: agents, their processes, models
+    /// reloads; `None` for a store only one control plane uses. After a gap
+    /// in the feed (a lost connection) the store sends
+    /// [`StoreChange::Everything`].
+    async fn changes(&self) -> Result<Option<ChangeFeed>, StoreError> {
         Ok(None)
+    }
+
+    /// Tells every control plane on the database that models.yaml was
+    /// reloaded here, so that each reloads its own (a store only one
+    /// control plane uses has no one to tell).
+    async fn announce_models_reloaded(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn create_agent(&self, agent: NewAgent) -> Result<AgentRecord, StoreError> {

@@ -30,7 +30,7 @@ mod writes;
 
 use crate::ledger::anchor::{AnchorFile, AnchorState};
 use crate::storage::{
-    AgentChange, AgentFeed, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore,
+    AgentChange, AgentRecord, AgentStore, AgentWrite, ChangeFeed, DenialRecord, LedgerStore,
     NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome,
     SettleOutcome, Settlement, StoreError,
 };
@@ -204,8 +204,12 @@ impl AgentStore for PgStore {
         reads::agent_by_id(&self.reader, id).await
     }
 
-    async fn agent_changes(&self) -> Result<Option<AgentFeed>, StoreError> {
-        Ok(Some(notify::agent_changes(&self.reader).await?))
+    async fn changes(&self) -> Result<Option<ChangeFeed>, StoreError> {
+        Ok(Some(notify::changes(&self.reader).await?))
+    }
+
+    async fn announce_models_reloaded(&self) -> Result<(), StoreError> {
+        notify::models_reloaded(&self.reader).await
     }
 }
 

@@ -6,7 +6,7 @@
 //! `refresh_agent`), then tells its data planes through their Watch
 //! streams.
 
-use crate::storage::{AgentFeed, EVERY_AGENT, StoreError};
+use crate::storage::{ChangeFeed, StoreChange, StoreError};
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use std::time::Duration;
 
@@ -25,8 +25,28 @@ pub(super) async fn agent_changed(
     Ok(())
 }
 
+/// The payload that says models.yaml was reloaded (agent ids start `agt_`).
+const MODELS_RELOADED: &str = "~models";
+
+/// Tells every listener, this one's included, that models.yaml was reloaded.
+pub(super) async fn models_reloaded(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(AGENT_CHANNEL)
+        .bind(MODELS_RELOADED)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn change(payload: &str) -> StoreChange {
+    match payload {
+        MODELS_RELOADED => StoreChange::ModelsReloaded,
+        agent_id => StoreChange::Agent(agent_id.to_string()),
+    }
+}
+
 /// Starts listening; the feed ends when its receiver is dropped.
-pub(super) async fn agent_changes(pool: &PgPool) -> Result<AgentFeed, StoreError> {
+pub(super) async fn changes(pool: &PgPool) -> Result<ChangeFeed, StoreError> {
     let mut listener = subscribe(pool).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let pool = pool.clone();
@@ -34,7 +54,7 @@ pub(super) async fn agent_changes(pool: &PgPool) -> Result<AgentFeed, StoreError
         loop {
             match listener.try_recv().await {
                 Ok(Some(n)) => {
-                    if tx.send(n.payload().to_string()).await.is_err() {
+                    if tx.send(change(n.payload())).await.is_err() {
                         return;
                     }
                     continue;
@@ -62,7 +82,7 @@ pub(super) async fn agent_changes(pool: &PgPool) -> Result<AgentFeed, StoreError
                     }
                 }
             };
-            if tx.send(EVERY_AGENT.to_string()).await.is_err() {
+            if tx.send(StoreChange::Everything).await.is_err() {
                 return;
             }
         }
