@@ -26,6 +26,13 @@ impl TestDatabase {
         Some(Self { server_url, name })
     }
 
+    /// The test server's address and credentials (`AEX_TEST_DATABASE_URL`);
+    /// panics without it (call after [`TestDatabase::fresh`] returned one).
+    pub fn server_options() -> PgConnectOptions {
+        PgConnectOptions::from_str(&crate::test_database_url().expect("AEX_TEST_DATABASE_URL"))
+            .expect("a PostgreSQL URL")
+    }
+
     /// A new database holding a copy of this one as it is now (sessions
     /// still on it are ended first: PostgreSQL copies only an idle one).
     pub async fn copy(&self) -> TestDatabase {

@@ -4,6 +4,8 @@
 use super::PgStore;
 use crate::storage::conformance::KEY;
 use aex_tests::postgres::TestDatabase;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 async fn store() -> Option<(TestDatabase, PgStore)> {
     let db = TestDatabase::fresh().await?;
@@ -24,7 +26,6 @@ crate::store_conformance!(store);
 async fn two_writers_on_many_agents_never_deadlock() {
     use crate::storage::conformance::{new_agent, reservation, settlement};
     use crate::storage::{ReserveOutcome, SettleOutcome, Store};
-    use std::sync::Arc;
     let Some(db) = TestDatabase::fresh().await else {
         return;
     };
@@ -137,5 +138,146 @@ async fn the_shared_token_bucket_decides_as_the_in_memory_one() {
                 .unwrap();
         assert_eq!(level, memory.level_milli(), "step {step} (seed {seed})");
     }
+    pool.close().await;
+}
+
+/// A TCP proxy to the test server that, once armed, on every `every`-th
+/// COMMIT a client sends, forwards it and then cuts the connection without
+/// relaying the answer: the transaction commits, its client never hears so.
+/// Returns its port, the cuts made, and the switch that arms it.
+async fn commit_cutting_proxy(
+    every: usize,
+) -> (u16, Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let commits = Arc::new(AtomicUsize::new(0));
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let o = aex_tests::postgres::TestDatabase::server_options();
+        format!("{}:{}", o.get_host(), o.get_port())
+    };
+    let (commits2, cuts2, armed2) = (commits.clone(), cuts.clone(), armed.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                continue;
+            };
+            let (commits, cuts, armed) = (commits2.clone(), cuts2.clone(), armed2.clone());
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut up_read, mut up_write) = upstream.into_split();
+                let cut = Arc::new(tokio::sync::Notify::new());
+                let answers = {
+                    let cut = cut.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            tokio::select! {
+                                _ = cut.notified() => return,
+                                n = up_read.read(&mut buf) => match n {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => if client_write.write_all(&buf[..n]).await.is_err() { return },
+                                },
+                            }
+                        }
+                    })
+                };
+                // The simple-query COMMIT: 'Q', length 11, "COMMIT\0".
+                const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let commit = armed.load(Ordering::SeqCst)
+                        && buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+                    let cut_here =
+                        commit && (commits.fetch_add(1, Ordering::SeqCst) + 1) % every == 0;
+                    if cut_here {
+                        // No answer reaches the client from here on.
+                        cut.notify_one();
+                        answers.abort();
+                    }
+                    if up_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if cut_here {
+                        // Let the server commit, then close.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    (port, cuts, armed)
+}
+
+/// The network loses the answer to every third COMMIT of the writer (a
+/// proxy forwards it, then cuts the connection): the transaction committed,
+/// so its operations must be answered as done. Every reservation answered
+/// reserved is in the database and every one in the database was answered
+/// reserved; without looking the outcome up, those batches were answered
+/// unavailable while their reservations stayed, to be charged at expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_answered_as_it_happened() {
+    use crate::storage::conformance::{new_agent, reservation};
+    use crate::storage::{ReserveOutcome, Store};
+    let Some(db) = TestDatabase::fresh().await else {
+        return;
+    };
+    let (port, cuts, armed) = commit_cutting_proxy(3).await;
+    let store: Arc<dyn Store> = Arc::new(
+        // In the clear, so that the proxy sees the COMMIT.
+        PgStore::open(
+            db.options()
+                .port(port)
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+            KEY.to_vec(),
+            None,
+        )
+        .await
+        .unwrap(),
+    );
+    let agent = store.create_agent(new_agent("cut", "hc")).await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let mut answers = Vec::new();
+    // One after another, so that each batch is one reservation.
+    for n in 0..30 {
+        let answered = store.reserve(reservation(&agent, n, 10)).await;
+        answers.push((n, matches!(answered, Ok(ReserveOutcome::Reserved { .. }))));
+    }
+    let pool = sqlx::PgPool::connect_with(db.options()).await.unwrap();
+    let stored: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT request_id FROM reservations")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let cuts = cuts.load(Ordering::SeqCst);
+    assert!(cuts >= 5, "the proxy cut {cuts} COMMITs");
+    for (n, reserved) in &answers {
+        assert_eq!(
+            *reserved,
+            stored.contains(&format!("req_{n}")),
+            "reservation {n}: answered reserved = {reserved} ({cuts} COMMIT answers lost)"
+        );
+    }
+    assert_eq!(
+        stored.len(),
+        30,
+        "each lost answer was a committed reservation"
+    );
+    let reserved: i64 = sqlx::query_scalar("SELECT reserved_micro FROM agents WHERE name = 'cut'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 10 * 30);
     pool.close().await;
 }

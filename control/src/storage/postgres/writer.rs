@@ -99,11 +99,12 @@ fn agent_lock_key(agent_id: &str) -> i32 {
 }
 
 /// Finds the agents behind `owners` and locks them, in ascending key order
-/// (the one order every replica uses). Returns the agents locked.
+/// (the one order every replica uses). Returns the agents locked and the
+/// transaction's id (see [`commit_outcome`]).
 async fn lock_owners(
     conn: &mut PgConnection,
     owners: &[Owner],
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<(HashSet<String>, String), StoreError> {
     let mut agents: HashSet<String> = HashSet::new();
     let (mut reservations, mut processes, mut names) = (vec![], vec![], vec![]);
     for owner in owners {
@@ -135,13 +136,46 @@ async fn lock_owners(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // unnest yields the array in order, so the locks are taken in it.
-    sqlx::query("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
-        .bind(AGENT_LOCK_CLASS)
-        .bind(&keys)
-        .execute(&mut *conn)
-        .await?;
-    Ok(agents)
+    // unnest yields the array in order, so the locks are taken in it; the
+    // count makes the locks run before the id is returned.
+    let xid: String = sqlx::query_scalar(
+        "WITH locked AS (SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k) \
+         SELECT pg_current_xact_id()::text FROM (SELECT COUNT(*) FROM locked) AS taken",
+    )
+    .bind(AGENT_LOCK_CLASS)
+    .bind(&keys)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((agents, xid))
+}
+
+/// Whether transaction `xid` committed, asked on a connection of its own:
+/// a COMMIT whose answer was lost (the connection broke) may have
+/// committed, and its operations must then be answered as done, not as
+/// unavailable (a reservation answered unavailable but committed would be
+/// charged at its expiry for a call that never went out). Waits while it
+/// is still in progress; `None` when it cannot be known (the database is
+/// unreachable), which is answered unavailable.
+async fn commit_outcome(options: &PgConnectOptions, xid: &str) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut conn) = PgConnection::connect_with(options).await {
+            let status: Result<Option<String>, _> =
+                sqlx::query_scalar("SELECT pg_xact_status($1::xid8)::text")
+                    .bind(xid)
+                    .fetch_one(&mut conn)
+                    .await;
+            let _ = conn.close().await;
+            match status.ok().flatten().as_deref() {
+                Some("committed") => return Some(true),
+                Some("aborted") => return Some(false),
+                // In progress, or not asked: try again shortly.
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// Takes the chain's turn and stores the batch's events after its head in
@@ -351,7 +385,8 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let committed = commit_batch(&mut conn, &key, &mut batch, anchor.as_deref()).await;
+        let committed =
+            commit_batch(&mut conn, &options, &key, &mut batch, anchor.as_deref()).await;
         if committed.is_err() && conn.ping().await.is_err() {
             // The database restarted or the connection broke: the batch was
             // answered unavailable (nothing of it happened), and the next
@@ -382,22 +417,29 @@ async fn reconnect(options: &PgConnectOptions) -> PgConnection {
 /// fails takes the transaction down with it, so the batch is rolled back
 /// and run again without it (its error is its answer). Failures are rare (a
 /// taken name, a reused id), so a batch almost always commits on its first
-/// pass. If the commit fails, every job gets the error: none of them
-/// happened.
+/// pass. If the COMMIT fails, the database is asked whether the transaction
+/// committed anyway (its answer lost with the connection): if so the jobs
+/// get their results, else every job gets the error (none of them
+/// happened). Err: the connection should be checked before the next batch.
 async fn commit_batch(
     conn: &mut PgConnection,
+    options: &PgConnectOptions,
     key: &ChainKey,
     batch: &mut Vec<Box<dyn Job>>,
     anchor: Option<&AnchorFile>,
 ) -> Result<(), ()> {
     let owners: Vec<Owner> = batch.iter().flat_map(|job| job.owners()).collect();
     let mut failed = vec![false; batch.len()];
+    // A COMMIT that failed leaves the connection suspect, even when the
+    // transaction turned out to have committed.
+    let mut commit_failed = false;
     let committed = loop {
         let pass = async {
             let mut tx = Connection::begin(&mut *conn).await?;
+            let (locked, xid) = lock_owners(&mut tx, &owners).await?;
             let mut chain = Chain {
                 pending: Vec::new(),
-                locked: lock_owners(&mut tx, &owners).await?,
+                locked,
             };
             for (i, job) in batch.iter_mut().enumerate() {
                 if !failed[i] && !job.apply(&mut tx, &mut chain).await {
@@ -406,7 +448,14 @@ async fn commit_batch(
                 }
             }
             let head = seal_and_store(&mut tx, key, &chain.pending).await?;
-            tx.commit().await?;
+            if let Err(e) = tx.commit().await {
+                commit_failed = true;
+                tracing::warn!(error = %e, "a batch's COMMIT failed; asking the database whether it committed");
+                if commit_outcome(options, &xid).await != Some(true) {
+                    return Err(e.into());
+                }
+                tracing::warn!("the batch had committed: its operations are answered as done");
+            }
             Ok(Ok(head))
         }
         .await;
@@ -428,7 +477,7 @@ async fn commit_batch(
             for job in batch.drain(..) {
                 job.answer(Ok(()));
             }
-            Ok(())
+            if commit_failed { Err(()) } else { Ok(()) }
         }
         Err(e) => {
             let why = e.to_string();
