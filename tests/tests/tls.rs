@@ -239,3 +239,169 @@ async fn mutual_tls_serves_the_signed_and_refuses_the_rest() {
         wait,
     );
 }
+
+/// `aexctl` against `url` with the client's TLS files; the output.
+fn aexctl_tls(
+    home: &TestHome,
+    url: &str,
+    tls: &[(&str, &Path)],
+    args: &[&str],
+) -> std::process::Output {
+    let mut cmd = Command::new(bin("aexctl"));
+    cmd.args(args)
+        .env("AEX_HOME", home.path())
+        .env("AEX_CONTROL_ADDR", url);
+    for (var, file) in tls {
+        cmd.env(var, file);
+    }
+    cmd.output().unwrap()
+}
+
+/// The several-nodes guarantees hold over mutual TLS: two control planes
+/// on PostgreSQL, two data planes given both (`https://…,https://…`), a
+/// budget that covers exactly 10 worst-case calls, 40 slow calls at once,
+/// and one control plane killed with `kill -9` while they are in flight:
+/// exactly 10 go through, every one is settled through the survivor, and
+/// audit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_nodes_over_mutual_tls_keep_the_budget_through_a_kill() {
+    let Some(db) = aex_tests::postgres::TestDatabase::fresh().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ours = ca(dir.path(), "aex");
+    let server = issue(dir.path(), &ours, "control", true);
+    let client = issue(dir.path(), &ours, "dataplane", false);
+    let tls_env: [(&str, &Path); 3] = [
+        ("AEX_TLS_CA", &ours.pem),
+        ("AEX_TLS_CERT", &client.cert),
+        ("AEX_TLS_KEY", &client.key),
+    ];
+    let mock = MockUpstream::start().await;
+    let home = TestHome::new();
+    std::fs::write(
+        home.file("config/models.yaml"),
+        Stack::models_yaml(&mock.base_url()),
+    )
+    .unwrap();
+    std::fs::write(
+        home.file(".env"),
+        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+    )
+    .unwrap();
+    let db_url = db.url();
+    let control_args = [
+        "--database-url",
+        &db_url,
+        "--tls-cert",
+        path(&server.cert),
+        "--tls-key",
+        path(&server.key),
+        "--tls-client-ca",
+        path(&ours.pem),
+    ];
+    let first = ControlPlane::start_with(&home, &control_args);
+    let second = ControlPlane::start_with(&home, &control_args);
+    let https = |c: &ControlPlane| format!("https://127.0.0.1:{}", c.addr.port());
+    let (url1, url2) = (https(&first), https(&second));
+    let both = format!("{url1},{url2}");
+    let data_args = [
+        "--tls-ca",
+        path(&ours.pem),
+        "--tls-cert",
+        path(&client.cert),
+        "--tls-key",
+        path(&client.key),
+    ];
+    let data = [
+        DataPlane::start(&home, &both, &data_args),
+        DataPlane::start(&home, &both, &data_args),
+    ];
+    let chat = serde_json::json!({"model": "mock-model", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}]});
+    // One call's worst case, from a probe agent's admit event.
+    let created = |name: &str, budget: &str| -> String {
+        let out = aexctl_tls(
+            &home,
+            &url1,
+            &tls_env,
+            &["agent", "create", name, budget, "100000", "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let probe = created("probe", "1");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let client_http = reqwest::Client::new();
+    let r = client_http
+        .post(data[0].url("/v1/chat/completions"))
+        .bearer_auth(&probe)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = aexctl_tls(
+        &home,
+        &url1,
+        &tls_env,
+        &["events", "--agent", "probe", "--json"],
+    );
+    let worst = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["kind"] == "admit")
+        .and_then(|e| e["amount_micro"].as_i64())
+        .expect("an admit event");
+    let budget = 10 * worst;
+    let token = created(
+        "fleet",
+        &format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000),
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let calls = (0..40).map(|i| {
+        let request = client_http
+            .post(data[i % 2].url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "1500")
+            .json(&chat)
+            .timeout(Duration::from_secs(30))
+            .send();
+        async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    });
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        drop(first); // kill -9, with every admitted call in flight
+    };
+    let (statuses, ()) = tokio::join!(futures_util::future::join_all(calls), killer);
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 402).count();
+    assert_eq!((ok, refused), (10, 30), "{statuses:?}");
+    // Settled through the survivor.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = aexctl_tls(
+            &home,
+            &url2,
+            &tls_env,
+            &["agent", "inspect", "fleet", "--json"],
+        );
+        let agent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if agent["reserved_micro"] == 0 {
+            let spent = agent["spent_micro"].as_i64().unwrap();
+            assert!(spent > 0 && spent <= budget, "{agent}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not settled: {agent}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = aexctl_tls(&home, &url2, &tls_env, &["audit", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(report["passed"], true, "{report:#}");
+    drop(second);
+}
