@@ -95,10 +95,10 @@ async fn apply_changes(state: Arc<ControlState>, mut feed: crate::storage::Chang
     }
 }
 
-/// This control plane's own models.yaml, reloaded because another one was
-/// told to: a file that does not load leaves the running config as it is.
+/// This control plane's own models.yaml, reloaded (if it changed) because
+/// one was told to: a file that does not load leaves the running config.
 fn reload_models_here(state: &ControlState) {
-    if let Err(e) = state.reload_models() {
+    if let Err(e) = state.reload_models_if_changed() {
         tracing::error!(error = %e, "models.yaml was reloaded through another control plane, but this one's does not load; running on the config it had");
     }
 }

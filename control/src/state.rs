@@ -26,6 +26,7 @@ pub struct ControlState {
     /// When the running models.yaml was loaded (here, or on another
     /// control plane's reload).
     models_loaded_at_ms: std::sync::atomic::AtomicI64,
+    reloading: std::sync::Mutex<()>,
 }
 
 impl ControlState {
@@ -49,6 +50,7 @@ impl ControlState {
             models: RwLock::new(Arc::new(models)),
             models_path,
             models_loaded_at_ms: crate::storage::now_ms().into(),
+            reloading: Default::default(),
         }
     }
 
@@ -70,7 +72,24 @@ impl ControlState {
 
     /// Re-reads models.yaml; on any error the running config stays as it was.
     pub fn reload_models(&self) -> Result<Arc<ModelsConfig>> {
+        self.reload(false).map(|(models, _)| models)
+    }
+
+    /// Re-reads models.yaml because another control plane reloaded its own
+    /// (or the change feed had a gap): applied only if it differs from the
+    /// running config, so this one's own announcement is not applied twice.
+    /// Whether it was applied.
+    pub fn reload_models_if_changed(&self) -> Result<bool> {
+        self.reload(true).map(|(_, applied)| applied)
+    }
+
+    fn reload(&self, only_if_changed: bool) -> Result<(Arc<ModelsConfig>, bool)> {
+        // One reload at a time: an older file must not be applied last.
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = Arc::new(ModelsConfig::load(&self.models_path)?);
+        if only_if_changed && fresh.digest == self.models().digest {
+            return Ok((fresh, false));
+        }
         *self.models.write().expect("models lock poisoned") = fresh.clone();
         self.models_loaded_at_ms.store(
             crate::storage::now_ms(),
@@ -78,6 +97,6 @@ impl ControlState {
         );
         self.admission.models_changed(fresh.clone());
         tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
-        Ok(fresh)
+        Ok((fresh, true))
     }
 }

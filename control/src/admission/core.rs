@@ -201,6 +201,9 @@ pub struct ExpirySweep {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KillOrder {
     pub agent_id: String,
+    /// One process of the agent (an order found on its row), or `None`
+    /// for every process the agent has now.
+    pub process_id: Option<String>,
     pub reason: String,
 }
 
@@ -212,6 +215,9 @@ pub struct AdmissionCore {
     /// When each agent's kill order was last written to the store: an
     /// exhausted agent that keeps calling writes it once a second at most.
     kills_recorded: Mutex<HashMap<String, i64>>,
+    /// The processes (id → agent id) whose kill order, found on their rows,
+    /// this control plane has passed on.
+    kills_forwarded: Mutex<HashMap<String, String>>,
     reservation_ttl_ms: i64,
     /// Reservations an expiry sweep could not settle, so each is logged as
     /// an error once rather than at every sweep.
@@ -308,6 +314,7 @@ impl AdmissionCore {
             changes,
             kills,
             kills_recorded: Mutex::default(),
+            kills_forwarded: Mutex::default(),
             reservation_ttl_ms,
             unexpirable: Mutex::default(),
             unauthenticated: Mutex::default(),
@@ -401,9 +408,26 @@ impl AdmissionCore {
                     .insert(p.token_sha256.clone(), p.agent_id.clone());
             }
         }
+        // Each order on a row is passed on once by this control plane, to
+        // that process's supervisor only: a row left running (its
+        // supervisor gone with its replica) must not kill the agent's
+        // later processes.
+        let mut forwarded = self
+            .kills_forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        forwarded.retain(|id, owner| {
+            (!every && owner != agent_id) || running.iter().any(|p| &p.id == id)
+        });
         for p in running {
-            if let Some(reason) = p.kill_reason {
-                self.tell_supervisors(&p.agent_id, &reason);
+            if let Some(reason) = p.kill_reason
+                && forwarded.insert(p.id.clone(), p.agent_id.clone()).is_none()
+            {
+                let _ = self.kills.send(KillOrder {
+                    agent_id: p.agent_id,
+                    process_id: Some(p.id),
+                    reason,
+                });
             }
         }
         Ok(())
@@ -851,16 +875,19 @@ impl AdmissionCore {
         self.tell_supervisors(agent_id, reason);
         let supervised = self.lock().process_tokens.values().any(|a| a == agent_id);
         let now = now_ms();
-        let recently = {
+        if !supervised {
+            return;
+        }
+        {
             let mut recorded = self
                 .kills_recorded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             recorded.retain(|_, at| now - *at < 1000);
-            recorded.insert(agent_id.to_string(), now).is_some()
-        };
-        if !supervised || recently {
-            return;
+            if recorded.contains_key(agent_id) {
+                return;
+            }
+            recorded.insert(agent_id.to_string(), now);
         }
         let (store, agent_id, reason) =
             (self.store.clone(), agent_id.to_string(), reason.to_string());
@@ -876,6 +903,7 @@ impl AdmissionCore {
     pub fn tell_supervisors(&self, agent_id: &str, reason: &str) {
         let _ = self.kills.send(KillOrder {
             agent_id: agent_id.to_string(),
+            process_id: None,
             reason: reason.to_string(),
         });
     }
@@ -1087,7 +1115,7 @@ impl AdmissionCore {
         // data plane may have moved to another replica): only what is due
         // there expires, whichever replica holds it in memory.
         let store_due = self.store.due_reservations(now).await?;
-        self.drop_closed_elsewhere(now, &store_due).await?;
+        self.drop_closed_elsewhere(now, &store_due).await;
         let mut due: Vec<(ReservationRecord, String)> = Vec::new();
         {
             let live = self.lock();
@@ -1230,7 +1258,7 @@ impl AdmissionCore {
     /// expired through another control plane (a data plane moved). Each is
     /// looked up once; a closed one is dropped from memory (freeing its
     /// slot), an open one takes the store's expiry.
-    async fn drop_closed_elsewhere(&self, now: i64, store_due: &[ReservationRecord]) -> Result<()> {
+    async fn drop_closed_elsewhere(&self, now: i64, store_due: &[ReservationRecord]) {
         let due: std::collections::HashSet<&str> =
             store_due.iter().map(|r| r.id.as_str()).collect();
         let stale: Vec<String> = {
@@ -1243,18 +1271,21 @@ impl AdmissionCore {
                 .collect()
         };
         for id in stale {
-            match self.store.open_reservation(&id).await? {
-                None => {
+            match self.store.open_reservation(&id).await {
+                Ok(None) => {
                     let _ = self.forget(&id, None);
                 }
-                Some(r) => {
+                Ok(Some(r)) => {
                     if let Some(o) = self.lock().open.get_mut(&id) {
                         o.record.expires_at_ms = r.expires_at_ms;
                     }
                 }
+                // Asked again at the next sweep; the expiries go on.
+                Err(e) => {
+                    tracing::warn!(reservation = %id, error = %e, "cannot tell whether a reservation was closed elsewhere");
+                }
             }
         }
-        Ok(())
     }
 
     /// `Endpoint::Models` needs authentication only: no reservation.

@@ -3,6 +3,8 @@
 //! database only to reserve and to settle, each one transaction.
 
 pub mod core;
+#[cfg(test)]
+mod kill_orders;
 pub mod limiter;
 pub mod policy;
 #[cfg(test)]

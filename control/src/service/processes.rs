@@ -175,7 +175,8 @@ impl ProcessService for ProcessesApi {
                         return;
                     }
                     order = orders.recv() => match order {
-                        Ok(o) if o.agent_id == process.agent_id => {
+                        Ok(o) if o.agent_id == process.agent_id
+                            && o.process_id.as_ref().is_none_or(|id| id == &process.id) => {
                             let order = pb::ProcessOrder { kill: true, reason: o.reason };
                             if tx.send(Ok(order)).await.is_err() {
                                 return;

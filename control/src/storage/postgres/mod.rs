@@ -5,19 +5,18 @@
 //! Writes go through one writer task per control plane with group commit
 //! (`writer.rs`): every queued operation in one transaction (one that fails
 //! is taken out and the rest run again), committed once with
-//! `synchronous_commit` as the server has it
-//! (on by default), then answered. The chain's one appender across all
-//! replicas is a transaction-scoped advisory lock taken at the start of
-//! each batch, so replicas take turns per batch, not per event. Reads use
-//! a sqlx pool, with the SQL shared with SQLite (`storage/sql_reads.rs`).
+//! `synchronous_commit` as the server has it (on by default), then
+//! answered. A batch locks only the agents it touches; replicas take turns
+//! only to append its events to the one chain and commit. Reads use a sqlx
+//! pool, with the SQL shared with SQLite (`storage/sql_reads.rs`); the
+//! shared rate limiters have sessions of their own (`rates.rs`).
 //!
-//! Every change to an agent is also a NOTIFY on [`notify::AGENT_CHANNEL`]
-//! in its transaction (delivered when it commits), so every control plane
-//! on the database applies it and tells its data planes (`notify.rs`).
-//!
-//! Not yet here (the several-nodes issue, #19): a head anchor outside the
-//! database (audit cannot yet tell a removed tail from a shorter history),
-//! and chains that do not serialize replicas at all (docs/LEDGER.md).
+//! Every change to an agent or its processes, and every models reload, is
+//! also a NOTIFY (delivered when its transaction commits), so every control
+//! plane on the database applies it and tells its data planes (`notify.rs`).
+//! Each control plane keeps its own copy of the chain's head in its
+//! AEX_HOME (`anchored.rs`). Needs PostgreSQL 13 or later
+//! (`pg_current_xact_id`).
 
 mod anchored;
 mod notify;

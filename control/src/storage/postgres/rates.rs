@@ -91,13 +91,14 @@ impl SharedRates for PgRates {
         let need = TokenBucket::need_milli(per_minute, tokens);
         // TokenBucket::take in SQL: refill by the time elapsed (never back),
         // capped at a full bucket, then debit if the request fits. A first
-        // request finds a full bucket.
+        // request finds a full bucket. The refill is computed in numeric,
+        // where TokenBucket saturates, and capped before it is an int8 again.
         let taken: Option<i64> = sqlx::query_scalar(
             "INSERT INTO token_buckets AS b (key, level_milli, last_ms) VALUES ($1, $2 - $3, $4) \
              ON CONFLICT (key) DO UPDATE SET \
-                 level_milli = LEAST(b.level_milli + GREATEST($4 - b.last_ms, 0) * $5 / 60, $2) - $3, \
+                 level_milli = LEAST(b.level_milli + div(GREATEST($4 - b.last_ms, 0)::numeric * $5, 60), $2)::int8 - $3, \
                  last_ms = GREATEST(b.last_ms, $4) \
-             WHERE LEAST(b.level_milli + GREATEST($4 - b.last_ms, 0) * $5 / 60, $2) >= $3 \
+             WHERE LEAST(b.level_milli + div(GREATEST($4 - b.last_ms, 0)::numeric * $5, 60), $2)::int8 >= $3 \
              RETURNING level_milli",
         )
         .bind(key)
@@ -114,7 +115,7 @@ impl SharedRates for PgRates {
         // two stay equal to the milli-token), and the wait from there.
         let (level, last): (i64, i64) = sqlx::query_as(
             "UPDATE token_buckets SET \
-                 level_milli = LEAST(level_milli + GREATEST($2 - last_ms, 0) * $3 / 60, $4), \
+                 level_milli = LEAST(level_milli + div(GREATEST($2 - last_ms, 0)::numeric * $3, 60), $4)::int8, \
                  last_ms = GREATEST(last_ms, $2) \
              WHERE key = $1 RETURNING level_milli, last_ms",
         )
@@ -144,8 +145,9 @@ impl SharedRates for PgRates {
         // when negative), never above a full bucket.
         sqlx::query(
             "UPDATE token_buckets SET \
-                 level_milli = LEAST(LEAST(level_milli + GREATEST($3 - last_ms, 0) * $4 / 60, $2) \
-                     - $5 * 1000, $2), \
+                 level_milli = GREATEST(LEAST(LEAST(level_milli \
+                     + div(GREATEST($3 - last_ms, 0)::numeric * $4, 60), $2) \
+                     - $5::numeric * 1000, $2), -9223372036854775808)::int8, \
                  last_ms = GREATEST(last_ms, $3) \
              WHERE key = $1",
         )
@@ -153,7 +155,8 @@ impl SharedRates for PgRates {
         .bind(TokenBucket::capacity_milli(per_minute))
         .bind(now_ms)
         .bind(per_minute as i64)
-        .bind(delta)
+        // TokenBucket saturates: so does this (an absurd usage report).
+        .bind(delta.clamp(-(i64::MAX / 1000), i64::MAX / 1000))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -138,6 +138,22 @@ async fn the_shared_token_bucket_decides_as_the_in_memory_one() {
                 .unwrap();
         assert_eq!(level, memory.level_milli(), "step {step} (seed {seed})");
     }
+    // Where the arithmetic would overflow int8 (a huge limit after a long
+    // idle time, an absurd usage report), both saturate alike, no error.
+    let (huge, mut memory, mut now) = (4_000_000_000_000u64, TokenBucket::default(), 0i64);
+    for (tokens, gap) in [(1, 0), (1, 10_000_000_000), (3, 1)] {
+        now += gap;
+        let shared = rates.take_tokens("huge", huge, tokens, now).await.unwrap();
+        assert_eq!(shared, memory.take(huge, tokens, now));
+    }
+    rates
+        .adjust_tokens("huge", huge, i64::MAX, now)
+        .await
+        .unwrap();
+    rates
+        .adjust_tokens("huge", huge, i64::MIN, now + 1)
+        .await
+        .unwrap();
     pool.close().await;
 }
 

@@ -149,14 +149,21 @@ async fn lock_owners(
     Ok((agents, xid))
 }
 
-/// Whether transaction `xid` committed, asked on a connection of its own:
-/// a COMMIT whose answer was lost (the connection broke) may have
-/// committed, and its operations must then be answered as done, not as
-/// unavailable (a reservation answered unavailable but committed would be
-/// charged at its expiry for a call that never went out). Waits while it
-/// is still in progress; `None` when it cannot be known (the database is
-/// unreachable), which is answered unavailable.
-async fn commit_outcome(options: &PgConnectOptions, xid: &str) -> Option<bool> {
+/// Whether a batch whose COMMIT got no answer (the connection broke)
+/// committed, asked on a connection of its own: if it did, its operations
+/// must be answered as done, not as unavailable (a reservation answered
+/// unavailable but committed stays open, to be charged at its expiry for a
+/// call that never went out). Waits while transaction `xid` is in progress;
+/// then a batch that appended events committed exactly when its head event
+/// (`seq` and keyed hash, which no other batch can write) is in the chain,
+/// which holds even after a server crash that let the id be given out
+/// again; one without events goes by the id's status. `None` when it
+/// cannot be known in time, which is answered unavailable.
+async fn commit_outcome(
+    options: &PgConnectOptions,
+    xid: &str,
+    head: Option<&Head>,
+) -> Option<bool> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while tokio::time::Instant::now() < deadline {
         if let Ok(mut conn) = PgConnection::connect_with(options).await {
@@ -165,12 +172,29 @@ async fn commit_outcome(options: &PgConnectOptions, xid: &str) -> Option<bool> {
                     .bind(xid)
                     .fetch_one(&mut conn)
                     .await;
+            let in_progress = matches!(
+                status.as_ref().ok().and_then(Option::as_deref),
+                Some("in progress")
+            );
+            let outcome = match (in_progress, head) {
+                (true, _) => None,
+                (false, Some(head)) => sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE seq = $1 AND hash = $2)",
+                )
+                .bind(head.seq)
+                .bind(&head.hash)
+                .fetch_one(&mut conn)
+                .await
+                .ok(),
+                (false, None) => match status.ok().flatten().as_deref() {
+                    Some("committed") => Some(true),
+                    Some("aborted") => Some(false),
+                    _ => None,
+                },
+            };
             let _ = conn.close().await;
-            match status.ok().flatten().as_deref() {
-                Some("committed") => return Some(true),
-                Some("aborted") => return Some(false),
-                // In progress, or not asked: try again shortly.
-                _ => {}
+            if outcome.is_some() {
+                return outcome;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -293,6 +317,9 @@ trait Job: Send {
     fn owners(&self) -> Vec<Owner>;
     /// False if it failed (the batch is then run again without it).
     async fn apply(&mut self, conn: &mut PgConnection, chain: &mut Chain) -> bool;
+    /// Whether its failure may pass if run again (a deadlock PostgreSQL
+    /// broke, a lock wait that timed out, an agent replaced meanwhile).
+    fn failed_transiently(&self) -> bool;
     fn answer(self: Box<Self>, commit: Result<(), &str>);
 }
 
@@ -313,6 +340,10 @@ impl<O: Operation> Job for Pending<O> {
         let ok = result.is_ok();
         self.result = Some(result);
         ok
+    }
+
+    fn failed_transiently(&self) -> bool {
+        matches!(self.result, Some(Err(StoreError::Unavailable(_))))
     }
 
     fn answer(self: Box<Self>, commit: Result<(), &str>) {
@@ -433,6 +464,7 @@ async fn commit_batch(
     // A COMMIT that failed leaves the connection suspect, even when the
     // transaction turned out to have committed.
     let mut commit_failed = false;
+    let mut retries = 0u32;
     let committed = loop {
         let pass = async {
             let mut tx = Connection::begin(&mut *conn).await?;
@@ -444,14 +476,14 @@ async fn commit_batch(
             for (i, job) in batch.iter_mut().enumerate() {
                 if !failed[i] && !job.apply(&mut tx, &mut chain).await {
                     tx.rollback().await?;
-                    return Ok::<_, StoreError>(Err(i));
+                    return Ok::<_, StoreError>(Err((i, job.failed_transiently())));
                 }
             }
             let head = seal_and_store(&mut tx, key, &chain.pending).await?;
             if let Err(e) = tx.commit().await {
                 commit_failed = true;
                 tracing::warn!(error = %e, "a batch's COMMIT failed; asking the database whether it committed");
-                if commit_outcome(options, &xid).await != Some(true) {
+                if commit_outcome(options, &xid, head.as_ref()).await != Some(true) {
                     return Err(e.into());
                 }
                 tracing::warn!("the batch had committed: its operations are answered as done");
@@ -460,7 +492,13 @@ async fn commit_batch(
         }
         .await;
         match pass {
-            Ok(Err(i)) => failed[i] = true,
+            // Run the whole batch again (a few times) for a job that may
+            // pass then; else without it.
+            Ok(Err((_, true))) if retries < 3 => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(5 << retries)).await;
+            }
+            Ok(Err((i, _))) => failed[i] = true,
             Ok(Ok(head)) => break Ok(head),
             Err(e) => break Err(e),
         }

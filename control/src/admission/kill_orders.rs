@@ -1,0 +1,73 @@
+//! Kill orders found on processes' rows (given through any control plane
+//! on the store) reach the supervisor of that process only, once per
+//! control plane: a row left running with an old order must not kill the
+//! agent's later processes.
+
+use super::core::AdmissionCore;
+use crate::storage::conformance::new_agent;
+use crate::storage::memory::MemoryStore;
+use crate::storage::{ProcessRecord, ProcessState, Store, now_ms};
+use std::sync::Arc;
+
+fn process(id: &str, agent_id: &str, token: &str) -> ProcessRecord {
+    ProcessRecord {
+        id: id.into(),
+        agent_id: agent_id.into(),
+        agent_name: "runner".into(),
+        token_sha256: token.into(),
+        pid: 1,
+        command: "sh".into(),
+        host: "h".into(),
+        state: ProcessState::Running.as_str().into(),
+        started_at_ms: now_ms(),
+        ended_at_ms: None,
+        exit_code: None,
+        reason: String::new(),
+        kill_reason: None,
+    }
+}
+
+#[tokio::test]
+async fn an_order_on_a_row_reaches_that_process_once() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(vec![3; 32]));
+    let agent = store.create_agent(new_agent("runner", "h")).await.unwrap();
+    let admission = AdmissionCore::load(store.clone(), 60_000).await.unwrap();
+    let mut orders = admission.kill_orders();
+    // An old process, ordered killed through another control plane, whose
+    // row stayed running; then a new one.
+    store
+        .start_process(process("proc_old", &agent.id, "t_old"))
+        .await
+        .unwrap();
+    store
+        .request_kill(&agent.id, "budget exhausted")
+        .await
+        .unwrap();
+    store
+        .start_process(process("proc_new", &agent.id, "t_new"))
+        .await
+        .unwrap();
+    admission.refresh_agent(&agent.id).await.unwrap();
+    admission.refresh_agent(&agent.id).await.unwrap();
+    admission
+        .refresh_agent(crate::storage::EVERY_AGENT)
+        .await
+        .unwrap();
+    let order = orders.try_recv().expect("the order on the old row");
+    assert_eq!(order.process_id.as_deref(), Some("proc_old"));
+    assert_eq!(order.reason, "budget exhausted");
+    assert!(
+        orders.try_recv().is_err(),
+        "passed on once, for that process only"
+    );
+    // Both rows' tokens sign in here, as they would on any replica.
+    assert!(admission.authenticate_only("t_new").is_ok());
+    assert!(admission.authenticate_only("t_old").is_ok());
+    // Ended: its token no longer does.
+    store
+        .end_process("proc_old", ProcessState::Killed, None, "killed")
+        .await
+        .unwrap();
+    admission.refresh_agent(&agent.id).await.unwrap();
+    assert!(admission.authenticate_only("t_old").is_err());
+}
