@@ -11,6 +11,7 @@ pub mod chain;
 pub mod config;
 pub mod denial;
 pub mod event;
+pub mod grant;
 pub mod home;
 pub mod money;
 pub mod process;

@@ -1,0 +1,288 @@
+//! Grants (SPEC §4.3, docs/GRANTS.md): budget, request credits and
+//! concurrency slots the control plane reserves for one data plane for a
+//! few seconds, so that a busy agent's calls are admitted there without a
+//! round trip. How big a grant is — or whether there is one at all — is
+//! decided here, as a pure function of what the ledger and the limiters say
+//! now; a store makes the decision atomic with the reservation it sizes.
+//!
+//! The rules, each a property tested below:
+//! - A grant is never more than the data plane's fair share of what is
+//!   left after the edge reserve: `(free - edge) / data_planes`, where
+//!   `free` is the budget not spent, not reserved by calls and not already
+//!   granted. So grants for every data plane together never exceed `free`.
+//! - Near the edge there is none: while `free` is within `edge` (a few
+//!   worst-case calls per data plane), every call is decided centrally and
+//!   the 402 boundary is exact. The same holds for each limit.
+//! - A grant covers at least one worst-case call, or it is not given.
+//! - It is sized to the agent's recent spend over the grant's lifetime
+//!   (with headroom), so an agent that spends little does not lock its
+//!   budget away from the other data planes.
+
+use crate::money::Micro;
+
+/// How many worst-case calls per data plane the edge keeps for central
+/// decisions.
+pub const EDGE_CALLS_PER_DATA_PLANE: i64 = 4;
+
+/// Headroom over the recent rate: a grant lasts its lifetime at twice the
+/// pace the agent has been going.
+pub const PACE_HEADROOM: i64 = 2;
+
+/// What the control plane knows when a data plane asks for a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantAsk {
+    /// Budget neither spent, nor reserved by open calls, nor granted.
+    pub free_micro: Micro,
+    /// The worst case of one call of this agent (the largest reservation
+    /// its recent calls took, or the one this request would take).
+    pub worst_call_micro: Micro,
+    /// The agent's spend per second over the recent window (µ/s).
+    pub spend_per_s_micro: Micro,
+    /// Data planes serving the agent now, the asking one included (≥ 1).
+    pub data_planes: u32,
+    pub lifetime_ms: i64,
+    /// Requests still allowed in the current minute (`None`: no RPM limit).
+    pub rpm_headroom: Option<u32>,
+    /// The agent's requests per second over the recent window.
+    pub calls_per_s: u32,
+    /// Concurrency slots free now (`None`: no concurrency limit).
+    pub free_slots: Option<u32>,
+}
+
+/// What one grant holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantSize {
+    pub budget_micro: Micro,
+    /// Calls it may admit (`None`: as many as its budget covers).
+    pub requests: Option<u32>,
+    /// Calls it may have in flight at once (`None`: no limit).
+    pub slots: Option<u32>,
+}
+
+/// Why no grant was given: the data plane asks centrally meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoGrant {
+    /// The budget is near its edge: every call is decided centrally.
+    BudgetEdge,
+    /// The RPM limit is near its edge for this minute.
+    RpmEdge,
+    /// Every concurrency slot a fair share allows is in use.
+    SlotsEdge,
+    /// The ask itself makes no sense (no data plane, no lifetime).
+    Invalid,
+}
+
+fn fair_share(free: i64, edge: i64, data_planes: i64) -> i64 {
+    (free - edge).max(0) / data_planes
+}
+
+/// Sizes a grant, or says why there is none.
+pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
+    if ask.data_planes == 0 || ask.lifetime_ms <= 0 || ask.worst_call_micro <= 0 {
+        return Err(NoGrant::Invalid);
+    }
+    let planes = i64::from(ask.data_planes);
+    let worst = ask.worst_call_micro;
+    let edge = worst
+        .saturating_mul(EDGE_CALLS_PER_DATA_PLANE)
+        .saturating_mul(planes);
+    let share = fair_share(ask.free_micro, edge, planes);
+    if share < worst {
+        return Err(NoGrant::BudgetEdge);
+    }
+    // The agent's pace over the lifetime, with headroom; never below one
+    // worst-case call, never above the fair share.
+    let paced = ask
+        .spend_per_s_micro
+        .max(0)
+        .saturating_mul(ask.lifetime_ms)
+        .saturating_mul(PACE_HEADROOM)
+        / 1000;
+    let budget_micro = paced.clamp(worst, share);
+
+    let requests = match ask.rpm_headroom {
+        None => None,
+        Some(headroom) => {
+            let edge = (EDGE_CALLS_PER_DATA_PLANE * planes) as u32;
+            let share = headroom.saturating_sub(edge) / ask.data_planes;
+            if share == 0 {
+                return Err(NoGrant::RpmEdge);
+            }
+            let paced = (u64::from(ask.calls_per_s) * ask.lifetime_ms as u64 * PACE_HEADROOM as u64
+                / 1000)
+                .min(u64::from(u32::MAX)) as u32;
+            Some(paced.clamp(1, share))
+        }
+    };
+    let slots = match ask.free_slots {
+        None => None,
+        Some(free) => {
+            // Slots are not paced: a call holds one for its whole length.
+            // Half the free slots at most, shared out, so the rest stay
+            // central.
+            let share = (free / 2) / ask.data_planes;
+            if share == 0 {
+                return Err(NoGrant::SlotsEdge);
+            }
+            Some(share)
+        }
+    };
+    Ok(GrantSize {
+        budget_micro,
+        requests,
+        slots,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ask() -> GrantAsk {
+        GrantAsk {
+            free_micro: 1_000_000,
+            worst_call_micro: 1_000,
+            spend_per_s_micro: 10_000,
+            data_planes: 3,
+            lifetime_ms: 5_000,
+            rpm_headroom: None,
+            calls_per_s: 10,
+            free_slots: None,
+        }
+    }
+
+    #[test]
+    fn a_busy_agent_far_from_its_edge_gets_its_pace() {
+        // 10,000 µ/s × 5 s × 2 = 100,000 µ, within the share (332,000).
+        let g = size(&ask()).unwrap();
+        assert_eq!(g.budget_micro, 100_000);
+        assert_eq!((g.requests, g.slots), (None, None));
+    }
+
+    #[test]
+    fn near_the_edge_every_call_is_central() {
+        // 3 planes × 4 calls = 12 worst-case calls of edge, plus 3 × 1 for a
+        // grant each: 15,000 µ is the least that grants anything.
+        let at = |free| {
+            size(&GrantAsk {
+                free_micro: free,
+                ..ask()
+            })
+        };
+        assert_eq!(at(14_999), Err(NoGrant::BudgetEdge));
+        assert_eq!(at(15_000).unwrap().budget_micro, 1_000);
+        assert_eq!(at(0), Err(NoGrant::BudgetEdge));
+        assert_eq!(at(-5), Err(NoGrant::BudgetEdge));
+    }
+
+    #[test]
+    fn an_idle_agent_gets_one_worst_case_call() {
+        let g = size(&GrantAsk {
+            spend_per_s_micro: 0,
+            ..ask()
+        })
+        .unwrap();
+        assert_eq!(g.budget_micro, 1_000);
+    }
+
+    #[test]
+    fn limits_near_their_edge_give_no_grant() {
+        let rpm = |headroom| {
+            size(&GrantAsk {
+                rpm_headroom: Some(headroom),
+                ..ask()
+            })
+        };
+        assert_eq!(rpm(14), Err(NoGrant::RpmEdge));
+        assert_eq!(rpm(15).unwrap().requests, Some(1));
+        // 10 calls/s × 5 s × 2 = 100, within the share of 600 - 12 over 3.
+        assert_eq!(rpm(600).unwrap().requests, Some(100));
+        let slots = |free| {
+            size(&GrantAsk {
+                free_slots: Some(free),
+                ..ask()
+            })
+        };
+        assert_eq!(slots(5), Err(NoGrant::SlotsEdge));
+        assert_eq!(slots(6).unwrap().slots, Some(1));
+    }
+
+    #[test]
+    fn nonsense_asks_get_nothing() {
+        for bad in [
+            GrantAsk {
+                data_planes: 0,
+                ..ask()
+            },
+            GrantAsk {
+                lifetime_ms: 0,
+                ..ask()
+            },
+            GrantAsk {
+                worst_call_micro: 0,
+                ..ask()
+            },
+        ] {
+            assert_eq!(size(&bad), Err(NoGrant::Invalid));
+        }
+    }
+
+    fn asks() -> impl Strategy<Value = GrantAsk> {
+        (
+            -1_000i64..10_000_000_000,
+            1i64..10_000_000,
+            0i64..100_000_000,
+            1u32..200,
+            1i64..60_000,
+            proptest::option::of(0u32..100_000),
+            0u32..10_000,
+            proptest::option::of(0u32..10_000),
+        )
+            .prop_map(
+                |(free, worst, rate, planes, life, rpm, cps, slots)| GrantAsk {
+                    free_micro: free,
+                    worst_call_micro: worst,
+                    spend_per_s_micro: rate,
+                    data_planes: planes,
+                    lifetime_ms: life,
+                    rpm_headroom: rpm,
+                    calls_per_s: cps,
+                    free_slots: slots,
+                },
+            )
+    }
+
+    proptest! {
+        /// Every data plane taking its grant at once still leaves the
+        /// edge, and every grant covers at least one worst-case call.
+        #[test]
+        fn grants_for_every_data_plane_fit_and_leave_the_edge(a in asks()) {
+            if let Ok(g) = size(&a) {
+                let planes = i64::from(a.data_planes);
+                let edge = a.worst_call_micro * EDGE_CALLS_PER_DATA_PLANE * planes;
+                prop_assert!(g.budget_micro >= a.worst_call_micro);
+                prop_assert!(g.budget_micro * planes + edge <= a.free_micro);
+                if let (Some(r), Some(h)) = (g.requests, a.rpm_headroom) {
+                    prop_assert!(r >= 1);
+                    prop_assert!(r * a.data_planes < h);
+                }
+                if let (Some(s), Some(f)) = (g.slots, a.free_slots) {
+                    prop_assert!(s >= 1);
+                    prop_assert!(s * a.data_planes <= f / 2);
+                }
+            }
+        }
+
+        /// Less free budget never means a bigger grant.
+        #[test]
+        fn less_free_budget_never_grants_more(a in asks(), less in 0i64..1_000_000_000) {
+            let poorer = GrantAsk { free_micro: a.free_micro - less, ..a.clone() };
+            match (size(&a), size(&poorer)) {
+                (Ok(rich), Ok(poor)) => prop_assert!(poor.budget_micro <= rich.budget_micro),
+                (Err(NoGrant::BudgetEdge), Ok(_)) => prop_assert!(false, "poorer got a grant"),
+                _ => {}
+            }
+        }
+    }
+}
