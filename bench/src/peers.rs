@@ -15,11 +15,20 @@ pub struct Peer {
     pub pid: u32,
     child: Child,
     _home: tempfile::TempDir,
+    /// Stopped with SIGTERM, which also stops its worker processes (nginx's
+    /// workers outlive a master killed with SIGKILL).
+    terminate: bool,
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if self.terminate {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -150,6 +159,7 @@ pub async fn start_aex2(dir: &Path, mock_addr: std::net::SocketAddr) -> Option<P
         pid: child.id(),
         child,
         _home: home,
+        terminate: false,
     })
 }
 
@@ -214,5 +224,101 @@ pub async fn start_litellm(dir: &Path, mock_addr: std::net::SocketAddr) -> Optio
         pid: child.id(),
         child,
         _home: home,
+        terminate: false,
     })
+}
+
+/// nginx's name in the tables.
+pub const NGINX: &str = "nginx (plain proxy)";
+
+/// nginx as a plain reverse proxy in front of the same mock (upstream
+/// keepalive, no buffering): what a proxy that decides nothing costs on
+/// this machine, the floor every gateway is measured against. Debian's
+/// `nginx-light`, installed by `bench/install-peers`.
+pub async fn start_nginx(mock_addr: std::net::SocketAddr) -> Option<Peer> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let Some(nginx) = nginx else {
+        eprintln!("nginx is not installed; run bench/install-peers (Debian's nginx-light)");
+        return None;
+    };
+    let home = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let dir = home.path().display().to_string();
+    // As root, the workers would switch to a user that cannot read the
+    // temporary directory.
+    let user = if nix_is_root() { "user root;" } else { "" };
+    let conf = format!(
+        "{user}
+daemon off;
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream mock {{ server {mock_addr}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location = /nginx-health {{ return 200; }}
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"
+    );
+    let conf_path = home.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("nginx.conf");
+    let log = home.path().join("error.log");
+    let mut child = Command::new(&nginx)
+        .args(["-p", &dir, "-c"])
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("nginx did not start: {e}; skipped"))
+        .ok()?;
+    if !wait_healthy(
+        "nginx",
+        &format!("http://127.0.0.1:{port}/nginx-health"),
+        &mut child,
+        Some(&log),
+    )
+    .await
+    {
+        let _ = child.kill();
+        return None;
+    }
+    Some(Peer {
+        name: NGINX,
+        url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        token: "unused".into(),
+        pid: child.id(),
+        child,
+        _home: home,
+        terminate: true,
+    })
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
 }
