@@ -207,7 +207,8 @@ pub fn create(id: String, n: NewAgent, now: i64, ledger_key: &[u8]) -> AgentWrit
 }
 
 /// Applies a patch, refusing what would break an invariant (a negative
-/// budget, a budget below what was spent, a top-up that adds nothing).
+/// budget, a budget below what was spent and what calls in flight may still
+/// be charged, a top-up that adds nothing).
 /// `None`: the patch changes nothing.
 pub fn update(
     current: &AgentRecord,
@@ -241,6 +242,18 @@ pub fn update(
         return Err(InvalidChange(format!(
             "a budget of {} µ is below what '{}' has already spent ({} µ)",
             a.budget_micro, a.name, a.spent_micro
+        )));
+    }
+    // Calls in flight were admitted against the old budget and may be
+    // charged up to their reservations: a budget below that would be
+    // overspent by their settlements.
+    let committed = a.spent_micro.saturating_add(a.reserved_micro);
+    if a.budget_micro < committed {
+        return Err(InvalidChange(format!(
+            "a budget of {} µ is below what '{}' has spent ({} µ) plus what its calls in flight may \
+             still be charged ({} µ): set at least {} µ, or lower it once they have settled \
+             (`aexctl agent inspect {}` shows both)",
+            a.budget_micro, a.name, a.spent_micro, a.reserved_micro, committed, a.name
         )));
     }
     macro_rules! set {
@@ -438,6 +451,29 @@ mod tests {
         assert_eq!(kinds, [EventKind::AgentUpdated, EventKind::AgentToppedUp]);
         assert_eq!(w.events[1].amount_micro, 500);
         assert_eq!(w.events[0].details["rpm"], json!({"from": 60, "to": 10}));
+    }
+
+    #[test]
+    fn a_budget_keeps_room_for_the_calls_in_flight() {
+        let mut a = agent();
+        a.spent_micro = 900;
+        a.reserved_micro = 50;
+        let to = |budget| {
+            update(
+                &a,
+                &AgentPatch {
+                    budget_micro: Some(budget),
+                    ..Default::default()
+                },
+                2,
+            )
+        };
+        let refused = to(949).unwrap_err().0;
+        assert!(
+            refused.contains("in flight") && refused.contains("950"),
+            "{refused}"
+        );
+        assert_eq!(to(950).unwrap().unwrap().agent.budget_micro, 950);
     }
 
     #[test]

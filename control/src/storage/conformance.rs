@@ -382,6 +382,44 @@ pub async fn budget_cannot_drop_below_spent(s: Arc<dyn Store>) {
         .unwrap();
     assert_eq!((kept.budget_micro, kept.spent_micro), (100, 100));
     assert_eq!(kept.remaining_micro(), 0);
+    // A call in flight may still be charged its whole reservation: the
+    // budget cannot drop below spent + reserved, or its settlement would
+    // overspend.
+    s.update_agent(
+        "a",
+        AgentPatch {
+            budget_micro: Some(1_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.reserve(reservation(&a, 2, 300)).await.unwrap();
+    let e = s
+        .update_agent(
+            "a",
+            AgentPatch {
+                budget_micro: Some(399),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("in flight"), "{e}");
+    let lowered = s
+        .update_agent(
+            "a",
+            AgentPatch {
+                budget_micro: Some(400),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(lowered.remaining_micro(), 0);
+    s.settle(settlement(&a, 2, 300)).await.unwrap();
+    let after = s.agent_by_name("a").await.unwrap().unwrap();
+    assert!(after.spent_micro <= after.budget_micro, "{after:?}");
 }
 
 /// Whatever details a caller passes, the admit and settle events say what
