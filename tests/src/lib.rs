@@ -89,6 +89,23 @@ impl TestHome {
         home
     }
 
+    /// An initialised home whose models route to `mock` (the kit's
+    /// models.yaml, the mock's key in `.env`).
+    pub fn serving(mock: &mock::MockUpstream) -> Self {
+        let home = Self::new();
+        std::fs::write(
+            home.file("config/models.yaml"),
+            Stack::models_yaml(&mock.base_url()),
+        )
+        .unwrap();
+        std::fs::write(
+            home.file(".env"),
+            format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+        )
+        .unwrap();
+        home
+    }
+
     /// A home directory that `init` has not run in.
     pub fn empty() -> Self {
         Self {
@@ -488,7 +505,27 @@ fn first_line_addr(
 }
 
 /// A port nothing listens on right now (bound, then released).
+/// A port free on 127.0.0.1 now, for a daemon the test starts. Taken below
+/// the kernel's ephemeral range, so that the outgoing connections other
+/// tests make (database pools, HTTP clients), whose source ports come from
+/// that range, cannot take it before the daemon binds it; spread by
+/// process and call, so that tests running at once rarely try the same.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_001));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = low + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed) * 31) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -558,17 +595,7 @@ impl Stack {
         env: &[(&str, &str)],
     ) -> Self {
         let mock = mock::MockUpstream::start().await;
-        let home = TestHome::new();
-        std::fs::write(
-            home.file("config/models.yaml"),
-            Self::models_yaml(&mock.base_url()),
-        )
-        .unwrap();
-        std::fs::write(
-            home.file(".env"),
-            format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
-        )
-        .unwrap();
+        let home = TestHome::serving(&mock);
         let control = ControlPlane::spawn(home.path(), "127.0.0.1:0", control_args, env);
         let data = DataPlane::start_env(&home, &control.url(), dataplane_args, env);
         Self {

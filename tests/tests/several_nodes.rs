@@ -4,7 +4,7 @@
 //! database per test.
 
 use aex_tests::postgres::TestDatabase;
-use aex_tests::{ControlPlane, DataPlane, MOCK_PROVIDER_KEY, Stack, TestHome, mock::MockUpstream};
+use aex_tests::{ControlPlane, DataPlane, TestHome, mock::MockUpstream};
 use futures_util::StreamExt;
 use reqwest::Client;
 use serde_json::{Value, json};
@@ -20,17 +20,7 @@ struct Nodes {
 
 async fn home_on(db: &TestDatabase) -> (TestHome, MockUpstream, ControlPlane) {
     let mock = MockUpstream::start().await;
-    let home = TestHome::new();
-    std::fs::write(
-        home.file("config/models.yaml"),
-        Stack::models_yaml(&mock.base_url()),
-    )
-    .unwrap();
-    std::fs::write(
-        home.file(".env"),
-        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
-    )
-    .unwrap();
+    let home = TestHome::serving(&mock);
     let control = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
     (home, mock, control)
 }
@@ -175,6 +165,24 @@ async fn migrate_and_check_db_on_postgres() {
     assert!(check.status.success());
     let verdict: Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(verdict["integrity"], "ok");
+}
+
+/// A call's status, `x-aex-denied-by` and `retry-after-ms`.
+async fn answer(
+    sent: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> (u16, Option<String>, Option<u64>) {
+    let r = sent.await.unwrap();
+    let header = |n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    (
+        r.status().as_u16(),
+        header("x-aex-denied-by"),
+        header("retry-after-ms").and_then(|v| v.parse::<u64>().ok()),
+    )
 }
 
 /// Waits until `call` answers `status`, for at most `within`; how long it took.
@@ -461,20 +469,7 @@ async fn an_rpm_limit_holds_across_control_planes() {
             .bearer_auth(&token)
             .json(&chat())
             .send();
-        async move {
-            let r = chat_request.await.unwrap();
-            let header = |n: &str| {
-                r.headers()
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            (
-                r.status().as_u16(),
-                header("x-aex-denied-by"),
-                header("retry-after-ms").and_then(|v| v.parse::<u64>().ok()),
-            )
-        }
+        answer(chat_request)
     });
     let answers = futures_util::future::join_all(calls).await;
     let passed = answers.iter().filter(|a| a.0 == 200).count();
@@ -544,20 +539,7 @@ async fn a_tpm_limit_holds_across_control_planes() {
             .header("x-mock-delay-ms", "1500")
             .json(&chat())
             .send();
-        async move {
-            let r = request.await.unwrap();
-            let header = |n: &str| {
-                r.headers()
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            (
-                r.status().as_u16(),
-                header("x-aex-denied-by"),
-                header("retry-after-ms").and_then(|v| v.parse::<u64>().ok()),
-            )
-        }
+        answer(request)
     });
     let answers = futures_util::future::join_all(calls).await;
     let passed = answers.iter().filter(|a| a.0 == 200).count();
@@ -633,15 +615,7 @@ async fn a_concurrency_limit_holds_across_control_planes() {
             .header("x-mock-delay-ms", "1500")
             .json(&chat())
             .send();
-        async move {
-            let r = request.await.unwrap();
-            let rule = r
-                .headers()
-                .get("x-aex-denied-by")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            (r.status().as_u16(), rule)
-        }
+        answer(request)
     });
     let answers = futures_util::future::join_all(calls).await;
     let passed = answers.iter().filter(|a| a.0 == 200).count();

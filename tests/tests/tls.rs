@@ -3,9 +3,7 @@
 //! client CA signed, and refuses a client without the server's CA, one
 //! without a certificate, and one whose certificate another CA signed.
 
-use aex_tests::{
-    ControlPlane, DataPlane, MOCK_PROVIDER_KEY, Stack, TestHome, bin, mock::MockUpstream,
-};
+use aex_tests::{ControlPlane, DataPlane, TestHome, bin, mock::MockUpstream};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -123,17 +121,7 @@ async fn mutual_tls_serves_the_signed_and_refuses_the_rest() {
     let stranger = issue(dir.path(), &theirs, "intruder", false);
 
     let mock = MockUpstream::start().await;
-    let home = TestHome::new();
-    std::fs::write(
-        home.file("config/models.yaml"),
-        Stack::models_yaml(&mock.base_url()),
-    )
-    .unwrap();
-    std::fs::write(
-        home.file(".env"),
-        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
-    )
-    .unwrap();
+    let home = TestHome::serving(&mock);
     let control = ControlPlane::start_with(
         &home,
         &[
@@ -278,17 +266,7 @@ async fn several_nodes_over_mutual_tls_keep_the_budget_through_a_kill() {
         ("AEX_TLS_KEY", &client.key),
     ];
     let mock = MockUpstream::start().await;
-    let home = TestHome::new();
-    std::fs::write(
-        home.file("config/models.yaml"),
-        Stack::models_yaml(&mock.base_url()),
-    )
-    .unwrap();
-    std::fs::write(
-        home.file(".env"),
-        format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
-    )
-    .unwrap();
+    let home = TestHome::serving(&mock);
     let db_url = db.url();
     let control_args = [
         "--database-url",
