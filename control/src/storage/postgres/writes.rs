@@ -186,7 +186,24 @@ impl Operation for Reserve {
         // can both take the last micro. The row is inserted only if the
         // budget was taken.
         let decided: Option<(Option<String>, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "WITH existing AS (SELECT id FROM reservations WHERE request_id = $2),              open_now AS (SELECT COUNT(*) AS n FROM reservations                  WHERE $13 > 0 AND state = 'open' AND agent_id = $3),              taken AS (UPDATE agents SET reserved_micro = reserved_micro + $5,                  last_activity_at_ms = $11                  WHERE id = $3 AND deleted_at_ms IS NULL                  AND budget_micro - spent_micro - reserved_micro >= $5                  AND NOT EXISTS (SELECT 1 FROM existing)                  AND ($13 = 0 OR (SELECT n FROM open_now) < $13)                  RETURNING budget_micro - spent_micro - reserved_micro AS remaining),              inserted AS (INSERT INTO reservations (id, request_id, agent_id, model,                  amount_micro, input_pico_per_token, output_pico_per_token,                  input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms)                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM taken)              SELECT (SELECT id FROM existing), (SELECT n FROM open_now),                  (SELECT remaining FROM taken),                  budget_micro - spent_micro - reserved_micro              FROM agents WHERE id = $3",
+            "WITH existing AS (SELECT id FROM reservations WHERE request_id = $2), \
+             open_now AS (SELECT COUNT(*) AS n FROM reservations \
+             WHERE $13 > 0 AND state = 'open' AND agent_id = $3), \
+             taken AS (UPDATE agents SET reserved_micro = reserved_micro + $5, \
+             last_activity_at_ms = $11 \
+             WHERE id = $3 AND deleted_at_ms IS NULL \
+             AND budget_micro - spent_micro - reserved_micro >= $5 \
+             AND NOT EXISTS (SELECT 1 FROM existing) \
+             AND ($13 = 0 OR (SELECT n FROM open_now) < $13) \
+             RETURNING budget_micro - spent_micro - reserved_micro AS remaining), \
+             inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
+             amount_micro, input_pico_per_token, output_pico_per_token, \
+             input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM taken) \
+             SELECT (SELECT id FROM existing), (SELECT n FROM open_now), \
+             (SELECT remaining FROM taken), \
+             budget_micro - spent_micro - reserved_micro \
+             FROM agents WHERE id = $3",
         )
         .bind(&r.id)
         .bind(&r.request_id)
