@@ -249,7 +249,14 @@ pub async fn start_nginx(mock_addr: std::net::SocketAddr) -> Option<Peer> {
     let dir = home.path().display().to_string();
     // As root, the workers would switch to a user that cannot read the
     // temporary directory.
-    let user = if nix_is_root() { "user root;" } else { "" };
+    let user =
+        if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc"))
+            == 0
+        {
+            "user root;"
+        } else {
+            ""
+        };
     let conf = format!(
         "{user}
 daemon off;
@@ -310,15 +317,4 @@ http {{
         _home: home,
         terminate: true,
     })
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
 }

@@ -33,6 +33,21 @@ impl TestDatabase {
             .expect("a PostgreSQL URL")
     }
 
+    /// How many deadlocks the server detected (and broke) in this database,
+    /// read after its statistics had time to be flushed (within a second).
+    pub async fn deadlocks(&self) -> i64 {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let mut conn = connect(&self.url()).await;
+        let n = sqlx::query_scalar(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_database");
+        let _ = conn.close().await;
+        n
+    }
+
     /// A new database holding a copy of this one as it is now (sessions
     /// still on it are ended first: PostgreSQL copies only an idle one).
     pub async fn copy(&self) -> TestDatabase {

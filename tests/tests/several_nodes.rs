@@ -29,9 +29,10 @@ fn chat() -> Value {
     json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
 }
 
-/// One call's worst-case reservation, read from a probe agent's admit event.
-async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
-    let token = control.agent("probe", "1", "1000", &[]);
+/// The admit event of one call by a new agent `name` (its details parsed):
+/// what a call of this test reserves and debits.
+async fn probe_admit(control: &ControlPlane, data: &DataPlane, name: &str) -> Value {
+    let token = control.agent(name, "1", "1000", &[]);
     let r = Client::new()
         .post(data.url("/v1/chat/completions"))
         .bearer_auth(&token)
@@ -40,14 +41,24 @@ async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let events = control.aexctl(&["events", "--agent", "probe", "--json"]);
-    events
+    let events = control.aexctl(&["events", "--agent", name, "--json"]);
+    let mut admit = events
         .stdout
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .find(|e| e["kind"] == "admit")
-        .and_then(|e| e["amount_micro"].as_i64())
-        .expect("an admit event")
+        .expect("an admit event");
+    if let Value::String(details) = &admit["details"] {
+        admit["details"] = serde_json::from_str(details).unwrap();
+    }
+    admit
+}
+
+/// One call's worst-case reservation.
+async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
+    probe_admit(control, data, "probe").await["amount_micro"]
+        .as_i64()
+        .expect("the admit's amount")
 }
 
 /// 2 control planes and 3 data planes over one database; 300 calls at once
@@ -482,32 +493,11 @@ async fn an_rpm_limit_holds_across_control_planes() {
     }
 }
 
-/// One call's input-token bound (what a TPM limit debits at admission),
-/// read from a probe agent's admit event.
+/// One call's input-token bound (what a TPM limit debits at admission).
 async fn input_bound(control: &ControlPlane, data: &DataPlane) -> u64 {
-    let token = control.agent("probe-tokens", "1", "1000", &[]);
-    let r = Client::new()
-        .post(data.url("/v1/chat/completions"))
-        .bearer_auth(&token)
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let events = control.aexctl(&["events", "--agent", "probe-tokens", "--json"]);
-    events
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["kind"] == "admit")
-        .and_then(|e| {
-            let details = match &e["details"] {
-                Value::String(s) => serde_json::from_str(s).unwrap(),
-                other => other.clone(),
-            };
-            details["input_tokens_bound"].as_u64()
-        })
-        .expect("an admit event with its input bound")
+    probe_admit(control, data, "probe-tokens").await["details"]["input_tokens_bound"]
+        .as_u64()
+        .expect("the admit's input bound")
 }
 
 /// One TPM limit across replicas: room for exactly 10 calls' input bounds
@@ -685,17 +675,11 @@ async fn many_agents_through_two_control_planes_never_deadlock() {
         let report = control.aexctl(&["audit", "--json"]).json();
         assert_eq!(report["passed"], true, "{report:#}");
     }
-    // The server's own count (its statistics are flushed within a second).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pool = sqlx::PgPool::connect_with(db.options()).await.unwrap();
-    let deadlocks: i64 = sqlx::query_scalar(
-        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    assert_eq!(deadlocks, 0, "deadlocks PostgreSQL detected and broke");
+    assert_eq!(
+        db.deadlocks().await,
+        0,
+        "deadlocks PostgreSQL detected and broke"
+    );
 }
 
 /// `aexctl run` through one control plane, its agent's calls through a

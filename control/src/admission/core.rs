@@ -714,48 +714,35 @@ impl AdmissionCore {
         let a = live.agents.get_mut(&id).expect("looked up above");
         let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
         let shared = self.shared_rates.is_some();
-        // A shared store counts the open reservations of every replica in
-        // the reservation's own step; this process's count would also hold
-        // ones another replica has settled since (a data plane moved).
-        if !shared && max_concurrent > 0 && a.open >= max_concurrent {
-            return Err(deny(concurrency_denial(&name, max_concurrent)));
-        }
-        if shared {
-            // Every rate limit is taken from the database after this.
-            a.open += 1;
-            return Ok(Accepted {
-                tentative: Tentative {
-                    agent_id: id.clone(),
-                    agent_name: name.clone(),
-                    rpm,
-                    shared,
-                    max_concurrent,
-                    tpm,
-                    model_tpm: model.max_tokens_per_minute,
-                    debited_tokens: tokens,
-                },
-                plan,
-            });
-        }
-        if let Err(wait) = a.rpm.take(rpm, now) {
-            return Err(deny(rpm_denial(&name, rpm, wait)));
-        }
-        if tpm > 0
-            && let Err(wait) = a.tpm.take(tpm, tokens, now)
-        {
-            a.rpm.give_back(rpm);
-            return Err(deny(tpm_denial(&name, tpm, wait)));
-        }
-        let model_tpm = model.max_tokens_per_minute;
-        if model_tpm > 0 {
-            let bucket = live.model_tpm.entry(model.name.clone()).or_default();
-            if let Err(wait) = bucket.take(model_tpm, tokens, now) {
-                let a = live.agents.get_mut(&id).expect("looked up above");
+        // With a shared store every limit is taken from the database after
+        // this (`shared.rs`), concurrency included: the store counts every
+        // replica's open reservations in the reservation's own step, and
+        // this process's count would also hold ones another replica has
+        // settled since (a data plane moved).
+        if !shared {
+            if max_concurrent > 0 && a.open >= max_concurrent {
+                return Err(deny(concurrency_denial(&name, max_concurrent)));
+            }
+            if let Err(wait) = a.rpm.take(rpm, now) {
+                return Err(deny(rpm_denial(&name, rpm, wait)));
+            }
+            if tpm > 0
+                && let Err(wait) = a.tpm.take(tpm, tokens, now)
+            {
                 a.rpm.give_back(rpm);
-                if tpm > 0 {
-                    a.tpm.adjust(tpm, -(tokens as i64), now);
+                return Err(deny(tpm_denial(&name, tpm, wait)));
+            }
+            let model_tpm = model.max_tokens_per_minute;
+            if model_tpm > 0 {
+                let bucket = live.model_tpm.entry(model.name.clone()).or_default();
+                if let Err(wait) = bucket.take(model_tpm, tokens, now) {
+                    let a = live.agents.get_mut(&id).expect("looked up above");
+                    a.rpm.give_back(rpm);
+                    if tpm > 0 {
+                        a.tpm.adjust(tpm, -(tokens as i64), now);
+                    }
+                    return Err(deny(model_tpm_denial(&model.name, model_tpm, wait)));
                 }
-                return Err(deny(model_tpm_denial(&model.name, model_tpm, wait)));
             }
         }
         live.agents.get_mut(&id).expect("looked up above").open += 1;
@@ -767,7 +754,7 @@ impl AdmissionCore {
                 shared,
                 max_concurrent,
                 tpm,
-                model_tpm,
+                model_tpm: model.max_tokens_per_minute,
                 debited_tokens: tokens,
             },
             plan,

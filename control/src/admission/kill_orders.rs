@@ -4,28 +4,10 @@
 //! agent's later processes.
 
 use super::core::AdmissionCore;
-use crate::storage::conformance::new_agent;
+use crate::storage::conformance::{new_agent, process};
 use crate::storage::memory::MemoryStore;
-use crate::storage::{ProcessRecord, ProcessState, Store, now_ms};
+use crate::storage::{ProcessState, Store};
 use std::sync::Arc;
-
-fn process(id: &str, agent_id: &str, token: &str) -> ProcessRecord {
-    ProcessRecord {
-        id: id.into(),
-        agent_id: agent_id.into(),
-        agent_name: "runner".into(),
-        token_sha256: token.into(),
-        pid: 1,
-        command: "sh".into(),
-        host: "h".into(),
-        state: ProcessState::Running.as_str().into(),
-        started_at_ms: now_ms(),
-        ended_at_ms: None,
-        exit_code: None,
-        reason: String::new(),
-        kill_reason: None,
-    }
-}
 
 #[tokio::test]
 async fn an_order_on_a_row_reaches_that_process_once() {
@@ -36,7 +18,7 @@ async fn an_order_on_a_row_reaches_that_process_once() {
     // An old process, ordered killed through another control plane, whose
     // row stayed running; then a new one.
     store
-        .start_process(process("proc_old", &agent.id, "t_old"))
+        .start_process(process(&agent, "proc_old", "t_old"))
         .await
         .unwrap();
     store
@@ -44,7 +26,7 @@ async fn an_order_on_a_row_reaches_that_process_once() {
         .await
         .unwrap();
     store
-        .start_process(process("proc_new", &agent.id, "t_new"))
+        .start_process(process(&agent, "proc_new", "t_new"))
         .await
         .unwrap();
     admission.refresh_agent(&agent.id).await.unwrap();

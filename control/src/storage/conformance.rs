@@ -119,6 +119,25 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
     }
 }
 
+/// A supervised process of `agent`, running, with its token's hash.
+pub fn process(agent: &AgentRecord, id: &str, token_sha256: &str) -> ProcessRecord {
+    ProcessRecord {
+        id: id.into(),
+        agent_id: agent.id.clone(),
+        agent_name: agent.name.clone(),
+        token_sha256: token_sha256.into(),
+        pid: 0,
+        command: "agent --loop".into(),
+        host: "laptop".into(),
+        state: ProcessState::Running.as_str().into(),
+        started_at_ms: now_ms(),
+        ended_at_ms: None,
+        exit_code: None,
+        reason: String::new(),
+        kill_reason: None,
+    }
+}
+
 pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlement {
     Settlement {
         reservation_id: format!("rsv_{n}"),
@@ -617,21 +636,7 @@ pub async fn events_hold_exactly_the_bytes_the_domain_decided(s: Arc<dyn Store>)
 
 pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {
     let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
-    let process = |id: &str, token: &str| ProcessRecord {
-        id: id.into(),
-        agent_id: a.id.clone(),
-        agent_name: a.name.clone(),
-        token_sha256: token.into(),
-        pid: 0,
-        command: "agent --loop".into(),
-        host: "laptop".into(),
-        state: ProcessState::Running.as_str().into(),
-        started_at_ms: now_ms(),
-        ended_at_ms: None,
-        exit_code: None,
-        reason: String::new(),
-        kill_reason: None,
-    };
+    let process = |id: &str, token: &str| process(&a, id, token);
     s.start_process(process("prc_1", "p1")).await.unwrap();
     s.start_process(process("prc_2", "p2")).await.unwrap();
     s.set_process_pid("prc_1", 4242).await.unwrap();
