@@ -126,6 +126,8 @@ pub fn reservation(key: &str, agent_id: String, agent_name: &str) -> NewReservat
         },
         agent_name: agent_name.into(),
         max_open: 0,
+        grant_id: None,
+        log_budget_denial: true,
         details: serde_json::json!({"model": "bench"}),
     }
 }

@@ -36,10 +36,16 @@ pub enum EventKind {
     ProcessLost,
     LedgerAnchored,
     LedgerHeadMismatch,
+    /// Budget and request credits reserved for one data plane (SPEC §4.3).
+    GrantIssued,
+    /// A grant's data plane gave back its unused part.
+    GrantReturned,
+    /// A grant's deadline passed without its data plane giving it back.
+    GrantExpired,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 26] = [
         EventKind::AgentCreated,
         EventKind::AgentUpdated,
         EventKind::AgentToppedUp,
@@ -63,6 +69,9 @@ impl EventKind {
         EventKind::ProcessLost,
         EventKind::LedgerAnchored,
         EventKind::LedgerHeadMismatch,
+        EventKind::GrantIssued,
+        EventKind::GrantReturned,
+        EventKind::GrantExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +99,9 @@ impl EventKind {
             EventKind::ProcessLost => "process.lost",
             EventKind::LedgerAnchored => "ledger.anchored",
             EventKind::LedgerHeadMismatch => "ledger.head_mismatch",
+            EventKind::GrantIssued => "grant.issued",
+            EventKind::GrantReturned => "grant.returned",
+            EventKind::GrantExpired => "grant.expired",
         }
     }
 

@@ -18,7 +18,9 @@
 //!   (with headroom), so an agent that spends little does not lock its
 //!   budget away from the other data planes.
 
+use crate::event::{EventKind, NewEvent};
 use crate::money::Micro;
+use serde_json::json;
 
 /// How many worst-case calls per data plane the edge keeps for central
 /// decisions.
@@ -132,6 +134,263 @@ pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
         requests,
         slots,
     })
+}
+
+/// A grant's state. The strings are the stored form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantState {
+    /// Its data plane may admit calls from it until its deadline.
+    Open,
+    /// Its data plane gave back what it did not use.
+    Returned,
+    /// Its deadline passed without its data plane giving it back: the
+    /// unreported remainder was charged (or released, by policy).
+    Expired,
+}
+
+impl GrantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::Open => "open",
+            GrantState::Returned => "returned",
+            GrantState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [GrantState::Open, GrantState::Returned, GrantState::Expired]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// A grant as its row holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub id: String,
+    pub agent_id: String,
+    /// The data plane holding it (its `--id`, or the id it chose at start).
+    pub data_plane: String,
+    pub budget_micro: Micro,
+    /// What calls admitted from it took (each an ordinary reservation).
+    pub used_micro: Micro,
+    /// Request credits taken from the agent's RPM limiter (`None`: the
+    /// grant is not limited in requests).
+    pub requests: Option<u32>,
+    pub requests_used: u32,
+    pub created_at_ms: i64,
+    pub deadline_ms: i64,
+    pub state: GrantState,
+    /// What its end charged (an expiry under the `charge` policy), else 0.
+    pub charged_micro: Micro,
+}
+
+impl GrantRecord {
+    /// What it still holds in the agent's `reserved`.
+    pub fn unused_micro(&self) -> Micro {
+        if self.state == GrantState::Open {
+            (self.budget_micro - self.used_micro).max(0)
+        } else {
+            0
+        }
+    }
+
+    /// Whether a call reserving `amount` may still be admitted from it.
+    pub fn covers(&self, amount: Micro) -> Result<(), NotCovered> {
+        if self.state != GrantState::Open {
+            return Err(NotCovered::Ended(self.state));
+        }
+        if amount < 0 || amount > self.budget_micro - self.used_micro {
+            return Err(NotCovered::Budget {
+                unused_micro: self.budget_micro - self.used_micro,
+            });
+        }
+        if let Some(requests) = self.requests
+            && self.requests_used >= requests
+        {
+            return Err(NotCovered::Requests);
+        }
+        Ok(())
+    }
+
+    /// The grant after a call reserving `amount` was admitted from it.
+    pub fn carved(&self, amount: Micro) -> Result<GrantRecord, NotCovered> {
+        self.covers(amount)?;
+        Ok(GrantRecord {
+            used_micro: self.used_micro + amount,
+            requests_used: self.requests_used + 1,
+            ..self.clone()
+        })
+    }
+
+    /// How this grant ends, or `None` if it had already ended.
+    pub fn end(&self, end: GrantEnd, agent_name: &str, now_ms: i64) -> Option<GrantEnding> {
+        if self.state != GrantState::Open {
+            return None;
+        }
+        let unused = self.unused_micro();
+        let (state, charged, kind, reason) = match end {
+            GrantEnd::Returned => (
+                GrantState::Returned,
+                0,
+                EventKind::GrantReturned,
+                "returned",
+            ),
+            GrantEnd::Expired { charge: true } => (
+                GrantState::Expired,
+                unused,
+                EventKind::GrantExpired,
+                "charge",
+            ),
+            GrantEnd::Expired { charge: false } => {
+                (GrantState::Expired, 0, EventKind::GrantExpired, "release")
+            }
+        };
+        let after = GrantRecord {
+            state,
+            charged_micro: charged,
+            ..self.clone()
+        };
+        // A return's amount is what went back to the budget; an expiry's is
+        // what it charged (what it released is in the details).
+        let amount = if kind == EventKind::GrantReturned {
+            unused
+        } else {
+            charged
+        };
+        let event = NewEvent::about(now_ms, kind, &self.agent_id, agent_name)
+            .reservation(&self.id)
+            .amount(amount)
+            .reason(reason)
+            .details(json!({
+                "data_plane": self.data_plane,
+                "used_micro": self.used_micro,
+                "requests_used": self.requests_used,
+                "unused_micro": unused,
+            }));
+        Some(GrantEnding {
+            after,
+            reserved_delta: -unused,
+            spent_delta: charged,
+            event,
+        })
+    }
+
+    /// The event that logs this grant's issue.
+    pub fn issued_event(&self, agent_name: &str, replaces: Option<&str>) -> NewEvent {
+        let mut details = json!({
+            "data_plane": self.data_plane,
+            "deadline_ms": self.deadline_ms,
+            "requests": self.requests,
+        });
+        if let Some(old) = replaces {
+            details["replaces"] = json!(old);
+        }
+        NewEvent::about(
+            self.created_at_ms,
+            EventKind::GrantIssued,
+            &self.agent_id,
+            agent_name,
+        )
+        .reservation(&self.id)
+        .amount(self.budget_micro)
+        .details(details)
+    }
+}
+
+/// What ending a grant writes: its row, its agent's amounts, its event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantEnding {
+    pub after: GrantRecord,
+    pub reserved_delta: Micro,
+    pub spent_delta: Micro,
+    pub event: NewEvent,
+}
+
+/// How a grant ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantEnd {
+    /// Its data plane gave back what it did not use.
+    Returned,
+    /// Its deadline passed; `charge`: the expired-reservation policy
+    /// charges the unreported remainder (the provider may have been paid).
+    Expired { charge: bool },
+}
+
+/// Why a call cannot be admitted from a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCovered {
+    Ended(GrantState),
+    Budget { unused_micro: Micro },
+    Requests,
+}
+
+impl std::fmt::Display for NotCovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotCovered::Ended(state) => write!(f, "the grant is {}", state.as_str()),
+            NotCovered::Budget { unused_micro } => {
+                write!(f, "the grant has only {unused_micro} µ unused")
+            }
+            NotCovered::Requests => f.write_str("the grant has no request credit left"),
+        }
+    }
+}
+
+/// A grant to issue: the store fills in what only it knows atomically (the
+/// free budget, the data planes holding grants of the agent) and sizes it
+/// with [`size`].
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub id: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub data_plane: String,
+    pub created_at_ms: i64,
+    pub deadline_ms: i64,
+    /// Request credits already taken from the agent's RPM limiter for it.
+    pub requests: Option<u32>,
+    /// The ask, but for `free_micro` and `data_planes` (the store's).
+    pub ask: GrantAsk,
+    /// A grant of the same data plane and agent to end (returned) first, in
+    /// the same step: a renewal.
+    pub replaces: Option<String>,
+}
+
+impl NewGrant {
+    /// Sizes it from what the store read: `free_micro` of the agent, and
+    /// the other data planes holding open grants of it.
+    pub fn size(&self, free_micro: Micro, other_data_planes: u32) -> Result<GrantRecord, NoGrant> {
+        let ask = GrantAsk {
+            free_micro,
+            data_planes: other_data_planes + 1,
+            rpm_headroom: None,
+            free_slots: None,
+            ..self.ask.clone()
+        };
+        let sized = size(&ask)?;
+        Ok(GrantRecord {
+            id: self.id.clone(),
+            agent_id: self.agent_id.clone(),
+            data_plane: self.data_plane.clone(),
+            budget_micro: sized.budget_micro,
+            used_micro: 0,
+            requests: self.requests,
+            requests_used: 0,
+            created_at_ms: self.created_at_ms,
+            deadline_ms: self.deadline_ms,
+            state: GrantState::Open,
+            charged_micro: 0,
+        })
+    }
+}
+
+/// What a store answers to [`NewGrant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantOutcome {
+    Issued(GrantRecord),
+    /// No grant (nothing written but the replaced grant's end, if any).
+    Refused(NoGrant),
 }
 
 #[cfg(test)]

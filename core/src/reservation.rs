@@ -33,6 +33,15 @@ pub struct NewReservation {
     /// by the store in the same step as the budget, so that it holds across
     /// every control plane on the store.
     pub max_open: u32,
+    /// The grant a data plane admitted this call from (SPEC §4.3): the
+    /// amount moves from the grant's unused part to the reservation, so the
+    /// agent's `reserved` does not change and the budget is not checked
+    /// again (the grant's issue did).
+    pub grant_id: Option<String>,
+    /// Whether a refusal for the budget is logged (a `deny` event). Not
+    /// when the control plane will decide again once it has recalled the
+    /// agent's grants: only the decision the client sees is logged.
+    pub log_budget_denial: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +62,9 @@ pub enum ReserveOutcome {
     /// (settled, released or expired): nothing was reserved, and the call
     /// must not go ahead on it.
     AlreadyClosed(ReservationRecord),
+    /// The grant named cannot cover it (ended, unknown, another agent's,
+    /// or too little left): nothing was reserved or logged.
+    GrantNotCovered(String),
 }
 
 /// A reservation's state. The strings are the stored form.
@@ -231,6 +243,9 @@ pub fn admit_event(n: &NewReservation) -> NewEvent {
         ),
     ] {
         details.insert(k.to_string(), v);
+    }
+    if let Some(grant) = &n.grant_id {
+        details.insert("grant".to_string(), json!(grant));
     }
     NewEvent::about(
         r.created_at_ms,

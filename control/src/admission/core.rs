@@ -579,6 +579,8 @@ impl AdmissionCore {
                 } else {
                     0
                 },
+                grant_id: None,
+                log_budget_denial: true,
             })
             .await;
         match outcome {
@@ -666,6 +668,12 @@ impl AdmissionCore {
                     agent_name: tentative.agent_name,
                 })
             }
+            Ok(ReserveOutcome::GrantNotCovered(why)) => {
+                self.undo_all(&tentative, ask.model, now).await;
+                Err(crate::error::Error::Internal(format!(
+                    "a central reservation was answered as a grant's: {why}"
+                )))
+            }
             Err(e) => {
                 self.undo_all(&tentative, ask.model, now).await;
                 Err(e.into())
@@ -708,7 +716,7 @@ impl AdmissionCore {
                 agent_name: name.clone(),
             })
         };
-        let plan = plan(agent, models, ask).map_err(deny)?;
+        let plan = plan(&agent.into(), models, ask).map_err(deny)?;
         let model = &models.models[ask.model];
         let tokens = ask.input_tokens_bound;
         let a = live.agents.get_mut(&id).expect("looked up above");

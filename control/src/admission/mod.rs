@@ -6,6 +6,6 @@ pub mod core;
 #[cfg(test)]
 mod kill_orders;
 pub mod limiter;
-pub mod policy;
+pub use aex_core::policy;
 #[cfg(test)]
 mod properties;

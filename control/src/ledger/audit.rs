@@ -114,6 +114,7 @@ pub struct LogTally {
     aggregated_extra: i64,
     agents: super::fold::AgentFold,
     reservations: super::fold::ReservationFold,
+    grants: super::fold::GrantFold,
     processes: super::fold::ProcessFold,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
@@ -126,6 +127,7 @@ impl LogTally {
             aggregated_extra: 0,
             agents: Default::default(),
             reservations: super::fold::ReservationFold::new(ledger_key),
+            grants: Default::default(),
             processes: Default::default(),
             event_counts: Default::default(),
         }
@@ -134,10 +136,14 @@ impl LogTally {
     pub fn push(&mut self, e: &EventRecord) {
         self.agents.push(e);
         self.reservations.push(e);
+        self.grants.push(e);
         self.processes.push(e);
         let b = &e.body;
         let kind = EventKind::parse(&b.kind);
-        if matches!(kind, Some(EventKind::Settle | EventKind::Expire)) {
+        if matches!(
+            kind,
+            Some(EventKind::Settle | EventKind::Expire | EventKind::GrantExpired)
+        ) {
             let c = self.charged.entry(b.agent_id.clone()).or_default();
             *c = c.saturating_add(b.amount_micro);
         }
@@ -197,6 +203,16 @@ impl LogTally {
             "every supervised process and its token is what its events say",
             "process rows were edited outside AEX",
             self.processes.compare(rows, ledger_key),
+        )
+    }
+
+    /// Every grant row against the fold of its events.
+    pub fn grants_match_log(&self, rows: &[crate::storage::GrantRecord]) -> Check {
+        Check::new(
+            "grants_match_log",
+            "every grant row is what its issue, admits and end say",
+            "grant rows were deleted, invented or edited",
+            self.grants.compare(rows),
         )
     }
 
@@ -378,16 +394,23 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         negative,
     ));
 
+    // What is held for calls: open reservations and open grants' unused
+    // parts (SPEC §8).
+    let mut held = data.open_reserved.clone();
+    for g in &data.grants {
+        let h = held.entry(g.agent_id.clone()).or_default();
+        *h = h.saturating_add(g.unused_micro());
+    }
     checks.push(Check::new(
         "reserved_matches_open_reservations",
-        "every agent's reserved amount equals its open reservations",
-        "reserved amounts disagree with open reservations",
+        "every agent's reserved amount equals its open reservations and grants",
+        "reserved amounts disagree with open reservations and grants",
         amounts_disagree(
             data,
             |a| a.reserved_micro,
-            &data.open_reserved,
+            &held,
             "reserved",
-            "open reservations",
+            "open reservations and grants' unused parts",
         ),
     ));
     checks.push(Check::new(
@@ -432,6 +455,26 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         "no open reservation is past its TTL",
         "reservations outlived their TTL",
         overdue,
+    ));
+    let overdue_grants: Vec<String> = data
+        .grants
+        .iter()
+        .filter(|g| g.state == crate::storage::GrantState::Open && g.deadline_ms < data.now_ms)
+        .map(|g| {
+            format!(
+                "grant {} of {} (data plane {}) passed its deadline {} and is still open",
+                g.id,
+                name_of(data, &g.agent_id),
+                g.data_plane,
+                g.deadline_ms
+            )
+        })
+        .collect();
+    checks.push(Check::new(
+        "no_grant_past_deadline",
+        "no open grant is past its deadline",
+        "grants outlived their deadline",
+        overdue_grants,
     ));
 
     let mut keys: Vec<&(String, String)> = data

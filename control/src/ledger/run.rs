@@ -69,6 +69,7 @@ pub async fn audit_store(store: &dyn Store, ledger_key: &[u8]) -> Result<Audit, 
     let key = ledger_key;
     let agents = tally.agents_match_log(&data.agents, key);
     let processes = tally.processes_match_log(&data.processes, key);
+    let grants = tally.grants_match_log(&data.grants);
     let (mut reservation_offenders, differing) = tally.reservations_against(&data);
     // Itemizing reads an agent's whole history: enough of them to act
     // on, and a count of the rest.
@@ -89,7 +90,8 @@ pub async fn audit_store(store: &dyn Store, ledger_key: &[u8]) -> Result<Audit, 
     checks.insert(0, chain);
     checks.insert(1, agents);
     checks.insert(2, reservations_match_log(reservation_offenders));
-    checks.insert(3, processes);
+    checks.insert(3, grants);
+    checks.insert(4, processes);
     Ok(Audit {
         checks,
         events_checked: checked,

@@ -40,6 +40,10 @@ macro_rules! store_conformance {
             a_retried_admission_of_a_closed_reservation_reserves_nothing,
             open_and_due_reservations_are_found_by_id_and_expiry,
             no_more_reservations_open_than_the_limit_under_concurrency,
+            a_grant_holds_budget_that_calls_then_take,
+            grants_for_every_data_plane_never_take_the_last_micro,
+            a_grant_ends_once_and_an_expiry_charges_what_is_unreported,
+            a_renewal_ends_the_old_grant_in_the_same_step,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -115,6 +119,8 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
         },
         agent_name: agent.name.clone(),
         max_open: 0,
+        grant_id: None,
+        log_budget_denial: true,
         details: json!({"n": n}),
     }
 }
@@ -884,4 +890,280 @@ pub async fn no_more_reservations_open_than_the_limit_under_concurrency(s: Arc<d
     let events = all_events(s.as_ref()).await;
     assert_eq!(events.iter().filter(|e| e.body.kind == "admit").count(), 4);
     assert_one_chain(&events);
+}
+
+/// A grant for `agent` of data plane `dp`: worst call 100 µ, paced high, a
+/// deadline a minute away.
+pub fn grant(agent: &AgentRecord, id: &str, dp: &str) -> NewGrant {
+    let now = now_ms();
+    NewGrant {
+        id: id.into(),
+        agent_id: agent.id.clone(),
+        agent_name: agent.name.clone(),
+        data_plane: dp.into(),
+        created_at_ms: now,
+        deadline_ms: now + 60_000,
+        requests: Some(50),
+        ask: aex_core::grant::GrantAsk {
+            free_micro: 0,
+            worst_call_micro: 100,
+            spend_per_s_micro: 1_000,
+            data_planes: 1,
+            lifetime_ms: 5_000,
+            rpm_headroom: None,
+            calls_per_s: 10,
+            free_slots: None,
+        },
+        replaces: None,
+    }
+}
+
+fn issued(outcome: GrantOutcome) -> GrantRecord {
+    match outcome {
+        GrantOutcome::Issued(g) => g,
+        other => panic!("no grant: {other:?}"),
+    }
+}
+
+/// A call admitted from a grant is an ordinary reservation whose amount
+/// came out of the grant: `reserved` holds the grant once, not twice.
+pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    let g = issued(s.issue_grant(grant(&a, "gnt_1", "dp1")).await.unwrap());
+    // 1,000 µ/s × 5 s × 2, within the share of 5 M less the edge.
+    assert_eq!(g.budget_micro, 10_000);
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!(after.reserved_micro, 10_000);
+    for n in 0..3 {
+        let outcome = s
+            .reserve(NewReservation {
+                grant_id: Some("gnt_1".into()),
+                ..reservation(&a, n, 100)
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, ReserveOutcome::Reserved { .. }),
+            "{outcome:?}"
+        );
+    }
+    // Retried: the same reservation, nothing carved twice.
+    let again = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_1".into()),
+            ..reservation(&a, 0, 100)
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, ReserveOutcome::AlreadyAdmitted(_)),
+        "{again:?}"
+    );
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!(after.reserved_micro, 10_000);
+    let open = s.open_grants(Some(&a.id)).await.unwrap();
+    assert_eq!(
+        (open.len(), open[0].used_micro, open[0].requests_used),
+        (1, 300, 3)
+    );
+    // More than is left in it, or another agent's grant: not covered.
+    let big = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_1".into()),
+            ..reservation(&a, 10, 9_701)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(big, ReserveOutcome::GrantNotCovered(_)), "{big:?}");
+    let b = s.create_agent(new_agent("b", "hb")).await.unwrap();
+    let theirs = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_1".into()),
+            ..reservation(&b, 11, 100)
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(theirs, ReserveOutcome::GrantNotCovered(_)),
+        "{theirs:?}"
+    );
+    // Settled as any reservation.
+    s.settle(settlement(&a, 0, 40)).await.unwrap();
+    // Returned: the unused 9,700 µ leave `reserved`; the two open calls stay.
+    let ended = s
+        .end_grant("gnt_1", &a.id, GrantEnd::Returned)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, GrantState::Returned);
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!((after.reserved_micro, after.spent_micro), (200, 40));
+    let late = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_1".into()),
+            ..reservation(&a, 12, 100)
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(late, ReserveOutcome::GrantNotCovered(_)),
+        "{late:?}"
+    );
+    let events = all_events(s.as_ref()).await;
+    let grant_admits = events
+        .iter()
+        .filter(|e| e.body.kind == "admit" && e.body.details_json.contains("gnt_1"))
+        .count();
+    assert_eq!(grant_admits, 3);
+    assert_eq!(
+        kinds(&events)
+            .into_iter()
+            .filter(|k| k.starts_with("grant."))
+            .collect::<Vec<_>>(),
+        ["grant.issued", "grant.returned"]
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+/// Grants asked for at once by many data planes, with central
+/// reservations racing them: together they never pass the budget, and the
+/// edge is left for central decisions.
+pub async fn grants_for_every_data_plane_never_take_the_last_micro(s: Arc<dyn Store>) {
+    let mut n = new_agent("tight", "h");
+    n.budget_micro = 5_000;
+    let a = s.create_agent(n).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let (s, a) = (s.clone(), a.clone());
+        tasks.spawn(async move {
+            if i % 2 == 0 {
+                let g = s
+                    .issue_grant(grant(&a, &format!("gnt_{i}"), &format!("dp{}", i % 6)))
+                    .await
+                    .unwrap();
+                matches!(g, GrantOutcome::Issued(_))
+            } else {
+                let r = s.reserve(reservation(&a, i, 100)).await.unwrap();
+                matches!(r, ReserveOutcome::Reserved { .. })
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert!(after.reserved_micro <= 5_000, "{after:?}");
+    let granted: i64 = s
+        .open_grants(Some(&a.id))
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.budget_micro)
+        .sum();
+    let reserved_by_calls: i64 = s
+        .open_reservations()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.amount_micro)
+        .sum();
+    assert_eq!(after.reserved_micro, granted + reserved_by_calls);
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+/// A grant ends exactly once; an expiry under the charge policy charges the
+/// unused part (the data plane may have admitted calls it never reported),
+/// under the release policy it charges nothing.
+pub async fn a_grant_ends_once_and_an_expiry_charges_what_is_unreported(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    issued(s.issue_grant(grant(&a, "gnt_c", "dp1")).await.unwrap());
+    issued(s.issue_grant(grant(&a, "gnt_r", "dp2")).await.unwrap());
+    s.reserve(NewReservation {
+        grant_id: Some("gnt_c".into()),
+        ..reservation(&a, 1, 100)
+    })
+    .await
+    .unwrap();
+    let mut ends = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (s, id) = (s.clone(), a.id.clone());
+        ends.spawn(async move {
+            s.end_grant("gnt_c", &id, GrantEnd::Expired { charge: true })
+                .await
+                .unwrap()
+        });
+    }
+    let mut ended = 0;
+    while let Some(done) = ends.join_next().await {
+        ended += usize::from(done.unwrap().is_some());
+    }
+    assert_eq!(ended, 1);
+    let charged = s
+        .end_grant("gnt_r", &a.id, GrantEnd::Expired { charge: false })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (charged.state, charged.charged_micro),
+        (GrantState::Expired, 0)
+    );
+    assert!(
+        s.end_grant("gnt_r", &a.id, GrantEnd::Returned)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    // gnt_c: 10,000 µ less the 100 µ call, charged; the call stays reserved.
+    assert_eq!((after.spent_micro, after.reserved_micro), (9_900, 100));
+    assert!(s.open_grants(None).await.unwrap().is_empty());
+    // Ending another agent's grant changes nothing.
+    let b = s.create_agent(new_agent("b", "hb")).await.unwrap();
+    issued(s.issue_grant(grant(&b, "gnt_b", "dp1")).await.unwrap());
+    assert!(
+        s.end_grant("gnt_b", &a.id, GrantEnd::Returned)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+    let events = all_events(s.as_ref()).await;
+    let expired: Vec<_> = events
+        .iter()
+        .filter(|e| e.body.kind == "grant.expired")
+        .map(|e| (e.body.reason.as_str(), e.body.amount_micro))
+        .collect();
+    assert_eq!(expired, [("charge", 9_900), ("release", 0)]);
+}
+
+/// A renewal returns the old grant and issues the new one in one step, and
+/// audit's fold of both agrees with their rows.
+pub async fn a_renewal_ends_the_old_grant_in_the_same_step(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    issued(s.issue_grant(grant(&a, "gnt_1", "dp1")).await.unwrap());
+    let renewed = issued(
+        s.issue_grant(NewGrant {
+            replaces: Some("gnt_1".into()),
+            ..grant(&a, "gnt_2", "dp1")
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(renewed.state, GrantState::Open);
+    let open = s.open_grants(Some(&a.id)).await.unwrap();
+    assert_eq!(
+        open.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["gnt_2"]
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+    let grants = audit
+        .checks
+        .iter()
+        .find(|c| c.name == "grants_match_log")
+        .unwrap();
+    assert!(grants.passed);
 }

@@ -14,9 +14,10 @@ use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
 use crate::storage::rows::stored_u64;
 use crate::storage::{
     AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, DenialRecord,
-    EventFilter, EventKind, EventRecord, LedgerStore, NewEvent, NewReservation, ProcessRecord,
-    ProcessState, ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome,
-    SettleOutcome, Settlement, StatusTotals, StoreError, now_ms,
+    EventFilter, EventKind, EventRecord, GrantEnd, GrantOutcome, GrantRecord, GrantState,
+    GrantStore, LedgerStore, NewEvent, NewGrant, NewReservation, ProcessRecord, ProcessState,
+    ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome, SettleOutcome,
+    Settlement, StatusTotals, StoreError, now_ms,
 };
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
@@ -39,6 +40,7 @@ struct Tables {
     /// Request id → reservation id.
     by_request: HashMap<String, String>,
     processes: Vec<ProcessRecord>,
+    grants: HashMap<String, GrantRecord>,
     events: Vec<EventRecord>,
     /// (agent id, counter name) → value.
     counters: HashMap<(String, String), i64>,
@@ -89,6 +91,103 @@ impl Tables {
             self.events.push(sealed);
         }
         self.head = Some(head);
+    }
+
+    /// Stores an open reservation and logs its admit event.
+    fn insert_reservation(&mut self, key: &ChainKey, n: &NewReservation) {
+        let r = &n.record;
+        let stored = StoredReservation {
+            row: ReservationRow {
+                facts: ReservationFacts {
+                    id: r.id.clone(),
+                    agent_id: r.agent_id.clone(),
+                    request_id: r.request_id.clone(),
+                    model: r.model.clone(),
+                    amount_micro: r.amount_micro,
+                    input_tokens_bound: stored_u64(r.input_tokens_bound),
+                    output_tokens_cap: stored_u64(r.output_tokens_cap),
+                    created_at_ms: r.created_at_ms,
+                    state: ReservationState::Open.as_str().into(),
+                    ..Default::default()
+                },
+                pricing: r.pricing,
+            },
+            expires_at_ms: r.expires_at_ms,
+        };
+        self.by_request.insert(r.request_id.clone(), r.id.clone());
+        self.reservations.insert(r.id.clone(), stored);
+        self.append(key, &[admit_event(n)]);
+    }
+
+    /// A call a data plane admitted from `grant_id`: its amount moves from
+    /// the grant to the reservation; the agent's `reserved` stays.
+    fn reserve_from_grant(
+        &mut self,
+        key: &ChainKey,
+        n: &NewReservation,
+        grant_id: &str,
+    ) -> ReserveOutcome {
+        let r = &n.record;
+        let carved = match self.grants.get(grant_id) {
+            Some(g) if g.agent_id == r.agent_id => g.carved(r.amount_micro),
+            Some(_) => {
+                return ReserveOutcome::GrantNotCovered(format!(
+                    "grant {grant_id} is not agent {}'s",
+                    r.agent_id
+                ));
+            }
+            None => return ReserveOutcome::GrantNotCovered(format!("no grant {grant_id}")),
+        };
+        let grant = match carved {
+            Ok(g) => g,
+            Err(why) => {
+                return ReserveOutcome::GrantNotCovered(format!("grant {grant_id}: {why}"));
+            }
+        };
+        let Some(agent) = self.agent(&r.agent_id) else {
+            return ReserveOutcome::GrantNotCovered(format!("no agent {}", r.agent_id));
+        };
+        agent.last_activity_at_ms = Some(r.created_at_ms);
+        let remaining = agent.remaining_micro();
+        self.grants.insert(grant_id.to_string(), grant);
+        self.insert_reservation(key, n);
+        ReserveOutcome::Reserved {
+            remaining_micro: remaining,
+        }
+    }
+
+    /// Data planes other than `data_plane` holding open grants of the agent.
+    fn other_data_planes(&self, agent_id: &str, data_plane: &str) -> u32 {
+        let planes: std::collections::HashSet<&str> = self
+            .grants
+            .values()
+            .filter(|g| g.state == GrantState::Open && g.agent_id == agent_id)
+            .map(|g| g.data_plane.as_str())
+            .filter(|p| *p != data_plane)
+            .collect();
+        planes.len() as u32
+    }
+
+    fn end_grant(
+        &mut self,
+        key: &ChainKey,
+        grant_id: &str,
+        agent_id: &str,
+        end: GrantEnd,
+        agent_name: &str,
+    ) -> Option<GrantRecord> {
+        let grant = self
+            .grants
+            .get(grant_id)
+            .filter(|g| g.agent_id == agent_id)?;
+        let ending = grant.end(end, agent_name, now_ms())?;
+        let agent = self.agent(agent_id)?;
+        agent.reserved_micro += ending.reserved_delta;
+        agent.spent_micro += ending.spent_delta;
+        self.grants
+            .insert(grant_id.to_string(), ending.after.clone());
+        self.append(key, &[ending.event]);
+        Some(ending.after)
     }
 
     fn live_agent(&self, name: &str) -> Option<usize> {
@@ -296,6 +395,9 @@ impl LedgerStore for MemoryStore {
                     r.id
                 )));
             }
+            if let Some(grant_id) = &n.grant_id {
+                return Ok(t.reserve_from_grant(&self.chain_key, &n, grant_id));
+            }
             if n.max_open > 0 {
                 let open = t
                     .reservations
@@ -311,34 +413,16 @@ impl LedgerStore for MemoryStore {
             })?;
             let remaining = agent.remaining_micro();
             if agent.deleted_at_ms.is_some() || remaining < r.amount_micro {
-                t.append(&self.chain_key, &[budget_denial_event(&n, remaining)]);
+                if n.log_budget_denial {
+                    t.append(&self.chain_key, &[budget_denial_event(&n, remaining)]);
+                }
                 return Ok(ReserveOutcome::InsufficientBudget {
                     remaining_micro: remaining,
                 });
             }
             agent.reserved_micro += r.amount_micro;
             agent.last_activity_at_ms = Some(r.created_at_ms);
-            let stored = StoredReservation {
-                row: ReservationRow {
-                    facts: ReservationFacts {
-                        id: r.id.clone(),
-                        agent_id: r.agent_id.clone(),
-                        request_id: r.request_id.clone(),
-                        model: r.model.clone(),
-                        amount_micro: r.amount_micro,
-                        input_tokens_bound: stored_u64(r.input_tokens_bound),
-                        output_tokens_cap: stored_u64(r.output_tokens_cap),
-                        created_at_ms: r.created_at_ms,
-                        state: ReservationState::Open.as_str().into(),
-                        ..Default::default()
-                    },
-                    pricing: r.pricing,
-                },
-                expires_at_ms: r.expires_at_ms,
-            };
-            t.by_request.insert(r.request_id.clone(), r.id.clone());
-            t.reservations.insert(r.id.clone(), stored);
-            t.append(&self.chain_key, &[admit_event(&n)]);
+            t.insert_reservation(&self.chain_key, &n);
             Ok(ReserveOutcome::Reserved {
                 remaining_micro: remaining - r.amount_micro,
             })
@@ -437,6 +521,90 @@ impl LedgerStore for MemoryStore {
             }
         }
         Ok(closed)
+    }
+}
+
+#[async_trait]
+impl GrantStore for MemoryStore {
+    async fn issue_grant(&self, g: NewGrant) -> Result<GrantOutcome, StoreError> {
+        io_point().await;
+        let out = (|| -> Result<GrantOutcome, StoreError> {
+            let mut t = self.tables();
+            let agent = t
+                .agents
+                .iter()
+                .find(|a| a.id == g.agent_id)
+                .cloned()
+                .ok_or_else(|| StoreError::Invalid(format!("no agent with id {}", g.agent_id)))?;
+            if let Some(old) = &g.replaces {
+                t.end_grant(
+                    &self.chain_key,
+                    old,
+                    &g.agent_id,
+                    GrantEnd::Returned,
+                    &agent.name,
+                );
+            }
+            if agent.deleted_at_ms.is_some() {
+                return Ok(GrantOutcome::Refused(aex_core::grant::NoGrant::Invalid));
+            }
+            let others = t.other_data_planes(&g.agent_id, &g.data_plane);
+            let free = t
+                .agents
+                .iter()
+                .find(|a| a.id == g.agent_id)
+                .expect("read above")
+                .remaining_micro();
+            let grant = match g.size(free, others) {
+                Ok(grant) => grant,
+                Err(no) => return Ok(GrantOutcome::Refused(no)),
+            };
+            let a = t.agent(&g.agent_id).expect("read above");
+            a.reserved_micro += grant.budget_micro;
+            t.grants.insert(grant.id.clone(), grant.clone());
+            t.append(
+                &self.chain_key,
+                &[grant.issued_event(&g.agent_name, g.replaces.as_deref())],
+            );
+            Ok(GrantOutcome::Issued(grant))
+        })();
+        io_point().await;
+        out
+    }
+
+    async fn end_grant(
+        &self,
+        grant_id: &str,
+        agent_id: &str,
+        end: GrantEnd,
+    ) -> Result<Option<GrantRecord>, StoreError> {
+        io_point().await;
+        let out = {
+            let mut t = self.tables();
+            let name = t
+                .agents
+                .iter()
+                .find(|a| a.id == agent_id)
+                .map(|a| a.name.clone())
+                .unwrap_or_default();
+            t.end_grant(&self.chain_key, grant_id, agent_id, end, &name)
+        };
+        io_point().await;
+        Ok(out)
+    }
+
+    async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError> {
+        io_point().await;
+        let mut open: Vec<GrantRecord> = self
+            .tables()
+            .grants
+            .values()
+            .filter(|g| g.state == GrantState::Open)
+            .filter(|g| agent_id.is_none_or(|a| g.agent_id == a))
+            .cloned()
+            .collect();
+        open.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(open)
     }
 }
 
@@ -569,6 +737,8 @@ impl ReportStore for MemoryStore {
             last_seq: t.events.iter().map(|e| e.body.seq).max().unwrap_or(0),
             anchor: Some(t.anchor()),
             counters: t.counters.clone(),
+            grants: t.grants.values().cloned().collect(),
+            now_ms,
             ..Default::default()
         };
         data.agents

@@ -27,6 +27,7 @@ pub use aex_core::agent::{
     TokenChange,
 };
 pub use aex_core::event::{EventKind, EventRecord, NewEvent};
+pub use aex_core::grant::{GrantEnd, GrantOutcome, GrantRecord, GrantState, NewGrant};
 pub use aex_core::process::{ProcessRecord, ProcessState};
 pub use aex_core::reservation::{
     Closing, DenialRecord, ExtraEvent, NewReservation, ReservationRecord, ReservationState,
@@ -75,6 +76,10 @@ pub struct AuditData {
     pub closed_reservations: crate::ledger::fold::ClosedDigest,
     /// Every supervised process, ended ones included.
     pub processes: Vec<ProcessRecord>,
+    /// Every grant, ended ones included.
+    pub grants: Vec<GrantRecord>,
+    /// When the snapshot was read (deadlines are checked against it).
+    pub now_ms: i64,
     pub hash_at_anchor: Option<String>,
     /// The newest event when the rest was read: everything above is one
     /// snapshot, and the audit checks the log up to this event.
@@ -357,6 +362,31 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
 }
 
+/// Grants (SPEC §4.3, docs/GRANTS.md): budget and request credits held
+/// for one data plane. A call admitted from one is an ordinary reservation
+/// naming it ([`NewReservation::grant_id`], taken by [`LedgerStore::reserve`]).
+#[async_trait]
+pub trait GrantStore: Send + Sync + 'static {
+    /// Atomically: ends `replaces` (returned) if named and open, reads the
+    /// agent's free budget (`budget - spent - reserved`) and the other data
+    /// planes holding its open grants, sizes the grant
+    /// ([`NewGrant::size`]), and if there is one, writes it, adds it to the
+    /// agent's `reserved` and logs `grant.issued`.
+    async fn issue_grant(&self, grant: NewGrant) -> Result<GrantOutcome, StoreError>;
+    /// Ends an open grant exactly once: its unused part leaves `reserved`
+    /// (and is charged to `spent` for an expiry under the `charge`
+    /// policy); logs `grant.returned` or `grant.expired`. `None` if it was
+    /// not open (or not `agent_id`'s).
+    async fn end_grant(
+        &self,
+        grant_id: &str,
+        agent_id: &str,
+        end: GrantEnd,
+    ) -> Result<Option<GrantRecord>, StoreError>;
+    /// Open grants, of one agent or of all.
+    async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError>;
+}
+
 /// Supervised processes (`aexctl run`).
 #[async_trait]
 pub trait ProcessStore: Send + Sync + 'static {
@@ -401,9 +431,9 @@ pub trait ReportStore: Send + Sync + 'static {
 
 /// A whole backend. Every mutation logs its events in its own transaction,
 /// so the log and the state can never disagree.
-pub trait Store: AgentStore + LedgerStore + ProcessStore + ReportStore {}
+pub trait Store: AgentStore + LedgerStore + GrantStore + ProcessStore + ReportStore {}
 
-impl<T: AgentStore + LedgerStore + ProcessStore + ReportStore> Store for T {}
+impl<T: AgentStore + LedgerStore + GrantStore + ProcessStore + ReportStore> Store for T {}
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -263,3 +263,43 @@ impl From<ReservationAuditRow> for AuditedReservation {
         }
     }
 }
+
+pub(in crate::storage) const GRANT_COLUMNS: &str = "id, agent_id, data_plane, budget_micro, used_micro, \
+    requests, requests_used, created_at_ms, deadline_ms, state, charged_micro";
+
+#[derive(sqlx::FromRow)]
+pub(in crate::storage) struct GrantRow {
+    pub(in crate::storage) id: String,
+    pub(in crate::storage) agent_id: String,
+    pub(in crate::storage) data_plane: String,
+    pub(in crate::storage) budget_micro: i64,
+    pub(in crate::storage) used_micro: i64,
+    pub(in crate::storage) requests: Option<i64>,
+    pub(in crate::storage) requests_used: i64,
+    pub(in crate::storage) created_at_ms: i64,
+    pub(in crate::storage) deadline_ms: i64,
+    pub(in crate::storage) state: String,
+    pub(in crate::storage) charged_micro: i64,
+}
+
+impl TryFrom<GrantRow> for crate::storage::GrantRecord {
+    type Error = StoreError;
+    fn try_from(r: GrantRow) -> Result<Self, StoreError> {
+        let count = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        Ok(crate::storage::GrantRecord {
+            state: crate::storage::GrantState::parse(&r.state).ok_or_else(|| {
+                StoreError::Corrupt(format!("grant {}: unknown state '{}'", r.id, r.state))
+            })?,
+            id: r.id,
+            agent_id: r.agent_id,
+            data_plane: r.data_plane,
+            budget_micro: r.budget_micro,
+            used_micro: r.used_micro,
+            requests: r.requests.map(count),
+            requests_used: count(r.requests_used),
+            created_at_ms: r.created_at_ms,
+            deadline_ms: r.deadline_ms,
+            charged_micro: r.charged_micro,
+        })
+    }
+}

@@ -13,11 +13,11 @@
 macro_rules! sql_reads {
     ($Store:ty, $Pool:ty) => {
 use $crate::storage::rows::{
-    AGENT_COLUMNS, AgentRow, EVENT_COLUMNS, EventRow, PROCESS_SELECT, ProcessRow,
+    AGENT_COLUMNS, AgentRow, EVENT_COLUMNS, EventRow, GRANT_COLUMNS, GrantRow, PROCESS_SELECT, ProcessRow,
     RESERVATION_AUDIT_COLUMNS, RESERVATION_COLUMNS, ReservationAuditRow, ReservationRow,
 };
 use $crate::storage::{
-    AgentActivity, AgentRecord, AuditData, EventFilter, EventKind, EventRecord, ProcessRecord,
+    AgentActivity, AgentRecord, AuditData, EventFilter, EventKind, EventRecord, GrantRecord, ProcessRecord,
     ReportStore, ReservationRecord, StatusTotals, StoreError,
 };
 use aex_core::chain::GENESIS;
@@ -105,6 +105,20 @@ pub(super) async fn due_reservations(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+pub(super) async fn open_grants(
+    reader: &$Pool,
+    agent_id: Option<&str>,
+) -> Result<Vec<GrantRecord>, StoreError> {
+    let rows: Vec<GrantRow> = sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} FROM grants WHERE state = 'open' AND ($1 IS NULL OR agent_id = $1) \
+         ORDER BY created_at_ms, id"
+    ))
+    .bind(agent_id)
+    .fetch_all(reader)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
 pub(super) async fn list_processes(
     reader: &$Pool,
     include_ended: bool,
@@ -166,8 +180,17 @@ impl ReportStore for $Store {
                 .into_iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            now_ms,
             ..Default::default()
         };
+        let rows: Vec<GrantRow> =
+            sqlx::query_as(&format!("SELECT {GRANT_COLUMNS} FROM grants ORDER BY created_at_ms, id"))
+                .fetch_all(&mut *tx)
+                .await?;
+        data.grants = rows
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT agent_id, CAST(SUM(amount_micro) AS BIGINT) FROM reservations WHERE state = 'open' GROUP BY agent_id",
         )

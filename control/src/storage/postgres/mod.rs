@@ -19,6 +19,7 @@
 //! (`pg_current_xact_id`).
 
 mod anchored;
+mod grants;
 mod notify;
 mod rates;
 mod reads;
@@ -29,9 +30,10 @@ mod writes;
 
 use crate::ledger::anchor::{AnchorFile, AnchorState};
 use crate::storage::{
-    AgentChange, AgentRecord, AgentStore, AgentWrite, ChangeFeed, DenialRecord, LedgerStore,
-    NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome,
-    SettleOutcome, Settlement, StoreError,
+    AgentChange, AgentRecord, AgentStore, AgentWrite, ChangeFeed, DenialRecord, GrantEnd,
+    GrantOutcome, GrantRecord, GrantStore, LedgerStore, NewGrant, NewReservation, ProcessRecord,
+    ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement,
+    StoreError,
 };
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -255,6 +257,32 @@ impl LedgerStore for PgStore {
                 expires_at_ms,
             })
             .await
+    }
+}
+
+#[async_trait]
+impl GrantStore for PgStore {
+    async fn issue_grant(&self, g: NewGrant) -> Result<GrantOutcome, StoreError> {
+        self.writer.write(grants::IssueGrant(g)).await
+    }
+
+    async fn end_grant(
+        &self,
+        grant_id: &str,
+        agent_id: &str,
+        end: GrantEnd,
+    ) -> Result<Option<GrantRecord>, StoreError> {
+        self.writer
+            .write(grants::EndGrant {
+                grant_id: grant_id.to_string(),
+                agent_id: agent_id.to_string(),
+                end,
+            })
+            .await
+    }
+
+    async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError> {
+        reads::open_grants(&self.reader, agent_id).await
     }
 }
 

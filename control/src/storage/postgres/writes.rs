@@ -177,6 +177,22 @@ impl Operation for Reserve {
     ) -> Result<ReserveOutcome, StoreError> {
         let n = &self.0;
         let r = &n.record;
+        if let Some(grant_id) = &n.grant_id {
+            let existing: Option<ExistingReservation> = sqlx::query_as(&format!(
+                "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
+            ))
+            .bind(&r.request_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(existing) = existing {
+                return Ok(if existing.state == ReservationState::Open.as_str() {
+                    ReserveOutcome::AlreadyAdmitted(existing.row.into())
+                } else {
+                    ReserveOutcome::AlreadyClosed(existing.row.into())
+                });
+            }
+            return super::grants::reserve_from_grant(conn, chain, n, grant_id).await;
+        }
         // One statement, one round trip, in the order the outcome is
         // decided: a reservation this request already has; the agent's
         // limit on open reservations (counted under the agent's lock, which
@@ -242,7 +258,9 @@ impl Operation for Reserve {
         }
         let Some(remaining) = taken else {
             let remaining = remaining_before.unwrap_or(0);
-            chain.append(&budget_denial_event(n, remaining));
+            if n.log_budget_denial {
+                chain.append(&budget_denial_event(n, remaining));
+            }
             return Ok(ReserveOutcome::InsufficientBudget {
                 remaining_micro: remaining,
             });

@@ -10,6 +10,7 @@
 mod anchor;
 mod baseline;
 mod errors;
+mod grants;
 mod reads;
 mod rows;
 #[cfg(test)]
@@ -21,9 +22,9 @@ pub use writer::WalPolicy;
 
 use crate::ledger::anchor::AnchorFile;
 use crate::storage::{
-    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, LedgerStore, NewReservation,
-    ProcessRecord, ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome,
-    Settlement, StoreError,
+    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, GrantEnd, GrantOutcome,
+    GrantRecord, GrantStore, LedgerStore, NewGrant, NewReservation, ProcessRecord, ProcessState,
+    ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, StoreError,
 };
 use async_trait::async_trait;
 use sqlx::SqlitePool;
@@ -246,6 +247,31 @@ impl LedgerStore for SqliteStore {
         self.writer
             .write(move |conn, _| writes::extend_reservations(conn, &ids, expires_at_ms))
             .await
+    }
+}
+
+#[async_trait]
+impl GrantStore for SqliteStore {
+    async fn issue_grant(&self, g: NewGrant) -> Result<GrantOutcome, StoreError> {
+        self.writer
+            .write(move |conn, chain| grants::issue_grant(conn, chain, &g))
+            .await
+    }
+
+    async fn end_grant(
+        &self,
+        grant_id: &str,
+        agent_id: &str,
+        end: GrantEnd,
+    ) -> Result<Option<GrantRecord>, StoreError> {
+        let (grant_id, agent_id) = (grant_id.to_string(), agent_id.to_string());
+        self.writer
+            .write(move |conn, chain| grants::end_grant(conn, chain, &grant_id, &agent_id, end))
+            .await
+    }
+
+    async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError> {
+        reads::open_grants(&self.reader, agent_id).await
     }
 }
 

@@ -1,7 +1,7 @@
 //! The shared rows (`storage/rows.rs`) as SQLite's writer reads them, with
 //! rusqlite, by column position in the shared column lists.
 
-use crate::storage::rows::{AgentRow, ProcessRow, ReservationRow};
+use crate::storage::rows::{AgentRow, GrantRow, ProcessRow, ReservationRow};
 
 impl AgentRow {
     /// A row selected with [`AGENT_COLUMNS`], in that order.
@@ -71,6 +71,25 @@ impl ReservationRow {
             output_tokens_cap: r.get(8)?,
             created_at_ms: r.get(9)?,
             expires_at_ms: r.get(10)?,
+        })
+    }
+}
+
+impl GrantRow {
+    /// A row selected with [`GRANT_COLUMNS`], in that order.
+    pub(super) fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: r.get(0)?,
+            agent_id: r.get(1)?,
+            data_plane: r.get(2)?,
+            budget_micro: r.get(3)?,
+            used_micro: r.get(4)?,
+            requests: r.get(5)?,
+            requests_used: r.get(6)?,
+            created_at_ms: r.get(7)?,
+            deadline_ms: r.get(8)?,
+            state: r.get(9)?,
+            charged_micro: r.get(10)?,
         })
     }
 }

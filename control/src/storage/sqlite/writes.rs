@@ -131,6 +131,9 @@ pub(super) fn reserve(
             ReserveOutcome::AlreadyClosed(existing.into())
         });
     }
+    if let Some(grant_id) = &n.grant_id {
+        return super::grants::reserve_from_grant(conn, chain, n, grant_id);
+    }
     if n.max_open > 0 {
         let open: i64 = conn
             .prepare_cached(
@@ -161,11 +164,26 @@ pub(super) fn reserve(
                 "SELECT budget_micro - spent_micro - reserved_micro FROM agents WHERE id = ?1",
             )?
             .query_row([&r.agent_id], |row| row.get(0))?;
-        chain.append(conn, &budget_denial_event(n, remaining))?;
+        if n.log_budget_denial {
+            chain.append(conn, &budget_denial_event(n, remaining))?;
+        }
         return Ok(ReserveOutcome::InsufficientBudget {
             remaining_micro: remaining,
         });
     };
+    insert_reservation(conn, chain, n)?;
+    Ok(ReserveOutcome::Reserved {
+        remaining_micro: remaining,
+    })
+}
+
+/// Stores an open reservation and logs its admit event.
+pub(super) fn insert_reservation(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    n: &NewReservation,
+) -> Result<(), StoreError> {
+    let r = &n.record;
     conn.prepare_cached(
         "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
          input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
@@ -187,9 +205,7 @@ pub(super) fn reserve(
         r.expires_at_ms,
     ])?;
     chain.append(conn, &admit_event(n))?;
-    Ok(ReserveOutcome::Reserved {
-        remaining_micro: remaining,
-    })
+    Ok(())
 }
 
 pub(super) fn settle(

@@ -1,11 +1,13 @@
-//! The admission policy as a pure function: given an agent, the model
+//! The admission policy as a pure function: given a caller, the model
 //! configuration and what the request asks for, either a plan (output cap and
 //! cost bound to reserve) or the denial to send. No I/O, no clocks except the
-//! `now` passed in.
+//! `now` passed in. The control plane decides every central admission with
+//! it, and a data plane every call it admits from a grant (SPEC §4.3), so the
+//! two can never disagree on a bound.
 
-use crate::storage::{AgentRecord, AgentState, Scope};
-use aex_core::config::{Model, ModelsConfig};
-pub use aex_core::denial::{DenialCode, ErrorType, Rule};
+use crate::agent::{AgentRecord, AgentState, Caps, Scope};
+use crate::config::{Model, ModelsConfig};
+pub use crate::denial::{DenialCode, ErrorType, Rule};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -137,15 +139,52 @@ pub struct Plan {
     pub reserve_micro: i64,
 }
 
+/// What policy looks at of the caller: the control plane's agent row and a
+/// data plane's cached policy both hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    pub name: &'a str,
+    pub state: AgentState,
+    pub token_expires_at_ms: Option<i64>,
+    pub scope: Scope,
+    pub allowed_models: &'a [String],
+    pub caps: Caps,
+}
+
+impl<'a> From<&'a AgentRecord> for Caller<'a> {
+    fn from(a: &'a AgentRecord) -> Self {
+        Self {
+            name: &a.name,
+            state: a.state,
+            token_expires_at_ms: a.token_expires_at_ms,
+            scope: a.scope,
+            allowed_models: &a.allowed_models,
+            caps: a.caps,
+        }
+    }
+}
+
 /// Who is calling and may they call at all (before any model is looked at).
 pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRecord, Denial> {
     let Some(agent) = agent else {
-        return Err(Denial::unauthenticated(
-            Rule::Auth,
-            "Invalid API key: this token is not known to AEX (it may have been rotated or the agent deleted). \
-             Use the token printed by `aexctl agent create` or `aexctl agent rotate-token`.",
-        ));
+        return Err(unknown_token());
     };
+    admissible(&Caller::from(agent), now_ms)?;
+    Ok(agent)
+}
+
+/// The denial of a token no agent has.
+pub fn unknown_token() -> Denial {
+    Denial::unauthenticated(
+        Rule::Auth,
+        "Invalid API key: this token is not known to AEX (it may have been rotated or the agent deleted). \
+         Use the token printed by `aexctl agent create` or `aexctl agent rotate-token`.",
+    )
+}
+
+/// Whether a known caller may call at all now: its token unexpired, the
+/// agent active.
+pub fn admissible(agent: &Caller<'_>, now_ms: i64) -> Result<(), Denial> {
     if let Some(expiry) = agent.token_expires_at_ms
         && expiry <= now_ms
     {
@@ -158,7 +197,7 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
         ));
     }
     match agent.state {
-        AgentState::Active => Ok(agent),
+        AgentState::Active => Ok(()),
         AgentState::Paused => Err(Denial::forbidden(
             DenialCode::AgentPaused,
             Rule::Paused,
@@ -175,7 +214,7 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
 }
 
 /// Policy and cost bound for an authenticated agent's request.
-pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
+pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
     if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
         return Err(Denial::forbidden(
             DenialCode::CapabilityDenied,
@@ -252,7 +291,7 @@ pub fn plan(agent: &AgentRecord, models: &ModelsConfig, ask: &Ask<'_>) -> Result
     })
 }
 
-fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(), Denial> {
+fn capabilities(agent: &Caller<'_>, model: &Model, ask: &Ask<'_>) -> Result<(), Denial> {
     let deny = |denied_by: Rule, what: &str, fix: &str| {
         Err(Denial::forbidden(
             DenialCode::CapabilityDenied,
@@ -311,9 +350,12 @@ fn capabilities(agent: &AgentRecord, model: &Model, ask: &Ask<'_>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Caps;
-    use aex_core::config::DEFAULT_MODELS_YAML;
+    use crate::config::DEFAULT_MODELS_YAML;
     use std::path::Path;
+
+    fn plan_for(a: &AgentRecord, m: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
+        plan(&a.into(), m, ask)
+    }
 
     fn agent() -> AgentRecord {
         AgentRecord {
@@ -367,7 +409,7 @@ mod tests {
     #[test]
     fn reserves_the_upper_bound_and_injects_a_cap() {
         let m = models();
-        let p = plan(&agent(), &m, &ask("llama3-local")).unwrap();
+        let p = plan_for(&agent(), &m, &ask("llama3-local")).unwrap();
         assert_eq!(
             p,
             Plan {
@@ -376,7 +418,7 @@ mod tests {
                 reserve_micro: 100 + 100
             }
         );
-        let p = plan(
+        let p = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -387,7 +429,7 @@ mod tests {
         .unwrap();
         assert_eq!((p.output_tokens_cap, p.output_cap_injected), (4096, true));
         assert_eq!(p.reserve_micro, 100 + 4096 * 2);
-        let p = plan(
+        let p = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -397,7 +439,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.output_tokens_cap, p.output_cap_injected), (4096, true));
-        let p = plan(
+        let p = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -415,7 +457,7 @@ mod tests {
     #[test]
     fn every_choice_is_reserved_and_a_zero_cap_is_refused() {
         let m = models();
-        let p = plan(
+        let p = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -427,7 +469,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.output_tokens_cap, 20);
         assert_eq!(p.reserve_micro, 100 + 100 * 20 * 2);
-        let older_data_plane = plan(
+        let older_data_plane = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -437,7 +479,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(older_data_plane.reserve_micro, 100 + 50 * 2);
-        let zero = plan(
+        let zero = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -447,7 +489,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((zero.http_status, zero.param), (400, "max_tokens"));
-        let too_many = plan(
+        let too_many = plan_for(
             &agent(),
             &m,
             &Ask {
@@ -465,17 +507,19 @@ mod tests {
         let mut a = agent();
         a.allowed_models = vec!["simulated".into()];
         assert_eq!(
-            plan(&a, &m, &ask("llama3-local")).unwrap_err().denied_by,
+            plan_for(&a, &m, &ask("llama3-local"))
+                .unwrap_err()
+                .denied_by,
             "model"
         );
         assert_eq!(
-            plan(&a, &m, &ask("gpt-9")).unwrap_err().code,
+            plan_for(&a, &m, &ask("gpt-9")).unwrap_err().code,
             "model_not_allowed"
         );
         let mut a = agent();
         a.caps.streaming = false;
         assert_eq!(
-            plan(
+            plan_for(
                 &a,
                 &m,
                 &Ask {
@@ -490,7 +534,7 @@ mod tests {
         let mut a = agent();
         a.caps.tools = false;
         assert_eq!(
-            plan(
+            plan_for(
                 &a,
                 &m,
                 &Ask {
@@ -504,7 +548,7 @@ mod tests {
         );
         let mut a = agent();
         a.caps.function_calling = false;
-        let d = plan(
+        let d = plan_for(
             &a,
             &m,
             &Ask {
@@ -518,7 +562,7 @@ mod tests {
         a.caps.vision = true;
         // The model itself has no vision.
         assert_eq!(
-            plan(
+            plan_for(
                 &a,
                 &m,
                 &Ask {
@@ -533,11 +577,11 @@ mod tests {
         let mut a = agent();
         a.scope = Scope::ReadOnly;
         assert_eq!(
-            plan(&a, &m, &ask("simulated")).unwrap_err().denied_by,
+            plan_for(&a, &m, &ask("simulated")).unwrap_err().denied_by,
             "scope"
         );
         assert!(
-            plan(
+            plan_for(
                 &a,
                 &m,
                 &Ask {
@@ -547,7 +591,10 @@ mod tests {
             )
             .is_ok()
         );
-        assert_eq!(plan(&agent(), &m, &ask("")).unwrap_err().http_status, 400);
+        assert_eq!(
+            plan_for(&agent(), &m, &ask("")).unwrap_err().http_status,
+            400
+        );
     }
 
     #[test]
