@@ -14,6 +14,11 @@ pub struct ControlMetrics {
     pub expired: IntCounter,
     pub open_reservations: IntGauge,
     pub agents: IntGauge,
+    /// event = issued | renewed | returned | expired | revoked |
+    /// refused_<why> (docs/GRANTS.md).
+    pub grants: IntCounterVec,
+    /// Items per `Report` from data planes.
+    pub report_items: Histogram,
 }
 
 impl Default for ControlMetrics {
@@ -54,6 +59,19 @@ impl Default for ControlMetrics {
             IntGauge::new("aex_open_reservations", "Reservations not yet settled")
                 .expect("valid metric");
         let agents = IntGauge::new("aex_agents", "Live agents").expect("valid metric");
+        let grants = IntCounterVec::new(
+            Opts::new("aex_grants_total", "Grants by what happened to them"),
+            &["event"],
+        )
+        .expect("valid metric");
+        let report_items = Histogram::with_opts(
+            HistogramOpts::new(
+                "aex_report_items",
+                "Calls and settlements per data-plane report",
+            )
+            .buckets(vec![0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(admissions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(admit_seconds.clone()),
@@ -62,6 +80,8 @@ impl Default for ControlMetrics {
             Box::new(expired.clone()),
             Box::new(open_reservations.clone()),
             Box::new(agents.clone()),
+            Box::new(grants.clone()),
+            Box::new(report_items.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -74,6 +94,8 @@ impl Default for ControlMetrics {
             expired,
             open_reservations,
             agents,
+            grants,
+            report_items,
         }
     }
 }

@@ -195,6 +195,12 @@ impl Control {
             let (open, agents) = state.admission.counts();
             state.metrics.open_reservations.set(open as i64);
             state.metrics.agents.set(agents as i64);
+            // Counted by admission, which holds no metrics.
+            let revoked = state.metrics.grants.with_label_values(&["revoked"]);
+            let recalls = state.admission.grant_recalls();
+            if recalls > revoked.get() {
+                revoked.inc_by(recalls - revoked.get());
+            }
             state.metrics.render()
         });
         tokio::spawn(aex_telemetry::metrics::serve(listener, render));
@@ -226,6 +232,18 @@ impl Control {
                     {
                         Ok(sweep) => state.metrics.expired.inc_by(sweep.expired as u64),
                         Err(e) => tracing::error!(error = %e, "could not expire reservations"),
+                    }
+                    match state
+                        .admission
+                        .expire_grants(now, settings.expiry_policy)
+                        .await
+                    {
+                        Ok(n) => state
+                            .metrics
+                            .grants
+                            .with_label_values(&["expired"])
+                            .inc_by(n as u64),
+                        Err(e) => tracing::error!(error = %e, "could not expire grants"),
                     }
                     if let Err(e) = state.admission.flush_unauthenticated().await {
                         tracing::error!(error = %e, "could not log unauthenticated denials");

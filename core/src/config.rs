@@ -260,7 +260,7 @@ pub struct Model {
     pub vision: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ModelsConfig {
     pub providers: BTreeMap<String, Provider>,
     pub models: BTreeMap<String, Model>,

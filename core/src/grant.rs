@@ -104,17 +104,12 @@ pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
 
     let requests = match ask.rpm_headroom {
         None => None,
-        Some(headroom) => {
-            let edge = (EDGE_CALLS_PER_DATA_PLANE * planes) as u32;
-            let share = headroom.saturating_sub(edge) / ask.data_planes;
-            if share == 0 {
-                return Err(NoGrant::RpmEdge);
-            }
-            let paced = (u64::from(ask.calls_per_s) * ask.lifetime_ms as u64 * PACE_HEADROOM as u64
-                / 1000)
-                .min(u64::from(u32::MAX)) as u32;
-            Some(paced.clamp(1, share))
-        }
+        Some(headroom) => Some(request_share(
+            headroom,
+            ask.data_planes,
+            ask.calls_per_s,
+            ask.lifetime_ms,
+        )?),
     };
     let slots = match ask.free_slots {
         None => None,
@@ -134,6 +129,28 @@ pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
         requests,
         slots,
     })
+}
+
+/// The request credits of a grant: the fair share among `data_planes` of
+/// the RPM headroom after the edge, paced to the agent's calls over the
+/// lifetime (with headroom), at least one.
+pub fn request_share(
+    headroom: u32,
+    data_planes: u32,
+    calls_per_s: u32,
+    lifetime_ms: i64,
+) -> Result<u32, NoGrant> {
+    if data_planes == 0 || lifetime_ms <= 0 {
+        return Err(NoGrant::Invalid);
+    }
+    let edge = (EDGE_CALLS_PER_DATA_PLANE as u32).saturating_mul(data_planes);
+    let share = headroom.saturating_sub(edge) / data_planes;
+    if share == 0 {
+        return Err(NoGrant::RpmEdge);
+    }
+    let paced = (u64::from(calls_per_s) * lifetime_ms as u64 * PACE_HEADROOM as u64 / 1000)
+        .min(u64::from(u32::MAX)) as u32;
+    Ok(paced.clamp(1, share))
 }
 
 /// A grant's state. The strings are the stored form.

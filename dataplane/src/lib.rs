@@ -67,6 +67,9 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop_tx.send(true);
+    // Calls still running were admitted already; nothing more is admitted
+    // from the grants, and what they did not use goes back.
+    control.return_grants();
     let in_flight = control.inflight.current();
     if in_flight > 0 {
         tracing::info!(in_flight, "draining");

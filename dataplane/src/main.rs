@@ -70,6 +70,14 @@ struct Args {
     /// How often long streams extend their reservations.
     #[arg(long, default_value_t = 20_000)]
     heartbeat_ms: u64,
+    /// This data plane's name in the control plane's grant events (a pod
+    /// name, say); a random one when not given.
+    #[arg(long, env = "AEX_DATAPLANE_ID")]
+    id: Option<String>,
+    /// Admit a busy agent's calls from grants, without a round trip per
+    /// call (docs/GRANTS.md); `off`: every call is admitted centrally.
+    #[arg(long, env = "AEX_DATAPLANE_GRANTS", default_value = "on", value_parser = ["on", "off"])]
+    grants: String,
     /// On SIGTERM, how long in-flight streams may take to finish.
     #[arg(long, default_value_t = 30_000)]
     drain_ms: u64,
@@ -106,7 +114,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cert: args.tls_cert.clone(),
         key: args.tls_key.clone(),
     };
-    let control = ControlPlane::connect(&args.control, &tls, &token, cache)?;
+    let metrics = Arc::new(aex_dataplane::metrics::Metrics::default());
+    let settings = aex_dataplane::control::Settings {
+        id: args
+            .id
+            .clone()
+            .unwrap_or_else(|| aex_core::secrets::new_id("dp")),
+        grants: args.grants == "on",
+        metrics: metrics.clone(),
+    };
+    let control = ControlPlane::connect(&args.control, &tls, &token, cache, settings)?;
     tokio::spawn(control.clone().watch_forever());
     tokio::spawn(
         control
@@ -122,7 +139,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         keepalive_idle: Duration::from_millis(args.keepalive_idle_ms),
     };
-    let metrics = Arc::new(aex_dataplane::metrics::Metrics::default());
     let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

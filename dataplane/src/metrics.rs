@@ -2,7 +2,9 @@
 //! endpoint, configured model, status and the rule that decided, never the
 //! agent (fleets run thousands).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -15,6 +17,15 @@ pub struct Metrics {
     pub overrun_micro: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub open_reservations: IntGauge,
+    /// path = local (from a grant) | central (an Admit round trip).
+    pub admissions: IntCounterVec,
+    /// event = installed | refused | returned | revoked (docs/GRANTS.md).
+    pub grants: IntCounterVec,
+    /// Every RPC to the control plane (watch streams counted once).
+    pub control_rpcs: IntCounter,
+    pub report_items: Histogram,
+    /// From the oldest item of a report being queued to its answer.
+    pub report_lag: Histogram,
 }
 
 /// Sub-millisecond buckets: AEX's own overhead is measured in µs.
@@ -78,8 +89,50 @@ impl Default for Metrics {
             "Calls admitted and not yet settled",
         )
         .expect("valid metric");
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "aex_dataplane_admissions_total",
+                "Calls admitted, by where: local (from a grant) or central (one Admit round trip)",
+            ),
+            &["path"],
+        )
+        .expect("valid metric");
+        let grants = IntCounterVec::new(
+            Opts::new(
+                "aex_dataplane_grants_total",
+                "Grants installed, refused, returned and revoked",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
+        let control_rpcs = IntCounter::new(
+            "aex_dataplane_control_rpcs_total",
+            "RPCs sent to the control plane",
+        )
+        .expect("valid metric");
+        let report_items = Histogram::with_opts(
+            HistogramOpts::new(
+                "aex_dataplane_report_items",
+                "Calls, settlements, closes and asks per report",
+            )
+            .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+        )
+        .expect("valid metric");
+        let report_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "aex_dataplane_report_lag_seconds",
+                "From the oldest item of a report being queued to the control plane's answer",
+            )
+            .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(admissions.clone()),
+            Box::new(grants.clone()),
+            Box::new(control_rpcs.clone()),
+            Box::new(report_items.clone()),
+            Box::new(report_lag.clone()),
             Box::new(added_latency.clone()),
             Box::new(duration.clone()),
             Box::new(spent_micro.clone()),
@@ -98,6 +151,11 @@ impl Default for Metrics {
             overrun_micro,
             upstream_errors,
             open_reservations,
+            admissions,
+            grants,
+            control_rpcs,
+            report_items,
+            report_lag,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod convert;
 pub mod tls;
 
 pub mod v1 {

@@ -457,6 +457,12 @@ impl DataPlane {
         self.child.id()
     }
 
+    /// `kill -9`: nothing it holds is given back.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

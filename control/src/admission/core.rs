@@ -4,8 +4,10 @@
 
 use super::limiter::{Gcra, TokenBucket};
 
+pub use aex_proto::convert::endpoint_from_pb;
+mod grants;
 mod shared;
-use super::policy::{Ask, Denial, Endpoint, Rule, authenticate, plan};
+use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
     AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
@@ -14,6 +16,9 @@ use crate::storage::{
 };
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::new_id;
+pub use grants::{
+    GRANT_LIFETIME_MS, GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, Refusal,
+};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +30,9 @@ pub enum Change {
     AgentUpserted(Box<AgentRecord>),
     AgentRemoved(String),
     Models(Arc<ModelsConfig>),
+    /// Every data plane must give back the agent's grants (see
+    /// `grants.rs`: a central decision near its edge needs them).
+    GrantsRevoked(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +236,7 @@ pub struct AdmissionCore {
     admin_changes: tokio::sync::Mutex<()>,
     /// RPM limiters shared with the other control planes on the database.
     shared_rates: Option<Arc<dyn crate::storage::SharedRates>>,
+    grants: Mutex<grants::GrantBook>,
 }
 
 /// Denials of tokens no agent has, gathered between two flushes.
@@ -320,6 +329,7 @@ impl AdmissionCore {
             unauthenticated: Mutex::default(),
             admin_changes: tokio::sync::Mutex::new(()),
             shared_rates,
+            grants: Mutex::default(),
         })
     }
 
@@ -505,47 +515,35 @@ impl AdmissionCore {
             }
             let _ = self.forget(&id, None);
         }
-        let decided = {
-            let mut live = self.lock();
-            self.decide(&mut live, models, token_sha256, ask, now)
-        };
-        let Accepted { tentative, plan } = match decided {
-            Ok(accepted) => accepted,
-            Err(refused) => {
-                let Refused {
-                    denial,
-                    agent_id,
-                    agent_name,
-                } = *refused;
-                self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
-                    .await;
-                return Ok(Decision::Denied { denial, agent_name });
-            }
-        };
-        if let Some(rates) = &self.shared_rates {
-            let refused = match shared::take(rates.as_ref(), &tentative, ask.model, now).await {
-                Ok(refused) => refused,
-                Err(e) => {
-                    self.undo(&tentative, ask.model, now);
-                    return Err(e.into());
-                }
+        // Request credits held by the agent's grants are not free here: an
+        // RPM refusal while some may be open recalls them and decides once
+        // more (as a budget refusal does, below).
+        let mut now = now;
+        let mut recalled = false;
+        let Accepted { tentative, plan } = loop {
+            let refused = match self.decide_and_take(models, token_sha256, ask, now).await? {
+                Ok(accepted) => break accepted,
+                Err(refused) => refused,
             };
-            if let Some(denial) = refused {
-                self.undo(&tentative, ask.model, now);
-                self.log_denial(
-                    &denial,
-                    &tentative.agent_id,
-                    &tentative.agent_name,
-                    ask,
-                    token_sha256,
-                )
-                .await;
-                return Ok(Decision::Denied {
-                    denial,
-                    agent_name: tentative.agent_name,
-                });
+            if !recalled
+                && refused.denial.denied_by == Rule::Rpm
+                && self.may_hold_grants(&refused.agent_id, now)
+            {
+                recalled = true;
+                if self.recall_grants(&refused.agent_id).await? {
+                    now = now_ms();
+                    continue;
+                }
             }
-        }
+            let Refused {
+                denial,
+                agent_id,
+                agent_name,
+            } = *refused;
+            self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
+                .await;
+            return Ok(Decision::Denied { denial, agent_name });
+        };
         let model = &models.models[ask.model];
         let record = ReservationRecord {
             id: new_id("rsv"),
@@ -565,24 +563,49 @@ impl AdmissionCore {
             "endpoint": format!("{:?}", ask.endpoint), "stream": ask.stream,
             "output_cap_injected": plan.output_cap_injected,
         });
-        let outcome = self
-            .store
-            .reserve(NewReservation {
-                record: record.clone(),
-                agent_name: tentative.agent_name.clone(),
-                details,
-                // A store only this control plane uses is covered by the
-                // in-memory count in `decide`; a shared one counts again,
-                // for the reservations other replicas hold.
-                max_open: if self.shared_rates.is_some() {
-                    tentative.max_concurrent
-                } else {
-                    0
-                },
-                grant_id: None,
-                log_budget_denial: true,
-            })
-            .await;
+        // Budget held by the agent's grants is not free here: a refusal
+        // while some may be open recalls them and decides once more, and
+        // only the decision the client sees is logged.
+        let may_hold_grants = self.may_hold_grants(&tentative.agent_id, now);
+        let mut recalled = false;
+        let outcome = loop {
+            let outcome = self
+                .store
+                .reserve(NewReservation {
+                    record: record.clone(),
+                    agent_name: tentative.agent_name.clone(),
+                    details: details.clone(),
+                    // A store only this control plane uses is covered by the
+                    // in-memory count in `decide`; a shared one counts again,
+                    // for the reservations other replicas hold.
+                    max_open: if self.shared_rates.is_some() {
+                        tentative.max_concurrent
+                    } else {
+                        0
+                    },
+                    grant_id: None,
+                    log_budget_denial: !may_hold_grants || recalled,
+                })
+                .await;
+            if let Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) = &outcome
+                && may_hold_grants
+                && !recalled
+            {
+                recalled = true;
+                match self.recall_grants(&tentative.agent_id).await {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        self.log_budget_denial(&record, &tentative.agent_name, *remaining_micro)
+                            .await
+                    }
+                    Err(e) => {
+                        self.undo_all(&tentative, ask.model, now).await;
+                        return Err(e);
+                    }
+                }
+            }
+            break outcome;
+        };
         match outcome {
             Ok(ReserveOutcome::Reserved { remaining_micro }) => {
                 let open = OpenReservation {
@@ -676,6 +699,43 @@ impl AdmissionCore {
             }
             Err(e) => {
                 self.undo_all(&tentative, ask.model, now).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// [`Self::decide`], then the limits a shared store holds.
+    async fn decide_and_take(
+        &self,
+        models: &ModelsConfig,
+        token_sha256: &str,
+        ask: &Ask<'_>,
+        now: i64,
+    ) -> Result<Result<Accepted, Box<Refused>>> {
+        let decided = {
+            let mut live = self.lock();
+            self.decide(&mut live, models, token_sha256, ask, now)
+        };
+        let accepted = match decided {
+            Ok(accepted) => accepted,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let Some(rates) = &self.shared_rates else {
+            return Ok(Ok(accepted));
+        };
+        let t = &accepted.tentative;
+        match shared::take(rates.as_ref(), t, ask.model, now).await {
+            Ok(None) => Ok(Ok(accepted)),
+            Ok(Some(denial)) => {
+                self.undo(t, ask.model, now);
+                Ok(Err(Box::new(Refused {
+                    denial,
+                    agent_id: t.agent_id.clone(),
+                    agent_name: t.agent_name.clone(),
+                })))
+            }
+            Err(e) => {
+                self.undo(t, ask.model, now);
                 Err(e.into())
             }
         }
@@ -855,6 +915,24 @@ impl AdmissionCore {
         };
         if let Err(e) = self.store.record_denial(record).await {
             tracing::error!(error = %e, reason = %d.denied_by, "could not log a denial");
+        }
+    }
+
+    /// The budget denial a reservation's own step did not log (see the
+    /// recall in `admit`): the same event.
+    async fn log_budget_denial(&self, r: &ReservationRecord, agent_name: &str, remaining: i64) {
+        let record = DenialRecord {
+            agent_id: r.agent_id.clone(),
+            agent_name: agent_name.to_string(),
+            reason: Rule::Budget.to_string(),
+            details: json!({
+                "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
+                "request_id": r.request_id,
+            }),
+            count: 1,
+        };
+        if let Err(e) = self.store.record_denial(record).await {
+            tracing::error!(error = %e, "could not log a budget denial");
         }
     }
 
@@ -1338,17 +1416,4 @@ fn model_tpm_denial(model: &str, model_tpm: u64, wait_ms: u64) -> Denial {
             "Rate limit reached: model '{model}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait_ms} ms."
         ),
     )
-}
-
-/// Maps the wire endpoint to the policy's.
-pub fn endpoint_from_pb(e: aex_proto::v1::Endpoint) -> Option<Endpoint> {
-    use aex_proto::v1::Endpoint as P;
-    Some(match e {
-        P::ChatCompletions => Endpoint::ChatCompletions,
-        P::Responses => Endpoint::Responses,
-        P::Embeddings => Endpoint::Embeddings,
-        P::Completions => Endpoint::Completions,
-        P::Models => Endpoint::Models,
-        P::Unspecified => return None,
-    })
 }

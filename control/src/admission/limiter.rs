@@ -46,11 +46,17 @@ impl Gcra {
     }
 
     pub fn take(&mut self, per_minute: u32, now_ms: i64) -> Check {
+        self.take_n(per_minute, 1, now_ms)
+    }
+
+    /// Admits `n` requests at once if the limit allows them all (a grant's
+    /// request credits, docs/GRANTS.md), recording them.
+    pub fn take_n(&mut self, per_minute: u32, n: u32, now_ms: i64) -> Check {
         let now_us = now_ms.saturating_mul(1000);
         let interval = Self::interval_us(per_minute);
         let burst_us = Self::burst_us(per_minute);
         let tat = self.tat_us.max(now_us);
-        let new_tat = tat + interval;
+        let new_tat = tat.saturating_add(interval.saturating_mul(i64::from(n)));
         let allowed_at = new_tat - burst_us;
         if allowed_at > now_us {
             // Round up so that a retry at exactly this many ms passes.
@@ -61,11 +67,22 @@ impl Gcra {
         Ok(())
     }
 
+    /// How many requests would pass now, taken at once.
+    pub fn headroom(&self, per_minute: u32, now_ms: i64) -> u32 {
+        let now_us = now_ms.saturating_mul(1000);
+        let room = now_us + Self::burst_us(per_minute) - self.tat_us.max(now_us);
+        (room.max(0) / Self::interval_us(per_minute)).min(i64::from(u32::MAX)) as u32
+    }
+
     /// Gives back a request that was taken but not used (e.g. refused later
     /// for its budget), so that it does not count against the rate.
     pub fn give_back(&mut self, per_minute: u32) {
+        self.give_back_n(per_minute, 1);
+    }
+
+    pub fn give_back_n(&mut self, per_minute: u32, n: u32) {
         if self.tat_us != i64::MIN {
-            self.tat_us -= Self::interval_us(per_minute);
+            self.tat_us -= Self::interval_us(per_minute) * i64::from(n);
         }
     }
 }
@@ -182,6 +199,24 @@ mod tests {
     }
 
     #[test]
+    fn gcra_credits_taken_at_once_are_what_single_requests_would_take() {
+        let mut bulk = Gcra::default();
+        assert_eq!(bulk.headroom(60, 0), 60);
+        assert_eq!(bulk.take_n(60, 61, 0), Err(1_000));
+        bulk.take_n(60, 50, 0).unwrap();
+        assert_eq!(bulk.headroom(60, 0), 10);
+        let mut one_by_one = Gcra::default();
+        for _ in 0..50 {
+            one_by_one.take(60, 0).unwrap();
+        }
+        assert_eq!(bulk, one_by_one);
+        bulk.give_back_n(60, 20);
+        assert_eq!(bulk.headroom(60, 0), 30);
+        // One more each second.
+        assert_eq!(bulk.headroom(60, 1_000), 31);
+    }
+
+    #[test]
     fn gcra_give_back_restores_capacity() {
         let mut g = Gcra::default();
         assert_eq!(g.take(1, 0), Ok(()));
@@ -234,6 +269,22 @@ mod tests {
             let window_ms = (now - start) as u64;
             let bound = u64::from(rpm) + (window_ms * u64::from(rpm)).div_ceil(60_000);
             prop_assert!(admitted <= bound, "{admitted} > {bound}");
+        }
+
+        /// The headroom is exactly what can be taken at once.
+        #[test]
+        fn gcra_headroom_is_what_passes_at_once(
+            rpm in 1u32..1000,
+            taken in 0u32..1000,
+            later in 0i64..120_000,
+        ) {
+            let mut g = Gcra::default();
+            let start = 1_000_000;
+            for _ in 0..taken { let _ = g.take(rpm, start); }
+            let now = start + later;
+            let room = g.headroom(rpm, now);
+            prop_assert!(g.clone().take_n(rpm, room + 1, now).is_err());
+            prop_assert!(g.take_n(rpm, room, now).is_ok());
         }
 
         /// A refused request retried after exactly the advertised wait passes.

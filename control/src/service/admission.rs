@@ -1,4 +1,5 @@
-//! The data plane's gRPC API: admit, settle, heartbeat, watch.
+//! The data plane's gRPC API: admit, settle, heartbeat, watch (and report,
+//! in `report.rs`).
 
 use crate::admission::core::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
 use crate::admission::policy::{Ask, Denial, Endpoint};
@@ -132,7 +133,7 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
 
 const MAX_BATCH_ITEMS: usize = 1024;
 
-fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
+pub(super) fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
     if items > MAX_BATCH_ITEMS {
         return Err(Status::invalid_argument(format!(
             "{items} items in one call; send at most {MAX_BATCH_ITEMS} per {rpc}"
@@ -143,7 +144,7 @@ fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
 
 /// Runs `one` on every item at once, so the ledger writer commits their
 /// writes together, and returns the results in the items' order.
-async fn each_at_once<I, O, F, Fut>(
+pub(super) async fn each_at_once<I, O, F, Fut>(
     state: &Arc<ControlState>,
     items: Vec<I>,
     one: F,
@@ -171,7 +172,7 @@ where
         .collect())
 }
 
-fn item_error(status: &Status) -> pb::ItemError {
+pub(super) fn item_error(status: &Status) -> pb::ItemError {
     pb::ItemError {
         code: status.code() as i32,
         message: status.message().to_string(),
@@ -179,7 +180,7 @@ fn item_error(status: &Status) -> pb::ItemError {
 }
 
 /// One settlement, as `Settle` and each item of `SettleBatch` do it.
-async fn settle_one(
+pub(super) async fn settle_one(
     state: &ControlState,
     mut r: pb::SettleRequest,
 ) -> Result<pb::SettleResponse, Status> {
@@ -314,6 +315,15 @@ impl AdmissionService for AdmissionApi {
         }))
     }
 
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        super::report::report(&self.state, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     type WatchStream = WatchStream;
 
     async fn watch(
@@ -369,6 +379,9 @@ impl AdmissionService for AdmissionApi {
                         Ok(Change::AgentRemoved(id)) => pb::watch_event::Change::AgentRemoved(id),
                         Ok(Change::Models(m)) => {
                             pb::watch_event::Change::Models(models_to_pb(&m, now_ms()))
+                        }
+                        Ok(Change::GrantsRevoked(agent_id)) => {
+                            pb::watch_event::Change::GrantsRevoked(agent_id)
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return,

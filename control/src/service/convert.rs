@@ -3,21 +3,13 @@
 use crate::storage::{AgentRecord, AgentState, EventRecord, Scope};
 use aex_core::chain::EventBody;
 use aex_core::config::{ModelsConfig, ProviderKind};
+pub use aex_proto::convert::scope_from_pb;
 use aex_proto::v1 as pb;
 
 pub fn scope_to_pb(s: Scope) -> pb::Scope {
     match s {
         Scope::Execution => pb::Scope::Execution,
         Scope::ReadOnly => pb::Scope::ReadOnly,
-    }
-}
-
-/// `None` for "unspecified" (keep / use the default).
-pub fn scope_from_pb(s: pb::Scope) -> Option<Scope> {
-    match s {
-        pb::Scope::Unspecified => None,
-        pb::Scope::Execution => Some(Scope::Execution),
-        pb::Scope::ReadOnly => Some(Scope::ReadOnly),
     }
 }
 

@@ -6,3 +6,4 @@ pub mod convert;
 pub mod ledger;
 pub mod models;
 pub mod processes;
+mod report;

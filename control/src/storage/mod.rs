@@ -289,9 +289,24 @@ pub trait SharedRates: Send + Sync + 'static {
         key: &str,
         per_minute: u32,
         now_ms: i64,
+    ) -> Result<crate::admission::limiter::Check, StoreError> {
+        self.take_n(key, per_minute, 1, now_ms).await
+    }
+    /// Admits `n` requests at once (a grant's credits), or none.
+    async fn take_n(
+        &self,
+        key: &str,
+        per_minute: u32,
+        n: u32,
+        now_ms: i64,
     ) -> Result<crate::admission::limiter::Check, StoreError>;
+    /// How many requests `key`'s limit would admit now, at once.
+    async fn headroom(&self, key: &str, per_minute: u32, now_ms: i64) -> Result<u32, StoreError>;
     /// Gives back a request taken and not used.
-    async fn give_back(&self, key: &str, per_minute: u32) -> Result<(), StoreError>;
+    async fn give_back(&self, key: &str, per_minute: u32) -> Result<(), StoreError> {
+        self.give_back_n(key, per_minute, 1).await
+    }
+    async fn give_back_n(&self, key: &str, per_minute: u32, n: u32) -> Result<(), StoreError>;
     /// Debits `tokens` from `key`'s bucket of `per_minute` if they fit, as
     /// [`crate::admission::limiter::TokenBucket::take`]; `Err(wait_ms)` when
     /// refused (nothing debited).

@@ -2,10 +2,11 @@
 //! last said; read by every request without a round trip.
 
 use crate::simulated::Settings;
+use aex_core::config::ModelsConfig;
 use aex_proto::v1 as pb;
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Where a provider lives and how to authenticate to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +50,22 @@ pub fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
 #[derive(Default)]
 struct CacheState {
     agents: HashMap<String, pb::AgentPolicy>,
+    /// Token hash → agent id, for admitting from a grant.
+    by_token: HashMap<String, String>,
     models: Vec<pb::Model>,
+    /// The same models as the control plane's admission plan reads them.
+    plan_models: Arc<ModelsConfig>,
     routes: HashMap<String, Route>,
+}
+
+impl CacheState {
+    fn index_tokens(&mut self) {
+        self.by_token = self
+            .agents
+            .values()
+            .map(|a| (a.token_sha256.clone(), a.agent_id.clone()))
+            .collect();
+    }
 }
 
 /// Agent policies and model routes, as the control plane last said.
@@ -117,6 +132,20 @@ impl Cache {
             .collect()
     }
 
+    /// The policy of the agent whose token hashes to `token_sha256`.
+    pub(super) fn policy_by_token(&self, token_sha256: &str) -> Option<pb::AgentPolicy> {
+        let s = self.state.read().expect("cache lock");
+        s.by_token
+            .get(token_sha256)
+            .and_then(|id| s.agents.get(id))
+            .cloned()
+    }
+
+    /// The models, in the shape the admission plan reads.
+    pub(super) fn plan_models(&self) -> Arc<ModelsConfig> {
+        self.state.read().expect("cache lock").plan_models.clone()
+    }
+
     pub(super) fn apply(&self, event: pb::watch_event::Change) {
         use pb::watch_event::Change;
         let mut s = self.state.write().expect("cache lock");
@@ -127,13 +156,27 @@ impl Cache {
                     .into_iter()
                     .map(|a| (a.agent_id.clone(), a))
                     .collect();
+                s.index_tokens();
             }
             Change::AgentUpserted(a) => {
+                // A rotated token no longer signs in.
+                if let Some(old) = s.agents.get(&a.agent_id)
+                    && old.token_sha256 != a.token_sha256
+                {
+                    let rotated = old.token_sha256.clone();
+                    s.by_token.remove(&rotated);
+                }
+                s.by_token
+                    .insert(a.token_sha256.clone(), a.agent_id.clone());
                 s.agents.insert(a.agent_id.clone(), a);
             }
             Change::AgentRemoved(id) => {
-                s.agents.remove(&id);
+                if let Some(old) = s.agents.remove(&id) {
+                    s.by_token.remove(&old.token_sha256);
+                }
             }
+            // For the grants (`grants.rs`); nothing cached changes.
+            Change::GrantsRevoked(_) => {}
             Change::Models(config) => {
                 let env_file = self
                     .env_file
@@ -174,6 +217,17 @@ impl Cache {
                         Some((p.name.clone(), route))
                     })
                     .collect();
+                s.plan_models = Arc::new(ModelsConfig {
+                    providers: Default::default(),
+                    models: config
+                        .models
+                        .iter()
+                        .map(|m| (m.name.clone(), aex_proto::convert::model_from_pb(m)))
+                        .collect(),
+                    default_model: config.default_model.clone(),
+                    source: config.source_path.clone().into(),
+                    digest: config.digest.clone(),
+                });
                 s.models = config.models;
             }
         }

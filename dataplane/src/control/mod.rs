@@ -7,16 +7,22 @@
 mod admit;
 mod backoff;
 mod cache;
+pub mod grants;
 mod inflight;
+mod local;
+mod report;
 mod settle;
 mod watch;
 
 pub use cache::{Cache, Route, parse_base_url};
 pub use inflight::{Inflight, InflightGuard};
 
+use crate::metrics::Metrics;
 use admit::PendingAdmit;
 use aex_proto::v1::{self as pb, admission_service_client::AdmissionServiceClient};
 use backoff::{Backoff, retryable};
+use grants::{LocalGrants, Report};
+use report::Queued;
 use settle::PendingSettle;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,11 +35,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
+pub struct Bearer {
+    value: MetadataValue<Ascii>,
+    rpcs: prometheus::IntCounter,
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
+        self.rpcs.inc();
+        r.metadata_mut().insert("authorization", self.value.clone());
         // Carry the caller's trace to the control plane (W3C traceparent).
         for (key, value) in aex_telemetry::current_context_headers() {
             if let (Ok(k), Ok(v)) = (
@@ -58,6 +68,29 @@ pub struct ControlPlane {
     admissions: mpsc::UnboundedSender<PendingAdmit>,
     /// Admissions asked and not yet answered, by any path.
     admitting: Arc<AtomicUsize>,
+    grants: Arc<Mutex<LocalGrants>>,
+    reports: mpsc::UnboundedSender<Queued>,
+    settings: Settings,
+}
+
+/// How this data plane takes part in grants.
+#[derive(Clone)]
+pub struct Settings {
+    /// Named in the control plane's grant events (`--id`).
+    pub id: String,
+    /// Whether busy agents' calls are admitted from grants (`--grants`).
+    pub grants: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            id: aex_core::secrets::new_id("dp"),
+            grants: true,
+            metrics: Arc::default(),
+        }
+    }
 }
 
 impl ControlPlane {
@@ -72,6 +105,7 @@ impl ControlPlane {
         tls: &aex_proto::tls::ClientTls,
         token: &str,
         cache: Arc<Cache>,
+        settings: Settings,
     ) -> Result<Arc<Self>, String> {
         let endpoints = urls
             .split(',')
@@ -92,9 +126,12 @@ impl ControlPlane {
             [one] => one.connect_lazy(),
             _ => Channel::balance_list(endpoints.into_iter()),
         };
-        let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| {
-            "the data-plane credential holds characters that cannot be sent".to_string()
-        })?);
+        let bearer = Bearer {
+            value: format!("Bearer {token}").parse().map_err(|_| {
+                "the data-plane credential holds characters that cannot be sent".to_string()
+            })?,
+            rpcs: settings.metrics.control_rpcs.clone(),
+        };
         let client = AdmissionServiceClient::with_interceptor(channel, bearer);
         let open = Arc::new(Mutex::default());
         let (settlements, queue) = mpsc::unbounded_channel();
@@ -105,6 +142,16 @@ impl ControlPlane {
         ));
         let (admissions, queue) = mpsc::unbounded_channel();
         tokio::spawn(admit::send_admissions(client.clone(), queue));
+        let grants = Arc::new(Mutex::new(LocalGrants::default()));
+        let (reports, queue) = mpsc::unbounded_channel();
+        let reporter = report::Reporter {
+            client: client.clone(),
+            data_plane: settings.id.clone(),
+            grants: grants.clone(),
+            open: open.clone(),
+            metrics: settings.metrics.clone(),
+        };
+        tokio::spawn(reporter.run(queue));
         Ok(Arc::new(Self {
             client,
             cache,
@@ -113,6 +160,9 @@ impl ControlPlane {
             settlements,
             admissions,
             admitting: Arc::default(),
+            grants,
+            reports,
+            settings,
         }))
     }
 
@@ -126,6 +176,9 @@ impl ControlPlane {
         request: pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {
         const ADMIT_PATIENCE: Duration = Duration::from_secs(5);
+        if let Some(admitted) = self.admit_from_grant(&request) {
+            return Ok(admitted);
+        }
         let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
         let response = loop {
@@ -156,6 +209,12 @@ impl ControlPlane {
                 .lock()
                 .expect("open lock")
                 .insert(a.reservation_id.clone());
+            self.settings
+                .metrics
+                .admissions
+                .with_label_values(&["central"])
+                .inc();
+            self.note_call(&a.agent_id, a.reserved_micro);
         }
         Ok(response)
     }
@@ -196,6 +255,18 @@ impl ControlPlane {
     /// retrying until the control plane answers (settlement is idempotent
     /// by reservation id).
     pub fn settle(&self, request: pb::SettleRequest) {
+        if self
+            .grants
+            .lock()
+            .expect("grants lock")
+            .take_local(&request.reservation_id)
+        {
+            // After its admit, on the same ordered channel.
+            self.report(Report::Item(pb::ReportItem {
+                item: Some(pb::report_item::Item::Settled(request)),
+            }));
+            return;
+        }
         let span = tracing::info_span!(
             "aex.settle",
             otel.kind = "client",
@@ -277,6 +348,12 @@ mod tests {
             ) -> Result<Response<pb::HeartbeatResponse>, Status> {
                 Err(Status::unimplemented("not here"))
             }
+            async fn report(
+                &self,
+                _: Request<pb::ReportRequest>,
+            ) -> Result<Response<pb::ReportResponse>, Status> {
+                Err(Status::unimplemented("too old"))
+            }
             type WatchStream =
                 tokio_stream::wrappers::ReceiverStream<Result<pb::WatchEvent, Status>>;
             async fn watch(
@@ -295,9 +372,14 @@ mod tests {
                 .add_service(AdmissionServiceServer::from_arc(older.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let control =
-            ControlPlane::connect(&url, &Default::default(), "t", Arc::new(Cache::new(None)))
-                .unwrap();
+        let control = ControlPlane::connect(
+            &url,
+            &Default::default(),
+            "t",
+            Arc::new(Cache::new(None)),
+            Settings::default(),
+        )
+        .unwrap();
         let mut calls = tokio::task::JoinSet::new();
         for n in 0..20 {
             let control = control.clone();

@@ -19,6 +19,7 @@ impl ControlPlane {
                     while let Ok(Some(event)) = stream.message().await {
                         if let Some(change) = event.change {
                             let snapshot = matches!(change, pb::watch_event::Change::Snapshot(_));
+                            self.grants_see(&change);
                             self.cache.apply(change);
                             if snapshot {
                                 backoff.reset();

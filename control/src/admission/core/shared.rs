@@ -11,7 +11,7 @@ use crate::admission::policy::Denial;
 use crate::storage::{SharedRates, StoreError};
 
 /// The shared limiter of an agent's requests per minute.
-fn rpm_key(agent_id: &str) -> String {
+pub(super) fn rpm_key(agent_id: &str) -> String {
     format!("rpm:{agent_id}")
 }
 

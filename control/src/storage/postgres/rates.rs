@@ -35,21 +35,28 @@ pub(super) struct PgRates {
 
 #[async_trait]
 impl SharedRates for PgRates {
-    async fn take(&self, key: &str, per_minute: u32, now_ms: i64) -> Result<Check, StoreError> {
+    async fn take_n(
+        &self,
+        key: &str,
+        per_minute: u32,
+        n: u32,
+        now_ms: i64,
+    ) -> Result<Check, StoreError> {
         let now_us = now_ms.saturating_mul(1000);
-        let interval = Gcra::interval_us(per_minute);
+        let step = Gcra::interval_us(per_minute).saturating_mul(i64::from(n));
         let burst = Gcra::burst_us(per_minute);
-        // Gcra::take in SQL: tat' = max(tat, now) + interval, allowed when
-        // tat' - burst <= now. A first request always passes.
+        // Gcra::take_n in SQL: tat' = max(tat, now) + n × interval, allowed
+        // when tat' - burst <= now. A first take passes when it fits a burst.
         let taken: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO rate_limits AS r (key, tat_us) VALUES ($1, $2 + $3) \
+            "INSERT INTO rate_limits AS r (key, tat_us) \
+             SELECT $1, $2 + $3 WHERE $3 <= $4 \
              ON CONFLICT (key) DO UPDATE SET tat_us = GREATEST(r.tat_us, $2) + $3 \
              WHERE GREATEST(r.tat_us, $2) + $3 - $4 <= $2 \
              RETURNING tat_us",
         )
         .bind(key)
         .bind(now_us)
-        .bind(interval)
+        .bind(step)
         .bind(burst)
         .fetch_optional(&self.pool)
         .await?;
@@ -57,24 +64,32 @@ impl SharedRates for PgRates {
             return Ok(Ok(()));
         }
         // Refused: the wait, from the arrival time as it is now.
-        let tat: i64 = sqlx::query_scalar("SELECT tat_us FROM rate_limits WHERE key = $1")
+        let tat: Option<i64> = sqlx::query_scalar("SELECT tat_us FROM rate_limits WHERE key = $1")
             .bind(key)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        let wait = match Gcra::from_tat(tat).take(per_minute, now_ms) {
+        let wait = match Gcra::from_tat(tat.unwrap_or(i64::MIN)).take_n(per_minute, n, now_ms) {
             Err(wait) => wait,
-            // It would pass now (another replica gave one back in between):
-            // refused with the shortest wait rather than admitted on a read
-            // that is no longer the limiter's state.
+            // It would pass now (another replica gave some back in
+            // between): refused with the shortest wait rather than admitted
+            // on a read that is no longer the limiter's state.
             Ok(()) => 1,
         };
         Ok(Err(wait.max(1)))
     }
 
-    async fn give_back(&self, key: &str, per_minute: u32) -> Result<(), StoreError> {
+    async fn headroom(&self, key: &str, per_minute: u32, now_ms: i64) -> Result<u32, StoreError> {
+        let tat: Option<i64> = sqlx::query_scalar("SELECT tat_us FROM rate_limits WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(Gcra::from_tat(tat.unwrap_or(i64::MIN)).headroom(per_minute, now_ms))
+    }
+
+    async fn give_back_n(&self, key: &str, per_minute: u32, n: u32) -> Result<(), StoreError> {
         sqlx::query("UPDATE rate_limits SET tat_us = tat_us - $2 WHERE key = $1")
             .bind(key)
-            .bind(Gcra::interval_us(per_minute))
+            .bind(Gcra::interval_us(per_minute).saturating_mul(i64::from(n)))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -1,0 +1,448 @@
+//! Grants on the control plane (SPEC §4.3, docs/GRANTS.md): issuing them
+//! to data planes, recording the calls admitted from them, taking them back
+//! when a central decision needs what they hold, and expiring those whose
+//! data plane stopped reporting. Every amount is moved by the store, in the
+//! same step as its event; this file decides when.
+
+use super::{AdmissionCore, OpenReservation};
+use crate::error::{Error, Result};
+use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
+use aex_core::grant::{
+    GrantAsk, GrantEnd, GrantOutcome, GrantRecord, NewGrant, NoGrant, request_share,
+};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// How long a grant lasts: long enough that a busy agent renews it a few
+/// times a second at most, short enough that a data plane killed with a
+/// grant locks its part of the budget away for seconds, not minutes.
+pub const GRANT_LIFETIME_MS: i64 = 5_000;
+
+/// After a recall, asks for the agent's grants are refused this long: the
+/// agent is near an edge, and its calls are decided centrally meanwhile.
+const NO_GRANT_AFTER_RECALL_MS: i64 = 2_000;
+
+/// How long a central decision waits for recalled grants to come back.
+const RECALL_PATIENCE: Duration = Duration::from_secs(1);
+
+/// What this control plane remembers about grants, beyond the store.
+#[derive(Default)]
+pub(super) struct GrantBook {
+    /// The latest deadline of a grant this control plane issued, by agent:
+    /// until then a central refusal must ask the store whether the agent's
+    /// budget is held by grants.
+    issued_until: HashMap<String, i64>,
+    /// When the agent's grants were last recalled.
+    recalled_at: HashMap<String, i64>,
+    /// Recalls since start, for the metrics.
+    recalls: u64,
+}
+
+/// A data plane's ask for a grant.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub grant_id: String,
+    pub agent_id: String,
+    pub worst_call_micro: i64,
+    pub spend_per_s_micro: i64,
+    pub calls_per_s: u32,
+}
+
+/// Why a grant was not given, as the data plane is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The sizing rule's answer (an edge, or an ask that makes no sense).
+    Sizing(NoGrant),
+    /// The agent has a limit grants do not carry yet (TPM, concurrency):
+    /// every call is decided centrally.
+    Limits,
+    /// The agent cannot be admitted at all (paused, killed, unknown).
+    NotAdmissible,
+    /// Its grants were recalled a moment ago.
+    Recalled,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Sizing(NoGrant::BudgetEdge) => "budget_edge",
+            Refusal::Sizing(NoGrant::RpmEdge) => "rpm_edge",
+            Refusal::Sizing(NoGrant::SlotsEdge) => "slots_edge",
+            Refusal::Sizing(NoGrant::Invalid) => "invalid",
+            Refusal::Limits => "limits",
+            Refusal::NotAdmissible => "not_admissible",
+            Refusal::Recalled => "recalled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantAnswer {
+    Issued {
+        grant: GrantRecord,
+        /// The agent's budget left outside its grants and reservations.
+        remaining_micro: i64,
+    },
+    Refused(Refusal),
+}
+
+/// A call a data plane admitted from a grant.
+#[derive(Debug, Clone)]
+pub struct LocalAdmit {
+    pub grant_id: String,
+    pub record: ReservationRecord,
+    pub output_cap_injected: bool,
+    pub endpoint: String,
+    pub stream: bool,
+}
+
+/// What recording a locally admitted call came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAdmitOutcome {
+    Recorded,
+    /// By an earlier delivery of the same report.
+    AlreadyRecorded,
+    /// The grant could not hold it (ended: expired, its remainder already
+    /// charged). The call is not recorded apart: the grant's expiry charged
+    /// what its data plane might have spent.
+    NotCovered(String),
+}
+
+impl AdmissionCore {
+    /// Issues a grant for `data_plane`, or says why not. Idempotent by the
+    /// grant id the data plane chose: an ask resent after a lost answer
+    /// gets the grant the first one issued.
+    pub async fn request_grant(&self, data_plane: &str, ask: GrantRequest) -> Result<GrantAnswer> {
+        let now = now_ms();
+        let agent = self
+            .lock()
+            .agents
+            .get(&ask.agent_id)
+            .map(|a| a.record.clone());
+        let Some(agent) = agent else {
+            return Ok(GrantAnswer::Refused(Refusal::NotAdmissible));
+        };
+        let open = self.store.open_grants(Some(&agent.id)).await?;
+        if let Some(existing) = open.iter().find(|g| g.id == ask.grant_id) {
+            let remaining_micro = self.remaining(&agent.id).await?;
+            return Ok(GrantAnswer::Issued {
+                grant: existing.clone(),
+                remaining_micro,
+            });
+        }
+        let refusal = if aex_core::policy::admissible(&(&agent).into(), now).is_err() {
+            Some(Refusal::NotAdmissible)
+        } else if agent.tpm > 0 || agent.max_concurrent > 0 {
+            Some(Refusal::Limits)
+        } else if self
+            .grant_book()
+            .recalled_at
+            .get(&agent.id)
+            .is_some_and(|at| now - at < NO_GRANT_AFTER_RECALL_MS)
+        {
+            Some(Refusal::Recalled)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return Ok(GrantAnswer::Refused(refusal));
+        }
+        let other_planes: HashSet<&str> = open
+            .iter()
+            .filter(|g| g.data_plane != data_plane)
+            .map(|g| g.data_plane.as_str())
+            .collect();
+        let planes = other_planes.len() as u32 + 1;
+        let requests = match self
+            .take_credits(&agent.id, agent.rpm, planes, ask.calls_per_s, now)
+            .await?
+        {
+            Ok(requests) => requests,
+            Err(no) => return Ok(GrantAnswer::Refused(Refusal::Sizing(no))),
+        };
+        let deadline_ms = now + GRANT_LIFETIME_MS;
+        let outcome = self
+            .store
+            .issue_grant(NewGrant {
+                id: ask.grant_id.clone(),
+                agent_id: agent.id.clone(),
+                agent_name: agent.name.clone(),
+                data_plane: data_plane.to_string(),
+                created_at_ms: now,
+                deadline_ms,
+                requests,
+                ask: GrantAsk {
+                    // The store's, read in the issuing step.
+                    free_micro: 0,
+                    data_planes: 1,
+                    worst_call_micro: ask.worst_call_micro,
+                    spend_per_s_micro: ask.spend_per_s_micro,
+                    lifetime_ms: GRANT_LIFETIME_MS,
+                    rpm_headroom: None,
+                    calls_per_s: ask.calls_per_s,
+                    free_slots: None,
+                },
+                replaces: None,
+            })
+            .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                self.give_back_credits(&agent.id, agent.rpm, requests).await;
+                return Err(e.into());
+            }
+        };
+        match outcome {
+            GrantOutcome::Issued(grant) => {
+                {
+                    let mut book = self.grant_book();
+                    let until = book.issued_until.entry(agent.id.clone()).or_default();
+                    *until = (*until).max(grant.deadline_ms);
+                }
+                let remaining_micro = self.remaining(&agent.id).await?;
+                Ok(GrantAnswer::Issued {
+                    grant,
+                    remaining_micro,
+                })
+            }
+            GrantOutcome::Refused(no) => {
+                self.give_back_credits(&agent.id, agent.rpm, requests).await;
+                Ok(GrantAnswer::Refused(Refusal::Sizing(no)))
+            }
+        }
+    }
+
+    async fn remaining(&self, agent_id: &str) -> Result<i64> {
+        Ok(self
+            .store
+            .agent_by_id(agent_id)
+            .await?
+            .map_or(0, |a| a.remaining_micro()))
+    }
+
+    /// Takes the request credits of a grant from the agent's RPM limiter
+    /// (`Ok(None)`: it has no RPM limit), or says why there are none.
+    async fn take_credits(
+        &self,
+        agent_id: &str,
+        rpm: u32,
+        planes: u32,
+        calls_per_s: u32,
+        now: i64,
+    ) -> Result<Result<Option<u32>, NoGrant>> {
+        if rpm == 0 {
+            return Ok(Ok(None));
+        }
+        if let Some(rates) = &self.shared_rates {
+            let key = super::shared::rpm_key(agent_id);
+            let headroom = rates.headroom(&key, rpm, now).await?;
+            let n = match request_share(headroom, planes, calls_per_s, GRANT_LIFETIME_MS) {
+                Ok(n) => n,
+                Err(no) => return Ok(Err(no)),
+            };
+            // Another replica may have taken some since the read.
+            return Ok(match rates.take_n(&key, rpm, n, now).await? {
+                Ok(()) => Ok(Some(n)),
+                Err(_) => Err(NoGrant::RpmEdge),
+            });
+        }
+        let mut live = self.lock();
+        let Some(a) = live.agents.get_mut(agent_id) else {
+            return Ok(Err(NoGrant::Invalid));
+        };
+        let headroom = a.rpm.headroom(rpm, now);
+        Ok(
+            match request_share(headroom, planes, calls_per_s, GRANT_LIFETIME_MS) {
+                Ok(n) => match a.rpm.take_n(rpm, n, now) {
+                    Ok(()) => Ok(Some(n)),
+                    Err(_) => Err(NoGrant::RpmEdge),
+                },
+                Err(no) => Err(no),
+            },
+        )
+    }
+
+    /// Returns request credits a grant did not use to the RPM limiter.
+    async fn give_back_credits(&self, agent_id: &str, rpm: u32, credits: Option<u32>) {
+        let Some(n) = credits.filter(|n| *n > 0 && rpm > 0) else {
+            return;
+        };
+        if let Some(rates) = &self.shared_rates {
+            let key = super::shared::rpm_key(agent_id);
+            if let Err(e) = rates.give_back_n(&key, rpm, n).await {
+                tracing::warn!(error = %e, agent = %agent_id, "could not give back a grant's request credits");
+            }
+            return;
+        }
+        if let Some(a) = self.lock().agents.get_mut(agent_id) {
+            a.rpm.give_back_n(rpm, n);
+        }
+    }
+
+    /// Gives a grant back: what it did not use returns to the budget, and
+    /// its unused request credits to the RPM limiter. Nothing happens to a
+    /// grant already ended.
+    pub async fn return_grant(&self, grant_id: &str, agent_id: &str) -> Result<()> {
+        let ended = self
+            .store
+            .end_grant(grant_id, agent_id, GrantEnd::Returned)
+            .await?;
+        if let Some(g) = ended {
+            let rpm = self.lock().agents.get(agent_id).map_or(0, |a| a.record.rpm);
+            let unused = g.requests.map(|r| r.saturating_sub(g.requests_used));
+            self.give_back_credits(agent_id, rpm, unused).await;
+        }
+        Ok(())
+    }
+
+    /// Records a call its data plane admitted from a grant: the same
+    /// reservation and `admit` event a central admission makes, its amount
+    /// carved from the grant.
+    pub async fn admit_from_grant(&self, a: LocalAdmit) -> Result<LocalAdmitOutcome> {
+        let r = &a.record;
+        if r.id.is_empty() || r.request_id.is_empty() || a.grant_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a local admission needs its reservation id, request id and grant id".into(),
+            ));
+        }
+        if r.amount_micro < 0
+            || r.pricing.input_pico_per_token < 0
+            || r.pricing.output_pico_per_token < 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "local admission {}: amounts and prices cannot be negative",
+                r.id
+            )));
+        }
+        let agent_name = self.agent_name(&r.agent_id);
+        let outcome = self
+            .store
+            .reserve(NewReservation {
+                record: a.record.clone(),
+                agent_name: agent_name.clone(),
+                details: json!({
+                    "endpoint": a.endpoint, "stream": a.stream,
+                    "output_cap_injected": a.output_cap_injected,
+                }),
+                max_open: 0,
+                grant_id: Some(a.grant_id.clone()),
+                log_budget_denial: false,
+            })
+            .await?;
+        match outcome {
+            ReserveOutcome::Reserved { .. } => {
+                let mut live = self.lock();
+                if let Some(agent) = live.agents.get_mut(&r.agent_id) {
+                    agent.open += 1;
+                }
+                live.by_request.insert(r.request_id.clone(), r.id.clone());
+                live.open.insert(
+                    r.id.clone(),
+                    OpenReservation {
+                        record: a.record,
+                        agent_name,
+                        output_cap_injected: a.output_cap_injected,
+                        debited_tokens: 0,
+                        model_tpm_limit: 0,
+                    },
+                );
+                Ok(LocalAdmitOutcome::Recorded)
+            }
+            ReserveOutcome::AlreadyAdmitted(_) | ReserveOutcome::AlreadyClosed(_) => {
+                Ok(LocalAdmitOutcome::AlreadyRecorded)
+            }
+            ReserveOutcome::GrantNotCovered(why) => Ok(LocalAdmitOutcome::NotCovered(why)),
+            other => Err(Error::Internal(format!(
+                "a grant's reservation was answered as a central one: {other:?}"
+            ))),
+        }
+    }
+
+    /// Whether a central refusal for `agent_id`'s budget may be caused by
+    /// budget its grants hold, so that it must recall them first.
+    pub(super) fn may_hold_grants(&self, agent_id: &str, now: i64) -> bool {
+        // Another control plane on a shared store may have issued some.
+        self.shared_rates.is_some()
+            || self
+                .grant_book()
+                .issued_until
+                .get(agent_id)
+                .is_some_and(|until| *until >= now)
+    }
+
+    /// Takes back an agent's grants for a central decision near its edge:
+    /// tells every data plane to stop admitting from them and give them
+    /// back, and waits (at most [`RECALL_PATIENCE`]) until they have.
+    /// Returns whether there were any, i.e. whether deciding again may
+    /// find more free budget.
+    pub(super) async fn recall_grants(&self, agent_id: &str) -> Result<bool> {
+        let open = self.store.open_grants(Some(agent_id)).await?;
+        if open.is_empty() {
+            return Ok(false);
+        }
+        {
+            let mut book = self.grant_book();
+            book.recalled_at.insert(agent_id.to_string(), now_ms());
+            book.recalls += 1;
+        }
+        let _ = self
+            .changes
+            .send(super::Change::GrantsRevoked(agent_id.to_string()));
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < RECALL_PATIENCE {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.store.open_grants(Some(agent_id)).await?.is_empty() {
+                break;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ends the grants past their deadline: their data plane stopped
+    /// reporting (killed, cut off). What they did not report is charged by
+    /// the expiry policy, as one event each. Returns how many ended.
+    pub async fn expire_grants(&self, now: i64, policy: super::ExpiryPolicy) -> Result<usize> {
+        let due: Vec<GrantRecord> = self
+            .store
+            .open_grants(None)
+            .await?
+            .into_iter()
+            .filter(|g| g.deadline_ms <= now)
+            .collect();
+        let mut ended = 0;
+        for g in due {
+            let end = GrantEnd::Expired {
+                charge: policy == super::ExpiryPolicy::Charge,
+            };
+            match self.store.end_grant(&g.id, &g.agent_id, end).await {
+                Ok(Some(_)) => ended += 1,
+                Ok(None) => {}
+                Err(e) => tracing::error!(grant = %g.id, error = %e, "could not expire a grant"),
+            }
+        }
+        let mut book = self.grant_book();
+        book.issued_until.retain(|_, until| *until >= now);
+        book.recalled_at
+            .retain(|_, at| now - *at < NO_GRANT_AFTER_RECALL_MS);
+        Ok(ended)
+    }
+
+    /// The open grants of an agent (or of all), for `agent inspect`.
+    pub async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>> {
+        Ok(self.store.open_grants(agent_id).await?)
+    }
+
+    /// How many times grants were recalled since start.
+    pub fn grant_recalls(&self) -> u64 {
+        self.grant_book().recalls
+    }
+
+    pub fn reservation_ttl_ms(&self) -> i64 {
+        self.reservation_ttl_ms
+    }
+
+    fn grant_book(&self) -> std::sync::MutexGuard<'_, GrantBook> {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

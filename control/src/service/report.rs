@@ -1,0 +1,198 @@
+//! `Report`: what a data plane did with its grants, and the grants it asks
+//! for (docs/GRANTS.md). Admits are recorded before settlements, so a call
+//! admitted and finished between two reports is settled after its admit;
+//! each phase runs its items at once, so the ledger writer commits them
+//! together.
+
+use super::admission::{check_batch_size, each_at_once, item_error, settle_one};
+use crate::admission::core::{
+    GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, endpoint_from_pb,
+};
+use crate::state::ControlState;
+use crate::storage::ReservationRecord;
+use aex_core::money::Pricing;
+use aex_proto::v1 as pb;
+use std::sync::Arc;
+use tonic::Status;
+
+pub(super) async fn report(
+    state: &Arc<ControlState>,
+    r: pb::ReportRequest,
+) -> Result<pb::ReportResponse, Status> {
+    check_batch_size(r.items.len(), "Report")?;
+    if r.data_plane.is_empty() {
+        return Err(Status::invalid_argument(
+            "data_plane is required: the data plane's id, named in grant events",
+        ));
+    }
+    let metrics = &state.metrics;
+    metrics.report_items.observe(r.items.len() as f64);
+
+    let mut admits = Vec::new();
+    let mut settles = Vec::new();
+    for (i, item) in r.items.into_iter().enumerate() {
+        match item.item {
+            Some(pb::report_item::Item::Admitted(a)) => admits.push((i, a)),
+            Some(pb::report_item::Item::Settled(s)) => settles.push((i, s)),
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "report item {i} is empty"
+                )));
+            }
+        }
+    }
+    let mut results: Vec<Option<pb::report_item_result::Result>> =
+        (0..admits.len() + settles.len()).map(|_| None).collect();
+
+    let (admit_at, admits): (Vec<usize>, Vec<pb::LocalAdmission>) = admits.into_iter().unzip();
+    let admit_ids: Vec<String> = admits.iter().map(|a| a.reservation_id.clone()).collect();
+    let recorded = each_at_once(state, admits, |state, a| async move {
+        record_admit(&state, a).await
+    })
+    .await?;
+    // A settlement of a call whose admit failed here is sent again with it:
+    // settled now, it would find no reservation and be lost.
+    let mut not_admitted = std::collections::HashSet::new();
+    for ((i, done), id) in admit_at.into_iter().zip(recorded).zip(admit_ids) {
+        results[i] = Some(match done {
+            Ok(()) => pb::report_item_result::Result::Admitted(true),
+            Err(status) => {
+                not_admitted.insert(id);
+                pb::report_item_result::Result::Error(item_error(&status))
+            }
+        });
+    }
+    let (waiting, settles): (Vec<_>, Vec<_>) = settles
+        .into_iter()
+        .partition(|(_, s)| not_admitted.contains(&s.reservation_id));
+    for (i, _) in waiting {
+        results[i] = Some(pb::report_item_result::Result::Error(item_error(
+            &Status::unavailable("its admit was not recorded; send both again"),
+        )));
+    }
+
+    let (settle_at, settles): (Vec<usize>, Vec<pb::SettleRequest>) = settles.into_iter().unzip();
+    let settled = each_at_once(state, settles, |state, s| async move {
+        settle_one(&state, s).await
+    })
+    .await?;
+    for (i, done) in settle_at.into_iter().zip(settled) {
+        results[i] = Some(match done {
+            Ok(s) => pb::report_item_result::Result::Settled(s),
+            Err(status) => pb::report_item_result::Result::Error(item_error(&status)),
+        });
+    }
+
+    for g in &r.close {
+        state
+            .admission
+            .return_grant(&g.grant_id, &g.agent_id)
+            .await
+            .map_err(Status::from)?;
+        metrics.grants.with_label_values(&["returned"]).inc();
+    }
+
+    let mut grants = Vec::new();
+    let mut refused = Vec::new();
+    for ask in r.asks {
+        // A data plane asks again while it holds a grant of the agent.
+        let renewal = ask.renewal;
+        let answer = state
+            .admission
+            .request_grant(
+                &r.data_plane,
+                GrantRequest {
+                    grant_id: ask.grant_id.clone(),
+                    agent_id: ask.agent_id.clone(),
+                    worst_call_micro: ask.worst_call_micro,
+                    spend_per_s_micro: ask.spend_per_s_micro,
+                    calls_per_s: ask.calls_per_s,
+                },
+            )
+            .await
+            .map_err(Status::from)?;
+        match answer {
+            GrantAnswer::Issued {
+                grant,
+                remaining_micro,
+            } => {
+                metrics
+                    .grants
+                    .with_label_values(&[if renewal { "renewed" } else { "issued" }])
+                    .inc();
+                grants.push(pb::Grant {
+                    grant_id: grant.id,
+                    agent_id: grant.agent_id,
+                    budget_micro: grant.budget_micro,
+                    requests: grant.requests.unwrap_or(0),
+                    deadline_ms: grant.deadline_ms,
+                    reservation_ttl_ms: state.admission.reservation_ttl_ms(),
+                    remaining_micro,
+                    created_at_ms: grant.created_at_ms,
+                });
+            }
+            GrantAnswer::Refused(why) => {
+                metrics
+                    .grants
+                    .with_label_values(&[&format!("refused_{}", why.as_str())])
+                    .inc();
+                refused.push(pb::GrantRefused {
+                    grant_id: ask.grant_id,
+                    agent_id: ask.agent_id,
+                    reason: why.as_str().to_string(),
+                });
+            }
+        }
+    }
+    Ok(pb::ReportResponse {
+        results: results
+            .into_iter()
+            .map(|result| pb::ReportItemResult { result })
+            .collect(),
+        grants,
+        refused,
+    })
+}
+
+async fn record_admit(state: &ControlState, a: pb::LocalAdmission) -> Result<(), Status> {
+    let endpoint = endpoint_from_pb(a.endpoint())
+        .ok_or_else(|| Status::invalid_argument("a local admission's endpoint is required"))?;
+    let outcome = state
+        .admission
+        .admit_from_grant(LocalAdmit {
+            grant_id: a.grant_id,
+            record: ReservationRecord {
+                id: a.reservation_id,
+                request_id: a.request_id,
+                agent_id: a.agent_id,
+                model: a.model,
+                amount_micro: a.reserved_micro,
+                pricing: Pricing {
+                    input_pico_per_token: a.input_pico_per_token,
+                    output_pico_per_token: a.output_pico_per_token,
+                },
+                input_tokens_bound: a.input_tokens_bound,
+                output_tokens_cap: a.output_tokens_cap,
+                created_at_ms: a.created_at_ms,
+                expires_at_ms: a.expires_at_ms,
+            },
+            output_cap_injected: a.output_cap_injected,
+            endpoint: format!("{endpoint:?}"),
+            stream: a.stream,
+        })
+        .await
+        .map_err(Status::from)?;
+    match outcome {
+        LocalAdmitOutcome::Recorded => {
+            state
+                .metrics
+                .admissions
+                .with_label_values(&["admitted_from_grant", ""])
+                .inc();
+            Ok(())
+        }
+        LocalAdmitOutcome::AlreadyRecorded => Ok(()),
+        // Not retryable: the grant ended (its expiry charged what it held).
+        LocalAdmitOutcome::NotCovered(why) => Err(Status::failed_precondition(why)),
+    }
+}

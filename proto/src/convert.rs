@@ -1,0 +1,81 @@
+//! Wire ⇄ domain conversions that both planes need: the control plane
+//! reading what a data plane sent, and a data plane running the same
+//! admission plan as the control plane (`aex_core::policy`) on what the
+//! watch stream told it.
+
+use crate::v1 as pb;
+use aex_core::agent::{AgentState, Caps, Scope};
+use aex_core::config::Model;
+use aex_core::money::Pricing;
+use aex_core::policy::{Caller, Endpoint};
+
+/// The policy's endpoint; `None` for "unspecified".
+pub fn endpoint_from_pb(e: pb::Endpoint) -> Option<Endpoint> {
+    Some(match e {
+        pb::Endpoint::ChatCompletions => Endpoint::ChatCompletions,
+        pb::Endpoint::Responses => Endpoint::Responses,
+        pb::Endpoint::Embeddings => Endpoint::Embeddings,
+        pb::Endpoint::Completions => Endpoint::Completions,
+        pb::Endpoint::Models => Endpoint::Models,
+        pb::Endpoint::Unspecified => return None,
+    })
+}
+
+/// `None` for "unspecified" (keep / use the default).
+pub fn scope_from_pb(s: pb::Scope) -> Option<Scope> {
+    match s {
+        pb::Scope::Unspecified => None,
+        pb::Scope::Execution => Some(Scope::Execution),
+        pb::Scope::ReadOnly => Some(Scope::ReadOnly),
+    }
+}
+
+pub fn state_from_pb(s: pb::AgentState) -> Option<AgentState> {
+    match s {
+        pb::AgentState::Unspecified => None,
+        pb::AgentState::Active => Some(AgentState::Active),
+        pb::AgentState::Paused => Some(AgentState::Paused),
+        pb::AgentState::Deleted => Some(AgentState::Deleted),
+    }
+}
+
+pub fn caps_from_pb(c: Option<&pb::Capabilities>) -> Caps {
+    let c = c.cloned().unwrap_or_default();
+    Caps {
+        streaming: c.streaming,
+        tools: c.tools,
+        function_calling: c.function_calling,
+        vision: c.vision,
+    }
+}
+
+/// The caller a policy names, or `None` when its state or scope is one
+/// this build does not know (the data plane then leaves it to the control
+/// plane).
+pub fn caller_from_pb(p: &pb::AgentPolicy) -> Option<Caller<'_>> {
+    Some(Caller {
+        name: &p.name,
+        state: state_from_pb(p.state())?,
+        token_expires_at_ms: p.token_expires_at_ms,
+        scope: scope_from_pb(p.scope())?,
+        allowed_models: &p.allowed_models,
+        caps: caps_from_pb(p.capabilities.as_ref()),
+    })
+}
+
+pub fn model_from_pb(m: &pb::Model) -> Model {
+    Model {
+        name: m.name.clone(),
+        provider: m.provider.clone(),
+        provider_model: m.provider_model.clone(),
+        pricing: Pricing {
+            input_pico_per_token: m.input_pico_per_token,
+            output_pico_per_token: m.output_pico_per_token,
+        },
+        max_tokens: m.max_tokens,
+        max_tokens_per_minute: m.max_tokens_per_minute,
+        reasoning: m.reasoning,
+        tools: m.tools,
+        vision: m.vision,
+    }
+}
