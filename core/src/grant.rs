@@ -367,7 +367,8 @@ pub struct NewGrant {
     pub deadline_ms: i64,
     /// Request credits already taken from the agent's RPM limiter for it.
     pub requests: Option<u32>,
-    /// The ask, but for `free_micro` and `data_planes` (the store's).
+    /// The ask, but for `free_micro` (the store's); `data_planes` is at
+    /// least the store's count of data planes holding the agent's grants.
     pub ask: GrantAsk,
     /// A grant of the same data plane and agent to end (returned) first, in
     /// the same step: a renewal.
@@ -380,7 +381,9 @@ impl NewGrant {
     pub fn size(&self, free_micro: Micro, other_data_planes: u32) -> Result<GrantRecord, NoGrant> {
         let ask = GrantAsk {
             free_micro,
-            data_planes: other_data_planes + 1,
+            // The asker's count (the data planes serving the agent) when it
+            // knows more than the store's holders.
+            data_planes: (other_data_planes + 1).max(self.ask.data_planes),
             rpm_headroom: None,
             free_slots: None,
             ..self.ask.clone()

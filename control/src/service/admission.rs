@@ -101,10 +101,13 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
         .admit_seconds
         .observe(started.elapsed().as_secs_f64());
     match &decision {
-        Decision::Admitted(_) => metrics
-            .admissions
-            .with_label_values(&["admitted", ""])
-            .inc(),
+        Decision::Admitted(a) => {
+            admission.note_serving(&a.agent_id, &r.data_plane, now_ms());
+            metrics
+                .admissions
+                .with_label_values(&["admitted", ""])
+                .inc()
+        }
         Decision::Denied { denial, .. } => metrics
             .admissions
             .with_label_values(&["denied", denial.denied_by.as_str()])

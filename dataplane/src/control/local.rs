@@ -60,59 +60,62 @@ impl ControlPlane {
         if model.max_tokens_per_minute > 0 {
             return None;
         }
-        let mut reports = Vec::new();
-        let carved = self.grants.lock().expect("grants lock").carve(
-            &policy.agent_id,
-            plan.reserve_micro,
-            started,
-            &mut reports,
-        );
-        for report in reports {
-            self.report(report);
-        }
-        let carved = carved?;
+        let remaining;
         let reservation_id = aex_core::secrets::new_id("rsv");
+        let expires_at_ms = {
+            // The carve and its report are one step under the lock: a
+            // grant given back after it (a close queued by another thread)
+            // is queued after the call, so the control plane records the
+            // call before it ends the grant.
+            let mut grants = self.grants.lock().expect("grants lock");
+            let mut reports = Vec::new();
+            let carved = grants.carve(&policy.agent_id, plan.reserve_micro, started, &mut reports);
+            for report in reports {
+                self.report(report);
+            }
+            let carved = carved?;
+            let expires_at_ms = now + carved.reservation_ttl_ms;
+            grants.mark_local(&reservation_id);
+            self.report(Report::Item(pb::ReportItem {
+                item: Some(pb::report_item::Item::Admitted(pb::LocalAdmission {
+                    grant_id: carved.grant_id,
+                    reservation_id: reservation_id.clone(),
+                    request_id: r.request_id.clone(),
+                    agent_id: policy.agent_id.clone(),
+                    model: r.model.clone(),
+                    reserved_micro: plan.reserve_micro,
+                    input_tokens_bound: r.input_tokens_bound,
+                    output_tokens_cap: plan.output_tokens_cap,
+                    output_cap_injected: plan.output_cap_injected,
+                    input_pico_per_token: model.pricing.input_pico_per_token,
+                    output_pico_per_token: model.pricing.output_pico_per_token,
+                    created_at_ms: now,
+                    expires_at_ms,
+                    endpoint: r.endpoint,
+                    stream: r.stream,
+                })),
+            }));
+            remaining = carved.remaining_micro;
+            expires_at_ms
+        };
+        self.open
+            .lock()
+            .expect("open lock")
+            .insert(reservation_id.clone());
         let admission = pb::Admission {
-            reservation_id: reservation_id.clone(),
+            reservation_id,
             agent_id: policy.agent_id.clone(),
             agent_name: policy.name.clone(),
             reserved_micro: plan.reserve_micro,
             output_tokens_cap: plan.output_tokens_cap,
             output_cap_injected: plan.output_cap_injected,
-            remaining_micro: carved.remaining_micro,
-            expires_at_ms: now + carved.reservation_ttl_ms,
+            remaining_micro: remaining,
+            expires_at_ms,
             provider: model.provider.clone(),
             provider_model: model.provider_model.clone(),
             input_pico_per_token: model.pricing.input_pico_per_token,
             output_pico_per_token: model.pricing.output_pico_per_token,
         };
-        self.grants
-            .lock()
-            .expect("grants lock")
-            .mark_local(&reservation_id);
-        self.open
-            .lock()
-            .expect("open lock")
-            .insert(reservation_id.clone());
-        self.report(Report::Item(pb::ReportItem {
-            item: Some(pb::report_item::Item::Admitted(pb::LocalAdmission {
-                grant_id: carved.grant_id,
-                reservation_id,
-                request_id: r.request_id.clone(),
-                agent_id: policy.agent_id.clone(),
-                model: r.model.clone(),
-                reserved_micro: plan.reserve_micro,
-                input_tokens_bound: r.input_tokens_bound,
-                output_tokens_cap: plan.output_tokens_cap,
-                output_cap_injected: plan.output_cap_injected,
-                input_pico_per_token: model.pricing.input_pico_per_token,
-                output_pico_per_token: model.pricing.output_pico_per_token,
-                created_at_ms: now,
-                expires_at_ms: admission.expires_at_ms,
-                endpoint: r.endpoint,
-                stream: r.stream,
-            })),
-        }));
         self.settings
             .metrics
             .admissions
@@ -130,24 +133,24 @@ impl ControlPlane {
             return;
         }
         let mut reports = Vec::new();
-        {
-            let mut grants = self.grants.lock().expect("grants lock");
-            let now = Instant::now();
-            grants.tidy(now, &mut reports);
-            grants.note_call(
-                agent_id,
-                reserved_micro,
-                now,
-                || aex_core::secrets::new_id("grt"),
-                &mut reports,
-            );
-        }
+        let mut grants = self.grants.lock().expect("grants lock");
+        let now = Instant::now();
+        grants.tidy(now, &mut reports);
+        grants.note_call(
+            agent_id,
+            reserved_micro,
+            now,
+            || aex_core::secrets::new_id("grt"),
+            &mut reports,
+        );
         for report in reports {
             self.report(report);
         }
     }
 
-    /// Queues something the control plane must hear of, in order.
+    /// Queues something the control plane must hear of, in order. Called
+    /// with the grants lock held wherever the order matters (a call before
+    /// the return of its grant), so that the queue's order is the lock's.
     pub(super) fn report(&self, report: Report) {
         // An ask need not hold a shutdown; calls and returns must arrive.
         let inflight = (!matches!(report, Report::Ask(_))).then(|| self.inflight.enter());
@@ -199,10 +202,8 @@ impl ControlPlane {
     /// until the control plane has them.
     pub fn return_grants(&self) {
         let mut reports = Vec::new();
-        self.grants
-            .lock()
-            .expect("grants lock")
-            .drop_all(&mut reports);
+        let mut grants = self.grants.lock().expect("grants lock");
+        grants.drop_all(&mut reports);
         for report in reports {
             self.report(report);
         }

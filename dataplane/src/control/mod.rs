@@ -146,6 +146,7 @@ impl ControlPlane {
         let (reports, queue) = mpsc::unbounded_channel();
         let reporter = report::Reporter {
             client: client.clone(),
+            requeue: reports.downgrade(),
             data_plane: settings.id.clone(),
             grants: grants.clone(),
             open: open.clone(),
@@ -173,8 +174,9 @@ impl ControlPlane {
     /// that saw a failure is never charged.
     pub async fn admit(
         self: &Arc<Self>,
-        request: pb::AdmitRequest,
+        mut request: pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {
+        request.data_plane.clone_from(&self.settings.id);
         const ADMIT_PATIENCE: Duration = Duration::from_secs(5);
         if let Some(admitted) = self.admit_from_grant(&request) {
             return Ok(admitted);

@@ -31,6 +31,9 @@ pub(super) struct Queued {
 
 pub(super) struct Reporter {
     pub(super) client: Client,
+    /// Its own queue, for the grants its answers give back: through the
+    /// queue, so they follow every call queued before (see `local.rs`).
+    pub(super) requeue: mpsc::WeakUnboundedSender<Queued>,
     pub(super) data_plane: String,
     pub(super) grants: Arc<Mutex<LocalGrants>>,
     pub(super) open: Arc<Mutex<HashSet<String>>>,
@@ -51,7 +54,7 @@ impl Reporter {
                         Some(q) => pending.push(q),
                         None => return,
                     },
-                    _ = tokio::time::sleep(INTERVAL) => pending.extend(self.tidy()),
+                    _ = tokio::time::sleep(INTERVAL) => self.tidy(),
                 }
             }
             let due = last_sent + INTERVAL;
@@ -66,8 +69,9 @@ impl Reporter {
             }
             let batch: Vec<Queued> = pending.drain(..pending.len().min(MAX_ITEMS)).collect();
             last_sent = Instant::now();
-            let follow_up = self.deliver(batch).await;
-            pending.extend(follow_up);
+            let again = self.deliver(batch).await;
+            // Older than anything still queued: first in the next report.
+            pending.splice(0..0, again);
         }
     }
 
@@ -118,9 +122,9 @@ impl Reporter {
                 .report_lag
                 .observe(oldest.elapsed().as_secs_f64());
         }
-        let mut next = self.retry_failed(items, &response.results);
-        next.extend(self.apply_grants(&request, &response));
-        next
+        let again = self.retry_failed(items, &response.results);
+        self.apply_grants(&request, &response);
+        again
     }
 
     /// The items to send again (failures worth a retry); settled ones are
@@ -161,32 +165,44 @@ impl Reporter {
         again
     }
 
-    fn tidy(&self) -> Vec<Queued> {
+    fn tidy(&self) {
+        let mut grants = self.grants.lock().expect("grants lock");
         let mut reports = Vec::new();
-        self.grants
-            .lock()
-            .expect("grants lock")
-            .tidy(std::time::Instant::now(), &mut reports);
-        queued(reports)
+        grants.tidy(std::time::Instant::now(), &mut reports);
+        self.requeue(reports);
     }
 
-    /// Installs the grants issued and notes the refusals; returns the
-    /// grants that installing them gives back.
-    fn apply_grants(
-        &self,
-        request: &pb::ReportRequest,
-        response: &pb::ReportResponse,
-    ) -> Vec<Queued> {
+    /// Queues what the grants gave back; called with their lock held.
+    fn requeue(&self, reports: Vec<Report>) {
+        let Some(queue) = self.requeue.upgrade() else {
+            return;
+        };
+        let queued_at = Instant::now();
+        for report in reports {
+            // Nothing waits on these but a shutdown, which gives every
+            // grant back anyway.
+            let _ = queue.send(Queued {
+                report,
+                queued_at,
+                _inflight: None,
+            });
+        }
+    }
+
+    /// Installs the grants issued (queuing the returns of those they take
+    /// over from) and notes the refusals.
+    fn apply_grants(&self, request: &pb::ReportRequest, response: &pb::ReportResponse) {
         let now = std::time::Instant::now();
-        let mut reports = Vec::new();
         {
             let mut grants = self.grants.lock().expect("grants lock");
+            let mut reports = Vec::new();
             for g in &response.grants {
                 grants.install(g, now, &mut reports);
             }
             for r in &response.refused {
                 grants.refused(r, now);
             }
+            self.requeue(reports);
         }
         let grants = &self.metrics.grants;
         grants
@@ -198,20 +214,5 @@ impl Reporter {
         grants
             .with_label_values(&["returned"])
             .inc_by(request.close.len() as u64);
-        queued(reports)
     }
-}
-
-/// Reports the reporter queues itself: returns of grants. Nothing waits on
-/// them but the shutdown, which gives every grant back anyway.
-fn queued(reports: Vec<Report>) -> Vec<Queued> {
-    let queued_at = Instant::now();
-    reports
-        .into_iter()
-        .map(|report| Queued {
-            report,
-            queued_at,
-            _inflight: None,
-        })
-        .collect()
 }

@@ -329,6 +329,8 @@ impl Gateway {
             input_tokens_bound: inspected.input_tokens_bound,
             requested_output_tokens: inspected.requested_output_tokens,
             output_multiplier: inspected.output_multiplier,
+            // Set by the control-plane client.
+            data_plane: String::new(),
         };
         let admitted = self
             .control

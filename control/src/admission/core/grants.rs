@@ -37,6 +37,28 @@ pub(super) struct GrantBook {
     recalled_at: HashMap<String, i64>,
     /// Recalls since start, for the metrics.
     recalls: u64,
+    /// The data planes that admitted calls of each agent lately, and when
+    /// last: a grant is a fair share among them.
+    serving: HashMap<String, HashMap<String, i64>>,
+}
+
+/// How long a data plane counts as serving an agent after its last call.
+const SERVING_WINDOW_MS: i64 = 10_000;
+
+impl GrantBook {
+    fn note_serving(&mut self, agent_id: &str, data_plane: &str, now: i64) {
+        let planes = self.serving.entry(agent_id.to_string()).or_default();
+        planes.insert(data_plane.to_string(), now);
+    }
+
+    fn serving(&self, agent_id: &str, now: i64) -> u32 {
+        self.serving.get(agent_id).map_or(0, |planes| {
+            planes
+                .values()
+                .filter(|at| now - **at < SERVING_WINDOW_MS)
+                .count() as u32
+        })
+    }
 }
 
 /// A data plane's ask for a grant.
@@ -153,7 +175,13 @@ impl AdmissionCore {
             .filter(|g| g.data_plane != data_plane)
             .map(|g| g.data_plane.as_str())
             .collect();
-        let planes = other_planes.len() as u32 + 1;
+        // Every data plane that holds a grant of the agent or served it
+        // lately gets a fair share, whether or not it has asked yet.
+        let planes = {
+            let mut book = self.grant_book();
+            book.note_serving(&agent.id, data_plane, now);
+            (other_planes.len() as u32 + 1).max(book.serving(&agent.id, now))
+        };
         let requests = match self
             .take_credits(&agent.id, agent.rpm, planes, ask.calls_per_s, now)
             .await?
@@ -175,7 +203,7 @@ impl AdmissionCore {
                 ask: GrantAsk {
                     // The store's, read in the issuing step.
                     free_micro: 0,
-                    data_planes: 1,
+                    data_planes: planes,
                     worst_call_micro: ask.worst_call_micro,
                     spend_per_s_micro: ask.spend_per_s_micro,
                     lifetime_ms: GRANT_LIFETIME_MS,
@@ -359,6 +387,14 @@ impl AdmissionCore {
         }
     }
 
+    /// Notes that `data_plane` admitted a call of the agent centrally.
+    pub fn note_serving(&self, agent_id: &str, data_plane: &str, now: i64) {
+        if data_plane.is_empty() {
+            return;
+        }
+        self.grant_book().note_serving(agent_id, data_plane, now);
+    }
+
     /// Whether a central refusal for `agent_id`'s budget may be caused by
     /// budget its grants hold, so that it must recall them first.
     pub(super) fn may_hold_grants(&self, agent_id: &str, now: i64) -> bool {
@@ -423,6 +459,10 @@ impl AdmissionCore {
         }
         let mut book = self.grant_book();
         book.issued_until.retain(|_, until| *until >= now);
+        book.serving.retain(|_, planes| {
+            planes.retain(|_, at| now - *at < SERVING_WINDOW_MS);
+            !planes.is_empty()
+        });
         book.recalled_at
             .retain(|_, at| now - *at < NO_GRANT_AFTER_RECALL_MS);
         Ok(ended)
