@@ -223,9 +223,10 @@ async fn a_paused_agent_is_refused_at_once_and_its_grant_goes_back() {
     let call = CostlyCall::new();
     let token = stack.agent("pausable", &call.budget_for(10_000), "100000", &[]);
     run_calls(&stack, &token, &call, 60, 4).await;
+    // `agent inspect` shows the grants data planes hold.
     let held = || {
         let a = stack.inspect("pausable");
-        a["reserved_micro"].as_i64().unwrap()
+        a["open_grants"].as_array().unwrap().len()
     };
     // Keep it busy until a grant holds part of its budget.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -544,5 +545,61 @@ async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_and_the_others_ca
         completed >= count(&on_survivors, 200),
         "{completed} settlements"
     );
+    audit_passes(&stack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
+    let mut stack = Stack::start().await;
+    let call = CostlyCall::new();
+    let token = stack.agent("steadfast", &call.budget_for(100_000), "100000", &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut warm_up_ok = 0;
+    while dataplane_metric(
+        &stack,
+        "aex_dataplane_grants_total",
+        &[("event", "installed")],
+    )
+    .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "no grant was issued");
+        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
+    }
+    let url = stack.url("/v1/chat/completions");
+    let load = tokio::spawn({
+        let (token, call) = (token.clone(), CostlyCall::new());
+        async move { run_until_dead(url, &token, &call, 400).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // kill -9 and a new process on the same address and database, while
+    // the data plane keeps admitting from its grant and reporting.
+    stack.control.restart();
+    let statuses = load.await.unwrap();
+    let ok = count(&statuses, 200);
+    println!("{ok} of {} succeeded across the restart", statuses.len());
+    let agent = stack.settled("steadfast", Duration::from_secs(10)).await;
+    let ev = events(&stack, "steadfast").await;
+    let admits = ev.iter().filter(|e| e.kind == "admit").count();
+    assert_eq!(admits, warm_up_ok + ok, "every success recorded once");
+    let completed = ev
+        .iter()
+        .filter(|e| e.kind == "settle" && e.reason == "completed")
+        .count();
+    assert_eq!(
+        completed,
+        ev.iter().filter(|e| e.kind == "admit").count(),
+        "every admitted call settled once"
+    );
+    assert!(
+        !ev.iter().any(|e| e.kind == "grant.expired"),
+        "a grant was lost: its data plane could not give it back"
+    );
+    let settled: i64 = ev
+        .iter()
+        .filter(|e| e.kind == "settle")
+        .map(|e| e.amount_micro)
+        .sum();
+    assert_eq!(agent["spent_micro"].as_i64().unwrap(), settled);
     audit_passes(&stack);
 }

@@ -36,6 +36,7 @@ fn agent(name: &str) -> pb::Agent {
         last_activity_at_ms: Some(T + 61_000),
         deleted_at_ms: None,
         overrun_micro: 0,
+        open_grants: vec![],
     }
 }
 
@@ -71,6 +72,35 @@ fn agent_list_empty() {
 #[test]
 fn agent_inspect() {
     insta::assert_snapshot!(rendered(|out| agent::write_inspect(out, &agent("dev"))));
+}
+
+#[test]
+fn agent_inspect_with_grants() {
+    let mut busy = agent("busy");
+    busy.reserved_micro = 60_000;
+    busy.open_grants = vec![
+        pb::AgentGrant {
+            grant_id: "grt_1".into(),
+            data_plane: "pod-a".into(),
+            budget_micro: 40_000,
+            used_micro: 12_345,
+            requests: 40,
+            requests_used: 11,
+            created_at_ms: T,
+            deadline_ms: T + 5_000,
+        },
+        pb::AgentGrant {
+            grant_id: "grt_2".into(),
+            data_plane: "pod-b".into(),
+            budget_micro: 20_000,
+            used_micro: 0,
+            requests: 0,
+            requests_used: 0,
+            created_at_ms: T,
+            deadline_ms: T + 5_000,
+        },
+    ];
+    insta::assert_snapshot!(rendered(|out| agent::write_inspect(out, &busy)));
 }
 
 #[test]

@@ -275,6 +275,7 @@ impl AdmissionCore {
     pub async fn load(store: Arc<dyn Store>, reservation_ttl_ms: i64) -> Result<Self> {
         let agents = store.list_agents(false).await?;
         let open = store.open_reservations().await?;
+        let grants = grants::GrantBook::from_open(&store.open_grants(None).await?);
         let mut live = Live::default();
         for a in agents {
             live.by_token.insert(a.token_sha256.clone(), a.id.clone());
@@ -329,7 +330,7 @@ impl AdmissionCore {
             unauthenticated: Mutex::default(),
             admin_changes: tokio::sync::Mutex::new(()),
             shared_rates,
-            grants: Mutex::default(),
+            grants: Mutex::new(grants),
         })
     }
 

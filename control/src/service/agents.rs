@@ -1,5 +1,5 @@
 use crate::error::{Error, Result};
-use crate::service::convert::{agent_to_pb, scope_from_pb};
+use crate::service::convert::{agent_to_pb, grant_to_pb, scope_from_pb};
 use crate::state::ControlState;
 use crate::storage::{
     AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, StoreError, TokenChange, now_ms,
@@ -248,7 +248,17 @@ impl AgentService for AgentsApi {
             .await
             .map_err(Error::from)?
         {
-            Some(a) => ok(a),
+            Some(a) => {
+                let grants = self
+                    .state
+                    .admission
+                    .open_grants(Some(&a.id))
+                    .await
+                    .map_err(Status::from)?;
+                let mut agent = agent_to_pb(&a);
+                agent.open_grants = grants.iter().map(grant_to_pb).collect();
+                Ok(Response::new(agent))
+            }
             None => Err(Error::from(crate::storage::StoreError::AgentNotFound(name)).into()),
         }
     }

@@ -47,6 +47,7 @@ pub fn agent_to_pb(a: &AgentRecord) -> pb::Agent {
         updated_at_ms: a.updated_at_ms,
         last_activity_at_ms: a.last_activity_at_ms,
         deleted_at_ms: a.deleted_at_ms,
+        open_grants: Vec::new(),
     }
 }
 
@@ -100,6 +101,19 @@ pub fn models_to_pb(c: &ModelsConfig, loaded_at_ms: i64) -> pb::ModelConfig {
         source_path: c.source.display().to_string(),
         digest: c.digest.clone(),
         loaded_at_ms,
+    }
+}
+
+pub fn grant_to_pb(g: &aex_core::grant::GrantRecord) -> pb::AgentGrant {
+    pb::AgentGrant {
+        grant_id: g.id.clone(),
+        data_plane: g.data_plane.clone(),
+        budget_micro: g.budget_micro,
+        used_micro: g.used_micro,
+        requests: g.requests.unwrap_or(0),
+        requests_used: g.requests_used,
+        created_at_ms: g.created_at_ms,
+        deadline_ms: g.deadline_ms,
     }
 }
 

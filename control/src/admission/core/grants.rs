@@ -46,6 +46,17 @@ pub(super) struct GrantBook {
 const SERVING_WINDOW_MS: i64 = 10_000;
 
 impl GrantBook {
+    /// What a control plane starting over a store knows: the grants open
+    /// there may hold budget its refusals must recall.
+    pub(super) fn from_open(open: &[GrantRecord]) -> Self {
+        let mut book = Self::default();
+        for g in open {
+            let until = book.issued_until.entry(g.agent_id.clone()).or_default();
+            *until = (*until).max(g.deadline_ms);
+        }
+        book
+    }
+
     fn note_serving(&mut self, agent_id: &str, data_plane: &str, now: i64) {
         let planes = self.serving.entry(agent_id.to_string()).or_default();
         planes.insert(data_plane.to_string(), now);
