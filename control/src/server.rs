@@ -78,6 +78,10 @@ async fn apply_changes(state: Arc<ControlState>, mut feed: crate::storage::Chang
                 reload_models_here(&state);
                 continue;
             }
+            StoreChange::GrantsRecalled(agent_id) => {
+                state.admission.grants_recalled_elsewhere(&agent_id);
+                continue;
+            }
             StoreChange::Everything => {
                 // A gap may have hidden a reload too.
                 reload_models_here(&state);

@@ -160,6 +160,9 @@ pub enum StoreChange {
     Everything,
     /// models.yaml was reloaded through some control plane.
     ModelsReloaded,
+    /// A control plane recalled the agent's (by id) grants: every data
+    /// plane must give them back (docs/GRANTS.md).
+    GrantsRecalled(String),
 }
 
 /// See [`AgentStore::changes`].
@@ -209,6 +212,12 @@ pub trait AgentStore: Send + Sync + 'static {
     /// reloaded here, so that each reloads its own (a store only one
     /// control plane uses has no one to tell).
     async fn announce_models_reloaded(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Tells every control plane on the database to have its data planes
+    /// give the agent's grants back (one alone has told its own).
+    async fn announce_grants_recalled(&self, _agent_id: &str) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -436,6 +436,10 @@ impl AdmissionCore {
         let _ = self
             .changes
             .send(super::Change::GrantsRevoked(agent_id.to_string()));
+        // The data planes of the other control planes on the database.
+        if let Err(e) = self.store.announce_grants_recalled(agent_id).await {
+            tracing::warn!(error = %e, agent = %agent_id, "could not tell the other control planes to recall grants; theirs go back at their deadline");
+        }
         let started = tokio::time::Instant::now();
         while started.elapsed() < RECALL_PATIENCE {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -444,6 +448,17 @@ impl AdmissionCore {
             }
         }
         Ok(true)
+    }
+
+    /// Another control plane recalled the agent's grants: this one's data
+    /// planes give theirs back, and it issues none for a while either.
+    pub fn grants_recalled_elsewhere(&self, agent_id: &str) {
+        self.grant_book()
+            .recalled_at
+            .insert(agent_id.to_string(), now_ms());
+        let _ = self
+            .changes
+            .send(super::Change::GrantsRevoked(agent_id.to_string()));
     }
 
     /// Ends the grants past their deadline: their data plane stopped

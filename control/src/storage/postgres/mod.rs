@@ -212,6 +212,10 @@ impl AgentStore for PgStore {
     async fn announce_models_reloaded(&self) -> Result<(), StoreError> {
         notify::models_reloaded(&self.reader).await
     }
+
+    async fn announce_grants_recalled(&self, agent_id: &str) -> Result<(), StoreError> {
+        notify::grants_recalled(&self.reader, agent_id).await
+    }
 }
 
 #[async_trait]

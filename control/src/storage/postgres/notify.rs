@@ -38,7 +38,23 @@ pub(super) async fn models_reloaded(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The prefix of the payload that recalls an agent's grants.
+const GRANTS_RECALLED: &str = "~recall:";
+
+/// Tells every listener that the agent's grants are recalled.
+pub(super) async fn grants_recalled(pool: &PgPool, agent_id: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(AGENT_CHANNEL)
+        .bind(format!("{GRANTS_RECALLED}{agent_id}"))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 fn change(payload: &str) -> StoreChange {
+    if let Some(agent_id) = payload.strip_prefix(GRANTS_RECALLED) {
+        return StoreChange::GrantsRecalled(agent_id.to_string());
+    }
     match payload {
         MODELS_RELOADED => StoreChange::ModelsReloaded,
         agent_id => StoreChange::Agent(agent_id.to_string()),
