@@ -448,6 +448,24 @@ async fn main() {
     );
     let data_addr = data_lines[0].clone();
     let data_metrics = data_lines[1].clone();
+    // The same, every call admitted by a round trip: what grants change.
+    let (per_call_pid, per_call_lines) = spawn_lines(
+        dir.path(),
+        "aex-dataplane",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            &control_url,
+            "--metrics-listen",
+            "off",
+            "--grants",
+            "off",
+        ],
+        &mut daemons,
+        1,
+    );
+    let per_call_addr = per_call_lines[0].clone();
     // 1,000 agents, as the RSS target asks; the benchmark drives the last.
     let mut token = String::new();
     for i in 0..1000 {
@@ -481,6 +499,7 @@ async fn main() {
 
     let direct = format!("http://{mock_addr}/v1/chat/completions");
     let through = format!("http://{data_addr}/v1/chat/completions");
+    let per_call = format!("http://{per_call_addr}/v1/chat/completions");
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut splits = Vec::new();
@@ -494,13 +513,22 @@ async fn main() {
         eprintln!("{name}: direct {:.0} rps p50 {:.3} ms", d.rps, d.p50);
         rows.push(row(&name, "direct", &d, &d, None));
         // (name, url, token, processes to measure, whether it is AEX)
-        let mut targets = vec![(
-            "**AEX**",
-            through.clone(),
-            token.clone(),
-            vec![data_pid, control_pid],
-            true,
-        )];
+        let mut targets = vec![
+            (
+                "**AEX**",
+                through.clone(),
+                token.clone(),
+                vec![data_pid, control_pid],
+                true,
+            ),
+            (
+                "AEX, grants off",
+                per_call.clone(),
+                token.clone(),
+                vec![per_call_pid, control_pid],
+                false,
+            ),
+        ];
         for p in &peers {
             targets.push((p.name, p.url.clone(), p.token.clone(), vec![p.pid], false));
         }
@@ -521,11 +549,12 @@ async fn main() {
                 let (admit, added) = split_snapshot(&control_metrics, &data_metrics).await;
                 let mean_ms =
                     |a: (f64, f64), b: (f64, f64)| (b.0 - a.0) / (b.1 - a.1).max(1.0) * 1000.0;
-                let admit_ms = mean_ms(admit_before, admit);
-                let added_ms = mean_ms(added_before, added);
+                let central = (admit.1 - admit_before.1) / (added.1 - added_before.1).max(1.0);
                 splits.push(format!(
-                    "| {name} | {added_ms:.3} | {admit_ms:.3} | {:.3} |",
-                    added_ms - admit_ms
+                    "| {name} | {:.3} | {:.1}% | {:.3} |",
+                    mean_ms(added_before, added),
+                    central * 100.0,
+                    mean_ms(admit_before, admit),
                 ));
             }
             let per_k = |i: usize| {
@@ -582,19 +611,21 @@ peers installed by `bench/install-peers`) on {cpus} CPUs, with load generator, m
 Absolute numbers on a shared box are noise; compare each gateway with *direct* in the same run. \
 Each workload stops after {max}s even if requests remain.\n\n\
 - *direct*: the client talks to the mock provider itself (hyper, canned answers).\n\
-- *AEX*: the same client through `aex-dataplane` with full enforcement: token auth, RPM/TPM limits, \
-a durable reservation and settlement per request in the SQLite ledger (WAL, group commit), each with its HMAC-chained events. \
+- *AEX*: the same client through `aex-dataplane` with full enforcement: token auth, policy, the RPM limit, \
+a durable reservation and settlement per request in the SQLite ledger (WAL, group commit), each with its HMAC-chained events; \
+the busy agent's calls are admitted from grants (docs/GRANTS.md) and reported in batches, each recorded as the same events. \
 1,000 agents exist; one is driven. CPU and RSS are given as data plane / control plane.\n\
+- *AEX, grants off*: a second data plane on the same control plane with `--grants off`: one admission round trip per call.\n\
 - *nginx (plain proxy)*: nginx in front of the same mock, deciding nothing: the floor.\n\
 - *AEX 2.0*: the first AEX (`aex==2.0.0.post2`, uvicorn), with its own ledger.\n\
 - *LiteLLM*: `litellm[proxy]==1.100.5`, no database (routing only, no budgets).\n\
 - Every body is unique (AEX 2.0 answers repeated bodies from a cache); each worker keeps one connection alive.\n\n\
 | workload | target | rps (% of direct) | p50 / p90 / p99 ms | added p50 / p99 ms | CPU s per 1k req | peak RSS MiB | requests / errors |\n\
 |---|---|---|---|---|---|---|---|\n{}\n\n{}\
-Where AEX's time goes, as means from its own metrics over each AEX run: what the data plane adds to a request \
-(`aex_added_latency_seconds`), the part the control plane spends deciding and durably reserving, server side \
-(`aex_admit_duration_seconds`), and the rest: parsing, the gRPC round trip, connecting and relaying.\n\n\
-| workload | added by AEX, mean ms | control plane admit, mean ms | the rest, ms |\n\
+Where AEX's time goes, from its own metrics over each AEX run: what the data plane adds to a request, mean \
+(`aex_added_latency_seconds`); the share of calls admitted centrally, by a round trip (the rest came from grants); \
+and what the control plane spends deciding and durably reserving one of those, server side (`aex_admit_duration_seconds`).\n\n\
+| workload | added by AEX, mean ms | admitted centrally | control-plane admit, mean ms |\n\
 |---|---|---|---|\n{}\n\n\
 Against the floor of any proxy here, *nginx* as a plain reverse proxy (Debian's `nginx-light`, `proxy_pass` to the \
 same mock with upstream keepalive, no buffering, `worker_processes auto`; CPU and RSS summed over its processes), \

@@ -603,3 +603,55 @@ async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
     assert_eq!(agent["spent_micro"].as_i64().unwrap(), settled);
     audit_passes(&stack);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_budget_takes_the_grants_back_first() {
+    let stack = Stack::start().await;
+    let call = CostlyCall::new();
+    let token = stack.agent("shrinking", &call.budget_for(10_000), "100000", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ok = 0;
+    loop {
+        ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
+        let a = stack.inspect("shrinking");
+        let held: i64 = a["open_grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["budget_micro"].as_i64().unwrap() - g["used_micro"].as_i64().unwrap())
+            .sum();
+        if held > 5 * call.cost_micro {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no grant held more than 5 calls: {a}"
+        );
+    }
+    // Five calls' worth more than what was spent: less than the grant holds,
+    // so it is taken back before the new budget is checked.
+    // Every success costs exactly its reservation: what will be spent once
+    // the last settlements land.
+    let budget = (ok as i64 + 5) * call.cost_micro;
+    stack
+        .control
+        .aexctl(&[
+            "agent",
+            "update",
+            "shrinking",
+            "--budget",
+            &format!("{:.6}", budget as f64 / 1e6),
+        ])
+        .assert_ok();
+    let a = stack.inspect("shrinking");
+    assert_eq!(a["budget_micro"], budget, "{a}");
+    let statuses = run_calls(&stack, &token, &call, 20, 4).await;
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 402)),
+        (5, 15),
+        "{statuses:?}"
+    );
+    let a = stack.settled("shrinking", Duration::from_secs(5)).await;
+    assert_eq!(a["spent_micro"], budget, "{a}");
+    audit_passes(&stack);
+}

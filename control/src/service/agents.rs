@@ -162,6 +162,15 @@ impl AgentsApi {
                 "nothing to update: name at least one field to change".into(),
             ));
         }
+        // A new budget or limit is checked against what is free: budget and
+        // credits held by grants come back first.
+        let limits_change = r.budget_micro.is_some()
+            || r.rpm.is_some()
+            || r.tpm.is_some()
+            || r.max_concurrent.is_some();
+        if limits_change && let Some(agent) = self.state.store.agent_by_name(&r.name).await? {
+            self.state.admission.recall_grants_of(&agent.id).await?;
+        }
         self.state
             .admission
             .change_agent(|| self.state.store.update_agent(&r.name, patch))

@@ -450,6 +450,12 @@ impl AdmissionCore {
         Ok(true)
     }
 
+    /// Takes back the agent's grants before an admin change to its budget
+    /// or limits, which is then decided on what is really free.
+    pub async fn recall_grants_of(&self, agent_id: &str) -> Result<()> {
+        self.recall_grants(agent_id).await.map(|_| ())
+    }
+
     /// Another control plane recalled the agent's grants: this one's data
     /// planes give theirs back, and it issues none for a while either.
     pub fn grants_recalled_elsewhere(&self, agent_id: &str) {
