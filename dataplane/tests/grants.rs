@@ -4,9 +4,9 @@
 //! a killed data plane's grants expired and charged. Real processes; the
 //! mock is in-process.
 
+use aex_tests::load::{CostlyCall, count, local_admissions, run_calls_on};
 use aex_tests::{DataPlane, Stack, prometheus_value};
-use serde_json::{Value, json};
-use std::sync::Arc;
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -28,65 +28,6 @@ async fn dataplane_metric(stack: &Stack, metric: &str, labels: &[(&str, &str)]) 
     prometheus_value(&text, metric, labels)
 }
 
-/// A call whose charge is exactly its reservation: the mock reports the
-/// input bound and the cap as usage, so no settlement gives anything back
-/// and how many calls fit does not depend on timing.
-struct CostlyCall {
-    body: Value,
-    usage: String,
-    cost_micro: i64,
-}
-
-impl CostlyCall {
-    fn new() -> Self {
-        let mut body = chat("mock-model");
-        body["max_tokens"] = json!(10);
-        let input = serde_json::to_vec(&body).unwrap().len() as i64;
-        Self {
-            body,
-            usage: format!("{input},10"),
-            // mock-model: 1 µ per input token, 2 µ per output token.
-            cost_micro: input + 10 * 2,
-        }
-    }
-
-    fn budget_for(&self, calls: i64) -> String {
-        format!("{:.6}", (calls * self.cost_micro) as f64 / 1e6)
-    }
-}
-
-/// `calls` requests, `at_once` at a time, spread over `planes` in turn;
-/// the statuses in the order sent.
-async fn run_calls_on(
-    planes: &[&DataPlane],
-    token: &str,
-    call: &CostlyCall,
-    calls: usize,
-    at_once: usize,
-) -> Vec<u16> {
-    let gate = Arc::new(tokio::sync::Semaphore::new(at_once));
-    let client = reqwest::Client::new();
-    let mut tasks = Vec::new();
-    for i in 0..calls {
-        let permit = gate.clone().acquire_owned().await.unwrap();
-        let request = client
-            .post(planes[i % planes.len()].url("/v1/chat/completions"))
-            .bearer_auth(token)
-            .header("x-mock-usage", &call.usage)
-            .json(&call.body);
-        tasks.push(tokio::spawn(async move {
-            let status = request.send().await.unwrap().status().as_u16();
-            drop(permit);
-            status
-        }));
-    }
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    statuses
-}
-
 async fn run_calls(
     stack: &Stack,
     token: &str,
@@ -95,10 +36,6 @@ async fn run_calls(
     at_once: usize,
 ) -> Vec<u16> {
     run_calls_on(&[&stack.data], token, call, calls, at_once).await
-}
-
-fn count(statuses: &[u16], status: u16) -> usize {
-    statuses.iter().filter(|s| **s == status).count()
 }
 
 /// The stack's data plane and two more on the same control plane.
@@ -116,14 +53,6 @@ async fn metric_on(plane: &DataPlane, metric: &str, labels: &[(&str, &str)]) -> 
         .await
         .unwrap();
     prometheus_value(&text, metric, labels)
-}
-
-async fn local_admissions(planes: &[&DataPlane]) -> f64 {
-    let mut total = 0.0;
-    for p in planes {
-        total += metric_on(p, "aex_dataplane_admissions_total", &[("path", "local")]).await;
-    }
-    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

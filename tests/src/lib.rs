@@ -369,6 +369,7 @@ impl Drop for ControlPlane {
     }
 }
 pub mod clients;
+pub mod load;
 pub mod mock;
 pub mod postgres;
 pub mod rng;

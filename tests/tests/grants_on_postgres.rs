@@ -5,40 +5,11 @@
 //! machine's PostgreSQL (`AEX_TEST_DATABASE_URL`; reported skipped
 //! without it), a fresh database per test.
 
+use aex_tests::load::{CostlyCall, count, local_admissions, run_calls_on};
 use aex_tests::postgres::TestDatabase;
-use aex_tests::{ControlPlane, DataPlane, TestHome, mock::MockUpstream, prometheus_value};
-use serde_json::{Value, json};
-use std::sync::Arc;
+use aex_tests::{ControlPlane, DataPlane, TestHome, mock::MockUpstream};
+use serde_json::Value;
 use std::time::{Duration, Instant};
-
-/// A call whose charge is exactly its reservation (the mock reports the
-/// input bound and the cap), so how many fit does not depend on timing.
-struct CostlyCall {
-    body: Value,
-    usage: String,
-    cost_micro: i64,
-}
-
-impl CostlyCall {
-    fn new() -> Self {
-        let body = json!({
-            "model": "mock-model",
-            "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": 10,
-        });
-        let input = serde_json::to_vec(&body).unwrap().len() as i64;
-        Self {
-            body,
-            usage: format!("{input},10"),
-            // mock-model: 1 µ per input token, 2 µ per output token.
-            cost_micro: input + 10 * 2,
-        }
-    }
-
-    fn budget_for(&self, calls: i64) -> String {
-        format!("{:.6}", (calls * self.cost_micro) as f64 / 1e6)
-    }
-}
 
 struct Cluster {
     _db: TestDatabase,
@@ -71,58 +42,6 @@ async fn cluster() -> Option<Cluster> {
     })
 }
 
-async fn run_calls(
-    planes: &[DataPlane],
-    token: &str,
-    call: &CostlyCall,
-    calls: usize,
-    at_once: usize,
-) -> Vec<u16> {
-    let gate = Arc::new(tokio::sync::Semaphore::new(at_once));
-    let client = reqwest::Client::new();
-    let mut tasks = Vec::new();
-    for i in 0..calls {
-        let permit = gate.clone().acquire_owned().await.unwrap();
-        let request = client
-            .post(planes[i % planes.len()].url("/v1/chat/completions"))
-            .bearer_auth(token)
-            .header("x-mock-usage", &call.usage)
-            .json(&call.body);
-        tasks.push(tokio::spawn(async move {
-            let status = request.send().await.unwrap().status().as_u16();
-            drop(permit);
-            status
-        }));
-    }
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    statuses
-}
-
-fn count(statuses: &[u16], status: u16) -> usize {
-    statuses.iter().filter(|s| **s == status).count()
-}
-
-async fn local_admissions(planes: &[DataPlane]) -> f64 {
-    let mut total = 0.0;
-    for p in planes {
-        let text = reqwest::get(p.metrics_url())
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        total += prometheus_value(
-            &text,
-            "aex_dataplane_admissions_total",
-            &[("path", "local")],
-        );
-    }
-    total
-}
-
 fn events(control: &ControlPlane, agent: &str) -> Vec<Value> {
     let out = control.aexctl(&["events", "--agent", agent, "--limit", "100000", "--json"]);
     out.assert_ok();
@@ -143,11 +62,12 @@ async fn grants_keep_budgets_and_limits_exact_across_control_planes() {
     };
     let call = CostlyCall::new();
     let first = &c.controls[0];
+    let planes: Vec<&DataPlane> = c.planes.iter().collect();
 
     // A budget for 300, 900 requests over the three data planes.
     let token = first.agent("budgeted", &call.budget_for(300), "100000", &[]);
-    let statuses = run_calls(&c.planes, &token, &call, 900, 12).await;
-    let local = local_admissions(&c.planes).await;
+    let statuses = run_calls_on(&planes, &token, &call, 900, 12).await;
+    let local = local_admissions(&planes).await;
     println!(
         "budget 300: {} admitted, {local} from grants",
         count(&statuses, 200)
@@ -166,12 +86,12 @@ async fn grants_keep_budgets_and_limits_exact_across_control_planes() {
 
     // 1,000 requests per minute, 1,500 requests.
     let token = first.agent("limited", &call.budget_for(100_000), "1000", &[]);
-    let before = local_admissions(&c.planes).await;
+    let before = local_admissions(&planes).await;
     let started = Instant::now();
-    let statuses = run_calls(&c.planes, &token, &call, 1_500, 12).await;
+    let statuses = run_calls_on(&planes, &token, &call, 1_500, 12).await;
     let elapsed = started.elapsed();
     let ok = count(&statuses, 200);
-    let local = local_admissions(&c.planes).await - before;
+    let local = local_admissions(&planes).await - before;
     println!("rpm 1000: {ok} admitted in {elapsed:?}, {local} from grants");
     assert_eq!(ok + count(&statuses, 429), 1_500, "{statuses:?}");
     let refilled = (elapsed.as_millis() as usize).div_ceil(60);
