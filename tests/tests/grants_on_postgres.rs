@@ -106,3 +106,75 @@ async fn grants_keep_budgets_and_limits_exact_across_control_planes() {
     let out = c.controls[1].aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
 }
+
+async fn grants_installed(plane: &DataPlane) -> (f64, f64) {
+    let text = reqwest::get(plane.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |event| {
+        aex_tests::prometheus_value(&text, "aex_dataplane_grants_total", &[("event", event)])
+    };
+    (metric("installed"), metric("returned"))
+}
+
+/// A pause through one control plane reaches the data planes of the
+/// other, which stop admitting from their grants within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_control_plane_stops_every_grant_within_a_second() {
+    let Some(c) = cluster().await else {
+        return;
+    };
+    let call = CostlyCall::new();
+    let planes: Vec<&DataPlane> = c.planes.iter().collect();
+    let token = c.controls[0].agent("paused", &call.budget_for(100_000), "100000", &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        run_calls_on(&planes, &token, &call, 90, 6).await;
+        let mut holding = 0;
+        for p in &planes {
+            let (installed, returned) = grants_installed(p).await;
+            if installed > returned {
+                holding += 1;
+            }
+        }
+        if holding == planes.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every data plane got a grant"
+        );
+    }
+    // Through the second control plane; the first one's data plane hears
+    // it through the database's change feed.
+    c.controls[1]
+        .aexctl(&["agent", "pause", "paused"])
+        .assert_ok();
+    let paused_at = Instant::now();
+    for p in &planes {
+        loop {
+            let statuses = run_calls_on(&[p], &token, &call, 3, 3).await;
+            if statuses.iter().all(|s| *s == 403) {
+                break;
+            }
+            assert!(
+                paused_at.elapsed() < Duration::from_secs(1),
+                "a data plane still admits after 1 s: {statuses:?}"
+            );
+        }
+    }
+    let admits = kinds(&events(&c.controls[0], "paused"), "admit");
+    let statuses = run_calls_on(&planes, &token, &call, 30, 6).await;
+    assert_eq!(count(&statuses, 403), 30, "{statuses:?}");
+    c.controls[0]
+        .settled("paused", Duration::from_secs(5))
+        .await;
+    let ev = events(&c.controls[0], "paused");
+    assert_eq!(kinds(&ev, "admit"), admits, "admitted after the pause");
+    assert_eq!(kinds(&ev, "grant.expired"), 0, "every grant came back");
+    let out = c.controls[0].aexctl(&["audit", "--json"]);
+    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
+}
