@@ -21,12 +21,17 @@ struct Cluster {
 
 /// Two control planes; data planes on the first, on the second, and on
 /// both (failing over).
-async fn cluster() -> Option<Cluster> {
+async fn cluster(control_args: &[&str]) -> Option<Cluster> {
     let db = TestDatabase::fresh().await?;
     let mock = MockUpstream::start().await;
     let home = TestHome::serving(&mock);
     let controls: Vec<ControlPlane> = (0..2)
-        .map(|_| ControlPlane::start_with(&home, &["--database-url", &db.url()]))
+        .map(|_| {
+            let url = db.url();
+            let mut args = vec!["--database-url", &url];
+            args.extend_from_slice(control_args);
+            ControlPlane::start_with(&home, &args)
+        })
         .collect();
     let both = format!("{},{}", controls[0].url(), controls[1].url());
     let planes = [controls[0].url(), controls[1].url(), both]
@@ -57,7 +62,7 @@ fn kinds(events: &[Value], kind: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_keep_budgets_and_limits_exact_across_control_planes() {
-    let Some(c) = cluster().await else {
+    let Some(c) = cluster(&[]).await else {
         return;
     };
     let call = CostlyCall::new();
@@ -124,7 +129,7 @@ async fn grants_installed(plane: &DataPlane) -> (f64, f64) {
 /// other, which stop admitting from their grants within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_through_one_control_plane_stops_every_grant_within_a_second() {
-    let Some(c) = cluster().await else {
+    let Some(c) = cluster(&[]).await else {
         return;
     };
     let call = CostlyCall::new();
@@ -176,5 +181,87 @@ async fn a_pause_through_one_control_plane_stops_every_grant_within_a_second() {
     assert_eq!(kinds(&ev, "admit"), admits, "admitted after the pause");
     assert_eq!(kinds(&ev, "grant.expired"), 0, "every grant came back");
     let out = c.controls[0].aexctl(&["audit", "--json"]);
+    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
+}
+
+/// kill -9 of a data plane holding a grant, mid-load: the others carry on,
+/// and its grant expires at its deadline, charged at most what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_on_postgres() {
+    let Some(mut c) = cluster(&["--reservation-ttl-ms", "3000"]).await else {
+        return;
+    };
+    let call = CostlyCall::new();
+    let token = c.controls[0].agent("orphaned", &call.budget_for(100_000), "100000", &[]);
+    // The data plane on the second control plane only.
+    let mut victim = c.planes.remove(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while grants_installed(&victim).await.0 == 0.0 {
+        assert!(Instant::now() < deadline, "the victim never got a grant");
+        run_calls_on(&[&victim], &token, &call, 30, 3).await;
+    }
+    let victim_url = victim.url("/v1/chat/completions");
+    let victim_load = tokio::spawn({
+        let (token, call) = (token.clone(), CostlyCall::new());
+        async move {
+            let client = reqwest::Client::new();
+            for _ in 0..10_000 {
+                let sent = client
+                    .post(&victim_url)
+                    .bearer_auth(&token)
+                    .header("x-mock-usage", &call.usage)
+                    .json(&call.body)
+                    .send()
+                    .await;
+                if sent.is_err() {
+                    return true;
+                }
+            }
+            false
+        }
+    });
+    let survivors = [&c.planes[0], &c.planes[1]];
+    let survivors_load = run_calls_on(&survivors, &token, &call, 300, 6);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        victim.kill();
+    };
+    let (statuses, ()) = tokio::join!(survivors_load, killer);
+    assert!(
+        victim_load.await.unwrap(),
+        "the victim was not killed mid-load"
+    );
+    assert_eq!(
+        count(&statuses, 200),
+        300,
+        "the others stopped: {statuses:?}"
+    );
+    // Its grants expire at their deadline (5 s) and a sweep later; calls it
+    // reported and never settled expire with the reservation TTL (3 s, and
+    // a TTL's grace on a replica that did not admit them).
+    let agent = c.controls[0]
+        .settled("orphaned", Duration::from_secs(20))
+        .await;
+    let ev = events(&c.controls[0], "orphaned");
+    let amount = |e: &Value| e["amount_micro"].as_i64().unwrap();
+    let expired: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "grant.expired").collect();
+    assert!(!expired.is_empty(), "the victim's grant did not expire");
+    let charged: i64 = expired.iter().map(|e| amount(e)).sum();
+    let issued: i64 = ev
+        .iter()
+        .filter(|e| e["kind"] == "grant.issued")
+        .map(amount)
+        .sum();
+    assert!(
+        charged <= issued,
+        "charged {charged} beyond the grants {issued}"
+    );
+    let closed: i64 = ev
+        .iter()
+        .filter(|e| e["kind"] == "settle" || e["kind"] == "expire")
+        .map(amount)
+        .sum();
+    assert_eq!(agent["spent_micro"].as_i64().unwrap(), closed + charged);
+    let out = c.controls[1].aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
 }
