@@ -164,6 +164,7 @@ async fn a_pause_through_one_control_plane_stops_every_grant_within_a_second() {
     for p in &planes {
         loop {
             let statuses = run_calls_on(&[p], &token, &call, 3, 3).await;
+            ok += count(&statuses, 200);
             if statuses.iter().all(|s| *s == 403) {
                 break;
             }
@@ -173,14 +174,14 @@ async fn a_pause_through_one_control_plane_stops_every_grant_within_a_second() {
             );
         }
     }
-    let admits = kinds(&events(&c.controls[0], "paused"), "admit");
     let statuses = run_calls_on(&planes, &token, &call, 30, 6).await;
     assert_eq!(count(&statuses, 403), 30, "{statuses:?}");
+    // Once every report is in, the ledger holds exactly the successes.
     c.controls[0]
         .settled("paused", Duration::from_secs(5))
         .await;
     let ev = events(&c.controls[0], "paused");
-    assert_eq!(kinds(&ev, "admit"), admits, "admitted after the pause");
+    assert_eq!(kinds(&ev, "admit"), ok, "one admit per success");
     assert_eq!(kinds(&ev, "grant.expired"), 0, "every grant came back");
     let out = c.controls[0].aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
