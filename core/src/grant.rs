@@ -315,6 +315,24 @@ impl GrantRecord {
     }
 }
 
+/// The grant `grant_id` (as the store found it, if at all) after a call of
+/// `agent_id` reserving `amount` was carved from it, or why it cannot be:
+/// the message a refused report item carries.
+pub fn carve_call(
+    found: Option<&GrantRecord>,
+    grant_id: &str,
+    agent_id: &str,
+    amount: Micro,
+) -> Result<GrantRecord, String> {
+    let grant = found.ok_or_else(|| format!("no grant {grant_id}"))?;
+    if grant.agent_id != agent_id {
+        return Err(format!("grant {grant_id} is not agent {agent_id}'s"));
+    }
+    grant
+        .carved(amount)
+        .map_err(|why| format!("grant {grant_id}: {why}"))
+}
+
 /// What ending a grant writes: its row, its agent's amounts, its event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrantEnding {

@@ -4,8 +4,11 @@
 //! a killed data plane's grants expired and charged. Real processes; the
 //! mock is in-process.
 
-use aex_tests::load::{CostlyCall, count, local_admissions, run_calls_on};
-use aex_tests::{DataPlane, Stack, prometheus_value};
+use aex_tests::load::{
+    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_until_dead,
+    until_every_plane_holds_a_grant, until_refused_everywhere,
+};
+use aex_tests::{DataPlane, Stack};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -16,16 +19,6 @@ fn audit_passes(stack: &Stack) -> Value {
     let out = stack.control.aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
     out.json()
-}
-
-async fn dataplane_metric(stack: &Stack, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = reqwest::get(stack.data.metrics_url())
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    prometheus_value(&text, metric, labels)
 }
 
 async fn run_calls(
@@ -45,16 +38,6 @@ fn three_planes(stack: &Stack) -> Vec<DataPlane> {
         .collect()
 }
 
-async fn metric_on(plane: &DataPlane, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = reqwest::get(plane.metrics_url())
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    prometheus_value(&text, metric, labels)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_agent_is_admitted_from_grants_and_its_budget_stays_exact() {
     let stack = Stack::start().await;
@@ -67,8 +50,8 @@ async fn a_busy_agent_is_admitted_from_grants_and_its_budget_stays_exact() {
     assert_eq!((ok, refused), (50, 250), "{statuses:?}");
     assert_eq!(stack.mock.count(), 50);
 
-    let local = dataplane_metric(
-        &stack,
+    let local = plane_metric(
+        &stack.data,
         "aex_dataplane_admissions_total",
         &[("path", "local")],
     )
@@ -118,9 +101,9 @@ async fn steady_calls_cost_a_fraction_of_a_round_trip_each() {
     let token = stack.agent("steady", &call.budget_for(100_000), "100000", &[]);
     // Busy enough for a grant.
     run_calls(&stack, &token, &call, 100, 4).await;
-    let rpcs_before = dataplane_metric(&stack, "aex_dataplane_control_rpcs_total", &[]).await;
-    let local_before = dataplane_metric(
-        &stack,
+    let rpcs_before = plane_metric(&stack.data, "aex_dataplane_control_rpcs_total", &[]).await;
+    let local_before = plane_metric(
+        &stack.data,
         "aex_dataplane_admissions_total",
         &[("path", "local")],
     )
@@ -129,9 +112,9 @@ async fn steady_calls_cost_a_fraction_of_a_round_trip_each() {
     let statuses = run_calls(&stack, &token, &call, calls, 4).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let rpcs =
-        dataplane_metric(&stack, "aex_dataplane_control_rpcs_total", &[]).await - rpcs_before;
-    let local = dataplane_metric(
-        &stack,
+        plane_metric(&stack.data, "aex_dataplane_control_rpcs_total", &[]).await - rpcs_before;
+    let local = plane_metric(
+        &stack.data,
         "aex_dataplane_admissions_total",
         &[("path", "local")],
     )
@@ -328,47 +311,23 @@ async fn a_pause_is_obeyed_by_every_data_plane_holding_grants_within_a_second() 
     let planes: Vec<&DataPlane> = std::iter::once(&stack.data).chain(&more).collect();
     let call = CostlyCall::new();
     let token = stack.agent("fleet", &call.budget_for(100_000), "100000", &[]);
-    let deadline = Instant::now() + Duration::from_secs(15);
     // Every success the clients see, before and after the pause.
-    let mut ok = 0;
-    loop {
-        ok += count(&run_calls_on(&planes, &token, &call, 90, 6).await, 200);
-        let mut holding = 0;
-        for p in &planes {
-            let installed =
-                metric_on(p, "aex_dataplane_grants_total", &[("event", "installed")]).await;
-            let returned =
-                metric_on(p, "aex_dataplane_grants_total", &[("event", "returned")]).await;
-            if installed > returned {
-                holding += 1;
-            }
-        }
-        if holding == planes.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every data plane got a grant"
-        );
-    }
+    let mut ok =
+        until_every_plane_holds_a_grant(&planes, &token, &call, Duration::from_secs(15)).await;
     stack
         .control
         .aexctl(&["agent", "pause", "fleet"])
         .assert_ok();
     let paused_at = Instant::now();
-    for p in &planes {
-        loop {
-            let statuses = run_calls_on(&[p], &token, &call, 3, 3).await;
-            ok += count(&statuses, 200);
-            if statuses.iter().all(|s| *s == 403) {
-                break;
-            }
-            assert!(
-                paused_at.elapsed() < Duration::from_secs(1),
-                "a data plane still admits after 1 s: {statuses:?}"
-            );
-        }
-    }
+    ok += until_refused_everywhere(
+        &planes,
+        &token,
+        &call,
+        403,
+        paused_at,
+        Duration::from_secs(1),
+    )
+    .await;
     // Nothing more is admitted from the grants anywhere.
     let statuses = run_calls_on(&planes, &token, &call, 30, 6).await;
     assert!(statuses.iter().all(|s| *s == 403), "{statuses:?}");
@@ -382,24 +341,6 @@ async fn a_pause_is_obeyed_by_every_data_plane_holding_grants_within_a_second() 
     audit_passes(&stack);
 }
 
-/// Sends `calls` requests to `url`, one after the other; a connection
-/// that fails (the plane killed) counts as status 0.
-async fn run_until_dead(url: String, token: &str, call: &CostlyCall, calls: usize) -> Vec<u16> {
-    let client = reqwest::Client::new();
-    let mut statuses = Vec::new();
-    for _ in 0..calls {
-        let sent = client
-            .post(&url)
-            .bearer_auth(token)
-            .header("x-mock-usage", &call.usage)
-            .json(&call.body)
-            .send()
-            .await;
-        statuses.push(sent.map_or(0, |r| r.status().as_u16()));
-    }
-    statuses
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_and_the_others_carry_on() {
     // Reservations the killed data plane reported and never settled
@@ -410,7 +351,7 @@ async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_and_the_others_ca
     let call = CostlyCall::new();
     let token = stack.agent("mid-load", &call.budget_for(100_000), "100000", &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while metric_on(
+    while plane_metric(
         &victim,
         "aex_dataplane_grants_total",
         &[("event", "installed")],
@@ -482,8 +423,8 @@ async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
     let token = stack.agent("steadfast", &call.budget_for(100_000), "100000", &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut warm_up_ok = 0;
-    while dataplane_metric(
-        &stack,
+    while plane_metric(
+        &stack.data,
         "aex_dataplane_grants_total",
         &[("event", "installed")],
     )

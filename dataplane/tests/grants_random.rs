@@ -223,20 +223,7 @@ async fn no_overspend_with_grants_randomized() {
     for n in 0..rounds {
         round(&stack, &planes, &mut rng, n).await;
     }
-    let mut local = 0.0;
-    for p in &planes {
-        let text = reqwest::get(p.metrics_url())
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        local += aex_tests::prometheus_value(
-            &text,
-            "aex_dataplane_admissions_total",
-            &[("path", "local")],
-        );
-    }
+    let local = aex_tests::load::local_admissions(&planes).await;
     println!("{local} calls admitted from grants over the run");
     let out = stack.control.aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "seed {seed}: audit failed:\n{}", out.stdout);

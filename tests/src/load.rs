@@ -4,6 +4,7 @@
 use crate::DataPlane;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A call whose charge is exactly its reservation: the mock reports the
 /// input bound and the cap as usage, so no settlement gives anything back
@@ -80,21 +81,106 @@ pub fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
 
+/// A metric of `plane`'s Prometheus endpoint, summed over the series
+/// with `labels`.
+pub async fn plane_metric(plane: &DataPlane, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::get(plane.metrics_url())
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    crate::prometheus_value(&text, metric, labels)
+}
+
 /// The sum of `aex_dataplane_admissions_total{path="local"}` over `planes`.
 pub async fn local_admissions(planes: &[&DataPlane]) -> f64 {
     let mut total = 0.0;
     for p in planes {
-        let text = reqwest::get(p.metrics_url())
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        total += crate::prometheus_value(
-            &text,
-            "aex_dataplane_admissions_total",
-            &[("path", "local")],
-        );
+        total += plane_metric(p, "aex_dataplane_admissions_total", &[("path", "local")]).await;
     }
     total
+}
+
+/// Whether `plane` holds a grant now (installed more than it returned).
+pub async fn holds_grant(plane: &DataPlane) -> bool {
+    let metric = "aex_dataplane_grants_total";
+    let installed = plane_metric(plane, metric, &[("event", "installed")]).await;
+    installed > plane_metric(plane, metric, &[("event", "returned")]).await
+}
+
+/// Keeps the agent busy on every plane until each holds a grant (at most
+/// `within`); returns how many calls succeeded meanwhile.
+pub async fn until_every_plane_holds_a_grant(
+    planes: &[&DataPlane],
+    token: &str,
+    call: &CostlyCall,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    let mut ok = 0;
+    loop {
+        ok += count(
+            &run_calls_on(planes, token, call, 30 * planes.len(), 6).await,
+            200,
+        );
+        let mut holding = 0;
+        for p in planes {
+            if holds_grant(p).await {
+                holding += 1;
+            }
+        }
+        if holding == planes.len() {
+            return ok;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every data plane got a grant"
+        );
+    }
+}
+
+/// Calls each plane until it refuses with `status`, failing if one still
+/// admits `within` after `since`; returns how many calls succeeded meanwhile.
+pub async fn until_refused_everywhere(
+    planes: &[&DataPlane],
+    token: &str,
+    call: &CostlyCall,
+    status: u16,
+    since: Instant,
+    within: Duration,
+) -> usize {
+    let mut ok = 0;
+    for p in planes {
+        loop {
+            let statuses = run_calls_on(&[p], token, call, 3, 3).await;
+            ok += count(&statuses, 200);
+            if statuses.iter().all(|s| *s == status) {
+                break;
+            }
+            assert!(
+                since.elapsed() < within,
+                "a data plane still admits after {within:?}: {statuses:?}"
+            );
+        }
+    }
+    ok
+}
+
+/// Sends `calls` requests to `url`, one after the other; a connection that
+/// fails (its data plane killed) counts as status 0.
+pub async fn run_until_dead(url: String, token: &str, call: &CostlyCall, calls: usize) -> Vec<u16> {
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..calls {
+        let sent = client
+            .post(&url)
+            .bearer_auth(token)
+            .header("x-mock-usage", &call.usage)
+            .json(&call.body)
+            .send()
+            .await;
+        statuses.push(sent.map_or(0, |r| r.status().as_u16()));
+    }
+    statuses
 }

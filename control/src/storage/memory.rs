@@ -21,6 +21,7 @@ use crate::storage::{
 };
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
+use aex_core::grant::carve_call;
 use aex_core::reservation::{admit_event, budget_denial_event};
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -128,21 +129,10 @@ impl Tables {
         grant_id: &str,
     ) -> ReserveOutcome {
         let r = &n.record;
-        let carved = match self.grants.get(grant_id) {
-            Some(g) if g.agent_id == r.agent_id => g.carved(r.amount_micro),
-            Some(_) => {
-                return ReserveOutcome::GrantNotCovered(format!(
-                    "grant {grant_id} is not agent {}'s",
-                    r.agent_id
-                ));
-            }
-            None => return ReserveOutcome::GrantNotCovered(format!("no grant {grant_id}")),
-        };
-        let grant = match carved {
+        let found = self.grants.get(grant_id);
+        let grant = match carve_call(found, grant_id, &r.agent_id, r.amount_micro) {
             Ok(g) => g,
-            Err(why) => {
-                return ReserveOutcome::GrantNotCovered(format!("grant {grant_id}: {why}"));
-            }
+            Err(why) => return ReserveOutcome::GrantNotCovered(why),
         };
         let Some(agent) = self.agent(&r.agent_id) else {
             return ReserveOutcome::GrantNotCovered(format!("no agent {}", r.agent_id));

@@ -49,7 +49,8 @@ pub fn parse_base_url(url: &str) -> Option<(bool, String, u16, String)> {
 
 #[derive(Default)]
 struct CacheState {
-    agents: HashMap<String, pb::AgentPolicy>,
+    /// Shared, so that admitting from a grant reads one without copying it.
+    agents: HashMap<String, Arc<pb::AgentPolicy>>,
     /// Token hash → agent id, for admitting from a grant.
     by_token: HashMap<String, String>,
     models: Vec<pb::Model>,
@@ -133,7 +134,7 @@ impl Cache {
     }
 
     /// The policy of the agent whose token hashes to `token_sha256`.
-    pub(super) fn policy_by_token(&self, token_sha256: &str) -> Option<pb::AgentPolicy> {
+    pub(super) fn policy_by_token(&self, token_sha256: &str) -> Option<Arc<pb::AgentPolicy>> {
         let s = self.state.read().expect("cache lock");
         s.by_token
             .get(token_sha256)
@@ -154,7 +155,7 @@ impl Cache {
                 s.agents = snap
                     .agents
                     .into_iter()
-                    .map(|a| (a.agent_id.clone(), a))
+                    .map(|a| (a.agent_id.clone(), Arc::new(a)))
                     .collect();
                 s.index_tokens();
             }
@@ -168,7 +169,7 @@ impl Cache {
                 }
                 s.by_token
                     .insert(a.token_sha256.clone(), a.agent_id.clone());
-                s.agents.insert(a.agent_id.clone(), a);
+                s.agents.insert(a.agent_id.clone(), Arc::new(a));
             }
             Change::AgentRemoved(id) => {
                 if let Some(old) = s.agents.remove(&id) {

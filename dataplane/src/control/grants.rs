@@ -344,10 +344,6 @@ impl LocalGrants {
     pub fn take_local(&mut self, reservation_id: &str) -> bool {
         self.local.remove(reservation_id)
     }
-
-    pub fn held_count(&self) -> usize {
-        self.held.len()
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! decided.
 
 use super::ControlPlane;
-use super::grants::Report;
+use super::grants::{LocalGrants, Report};
 use super::report::Queued;
 use aex_core::policy::{Ask, Endpoint, admissible, plan};
 use aex_proto::convert::{caller_from_pb, endpoint_from_pb};
@@ -96,6 +96,7 @@ impl ControlPlane {
                 })),
             }));
             remaining = carved.remaining_micro;
+            self.note_call_locked(&mut grants, &policy.agent_id, plan.reserve_micro);
             expires_at_ms
         };
         self.open
@@ -121,7 +122,6 @@ impl ControlPlane {
             .admissions
             .with_label_values(&["local"])
             .inc();
-        self.note_call(&policy.agent_id, plan.reserve_micro);
         Some(pb::AdmitResponse {
             outcome: Some(pb::admit_response::Outcome::Admitted(admission)),
         })
@@ -132,8 +132,13 @@ impl ControlPlane {
         if !self.settings.grants || agent_id.is_empty() {
             return;
         }
-        let mut reports = Vec::new();
         let mut grants = self.grants.lock().expect("grants lock");
+        self.note_call_locked(&mut grants, agent_id, reserved_micro);
+    }
+
+    /// [`Self::note_call`], with the grants lock already held.
+    fn note_call_locked(&self, grants: &mut LocalGrants, agent_id: &str, reserved_micro: i64) {
+        let mut reports = Vec::new();
         let now = Instant::now();
         grants.tidy(now, &mut reports);
         grants.note_call(
@@ -207,10 +212,5 @@ impl ControlPlane {
         for report in reports {
             self.report(report);
         }
-    }
-
-    /// How many grants this data plane holds now.
-    pub fn grants_held(&self) -> usize {
-        self.grants.lock().expect("grants lock").held_count()
     }
 }

@@ -9,6 +9,7 @@ use crate::storage::{
     GrantEnd, GrantOutcome, GrantRecord, NewGrant, NewReservation, ReservationState,
     ReserveOutcome, StoreError, now_ms,
 };
+use aex_core::grant::carve_call;
 use aex_core::reservation::admit_event;
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
@@ -153,24 +154,10 @@ pub(super) async fn reserve_from_grant(
     grant_id: &str,
 ) -> Result<ReserveOutcome, StoreError> {
     let r = &n.record;
-    let Some(current) = grant(conn, grant_id).await? else {
-        return Ok(ReserveOutcome::GrantNotCovered(format!(
-            "no grant {grant_id}"
-        )));
-    };
-    if current.agent_id != r.agent_id {
-        return Ok(ReserveOutcome::GrantNotCovered(format!(
-            "grant {grant_id} is not agent {}'s",
-            r.agent_id
-        )));
-    }
-    let carved = match current.carved(r.amount_micro) {
+    let found = grant(conn, grant_id).await?;
+    let carved = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
         Ok(g) => g,
-        Err(why) => {
-            return Ok(ReserveOutcome::GrantNotCovered(format!(
-                "grant {grant_id}: {why}"
-            )));
-        }
+        Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
     };
     let (remaining,): (i64,) = sqlx::query_as(
         "WITH carved AS (UPDATE grants SET used_micro = $13, requests_used = $14 \

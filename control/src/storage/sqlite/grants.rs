@@ -9,6 +9,7 @@ use crate::storage::{
     GrantEnd, GrantOutcome, GrantRecord, NewGrant, NewReservation, ReserveOutcome, StoreError,
     now_ms,
 };
+use aex_core::grant::carve_call;
 use rusqlite::{Connection, OptionalExtension, params};
 
 fn grant(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
@@ -127,24 +128,10 @@ pub(super) fn reserve_from_grant(
     grant_id: &str,
 ) -> Result<ReserveOutcome, StoreError> {
     let r = &n.record;
-    let Some(current) = grant(conn, grant_id)? else {
-        return Ok(ReserveOutcome::GrantNotCovered(format!(
-            "no grant {grant_id}"
-        )));
-    };
-    if current.agent_id != r.agent_id {
-        return Ok(ReserveOutcome::GrantNotCovered(format!(
-            "grant {grant_id} is not agent {}'s",
-            r.agent_id
-        )));
-    }
-    let carved = match current.carved(r.amount_micro) {
+    let found = grant(conn, grant_id)?;
+    let carved = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
         Ok(g) => g,
-        Err(why) => {
-            return Ok(ReserveOutcome::GrantNotCovered(format!(
-                "grant {grant_id}: {why}"
-            )));
-        }
+        Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
     };
     conn.prepare_cached(
         "UPDATE grants SET used_micro = ?2, requests_used = ?3 WHERE id = ?1 AND state = 'open'",
