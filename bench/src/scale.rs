@@ -10,7 +10,7 @@ use aex_control::storage::sqlite::SqliteStore;
 use aex_control::storage::{
     Caps, Closing, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store, now_ms,
 };
-use aex_core::money::Pricing;
+use aex_core::money::{Pricing, TokenUsage};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -88,8 +88,7 @@ async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f6
                         charge_micro: 3,
                         overrun_micro: 0,
                         outcome: "completed".into(),
-                        prompt_tokens: 12,
-                        completion_tokens: 1,
+                        usage: TokenUsage::new(12, 1),
                         extra_events: vec![],
                         details: serde_json::json!({"seeded": true}),
                     })
@@ -115,10 +114,7 @@ pub fn reservation(key: &str, agent_id: String, agent_name: &str) -> NewReservat
             agent_id,
             model: "bench".into(),
             amount_micro: 30,
-            pricing: Pricing {
-                input_pico_per_token: 150_000,
-                output_pico_per_token: 600_000,
-            },
+            pricing: Pricing::flat(150_000, 600_000),
             input_tokens_bound: 100,
             output_tokens_cap: 16,
             created_at_ms: now,

@@ -168,6 +168,12 @@ struct RawPricing {
     output_micro: Option<Decimal>,
     input_usd_per_mtok: Option<Decimal>,
     output_usd_per_mtok: Option<Decimal>,
+    // Input read from the provider's prompt cache, and written to it; the
+    // input price when absent.
+    cached_input_micro: Option<Decimal>,
+    cached_input_usd_per_mtok: Option<Decimal>,
+    cache_write_micro: Option<Decimal>,
+    cache_write_usd_per_mtok: Option<Decimal>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -542,6 +548,18 @@ impl Validator<'_> {
             m.pricing.output_micro,
             m.pricing.output_usd_per_mtok,
         );
+        let cached_input = self.cache_price(
+            name,
+            "cached_input",
+            m.pricing.cached_input_micro,
+            m.pricing.cached_input_usd_per_mtok,
+        );
+        let cache_write = self.cache_price(
+            name,
+            "cache_write",
+            m.pricing.cache_write_micro,
+            m.pricing.cache_write_usd_per_mtok,
+        );
         let max_tokens = m.limits.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if max_tokens == 0 {
             self.fail(
@@ -553,9 +571,12 @@ impl Validator<'_> {
             name: name.to_string(),
             provider: m.provider,
             provider_model,
-            pricing: Pricing {
-                input_pico_per_token: input?,
-                output_pico_per_token: output?,
+            pricing: {
+                let input = input?;
+                Pricing::flat(input, output?).with_cache(
+                    cached_input?.unwrap_or(input),
+                    cache_write?.unwrap_or(input),
+                )
             },
             max_tokens,
             max_tokens_per_minute: m.limits.max_tokens_per_minute.unwrap_or(0),
@@ -563,6 +584,21 @@ impl Validator<'_> {
             tools: m.capabilities.tools,
             vision: m.capabilities.vision,
         })
+    }
+
+    /// A price that may be left out (`Some(None)`); `None` when it is given
+    /// and invalid.
+    fn cache_price(
+        &mut self,
+        model: &str,
+        side: &str,
+        micro: Option<Decimal>,
+        usd_per_mtok: Option<Decimal>,
+    ) -> Option<Option<Pico>> {
+        if micro.is_none() && usd_per_mtok.is_none() {
+            return Some(None);
+        }
+        self.price(model, side, micro, usd_per_mtok).map(Some)
     }
 
     /// One of `{side}_micro` (µ per token) or `{side}_usd_per_mtok`, resolved
@@ -756,6 +792,46 @@ default_model: fast
         assert_eq!(m.max_tokens_per_minute, 100_000);
         assert!(m.tools && !m.vision, "capability defaults");
         assert_eq!(c.providers["groq"].api_key_env, "GROQ_API_KEY");
+        assert_eq!(
+            m.pricing,
+            Pricing::flat(50_000, 80_000),
+            "no cache prices: cached input and cache writes at the input price"
+        );
+    }
+
+    #[test]
+    fn cache_prices_in_either_form() {
+        let text = "version: 1
+providers:
+  claude: { base_url: https://api.anthropic.com, type: openai_compatible }
+models:
+  sonnet:
+    provider: claude
+    pricing: { input_usd_per_mtok: 3, cached_input_usd_per_mtok: 0.3,
+               cache_write_usd_per_mtok: 3.75, output_usd_per_mtok: 15 }
+  seed:
+    provider: claude
+    pricing: { input_micro: 2, cached_input_micro: 0.5, output_micro: 8 }
+default_model: sonnet
+";
+        let c = parse(text).unwrap();
+        assert_eq!(
+            c.models["sonnet"].pricing,
+            Pricing::flat(3_000_000, 15_000_000).with_cache(300_000, 3_750_000)
+        );
+        assert_eq!(
+            c.models["seed"].pricing,
+            Pricing::flat(2_000_000, 8_000_000).with_cache(500_000, 2_000_000)
+        );
+        let both = text.replace(
+            "cached_input_micro: 0.5",
+            "cached_input_micro: 0.5, cached_input_usd_per_mtok: 1",
+        );
+        let e = parse(&both).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let bad = text.replace("cached_input_micro: 0.5", "cached_input_micro: -1");
+        let e = parse(&bad).unwrap_err();
+        assert!(e.to_string().contains("cached_input_micro"), "{e}");
     }
 
     #[test]

@@ -99,22 +99,112 @@ pub fn usd_with_micro(micro: Micro) -> String {
     format!("{} ({micro} µ)", usd(micro))
 }
 
-/// Exact per-token prices of a model.
+/// Exact per-token prices of a model. Providers bill input read from their
+/// prompt cache and input written to it at their own prices (SPEC §3); a
+/// model whose config names neither pays the input price for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pricing {
     pub input_pico_per_token: Pico,
+    pub cached_input_pico_per_token: Pico,
+    pub cache_write_pico_per_token: Pico,
     pub output_pico_per_token: Pico,
 }
 
+/// What a call used, as providers bill it. `input` counts every input token
+/// (OpenAI's `prompt_tokens`); `cached_input` (read from the provider's
+/// prompt cache) and `cache_write` (written to it) are parts of `input`
+/// billed at their own prices. Reasoning tokens are output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+}
+
+impl TokenUsage {
+    pub fn new(input: u64, output: u64) -> TokenUsage {
+        TokenUsage {
+            input,
+            output,
+            ..TokenUsage::default()
+        }
+    }
+
+    pub fn with_cache(self, cached_input: u64, cache_write: u64) -> TokenUsage {
+        TokenUsage {
+            cached_input,
+            cache_write,
+            ..self
+        }
+    }
+
+    /// The input split into (uncached, cached, written), each part within
+    /// what is left of `input`: a provider claiming more cached tokens than
+    /// input tokens cannot make the parts add up to more than it billed.
+    pub fn input_parts(&self) -> (u64, u64, u64) {
+        let cached = self.cached_input.min(self.input);
+        let written = self.cache_write.min(self.input - cached);
+        (self.input - cached - written, cached, written)
+    }
+}
+
 impl Pricing {
+    /// One price for all input, cached or not, and one for output (the
+    /// seed's form).
+    pub const fn flat(input_pico_per_token: Pico, output_pico_per_token: Pico) -> Pricing {
+        Pricing {
+            input_pico_per_token,
+            cached_input_pico_per_token: input_pico_per_token,
+            cache_write_pico_per_token: input_pico_per_token,
+            output_pico_per_token,
+        }
+    }
+
+    pub const fn with_cache(self, cached_input: Pico, cache_write: Pico) -> Pricing {
+        Pricing {
+            cached_input_pico_per_token: cached_input,
+            cache_write_pico_per_token: cache_write,
+            ..self
+        }
+    }
+
+    /// Whether cached input or cache writes have a price of their own.
+    pub fn prices_cache(&self) -> bool {
+        self.cached_input_pico_per_token != self.input_pico_per_token
+            || self.cache_write_pico_per_token != self.input_pico_per_token
+    }
+
     /// Cost of a call in micro-USD, rounded **up** so that AEX never charges
     /// less than the provider's price. Saturates instead of overflowing.
-    pub fn cost_micro(&self, input_tokens: u64, output_tokens: u64) -> Micro {
-        let pico = i128::from(input_tokens) * i128::from(self.input_pico_per_token)
-            + i128::from(output_tokens) * i128::from(self.output_pico_per_token);
-        let micro = (pico + i128::from(PICO_PER_MICRO) - 1) / i128::from(PICO_PER_MICRO);
-        micro.clamp(0, i128::from(i64::MAX)) as i64
+    pub fn cost_micro(&self, usage: TokenUsage) -> Micro {
+        let (uncached, cached, written) = usage.input_parts();
+        let pico = i128::from(uncached) * i128::from(self.input_pico_per_token)
+            + i128::from(cached) * i128::from(self.cached_input_pico_per_token)
+            + i128::from(written) * i128::from(self.cache_write_pico_per_token)
+            + i128::from(usage.output) * i128::from(self.output_pico_per_token);
+        round_up_to_micro(pico)
     }
+
+    /// The most a call of `input` tokens and `output` tokens can cost:
+    /// before the call nobody knows which input the provider will find in
+    /// its cache or write to it, so every input token is bounded at the
+    /// dearest input price (a cache write costs more than plain input at
+    /// Anthropic).
+    pub fn bound_micro(&self, input: u64, output: u64) -> Micro {
+        let input_price = self
+            .input_pico_per_token
+            .max(self.cached_input_pico_per_token)
+            .max(self.cache_write_pico_per_token);
+        let pico = i128::from(input) * i128::from(input_price)
+            + i128::from(output) * i128::from(self.output_pico_per_token);
+        round_up_to_micro(pico)
+    }
+}
+
+fn round_up_to_micro(pico: i128) -> Micro {
+    let micro = (pico + i128::from(PICO_PER_MICRO) - 1) / i128::from(PICO_PER_MICRO);
+    micro.clamp(0, i128::from(i64::MAX)) as i64
 }
 
 /// What a finished call costs the agent, and what a provider claimed
@@ -136,13 +226,12 @@ pub struct Charge {
 pub fn charge(
     pricing: Pricing,
     reserved_micro: Micro,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    usage: TokenUsage,
     usage_reported: bool,
     cut_off: bool,
 ) -> Charge {
     let reserved_micro = reserved_micro.max(0);
-    let cost = pricing.cost_micro(prompt_tokens, completion_tokens);
+    let cost = pricing.cost_micro(usage);
     let charged_micro = if cut_off {
         reserved_micro
     } else {
@@ -231,51 +320,80 @@ mod tests {
 
     #[test]
     fn cost_rounds_up_to_whole_micro() {
-        let p = Pricing {
-            input_pico_per_token: 150_000,  // $0.15 / Mtok
-            output_pico_per_token: 600_000, // $0.60 / Mtok
-        };
-        assert_eq!(p.cost_micro(0, 0), 0);
-        assert_eq!(p.cost_micro(1, 0), 1); // 0.15 µ rounds up
-        assert_eq!(p.cost_micro(10, 0), 2); // 1.5 µ
-        assert_eq!(p.cost_micro(1_000_000, 1_000_000), 750_000);
-        let seed = Pricing {
-            input_pico_per_token: 1_000_000,
-            output_pico_per_token: 2_000_000,
-        };
-        assert_eq!(seed.cost_micro(11, 7), 25);
-        assert_eq!(seed.cost_micro(u64::MAX, u64::MAX), i64::MAX);
+        let p = Pricing::flat(150_000, 600_000); // $0.15 and $0.60 / Mtok
+        assert_eq!(p.cost_micro(TokenUsage::new(0, 0)), 0);
+        assert_eq!(p.cost_micro(TokenUsage::new(1, 0)), 1); // 0.15 µ rounds up
+        assert_eq!(p.cost_micro(TokenUsage::new(10, 0)), 2); // 1.5 µ
+        assert_eq!(p.cost_micro(TokenUsage::new(1_000_000, 1_000_000)), 750_000);
+        let seed = Pricing::flat(1_000_000, 2_000_000);
+        assert_eq!(seed.cost_micro(TokenUsage::new(11, 7)), 25);
+        assert_eq!(
+            seed.cost_micro(TokenUsage::new(u64::MAX, u64::MAX)),
+            i64::MAX
+        );
+    }
+
+    #[test]
+    fn cached_input_and_cache_writes_at_their_own_prices() {
+        // Anthropic's Sonnet: $3 input, $0.30 cache read, $3.75 cache write, $15 output / Mtok.
+        let p = Pricing::flat(3_000_000, 15_000_000).with_cache(300_000, 3_750_000);
+        assert!(p.prices_cache());
+        assert!(!Pricing::flat(3, 4).prices_cache());
+        // 30,000 input tokens of which 28,000 came from the cache and 1,000 were written.
+        let usage = TokenUsage::new(30_000, 200).with_cache(28_000, 1_000);
+        assert_eq!(usage.input_parts(), (1_000, 28_000, 1_000));
+        // 1,000 × 3 + 28,000 × 0.3 + 1,000 × 3.75 + 200 × 15 = 3,000 + 8,400 + 3,750 + 3,000 µ
+        assert_eq!(p.cost_micro(usage), 18_150);
+        assert_eq!(
+            p.cost_micro(TokenUsage::new(30_000, 200)),
+            93_000,
+            "no cache: full price"
+        );
+        // The bound takes the dearest input price: every token might be a cache write.
+        assert_eq!(p.bound_micro(30_000, 200), 30_000 * 375 / 100 + 3_000);
+        assert_eq!(Pricing::flat(1_000_000, 2_000_000).bound_micro(11, 7), 25);
+    }
+
+    #[test]
+    fn a_provider_cannot_claim_more_cache_than_input() {
+        let usage = TokenUsage::new(10, 0).with_cache(50, 50);
+        assert_eq!(usage.input_parts(), (0, 10, 0));
+        let usage = TokenUsage::new(10, 0).with_cache(4, 50);
+        assert_eq!(usage.input_parts(), (0, 4, 6));
+        let usage = TokenUsage::new(u64::MAX, u64::MAX).with_cache(u64::MAX, u64::MAX);
+        let p = Pricing::flat(1, 1).with_cache(i64::MAX, i64::MAX);
+        assert_eq!(p.cost_micro(usage), i64::MAX, "saturates, never wraps");
     }
 
     #[test]
     fn charge_rules() {
-        let p = Pricing {
-            input_pico_per_token: 1_000_000,
-            output_pico_per_token: 2_000_000,
-        };
+        let p = Pricing::flat(1_000_000, 2_000_000);
         let c = |charged_micro, overrun_micro| Charge {
             charged_micro,
             overrun_micro,
         };
-        assert_eq!(charge(p, 100, 10, 10, true, false), c(30, 0));
         assert_eq!(
-            charge(p, 100, 10, 100, true, false),
+            charge(p, 100, TokenUsage::new(10, 10), true, false),
+            c(30, 0)
+        );
+        assert_eq!(
+            charge(p, 100, TokenUsage::new(10, 100), true, false),
             c(100, 110),
             "an overrun stops at the reservation and is kept apart"
         );
         assert_eq!(
-            charge(p, 100, 10, 100, false, false),
+            charge(p, 100, TokenUsage::new(10, 100), false, false),
             c(100, 0),
             "estimates capped"
         );
         assert_eq!(
-            charge(p, 100, 1, 1, false, true),
+            charge(p, 100, TokenUsage::new(1, 1), false, true),
             c(100, 0),
             "cut off: whole bound"
         );
-        assert_eq!(charge(p, 100, 0, 0, false, false), c(0, 0));
+        assert_eq!(charge(p, 100, TokenUsage::new(0, 0), false, false), c(0, 0));
         assert_eq!(
-            charge(p, 1_000, u64::MAX, u64::MAX, true, false),
+            charge(p, 1_000, TokenUsage::new(u64::MAX, u64::MAX), true, false),
             c(1_000, i64::MAX - 1_000),
             "a provider reporting u64::MAX tokens saturates, never wraps"
         );
@@ -293,18 +411,18 @@ mod tests {
             inp in 0u64..10_000_000, out in 0u64..10_000_000,
             ip in 0i64..10_000_000_000, op in 0i64..10_000_000_000,
         ) {
-            let p = Pricing { input_pico_per_token: ip, output_pico_per_token: op };
+            let p = Pricing::flat(ip, op);
             let exact = i128::from(inp) * i128::from(ip) + i128::from(out) * i128::from(op);
-            let charged = i128::from(p.cost_micro(inp, out)) * i128::from(PICO_PER_MICRO);
+            let charged = i128::from(p.cost_micro(TokenUsage::new(inp, out))) * i128::from(PICO_PER_MICRO);
             prop_assert!(charged >= exact);
             prop_assert!(charged - exact < i128::from(PICO_PER_MICRO));
         }
 
         #[test]
         fn cost_is_monotonic(a in 0u64..1_000_000, b in 0u64..1_000_000, extra in 0u64..1000) {
-            let p = Pricing { input_pico_per_token: 333_333, output_pico_per_token: 1_234_567 };
-            prop_assert!(p.cost_micro(a + extra, b) >= p.cost_micro(a, b));
-            prop_assert!(p.cost_micro(a, b + extra) >= p.cost_micro(a, b));
+            let p = Pricing::flat(333_333, 1_234_567);
+            prop_assert!(p.cost_micro(TokenUsage::new(a + extra, b)) >= p.cost_micro(TokenUsage::new(a, b)));
+            prop_assert!(p.cost_micro(TokenUsage::new(a, b + extra)) >= p.cost_micro(TokenUsage::new(a, b)));
         }
 
         /// Whatever a provider reports, the charge is within the
@@ -314,16 +432,32 @@ mod tests {
             reserved in 0i64..10_000_000, inp in any::<u64>(), out in any::<u64>(),
             reported in any::<bool>(), cut_off in any::<bool>(),
         ) {
-            let p = Pricing { input_pico_per_token: 1_000_000, output_pico_per_token: 2_000_000 };
-            let c = charge(p, reserved, inp, out, reported, cut_off);
+            let p = Pricing::flat(1_000_000, 2_000_000);
+            let c = charge(p, reserved, TokenUsage::new(inp, out), reported, cut_off);
             prop_assert!((0..=reserved).contains(&c.charged_micro));
             prop_assert!(c.overrun_micro >= 0);
             if reported && !cut_off {
                 prop_assert_eq!(
                     i128::from(c.charged_micro) + i128::from(c.overrun_micro),
-                    i128::from(p.cost_micro(inp, out))
+                    i128::from(p.cost_micro(TokenUsage::new(inp, out)))
                 );
             }
+        }
+
+        /// Whatever the cache split a provider reports, the cost is within
+        /// the bound the reservation took for the same tokens.
+        #[test]
+        fn the_bound_covers_every_cache_split(
+            input in 0u64..10_000_000, output in 0u64..10_000_000,
+            cached in any::<u64>(), written in any::<u64>(),
+            ip in 0i64..10_000_000_000, cp in 0i64..10_000_000_000,
+            wp in 0i64..10_000_000_000, op in 0i64..10_000_000_000,
+        ) {
+            let p = Pricing::flat(ip, op).with_cache(cp, wp);
+            let usage = TokenUsage::new(input, output).with_cache(cached, written);
+            let (u, c, w) = usage.input_parts();
+            prop_assert_eq!(u + c + w, input);
+            prop_assert!(p.cost_micro(usage) <= p.bound_micro(input, output));
         }
 
         #[test]

@@ -284,7 +284,7 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
         output_tokens_cap,
         output_cap_injected,
         // The prompt is billed once; every choice may run to the cap.
-        reserve_micro: model.pricing.cost_micro(
+        reserve_micro: model.pricing.bound_micro(
             ask.input_tokens_bound,
             output_tokens_cap.saturating_mul(u64::from(ask.output_multiplier.max(1))),
         ),

@@ -4,7 +4,7 @@
 //! atomic (see `docs/ARCHITECTURE.md`, "Adding a store backend").
 
 use crate::event::{EventKind, NewEvent};
-use crate::money::Pricing;
+use crate::money::{Pricing, TokenUsage};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,8 +133,7 @@ pub struct Settlement {
     /// Reported usage beyond the reservation (not charged).
     pub overrun_micro: i64,
     pub outcome: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+    pub usage: TokenUsage,
     pub extra_events: Vec<ExtraEvent>,
     /// The settlement event's particulars; the token counts are added by
     /// [`Settlement::events`].
@@ -172,8 +171,16 @@ impl Settlement {
             serde_json::Value::Object(m) => m.clone(),
             _ => serde_json::Map::new(),
         };
-        details.insert("prompt_tokens".into(), json!(self.prompt_tokens));
-        details.insert("completion_tokens".into(), json!(self.completion_tokens));
+        details.insert("prompt_tokens".into(), json!(self.usage.input));
+        details.insert("completion_tokens".into(), json!(self.usage.output));
+        // Only when the provider reported them, so a ledger without cache
+        // prices reads as it always did.
+        if self.usage.cached_input > 0 {
+            details.insert("cached_input_tokens".into(), json!(self.usage.cached_input));
+        }
+        if self.usage.cache_write > 0 {
+            details.insert("cache_write_tokens".into(), json!(self.usage.cache_write));
+        }
         let kind = self
             .final_state(charge_micro)
             .closing_event()
@@ -244,6 +251,16 @@ pub fn admit_event(n: &NewReservation) -> NewEvent {
     ] {
         details.insert(k.to_string(), v);
     }
+    if r.pricing.prices_cache() {
+        details.insert(
+            "cached_input_pico_per_token".into(),
+            json!(r.pricing.cached_input_pico_per_token),
+        );
+        details.insert(
+            "cache_write_pico_per_token".into(),
+            json!(r.pricing.cache_write_pico_per_token),
+        );
+    }
     if let Some(grant) = &n.grant_id {
         details.insert("grant".to_string(), json!(grant));
     }
@@ -304,8 +321,7 @@ mod tests {
             charge_micro: charge,
             overrun_micro: 7,
             outcome: "completed".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
+            usage: TokenUsage::new(3, 4),
             extra_events: vec![ExtraEvent {
                 kind: EventKind::Overrun,
                 reason: "usage_above_reservation".into(),

@@ -21,6 +21,10 @@ pub fn cut_off_bytes(cap: u64) -> u64 {
 pub struct Metered {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Parts of `prompt_tokens` the provider read from its cache and wrote
+    /// to it (0 for an estimate).
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
     /// The provider reported usage (the counts are not AEX's estimate).
     pub usage_reported: bool,
 }
@@ -46,6 +50,8 @@ pub fn meter(
     let nothing = Metered {
         prompt_tokens: 0,
         completion_tokens: 0,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
         usage_reported: false,
     };
     if outcome == SettleOutcome::UpstreamRejected {
@@ -58,6 +64,8 @@ pub fn meter(
         Some(u) => Metered {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens.max(delivered_floor),
+            cached_input_tokens: u.cached_input_tokens,
+            cache_write_tokens: u.cache_write_tokens,
             usage_reported: true,
         },
         // Whatever ended the call, what reached the client was generated and
@@ -66,12 +74,11 @@ pub fn meter(
         None if output_bytes > 0 || outcome == SettleOutcome::Completed => Metered {
             prompt_tokens: estimated_prompt_tokens,
             completion_tokens: estimated_tokens(output_bytes),
-            usage_reported: false,
+            ..nothing
         },
         None if outcome == SettleOutcome::CutOff => Metered {
             prompt_tokens: estimated_prompt_tokens,
-            completion_tokens: 0,
-            usage_reported: false,
+            ..nothing
         },
         None => nothing,
     }
@@ -84,6 +91,8 @@ mod tests {
     const USAGE: Usage = Usage {
         prompt_tokens: 10,
         completion_tokens: 5,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
     };
 
     #[test]

@@ -9,27 +9,56 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
+    /// Every input token, cached or not.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Parts of `prompt_tokens` read from the provider's prompt cache, and
+    /// written to it (billed at their own prices).
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            ..Usage::default()
+        }
+    }
 }
 
 fn tokens(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }
 
-/// `usage` of a chat/completions/embeddings object, or of a responses object.
+/// `usage` of a chat/completions/embeddings object, or of a responses
+/// object. OpenAI-style input counts include the cached part: OpenAI's
+/// `prompt_tokens_details.cached_tokens` (Responses:
+/// `input_tokens_details.cached_tokens`), OpenRouter's
+/// `prompt_tokens_details.cache_write_tokens`, DeepSeek's flat
+/// `prompt_cache_hit_tokens`. Reasoning tokens are in the output counts
+/// already.
 pub fn usage_of(api: Api, object: &Value) -> Option<Usage> {
     let usage = object.get("usage").filter(|u| u.is_object())?;
-    match api {
-        Api::Responses => Some(Usage {
-            prompt_tokens: tokens(usage, "input_tokens")?,
-            completion_tokens: tokens(usage, "output_tokens").unwrap_or(0),
-        }),
-        _ => Some(Usage {
-            prompt_tokens: tokens(usage, "prompt_tokens")?,
-            completion_tokens: tokens(usage, "completion_tokens").unwrap_or(0),
-        }),
-    }
+    let (input, output, details) = match api {
+        Api::Responses => ("input_tokens", "output_tokens", "input_tokens_details"),
+        _ => (
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+        ),
+    };
+    let details = usage.get(details);
+    let detail = |key| details.and_then(|d| tokens(d, key));
+    Some(Usage {
+        prompt_tokens: tokens(usage, input)?,
+        completion_tokens: tokens(usage, output).unwrap_or(0),
+        cached_input_tokens: detail("cached_tokens")
+            .or_else(|| tokens(usage, "prompt_cache_hit_tokens"))
+            .unwrap_or(0),
+        cache_write_tokens: detail("cache_write_tokens").unwrap_or(0),
+    })
 }
 
 /// Usage from a complete (non-streamed) response body.
@@ -334,13 +363,7 @@ mod tests {
     fn chat_usage_and_stripping() {
         let (out, m) = run(Api::ChatCompletions, false, &[CHAT.as_bytes()]);
         assert_eq!(out, CHAT.as_bytes());
-        assert_eq!(
-            m.usage(),
-            Some(Usage {
-                prompt_tokens: 11,
-                completion_tokens: 7
-            })
-        );
+        assert_eq!(m.usage(), Some(Usage::new(11, 7)));
         assert_eq!(m.output_bytes(), 5 + 7);
         assert!(m.saw_done());
         let (stripped, m) = run(Api::ChatCompletions, true, &[CHAT.as_bytes()]);
@@ -358,13 +381,7 @@ mod tests {
             RESPONSES.as_bytes(),
             "responses events are never stripped"
         );
-        assert_eq!(
-            m.usage(),
-            Some(Usage {
-                prompt_tokens: 20,
-                completion_tokens: 3
-            })
-        );
+        assert_eq!(m.usage(), Some(Usage::new(20, 3)));
         assert_eq!(m.output_bytes(), 8);
     }
 
@@ -379,12 +396,43 @@ mod tests {
                 Api::Embeddings,
                 br#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#
             ),
-            Some(Usage {
-                prompt_tokens: 4,
-                completion_tokens: 0
-            })
+            Some(Usage::new(4, 0))
         );
         assert_eq!(usage_of_body(Api::ChatCompletions, b"{}"), None);
+    }
+
+    #[test]
+    fn cache_parts_in_each_providers_words() {
+        let openai = br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,
+            "prompt_tokens_details":{"cached_tokens":80},"completion_tokens_details":{"reasoning_tokens":3}}}"#;
+        assert_eq!(
+            usage_of_body(Api::ChatCompletions, openai),
+            Some(Usage {
+                cached_input_tokens: 80,
+                ..Usage::new(100, 5)
+            })
+        );
+        let responses = br#"{"usage":{"input_tokens":100,"output_tokens":5,
+            "input_tokens_details":{"cached_tokens":64}}}"#;
+        assert_eq!(
+            usage_of_body(Api::Responses, responses).map(|u| u.cached_input_tokens),
+            Some(64)
+        );
+        let openrouter = br#"{"usage":{"prompt_tokens":194,"completion_tokens":2,
+            "prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":100}}}"#;
+        assert_eq!(
+            usage_of_body(Api::ChatCompletions, openrouter),
+            Some(Usage {
+                cache_write_tokens: 100,
+                ..Usage::new(194, 2)
+            })
+        );
+        let deepseek = br#"{"usage":{"prompt_tokens":50,"completion_tokens":1,
+            "prompt_cache_hit_tokens":40,"prompt_cache_miss_tokens":10}}"#;
+        assert_eq!(
+            usage_of_body(Api::ChatCompletions, deepseek).map(|u| u.cached_input_tokens),
+            Some(40)
+        );
     }
 
     /// Regression (hardening #9): a stream without event delimiters was
@@ -472,7 +520,7 @@ mod tests {
             let parts = split_at(RESPONSES.as_bytes(), cuts);
             let (out, m) = run(Api::Responses, true, &parts);
             prop_assert_eq!(out, RESPONSES.as_bytes());
-            prop_assert_eq!(m.usage(), Some(Usage { prompt_tokens: 20, completion_tokens: 3 }));
+            prop_assert_eq!(m.usage(), Some(Usage::new(20, 3)));
         }
 
         /// Fuzz: whatever bytes arrive, in whatever chunks, the meter never

@@ -699,7 +699,10 @@ async fn models_are_listed_per_agent() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(list(all).await, ["dead-model", "mock-model", "sim"]);
+    assert_eq!(
+        list(all).await,
+        ["cached-model", "dead-model", "mock-model", "sim"]
+    );
     assert_eq!(list(one).await, ["sim"]);
     let r = Client::new()
         .get(stack.url("/v1/models"))

@@ -63,15 +63,29 @@ pub fn caller_from_pb(p: &pb::AgentPolicy) -> Option<Caller<'_>> {
     })
 }
 
+/// Prices as the wire carries them: cache prices a peer older than them
+/// leaves out are the input price, as that peer charged them.
+pub fn pricing_from_pb(
+    input: i64,
+    output: i64,
+    cached_input: Option<i64>,
+    cache_write: Option<i64>,
+) -> Pricing {
+    Pricing::flat(input, output)
+        .with_cache(cached_input.unwrap_or(input), cache_write.unwrap_or(input))
+}
+
 pub fn model_from_pb(m: &pb::Model) -> Model {
     Model {
         name: m.name.clone(),
         provider: m.provider.clone(),
         provider_model: m.provider_model.clone(),
-        pricing: Pricing {
-            input_pico_per_token: m.input_pico_per_token,
-            output_pico_per_token: m.output_pico_per_token,
-        },
+        pricing: pricing_from_pb(
+            m.input_pico_per_token,
+            m.output_pico_per_token,
+            m.cached_input_pico_per_token,
+            m.cache_write_pico_per_token,
+        ),
         max_tokens: m.max_tokens,
         max_tokens_per_minute: m.max_tokens_per_minute,
         reasoning: m.reasoning,

@@ -573,8 +573,10 @@ pub const MOCK_PROVIDER_KEY: &str = "sk-mock-upstream-key";
 
 /// mock → control plane → data plane, configured with:
 /// `mock-model` (provider `mock`: 1 µ/input token, 2 µ/output token, max 100
-/// output tokens, tools and vision), `dead-model` (a provider nothing listens
-/// on) and `sim` (the simulated provider).
+/// output tokens, tools and vision), `cached-model` (the same upstream with
+/// cache prices: 0.1 µ per cached input token, 1.25 µ per cache write),
+/// `dead-model` (a provider nothing listens on) and `sim` (the simulated
+/// provider).
 pub struct Stack {
     pub data: DataPlane,
     pub control: ControlPlane,
@@ -622,7 +624,7 @@ providers:
     type: openai_compatible
     # The mock is steered per request by these; AEX forwards them only
     # because they are listed.
-    forward_headers: [x-mock, x-mock-delay-ms, x-mock-usage]
+    forward_headers: [x-mock, x-mock-delay-ms, x-mock-usage, x-mock-cached]
   dead: {{ base_url: http://127.0.0.1:1/v1, type: openai_compatible }}
   sim: {{ type: simulated, latency_ms: 0, tokens_per_second: 0, completion_tokens: 8 }}
 models:
@@ -632,6 +634,11 @@ models:
     pricing: {{ input_micro: 1, output_micro: 2 }}
     limits: {{ max_tokens: 100 }}
     capabilities: {{ tools: true, vision: true }}
+  cached-model:
+    provider: mock
+    provider_model: upstream-model
+    pricing: {{ input_micro: 1, cached_input_micro: 0.1, cache_write_micro: 1.25, output_micro: 2 }}
+    limits: {{ max_tokens: 100 }}
   dead-model:
     provider: dead
     pricing: {{ input_micro: 1, output_micro: 2 }}

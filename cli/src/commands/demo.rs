@@ -8,7 +8,7 @@ use crate::commands::daemon::binary;
 use crate::error::{CliError, Result};
 use crate::output::{print_json, table};
 use aex_core::home::Home;
-use aex_core::money::{Pricing, usd, usd_with_micro};
+use aex_core::money::{Pricing, TokenUsage, usd, usd_with_micro};
 use aex_proto::v1 as pb;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -30,10 +30,8 @@ pub struct Args {
 
 const MODEL: &str = "demo-sim";
 /// Priced like a real hosted model, so the small agents meet their budget.
-const PRICING: Pricing = Pricing {
-    input_pico_per_token: 2_500_000,   // $2.50 / Mtok
-    output_pico_per_token: 10_000_000, // $10 / Mtok
-};
+// $2.50 / Mtok in, $10 / Mtok out.
+const PRICING: Pricing = Pricing::flat(2_500_000, 10_000_000);
 const REQUESTS_PER_AGENT: usize = 5;
 const BURST: usize = 150;
 
@@ -150,10 +148,10 @@ async fn call(client: &reqwest::Client, url: &str, token: &str, body: &Value) ->
         .filter_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
         .next_back();
     let cost = usage.map_or(0, |u| {
-        PRICING.cost_micro(
+        PRICING.cost_micro(TokenUsage::new(
             u["prompt_tokens"].as_u64().unwrap_or(0),
             u["completion_tokens"].as_u64().unwrap_or(0),
-        )
+        ))
     });
     (status, cost)
 }

@@ -88,6 +88,8 @@ fn config_json(c: &pb::ModelConfig) -> serde_json::Value {
             "provider": m.provider,
             "provider_model": m.provider_model,
             "input_pico_per_token": m.input_pico_per_token,
+            "cached_input_pico_per_token": m.cached_input_pico_per_token.unwrap_or(m.input_pico_per_token),
+            "cache_write_pico_per_token": m.cache_write_pico_per_token.unwrap_or(m.input_pico_per_token),
             "output_pico_per_token": m.output_pico_per_token,
             "max_tokens": m.max_tokens,
             "max_tokens_per_minute": m.max_tokens_per_minute,
@@ -103,6 +105,8 @@ fn print_config(c: &pb::ModelConfig) {
         "Provider",
         "Provider Model",
         "Input",
+        "Cached Input",
+        "Cache Write",
         "Output",
         "Max Tokens",
         "Tools",
@@ -119,6 +123,16 @@ fn print_config(c: &pb::ModelConfig) {
             m.provider.clone(),
             m.provider_model.clone(),
             PicoPerToken(m.input_pico_per_token).to_string(),
+            PicoPerToken(
+                m.cached_input_pico_per_token
+                    .unwrap_or(m.input_pico_per_token),
+            )
+            .to_string(),
+            PicoPerToken(
+                m.cache_write_pico_per_token
+                    .unwrap_or(m.input_pico_per_token),
+            )
+            .to_string(),
             PicoPerToken(m.output_pico_per_token).to_string(),
             m.max_tokens.to_string(),
             if m.tools { "yes" } else { "no" }.into(),

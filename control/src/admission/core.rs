@@ -103,8 +103,7 @@ impl Outcome {
 pub struct SettleInput {
     pub reservation_id: String,
     pub outcome: Outcome,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+    pub usage: aex_core::money::TokenUsage,
     pub usage_reported: bool,
     pub upstream_status: u32,
     pub upstream_retry_after_ms: u64,
@@ -124,8 +123,7 @@ pub fn charge_for(r: &ReservationRecord, s: &SettleInput) -> aex_core::money::Ch
     aex_core::money::charge(
         r.pricing,
         r.amount_micro,
-        s.prompt_tokens,
-        s.completion_tokens,
+        s.usage,
         s.usage_reported,
         s.outcome == Outcome::CutOff,
     )
@@ -1069,7 +1067,8 @@ impl AdmissionCore {
                 reason: "usage_above_reservation".to_string(),
                 details: json!({"reserved_micro": record.amount_micro, "charged_micro": charge,
                        "overrun_micro": overrun_micro,
-                       "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}),
+                       "prompt_tokens": s.usage.input, "completion_tokens": s.usage.output,
+                       "cached_input_tokens": s.usage.cached_input, "cache_write_tokens": s.usage.cache_write}),
             });
         }
         if s.upstream_status == 429 || s.outcome == Outcome::UpstreamRateLimited {
@@ -1097,8 +1096,7 @@ impl AdmissionCore {
                 charge_micro: charge,
                 overrun_micro,
                 outcome: s.outcome.as_str().to_string(),
-                prompt_tokens: s.prompt_tokens,
-                completion_tokens: s.completion_tokens,
+                usage: s.usage,
                 extra_events,
                 // The store adds the token counts the row stores.
                 details: json!({
@@ -1109,7 +1107,7 @@ impl AdmissionCore {
             .await?;
         let correction = self.forget(
             &record.id,
-            Some(s.prompt_tokens.saturating_add(s.completion_tokens)),
+            Some(s.usage.input.saturating_add(s.usage.output)),
         );
         if let (Some(rates), Some(correction)) = (&self.shared_rates, correction) {
             shared::correct(rates.as_ref(), &correction, now_ms()).await;
@@ -1227,8 +1225,7 @@ impl AdmissionCore {
                     charge_micro: charge,
                     overrun_micro: 0,
                     outcome: "expired".into(),
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
+                    usage: aex_core::money::TokenUsage::default(),
                     extra_events: Vec::new(),
                     details: json!({
                         "policy": policy.as_str(), "reserved_micro": r.amount_micro,

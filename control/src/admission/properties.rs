@@ -21,6 +21,7 @@ use crate::storage::{
     Store, now_ms,
 };
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
+use aex_core::money::TokenUsage;
 use aex_tests::rng::{Rng, seed_from_env};
 use std::collections::HashMap;
 use std::path::Path;
@@ -70,8 +71,17 @@ struct World {
     closed_before_step: std::collections::HashSet<String>,
 }
 
+/// The default models, the one these runs call given cache prices on
+/// both sides of its input price, so cache parts of a usage move charges.
 fn models() -> Arc<ModelsConfig> {
-    Arc::new(ModelsConfig::parse(DEFAULT_MODELS_YAML, Path::new("models.yaml")).unwrap())
+    let priced = "      input_micro: 1\n      output_micro: 2\n";
+    assert!(DEFAULT_MODELS_YAML.contains(priced));
+    let yaml = DEFAULT_MODELS_YAML.replacen(
+        priced,
+        "      input_micro: 1\n      cached_input_micro: 0.1\n      cache_write_micro: 1.25\n      output_micro: 2\n",
+        1,
+    );
+    Arc::new(ModelsConfig::parse(&yaml, Path::new("models.yaml")).unwrap())
 }
 
 fn ask(input_tokens_bound: u64, max_tokens: Option<u64>, stream: bool) -> Ask<'static> {
@@ -232,8 +242,19 @@ impl World {
                 let input = SettleInput {
                     reservation_id: held.reservation_id.clone(),
                     outcome,
-                    prompt_tokens,
-                    completion_tokens,
+                    // Cache parts now and then, a lie beyond the input too.
+                    usage: TokenUsage::new(prompt_tokens, completion_tokens).with_cache(
+                        if r.chance(30) {
+                            r.below(prompt_tokens + 2)
+                        } else {
+                            0
+                        },
+                        if r.chance(30) {
+                            r.below(prompt_tokens + 2)
+                        } else {
+                            0
+                        },
+                    ),
                     usage_reported: r.chance(80),
                     upstream_status: match outcome {
                         Outcome::UpstreamRateLimited => 429,
@@ -596,8 +617,7 @@ impl World {
                 .settle(SettleInput {
                     reservation_id: held.reservation_id,
                     outcome: Outcome::Completed,
-                    prompt_tokens: 1,
-                    completion_tokens: 1,
+                    usage: TokenUsage::new(1, 1),
                     usage_reported: true,
                     upstream_status: 200,
                     upstream_retry_after_ms: 0,
@@ -737,8 +757,7 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
         .settle(SettleInput {
             reservation_id: a.reservation_id.clone(),
             outcome: Outcome::Completed,
-            prompt_tokens: 10,
-            completion_tokens: 5,
+            usage: TokenUsage::new(10, 5),
             usage_reported: true,
             upstream_status: 200,
             upstream_retry_after_ms: 0,

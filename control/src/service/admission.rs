@@ -128,6 +128,8 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
                 provider_model: a.provider_model,
                 input_pico_per_token: a.pricing.input_pico_per_token,
                 output_pico_per_token: a.pricing.output_pico_per_token,
+                cached_input_pico_per_token: Some(a.pricing.cached_input_pico_per_token),
+                cache_write_pico_per_token: Some(a.pricing.cache_write_pico_per_token),
             })),
         },
         Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),
@@ -210,8 +212,8 @@ pub(super) async fn settle_one(
         .settle(SettleInput {
             outcome,
             reservation_id: r.reservation_id,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
+            usage: aex_core::money::TokenUsage::new(r.prompt_tokens, r.completion_tokens)
+                .with_cache(r.cached_input_tokens, r.cache_write_tokens),
             usage_reported: r.usage_reported,
             upstream_status: r.upstream_status,
             upstream_retry_after_ms: r.upstream_retry_after_ms,

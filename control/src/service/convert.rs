@@ -90,6 +90,8 @@ pub fn models_to_pb(c: &ModelsConfig, loaded_at_ms: i64) -> pb::ModelConfig {
                 provider_model: m.provider_model.clone(),
                 input_pico_per_token: m.pricing.input_pico_per_token,
                 output_pico_per_token: m.pricing.output_pico_per_token,
+                cached_input_pico_per_token: Some(m.pricing.cached_input_pico_per_token),
+                cache_write_pico_per_token: Some(m.pricing.cache_write_pico_per_token),
                 max_tokens: m.max_tokens,
                 max_tokens_per_minute: m.max_tokens_per_minute,
                 reasoning: m.reasoning,

@@ -10,7 +10,6 @@ use crate::admission::core::{
 };
 use crate::state::ControlState;
 use crate::storage::ReservationRecord;
-use aex_core::money::Pricing;
 use aex_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::Status;
@@ -167,10 +166,12 @@ async fn record_admit(state: &ControlState, a: pb::LocalAdmission) -> Result<(),
                 agent_id: a.agent_id,
                 model: a.model,
                 amount_micro: a.reserved_micro,
-                pricing: Pricing {
-                    input_pico_per_token: a.input_pico_per_token,
-                    output_pico_per_token: a.output_pico_per_token,
-                },
+                pricing: aex_proto::convert::pricing_from_pb(
+                    a.input_pico_per_token,
+                    a.output_pico_per_token,
+                    a.cached_input_pico_per_token,
+                    a.cache_write_pico_per_token,
+                ),
                 input_tokens_bound: a.input_tokens_bound,
                 output_tokens_cap: a.output_tokens_cap,
                 created_at_ms: a.created_at_ms,

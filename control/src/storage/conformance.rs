@@ -13,7 +13,7 @@ use super::*;
 use crate::ledger::audit::ChainVerifier;
 use crate::ledger::run::audit_store;
 use aex_core::chain::{GENESIS, chain_hash};
-use aex_core::money::Pricing;
+use aex_core::money::{Pricing, TokenUsage};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -108,10 +108,9 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
             agent_id: agent.id.clone(),
             model: "m".into(),
             amount_micro,
-            pricing: Pricing {
-                input_pico_per_token: 1_000_000,
-                output_pico_per_token: 2_000_000,
-            },
+            // Cache prices apart from the input price, so every store is
+            // seen to keep all four.
+            pricing: Pricing::flat(1_000_000, 2_000_000).with_cache(100_000, 1_250_000),
             input_tokens_bound: 10,
             output_tokens_cap: 10,
             created_at_ms: now_ms(),
@@ -153,8 +152,7 @@ pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlemen
         charge_micro,
         overrun_micro: 0,
         outcome: "completed".into(),
-        prompt_tokens: 1,
-        completion_tokens: 1,
+        usage: TokenUsage::new(1, 1),
         extra_events: vec![],
         details: json!({}),
     }
@@ -461,8 +459,7 @@ pub async fn reservation_events_describe_their_rows_whatever_the_caller_adds(s: 
         s.settle(Settlement {
             charge_micro: if n == 0 { 40 } else { 0 },
             overrun_micro: if n == 0 { 5 } else { 0 },
-            prompt_tokens: u64::MAX,
-            completion_tokens: 7,
+            usage: TokenUsage::new(u64::MAX, 7).with_cache(u64::MAX - 1, 3),
             extra_events: if n == 0 { vec![overrun()] } else { vec![] },
             details: serde_json::Value::Null,
             ..settlement(&a, n, 0)
@@ -479,6 +476,20 @@ pub async fn reservation_events_describe_their_rows_whatever_the_caller_adds(s: 
     assert_eq!(offenders, Vec::<String>::new());
     assert_eq!(differing, Vec::<String>::new());
     assert_eq!(data.open_reservation_rows.len(), 1);
+    assert_eq!(
+        data.open_reservation_rows[0].pricing,
+        reservation(&a, 2, 100).record.pricing
+    );
+    let (settled, _) = s.reservation_history(&a.id).await.unwrap();
+    let first = settled.iter().find(|r| r.facts.id == "rsv_0").unwrap();
+    assert_eq!(
+        (
+            first.facts.cached_input_tokens,
+            first.facts.cache_write_tokens
+        ),
+        (i64::MAX, 3),
+        "cache token counts are stored, saturated like the others"
+    );
 }
 
 /// Many admissions racing for one budget: exactly as many as it covers

@@ -464,8 +464,10 @@ impl LedgerStore for MemoryStore {
             facts.settled_at_ms = Some(now);
             facts.charged_micro = Some(charge);
             facts.outcome = Some(st.outcome.clone());
-            facts.prompt_tokens = Some(stored_u64(st.prompt_tokens));
-            facts.completion_tokens = Some(stored_u64(st.completion_tokens));
+            facts.prompt_tokens = Some(stored_u64(st.usage.input));
+            facts.completion_tokens = Some(stored_u64(st.usage.output));
+            facts.cached_input_tokens = stored_u64(st.usage.cached_input);
+            facts.cache_write_tokens = stored_u64(st.usage.cache_write);
             facts.overrun_micro = overrun;
             t.append(&self.chain_key, &st.events(&agent_id, charge, now));
             Ok(SettleOutcome::Settled {

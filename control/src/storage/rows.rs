@@ -173,7 +173,7 @@ impl From<ProcessRow> for ProcessRecord {
 
 pub(in crate::storage) const RESERVATION_COLUMNS: &str = "id, request_id, agent_id, model, amount_micro, \
     input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
-    created_at_ms, expires_at_ms";
+    created_at_ms, expires_at_ms, cached_input_pico_per_token, cache_write_pico_per_token";
 
 #[derive(sqlx::FromRow)]
 pub(in crate::storage) struct ReservationRow {
@@ -188,6 +188,20 @@ pub(in crate::storage) struct ReservationRow {
     pub(in crate::storage) output_tokens_cap: i64,
     pub(in crate::storage) created_at_ms: i64,
     pub(in crate::storage) expires_at_ms: i64,
+    pub(in crate::storage) cached_input_pico_per_token: Option<i64>,
+    pub(in crate::storage) cache_write_pico_per_token: Option<i64>,
+}
+
+/// A row's prices; a row admitted before cache prices existed (NULL) was
+/// priced, and settles, at its input price.
+fn row_pricing(
+    input: i64,
+    output: i64,
+    cached_input: Option<i64>,
+    cache_write: Option<i64>,
+) -> Pricing {
+    Pricing::flat(input, output)
+        .with_cache(cached_input.unwrap_or(input), cache_write.unwrap_or(input))
 }
 
 impl From<ReservationRow> for ReservationRecord {
@@ -198,10 +212,12 @@ impl From<ReservationRow> for ReservationRecord {
             agent_id: r.agent_id,
             model: r.model,
             amount_micro: r.amount_micro,
-            pricing: Pricing {
-                input_pico_per_token: r.input_pico_per_token,
-                output_pico_per_token: r.output_pico_per_token,
-            },
+            pricing: row_pricing(
+                r.input_pico_per_token,
+                r.output_pico_per_token,
+                r.cached_input_pico_per_token,
+                r.cache_write_pico_per_token,
+            ),
             input_tokens_bound: r.input_tokens_bound.max(0) as u64,
             output_tokens_cap: r.output_tokens_cap.max(0) as u64,
             created_at_ms: r.created_at_ms,
@@ -212,7 +228,8 @@ impl From<ReservationRow> for ReservationRecord {
 
 pub(in crate::storage) const RESERVATION_AUDIT_COLUMNS: &str = "id, agent_id, request_id, model, amount_micro, \
     input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, state, \
-    created_at_ms, settled_at_ms, charged_micro, outcome, prompt_tokens, completion_tokens, overrun_micro";
+    created_at_ms, settled_at_ms, charged_micro, outcome, prompt_tokens, completion_tokens, overrun_micro, \
+    cached_input_pico_per_token, cache_write_pico_per_token, cached_input_tokens, cache_write_tokens";
 
 /// Everything a reservation row holds, for audit.
 #[derive(sqlx::FromRow)]
@@ -234,6 +251,10 @@ pub(in crate::storage) struct ReservationAuditRow {
     pub(in crate::storage) prompt_tokens: Option<i64>,
     pub(in crate::storage) completion_tokens: Option<i64>,
     pub(in crate::storage) overrun_micro: i64,
+    pub(in crate::storage) cached_input_pico_per_token: Option<i64>,
+    pub(in crate::storage) cache_write_pico_per_token: Option<i64>,
+    pub(in crate::storage) cached_input_tokens: Option<i64>,
+    pub(in crate::storage) cache_write_tokens: Option<i64>,
 }
 
 impl From<ReservationAuditRow> for AuditedReservation {
@@ -254,12 +275,16 @@ impl From<ReservationAuditRow> for AuditedReservation {
                 outcome: r.outcome,
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: r.completion_tokens,
+                cached_input_tokens: r.cached_input_tokens.unwrap_or(0),
+                cache_write_tokens: r.cache_write_tokens.unwrap_or(0),
                 overrun_micro: r.overrun_micro,
             },
-            pricing: Pricing {
-                input_pico_per_token: r.input_pico_per_token,
-                output_pico_per_token: r.output_pico_per_token,
-            },
+            pricing: row_pricing(
+                r.input_pico_per_token,
+                r.output_pico_per_token,
+                r.cached_input_pico_per_token,
+                r.cache_write_pico_per_token,
+            ),
         }
     }
 }

@@ -89,6 +89,8 @@ impl ControlPlane {
                     output_cap_injected: plan.output_cap_injected,
                     input_pico_per_token: model.pricing.input_pico_per_token,
                     output_pico_per_token: model.pricing.output_pico_per_token,
+                    cached_input_pico_per_token: Some(model.pricing.cached_input_pico_per_token),
+                    cache_write_pico_per_token: Some(model.pricing.cache_write_pico_per_token),
                     created_at_ms: now,
                     expires_at_ms,
                     endpoint: r.endpoint,
@@ -116,6 +118,8 @@ impl ControlPlane {
             provider_model: model.provider_model.clone(),
             input_pico_per_token: model.pricing.input_pico_per_token,
             output_pico_per_token: model.pricing.output_pico_per_token,
+            cached_input_pico_per_token: Some(model.pricing.cached_input_pico_per_token),
+            cache_write_pico_per_token: Some(model.pricing.cache_write_pico_per_token),
         };
         self.settings
             .metrics

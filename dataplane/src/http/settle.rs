@@ -6,7 +6,7 @@
 use super::{Call, Gateway};
 use crate::metering::{Metered, meter};
 use crate::sse::Usage;
-use aex_core::money::{Charge, Pricing, charge};
+use aex_core::money::{Charge, TokenUsage, charge};
 use aex_proto::v1 as pb;
 use std::time::{Duration, Instant};
 
@@ -67,13 +67,15 @@ impl Finished {
             );
             let a = call.admission;
             let charge = charge(
-                Pricing {
-                    input_pico_per_token: a.input_pico_per_token,
-                    output_pico_per_token: a.output_pico_per_token,
-                },
+                aex_proto::convert::pricing_from_pb(
+                    a.input_pico_per_token,
+                    a.output_pico_per_token,
+                    a.cached_input_pico_per_token,
+                    a.cache_write_pico_per_token,
+                ),
                 a.reserved_micro,
-                metered.prompt_tokens,
-                metered.completion_tokens,
+                TokenUsage::new(metered.prompt_tokens, metered.completion_tokens)
+                    .with_cache(metered.cached_input_tokens, metered.cache_write_tokens),
                 metered.usage_reported,
                 outcome == pb::SettleOutcome::CutOff,
             );
@@ -119,6 +121,8 @@ impl Gateway {
             outcome: f.outcome as i32,
             prompt_tokens: metered.prompt_tokens,
             completion_tokens: metered.completion_tokens,
+            cached_input_tokens: metered.cached_input_tokens,
+            cache_write_tokens: metered.cache_write_tokens,
             usage_reported: metered.usage_reported,
             upstream_status: u32::from(f.upstream_status),
             upstream_retry_after_ms: f.upstream_retry_after_ms,

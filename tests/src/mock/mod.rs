@@ -17,7 +17,9 @@
 //! | `400`, `401`, `403`, `404`, `422` | that status with an OpenAI error body |
 //!
 //! `x-mock-delay-ms` paces stream chunks (and delays a JSON answer); `x-mock-usage: P,C` sets the
-//! reported prompt and completion tokens (default 10 and min(5, cap)).
+//! reported prompt and completion tokens (default 10 and min(5, cap)); `x-mock-cached: R[,W]` reports
+//! R of the prompt tokens read from the provider's cache and W written to it (OpenAI's and
+//! OpenRouter's `prompt_tokens_details`, Responses' `input_tokens_details`).
 //! Every request is recorded for assertions.
 
 mod openai;
@@ -191,6 +193,13 @@ async fn handle(
         .and_then(|v| v.split_once(','))
         .and_then(|(p, c)| Some((p.trim().parse().ok()?, c.trim().parse().ok()?)))
         .unwrap_or((10u64, 5u64.min(cap)));
+    let (cache_read, cache_write) = recorded
+        .header("x-mock-cached")
+        .map(|v| {
+            let mut parts = v.split(',').map(|p| p.trim().parse::<u64>().unwrap_or(0));
+            (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+        })
+        .unwrap_or((0, 0));
     state.requests.lock().unwrap().push(recorded);
 
     let model = body.get("model").cloned().unwrap_or(json!("mock"));
@@ -262,9 +271,10 @@ async fn handle(
     }
     let usage = if responses {
         json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt.saturating_add(completion),
-               "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}})
+               "input_tokens_details": {"cached_tokens": cache_read}, "output_tokens_details": {"reasoning_tokens": 0}})
     } else {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion)})
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion),
+               "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write}})
     };
     let usage = report_usage.then_some(usage);
     if embeddings {

@@ -348,6 +348,8 @@ impl AdmissionCore {
         if r.amount_micro < 0
             || r.pricing.input_pico_per_token < 0
             || r.pricing.output_pico_per_token < 0
+            || r.pricing.cached_input_pico_per_token < 0
+            || r.pricing.cache_write_pico_per_token < 0
         {
             return Err(Error::InvalidArgument(format!(
                 "local admission {}: amounts and prices cannot be negative",

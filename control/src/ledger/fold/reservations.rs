@@ -36,6 +36,10 @@ pub struct ReservationFacts {
     pub outcome: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// Parts of `prompt_tokens` the provider read from or wrote to its
+    /// cache (0 when it reported none).
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
     pub overrun_micro: i64,
 }
 
@@ -88,6 +92,8 @@ impl ClosedDigest {
             f.outcome.as_deref().unwrap_or(""),
             &opt(f.prompt_tokens),
             &opt(f.completion_tokens),
+            &f.cached_input_tokens.to_string(),
+            &f.cache_write_tokens.to_string(),
             &f.overrun_micro.to_string(),
         ] {
             field(text.as_bytes());
@@ -205,10 +211,18 @@ impl ReservationFold {
                 details["input_pico_per_token"].as_i64(),
                 details["output_pico_per_token"].as_i64(),
             ) {
-                (Some(input), Some(output)) => Some(Pricing {
-                    input_pico_per_token: input,
-                    output_pico_per_token: output,
-                }),
+                // Cache prices are logged only where they differ from the
+                // input price (see `admit_event`).
+                (Some(input), Some(output)) => Some(
+                    Pricing::flat(input, output).with_cache(
+                        details["cached_input_pico_per_token"]
+                            .as_i64()
+                            .unwrap_or(input),
+                        details["cache_write_pico_per_token"]
+                            .as_i64()
+                            .unwrap_or(input),
+                    ),
+                ),
                 _ => None,
             };
             let facts = ReservationFacts {
@@ -247,6 +261,8 @@ impl ReservationFold {
         facts.outcome = Some(b.reason.clone());
         facts.prompt_tokens = Some(stored_tokens(&details["prompt_tokens"]));
         facts.completion_tokens = Some(stored_tokens(&details["completion_tokens"]));
+        facts.cached_input_tokens = stored_tokens(&details["cached_input_tokens"]);
+        facts.cache_write_tokens = stored_tokens(&details["cache_write_tokens"]);
         self.just_closed = Some(facts);
     }
 
@@ -391,6 +407,16 @@ fn field_differences(row: &ReservationFacts, log: &ReservationFacts) -> Vec<Stri
         opt(log.completion_tokens),
     );
     check(
+        "cached_input_tokens",
+        row.cached_input_tokens.to_string(),
+        log.cached_input_tokens.to_string(),
+    );
+    check(
+        "cache_write_tokens",
+        row.cache_write_tokens.to_string(),
+        log.cache_write_tokens.to_string(),
+    );
+    check(
         "overrun_micro",
         row.overrun_micro.to_string(),
         log.overrun_micro.to_string(),
@@ -441,10 +467,12 @@ mod tests {
                 serde_json::json!({
                     "request_id": format!("req_{rsv}"), "model": "m", "input_tokens_bound": 10,
                     "output_tokens_cap": 20, "input_pico_per_token": 5, "output_pico_per_token": 7,
+                    "cached_input_pico_per_token": 1,
                 }),
             )
         };
-        let tokens = serde_json::json!({"prompt_tokens": 3, "completion_tokens": 4});
+        let tokens = serde_json::json!({"prompt_tokens": 3, "completion_tokens": 4,
+            "cached_input_tokens": 2});
         vec![
             admit(1, "r1"),
             admit(2, "r2"),
@@ -488,13 +516,12 @@ mod tests {
             f.outcome = Some(outcome.into());
             f.prompt_tokens = Some(3);
             f.completion_tokens = Some(4);
+            f.cached_input_tokens = 2;
             f.overrun_micro = overrun;
             f
         };
-        let pricing = Pricing {
-            input_pico_per_token: 5,
-            output_pico_per_token: 7,
-        };
+        // No cache write price logged: it is the input price.
+        let pricing = Pricing::flat(5, 7).with_cache(1, 5);
         [
             closed(base("r1", 1), "settled", 4, 60, "completed", 9),
             closed(base("r2", 2), "released", 6, 0, "upstream_rejected", 0),
@@ -543,7 +570,7 @@ mod tests {
     #[test]
     fn every_edit_of_a_row_is_named_by_reservation() {
         type Edit = fn(&mut Vec<ReservationRow>);
-        let edits: [(&str, Edit, &str); 8] = [
+        let edits: [(&str, Edit, &str); 11] = [
             (
                 "charge moved",
                 |r| {
@@ -561,6 +588,21 @@ mod tests {
                 "tokens rewritten",
                 |r| r[0].facts.completion_tokens = Some(1),
                 "completion_tokens is 1",
+            ),
+            (
+                "cached tokens rewritten",
+                |r| r[0].facts.cached_input_tokens = 3,
+                "reservation r1: cached_input_tokens is 3 but the log says 2",
+            ),
+            (
+                "cache writes invented",
+                |r| r[1].facts.cache_write_tokens = 1,
+                "reservation r2: cache_write_tokens is 1 but the log says 0",
+            ),
+            (
+                "open row's cached input repriced",
+                |r| r[2].pricing.cached_input_pico_per_token = 5,
+                "prices are",
             ),
             (
                 "overrun erased",

@@ -164,8 +164,9 @@ pub(super) async fn reserve_from_grant(
          WHERE id = $15 AND state = 'open'), \
          inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
          amount_micro, input_pico_per_token, output_pico_per_token, \
-         input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)) \
+         input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, \
+         cached_input_pico_per_token, cache_write_pico_per_token) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $16, $17)) \
          UPDATE agents SET last_activity_at_ms = $11 WHERE id = $3 \
          RETURNING budget_micro - spent_micro - reserved_micro",
     )
@@ -184,6 +185,8 @@ pub(super) async fn reserve_from_grant(
     .bind(carved.used_micro)
     .bind(i64::from(carved.requests_used))
     .bind(grant_id)
+    .bind(r.pricing.cached_input_pico_per_token)
+    .bind(r.pricing.cache_write_pico_per_token)
     .fetch_one(&mut *conn)
     .await?;
     chain.append(&admit_event(n));

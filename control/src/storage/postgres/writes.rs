@@ -214,8 +214,9 @@ impl Operation for Reserve {
              RETURNING budget_micro - spent_micro - reserved_micro AS remaining), \
              inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
              amount_micro, input_pico_per_token, output_pico_per_token, \
-             input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM taken) \
+             input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, \
+             cached_input_pico_per_token, cache_write_pico_per_token) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $14, $15 FROM taken) \
              SELECT (SELECT id FROM existing), (SELECT n FROM open_now), \
              (SELECT remaining FROM taken), \
              budget_micro - spent_micro - reserved_micro \
@@ -234,6 +235,8 @@ impl Operation for Reserve {
         .bind(r.created_at_ms)
         .bind(r.expires_at_ms)
         .bind(i64::from(n.max_open))
+        .bind(r.pricing.cached_input_pico_per_token)
+        .bind(r.pricing.cache_write_pico_per_token)
         .fetch_optional(&mut *conn)
         .await?;
         let Some((existing, open, taken, remaining_before)) = decided else {
@@ -308,7 +311,8 @@ impl Operation for Settle {
         let (closed, remaining): (i64, Option<i64>) = sqlx::query_as(
             "WITH closed AS (UPDATE reservations SET state = $2, settled_at_ms = $3, \
                  charged_micro = $4, outcome = $5, prompt_tokens = $6, completion_tokens = $7, \
-                 overrun_micro = $8 WHERE id = $1 AND state = 'open' RETURNING agent_id), \
+                 overrun_micro = $8, cached_input_tokens = $10, cache_write_tokens = $11 \
+                 WHERE id = $1 AND state = 'open' RETURNING agent_id), \
              moved AS (UPDATE agents SET reserved_micro = reserved_micro - $9, \
                  spent_micro = spent_micro + $4, last_activity_at_ms = $3, \
                  overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - $8 \
@@ -322,10 +326,12 @@ impl Operation for Settle {
         .bind(now)
         .bind(charge)
         .bind(&st.outcome)
-        .bind(stored_u64(st.prompt_tokens))
-        .bind(stored_u64(st.completion_tokens))
+        .bind(stored_u64(st.usage.input))
+        .bind(stored_u64(st.usage.output))
         .bind(overrun)
         .bind(reserved)
+        .bind(stored_u64(st.usage.cached_input))
+        .bind(stored_u64(st.usage.cache_write))
         .fetch_one(&mut *conn)
         .await?;
         if closed == 0 {

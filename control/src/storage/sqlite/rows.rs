@@ -71,6 +71,8 @@ impl ReservationRow {
             output_tokens_cap: r.get(8)?,
             created_at_ms: r.get(9)?,
             expires_at_ms: r.get(10)?,
+            cached_input_pico_per_token: r.get(11)?,
+            cache_write_pico_per_token: r.get(12)?,
         })
     }
 }

@@ -120,7 +120,7 @@ pub(super) fn reserve(
         .query_row([&r.request_id], |row| {
             Ok((
                 ReservationRow::from_rusqlite(row)?,
-                row.get::<_, String>(11)?,
+                row.get::<_, String>("state")?,
             ))
         })
         .optional()?;
@@ -187,8 +187,8 @@ pub(super) fn insert_reservation(
     conn.prepare_cached(
         "INSERT INTO reservations (id, request_id, agent_id, model, amount_micro, \
          input_pico_per_token, output_pico_per_token, input_tokens_bound, output_tokens_cap, \
-         state, created_at_ms, expires_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         state, created_at_ms, expires_at_ms, cached_input_pico_per_token, cache_write_pico_per_token) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         r.id,
@@ -203,6 +203,8 @@ pub(super) fn insert_reservation(
         ReservationState::Open.as_str(),
         r.created_at_ms,
         r.expires_at_ms,
+        r.pricing.cached_input_pico_per_token,
+        r.pricing.cache_write_pico_per_token,
     ])?;
     chain.append(conn, &admit_event(n))?;
     Ok(())
@@ -231,8 +233,8 @@ pub(super) fn settle(
     let closed =
         conn.prepare_cached(
             "UPDATE reservations SET state = ?2, settled_at_ms = ?3, charged_micro = ?4, \
-             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7, overrun_micro = ?8 \
-             WHERE id = ?1 AND state = 'open'",
+             outcome = ?5, prompt_tokens = ?6, completion_tokens = ?7, overrun_micro = ?8, \
+             cached_input_tokens = ?9, cache_write_tokens = ?10 WHERE id = ?1 AND state = 'open'",
         )?
         .execute(params![
             st.reservation_id,
@@ -240,9 +242,11 @@ pub(super) fn settle(
             now,
             charge,
             st.outcome,
-            stored_u64(st.prompt_tokens),
-            stored_u64(st.completion_tokens),
+            stored_u64(st.usage.input),
+            stored_u64(st.usage.output),
             overrun,
+            stored_u64(st.usage.cached_input),
+            stored_u64(st.usage.cache_write),
         ])? == 1;
     if !closed {
         return Ok(SettleOutcome::AlreadyClosed);
