@@ -20,7 +20,9 @@
 
 use crate::event::{EventKind, NewEvent};
 use crate::money::Micro;
+use crate::reservation::NewReservation;
 use serde_json::json;
+use std::borrow::Cow;
 
 /// How many worst-case calls per data plane the edge keeps for central
 /// decisions.
@@ -212,9 +214,14 @@ impl GrantRecord {
         }
     }
 
-    /// Whether a call reserving `amount` may still be admitted from it.
+    /// Whether a call reserving `amount` may be recorded as admitted from
+    /// it. An expired grant still covers the calls its data plane admitted
+    /// before the deadline and could not report in time (a control plane
+    /// down, a report late under load): they were served, so they are
+    /// recorded (see [`GrantRecord::carved`]). A returned grant covers
+    /// nothing more: its data plane reports every call before the return.
     pub fn covers(&self, amount: Micro) -> Result<(), NotCovered> {
-        if self.state != GrantState::Open {
+        if self.state == GrantState::Returned {
             return Err(NotCovered::Ended(self.state));
         }
         if amount < 0 || amount > self.budget_micro - self.used_micro {
@@ -230,13 +237,36 @@ impl GrantRecord {
         Ok(())
     }
 
-    /// The grant after a call reserving `amount` was admitted from it.
-    pub fn carved(&self, amount: Micro) -> Result<GrantRecord, NotCovered> {
+    /// A call reserving `amount` admitted from it: the grant after, and
+    /// what the agent's amounts move by.
+    ///
+    /// From an open grant the amount moves from the grant's unused part to
+    /// the reservation: the agent's `reserved` does not change. From an
+    /// expired one (a late report), the unused part already left
+    /// `reserved`, and the expiry charged it (by the `charge` policy)
+    /// because calls like this one might have been served unreported: the
+    /// call's amount comes back out of that charge into `reserved`, where
+    /// its settlement charges what it really cost. Only what the expiry
+    /// charged can come back; the rest (the `release` policy) is taken
+    /// from the budget, since the call was served either way.
+    pub fn carved(&self, amount: Micro) -> Result<Carve, NotCovered> {
         self.covers(amount)?;
-        Ok(GrantRecord {
-            used_micro: self.used_micro + amount,
-            requests_used: self.requests_used + 1,
-            ..self.clone()
+        let late = self.state == GrantState::Expired;
+        let uncharged_micro = if late {
+            amount.min(self.charged_micro).max(0)
+        } else {
+            0
+        };
+        Ok(Carve {
+            after: GrantRecord {
+                used_micro: self.used_micro + amount,
+                requests_used: self.requests_used + 1,
+                charged_micro: self.charged_micro - uncharged_micro,
+                ..self.clone()
+            },
+            late,
+            reserved_delta: if late { amount } else { 0 },
+            uncharged_micro,
         })
     }
 
@@ -315,6 +345,46 @@ impl GrantRecord {
     }
 }
 
+/// A call carved from a grant, as a store applies it (in the same step as
+/// the reservation it opens).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carve {
+    /// The grant's row after the call.
+    pub after: GrantRecord,
+    /// The grant had expired before the call was reported.
+    pub late: bool,
+    /// What the agent's `reserved` moves by.
+    pub reserved_delta: Micro,
+    /// What comes back out of the expiry's charge: the agent's `spent`
+    /// moves by minus this.
+    pub uncharged_micro: Micro,
+}
+
+impl Carve {
+    /// The reservation as admitted: a late one says so in its admit event,
+    /// with what it took back from the expiry's charge (audit folds it).
+    pub fn reservation<'a>(&self, n: &'a NewReservation) -> Cow<'a, NewReservation> {
+        if !self.late {
+            return Cow::Borrowed(n);
+        }
+        let mut late = n.clone();
+        let mut details = match std::mem::take(&mut late.details) {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        details.insert(LATE.into(), json!(true));
+        details.insert(UNCHARGED.into(), json!(self.uncharged_micro));
+        late.details = serde_json::Value::Object(details);
+        Cow::Owned(late)
+    }
+}
+
+/// The admit event's details of a call reported after its grant expired:
+/// `late: true`, and the part of its amount taken back from the expiry's
+/// charge.
+pub const LATE: &str = "late";
+pub const UNCHARGED: &str = "uncharged_micro";
+
 /// The grant `grant_id` (as the store found it, if at all) after a call of
 /// `agent_id` reserving `amount` was carved from it, or why it cannot be:
 /// the message a refused report item carries.
@@ -323,7 +393,7 @@ pub fn carve_call(
     grant_id: &str,
     agent_id: &str,
     amount: Micro,
-) -> Result<GrantRecord, String> {
+) -> Result<Carve, String> {
     let grant = found.ok_or_else(|| format!("no grant {grant_id}"))?;
     if grant.agent_id != agent_id {
         return Err(format!("grant {grant_id} is not agent {agent_id}'s"));
@@ -548,6 +618,106 @@ mod tests {
                     free_slots: slots,
                 },
             )
+    }
+
+    fn open_grant() -> GrantRecord {
+        GrantRecord {
+            id: "gnt_1".into(),
+            agent_id: "agt_1".into(),
+            data_plane: "dp1".into(),
+            budget_micro: 1_000,
+            used_micro: 100,
+            requests: Some(10),
+            requests_used: 1,
+            created_at_ms: 0,
+            deadline_ms: 5_000,
+            state: GrantState::Open,
+            charged_micro: 0,
+        }
+    }
+
+    #[test]
+    fn a_call_from_an_open_grant_moves_within_reserved() {
+        let c = open_grant().carved(300).unwrap();
+        assert_eq!((c.after.used_micro, c.after.requests_used), (400, 2));
+        assert_eq!((c.late, c.reserved_delta, c.uncharged_micro), (false, 0, 0));
+        assert_eq!(
+            open_grant().carved(901),
+            Err(NotCovered::Budget { unused_micro: 900 })
+        );
+    }
+
+    /// A call served from a grant whose report arrived after the grant
+    /// expired is recorded, its amount taken back from what the expiry
+    /// charged for exactly such calls; the rest of that charge stays.
+    #[test]
+    fn a_late_report_takes_its_call_back_out_of_the_expiry_charge() {
+        let g = open_grant();
+        let ending = g
+            .end(GrantEnd::Expired { charge: true }, "a", 6_000)
+            .unwrap();
+        assert_eq!(ending.spent_delta, 900);
+        let expired = ending.after;
+        let c = expired.carved(300).unwrap();
+        assert!(c.late);
+        assert_eq!((c.reserved_delta, c.uncharged_micro), (300, 300));
+        assert_eq!(
+            (c.after.used_micro, c.after.charged_micro, c.after.state),
+            (400, 600, GrantState::Expired)
+        );
+        // Never more than the grant held, whatever the data plane says.
+        assert_eq!(
+            c.after.carved(601),
+            Err(NotCovered::Budget { unused_micro: 600 })
+        );
+        // Released by policy: the call is still recorded, from the budget.
+        let released = g
+            .end(GrantEnd::Expired { charge: false }, "a", 6_000)
+            .unwrap()
+            .after;
+        let c = released.carved(300).unwrap();
+        assert_eq!((c.reserved_delta, c.uncharged_micro), (300, 0));
+        // A returned grant: its data plane reported everything before.
+        let returned = g.end(GrantEnd::Returned, "a", 6_000).unwrap().after;
+        assert_eq!(
+            returned.carved(1),
+            Err(NotCovered::Ended(GrantState::Returned))
+        );
+    }
+
+    #[test]
+    fn a_late_admit_says_so_in_its_event() {
+        let expired = open_grant()
+            .end(GrantEnd::Expired { charge: true }, "a", 6_000)
+            .unwrap()
+            .after;
+        let n = NewReservation {
+            record: crate::reservation::ReservationRecord {
+                id: "rsv_1".into(),
+                request_id: "req_1".into(),
+                agent_id: "agt_1".into(),
+                model: "m".into(),
+                amount_micro: 300,
+                pricing: crate::money::Pricing::flat(1, 1),
+                input_tokens_bound: 1,
+                output_tokens_cap: 1,
+                created_at_ms: 4_000,
+                expires_at_ms: 64_000,
+            },
+            agent_name: "a".into(),
+            details: json!({"stream": false}),
+            max_open: 0,
+            grant_id: Some("gnt_1".into()),
+            log_budget_denial: false,
+        };
+        let on_time = open_grant().carved(300).unwrap();
+        assert!(matches!(on_time.reservation(&n), Cow::Borrowed(_)));
+        let late = expired.carved(300).unwrap();
+        let event = crate::reservation::admit_event(&late.reservation(&n));
+        assert_eq!(event.details[LATE], json!(true));
+        assert_eq!(event.details[UNCHARGED], json!(300));
+        assert_eq!(event.details["stream"], json!(false));
+        assert_eq!(event.details["grant"], json!("gnt_1"));
     }
 
     proptest! {

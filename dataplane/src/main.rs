@@ -78,6 +78,11 @@ struct Args {
     /// call (docs/GRANTS.md); `off`: every call is admitted centrally.
     #[arg(long, env = "AEX_DATAPLANE_GRANTS", default_value = "on", value_parser = ["on", "off"])]
     grants: String,
+    /// Backpressure: past this many calls and settlements admitted from
+    /// grants and not yet acknowledged by the control plane, calls are
+    /// admitted centrally until the ledger catches up.
+    #[arg(long, default_value_t = aex_dataplane::control::MAX_BACKLOG, value_parser = clap::value_parser!(i64).range(1..))]
+    report_backlog: i64,
     /// On SIGTERM, how long in-flight streams may take to finish.
     #[arg(long, default_value_t = 30_000)]
     drain_ms: u64,
@@ -121,6 +126,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .clone()
             .unwrap_or_else(|| aex_core::secrets::new_id("dp")),
         grants: args.grants == "on",
+        max_backlog: args.report_backlog,
         metrics: metrics.clone(),
     };
     let control = ControlPlane::connect(&args.control, &tls, &token, cache, settings)?;

@@ -26,6 +26,12 @@ pub struct Metrics {
     pub report_items: Histogram,
     /// From the oldest item of a report being queued to its answer.
     pub report_lag: Histogram,
+    /// Calls and settlements queued for the control plane and not yet
+    /// acknowledged (`control/report.rs`, [`crate::control::MAX_BACKLOG`]).
+    pub report_backlog: IntGauge,
+    /// Calls that could have been admitted from a grant and went to the
+    /// control plane because the report backlog was full.
+    pub held_back: IntCounter,
 }
 
 /// Sub-millisecond buckets: AEX's own overhead is measured in µs.
@@ -126,8 +132,20 @@ impl Default for Metrics {
             .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]),
         )
         .expect("valid metric");
+        let report_backlog = IntGauge::new(
+            "aex_dataplane_report_backlog",
+            "Calls and settlements admitted from grants, queued for the control plane and not yet acknowledged",
+        )
+        .expect("valid metric");
+        let held_back = IntCounter::new(
+            "aex_dataplane_held_back_total",
+            "Calls sent to the control plane instead of a grant because the report backlog was full (the ledger could not keep up)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(report_backlog.clone()),
+            Box::new(held_back.clone()),
             Box::new(admissions.clone()),
             Box::new(grants.clone()),
             Box::new(control_rpcs.clone()),
@@ -156,6 +174,8 @@ impl Default for Metrics {
             control_rpcs,
             report_items,
             report_lag,
+            report_backlog,
+            held_back,
         }
     }
 }

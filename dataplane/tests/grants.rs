@@ -5,7 +5,7 @@
 //! mock is in-process.
 
 use aex_tests::load::{
-    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_until_dead,
+    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_for, run_until_dead,
     until_every_plane_holds_a_grant, until_refused_everywhere,
 };
 use aex_tests::{DataPlane, Stack};
@@ -469,6 +469,162 @@ async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
         .map(|e| e.amount_micro)
         .sum();
     assert_eq!(agent["spent_micro"].as_i64().unwrap(), settled);
+    audit_passes(&stack);
+}
+
+/// Issue #31, finding 1: a data plane keeps admitting from its grant while
+/// no control plane answers; the control plane comes back after the
+/// grant's deadline and its sweeper expires the grant before the queued
+/// reports arrive. Every call a client was told succeeded must still be in
+/// the ledger — admitted and settled once, under the request id the client
+/// saw — and audit must pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_down_longer_than_a_grants_life_loses_no_served_call() {
+    const DOWN: Duration = Duration::from_secs(8);
+    let mut stack = Stack::start().await;
+    let call = CostlyCall::new();
+    let token = stack.agent("outage", &call.budget_for(1_000_000), "100000", &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut warm_up_ok = 0;
+    while plane_metric(
+        &stack.data,
+        "aex_dataplane_grants_total",
+        &[("event", "installed")],
+    )
+    .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "no grant was issued");
+        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
+    }
+    let url = stack.url("/v1/chat/completions");
+    let load = tokio::spawn({
+        let (token, call) = (token.clone(), CostlyCall::new());
+        async move { run_for(&url, &token, &call, 32, DOWN + Duration::from_secs(3)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.control.kill();
+    tokio::time::sleep(DOWN).await;
+    stack.control.start_again();
+    let answers = load.await.unwrap();
+    let served: Vec<&str> = answers
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| {
+            a.request_id
+                .as_deref()
+                .expect("a success names its request")
+        })
+        .collect();
+    println!(
+        "{} of {} calls succeeded across an outage of {DOWN:?}",
+        served.len(),
+        answers.len()
+    );
+
+    stack.settled("outage", Duration::from_secs(30)).await;
+    let ev = events(&stack, "outage").await;
+    let detail = |e: &aex_proto::v1::Event, key: &str| {
+        serde_json::from_str::<Value>(&e.details_json).unwrap()[key].clone()
+    };
+    let admitted: std::collections::HashMap<String, String> = ev
+        .iter()
+        .filter(|e| e.kind == "admit")
+        .map(|e| {
+            let request = detail(e, "request_id").as_str().unwrap().to_string();
+            (request, e.reservation_id.clone())
+        })
+        .collect();
+    let missing: Vec<&&str> = served
+        .iter()
+        .filter(|id| !admitted.contains_key(**id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} successes are not in the ledger, e.g. {:?}",
+        missing.len(),
+        served.len(),
+        &missing[..missing.len().min(3)]
+    );
+    assert_eq!(
+        admitted.len(),
+        warm_up_ok + served.len(),
+        "no call recorded twice"
+    );
+    let late = ev
+        .iter()
+        .filter(|e| e.kind == "admit" && detail(e, "late") == true)
+        .count();
+    assert!(
+        late > 0,
+        "no call was reported after its grant expired: the outage did not outlast the grant"
+    );
+    let mut settles = std::collections::HashMap::new();
+    for e in ev.iter().filter(|e| e.kind == "settle") {
+        *settles.entry(e.reservation_id.as_str()).or_insert(0) += 1;
+    }
+    for rsv in admitted.values() {
+        assert_eq!(settles.get(rsv.as_str()), Some(&1), "{rsv} settled once");
+    }
+    println!("{late} calls reported after their grant expired, each recorded");
+    audit_passes(&stack);
+}
+
+/// Issue #31, backpressure: a data plane whose reports are not
+/// acknowledged stops admitting from its grant once its backlog passes
+/// `--report-backlog`, so admission never runs further ahead of the ledger
+/// than that, whatever the grant still holds; once the control plane is
+/// back, the held-back calls are all recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_stops_admitting_from_its_grant_while_its_reports_wait() {
+    const BACKLOG: usize = 40;
+    let mut stack = Stack::start_with(&["--report-backlog", &BACKLOG.to_string()]).await;
+    let call = CostlyCall::new();
+    let token = stack.agent("held", &call.budget_for(1_000_000), "100000", &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut warm_up_ok = 0;
+    while plane_metric(
+        &stack.data,
+        "aex_dataplane_grants_total",
+        &[("event", "installed")],
+    )
+    .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "no grant was issued");
+        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
+    }
+    stack.control.kill();
+    let url = stack.url("/v1/chat/completions");
+    // Well within the grant's life: without backpressure every one of these
+    // would be admitted from it.
+    let answers = run_for(&url, &token, &call, 8, Duration::from_millis(1_500)).await;
+    let served = answers.iter().filter(|a| a.status == 200).count();
+    let held_back = plane_metric(&stack.data, "aex_dataplane_held_back_total", &[]).await;
+    let backlog = plane_metric(&stack.data, "aex_dataplane_report_backlog", &[]).await;
+    println!(
+        "{served} of {} calls served with no control plane; {held_back} held back; backlog {backlog}",
+        answers.len()
+    );
+    // Each served call queues its admit and its settlement; the bound is
+    // checked before each admission, so at most the calls under way at once
+    // (8) pass it.
+    assert!(
+        served <= BACKLOG / 2 + 8,
+        "{served} calls admitted past a backlog bound of {BACKLOG} items"
+    );
+    assert!(held_back > 0.0, "nothing was held back");
+    assert!(backlog <= (BACKLOG + 16) as f64, "backlog {backlog}");
+    stack.control.start_again();
+    stack.settled("held", Duration::from_secs(30)).await;
+    let ev = events(&stack, "held").await;
+    let admits = ev.iter().filter(|e| e.kind == "admit").count();
+    assert_eq!(admits, warm_up_ok + served, "every success recorded once");
+    assert_eq!(
+        plane_metric(&stack.data, "aex_dataplane_report_backlog", &[]).await,
+        0.0,
+        "the backlog drained"
+    );
     audit_passes(&stack);
 }
 

@@ -355,8 +355,18 @@ impl ControlPlane {
 
     /// `kill -9`, then a fresh process on the same address and home.
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// `kill -9`; nothing answers on its address until [`Self::start_again`].
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// A fresh process on the same address and home (after [`Self::kill`]).
+    pub fn start_again(&mut self) {
         let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &[], &[]);
         *self = replacement;
     }

@@ -167,6 +167,64 @@ pub async fn until_refused_everywhere(
     ok
 }
 
+/// What one call of [`run_for`] got: its status (0: no answer) and the
+/// `x-aex-request-id` the client was told.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub request_id: Option<String>,
+}
+
+/// `workers` clients calling `url` back to back until `length` has passed
+/// (a call under way then is finished); every answer, in no order.
+pub async fn run_for(
+    url: &str,
+    token: &str,
+    call: &CostlyCall,
+    workers: usize,
+    length: Duration,
+) -> Vec<Answer> {
+    let client = reqwest::Client::new();
+    let until = Instant::now() + length;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url, token) = (client.clone(), url.to_string(), token.to_string());
+        let (usage, body) = (call.usage.clone(), call.body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while Instant::now() < until {
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("x-mock-usage", &usage)
+                    .json(&body)
+                    .send()
+                    .await;
+                answers.push(match sent {
+                    Ok(r) => Answer {
+                        status: r.status().as_u16(),
+                        request_id: r
+                            .headers()
+                            .get("x-aex-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string),
+                    },
+                    Err(_) => Answer {
+                        status: 0,
+                        request_id: None,
+                    },
+                });
+            }
+            answers
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all
+}
+
 /// Sends `calls` requests to `url`, one after the other; a connection that
 /// fails (its data plane killed) counts as status 0.
 pub async fn run_until_dead(url: String, token: &str, call: &CostlyCall, calls: usize) -> Vec<u16> {

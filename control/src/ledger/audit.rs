@@ -147,6 +147,16 @@ impl LogTally {
             let c = self.charged.entry(b.agent_id.clone()).or_default();
             *c = c.saturating_add(b.amount_micro);
         }
+        // A call reported after its grant expired takes its amount back
+        // out of the expiry's charge (`aex_core::grant::Carve`).
+        if kind == Some(EventKind::Admit) && b.details_json.contains(aex_core::grant::UNCHARGED) {
+            let back = serde_json::from_str::<serde_json::Value>(&b.details_json)
+                .ok()
+                .and_then(|d| d[aex_core::grant::UNCHARGED].as_i64())
+                .unwrap_or(0);
+            let c = self.charged.entry(b.agent_id.clone()).or_default();
+            *c = c.saturating_sub(back);
+        }
         if kind == Some(EventKind::Overrun) {
             let o = self.overrun.entry(b.agent_id.clone()).or_default();
             *o = o.saturating_add(b.amount_micro);

@@ -44,6 +44,7 @@ macro_rules! store_conformance {
             grants_for_every_data_plane_never_take_the_last_micro,
             a_grant_ends_once_and_an_expiry_charges_what_is_unreported,
             a_renewal_ends_the_old_grant_in_the_same_step,
+            calls_reported_after_their_grant_expired_are_recorded_from_its_charge,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -1177,4 +1178,90 @@ pub async fn a_renewal_ends_the_old_grant_in_the_same_step(s: Arc<dyn Store>) {
         .find(|c| c.name == "grants_match_log")
         .unwrap();
     assert!(grants.passed);
+}
+
+/// Calls a data plane served from a grant and could only report after the
+/// grant expired (the control plane was down, or the report was late) are
+/// recorded all the same: each takes its amount back from what the expiry
+/// charged for exactly such calls, and is then settled as any call. The
+/// money adds up at every step, and audit agrees.
+pub async fn calls_reported_after_their_grant_expired_are_recorded_from_its_charge(
+    s: Arc<dyn Store>,
+) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    issued(s.issue_grant(grant(&a, "gnt_1", "dp1")).await.unwrap());
+    let from = |n, amount| NewReservation {
+        grant_id: Some("gnt_1".into()),
+        ..reservation(&a, n, amount)
+    };
+    s.reserve(from(0, 100)).await.unwrap();
+    s.end_grant("gnt_1", &a.id, GrantEnd::Expired { charge: true })
+        .await
+        .unwrap()
+        .unwrap();
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!((after.spent_micro, after.reserved_micro), (9_900, 100));
+
+    // Two late calls at once, and one of them again (a resent report).
+    let mut late = tokio::task::JoinSet::new();
+    for (n, amount) in [(1, 300), (2, 200), (1, 300)] {
+        let (s, r) = (s.clone(), from(n, amount));
+        late.spawn(async move { s.reserve(r).await.unwrap() });
+    }
+    let mut reserved = 0;
+    while let Some(outcome) = late.join_next().await {
+        match outcome.unwrap() {
+            ReserveOutcome::Reserved { .. } => reserved += 1,
+            ReserveOutcome::AlreadyAdmitted(_) => {}
+            other => panic!("a late call was not recorded: {other:?}"),
+        }
+    }
+    assert_eq!(reserved, 2);
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.spent_micro, after.reserved_micro),
+        (9_400, 600),
+        "500 µ back from the expiry's charge, into the two open calls"
+    );
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+
+    // Settled as any call: charged what they cost.
+    s.settle(settlement(&a, 1, 40)).await.unwrap();
+    s.settle(settlement(&a, 2, 200)).await.unwrap();
+    let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
+    assert_eq!((after.spent_micro, after.reserved_micro), (9_640, 100));
+
+    // Never more than the grant held: 10,000 − 600 used.
+    let big = s.reserve(from(3, 9_401)).await.unwrap();
+    assert!(matches!(big, ReserveOutcome::GrantNotCovered(_)), "{big:?}");
+    // A returned grant's calls were all reported before its return.
+    issued(s.issue_grant(grant(&a, "gnt_2", "dp2")).await.unwrap());
+    s.end_grant("gnt_2", &a.id, GrantEnd::Returned)
+        .await
+        .unwrap()
+        .unwrap();
+    let after_return = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_2".into()),
+            ..reservation(&a, 4, 100)
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(after_return, ReserveOutcome::GrantNotCovered(_)),
+        "{after_return:?}"
+    );
+
+    let events = all_events(s.as_ref()).await;
+    let late_admits: Vec<i64> = events
+        .iter()
+        .filter(|e| e.body.kind == "admit" && e.body.details_json.contains("\"late\":true"))
+        .map(|e| e.body.amount_micro)
+        .collect();
+    assert_eq!(late_admits.len(), 2);
+    let grant = s.open_grants(None).await.unwrap();
+    assert!(grant.iter().all(|g| g.id != "gnt_1"));
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
 }

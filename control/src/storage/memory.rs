@@ -130,17 +130,20 @@ impl Tables {
     ) -> ReserveOutcome {
         let r = &n.record;
         let found = self.grants.get(grant_id);
-        let grant = match carve_call(found, grant_id, &r.agent_id, r.amount_micro) {
-            Ok(g) => g,
+        let carve = match carve_call(found, grant_id, &r.agent_id, r.amount_micro) {
+            Ok(c) => c,
             Err(why) => return ReserveOutcome::GrantNotCovered(why),
         };
         let Some(agent) = self.agent(&r.agent_id) else {
             return ReserveOutcome::GrantNotCovered(format!("no agent {}", r.agent_id));
         };
         agent.last_activity_at_ms = Some(r.created_at_ms);
+        agent.reserved_micro += carve.reserved_delta;
+        agent.spent_micro -= carve.uncharged_micro;
         let remaining = agent.remaining_micro();
-        self.grants.insert(grant_id.to_string(), grant);
-        self.insert_reservation(key, n);
+        self.grants
+            .insert(grant_id.to_string(), carve.after.clone());
+        self.insert_reservation(key, &carve.reservation(n));
         ReserveOutcome::Reserved {
             remaining_micro: remaining,
         }

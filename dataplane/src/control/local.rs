@@ -8,7 +8,7 @@
 
 use super::ControlPlane;
 use super::grants::{LocalGrants, Report};
-use super::report::Queued;
+use super::report::{BacklogGuard, Queued};
 use aex_core::policy::{Ask, Endpoint, admissible, plan};
 use aex_proto::convert::{caller_from_pb, endpoint_from_pb};
 use aex_proto::v1 as pb;
@@ -38,6 +38,12 @@ impl ControlPlane {
             .expect("grants lock")
             .holds(&policy.agent_id, started)
         {
+            return None;
+        }
+        if self.settings.metrics.report_backlog.get() >= self.settings.max_backlog {
+            // Backpressure: the ledger is behind (or out of reach); the
+            // control plane admits only what it records.
+            self.settings.metrics.held_back.inc();
             return None;
         }
         let caller = caller_from_pb(&policy)?;
@@ -163,10 +169,13 @@ impl ControlPlane {
     pub(super) fn report(&self, report: Report) {
         // An ask need not hold a shutdown; calls and returns must arrive.
         let inflight = (!matches!(report, Report::Ask(_))).then(|| self.inflight.enter());
+        let backlog = matches!(report, Report::Item(_))
+            .then(|| BacklogGuard::enter(&self.settings.metrics.report_backlog));
         let queued = Queued {
             report,
             queued_at: tokio::time::Instant::now(),
             _inflight: inflight,
+            _backlog: backlog,
         };
         if self.reports.send(queued).is_err() {
             // Only if the reporter panicked; the grants then expire at

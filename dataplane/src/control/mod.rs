@@ -16,6 +16,7 @@ mod watch;
 
 pub use cache::{Cache, Route, parse_base_url};
 pub use inflight::{Inflight, InflightGuard};
+pub use report::MAX_BACKLOG;
 
 use crate::metrics::Metrics;
 use admit::PendingAdmit;
@@ -80,6 +81,10 @@ pub struct Settings {
     pub id: String,
     /// Whether busy agents' calls are admitted from grants (`--grants`).
     pub grants: bool,
+    /// Calls and settlements admitted from grants that may wait for the
+    /// control plane's acknowledgement before calls go central
+    /// ([`MAX_BACKLOG`] by default, `--report-backlog`).
+    pub max_backlog: i64,
     pub metrics: Arc<Metrics>,
 }
 
@@ -88,6 +93,7 @@ impl Default for Settings {
         Self {
             id: aex_core::secrets::new_id("dp"),
             grants: true,
+            max_backlog: MAX_BACKLOG,
             metrics: Arc::default(),
         }
     }

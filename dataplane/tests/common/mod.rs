@@ -50,27 +50,38 @@ pub async fn error_of(r: Response, status: u16, code: &str) -> Value {
     e
 }
 
+/// Every event of `agent`, in order (read a page at a time).
 pub async fn events(stack: &Stack, agent: &str) -> Vec<pb::Event> {
+    const PAGE: u32 = 10_000;
     let mut client = LedgerServiceClient::connect(stack.control.url())
         .await
         .unwrap();
-    let mut request = tonic::Request::new(pb::ListEventsRequest {
-        agent_name: agent.into(),
-        limit: 10_000,
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", stack.home.admin_token())
-            .parse()
-            .unwrap(),
-    );
-    client
-        .list_events(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .events
+    let mut all: Vec<pb::Event> = Vec::new();
+    loop {
+        let mut request = tonic::Request::new(pb::ListEventsRequest {
+            agent_name: agent.into(),
+            limit: PAGE,
+            after_seq: all.last().map_or(0, |e| e.seq),
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", stack.home.admin_token())
+                .parse()
+                .unwrap(),
+        );
+        let page = client
+            .list_events(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let last = page.len() < PAGE as usize;
+        all.extend(page);
+        if last {
+            return all;
+        }
+    }
 }
 
 pub async fn read_sse(r: Response) -> String {

@@ -1,10 +1,12 @@
 //! Grants as folds of their events: `grant.issued` opens one, every `admit`
 //! naming it takes its amount (and a request credit) from it,
-//! `grant.returned` or `grant.expired` ends it. Audit compares every grant
+//! `grant.returned` or `grant.expired` ends it; an `admit` reported late
+//! takes its amount from an expired one, and back from its charge. Audit compares every grant
 //! row with the fold, so a grant invented, enlarged, reopened or deleted in
 //! the database — each a way to admit calls past a budget — is named.
 
 use crate::storage::{EventKind, EventRecord, GrantRecord, GrantState};
+use aex_core::grant::{LATE, UNCHARGED};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -60,10 +62,30 @@ impl GrantFold {
                 let Some(grant) = details["grant"].as_str() else {
                     return;
                 };
+                // A call reported after its grant expired says so, and what
+                // it took back from the expiry's charge
+                // (`aex_core::grant::GrantRecord::carved`).
+                let late = details[LATE].as_bool() == Some(true);
+                let expected = if late {
+                    GrantState::Expired
+                } else {
+                    GrantState::Open
+                };
                 match self.grants.get_mut(grant) {
-                    Some(g) if g.state == GrantState::Open && g.agent_id == b.agent_id => {
+                    Some(g) if g.state == expected && g.agent_id == b.agent_id => {
                         g.used_micro = g.used_micro.saturating_add(b.amount_micro);
                         g.requests_used += 1;
+                        if late {
+                            let uncharged = details[UNCHARGED].as_i64().unwrap_or(0);
+                            g.charged_micro -= uncharged;
+                            if uncharged < 0 || uncharged > b.amount_micro || g.charged_micro < 0
+                            {
+                                self.problems.push(format!(
+                                    "event seq {} takes {uncharged} µ back from grant {grant}'s expiry charge, more than the call or the charge",
+                                    b.seq
+                                ));
+                            }
+                        }
                         if g.used_micro > g.budget_micro {
                             self.problems.push(format!(
                                 "grant {grant}: calls admitted from it reserve {} µ, more than its {} µ",
@@ -72,8 +94,10 @@ impl GrantFold {
                         }
                     }
                     _ => self.problems.push(format!(
-                        "event seq {} admits reservation {} from grant {grant}, which was not open for its agent",
-                        b.seq, b.reservation_id
+                        "event seq {} admits reservation {} from grant {grant}, which was not {} for its agent",
+                        b.seq,
+                        b.reservation_id,
+                        expected.as_str()
                     )),
                 }
             }

@@ -155,19 +155,21 @@ pub(super) async fn reserve_from_grant(
 ) -> Result<ReserveOutcome, StoreError> {
     let r = &n.record;
     let found = grant(conn, grant_id).await?;
-    let carved = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
-        Ok(g) => g,
+    let carve = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
+        Ok(c) => c,
         Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
     };
+    let carved = &carve.after;
     let (remaining,): (i64,) = sqlx::query_as(
-        "WITH carved AS (UPDATE grants SET used_micro = $13, requests_used = $14 \
-         WHERE id = $15 AND state = 'open'), \
+        "WITH carved AS (UPDATE grants SET used_micro = $13, requests_used = $14, \
+         charged_micro = $18 WHERE id = $15 AND state = $19), \
          inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
          amount_micro, input_pico_per_token, output_pico_per_token, \
          input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, \
          cached_input_pico_per_token, cache_write_pico_per_token) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $16, $17)) \
-         UPDATE agents SET last_activity_at_ms = $11 WHERE id = $3 \
+         UPDATE agents SET last_activity_at_ms = $11, reserved_micro = reserved_micro + $20, \
+         spent_micro = spent_micro - $21 WHERE id = $3 \
          RETURNING budget_micro - spent_micro - reserved_micro",
     )
     .bind(&r.id)
@@ -187,9 +189,13 @@ pub(super) async fn reserve_from_grant(
     .bind(grant_id)
     .bind(r.pricing.cached_input_pico_per_token)
     .bind(r.pricing.cache_write_pico_per_token)
+    .bind(carved.charged_micro)
+    .bind(carved.state.as_str())
+    .bind(carve.reserved_delta)
+    .bind(carve.uncharged_micro)
     .fetch_one(&mut *conn)
     .await?;
-    chain.append(&admit_event(n));
+    chain.append(&admit_event(&carve.reservation(n)));
     Ok(ReserveOutcome::Reserved {
         remaining_micro: remaining,
     })

@@ -120,7 +120,8 @@ pub(super) fn end_grant(
 }
 
 /// A call a data plane admitted from a grant: its amount moves from the
-/// grant's unused part to the reservation; the agent's `reserved` stays.
+/// grant to the reservation (from an expired grant, out of its expiry's
+/// charge: [`aex_core::grant::GrantRecord::carved`]).
 pub(super) fn reserve_from_grant(
     conn: &Connection,
     chain: &mut Chain<'_>,
@@ -129,25 +130,38 @@ pub(super) fn reserve_from_grant(
 ) -> Result<ReserveOutcome, StoreError> {
     let r = &n.record;
     let found = grant(conn, grant_id)?;
-    let carved = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
-        Ok(g) => g,
+    let carve = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
+        Ok(c) => c,
         Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
     };
+    let g = &carve.after;
     conn.prepare_cached(
-        "UPDATE grants SET used_micro = ?2, requests_used = ?3 WHERE id = ?1 AND state = 'open'",
+        "UPDATE grants SET used_micro = ?2, requests_used = ?3, charged_micro = ?4 \
+         WHERE id = ?1 AND state = ?5",
     )?
     .execute(params![
         grant_id,
-        carved.used_micro,
-        i64::from(carved.requests_used)
+        g.used_micro,
+        i64::from(g.requests_used),
+        g.charged_micro,
+        g.state.as_str(),
     ])?;
     let remaining: i64 = conn
         .prepare_cached(
-            "UPDATE agents SET last_activity_at_ms = ?2 WHERE id = ?1 \
+            "UPDATE agents SET last_activity_at_ms = ?2, reserved_micro = reserved_micro + ?3, \
+             spent_micro = spent_micro - ?4 WHERE id = ?1 \
              RETURNING budget_micro - spent_micro - reserved_micro",
         )?
-        .query_row(params![r.agent_id, r.created_at_ms], |row| row.get(0))?;
-    insert_reservation(conn, chain, n)?;
+        .query_row(
+            params![
+                r.agent_id,
+                r.created_at_ms,
+                carve.reserved_delta,
+                carve.uncharged_micro
+            ],
+            |row| row.get(0),
+        )?;
+    insert_reservation(conn, chain, &carve.reservation(n))?;
     Ok(ReserveOutcome::Reserved {
         remaining_micro: remaining,
     })
