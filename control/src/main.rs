@@ -39,6 +39,11 @@ struct Args {
     /// How often expired reservations are swept.
     #[arg(long, default_value_t = 1_000)]
     sweep_interval_ms: u64,
+    /// Pause an agent once usage its provider reported past its
+    /// reservations (never charged) adds up to this share of its budget,
+    /// at least $0.001; `off`: record overruns only.
+    #[arg(long, env = "AEX_OVERRUN_ALLOWANCE", default_value = "1%", value_parser = parse_overrun_allowance)]
+    overrun_allowance: aex_core::overrun::OverrunLimit,
     /// Address of the Prometheus `/metrics` endpoint, or `off`.
     #[arg(
         long,
@@ -138,6 +143,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ExpiryPolicy::Charge
         },
         sweep_interval_ms: args.sweep_interval_ms.max(10),
+        overrun_limit: args.overrun_allowance,
     };
     let mut control = Control::open(&home, &database, reservations).await?;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
@@ -176,4 +182,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// `--overrun-allowance`: `N%` of the budget (at least the default floor),
+/// or `off`.
+fn parse_overrun_allowance(s: &str) -> Result<aex_core::overrun::OverrunLimit, String> {
+    use aex_core::overrun::OverrunLimit;
+    if s == "off" {
+        return Ok(OverrunLimit::OFF);
+    }
+    s.strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .filter(|n| *n <= 100)
+        .map(|percent_of_budget| OverrunLimit {
+            percent_of_budget,
+            ..OverrunLimit::DEFAULT
+        })
+        .ok_or_else(|| format!("'{s}' is not an allowance: give a whole percentage of the budget from 0% to 100% (e.g. 1%), or off"))
 }

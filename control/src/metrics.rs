@@ -19,6 +19,8 @@ pub struct ControlMetrics {
     pub grants: IntCounterVec,
     /// Items per `Report` from data planes.
     pub report_items: Histogram,
+    /// Agents paused by AEX itself, by reason (`overruns`).
+    pub agents_stopped: IntCounterVec,
 }
 
 impl Default for ControlMetrics {
@@ -72,8 +74,17 @@ impl Default for ControlMetrics {
             .buckets(vec![0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
         )
         .expect("valid metric");
+        let agents_stopped = IntCounterVec::new(
+            Opts::new(
+                "aex_agents_stopped_total",
+                "Agents AEX paused itself, by reason (overruns: provider-reported usage past the allowance)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(admissions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(agents_stopped.clone()),
             Box::new(admit_seconds.clone()),
             Box::new(settlements.clone()),
             Box::new(charged_micro.clone()),
@@ -96,6 +107,7 @@ impl Default for ControlMetrics {
             agents,
             grants,
             report_items,
+            agents_stopped,
         }
     }
 }

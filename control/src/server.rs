@@ -40,6 +40,8 @@ pub struct ReservationSettings {
     pub expiry_policy: ExpiryPolicy,
     /// How often expired reservations are swept.
     pub sweep_interval_ms: u64,
+    /// When usage reported past reservations pauses an agent.
+    pub overrun_limit: aex_core::overrun::OverrunLimit,
 }
 
 impl Default for ReservationSettings {
@@ -48,6 +50,7 @@ impl Default for ReservationSettings {
             ttl_ms: 120_000,
             expiry_policy: ExpiryPolicy::Charge,
             sweep_interval_ms: 1_000,
+            overrun_limit: aex_core::overrun::OverrunLimit::DEFAULT,
         }
     }
 }
@@ -170,7 +173,9 @@ impl Control {
         // Listening before loading: a change committed in between is
         // re-read, never missed.
         let changes = store.changes().await?;
-        let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms).await?;
+        let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms)
+            .await?
+            .with_overrun_limit(reservations.overrun_limit);
         let state = Arc::new(ControlState::new(
             store,
             admission,

@@ -14,6 +14,7 @@ pub mod event;
 pub mod grant;
 pub mod home;
 pub mod money;
+pub mod overrun;
 pub mod policy;
 pub mod process;
 pub mod reservation;

@@ -32,7 +32,17 @@ impl Api {
         }
     }
 
-    /// The field carrying the output cap.
+    /// The fields this API defines for the output cap.
+    fn standard_caps(self) -> &'static [&'static str] {
+        match self {
+            Api::ChatCompletions => &["max_tokens", "max_completion_tokens"],
+            Api::Responses => &["max_output_tokens"],
+            Api::Completions => &["max_tokens"],
+            Api::Embeddings => &[],
+        }
+    }
+
+    /// The field AEX sets the output cap in when the client set none.
     fn output_field(self) -> Option<&'static str> {
         match self {
             Api::ChatCompletions => Some("max_completion_tokens"),
@@ -87,13 +97,71 @@ pub struct Inspected {
     body: Map<String, Value>,
 }
 
+/// Fields some server reads as the output cap besides the API's own
+/// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`): llama.cpp's
+/// `n_predict`, Ollama's `num_predict`, Hugging Face's `max_new_tokens`,
+/// Anthropic's legacy `max_tokens_to_sample`, Meta's `max_gen_len`,
+/// Gemini's `maxOutputTokens`. A server honouring one the reservation did
+/// not account for generates past it (issue #31: SGLang honours the larger
+/// of two, llama.cpp's `n_predict` runs to 4,000 tokens on a 10-token
+/// reservation), so every one a client sets is rewritten to the cap
+/// reserved for.
+const ALTERNATIVE_CAPS: &[&str] = &[
+    "n_predict",
+    "num_predict",
+    "max_new_tokens",
+    "max_tokens_to_sample",
+    "max_gen_len",
+    "maxOutputTokens",
+];
+
+/// Objects whose fields some servers read as generation options (Ollama's
+/// `options`, Hugging Face's `parameters`, `generation_config` /
+/// `generationConfig`): caps inside them are rewritten too.
+const OPTION_OBJECTS: &[&str] = &[
+    "options",
+    "parameters",
+    "generation_config",
+    "generationConfig",
+];
+
+/// Every name that caps output, standard or not.
+fn is_cap_field(name: &str) -> bool {
+    matches!(
+        name,
+        "max_tokens" | "max_completion_tokens" | "max_output_tokens"
+    ) || ALTERNATIVE_CAPS.contains(&name)
+}
+
+/// The smallest positive integer cap a client set in a field the API does
+/// not define (at the top or in an options object). Lenient, unlike the
+/// API's own fields: such a field's other values (llama.cpp's `-1`:
+/// unlimited, or a value past any real cap) set no cap, and it is
+/// rewritten to the reserved one anyway.
+fn alternative_cap(body: &Map<String, Value>, standard: &[&str]) -> Option<u64> {
+    let positive = |v: &Value| {
+        v.as_u64()
+            .filter(|n| (1..=MAX_OUTPUT_TOKENS_PARAM).contains(n))
+    };
+    let top = body
+        .iter()
+        .filter(|(k, _)| is_cap_field(k) && !standard.contains(&k.as_str()))
+        .filter_map(|(_, v)| positive(v));
+    let nested = OPTION_OBJECTS
+        .iter()
+        .filter_map(|o| body.get(*o).and_then(Value::as_object))
+        .flat_map(|o| o.iter())
+        .filter(|(k, _)| is_cap_field(k))
+        .filter_map(|(_, v)| positive(v));
+    top.chain(nested).min()
+}
+
 /// The client's body with a few fields replaced, serialised without
 /// copying it: a prompt can be tens of KB (OpenClaw re-sends its system
 /// prompt every turn), and only the fields AEX sets change.
 struct Overlay<'a> {
     base: &'a Map<String, Value>,
-    replaced: Vec<(&'static str, Value)>,
-    dropped: Option<&'static str>,
+    replaced: Vec<(&'a str, Value)>,
 }
 
 impl serde::Serialize for Overlay<'_> {
@@ -102,7 +170,7 @@ impl serde::Serialize for Overlay<'_> {
         let mut map = s.serialize_map(None)?;
         for (k, v) in self.base {
             let replaced = self.replaced.iter().any(|(r, _)| r == k);
-            if !replaced && self.dropped != Some(k.as_str()) {
+            if !replaced {
                 map.serialize_entry(k, v)?;
             }
         }
@@ -323,11 +391,17 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
         },
         Api::Completions => {}
     }
-    let requested_output_tokens = match api {
-        Api::ChatCompletions => output_cap(&body, &["max_tokens", "max_completion_tokens"])?,
-        Api::Responses => output_cap(&body, &["max_output_tokens"])?,
-        Api::Completions => output_cap(&body, &["max_tokens"])?,
-        Api::Embeddings => None,
+    let requested_output_tokens = match api.standard_caps() {
+        [] => None,
+        standard => {
+            let own = output_cap(&body, standard)?;
+            // The smallest cap any server might honour is what the client
+            // asked for.
+            [own, alternative_cap(&body, standard)]
+                .into_iter()
+                .flatten()
+                .min()
+        }
     };
     let output_multiplier = output_multiplier(api, &body)?;
     for key in ["tools", "functions"] {
@@ -368,21 +442,42 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
 }
 
 impl Inspected {
-    /// The body for the provider: its model name, the output cap when AEX
-    /// chose one, and a request for usage in streams. Everything else the
-    /// client sent is passed through untouched.
-    pub fn upstream_body(&self, provider_model: &str, output_cap: Option<u64>) -> Vec<u8> {
+    /// The body for the provider: its model name, exactly one output cap
+    /// (the one reserved for), and a request for usage in streams.
+    /// Everything else the client sent is passed through untouched.
+    ///
+    /// The cap is written under every name the client used for one — so
+    /// the server the client wrote for reads it under the name it knows,
+    /// and none can honour a larger value under another name — or, when it
+    /// used none, under the API's own name.
+    pub fn upstream_body(&self, provider_model: &str, output_cap: u64) -> Vec<u8> {
         let mut body = Overlay {
             base: &self.body,
             replaced: vec![("model", Value::String(provider_model.to_string()))],
-            dropped: None,
         };
-        if let (Some(cap), Some(field)) = (output_cap, self.api.output_field()) {
-            // A clamp must win over whatever name the client used.
-            if self.api == Api::ChatCompletions {
-                body.dropped = Some("max_tokens");
+        if let Some(field) = self.api.output_field() {
+            let cap = Value::from(output_cap);
+            let mut named = false;
+            for k in self.body.keys().filter(|k| is_cap_field(k)) {
+                named |= self.api.standard_caps().contains(&k.as_str());
+                body.replaced.push((k, cap.clone()));
             }
-            body.replaced.push((field, Value::from(cap)));
+            if !named {
+                body.replaced.push((field, cap.clone()));
+            }
+            for name in OPTION_OBJECTS {
+                if let Some(Value::Object(o)) = self.body.get(*name)
+                    && o.keys().any(|k| is_cap_field(k))
+                {
+                    let mut o = o.clone();
+                    for (k, v) in o.iter_mut() {
+                        if is_cap_field(k) {
+                            *v = cap.clone();
+                        }
+                    }
+                    body.replaced.push((name, Value::Object(o)));
+                }
+            }
         }
         if self.stream && matches!(self.api, Api::ChatCompletions | Api::Completions) {
             let options = match self.body.get("stream_options") {
@@ -660,27 +755,98 @@ mod tests {
         )
         .unwrap();
         assert!(!i.client_wants_usage);
-        let out: Value =
-            serde_json::from_slice(&i.upstream_body("real-model", Some(4096))).unwrap();
+        let out: Value = serde_json::from_slice(&i.upstream_body("real-model", 4096)).unwrap();
         assert_eq!(out["model"], "real-model");
-        assert_eq!(out["max_completion_tokens"], 4096);
-        assert!(out.get("max_tokens").is_none());
+        assert_eq!(out["max_tokens"], 4096, "the client's own name, clamped");
+        assert!(out.get("max_completion_tokens").is_none());
         assert_eq!(out["stream_options"]["include_usage"], true);
         assert_eq!(out["logit_bias"], json!({"1":2}));
         assert_eq!(out["x_custom"], json!([1]));
-        let untouched: Value =
-            serde_json::from_slice(&i.upstream_body("real-model", None)).unwrap();
-        assert_eq!(untouched["max_tokens"], 9000);
         let r = inspect(
             Api::Responses,
             br#"{"model":"a","input":"x","stream":true}"#,
         )
         .unwrap();
-        let out: Value = serde_json::from_slice(&r.upstream_body("b", Some(10))).unwrap();
+        let out: Value = serde_json::from_slice(&r.upstream_body("b", 10)).unwrap();
         assert_eq!(out["max_output_tokens"], 10);
         assert!(
             out.get("stream_options").is_none(),
             "responses streams always carry usage"
+        );
+    }
+
+    /// Issue #31, finding 2: whatever cap fields a client sends, the
+    /// provider receives one cap — the reserved one — under each of them;
+    /// the smallest any server could honour is what is reserved for.
+    #[test]
+    fn the_provider_receives_only_the_cap_reserved_for() {
+        let i = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "max_tokens":10,"max_completion_tokens":4000,"n_predict":4000,
+            "options":{"num_predict":-1,"temperature":0.2},"max_new_tokens":"lots"}),
+        )
+        .unwrap();
+        assert_eq!(i.requested_output_tokens, Some(10));
+        let out: Value = serde_json::from_slice(&i.upstream_body("p", 10)).unwrap();
+        for field in [
+            "max_tokens",
+            "max_completion_tokens",
+            "n_predict",
+            "max_new_tokens",
+        ] {
+            assert_eq!(out[field], 10, "{field}: {out}");
+        }
+        assert_eq!(
+            out["options"],
+            json!({"num_predict": 10, "temperature": 0.2})
+        );
+        // A smaller alternative cap is the request: reserved for, sent in
+        // the API's own name too.
+        let i = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "n_predict":7}),
+        )
+        .unwrap();
+        assert_eq!(i.requested_output_tokens, Some(7));
+        let out: Value = serde_json::from_slice(&i.upstream_body("p", 7)).unwrap();
+        assert_eq!(
+            (
+                out["n_predict"].clone(),
+                out["max_completion_tokens"].clone()
+            ),
+            (json!(7), json!(7))
+        );
+        // None at all: the API's own field, nothing else.
+        let i = chat(json!({"model":"m","messages":[{"role":"user","content":"x"}]})).unwrap();
+        let out: Value = serde_json::from_slice(&i.upstream_body("p", 4096)).unwrap();
+        let caps: Vec<&String> = out
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| is_cap_field(k))
+            .collect();
+        assert_eq!(caps, ["max_completion_tokens"]);
+        // Responses and completions alike.
+        let r = inspect(
+            Api::Responses,
+            br#"{"model":"a","input":"x","max_output_tokens":50,"max_tokens":900}"#,
+        )
+        .unwrap();
+        assert_eq!(r.requested_output_tokens, Some(50));
+        let out: Value = serde_json::from_slice(&r.upstream_body("b", 50)).unwrap();
+        assert_eq!(
+            (out["max_output_tokens"].clone(), out["max_tokens"].clone()),
+            (json!(50), json!(50))
+        );
+        let c = inspect(
+            Api::Completions,
+            br#"{"model":"a","prompt":"x","max_tokens":5,"num_predict":99}"#,
+        )
+        .unwrap();
+        let out: Value = serde_json::from_slice(&c.upstream_body("b", 5)).unwrap();
+        assert_eq!(
+            (out["max_tokens"].clone(), out["num_predict"].clone()),
+            (json!(5), json!(5))
         );
     }
 }

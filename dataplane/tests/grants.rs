@@ -42,13 +42,18 @@ fn three_planes(stack: &Stack) -> Vec<DataPlane> {
 async fn a_busy_agent_is_admitted_from_grants_and_its_budget_stays_exact() {
     let stack = Stack::start().await;
     let call = CostlyCall::new();
-    let token = stack.agent("busy", &call.budget_for(50), "100000", &[]);
+    let token = stack.agent("busy", &call.budget_for(200), "100000", &[]);
 
-    let statuses = run_calls(&stack, &token, &call, 300, 8).await;
+    // At most the edge's 4 calls at once: a grant paced to a fast agent
+    // takes all but the edge, and central calls still under way while it
+    // travels to the data plane would otherwise find the edge spent and
+    // recall it (by design; then the whole run is central and this test
+    // proves nothing: seen with 8 at once on a fast machine).
+    let statuses = run_calls(&stack, &token, &call, 600, 4).await;
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 402).count();
-    assert_eq!((ok, refused), (50, 250), "{statuses:?}");
-    assert_eq!(stack.mock.count(), 50);
+    assert_eq!((ok, refused), (200, 400), "{statuses:?}");
+    assert_eq!(stack.mock.count(), 200);
 
     let local = plane_metric(
         &stack.data,
@@ -56,13 +61,13 @@ async fn a_busy_agent_is_admitted_from_grants_and_its_budget_stays_exact() {
         &[("path", "local")],
     )
     .await;
-    assert!(local > 0.0, "no call was admitted from a grant");
     println!("{ok} admitted, {local} of them from grants");
+    assert!(local > 0.0, "no call was admitted from a grant");
 
     // Every grant goes back (idle, or recalled at the edge) and nothing is
     // left reserved.
     let agent = stack.settled("busy", Duration::from_secs(10)).await;
-    assert_eq!(agent["spent_micro"], 50 * call.cost_micro, "{agent}");
+    assert_eq!(agent["spent_micro"], 200 * call.cost_micro, "{agent}");
     let ev = events(&stack, "busy").await;
     let admits_from_grants = ev
         .iter()
@@ -72,19 +77,19 @@ async fn a_busy_agent_is_admitted_from_grants_and_its_budget_stays_exact() {
         admits_from_grants as f64, local,
         "one admit event per local call"
     );
-    assert_eq!(ev.iter().filter(|e| e.kind == "admit").count(), 50);
+    assert_eq!(ev.iter().filter(|e| e.kind == "admit").count(), 200);
     assert!(ev.iter().any(|e| e.kind == "grant.issued"));
     let settles: i64 = ev
         .iter()
         .filter(|e| e.kind == "settle")
         .map(|e| e.amount_micro)
         .sum();
-    assert_eq!(settles, 50 * call.cost_micro, "ledger = sum of settles");
+    assert_eq!(settles, 200 * call.cost_micro, "ledger = sum of settles");
     assert_eq!(
         ev.iter()
             .filter(|e| e.kind == "deny" && e.reason == "budget")
             .count(),
-        250,
+        400,
         "every refusal logged once"
     );
     assert!(

@@ -173,6 +173,15 @@ async fn a_lying_provider_is_charged_at_most_the_reservation_and_the_rest_is_an_
     );
     let reported = 10_000_000 + 10_000_000 * 2;
     assert_eq!(agent["overrun_micro"], reported - reserved);
+    // Hardening II: past its allowance the agent is stopped; an admin who
+    // trusts the provider again resumes it.
+    stack
+        .in_state("lied-to", "paused", Duration::from_secs(5))
+        .await;
+    stack
+        .control
+        .aexctl(&["agent", "resume", "lied-to"])
+        .assert_ok();
 
     let max = u64::MAX.to_string();
     let usage = format!("{max},{max}");

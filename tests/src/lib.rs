@@ -693,4 +693,21 @@ default_model: mock-model
     pub async fn settled(&self, agent: &str, within: Duration) -> serde_json::Value {
         self.control.settled(agent, within).await
     }
+
+    /// Waits until `agent` is in `state` (`aexctl agent inspect`'s word for
+    /// it); returns the agent.
+    pub async fn in_state(&self, agent: &str, state: &str, within: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let a = self.inspect(agent);
+            if a["state"] == state {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not {state} within {within:?}: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

@@ -6,6 +6,7 @@ use super::limiter::{Gcra, TokenBucket};
 
 pub use aex_proto::convert::endpoint_from_pb;
 mod grants;
+mod overruns;
 mod shared;
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
@@ -116,6 +117,8 @@ pub struct Settled {
     pub already_settled: bool,
     /// Reported usage beyond the reservation, recorded apart (0: none).
     pub overrun_micro: i64,
+    /// The agent's overruns crossed their allowance: it is now paused.
+    pub stopped_for_overruns: bool,
 }
 
 /// The charge for a finished call: see [`aex_core::money::charge`].
@@ -235,6 +238,8 @@ pub struct AdmissionCore {
     /// RPM limiters shared with the other control planes on the database.
     shared_rates: Option<Arc<dyn crate::storage::SharedRates>>,
     grants: Mutex<grants::GrantBook>,
+    /// When overruns pause an agent (`overruns.rs`).
+    overrun_limit: aex_core::overrun::OverrunLimit,
 }
 
 /// Denials of tokens no agent has, gathered between two flushes.
@@ -329,6 +334,7 @@ impl AdmissionCore {
             admin_changes: tokio::sync::Mutex::new(()),
             shared_rates,
             grants: Mutex::new(grants),
+            overrun_limit: aex_core::overrun::OverrunLimit::DEFAULT,
         })
     }
 
@@ -1048,6 +1054,7 @@ impl AdmissionCore {
                 remaining_micro: 0,
                 already_settled: true,
                 overrun_micro: 0,
+                stopped_for_overruns: false,
             });
         };
         let aex_core::money::Charge {
@@ -1128,12 +1135,17 @@ impl AdmissionCore {
                 remaining_micro,
                 already_settled: false,
                 overrun_micro,
+                stopped_for_overruns: overrun_micro > 0
+                    && self
+                        .stop_for_overruns(&record.agent_id, overrun_micro)
+                        .await?,
             },
             SettleOutcome::AlreadyClosed | SettleOutcome::UnknownReservation => Settled {
                 charged_micro: 0,
                 remaining_micro: 0,
                 already_settled: true,
                 overrun_micro: 0,
+                stopped_for_overruns: false,
             },
         })
     }

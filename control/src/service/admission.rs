@@ -229,6 +229,12 @@ pub(super) async fn settle_one(
         metrics
             .charged_micro
             .inc_by(settled.charged_micro.max(0) as u64);
+        if settled.stopped_for_overruns {
+            metrics
+                .agents_stopped
+                .with_label_values(&[aex_core::overrun::REASON])
+                .inc();
+        }
     }
     Ok(pb::SettleResponse {
         charged_micro: settled.charged_micro,

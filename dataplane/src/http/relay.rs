@@ -93,13 +93,10 @@ impl Gateway {
                 finished,
             );
         };
-        let cap = call
-            .admission
-            .output_cap_injected
-            .then_some(call.admission.output_tokens_cap);
-        let body = call
-            .inspected
-            .upstream_body(&call.admission.provider_model, cap);
+        let body = call.inspected.upstream_body(
+            &call.admission.provider_model,
+            call.admission.output_tokens_cap,
+        );
         let client_headers = forwardable_headers(session, &route);
         finished.upstream_started = Some(Instant::now());
         let opened = tokio::select! {

@@ -1,0 +1,148 @@
+//! Regression tests for Hardening II (issue #31): each finding reproduced
+//! from outside, as a client or a lying provider would, and shown fixed.
+//! The grants findings (reports after an outage, backpressure) are in
+//! `grants.rs`. Real processes; the mock is in-process.
+
+use aex_tests::Stack;
+use serde_json::{Value, json};
+
+mod common;
+use common::*;
+
+/// Finding 2: a body naming two caps (and a server's own) was reserved for
+/// the smaller and forwarded with all of them; a server honouring the
+/// larger (SGLang) or llama.cpp's `n_predict` generated up to it. Now the
+/// provider receives the reserved cap, and only it, under every name.
+#[tokio::test]
+async fn the_provider_receives_only_the_output_cap_reserved_for() {
+    let stack = Stack::start().await;
+    let token = stack.agent("capped", "1", "6000", &[]);
+    let mut body = chat("mock-model");
+    body["max_tokens"] = json!(10);
+    body["max_completion_tokens"] = json!(4000);
+    body["n_predict"] = json!(4000);
+    body["options"] = json!({"num_predict": -1, "temperature": 0});
+    let r = post(&stack, &token, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let seen = stack
+        .mock
+        .requests()
+        .pop()
+        .expect("the call reached the mock");
+    let caps: Vec<(&str, &Value)> = ["max_tokens", "max_completion_tokens", "n_predict"]
+        .into_iter()
+        .map(|f| (f, &seen.body[f]))
+        .collect();
+    assert_eq!(
+        caps,
+        [
+            ("max_tokens", &json!(10)),
+            ("max_completion_tokens", &json!(10)),
+            ("n_predict", &json!(10)),
+        ]
+    );
+    assert_eq!(
+        seen.body["options"],
+        json!({"num_predict": 10, "temperature": 0})
+    );
+
+    // The smaller cap under a server's own name is what is reserved for.
+    let mut body = chat("mock-model");
+    body["n_predict"] = json!(3);
+    let r = post(&stack, &token, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let seen = stack.mock.requests().pop().unwrap();
+    assert_eq!(
+        (&seen.body["n_predict"], &seen.body["max_completion_tokens"]),
+        (&json!(3), &json!(3))
+    );
+    let admitted = events(&stack, "capped")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "admit")
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.details_json).unwrap()["output_tokens_cap"].clone()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(admitted, [json!(10), json!(3)]);
+}
+
+/// Finding 3: a $0.01 agent ran up 39,998,200 µ of provider-reported usage
+/// in 40 calls and stayed active. Now the first answer past the allowance
+/// pauses it, with the reason in the event and a metric to alert on; its
+/// next calls are refused, and nothing more reaches the provider.
+#[tokio::test]
+async fn a_provider_billing_past_the_reservations_stops_the_agent() {
+    let stack = Stack::start().await;
+    let token = stack.agent("overrun", "0.01", "6000", &[]);
+    let body = chat("mock-model");
+    let lie = [("x-mock-usage", "1000000,1000000")];
+    let r = post(&stack, &token, "/v1/chat/completions", &body, &lie).await;
+    assert_eq!(r.status().as_u16(), 200);
+    stack
+        .in_state("overrun", "paused", std::time::Duration::from_secs(5))
+        .await;
+    let calls_before = stack.mock.count();
+    for _ in 0..5 {
+        let r = post(&stack, &token, "/v1/chat/completions", &body, &lie).await;
+        assert_eq!(r.status().as_u16(), 403, "a stopped agent is refused");
+    }
+    assert_eq!(
+        stack.mock.count(),
+        calls_before,
+        "nothing more reached the provider"
+    );
+
+    let paused: Vec<_> = events(&stack, "overrun")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "agent.paused")
+        .collect();
+    assert_eq!(paused.len(), 1);
+    assert_eq!(paused[0].reason, "overruns");
+    let details: Value = serde_json::from_str(&paused[0].details_json).unwrap();
+    assert_eq!(details["allowance_micro"], 1_000);
+    assert!(details["overrun_micro"].as_i64().unwrap() > 2_000_000);
+    let metrics = reqwest::get(&stack.control.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        aex_tests::prometheus_value(
+            &metrics,
+            "aex_agents_stopped_total",
+            &[("reason", "overruns")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    // A call a few tokens past its bound (a chat template's own tokens on
+    // a tiny prompt) is recorded, not a reason to stop.
+    let honest = stack.agent("honest", "1", "6000", &[]);
+    let mut body = chat("mock-model");
+    body["max_tokens"] = json!(1);
+    let input = serde_json::to_vec(&body).unwrap().len();
+    let usage = format!("{},1", input + 3);
+    let r = post(
+        &stack,
+        &honest,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-usage", usage.as_str())],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let agent = stack
+        .settled("honest", std::time::Duration::from_secs(5))
+        .await;
+    let overrun = agent["overrun_micro"].as_i64().unwrap();
+    assert!(
+        agent["state"] == "active" && (1..=10).contains(&overrun),
+        "{agent}"
+    );
+    let out = stack.control.aexctl(&["audit", "--json"]);
+    assert_eq!(out.code(), 0, "{}", out.stdout);
+}
