@@ -3,6 +3,7 @@
 //! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
 
 pub mod control;
+pub mod generated;
 pub mod http;
 pub mod metering;
 pub mod metrics;

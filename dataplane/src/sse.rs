@@ -4,6 +4,7 @@
 //! the output text so far, and keeps the last usage the provider reported.
 //! Pure: bytes in, bytes out, whatever the chunking.
 
+use crate::generated::{audio_bytes, generated_bytes};
 use crate::openai::Api;
 use serde_json::Value;
 
@@ -68,20 +69,9 @@ pub fn usage_of_body(api: Api, body: &[u8]) -> Option<Usage> {
         .and_then(|v| usage_of(api, &v))
 }
 
-fn content_len(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::String(s)) => s.len() as u64,
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| text_len(p.get("text")) + text_len(p.get("refusal")))
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// Bytes of generated text (content, refusals, reasoning, tool arguments)
-/// in a complete response object: what a provider's usage must at least
-/// account for.
+/// Bytes of generated text (content, refusals, reasoning, audio, tool
+/// arguments, any field [`generated_bytes`] counts) in a complete response
+/// object: what a provider's usage must at least account for.
 pub fn output_text_bytes(api: Api, object: &Value) -> u64 {
     let items = |key: &str| {
         object
@@ -92,32 +82,17 @@ pub fn output_text_bytes(api: Api, object: &Value) -> u64 {
     };
     match api {
         Api::Embeddings => 0,
-        Api::Responses => items("output")
-            .map(|item| {
-                content_len(item.get("content"))
-                    + text_len(item.get("arguments"))
-                    + content_len(item.get("summary"))
-            })
-            .sum(),
-        Api::ChatCompletions | Api::Completions => items("choices")
-            .map(|choice| {
-                let message = choice.get("message");
-                let field = |k: &str| message.and_then(|m| m.get(k));
-                text_len(choice.get("text"))
-                    + content_len(field("content"))
-                    + text_len(field("refusal"))
-                    + text_len(field("reasoning_content"))
-                    + text_len(field("reasoning"))
-                    + text_len(field("function_call").and_then(|f| f.get("arguments")))
-                    + field("tool_calls")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .map(|c| text_len(c.get("function").and_then(|f| f.get("arguments"))))
-                        .sum::<u64>()
-            })
-            .sum(),
+        Api::Responses => items("output").map(generated_bytes).sum(),
+        Api::ChatCompletions | Api::Completions => items("choices").map(choice_bytes).sum(),
     }
+}
+
+/// What one choice (of a chunk or a whole answer) generated: completions'
+/// `text`, a chunk's `delta`, and a `message` wherever it appears.
+fn choice_bytes(choice: &Value) -> u64 {
+    text_len(choice.get("text"))
+        + choice.get("delta").map_or(0, generated_bytes)
+        + choice.get("message").map_or(0, generated_bytes)
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +108,8 @@ pub struct SseMeter {
     examined: u64,
     usage: Option<Usage>,
     output_bytes: u64,
+    /// The longest incomplete event held back to inspect ([`Self::cut_off_at`]).
+    hold_limit: usize,
     /// Only tests ask: the settlement goes by usage and bytes, not by
     /// whether the provider closed with `[DONE]`.
     #[cfg(test)]
@@ -143,6 +120,11 @@ pub struct SseMeter {
 /// forwarded unread and all counted as output, so an endless event can
 /// neither exhaust memory nor slip past the cut-off.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// JSON an honest event carries around its generated text: ids, roles,
+/// finish reasons, and log probabilities (about 2 KB a token with 20
+/// alternatives each), with room to spare.
+pub const EVENT_ENVELOPE_BYTES: usize = 16 * 1024;
 
 /// Where the first complete event in `buf` ends (after its blank line),
 /// searching from `from` (a delimiter is at most 3 bytes long).
@@ -182,9 +164,22 @@ impl SseMeter {
             examined: 0,
             usage: None,
             output_bytes: 0,
+            hold_limit: MAX_EVENT_BYTES,
             #[cfg(test)]
             saw_done: false,
         }
+    }
+
+    /// The stream is cut off once its output passes `bytes`: an event
+    /// that has not ended by then is held back only as long as an honest
+    /// one could be ([`EVENT_ENVELOPE_BYTES`] of JSON around the text left
+    /// before the cut-off), then forwarded and counted whole, so an
+    /// undelimited event cannot carry output past the cut-off.
+    pub fn cut_off_at(mut self, bytes: u64) -> Self {
+        let limit = bytes.saturating_add(EVENT_ENVELOPE_BYTES as u64);
+        self.hold_limit =
+            usize::try_from(limit).map_or(MAX_EVENT_BYTES, |l| l.min(MAX_EVENT_BYTES));
+        self
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -228,7 +223,7 @@ impl SseMeter {
             from = 0;
         }
         pending.drain(..start);
-        if pending.len() > MAX_EVENT_BYTES {
+        if pending.len() > self.hold_limit {
             self.output_bytes = self.output_bytes.saturating_add(pending.len() as u64);
             out.extend_from_slice(&pending);
             pending.clear();
@@ -283,9 +278,14 @@ impl SseMeter {
             Api::Responses => {
                 let kind = json.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind.ends_with(".delta") {
-                    self.output_bytes = self
-                        .output_bytes
-                        .saturating_add(text_len(json.get("delta")));
+                    let delta = match (kind, json.get("delta")) {
+                        ("response.audio.delta", Some(Value::String(audio))) => {
+                            audio_bytes(audio.len())
+                        }
+                        (_, Some(delta)) => generated_bytes(delta),
+                        (_, None) => 0,
+                    };
+                    self.output_bytes = self.output_bytes.saturating_add(delta);
                 }
                 if matches!(
                     kind,
@@ -301,21 +301,7 @@ impl SseMeter {
             _ => {
                 let choices = json.get("choices").and_then(Value::as_array);
                 for choice in choices.into_iter().flatten() {
-                    self.output_bytes += text_len(choice.get("text"));
-                    if let Some(delta) = choice.get("delta") {
-                        self.output_bytes += text_len(delta.get("content"))
-                            + text_len(delta.get("reasoning_content"))
-                            + text_len(delta.get("reasoning"));
-                        for call in delta
-                            .get("tool_calls")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            self.output_bytes +=
-                                text_len(call.get("function").and_then(|f| f.get("arguments")));
-                        }
-                    }
+                    self.output_bytes = self.output_bytes.saturating_add(choice_bytes(choice));
                 }
                 let usage = usage_of(self.api, &json);
                 if let Some(u) = usage {

@@ -146,3 +146,98 @@ async fn a_provider_billing_past_the_reservations_stops_the_agent() {
     let out = stack.control.aexctl(&["audit", "--json"]);
     assert_eq!(out.code(), 0, "{}", out.stdout);
 }
+
+/// Finding 4: the stream meter read only `content`, reasoning and tool
+/// arguments, so text in any other field — `refusal`, `audio`, legacy
+/// `function_call`, content as an array of parts, a `message` object, a
+/// field no API defines — streamed 2–4 MB past a 20-token cap and was
+/// charged 28 µ; an event without a delimiter was relayed for 1 MiB before
+/// the cut-off applied. Each is now cut off near the reservation and
+/// charged all of it.
+#[tokio::test]
+async fn text_in_any_field_of_a_stream_is_cut_off_at_the_reservation() {
+    let stack = Stack::start().await;
+    let mut body = chat("mock-model");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(10);
+    let reserved = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
+    for field in [
+        "refusal",
+        "audio",
+        "function_call",
+        "parts",
+        "message",
+        "unknown",
+        "undelimited",
+    ] {
+        let agent = format!("flood-{}", field.replace('_', "-"));
+        let token = stack.agent(&agent, "1", "6000", &[]);
+        let mode = format!("flood:{field}");
+        let r = post(
+            &stack,
+            &token,
+            "/v1/chat/completions",
+            &body,
+            &[("x-mock", mode.as_str())],
+        )
+        .await;
+        assert_eq!(r.status().as_u16(), 200, "{field}");
+        let received = r.bytes().await.expect("the stream ends").len();
+        // The provider sent ~2000 chunks (≥ 200 KB, 2 MB of audio); a
+        // 10-token cap is cut off within an event or two of ~184 bytes of
+        // text, audio counted at 1/256 of its base64 (`generated.rs`).
+        let most = if field == "audio" { 80_000 } else { 40_000 };
+        assert!(
+            received < most,
+            "{field}: {received} bytes reached the client past a 10-token cap"
+        );
+        let a = stack
+            .settled(&agent, std::time::Duration::from_secs(5))
+            .await;
+        assert_eq!(a["spent_micro"], reserved, "{field}: {a}");
+        let settle = events(&stack, &agent)
+            .await
+            .into_iter()
+            .find(|e| e.kind == "settle")
+            .expect("settled");
+        assert_eq!(settle.reason, "cut_off", "{field}");
+    }
+}
+
+/// Finding 2, buffered: a provider ignoring the cap in a JSON answer
+/// delivered 4,000 tokens on a 10-token reservation. A buffered answer is
+/// now bounded like a stream: text past the cut-off is withheld (a 502
+/// that tells why and not to retry), and the call is charged its
+/// reservation.
+#[tokio::test]
+async fn a_buffered_answer_past_the_cap_is_withheld_and_charged_its_reservation() {
+    let stack = Stack::start().await;
+    let token = stack.agent("buffered", "1", "6000", &[]);
+    let mut body = chat("mock-model");
+    body["max_tokens"] = json!(10);
+    let reserved = serde_json::to_vec(&body).unwrap().len() as i64 + 10 * 2;
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock", "ignore-cap")],
+    )
+    .await;
+    assert_eq!(header(&r, "x-should-retry"), Some("false"));
+    let e = error_of(r, 502, "upstream_error").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("past the output cap"),
+        "{e}"
+    );
+    let a = stack
+        .settled("buffered", std::time::Duration::from_secs(5))
+        .await;
+    assert_eq!(a["spent_micro"], reserved, "{a}");
+    // An honest answer within the cap is relayed as ever.
+    let r = post(&stack, &token, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+}

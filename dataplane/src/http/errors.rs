@@ -278,6 +278,23 @@ impl GatewayError {
         )
     }
 
+    /// A buffered answer whose text is past the output cap AEX sent: the
+    /// provider ignored it. Withheld like a stream's excess is cut off, and
+    /// not retried (the SDKs honour `x-should-retry`): it would bill again.
+    pub fn upstream_ignored_cap(provider: &str, cap: u64) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
+            format!(
+                "The provider '{provider}' answered past the output cap AEX sent it ({cap} tokens); AEX withheld \
+                 the answer and charged the call's reservation. Check that the provider honours max_tokens / \
+                 max_completion_tokens, or stream the call (stream: true) to receive text up to the cap."
+            ),
+        )
+        .with_header("x-should-retry", "false")
+    }
+
     /// AEX's own provider key was refused. Relayed as is, the client would
     /// read it as its AEX token being wrong.
     pub fn provider_key_refused(provider: &str, upstream_status: u16) -> Self {

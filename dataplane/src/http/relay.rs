@@ -192,6 +192,17 @@ impl Gateway {
             finished.output_bytes = parsed
                 .as_ref()
                 .map_or(body.len() as u64, |v| output_text_bytes(api, v));
+            // Bounded like a stream: text past the cut-off means the
+            // provider ignored the cap; the client does not get it.
+            let cap = call
+                .admission
+                .output_tokens_cap
+                .saturating_mul(u64::from(call.inspected.output_multiplier.max(1)));
+            if api != Api::Embeddings && finished.output_bytes > cut_off_bytes(cap) {
+                finished.outcome = pb::SettleOutcome::CutOff;
+                let e = GatewayError::upstream_ignored_cap(provider, cap);
+                return Self::respond_error(session, call.request_id, e).await;
+            }
             let cost = finished.account(call).charge.charged_micro;
             let _ = head.insert_header("x-aex-cost-micro", cost.to_string());
             let remaining = call.admission.remaining_micro + call.admission.reserved_micro - cost;
@@ -252,12 +263,13 @@ impl Gateway {
             finished.outcome = pb::SettleOutcome::ClientDisconnected;
             return false;
         }
-        let mut meter = SseMeter::new(api, !call.inspected.client_wants_usage);
         // Every choice may run to the cap; the reservation covered them all.
         let cap = call
             .admission
             .output_tokens_cap
             .saturating_mul(u64::from(call.inspected.output_multiplier.max(1)));
+        let mut meter =
+            SseMeter::new(api, !call.inspected.client_wants_usage).cut_off_at(cut_off_bytes(cap));
         let mut out = Vec::new();
         loop {
             let next = tokio::select! {

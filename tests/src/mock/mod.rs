@@ -10,10 +10,11 @@
 //! | `hang` | never answers |
 //! | `drop` | closes the connection without answering |
 //! | `drop-mid-stream` | streams two chunks, then closes |
-//! | `ignore-cap` | streams 2000 chunks of text, ignoring max tokens, no usage |
+//! | `ignore-cap` | streams 2000 chunks of text (or answers 2000 words), ignoring max tokens, no usage |
 //! | `early-usage` | streams a tiny usage chunk first, then 2000 chunks ignoring max tokens |
 //! | `n-choices` | answers every one of `n` choices at the cap, reporting usage for all |
 //! | `huge` | a 200 OK JSON body of 8 MiB |
+//! | `flood:FIELD` | streams 2000 chunks ignoring max tokens, no usage, the text in FIELD: `refusal`, `audio` (base64 `delta.audio.data`), `function_call` (legacy arguments), `parts` (content as an array), `message` (a `message` object in a chunk), `unknown` (a field no API defines), `undelimited` (one event that never ends) |
 //! | `400`, `401`, `403`, `404`, `422` | that status with an OpenAI error body |
 //!
 //! `x-mock-delay-ms` paces stream chunks (and delays a JSON answer); `x-mock-usage: P,C` sets the
@@ -210,7 +211,8 @@ async fn handle(
         .unwrap_or(false);
     let responses = path.ends_with("/responses");
     let embeddings = path.ends_with("/embeddings");
-    let report_usage = behaviour != "no-usage" && behaviour != "ignore-cap";
+    let flood = behaviour.strip_prefix("flood:").map(str::to_string);
+    let report_usage = behaviour != "no-usage" && behaviour != "ignore-cap" && flood.is_none();
     let early_usage = behaviour == "early-usage";
     let error = |status: u16, code: &str| {
         json!({"error": {"message": format!("mock {status}"), "type": "mock", "param": null, "code": code}})
@@ -297,12 +299,26 @@ async fn handle(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let v = if responses {
+        let mut v = if responses {
             openai::response(&model, &answer, usage)
         } else {
             openai::chat_completion(&model, &answer, usage)
         };
+        if behaviour == "ignore-cap" && !responses {
+            v["choices"][0]["message"]["content"] = json!(openai::deltas(&None, 2000).concat());
+        }
         return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    if let Some(field) = flood {
+        let (tx, response) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            for event in openai::flood_events(&model, &field, 2000) {
+                if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        return Ok(response);
     }
     let words = match (&answer, behaviour.as_str()) {
         (openai::Answer::Text { tool_output }, "ignore-cap" | "early-usage") => {

@@ -168,6 +168,51 @@ fn chunk(model: &Value, delta: Value, finish: Option<&str>) -> String {
 }
 
 /// The SSE events of a streamed chat completion, before the usage chunk.
+/// `n` chat chunks of text in a field the usual meters miss (see the
+/// `flood:FIELD` mode), or one event that never ends.
+pub fn flood_events(model: &Value, field: &str, n: usize) -> Vec<String> {
+    let word = |i: usize| format!("word{i} ");
+    if field == "undelimited" {
+        // ~250 KB for 2000: well past any cap, well within the 1 MiB an
+        // event used to be held for before the cut-off applied.
+        let text: String = (0..n * 16).map(word).collect();
+        // No blank line ever ends it: sent in pieces, then the stream ends.
+        let event = format!(
+            "data: {}",
+            json!({"model": model, "choices": [{"index": 0, "delta": {"content": text}}]})
+        );
+        return event
+            .into_bytes()
+            .chunks(4096)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+    }
+    (0..n)
+        .map(|i| {
+            let choice = match field {
+                "refusal" => json!({"index": 0, "delta": {"refusal": word(i)}}),
+                "audio" => json!({"index": 0, "delta": {"audio": {"id": "audio_1",
+                    "data": "UklGR".repeat(205), "transcript": ""}}}),
+                "function_call" => {
+                    json!({"index": 0, "delta": {"function_call": {"arguments": word(i)}}})
+                }
+                "parts" => {
+                    json!({"index": 0, "delta": {"content": [{"type": "text", "text": word(i)}]}})
+                }
+                "message" => {
+                    json!({"index": 0, "message": {"role": "assistant", "content": word(i)}})
+                }
+                _ => json!({"index": 0, "delta": {"x_unknown": word(i)}}),
+            };
+            format!(
+                "data: {}\n\n",
+                json!({"id": "chatcmpl-flood", "object": "chat.completion.chunk", "model": model,
+                       "choices": [choice]})
+            )
+        })
+        .collect()
+}
+
 pub fn chat_chunks(model: &Value, answer: &Answer, words: &[String]) -> Vec<String> {
     match answer {
         Answer::Text { .. } => {
