@@ -363,18 +363,18 @@ impl AdmissionService for AdmissionApi {
                 // (Re)start with a full snapshot: at connect, and whenever this
                 // receiver fell behind and may have missed a change.
                 let (agents, mut changes) = state.admission.subscribe();
-                let snapshot = pb::WatchEvent {
-                    change: Some(pb::watch_event::Change::Snapshot(pb::PolicySnapshot {
-                        agents: agents.iter().map(policy_to_pb).collect(),
-                    })),
-                };
+                for page in snapshot_pages(&agents) {
+                    if tx.send(Ok(page)).await.is_err() {
+                        return;
+                    }
+                }
                 let models = pb::WatchEvent {
                     change: Some(pb::watch_event::Change::Models(models_to_pb(
                         &state.models(),
                         now_ms(),
                     ))),
                 };
-                if tx.send(Ok(snapshot)).await.is_err() || tx.send(Ok(models)).await.is_err() {
+                if tx.send(Ok(models)).await.is_err() {
                     return;
                 }
                 loop {
@@ -411,4 +411,31 @@ impl AdmissionService for AdmissionApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Agents per page of a watch snapshot. A policy is about 200 bytes on the
+/// wire, so a page is about 200 KB: far below the 4 MiB a gRPC message may
+/// carry by default, which one message for 23,001 agents passed (issue
+/// #31), and small enough that a data plane's receive buffer stays small.
+pub const SNAPSHOT_PAGE: usize = 1_000;
+
+/// The full state as watch events: pages, then the snapshot that ends them.
+fn snapshot_pages(agents: &[crate::storage::AgentRecord]) -> Vec<pb::WatchEvent> {
+    let mut pages: Vec<pb::WatchEvent> = agents
+        .chunks(SNAPSHOT_PAGE)
+        .map(|page| pb::WatchEvent {
+            change: Some(pb::watch_event::Change::SnapshotPart(pb::PolicySnapshot {
+                agents: page.iter().map(policy_to_pb).collect(),
+            })),
+        })
+        .collect();
+    // The last page ends the snapshot (an empty one when there are none).
+    let last = match pages.pop().and_then(|p| p.change) {
+        Some(pb::watch_event::Change::SnapshotPart(s)) => s,
+        _ => pb::PolicySnapshot::default(),
+    };
+    pages.push(pb::WatchEvent {
+        change: Some(pb::watch_event::Change::Snapshot(last)),
+    });
+    pages
 }

@@ -178,6 +178,9 @@ impl Cache {
             }
             // For the grants (`grants.rs`); nothing cached changes.
             Change::GrantsRevoked(_) => {}
+            // Collected by the watch (`watch.rs`) and applied with the
+            // snapshot that ends them.
+            Change::SnapshotPart(_) => {}
             Change::Models(config) => {
                 let env_file = self
                     .env_file

@@ -201,6 +201,7 @@ impl ControlPlane {
                 }
                 Change::AgentRemoved(id) => grants.drop_agent(id, now, false, &mut reports),
                 Change::GrantsRevoked(id) => grants.drop_agent(id, now, true, &mut reports),
+                Change::SnapshotPart(_) => {}
             }
         }
         let revoked = reports.len() as u64;

@@ -16,16 +16,54 @@ impl ControlPlane {
             match client.watch(pb::WatchRequest {}).await {
                 Ok(stream) => {
                     let mut stream = stream.into_inner();
-                    while let Ok(Some(event)) = stream.message().await {
-                        if let Some(change) = event.change {
-                            let snapshot = matches!(change, pb::watch_event::Change::Snapshot(_));
-                            self.grants_see(&change);
-                            self.cache.apply(change);
-                            if snapshot {
+                    // Pages of a snapshot too big for one message, applied
+                    // with the snapshot that ends them; until then this data
+                    // plane is not ready (it would refuse tokens it has not
+                    // received yet).
+                    let mut pages: Vec<pb::AgentPolicy> = Vec::new();
+                    let mut complete = false;
+                    loop {
+                        let event = match stream.message().await {
+                            Ok(Some(event)) => event,
+                            Ok(None) => {
+                                tracing::warn!(
+                                    "the control plane ended the watch stream; reconnecting"
+                                );
+                                break;
+                            }
+                            Err(status) => {
+                                // Not a blip to retry quietly: a message this
+                                // data plane cannot read (too large, another
+                                // version) would fail the same way forever.
+                                tracing::error!(
+                                    %status,
+                                    "the watch stream from the control plane failed; this data plane is not \
+                                     ready until it receives the agents and models in full (if this repeats, \
+                                     check that both planes run the same AEX version)"
+                                );
+                                break;
+                            }
+                        };
+                        match event.change {
+                            Some(pb::watch_event::Change::SnapshotPart(page)) => {
+                                pages.extend(page.agents);
+                            }
+                            Some(pb::watch_event::Change::Snapshot(mut last)) => {
+                                pages.append(&mut last.agents);
+                                last.agents = std::mem::take(&mut pages);
+                                let change = pb::watch_event::Change::Snapshot(last);
+                                self.grants_see(&change);
+                                self.cache.apply(change);
+                                complete = true;
                                 backoff.reset();
                             }
+                            Some(change) => {
+                                self.grants_see(&change);
+                                self.cache.apply(change);
+                            }
+                            None => {}
                         }
-                        if self.cache.has_routes() {
+                        if complete && self.cache.has_routes() {
                             self.cache.set_ready(true);
                         }
                     }
