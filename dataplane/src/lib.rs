@@ -2,6 +2,7 @@
 //! every policy and ledger decision is the control plane's; this process
 //! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
 
+pub mod connections;
 pub mod control;
 pub mod generated;
 pub mod http;
@@ -18,7 +19,8 @@ use tokio::net::TcpListener;
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and
 /// waits (up to `drain`) for calls in flight and their settlements. At most
-/// `max_connections` are served at once; the next ones get a 503.
+/// `max_connections` are served at once, counted from a connection's first
+/// byte (`connections.rs`); the next ones get a 503.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<http::Gateway>,
@@ -28,15 +30,14 @@ pub async fn serve(
     max_connections: usize,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let served = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    // Answering a refused connection costs a task too: bounded as well.
-    let refusing = Arc::new(tokio::sync::Semaphore::new(256));
+    let book = connections::ConnectionBook::new(max_connections);
+    let counted = gateway.metrics().connections.clone();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let tcp = match accepted {
-                    Ok((tcp, _)) => tcp,
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors, say: wait instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -45,22 +46,34 @@ pub async fn serve(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let Ok(permit) = served.clone().try_acquire_owned() else {
-                    if let Ok(permit) = refusing.clone().try_acquire_owned() {
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            refuse_busy(tcp).await;
-                        });
-                    }
+                let Some(waiting) = book.wait() else {
+                    // More sockets waiting than the book allows: answered
+                    // now, without a task, whatever it sent.
+                    counted.with_label_values(&["refused"]).inc();
+                    refuse_now(&tcp);
                     continue;
                 };
-                let gateway = gateway.clone();
-                let stop = stop_rx.clone();
+                let (gateway, stop, book, counted) =
+                    (gateway.clone(), stop_rx.clone(), book.clone(), counted.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    if !first_byte(&tcp, connections::FIRST_BYTE).await {
+                        counted.with_label_values(&["silent"]).inc();
+                        return;
+                    }
+                    let served = match book.serve(peer.ip()) {
+                        Ok(served) => served,
+                        Err(_) => {
+                            counted.with_label_values(&["refused"]).inc();
+                            refuse_busy(tcp).await;
+                            return;
+                        }
+                    };
+                    drop(waiting);
+                    counted.with_label_values(&["served"]).inc();
                     let stream: pingora_core::protocols::Stream =
                         Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
                     gateway.process_new(stream, &stop).await;
+                    drop(served);
                 });
             }
             _ = &mut shutdown => break,
@@ -83,21 +96,40 @@ pub async fn serve(
     }
 }
 
-/// A 503 for a connection past `--max-connections`, then a graceful close
-/// (reading what the client sent, so it sees the answer, not a reset).
-async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Whether the client sent a byte within `wait` (not just closed).
+async fn first_byte(tcp: &tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut one = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, tcp.peek(&mut one)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+fn busy_response() -> Vec<u8> {
     let body = http::GatewayError::overloaded().body();
-    let head = format!(
+    let mut out = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
-    );
-    let mut scratch = [0u8; 4096];
-    // The request head usually arrives at once; do not wait long for it.
-    let _ = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut scratch)).await;
-    let _ = tcp.write_all(head.as_bytes()).await;
-    let _ = tcp.write_all(&body).await;
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A 503 for a connection past `--max-connections`, then a graceful close
+/// (reading what the client sent, so it sees the answer, not a reset).
+/// Its request has begun to arrive: it waited for its first byte.
+async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.write_all(&busy_response()).await;
     let _ = tcp.shutdown().await;
+    let mut scratch = [0u8; 4096];
     let drain = async { while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// The 503 written without waiting (a fresh socket's send buffer takes
+/// it whole), for when even waiting connections are at their bound.
+fn refuse_now(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.try_write(&busy_response());
 }

@@ -32,6 +32,9 @@ pub struct Metrics {
     /// Calls that could have been admitted from a grant and went to the
     /// control plane because the report backlog was full.
     pub held_back: IntCounter,
+    /// Client connections by what became of them (`connections.rs`):
+    /// served, refused (503), silent (closed before their first byte).
+    pub connections: IntCounterVec,
 }
 
 /// Sub-millisecond buckets: AEX's own overhead is measured in µs.
@@ -142,8 +145,17 @@ impl Default for Metrics {
             "Calls sent to the control plane instead of a grant because the report backlog was full (the ledger could not keep up)",
         )
         .expect("valid metric");
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "aex_dataplane_connections_total",
+                "Client connections: served, refused (503 past --max-connections or an address's share), silent (no byte within 5 s, closed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections.clone()),
             Box::new(report_backlog.clone()),
             Box::new(held_back.clone()),
             Box::new(admissions.clone()),
@@ -176,6 +188,7 @@ impl Default for Metrics {
             report_lag,
             report_backlog,
             held_back,
+            connections,
         }
     }
 }

@@ -241,3 +241,95 @@ async fn a_buffered_answer_past_the_cap_is_withheld_and_charged_its_reservation(
     let r = post(&stack, &token, "/v1/chat/completions", &body, &[]).await;
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// Finding 5: 4,096 idle sockets (no token, no byte) held every slot for
+/// 60 s, denying every agent; of the connections past the limit, most were
+/// closed without the 503. Now silence takes no slot (and is closed after
+/// a few seconds), and every connection past the limit is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_take_no_slot_and_every_refusal_is_a_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start().await;
+    let token = stack.agent("patient", "1", "6000", &[]);
+    let addr = stack.data.addr;
+    let mut idle = Vec::new();
+    for _ in 0..5_000 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    let r = post(
+        &stack,
+        &token,
+        "/v1/chat/completions",
+        &chat("mock-model"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200, "served past 5,000 idle sockets");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // They are closed once their first byte is overdue.
+    tokio::time::sleep(aex_dataplane::connections::FIRST_BYTE + std::time::Duration::from_secs(1))
+        .await;
+    let text = reqwest::get(stack.data.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let silent = aex_tests::prometheus_value(
+        &text,
+        "aex_dataplane_connections_total",
+        &[("outcome", "silent")],
+    );
+    assert!(silent >= 5_000.0, "{silent} idle sockets closed");
+    let mut closed = 0;
+    for mut s in idle {
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 5_000);
+
+    // Past the limit: every connection that sent a request gets the 503.
+    let small = Stack::start_with(&["--max-connections", "4"]).await;
+    let addr = small.data.addr;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let _ = c.read(&mut buf).await.unwrap();
+        held.push(c);
+    }
+    let refused = (0..600).map(|_| async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            c.read_to_end(&mut answer),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(String::from_utf8_lossy(&answer).into_owned())
+    });
+    let answers = futures_util::future::join_all(refused).await;
+    let answered = answers
+        .iter()
+        .flatten()
+        .filter(|a| a.starts_with("HTTP/1.1 503") && a.contains("retry-after: 1"))
+        .count();
+    assert_eq!(
+        answered, 600,
+        "every connection past the limit is answered 503"
+    );
+    drop(held);
+}

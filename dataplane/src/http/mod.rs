@@ -105,6 +105,10 @@ impl Gateway {
         }
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Counts a finished API request by what was actually sent.
     fn observe(&self, session: &ServerSession, o: &Observed, total: Duration) {
         let Some(head) = session.response_written() else {
