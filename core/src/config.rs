@@ -181,6 +181,7 @@ struct RawPricing {
 struct RawLimits {
     max_tokens: Option<u32>,
     max_tokens_per_minute: Option<u64>,
+    max_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +262,10 @@ pub struct Model {
     pub max_tokens: u32,
     /// 0 = unlimited.
     pub max_tokens_per_minute: u64,
+    /// The model's context window: the bound of an input the request body
+    /// cannot bound (server-side conversation state, files by reference,
+    /// hosted tools). 0 = not given: such requests are refused.
+    pub max_input_tokens: u64,
     pub reasoning: bool,
     pub tools: bool,
     pub vision: bool,
@@ -580,6 +585,7 @@ impl Validator<'_> {
             },
             max_tokens,
             max_tokens_per_minute: m.limits.max_tokens_per_minute.unwrap_or(0),
+            max_input_tokens: m.limits.max_input_tokens.unwrap_or(0),
             reasoning: m.capabilities.reasoning,
             tools: m.capabilities.tools,
             vision: m.capabilities.vision,

@@ -43,6 +43,8 @@ macro_rules! named_set {
     };
 }
 
+pub(crate) use named_set;
+
 named_set! {
     /// The rule that refused a call.
     Rule {

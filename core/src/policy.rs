@@ -127,6 +127,48 @@ pub struct Ask<'a> {
     /// Outputs generated per call (`n`, `best_of`); 0 from an older data
     /// plane means 1.
     pub output_multiplier: u32,
+    /// What in the request the body cannot bound, if anything.
+    pub unbounded_input: Option<UnboundedInput>,
+}
+
+crate::denial::named_set! {
+    /// What makes a request's input unknowable from its body (issue #31):
+    /// the provider adds to the prompt something only it holds, so the
+    /// bound from the body's bytes is no bound. Such a request is refused
+    /// unless the model's models.yaml entry gives `limits.max_input_tokens`,
+    /// which it then reserves at the input price. The names are the wire
+    /// form (and the parameter a 400 names).
+    UnboundedInput {
+        /// Responses: a previous response's whole conversation.
+        PreviousResponse => "previous_response_id",
+        /// Responses: a stored conversation.
+        Conversation => "conversation",
+        /// Responses: a stored prompt template.
+        StoredPrompt => "prompt",
+        /// An input item or file by id or URL (`item_reference`,
+        /// `file_id`, `file_url`).
+        Reference => "file_id",
+        /// A tool the provider runs (web or file search, code interpreter,
+        /// a remote MCP server…), whose results join the input.
+        HostedTool => "tools",
+        /// A name a newer data plane sent that this control plane does
+        /// not know: unbounded all the same.
+        Unrecognized => "unrecognized",
+    }
+}
+
+impl UnboundedInput {
+    /// From the wire: empty is none, and an unknown name is still unbounded.
+    pub fn from_wire(s: &str) -> Option<Self> {
+        if s.is_empty() {
+            return None;
+        }
+        Some(Self::parse(s).unwrap_or(UnboundedInput::Unrecognized))
+    }
+
+    pub fn to_wire(this: Option<Self>) -> String {
+        this.map_or_else(String::new, |u| u.as_str().to_string())
+    }
 }
 
 /// The most outputs one call may ask for (OpenAI's limit on `n`).
@@ -134,6 +176,9 @@ pub const MAX_OUTPUT_MULTIPLIER: u32 = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// The input bound reserved for: the body's, or the model's context
+    /// window for an input the body cannot bound.
+    pub input_tokens_bound: u64,
     pub output_tokens_cap: u64,
     pub output_cap_injected: bool,
     pub reserve_micro: i64,
@@ -272,6 +317,27 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
             ),
         ));
     }
+    let input_tokens_bound = match ask.unbounded_input {
+        None => ask.input_tokens_bound,
+        Some(_) if model.max_input_tokens > 0 => ask.input_tokens_bound.max(model.max_input_tokens),
+        Some(what) => {
+            let param = match what {
+                UnboundedInput::Unrecognized => "",
+                known => known.as_str(),
+            };
+            return Err(Denial::bad_request(
+                param,
+                format!(
+                    "AEX cannot bound this request's input: with '{}' the provider adds to the prompt \
+                     what only it holds, so the call's cost is unknown before it runs. Send the input \
+                     in the request, or give model '{}' its context window in models.yaml \
+                     (limits.max_input_tokens), which AEX then reserves at the input price.",
+                    what.as_str(),
+                    ask.model
+                ),
+            ));
+        }
+    };
     let (output_tokens_cap, output_cap_injected) = match ask.endpoint {
         Endpoint::Embeddings | Endpoint::Models => (0, false),
         _ => match ask.requested_output_tokens {
@@ -281,11 +347,12 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
         },
     };
     Ok(Plan {
+        input_tokens_bound,
         output_tokens_cap,
         output_cap_injected,
         // The prompt is billed once; every choice may run to the cap.
         reserve_micro: model.pricing.bound_micro(
-            ask.input_tokens_bound,
+            input_tokens_bound,
             output_tokens_cap.saturating_mul(u64::from(ask.output_multiplier.max(1))),
         ),
     })
@@ -399,11 +466,53 @@ mod tests {
             input_tokens_bound: 100,
             requested_output_tokens: Some(50),
             output_multiplier: 1,
+            unbounded_input: None,
         }
     }
 
     fn models() -> ModelsConfig {
         ModelsConfig::parse(DEFAULT_MODELS_YAML, Path::new("m.yaml")).unwrap()
+    }
+
+    /// Issue #31: an input only the provider holds is no bound; refused
+    /// unless the model gives its context window, then reserved for it.
+    #[test]
+    fn inputs_the_body_cannot_bound_take_the_context_window_or_a_400() {
+        let unbounded = |what| Ask {
+            unbounded_input: Some(what),
+            ..ask("llama3-local")
+        };
+        let e = plan_for(
+            &agent(),
+            &models(),
+            &unbounded(UnboundedInput::PreviousResponse),
+        )
+        .unwrap_err();
+        assert_eq!((e.http_status, e.param), (400, "previous_response_id"));
+        assert!(
+            e.message.contains("limits.max_input_tokens"),
+            "{}",
+            e.message
+        );
+        let mut m = models();
+        m.models.get_mut("llama3-local").unwrap().max_input_tokens = 8_000;
+        let p = plan_for(&agent(), &m, &unbounded(UnboundedInput::HostedTool)).unwrap();
+        assert_eq!(p.input_tokens_bound, 8_000);
+        assert_eq!(p.reserve_micro, 8_000 + 50 * 2);
+        // A body larger than the window keeps its own, larger bound.
+        let big = Ask {
+            input_tokens_bound: 9_000,
+            ..unbounded(UnboundedInput::Reference)
+        };
+        assert_eq!(
+            plan_for(&agent(), &m, &big).unwrap().input_tokens_bound,
+            9_000
+        );
+        assert_eq!(UnboundedInput::from_wire(""), None);
+        assert_eq!(
+            UnboundedInput::from_wire("something_newer"),
+            Some(UnboundedInput::Unrecognized)
+        );
     }
 
     #[test]
@@ -413,6 +522,7 @@ mod tests {
         assert_eq!(
             p,
             Plan {
+                input_tokens_bound: 100,
                 output_tokens_cap: 50,
                 output_cap_injected: false,
                 reserve_micro: 100 + 100

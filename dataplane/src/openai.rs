@@ -1,6 +1,7 @@
 //! OpenAI request bodies: validation, what admission needs to know, and the
 //! rewrite sent upstream. Pure functions over bytes and JSON.
 
+use aex_core::policy::UnboundedInput;
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,9 @@ pub struct Inspected {
     /// `best_of` candidates on completions (billed even though only `n` are
     /// returned). The reservation and the stream cut-off scale with it.
     pub output_multiplier: u32,
+    /// What makes the prompt's size unknowable from the body, if anything:
+    /// admission refuses it unless the model gives its context window.
+    pub unbounded_input: Option<UnboundedInput>,
     /// Upper bound of the prompt's tokens. Every token of a byte-level BPE
     /// vocabulary is at least one byte, and the JSON around each message is
     /// longer than the chat template's tokens for it, so the body's length
@@ -164,13 +168,19 @@ struct Overlay<'a> {
     replaced: Vec<(&'a str, Value)>,
 }
 
+/// Fields a client could set to be billed more than AEX reserved for:
+/// `service_tier` (`priority` is billed above the model's price). Never
+/// sent upstream, so the provider's default tier — the price models.yaml
+/// names — applies.
+const BILLING_SWITCHES: &[&str] = &["service_tier"];
+
 impl serde::Serialize for Overlay<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(None)?;
         for (k, v) in self.base {
             let replaced = self.replaced.iter().any(|(r, _)| r == k);
-            if !replaced {
+            if !replaced && !BILLING_SWITCHES.contains(&k.as_str()) {
                 map.serialize_entry(k, v)?;
             }
         }
@@ -297,6 +307,67 @@ fn count_images(v: &Value) -> (u64, u64) {
         }
         _ => (0, 0),
     }
+}
+
+/// Input the provider fetches by reference: an `item_reference`, or a file
+/// by `file_id` / `file_url` (inline `file_data` is in the body's bytes).
+fn references_by_id(v: &Value) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(references_by_id),
+        Value::Object(map) => {
+            map.get("type").and_then(Value::as_str) == Some("item_reference")
+                || ["file_id", "file_url"]
+                    .iter()
+                    .any(|k| map.get(*k).is_some_and(|v| !v.is_null()))
+                || map.values().any(references_by_id)
+        }
+        _ => false,
+    }
+}
+
+/// A tool the provider runs itself (anything but a function or a custom
+/// tool the client runs): its results join the input, and it may be
+/// billed per call.
+fn hosted_tool(tools: Option<&Value>) -> bool {
+    tools
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|t| {
+            !matches!(
+                t.get("type").and_then(Value::as_str),
+                Some("function" | "custom") | None
+            )
+        })
+}
+
+/// What in the body makes its input unknowable from the body itself
+/// (`aex_core::policy::UnboundedInput`), if anything.
+fn unbounded_input(api: Api, body: &Map<String, Value>) -> Option<UnboundedInput> {
+    let set = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
+    if api == Api::Responses {
+        if set("previous_response_id") {
+            return Some(UnboundedInput::PreviousResponse);
+        }
+        if set("conversation") {
+            return Some(UnboundedInput::Conversation);
+        }
+        // Responses' `prompt` is a stored template; completions' is text.
+        if body.get("prompt").is_some_and(Value::is_object) {
+            return Some(UnboundedInput::StoredPrompt);
+        }
+    }
+    let input = match api {
+        Api::ChatCompletions => body.get("messages"),
+        _ => body.get("input"),
+    };
+    if input.is_some_and(references_by_id) {
+        return Some(UnboundedInput::Reference);
+    }
+    if hosted_tool(body.get("tools")) || set("web_search_options") {
+        return Some(UnboundedInput::HostedTool);
+    }
+    None
 }
 
 /// Forcing a specific function (or `required`) is function calling; `auto`
@@ -436,6 +507,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
         uses_vision: images > 0,
         requested_output_tokens,
         output_multiplier,
+        unbounded_input: unbounded_input(api, &body),
         input_tokens_bound,
         body,
     })
@@ -848,5 +920,65 @@ mod tests {
             (out["max_tokens"].clone(), out["num_predict"].clone()),
             (json!(5), json!(5))
         );
+    }
+
+    /// Issue #31, finding 3: inputs the provider holds, and a billing
+    /// switch, seen in the body.
+    #[test]
+    fn inputs_the_body_cannot_bound_are_named_and_billing_switches_dropped() {
+        let responses =
+            |v: Value| inspect(Api::Responses, &serde_json::to_vec(&v).unwrap()).unwrap();
+        let cases = [
+            (
+                json!({"model":"m","input":"x","previous_response_id":"resp_1"}),
+                Some(UnboundedInput::PreviousResponse),
+            ),
+            (
+                json!({"model":"m","input":"x","conversation":"conv_1"}),
+                Some(UnboundedInput::Conversation),
+            ),
+            (
+                json!({"model":"m","input":"x","prompt":{"id":"pmpt_1"}}),
+                Some(UnboundedInput::StoredPrompt),
+            ),
+            (
+                json!({"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_id":"file-1"}]}]}),
+                Some(UnboundedInput::Reference),
+            ),
+            (
+                json!({"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}),
+                Some(UnboundedInput::Reference),
+            ),
+            (
+                json!({"model":"m","input":"x","tools":[{"type":"web_search"}]}),
+                Some(UnboundedInput::HostedTool),
+            ),
+            (
+                json!({"model":"m","input":"x","tools":[{"type":"function","name":"f"}],"previous_response_id":null}),
+                None,
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(responses(body.clone()).unbounded_input, expected, "{body}");
+        }
+        let chat_file = chat(json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"file","file":{"file_id":"file-1"}}]}]}))
+        .unwrap();
+        assert_eq!(chat_file.unbounded_input, Some(UnboundedInput::Reference));
+        let inline = chat(json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"file","file":{"file_data":"data:application/pdf;base64,AAAA"}}]}]}))
+        .unwrap();
+        assert_eq!(inline.unbounded_input, None, "inline data is in the body");
+        let search = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],"web_search_options":{}}),
+        )
+        .unwrap();
+        assert_eq!(search.unbounded_input, Some(UnboundedInput::HostedTool));
+        let text = inspect(Api::Completions, br#"{"model":"m","prompt":"p"}"#).unwrap();
+        assert_eq!(text.unbounded_input, None, "completions' prompt is text");
+
+        let tiered = chat(json!({"model":"m","messages":[{"role":"user","content":"x"}],"service_tier":"priority"})).unwrap();
+        let out: Value = serde_json::from_slice(&tiered.upstream_body("p", 10)).unwrap();
+        assert!(out.get("service_tier").is_none(), "{out}");
     }
 }

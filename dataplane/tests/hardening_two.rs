@@ -333,3 +333,72 @@ async fn idle_sockets_take_no_slot_and_every_refusal_is_a_503() {
     );
     drop(held);
 }
+
+/// Finding 3, inputs: `previous_response_id`, files by id and hosted tools
+/// make the provider add input AEX never sees, so the bound from the body
+/// is no bound; `service_tier: "priority"` is billed above the model's
+/// price. Now such inputs are a 400 naming the field unless models.yaml
+/// gives the model's context window, which is then reserved; the tier
+/// never reaches the provider.
+#[tokio::test]
+async fn inputs_the_body_cannot_bound_are_refused_or_reserved_at_the_context_window() {
+    let stack = Stack::start().await;
+    let token = stack.agent("stateful", "1", "6000", &[]);
+    let body = json!({"model": "mock-model", "input": "continue", "previous_response_id": "resp_1",
+                      "max_output_tokens": 10});
+    let r = post(&stack, &token, "/v1/responses", &body, &[]).await;
+    let e = error_of(r, 400, "invalid_request").await;
+    assert_eq!(e["param"], "previous_response_id", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_input_tokens"),
+        "{e}"
+    );
+    let hosted = json!({"model": "mock-model", "messages": [{"role": "user", "content": "x"}],
+                        "tools": [{"type": "web_search"}]});
+    let r = post(&stack, &token, "/v1/chat/completions", &hosted, &[]).await;
+    let e = error_of(r, 400, "invalid_request").await;
+    assert_eq!(e["param"], "tools", "{e}");
+    assert_eq!(stack.mock.count(), 0, "nothing reached the provider");
+
+    // With the model's context window in models.yaml, reserved for it.
+    let path = stack.home.file("config/models.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap().replacen(
+        "limits: { max_tokens: 100 }",
+        "limits: { max_tokens: 100, max_input_tokens: 5000 }",
+        1,
+    );
+    std::fs::write(&path, yaml).unwrap();
+    stack.control.aexctl(&["models", "reload"]).assert_ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let r = loop {
+        let r = post(&stack, &token, "/v1/responses", &body, &[]).await;
+        if r.status() != 400 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status().as_u16(), 200);
+    let admit = events(&stack, "stateful")
+        .await
+        .into_iter()
+        .find(|e| e.kind == "admit")
+        .expect("admitted");
+    let details: Value = serde_json::from_str(&admit.details_json).unwrap();
+    assert_eq!(details["input_tokens_bound"], 5000);
+    assert_eq!(
+        admit.amount_micro,
+        5000 + 10 * 2,
+        "the window at the input price"
+    );
+
+    // A billing switch never reaches the provider.
+    let mut tiered = chat("mock-model");
+    tiered["service_tier"] = json!("priority");
+    let r = post(&stack, &token, "/v1/chat/completions", &tiered, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let seen = stack.mock.requests().pop().unwrap();
+    assert!(seen.body.get("service_tier").is_none(), "{}", seen.body);
+}

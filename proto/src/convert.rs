@@ -88,6 +88,7 @@ pub fn model_from_pb(m: &pb::Model) -> Model {
         ),
         max_tokens: m.max_tokens,
         max_tokens_per_minute: m.max_tokens_per_minute,
+        max_input_tokens: m.max_input_tokens,
         reasoning: m.reasoning,
         tools: m.tools,
         vision: m.vision,

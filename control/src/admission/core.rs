@@ -557,7 +557,7 @@ impl AdmissionCore {
             model: ask.model.to_string(),
             amount_micro: plan.reserve_micro,
             pricing: model.pricing,
-            input_tokens_bound: ask.input_tokens_bound,
+            input_tokens_bound: plan.input_tokens_bound,
             output_tokens_cap: plan.output_tokens_cap,
             created_at_ms: now,
             expires_at_ms: now + self.reservation_ttl_ms,
@@ -641,7 +641,7 @@ impl AdmissionCore {
                         tentative.agent_name,
                         aex_core::money::usd_with_micro(remaining_micro.max(0)),
                         aex_core::money::usd_with_micro(plan.reserve_micro),
-                        ask.input_tokens_bound,
+                        plan.input_tokens_bound,
                         plan.output_tokens_cap,
                         tentative.agent_name,
                     )),
@@ -783,7 +783,7 @@ impl AdmissionCore {
         };
         let plan = plan(&agent.into(), models, ask).map_err(deny)?;
         let model = &models.models[ask.model];
-        let tokens = ask.input_tokens_bound;
+        let tokens = plan.input_tokens_bound;
         let a = live.agents.get_mut(&id).expect("looked up above");
         let (rpm, tpm, max_concurrent) = (a.record.rpm, a.record.tpm, a.record.max_concurrent);
         let shared = self.shared_rates.is_some();

@@ -95,6 +95,7 @@ fn ask(input_tokens_bound: u64, max_tokens: Option<u64>, stream: bool) -> Ask<'s
         input_tokens_bound,
         requested_output_tokens: max_tokens,
         output_multiplier: 1,
+        unbounded_input: None,
     }
 }
 

@@ -69,6 +69,7 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
         input_tokens_bound: r.input_tokens_bound,
         requested_output_tokens: r.requested_output_tokens,
         output_multiplier: r.output_multiplier,
+        unbounded_input: aex_core::policy::UnboundedInput::from_wire(&r.unbounded_input),
     };
     let admission = &state.admission;
     if endpoint == Endpoint::Models {

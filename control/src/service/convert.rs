@@ -94,6 +94,7 @@ pub fn models_to_pb(c: &ModelsConfig, loaded_at_ms: i64) -> pb::ModelConfig {
                 cache_write_pico_per_token: Some(m.pricing.cache_write_pico_per_token),
                 max_tokens: m.max_tokens,
                 max_tokens_per_minute: m.max_tokens_per_minute,
+                max_input_tokens: m.max_input_tokens,
                 reasoning: m.reasoning,
                 tools: m.tools,
                 vision: m.vision,

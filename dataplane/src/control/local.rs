@@ -60,6 +60,7 @@ impl ControlPlane {
             input_tokens_bound: r.input_tokens_bound,
             requested_output_tokens: r.requested_output_tokens,
             output_multiplier: r.output_multiplier,
+            unbounded_input: aex_core::policy::UnboundedInput::from_wire(&r.unbounded_input),
         };
         let plan = plan(&caller, &models, &ask).ok()?;
         let model = models.models.get(&r.model)?;
@@ -90,7 +91,7 @@ impl ControlPlane {
                     agent_id: policy.agent_id.clone(),
                     model: r.model.clone(),
                     reserved_micro: plan.reserve_micro,
-                    input_tokens_bound: r.input_tokens_bound,
+                    input_tokens_bound: plan.input_tokens_bound,
                     output_tokens_cap: plan.output_tokens_cap,
                     output_cap_injected: plan.output_cap_injected,
                     input_pico_per_token: model.pricing.input_pico_per_token,

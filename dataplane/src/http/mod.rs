@@ -333,6 +333,7 @@ impl Gateway {
             input_tokens_bound: inspected.input_tokens_bound,
             requested_output_tokens: inspected.requested_output_tokens,
             output_multiplier: inspected.output_multiplier,
+            unbounded_input: aex_core::policy::UnboundedInput::to_wire(inspected.unbounded_input),
             // Set by the control-plane client.
             data_plane: String::new(),
         };
