@@ -8,6 +8,7 @@ pub use aex_proto::convert::endpoint_from_pb;
 mod grants;
 mod overruns;
 mod shared;
+mod tokens;
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::storage::{
@@ -240,6 +241,8 @@ pub struct AdmissionCore {
     grants: Mutex<grants::GrantBook>,
     /// When overruns pause an agent (`overruns.rs`).
     overrun_limit: aex_core::overrun::OverrunLimit,
+    /// Store lookups of tokens not known here (`tokens.rs`).
+    token_lookups: Mutex<tokens::TokenLookups>,
 }
 
 /// Denials of tokens no agent has, gathered between two flushes.
@@ -335,6 +338,7 @@ impl AdmissionCore {
             shared_rates,
             grants: Mutex::new(grants),
             overrun_limit: aex_core::overrun::OverrunLimit::DEFAULT,
+            token_lookups: Mutex::default(),
         })
     }
 
@@ -525,11 +529,21 @@ impl AdmissionCore {
         // more (as a budget refusal does, below).
         let mut now = now;
         let mut recalled = false;
+        let mut learned = false;
         let Accepted { tentative, plan } = loop {
             let refused = match self.decide_and_take(models, token_sha256, ask, now).await? {
                 Ok(accepted) => break accepted,
                 Err(refused) => refused,
             };
+            // A token created through another control plane on the
+            // database, not yet heard of here (`tokens.rs`).
+            if !learned && refused.denial.denied_by == Rule::Auth {
+                learned = true;
+                if self.learn_token(token_sha256).await? {
+                    now = now_ms();
+                    continue;
+                }
+            }
             if !recalled
                 && refused.denial.denied_by == Rule::Rpm
                 && self.may_hold_grants(&refused.agent_id, now)

@@ -74,7 +74,18 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
     let admission = &state.admission;
     if endpoint == Endpoint::Models {
         // Listing models needs a valid token only; nothing to reserve.
-        return Ok(match admission.authenticate_only(&r.token_sha256) {
+        let mut known = admission.authenticate_only(&r.token_sha256);
+        if known
+            .as_ref()
+            .is_err_and(|d| d.denied_by == aex_core::denial::Rule::Auth)
+            && admission
+                .learn_token(&r.token_sha256)
+                .await
+                .map_err(Status::from)?
+        {
+            known = admission.authenticate_only(&r.token_sha256);
+        }
+        return Ok(match known {
             Ok(agent) => pb::AdmitResponse {
                 outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
                     agent_id: agent.id,

@@ -364,6 +364,16 @@ impl AgentStore for MemoryStore {
         io_point().await;
         Ok(self.tables().agents.iter().find(|a| a.id == id).cloned())
     }
+
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError> {
+        io_point().await;
+        Ok(self
+            .tables()
+            .agents
+            .iter()
+            .find(|a| a.token_sha256 == token_sha256 && a.deleted_at_ms.is_none())
+            .cloned())
+    }
 }
 
 #[async_trait]

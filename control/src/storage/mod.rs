@@ -198,6 +198,8 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn agent_by_name(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// The agent with this id, deleted or not.
     async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// The live agent whose token hashes to this (the unique index).
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError>;
 
     /// What changed through any control plane on this database (this
     /// one's included), as it commits: agents, their processes, models

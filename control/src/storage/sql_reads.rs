@@ -53,6 +53,19 @@ pub(super) async fn agent_by_name(
     row.map(TryInto::try_into).transpose()
 }
 
+pub(super) async fn agent_by_token(
+    reader: &$Pool,
+    token_sha256: &str,
+) -> Result<Option<AgentRecord>, StoreError> {
+    let row: Option<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE token_sha256 = $1 AND deleted_at_ms IS NULL"
+    ))
+    .bind(token_sha256)
+    .fetch_optional(reader)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
 pub(super) async fn agent_by_id(
     reader: &$Pool,
     id: &str,

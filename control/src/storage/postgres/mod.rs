@@ -205,6 +205,10 @@ impl AgentStore for PgStore {
         reads::agent_by_id(&self.reader, id).await
     }
 
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_token(&self.reader, token_sha256).await
+    }
+
     async fn changes(&self) -> Result<Option<ChangeFeed>, StoreError> {
         Ok(Some(notify::changes(&self.reader).await?))
     }

@@ -204,6 +204,10 @@ impl AgentStore for SqliteStore {
     async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
         reads::agent_by_id(&self.reader, id).await
     }
+
+    async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError> {
+        reads::agent_by_token(&self.reader, token_sha256).await
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,120 @@
+//! Tokens this control plane has not heard of yet (issue #31, finding 10).
+//! Over a shared database an agent created through one control plane
+//! reaches the others by the change feed, a moment later; a data plane fed
+//! by another one sent its first calls there and got 401s (11 of 17 in the
+//! issue's run), which SDKs do not retry. So before refusing a token it
+//! does not know, a control plane on a shared store asks the store once —
+//! a bounded number of times a second, and never again for a while for a
+//! token the store did not know either, so a spray of made-up tokens costs
+//! the database little.
+
+use super::AdmissionCore;
+use crate::error::Result;
+use crate::storage::now_ms;
+use std::collections::HashMap;
+
+/// Store lookups of unknown tokens per second, across all of them: far
+/// above the rate of agents being created, far below what would load the
+/// database.
+const LOOKUPS_PER_SECOND: u32 = 50;
+
+/// A token the store did not know is not looked up again for this long.
+const MISS_TTL_MS: i64 = 2_000;
+
+/// Misses remembered at most (forgotten oldest-first past it).
+const MISSES_KEPT: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub(super) struct TokenLookups {
+    window_start_ms: i64,
+    in_window: u32,
+    misses: HashMap<String, i64>,
+}
+
+impl TokenLookups {
+    /// Whether to ask the store about `token` now.
+    fn may_look_up(&mut self, token: &str, now: i64) -> bool {
+        if self.misses.get(token).is_some_and(|until| *until > now) {
+            return false;
+        }
+        if now - self.window_start_ms >= 1_000 {
+            self.window_start_ms = now;
+            self.in_window = 0;
+        }
+        if self.in_window >= LOOKUPS_PER_SECOND {
+            return false;
+        }
+        self.in_window += 1;
+        true
+    }
+
+    fn missed(&mut self, token: &str, now: i64) {
+        if self.misses.len() >= MISSES_KEPT {
+            self.misses.retain(|_, until| *until > now);
+            if self.misses.len() >= MISSES_KEPT {
+                self.misses.clear();
+            }
+        }
+        self.misses.insert(token.to_string(), now + MISS_TTL_MS);
+    }
+}
+
+impl AdmissionCore {
+    /// Learns the agent of a token this control plane does not know, if
+    /// another control plane on the shared store created it; returns
+    /// whether it did (deciding again may then admit).
+    pub async fn learn_token(&self, token_sha256: &str) -> Result<bool> {
+        if self.shared_rates.is_none() || token_sha256.is_empty() {
+            return Ok(false);
+        }
+        {
+            let live = self.lock();
+            if live.by_token.contains_key(token_sha256)
+                || live.process_tokens.contains_key(token_sha256)
+            {
+                return Ok(false);
+            }
+        }
+        let now = now_ms();
+        if !self.token_lookups().may_look_up(token_sha256, now) {
+            return Ok(false);
+        }
+        match self.store.agent_by_token(token_sha256).await? {
+            Some(agent) => {
+                self.refresh_agent(&agent.id).await?;
+                Ok(true)
+            }
+            None => {
+                self.token_lookups().missed(token_sha256, now);
+                Ok(false)
+            }
+        }
+    }
+
+    fn token_lookups(&self) -> std::sync::MutexGuard<'_, TokenLookups> {
+        self.token_lookups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_are_bounded_per_second_and_misses_not_repeated() {
+        let mut l = TokenLookups::default();
+        assert!(l.may_look_up("a", 10_000));
+        l.missed("a", 10_000);
+        assert!(!l.may_look_up("a", 11_000), "a miss is remembered");
+        assert!(l.may_look_up("a", 12_001), "and forgotten");
+        let granted = (0..200)
+            .filter(|i| l.may_look_up(&format!("t{i}"), 12_500))
+            .count();
+        assert_eq!(granted, LOOKUPS_PER_SECOND as usize - 1);
+        assert!(l.may_look_up("fresh", 13_001), "a new second");
+        for i in 0..MISSES_KEPT + 5 {
+            l.missed(&format!("m{i}"), 20_000);
+        }
+        assert!(l.misses.len() <= MISSES_KEPT);
+    }
+}
