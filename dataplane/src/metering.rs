@@ -40,12 +40,14 @@ pub fn estimated_tokens(bytes: u64) -> u64 {
 }
 
 /// `output_bytes` is the generated text delivered to the client (streamed,
-/// or in the body); `estimated_prompt_tokens` is the request's rough count.
+/// or in the body); `estimated_prompt_tokens` is the request's rough count;
+/// `reached_provider`: the request was sent to the provider.
 pub fn meter(
     outcome: SettleOutcome,
     usage: Option<Usage>,
     output_bytes: u64,
     estimated_prompt_tokens: u64,
+    reached_provider: bool,
 ) -> Metered {
     let nothing = Metered {
         prompt_tokens: 0,
@@ -80,6 +82,20 @@ pub fn meter(
             prompt_tokens: estimated_prompt_tokens,
             ..nothing
         },
+        // Abandoned, or timed out, before the first byte of the answer: the
+        // provider had the request and may bill its prompt (issue #31), so
+        // the prompt is charged (an estimate, capped by the reservation).
+        None if reached_provider
+            && matches!(
+                outcome,
+                SettleOutcome::ClientDisconnected | SettleOutcome::UpstreamTimeout
+            ) =>
+        {
+            Metered {
+                prompt_tokens: estimated_prompt_tokens,
+                ..nothing
+            }
+        }
         None => nothing,
     }
 }
@@ -97,7 +113,7 @@ mod tests {
 
     #[test]
     fn honest_usage_is_taken_as_reported() {
-        let m = meter(SettleOutcome::Completed, Some(USAGE), 20, 99);
+        let m = meter(SettleOutcome::Completed, Some(USAGE), 20, 99, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (10, 5));
         assert!(m.usage_reported);
     }
@@ -106,7 +122,7 @@ mod tests {
     /// text was charged 3 µ.
     #[test]
     fn usage_below_what_was_delivered_is_not_believed() {
-        let m = meter(SettleOutcome::Completed, Some(USAGE), 2_000_000, 99);
+        let m = meter(SettleOutcome::Completed, Some(USAGE), 2_000_000, 99, true);
         assert_eq!(
             m.completion_tokens,
             2_000_000u64.div_ceil(MAX_BYTES_PER_TOKEN)
@@ -117,14 +133,33 @@ mod tests {
     /// although the client got output; a provider's 4xx was charged.
     #[test]
     fn failures_are_charged_what_was_delivered_and_refusals_nothing() {
-        let m = meter(SettleOutcome::UpstreamError, None, 400, 30);
+        let m = meter(SettleOutcome::UpstreamError, None, 400, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (30, 100));
-        let m = meter(SettleOutcome::UpstreamTimeout, None, 0, 30);
+        let m = meter(SettleOutcome::UpstreamRejected, Some(USAGE), 400, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
-        let m = meter(SettleOutcome::UpstreamRejected, Some(USAGE), 400, 30);
+        // Never sent: nothing to bill.
+        let m = meter(SettleOutcome::ClientDisconnected, None, 0, 30, false);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
-        let m = meter(SettleOutcome::ClientDisconnected, None, 0, 30);
+        let m = meter(SettleOutcome::UpstreamError, None, 0, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
+    }
+
+    /// Issue #31: a call abandoned (or timed out) before the answer's
+    /// first byte was charged 0, though the provider had its prompt.
+    #[test]
+    fn a_prompt_the_provider_received_is_charged() {
+        for outcome in [
+            SettleOutcome::ClientDisconnected,
+            SettleOutcome::UpstreamTimeout,
+        ] {
+            let m = meter(outcome, None, 0, 30, true);
+            assert_eq!(
+                (m.prompt_tokens, m.completion_tokens),
+                (30, 0),
+                "{outcome:?}"
+            );
+            assert!(!m.usage_reported);
+        }
     }
 
     #[test]
@@ -134,7 +169,7 @@ mod tests {
         assert_eq!(cut_off_bytes(u64::MAX), u64::MAX);
         // A stream cut at the line is charged at least its cap.
         let cap = 100;
-        let m = meter(SettleOutcome::CutOff, None, cut_off_bytes(cap) + 1, 0);
+        let m = meter(SettleOutcome::CutOff, None, cut_off_bytes(cap) + 1, 0, true);
         assert!(m.completion_tokens > cap);
     }
 }

@@ -64,6 +64,7 @@ impl Finished {
                 usage,
                 output_bytes,
                 call.inspected.estimated_prompt_tokens(),
+                self.upstream_started.is_some(),
             );
             let a = call.admission;
             let charge = charge(
