@@ -255,6 +255,8 @@ pub struct ControlPlane {
     /// `http://127.0.0.1:PORT/metrics`
     pub metrics_url: String,
     home: PathBuf,
+    /// What it was started with, for [`Self::start_again`].
+    extra_args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -305,6 +307,7 @@ impl ControlPlane {
             addr,
             metrics_url,
             home: home.to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         }
     }
 
@@ -365,9 +368,12 @@ impl ControlPlane {
         let _ = self.child.wait();
     }
 
-    /// A fresh process on the same address and home (after [`Self::kill`]).
+    /// A fresh process on the same address, home and arguments (after
+    /// [`Self::kill`]).
     pub fn start_again(&mut self) {
-        let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &[], &[]);
+        let args = self.extra_args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let replacement = Self::spawn(&self.home.clone(), &self.addr.to_string(), &args, &[]);
         *self = replacement;
     }
 }
