@@ -258,6 +258,19 @@ pub fn admissible(agent: &Caller<'_>, now_ms: i64) -> Result<(), Denial> {
     }
 }
 
+/// A client's string as an error message echoes it: its start only, so a
+/// megabyte of model name is not sent back (issue #31).
+pub fn echoed(s: &str) -> String {
+    const SHOWN_CHARS: usize = 120;
+    let mut chars = s.chars();
+    let shown: String = chars.by_ref().take(SHOWN_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{shown}… ({} bytes)", s.len())
+    } else {
+        shown
+    }
+}
+
 /// Policy and cost bound for an authenticated agent's request.
 pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
     if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
@@ -283,7 +296,7 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
             Rule::Model,
             format!(
                 "The model '{}' is not configured in AEX. Configured models: {}.",
-                ask.model,
+                echoed(ask.model),
                 models.models.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         ));
@@ -295,7 +308,7 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
             format!(
                 "Agent '{}' may not use model '{}' (allowed: {}).",
                 agent.name,
-                ask.model,
+                echoed(ask.model),
                 agent.allowed_models.join(", ")
             ),
         ));
@@ -333,7 +346,7 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
                      in the request, or give model '{}' its context window in models.yaml \
                      (limits.max_input_tokens), which AEX then reserves at the input price.",
                     what.as_str(),
-                    ask.model
+                    echoed(ask.model)
                 ),
             ));
         }
@@ -513,6 +526,15 @@ mod tests {
             UnboundedInput::from_wire("something_newer"),
             Some(UnboundedInput::Unrecognized)
         );
+    }
+
+    #[test]
+    fn a_huge_model_name_is_not_echoed_whole() {
+        let name = "m".repeat(1_000_000);
+        let e = plan_for(&agent(), &models(), &ask(&name)).unwrap_err();
+        assert!(e.message.len() < 1_000, "{} bytes", e.message.len());
+        assert!(e.message.contains("(1000000 bytes)"), "{}", e.message);
+        assert_eq!(echoed("llama3"), "llama3");
     }
 
     #[test]

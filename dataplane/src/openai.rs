@@ -309,6 +309,22 @@ fn count_images(v: &Value) -> (u64, u64) {
     }
 }
 
+/// A file part (`file` in chat, `input_file` in Responses): a PDF is read
+/// as page images and text, so files need the vision capability. Inline
+/// file data stays in the input bound byte for byte.
+fn has_file_part(v: &Value) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(has_file_part),
+        Value::Object(map) => {
+            matches!(
+                map.get("type").and_then(Value::as_str),
+                Some("file" | "input_file")
+            ) || map.values().any(has_file_part)
+        }
+        _ => false,
+    }
+}
+
 /// Input the provider fetches by reference: an `item_reference`, or a file
 /// by `file_id` / `file_url` (inline `file_data` is in the body's bytes).
 fn references_by_id(v: &Value) -> bool {
@@ -504,7 +520,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
         client_wants_usage,
         uses_tools,
         uses_function_calling,
-        uses_vision: images > 0,
+        uses_vision: images > 0 || input.is_some_and(has_file_part),
         requested_output_tokens,
         output_multiplier,
         unbounded_input: unbounded_input(api, &body),
@@ -969,6 +985,10 @@ mod tests {
             {"type":"file","file":{"file_data":"data:application/pdf;base64,AAAA"}}]}]}))
         .unwrap();
         assert_eq!(inline.unbounded_input, None, "inline data is in the body");
+        assert!(
+            inline.uses_vision,
+            "a file part needs the vision capability"
+        );
         let search = chat(
             json!({"model":"m","messages":[{"role":"user","content":"x"}],"web_search_options":{}}),
         )

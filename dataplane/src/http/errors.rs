@@ -116,7 +116,7 @@ impl GatewayError {
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             INVALID_REQUEST,
-            format!("Method not allowed for {path}."),
+            format!("Method not allowed for {}.", aex_core::policy::echoed(path)),
         )
     }
 
