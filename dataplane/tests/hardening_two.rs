@@ -402,3 +402,32 @@ async fn inputs_the_body_cannot_bound_are_refused_or_reserved_at_the_context_win
     let seen = stack.mock.requests().pop().unwrap();
     assert!(seen.body.get("service_tier").is_none(), "{}", seen.body);
 }
+
+/// Finding 5, keep-alive: a connection that proved no token is closed after
+/// its 401, so idle keep-alives cannot hold the slots agents need.
+#[tokio::test]
+async fn a_401_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start().await;
+    let mut c = tokio::net::TcpStream::connect(stack.data.addr)
+        .await
+        .unwrap();
+    let body = chat("mock-model").to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer aex_nobody\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        c.read_to_end(&mut answer),
+    )
+    .await
+    .expect("closed, not kept alive")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}

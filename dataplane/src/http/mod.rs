@@ -159,7 +159,15 @@ impl Gateway {
     async fn respond_error(session: &mut ServerSession, request_id: &str, e: GatewayError) -> bool {
         let mut headers = e.headers.clone();
         headers.push(("x-aex-request-id", request_id.to_string()));
+        // A client that proved no token keeps no connection (issue #31):
+        // otherwise idle keep-alives after a 401 would hold the slots
+        // `--max-connections` counts for agents.
+        let unauthenticated = e.status == StatusCode::UNAUTHORIZED;
+        if unauthenticated {
+            session.set_keepalive(None);
+        }
         Self::respond(session, e.status, "application/json", &headers, e.body()).await
+            && !unauthenticated
     }
 
     /// Handles one request; returns whether the connection may be reused.
