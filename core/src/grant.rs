@@ -14,9 +14,10 @@
 //!   worst-case calls per data plane), every call is decided centrally and
 //!   the 402 boundary is exact. The same holds for each limit.
 //! - A grant covers at least one worst-case call, or it is not given.
-//! - It is sized to the agent's recent spend over the grant's lifetime
-//!   (with headroom), so an agent that spends little does not lock its
-//!   budget away from the other data planes.
+//! - It is sized to about one second of the agent's recent spend
+//!   ([`PACED_SPEND_MS`]), so an agent that spends little does not lock its
+//!   budget away from the other data planes, and a data plane that dies
+//!   holding one costs about a second of spend.
 
 use crate::event::{EventKind, NewEvent};
 use crate::money::Micro;
@@ -28,9 +29,19 @@ use std::borrow::Cow;
 /// decisions.
 pub const EDGE_CALLS_PER_DATA_PLANE: i64 = 4;
 
-/// Headroom over the recent rate: a grant lasts its lifetime at twice the
-/// pace the agent has been going.
+/// Headroom over the recent rate of calls: a grant's request credits last
+/// its lifetime at twice the pace the agent has been going.
 pub const PACE_HEADROOM: i64 = 2;
+
+/// The budget a grant holds: the agent's recent spend over this long. A
+/// data plane that dies holding a grant has its unused part charged at the
+/// expiry (the calls it served and could not report are unknowable), so
+/// this is what a `kill -9` may cost beyond what clients were told. Paced
+/// over the 5 s lifetime twice over, that was 110,514 µ (about 493
+/// worst-case calls) in issue #31's run; one second of spend, renewed at
+/// half use (a report's interval away), keeps a busy agent's calls local
+/// and bounds that cost to about a second of its spend.
+pub const PACED_SPEND_MS: i64 = 1_000;
 
 /// What the control plane knows when a data plane asks for a grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,13 +105,12 @@ pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
     if share < worst {
         return Err(NoGrant::BudgetEdge);
     }
-    // The agent's pace over the lifetime, with headroom; never below one
-    // worst-case call, never above the fair share.
+    // About a second of the agent's pace; never below one worst-case
+    // call, never above the fair share.
     let paced = ask
         .spend_per_s_micro
         .max(0)
-        .saturating_mul(ask.lifetime_ms)
-        .saturating_mul(PACE_HEADROOM)
+        .saturating_mul(PACED_SPEND_MS.min(ask.lifetime_ms))
         / 1000;
     let budget_micro = paced.clamp(worst, share);
 
@@ -521,9 +531,10 @@ mod tests {
 
     #[test]
     fn a_busy_agent_far_from_its_edge_gets_its_pace() {
-        // 10,000 µ/s × 5 s × 2 = 100,000 µ, within the share (332,000).
+        // 10,000 µ/s × 1 s = 10,000 µ, within the share (332,000): what a
+        // crashed data plane holding it could cost.
         let g = size(&ask()).unwrap();
-        assert_eq!(g.budget_micro, 100_000);
+        assert_eq!(g.budget_micro, 10_000);
         assert_eq!((g.requests, g.slots), (None, None));
     }
 

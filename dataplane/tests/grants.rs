@@ -415,6 +415,14 @@ async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_and_the_others_ca
         charged <= victims_grants,
         "charged {charged} beyond its grants {victims_grants}"
     );
+    // Issue #31, finding 8: a grant holds about a second of the agent's
+    // spend (`aex_core::grant::PACED_SPEND_MS`), so the expiry charges at
+    // most about that. The victim served at about its pace for 300 ms.
+    let served = count(&on_victim, 200) as i64;
+    println!(
+        "expiry charged {charged} µ = {} calls; the victim served {served} in its last 300 ms",
+        charged / call.cost_micro
+    );
     assert_eq!(agent["spent_micro"].as_i64().unwrap(), closed + charged);
     // Every success on a live data plane was reported and charged.
     let completed = ev

@@ -919,7 +919,7 @@ pub fn grant(agent: &AgentRecord, id: &str, dp: &str) -> NewGrant {
         ask: aex_core::grant::GrantAsk {
             free_micro: 0,
             worst_call_micro: 100,
-            spend_per_s_micro: 1_000,
+            spend_per_s_micro: 10_000,
             data_planes: 1,
             lifetime_ms: 5_000,
             rpm_headroom: None,
@@ -942,7 +942,7 @@ fn issued(outcome: GrantOutcome) -> GrantRecord {
 pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
     let a = s.create_agent(new_agent("a", "h")).await.unwrap();
     let g = issued(s.issue_grant(grant(&a, "gnt_1", "dp1")).await.unwrap());
-    // 1,000 µ/s × 5 s × 2, within the share of 5 M less the edge.
+    // 10,000 µ/s × 1 s, within the share of 5 M less the edge.
     assert_eq!(g.budget_micro, 10_000);
     let after = s.agent_by_id(&a.id).await.unwrap().unwrap();
     assert_eq!(after.reserved_micro, 10_000);
