@@ -31,6 +31,25 @@ async fn run_calls(
     run_calls_on(&[&stack.data], token, call, calls, at_once).await
 }
 
+/// Keeps the agent busy on the stack's data plane until it holds a grant
+/// (at most 15 s); returns how many calls succeeded meanwhile.
+async fn until_a_grant(stack: &Stack, token: &str, call: &CostlyCall) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ok = 0;
+    while plane_metric(
+        &stack.data,
+        "aex_dataplane_grants_total",
+        &[("event", "installed")],
+    )
+    .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "no grant was issued");
+        ok += count(&run_calls(stack, token, call, 30, 3).await, 200);
+    }
+    ok
+}
+
 /// The stack's data plane and two more on the same control plane.
 fn three_planes(stack: &Stack) -> Vec<DataPlane> {
     (0..2)
@@ -441,19 +460,7 @@ async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
     let mut stack = Stack::start().await;
     let call = CostlyCall::new();
     let token = stack.agent("steadfast", &call.budget_for(100_000), "100000", &[]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut warm_up_ok = 0;
-    while plane_metric(
-        &stack.data,
-        "aex_dataplane_grants_total",
-        &[("event", "installed")],
-    )
-    .await
-        == 0.0
-    {
-        assert!(Instant::now() < deadline, "no grant was issued");
-        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
-    }
+    let warm_up_ok = until_a_grant(&stack, &token, &call).await;
     let url = stack.url("/v1/chat/completions");
     let load = tokio::spawn({
         let (token, call) = (token.clone(), CostlyCall::new());
@@ -504,19 +511,7 @@ async fn a_control_plane_down_longer_than_a_grants_life_loses_no_served_call() {
     let mut stack = Stack::start().await;
     let call = CostlyCall::new();
     let token = stack.agent("outage", &call.budget_for(1_000_000), "100000", &[]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut warm_up_ok = 0;
-    while plane_metric(
-        &stack.data,
-        "aex_dataplane_grants_total",
-        &[("event", "installed")],
-    )
-    .await
-        == 0.0
-    {
-        assert!(Instant::now() < deadline, "no grant was issued");
-        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
-    }
+    let warm_up_ok = until_a_grant(&stack, &token, &call).await;
     let url = stack.url("/v1/chat/completions");
     let load = tokio::spawn({
         let (token, call) = (token.clone(), CostlyCall::new());
@@ -601,19 +596,7 @@ async fn a_data_plane_stops_admitting_from_its_grant_while_its_reports_wait() {
     let mut stack = Stack::start_with(&["--report-backlog", &BACKLOG.to_string()]).await;
     let call = CostlyCall::new();
     let token = stack.agent("held", &call.budget_for(1_000_000), "100000", &[]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut warm_up_ok = 0;
-    while plane_metric(
-        &stack.data,
-        "aex_dataplane_grants_total",
-        &[("event", "installed")],
-    )
-    .await
-        == 0.0
-    {
-        assert!(Instant::now() < deadline, "no grant was issued");
-        warm_up_ok += count(&run_calls(&stack, &token, &call, 30, 3).await, 200);
-    }
+    let warm_up_ok = until_a_grant(&stack, &token, &call).await;
     stack.control.kill();
     let url = stack.url("/v1/chat/completions");
     // Well within the grant's life: without backpressure every one of these
