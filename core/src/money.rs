@@ -99,6 +99,18 @@ pub fn usd_with_micro(micro: Micro) -> String {
     format!("{} ({micro} µ)", usd(micro))
 }
 
+/// An overrun as shown: its amount, or — when a provider's claim filled
+/// the counter (it saturates at `i64::MAX` µ rather than wrap) — that it
+/// did, never a number that reads as an amount someone was billed.
+pub fn overrun_text(micro: Micro) -> String {
+    if micro == Micro::MAX {
+        "more than AEX can count (a provider reported absurd usage; the counter is saturated)"
+            .into()
+    } else {
+        usd_with_micro(micro)
+    }
+}
+
 /// Exact per-token prices of a model. Providers bill input read from their
 /// prompt cache and input written to it at their own prices (SPEC §3); a
 /// model whose config names neither pays the input price for both.
@@ -316,6 +328,16 @@ mod tests {
         assert_eq!(usd(-1), "-$0.000001");
         assert_eq!(PicoPerToken(150_000).to_string(), "0.15 µ/token");
         assert_eq!(PicoPerToken(2_000_000).to_string(), "2 µ/token");
+    }
+
+    #[test]
+    fn a_saturated_overrun_is_not_shown_as_an_amount() {
+        assert_eq!(overrun_text(4_100), "$0.004100 (4100 µ)");
+        let saturated = overrun_text(Micro::MAX);
+        assert!(
+            saturated.contains("saturated") && !saturated.contains('$'),
+            "{saturated}"
+        );
     }
 
     #[test]

@@ -197,6 +197,13 @@ async fn a_lying_provider_is_charged_at_most_the_reservation_and_the_rest_is_an_
     let agent = stack.settled("lied-to", Duration::from_secs(2)).await;
     assert_eq!(agent["spent_micro"], 2 * reserved);
     assert_eq!(agent["overrun_micro"], i64::MAX, "saturated, never wrapped");
+    // Issue #31: shown as saturated, not as an amount someone was billed.
+    let shown = stack.control.aexctl(&["agent", "inspect", "lied-to"]);
+    assert!(
+        shown.stdout.contains("saturated") && !shown.stdout.contains("9223372036854775807"),
+        "{}",
+        shown.stdout
+    );
     assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
 
     let status = status_json(&stack);

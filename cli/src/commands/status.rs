@@ -142,7 +142,7 @@ pub(super) fn write_status(
         out,
         "  Overruns:           {}  ({} reported beyond reservations, not charged)",
         s.overruns,
-        usd_with_micro(s.total_overrun_micro)
+        aex_core::money::overrun_text(s.total_overrun_micro)
     )?;
     writeln!(out, "  Open Reservations:  {}", s.open_reservations)?;
     writeln!(out, "  Expired:            {}", s.expired_reservations)?;

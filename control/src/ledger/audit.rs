@@ -519,7 +519,13 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
         .agents
         .iter()
         .filter(|a| a.overrun_micro > 0)
-        .map(|a| format!("agent '{}' ({} µ not charged)", a.name, a.overrun_micro))
+        .map(|a| {
+            format!(
+                "agent '{}' ({} not charged)",
+                a.name,
+                aex_core::money::overrun_text(a.overrun_micro)
+            )
+        })
         .collect();
     (checks, overruns)
 }
@@ -670,7 +676,7 @@ mod tests {
             .map(|c| c.name)
             .collect();
         assert_eq!(failed, ["spent_within_budget"]);
-        assert_eq!(overruns, ["agent 'bad' (70 µ not charged)"]);
+        assert_eq!(overruns, ["agent 'bad' ($0.000070 (70 µ) not charged)"]);
         d.agents[1].spent_micro = 100;
         d.charged.insert("bad".into(), 100);
         d.overrun_logged.insert("bad".into(), 69);

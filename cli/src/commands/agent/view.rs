@@ -167,7 +167,7 @@ pub(in crate::commands) fn write_inspect(out: &mut impl Write, a: &pb::Agent) ->
         writeln!(
             out,
             "  Overrun:     {}  (reported by providers beyond reservations; not charged, see `aexctl events --agent {}`)",
-            usd_with_micro(a.overrun_micro),
+            aex_core::money::overrun_text(a.overrun_micro),
             a.name
         )?;
     }
