@@ -173,6 +173,20 @@ impl Pricing {
         }
     }
 
+    /// Prices as a stored row, a logged event or a peer may hold them:
+    /// cache prices left out (a row admitted before they existed, an event
+    /// that logs them only where they differ, an older peer) are the input
+    /// price, as that call was priced.
+    pub fn with_optional_cache(
+        input: Pico,
+        output: Pico,
+        cached_input: Option<Pico>,
+        cache_write: Option<Pico>,
+    ) -> Pricing {
+        Pricing::flat(input, output)
+            .with_cache(cached_input.unwrap_or(input), cache_write.unwrap_or(input))
+    }
+
     pub const fn with_cache(self, cached_input: Pico, cache_write: Pico) -> Pricing {
         Pricing {
             cached_input_pico_per_token: cached_input,

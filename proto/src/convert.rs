@@ -71,8 +71,7 @@ pub fn pricing_from_pb(
     cached_input: Option<i64>,
     cache_write: Option<i64>,
 ) -> Pricing {
-    Pricing::flat(input, output)
-        .with_cache(cached_input.unwrap_or(input), cache_write.unwrap_or(input))
+    Pricing::with_optional_cache(input, output, cached_input, cache_write)
 }
 
 pub fn model_from_pb(m: &pb::Model) -> Model {

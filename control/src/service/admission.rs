@@ -431,23 +431,23 @@ impl AdmissionService for AdmissionApi {
 /// #31), and small enough that a data plane's receive buffer stays small.
 pub const SNAPSHOT_PAGE: usize = 1_000;
 
-/// The full state as watch events: pages, then the snapshot that ends them.
+/// The full state as watch events: pages, then the snapshot that ends them
+/// (the last page, or an empty one when there are no agents).
 fn snapshot_pages(agents: &[crate::storage::AgentRecord]) -> Vec<pb::WatchEvent> {
-    let mut pages: Vec<pb::WatchEvent> = agents
+    use pb::watch_event::Change;
+    let mut pages: Vec<pb::PolicySnapshot> = agents
         .chunks(SNAPSHOT_PAGE)
-        .map(|page| pb::WatchEvent {
-            change: Some(pb::watch_event::Change::SnapshotPart(pb::PolicySnapshot {
-                agents: page.iter().map(policy_to_pb).collect(),
-            })),
+        .map(|page| pb::PolicySnapshot {
+            agents: page.iter().map(policy_to_pb).collect(),
         })
         .collect();
-    // The last page ends the snapshot (an empty one when there are none).
-    let last = match pages.pop().and_then(|p| p.change) {
-        Some(pb::watch_event::Change::SnapshotPart(s)) => s,
-        _ => pb::PolicySnapshot::default(),
-    };
-    pages.push(pb::WatchEvent {
-        change: Some(pb::watch_event::Change::Snapshot(last)),
-    });
+    let last = pages.pop().unwrap_or_default();
     pages
+        .into_iter()
+        .map(Change::SnapshotPart)
+        .chain(std::iter::once(Change::Snapshot(last)))
+        .map(|change| pb::WatchEvent {
+            change: Some(change),
+        })
+        .collect()
 }

@@ -141,9 +141,8 @@ impl Tables {
         agent.reserved_micro += carve.reserved_delta;
         agent.spent_micro -= carve.uncharged_micro;
         let remaining = agent.remaining_micro();
-        self.grants
-            .insert(grant_id.to_string(), carve.after.clone());
         self.insert_reservation(key, &carve.reservation(n));
+        self.grants.insert(grant_id.to_string(), carve.after);
         ReserveOutcome::Reserved {
             remaining_micro: remaining,
         }

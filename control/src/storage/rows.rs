@@ -192,18 +192,6 @@ pub(in crate::storage) struct ReservationRow {
     pub(in crate::storage) cache_write_pico_per_token: Option<i64>,
 }
 
-/// A row's prices; a row admitted before cache prices existed (NULL) was
-/// priced, and settles, at its input price.
-fn row_pricing(
-    input: i64,
-    output: i64,
-    cached_input: Option<i64>,
-    cache_write: Option<i64>,
-) -> Pricing {
-    Pricing::flat(input, output)
-        .with_cache(cached_input.unwrap_or(input), cache_write.unwrap_or(input))
-}
-
 impl From<ReservationRow> for ReservationRecord {
     fn from(r: ReservationRow) -> Self {
         ReservationRecord {
@@ -212,7 +200,7 @@ impl From<ReservationRow> for ReservationRecord {
             agent_id: r.agent_id,
             model: r.model,
             amount_micro: r.amount_micro,
-            pricing: row_pricing(
+            pricing: Pricing::with_optional_cache(
                 r.input_pico_per_token,
                 r.output_pico_per_token,
                 r.cached_input_pico_per_token,
@@ -279,7 +267,7 @@ impl From<ReservationAuditRow> for AuditedReservation {
                 cache_write_tokens: r.cache_write_tokens.unwrap_or(0),
                 overrun_micro: r.overrun_micro,
             },
-            pricing: row_pricing(
+            pricing: Pricing::with_optional_cache(
                 r.input_pico_per_token,
                 r.output_pico_per_token,
                 r.cached_input_pico_per_token,

@@ -91,6 +91,16 @@ struct Call<'a> {
     admission: &'a pb::Admission,
 }
 
+impl Call<'_> {
+    /// The output the call may generate: every choice may run to the cap,
+    /// and the reservation covered them all.
+    fn output_cap_total(&self) -> u64 {
+        self.admission
+            .output_tokens_cap
+            .saturating_mul(u64::from(self.inspected.output_multiplier.max(1)))
+    }
+}
+
 fn new_request_id() -> String {
     aex_core::secrets::new_id("req")
 }

@@ -194,10 +194,7 @@ impl Gateway {
                 .map_or(body.len() as u64, |v| output_text_bytes(api, v));
             // Bounded like a stream: text past the cut-off means the
             // provider ignored the cap; the client does not get it.
-            let cap = call
-                .admission
-                .output_tokens_cap
-                .saturating_mul(u64::from(call.inspected.output_multiplier.max(1)));
+            let cap = call.output_cap_total();
             if api != Api::Embeddings && finished.output_bytes > cut_off_bytes(cap) {
                 finished.outcome = pb::SettleOutcome::CutOff;
                 let e = GatewayError::upstream_ignored_cap(provider, cap);
@@ -263,11 +260,7 @@ impl Gateway {
             finished.outcome = pb::SettleOutcome::ClientDisconnected;
             return false;
         }
-        // Every choice may run to the cap; the reservation covered them all.
-        let cap = call
-            .admission
-            .output_tokens_cap
-            .saturating_mul(u64::from(call.inspected.output_multiplier.max(1)));
+        let cap = call.output_cap_total();
         let mut meter =
             SseMeter::new(api, !call.inspected.client_wants_usage).cut_off_at(cut_off_bytes(cap));
         let mut out = Vec::new();

@@ -213,16 +213,12 @@ impl ReservationFold {
             ) {
                 // Cache prices are logged only where they differ from the
                 // input price (see `admit_event`).
-                (Some(input), Some(output)) => Some(
-                    Pricing::flat(input, output).with_cache(
-                        details["cached_input_pico_per_token"]
-                            .as_i64()
-                            .unwrap_or(input),
-                        details["cache_write_pico_per_token"]
-                            .as_i64()
-                            .unwrap_or(input),
-                    ),
-                ),
+                (Some(input), Some(output)) => Some(Pricing::with_optional_cache(
+                    input,
+                    output,
+                    details["cached_input_pico_per_token"].as_i64(),
+                    details["cache_write_pico_per_token"].as_i64(),
+                )),
                 _ => None,
             };
             let facts = ReservationFacts {
