@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "aex/v1/admission.proto",
     "aex/v1/ledger.proto",
     "aex/v1/processes.proto",
+    "aex/v1/credentials.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -3,8 +3,9 @@
 use crate::error::{CliError, Result};
 use aex_core::home::Home;
 use aex_proto::v1::{
-    agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
-    model_service_client::ModelServiceClient, process_service_client::ProcessServiceClient,
+    agent_service_client::AgentServiceClient, credential_service_client::CredentialServiceClient,
+    ledger_service_client::LedgerServiceClient, model_service_client::ModelServiceClient,
+    process_service_client::ProcessServiceClient,
 };
 use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -34,6 +35,7 @@ pub struct Admin {
     pub models: ModelServiceClient<Authed>,
     pub ledger: LedgerServiceClient<Authed>,
     pub processes: ProcessServiceClient<Authed>,
+    pub credentials: CredentialServiceClient<Authed>,
     pub address: String,
 }
 
@@ -85,7 +87,8 @@ impl Admin {
             agents: AgentServiceClient::with_interceptor(channel.clone(), auth.clone()),
             models: ModelServiceClient::with_interceptor(channel.clone(), auth.clone()),
             ledger: LedgerServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            processes: ProcessServiceClient::with_interceptor(channel, auth),
+            processes: ProcessServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            credentials: CredentialServiceClient::with_interceptor(channel, auth),
             address: address.to_string(),
         })
     }
@@ -97,6 +100,7 @@ impl Admin {
             models: self.models.clone(),
             ledger: self.ledger.clone(),
             processes: self.processes.clone(),
+            credentials: self.credentials.clone(),
             address: self.address.clone(),
         }
     }

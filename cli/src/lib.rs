@@ -53,6 +53,9 @@ pub enum Command {
     /// Create, list, inspect and manage agents.
     #[command(subcommand)]
     Agent(commands::agent::AgentCommand),
+    /// Data-plane credentials scoped to some agents (for sidecars).
+    #[command(subcommand)]
+    Dataplane(commands::dataplane::DataplaneCommand),
     /// List or reload the model configuration.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),

@@ -15,6 +15,15 @@ pub enum Error {
     Home(#[from] HomeError),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A name already taken (other than an agent's).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Something named that does not exist (other than an agent).
+    #[error("{0}")]
+    NotFound(String),
+    /// A scoped data-plane credential acting for an agent it does not serve.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A bug (a worker that panicked), never a caller's mistake.
     #[error("{0}")]
     Internal(String),
@@ -29,6 +38,9 @@ impl From<Error> for Status {
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_) | Error::Home(_) | Error::Internal(_) => Code::Internal,
             Error::Config(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
         };
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");

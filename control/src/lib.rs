@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod credentials;
 pub mod error;
 pub mod ledger;
 pub mod metrics;

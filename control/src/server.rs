@@ -2,11 +2,11 @@
 //! reflection and health open (so `grpcurl list` works with no .proto files).
 
 use crate::admission::core::{AdmissionCore, ExpiryPolicy};
-use crate::auth::RequireBearer;
+use crate::auth::{RequireBearer, RequireDataPlane};
 use crate::error::Result;
 use crate::service::{
-    admission::AdmissionApi, agents::AgentsApi, ledger::LedgerApi, models::ModelsApi,
-    processes::ProcessesApi,
+    admission::AdmissionApi, agents::AgentsApi, credentials::CredentialsApi, ledger::LedgerApi,
+    models::ModelsApi, processes::ProcessesApi,
 };
 use crate::state::ControlState;
 use crate::storage::Database;
@@ -14,8 +14,9 @@ use aex_core::config::ModelsConfig;
 use aex_core::home::Home;
 use aex_proto::v1::{
     FILE_DESCRIPTOR_SET, admission_service_server::AdmissionServiceServer,
-    agent_service_server::AgentServiceServer, ledger_service_server::LedgerServiceServer,
-    model_service_server::ModelServiceServer, process_service_server::ProcessServiceServer,
+    agent_service_server::AgentServiceServer, credential_service_server::CredentialServiceServer,
+    ledger_service_server::LedgerServiceServer, model_service_server::ModelServiceServer,
+    process_service_server::ProcessServiceServer,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     "aex.v1.ModelService",
     "aex.v1.LedgerService",
     "aex.v1.ProcessService",
+    "aex.v1.CredentialService",
 ];
 
 /// How reservations nobody settles are handled.
@@ -85,9 +87,14 @@ async fn apply_changes(state: Arc<ControlState>, mut feed: crate::storage::Chang
                 state.admission.grants_recalled_elsewhere(&agent_id);
                 continue;
             }
+            StoreChange::Credentials => {
+                reload_credentials_here(&state).await;
+                continue;
+            }
             StoreChange::Everything => {
-                // A gap may have hidden a reload too.
+                // A gap may have hidden a reload and a revocation too.
                 reload_models_here(&state);
+                reload_credentials_here(&state).await;
                 EVERY_AGENT.to_string()
             }
         };
@@ -99,6 +106,17 @@ async fn apply_changes(state: Arc<ControlState>, mut feed: crate::storage::Chang
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
         }
+    }
+}
+
+/// Until it applies: a revocation skipped here would leave a revoked
+/// sidecar served by this replica.
+async fn reload_credentials_here(state: &ControlState) {
+    let mut backoff = std::time::Duration::from_millis(100);
+    while let Err(e) = state.credentials.reload().await {
+        tracing::error!(error = %e, "cannot reload data-plane credentials changed through another control plane; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
 }
 
@@ -153,7 +171,6 @@ pub struct Control {
     /// None: plain HTTP/2 (loopback, or TLS terminated in front).
     pub tls: Option<ServerTls>,
     admin_token: String,
-    dataplane_token: String,
     reservations: ReservationSettings,
 }
 
@@ -176,9 +193,15 @@ impl Control {
         let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms)
             .await?
             .with_overrun_limit(reservations.overrun_limit);
+        let credentials = Arc::new(crate::credentials::CredentialBook::new(
+            store.clone(),
+            &dataplane_token,
+        ));
+        credentials.reload().await?;
         let state = Arc::new(ControlState::new(
             store,
             admission,
+            credentials,
             models,
             home.models_yaml(),
             database.describe(),
@@ -191,7 +214,6 @@ impl Control {
             state,
             tls: None,
             admin_token,
-            dataplane_token,
             reservations,
         })
     }
@@ -221,7 +243,7 @@ impl Control {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::result::Result<(), tonic::transport::Error> {
         let admin = RequireBearer::admin(&self.admin_token);
-        let dataplane = RequireBearer::dataplane(&self.dataplane_token);
+        let dataplane = RequireDataPlane::new(self.state.credentials.clone());
         // Expired reservations are settled continuously, not only at start.
         let sweeper = {
             let state = self.state.clone();
@@ -314,6 +336,10 @@ impl Control {
             ))
             .add_service(ProcessServiceServer::with_interceptor(
                 ProcessesApi::new(self.state.clone()),
+                admin.clone(),
+            ))
+            .add_service(CredentialServiceServer::with_interceptor(
+                CredentialsApi::new(self.state.clone()),
                 admin,
             ))
             .serve_with_incoming_shutdown(nodelay(listener), {

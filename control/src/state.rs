@@ -10,6 +10,8 @@ use std::sync::{Arc, RwLock};
 pub struct ControlState {
     pub store: Arc<dyn Store>,
     pub admission: AdmissionCore,
+    /// The data-plane credentials accepted, and what each may serve.
+    pub credentials: Arc<crate::credentials::CredentialBook>,
     /// For `status`: where the ledger lives and since when we serve.
     pub database: String,
     pub started_at_ms: i64,
@@ -33,6 +35,7 @@ impl ControlState {
     pub fn new(
         store: Arc<dyn Store>,
         admission: AdmissionCore,
+        credentials: Arc<crate::credentials::CredentialBook>,
         models: ModelsConfig,
         models_path: PathBuf,
         database: String,
@@ -41,6 +44,7 @@ impl ControlState {
         Self {
             store,
             admission,
+            credentials,
             database,
             started_at_ms: crate::storage::now_ms(),
             data_planes: Default::default(),

@@ -2,148 +2,16 @@
 
 use aex_core::secrets::token_sha256;
 use aex_proto::v1::{
-    self as pb, admission_service_client::AdmissionServiceClient, admit_response::Outcome,
-    agent_service_client::AgentServiceClient, ledger_service_client::LedgerServiceClient,
+    self as pb, admit_response::Outcome, agent_service_client::AgentServiceClient,
 };
-use aex_tests::{ControlPlane, TestHome};
+use aex_tests::ControlPlane;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
+mod common;
 
-struct Fixture {
-    home: TestHome,
-    cp: ControlPlane,
-    channel: Channel,
-}
-
-impl Fixture {
-    async fn new() -> Self {
-        let home = TestHome::new();
-        let cp = home.start_control();
-        let channel = Channel::from_shared(cp.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self { home, cp, channel }
-    }
-
-    fn admission(&self) -> AdmissionServiceClient<Channel> {
-        AdmissionServiceClient::new(self.channel.clone())
-    }
-
-    async fn create(&self, name: &str, budget_micro: i64, rpm: u32) -> String {
-        AgentServiceClient::new(self.channel.clone())
-            .create_agent(bearer(
-                pb::CreateAgentRequest {
-                    name: name.into(),
-                    budget_micro,
-                    rpm,
-                    ..Default::default()
-                },
-                &self.home.admin_token(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .token
-    }
-
-    async fn admit(&self, token: &str, request_id: &str, max_tokens: u64) -> pb::AdmitResponse {
-        self.admission()
-            .admit(bearer(
-                admit_request(token, request_id, max_tokens),
-                &self.home.dataplane_token(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn settle(
-        &self,
-        reservation_id: &str,
-        prompt: u64,
-        completion: u64,
-    ) -> pb::SettleResponse {
-        self.admission()
-            .settle(bearer(
-                pb::SettleRequest {
-                    reservation_id: reservation_id.into(),
-                    outcome: pb::SettleOutcome::Completed as i32,
-                    prompt_tokens: prompt,
-                    completion_tokens: completion,
-                    usage_reported: true,
-                    ..Default::default()
-                },
-                &self.home.dataplane_token(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn agent(&self, name: &str) -> pb::Agent {
-        AgentServiceClient::new(self.channel.clone())
-            .get_agent(bearer(
-                pb::AgentRef { name: name.into() },
-                &self.home.admin_token(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn events(&self, name: &str) -> Vec<pb::Event> {
-        LedgerServiceClient::new(self.channel.clone())
-            .list_events(bearer(
-                pb::ListEventsRequest {
-                    agent_name: name.into(),
-                    limit: 10_000,
-                    ..Default::default()
-                },
-                &self.home.admin_token(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events
-    }
-}
-
-/// llama3-local costs 1 µ per input token and 2 µ per output token.
-fn admit_request(token: &str, request_id: &str, max_tokens: u64) -> pb::AdmitRequest {
-    pb::AdmitRequest {
-        request_id: request_id.into(),
-        token_sha256: token_sha256(token),
-        endpoint: pb::Endpoint::ChatCompletions as i32,
-        model: "llama3-local".into(),
-        input_tokens_bound: 100,
-        requested_output_tokens: Some(max_tokens),
-        ..Default::default()
-    }
-}
-
-fn admitted(r: &pb::AdmitResponse) -> &pb::Admission {
-    match &r.outcome {
-        Some(Outcome::Admitted(a)) => a,
-        other => panic!("expected admission, got {other:?}"),
-    }
-}
-
-fn denied(r: &pb::AdmitResponse) -> &pb::Denial {
-    match &r.outcome {
-        Some(Outcome::Denied(d)) => d,
-        other => panic!("expected denial, got {other:?}"),
-    }
-}
+use common::{Fixture, admit_request, admitted, bearer, denied};
 
 #[tokio::test]
 async fn admission_requires_the_data_plane_credential() {

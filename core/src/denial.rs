@@ -69,6 +69,9 @@ named_set! {
         /// A model's tokens-per-minute limit across all agents.
         ModelTpm => "model_tpm",
         Budget => "budget",
+        /// A data plane whose credential is scoped to other agents
+        /// (`aex_core::credential`).
+        DataPlane => "data_plane",
     }
 }
 
@@ -98,6 +101,7 @@ named_set! {
         RateLimitExceeded => "rate_limit_exceeded",
         InvalidRequest => "invalid_request",
         RequestAlreadyClosed => "request_already_closed",
+        AgentNotServed => "agent_not_served",
     }
 }
 

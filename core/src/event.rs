@@ -42,10 +42,13 @@ pub enum EventKind {
     GrantReturned,
     /// A grant's deadline passed without its data plane giving it back.
     GrantExpired,
+    /// A data-plane credential scoped to some agents (`aex_core::credential`).
+    CredentialIssued,
+    CredentialRevoked,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 26] = [
+    pub const ALL: [EventKind; 28] = [
         EventKind::AgentCreated,
         EventKind::AgentUpdated,
         EventKind::AgentToppedUp,
@@ -72,6 +75,8 @@ impl EventKind {
         EventKind::GrantIssued,
         EventKind::GrantReturned,
         EventKind::GrantExpired,
+        EventKind::CredentialIssued,
+        EventKind::CredentialRevoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +107,8 @@ impl EventKind {
             EventKind::GrantIssued => "grant.issued",
             EventKind::GrantReturned => "grant.returned",
             EventKind::GrantExpired => "grant.expired",
+            EventKind::CredentialIssued => "credential.issued",
+            EventKind::CredentialRevoked => "credential.revoked",
         }
     }
 

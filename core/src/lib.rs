@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod chain;
 pub mod config;
+pub mod credential;
 pub mod denial;
 pub mod event;
 pub mod grant;

@@ -36,6 +36,12 @@ struct Args {
     /// Client key (PEM) of --tls-cert.
     #[arg(long, env = "AEX_TLS_KEY", value_name = "FILE")]
     tls_key: Option<std::path::PathBuf>,
+    /// The data-plane credential, read from this file: the fleet one, or one
+    /// scoped to this sidecar's agents (`aexctl dataplane credential
+    /// create`). Without it: `AEX_DATAPLANE_TOKEN`, then
+    /// `AEX_HOME/dataplane.token`.
+    #[arg(long, env = "AEX_DATAPLANE_TOKEN_FILE", value_name = "FILE")]
+    dataplane_token_file: Option<std::path::PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint, or `off`. Its own
     /// listener, loopback by default: the API port serves agents only.
     #[arg(
@@ -109,10 +115,24 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let home = Home::resolve(args.home)?;
     // In a sidecar the credential may come from the environment instead.
-    let token = match std::env::var("AEX_DATAPLANE_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+    let token = match (
+        &args.dataplane_token_file,
+        std::env::var("AEX_DATAPLANE_TOKEN"),
+    ) {
+        (Some(file), _) => std::fs::read_to_string(file)
+            .map_err(|e| format!("--dataplane-token-file {}: {e}", file.display()))?
+            .trim()
+            .to_string(),
+        (None, Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
         _ => home.read_dataplane_token()?,
     };
+    if token.is_empty() {
+        return Err(
+            "the data-plane credential is empty: put the fleet one (AEX_HOME/dataplane.token) \
+                    or a scoped one (`aexctl dataplane credential create`) in the file"
+                .into(),
+        );
+    }
     let cache = Arc::new(Cache::new(Some(home.env_file())));
     let tls = aex_proto::tls::ClientTls {
         ca: args.tls_ca.clone(),

@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod audit;
 pub mod daemon;
+pub mod dataplane;
 pub mod demo;
 pub mod doctor;
 pub mod events;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Audit(args) => audit::run(&home, &control, args).await,
         Command::Events(args) => events::run(&home, &control, args).await,
         Command::Daemon(cmd) => daemon::run(&home, cmd).await,
+        Command::Dataplane(cmd) => dataplane::run(&home, &control, cmd).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Doctor(args) => {
             let dataplane = crate::addresses::dataplane(&home, None);

@@ -7,6 +7,7 @@ use super::limiter::{Gcra, TokenBucket};
 pub use aex_proto::convert::endpoint_from_pb;
 mod grants;
 mod overruns;
+mod served;
 mod shared;
 mod tokens;
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
@@ -17,6 +18,7 @@ use crate::storage::{
     now_ms,
 };
 use aex_core::config::ModelsConfig;
+use aex_core::credential::Served;
 use aex_core::secrets::new_id;
 pub use grants::{
     GRANT_LIFETIME_MS, GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, Refusal,
@@ -499,12 +501,15 @@ impl AdmissionCore {
         (agents, rx)
     }
 
+    /// Decides one call for the data plane that asks, which may act only
+    /// for the agents `served` names (its credential's scope).
     pub async fn admit(
         &self,
         models: &ModelsConfig,
         request_id: &str,
         token_sha256: &str,
         ask: &Ask<'_>,
+        served: &Served,
     ) -> Result<Decision> {
         let now = now_ms();
         // A retry of a request this control plane admitted: the same
@@ -516,6 +521,7 @@ impl AdmissionCore {
             live.by_request
                 .get(request_id)
                 .and_then(|id| live.open.get(id))
+                .filter(|o| served.serves(&o.agent_name))
                 .map(|o| (o.record.id.clone(), self.admitted_from(o, 0, models)))
         };
         if let Some((id, admitted)) = retried {
@@ -531,7 +537,10 @@ impl AdmissionCore {
         let mut recalled = false;
         let mut learned = false;
         let Accepted { tentative, plan } = loop {
-            let refused = match self.decide_and_take(models, token_sha256, ask, now).await? {
+            let refused = match self
+                .decide_and_take(models, token_sha256, ask, served, now)
+                .await?
+            {
                 Ok(accepted) => break accepted,
                 Err(refused) => refused,
             };
@@ -729,11 +738,12 @@ impl AdmissionCore {
         models: &ModelsConfig,
         token_sha256: &str,
         ask: &Ask<'_>,
+        served: &Served,
         now: i64,
     ) -> Result<Result<Accepted, Box<Refused>>> {
         let decided = {
             let mut live = self.lock();
-            self.decide(&mut live, models, token_sha256, ask, now)
+            self.decide(&mut live, models, token_sha256, ask, served, now)
         };
         let accepted = match decided {
             Ok(accepted) => accepted,
@@ -766,6 +776,7 @@ impl AdmissionCore {
         models: &ModelsConfig,
         token_sha256: &str,
         ask: &Ask<'_>,
+        served: &Served,
         now: i64,
     ) -> Result<Accepted, Box<Refused>> {
         let agent_id = live
@@ -795,6 +806,9 @@ impl AdmissionCore {
                 agent_name: name.clone(),
             })
         };
+        // Before any limit is looked at: a data plane scoped to other agents
+        // learns nothing of this one's state.
+        served.check(&name).map_err(deny)?;
         let plan = plan(&agent.into(), models, ask).map_err(deny)?;
         let model = &models.models[ask.model];
         let tokens = plan.input_tokens_bound;

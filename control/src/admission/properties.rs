@@ -21,6 +21,7 @@ use crate::storage::{
     Store, now_ms,
 };
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
+use aex_core::credential::Served;
 use aex_core::money::TokenUsage;
 use aex_tests::rng::{Rng, seed_from_env};
 use std::collections::HashMap;
@@ -312,7 +313,7 @@ impl World {
                 tasks.spawn(async move {
                     let ask = ask(input_tokens_bound, max_tokens, false);
                     match core
-                        .admit(&models, &request_id, &token, &ask)
+                        .admit(&models, &request_id, &token, &ask, &Served::Every)
                         .await
                         .unwrap()
                     {
@@ -695,7 +696,13 @@ async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
     let (store, first, second) = two_replicas(new_agent("streamer", &token)).await;
     let models = models();
     let Decision::Admitted(a) = first
-        .admit(&models, "stream-1", &token, &ask(100, Some(50), true))
+        .admit(
+            &models,
+            "stream-1",
+            &token,
+            &ask(100, Some(50), true),
+            &Served::Every,
+        )
         .await
         .unwrap()
     else {
@@ -748,7 +755,13 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
     .await;
     let models = models();
     let Decision::Admitted(a) = first
-        .admit(&models, "once", &token, &ask(100, Some(50), false))
+        .admit(
+            &models,
+            "once",
+            &token,
+            &ask(100, Some(50), false),
+            &Served::Every,
+        )
         .await
         .unwrap()
     else {
@@ -767,7 +780,13 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
         .unwrap();
     assert!(!settled.already_settled && settled.charged_micro > 0);
     match first
-        .admit(&models, "once", &token, &ask(100, Some(50), false))
+        .admit(
+            &models,
+            "once",
+            &token,
+            &ask(100, Some(50), false),
+            &Served::Every,
+        )
         .await
         .unwrap()
     {
@@ -777,7 +796,13 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
     // Its one slot is free again on the replica that admitted it.
     assert!(matches!(
         first
-            .admit(&models, "next", &token, &ask(100, Some(50), false))
+            .admit(
+                &models,
+                "next",
+                &token,
+                &ask(100, Some(50), false),
+                &Served::Every
+            )
             .await
             .unwrap(),
         Decision::Admitted(_)

@@ -3,10 +3,13 @@
 
 use crate::admission::core::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
 use crate::admission::policy::{Ask, Denial, Endpoint};
+use crate::auth::caller;
+use crate::credentials::Caller;
 use crate::error::Error;
 use crate::service::convert::{models_to_pb, policy_to_pb};
 use crate::state::ControlState;
 use crate::storage::now_ms;
+use aex_core::credential::Served;
 use aex_proto::v1::{self as pb, admission_service_server::AdmissionService};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,7 +56,11 @@ fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
 }
 
 /// One admission, as `Admit` and each item of `AdmitBatch` decide it.
-async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
+async fn admit_one(
+    state: &ControlState,
+    served: &Served,
+    r: pb::AdmitRequest,
+) -> Result<pb::AdmitResponse, Status> {
     let endpoint = endpoint_from_pb(r.endpoint())
         .ok_or_else(|| Status::invalid_argument("endpoint is required"))?;
     if r.request_id.is_empty() {
@@ -86,13 +93,23 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
             known = admission.authenticate_only(&r.token_sha256);
         }
         return Ok(match known {
-            Ok(agent) => pb::AdmitResponse {
-                outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
-                    agent_id: agent.id,
-                    agent_name: agent.name,
-                    remaining_micro: agent.budget_micro - agent.spent_micro - agent.reserved_micro,
-                    ..Default::default()
-                })),
+            Ok(agent) => match served.check(&agent.name) {
+                Ok(()) => pb::AdmitResponse {
+                    outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                        remaining_micro: agent.budget_micro
+                            - agent.spent_micro
+                            - agent.reserved_micro,
+                        agent_id: agent.id,
+                        agent_name: agent.name,
+                        ..Default::default()
+                    })),
+                },
+                Err(d) => {
+                    admission
+                        .log_denial(&d, &agent.id, &agent.name, &ask, &r.token_sha256)
+                        .await;
+                    denial_to_pb(d, agent.name)
+                }
             },
             Err(d) => {
                 admission
@@ -105,7 +122,7 @@ async fn admit_one(state: &ControlState, r: pb::AdmitRequest) -> Result<pb::Admi
     let models = state.models();
     let started = std::time::Instant::now();
     let decision = admission
-        .admit(&models, &r.request_id, &r.token_sha256, &ask)
+        .admit(&models, &r.request_id, &r.token_sha256, &ask, served)
         .await
         .map_err(Status::from)?;
     let metrics = &state.metrics;
@@ -199,6 +216,7 @@ pub(super) fn item_error(status: &Status) -> pb::ItemError {
 /// One settlement, as `Settle` and each item of `SettleBatch` do it.
 pub(super) async fn settle_one(
     state: &ControlState,
+    served: &Served,
     mut r: pb::SettleRequest,
 ) -> Result<pb::SettleResponse, Status> {
     if r.reservation_id.is_empty() && !r.request_id.is_empty() {
@@ -218,6 +236,11 @@ pub(super) async fn settle_one(
             "reservation_id or request_id is required",
         ));
     }
+    state
+        .admission
+        .check_serves_reservations(served, std::slice::from_ref(&r.reservation_id))
+        .await
+        .map_err(Status::from)?;
     let outcome = outcome_from_pb(r.outcome());
     let settled = state
         .admission
@@ -265,7 +288,8 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::AdmitRequest>,
     ) -> Result<Response<pb::AdmitResponse>, Status> {
-        admit_one(&self.state, request.into_inner())
+        let served = caller(&request).served;
+        admit_one(&self.state, &served, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -274,10 +298,12 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::AdmitBatchRequest>,
     ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+        let served = caller(&request).served;
         let admissions = request.into_inner().admissions;
         check_batch_size(admissions.len(), "AdmitBatch")?;
-        let results = each_at_once(&self.state, admissions, |state, r| async move {
-            admit_one(&state, r).await
+        let results = each_at_once(&self.state, admissions, |state, r| {
+            let served = served.clone();
+            async move { admit_one(&state, &served, r).await }
         })
         .await?
         .into_iter()
@@ -295,7 +321,8 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
-        settle_one(&self.state, request.into_inner())
+        let served = caller(&request).served;
+        settle_one(&self.state, &served, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -304,10 +331,12 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::SettleBatchRequest>,
     ) -> Result<Response<pb::SettleBatchResponse>, Status> {
+        let served = caller(&request).served;
         let settlements = request.into_inner().settlements;
         check_batch_size(settlements.len(), "SettleBatch")?;
-        let results = each_at_once(&self.state, settlements, |state, r| async move {
-            settle_one(&state, r).await
+        let results = each_at_once(&self.state, settlements, |state, r| {
+            let served = served.clone();
+            async move { settle_one(&state, &served, r).await }
         })
         .await?
         .into_iter()
@@ -325,7 +354,13 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let served = caller(&request).served;
         let ids = request.into_inner().reservation_ids;
+        self.state
+            .admission
+            .check_serves_reservations(&served, &ids)
+            .await
+            .map_err(Status::from)?;
         let (expires_at_ms, closed) = self
             .state
             .admission
@@ -342,7 +377,8 @@ impl AdmissionService for AdmissionApi {
         &self,
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        super::report::report(&self.state, request.into_inner())
+        let served = caller(&request).served;
+        super::report::report(&self.state, &served, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -351,8 +387,9 @@ impl AdmissionService for AdmissionApi {
 
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller: Caller = caller(&request);
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
@@ -371,10 +408,17 @@ impl AdmissionService for AdmissionApi {
             let _connected = Connected(state.clone());
             let stopping = ControlState::stopping(state.shutting_down.subscribe());
             tokio::pin!(stopping);
+            let mut credentials = state.credentials.changes();
+            let served = &caller.served;
             loop {
                 // (Re)start with a full snapshot: at connect, and whenever this
                 // receiver fell behind and may have missed a change.
-                let (agents, mut changes) = state.admission.subscribe();
+                let (mut agents, mut changes) = state.admission.subscribe();
+                // A scoped data plane sees its own agents only: their ids,
+                // to pass on their removals and recalls and nothing else's.
+                agents.retain(|a| served.serves(&a.name));
+                let mut shown: std::collections::HashSet<String> =
+                    agents.iter().map(|a| a.id.clone()).collect();
                 for page in snapshot_pages(&agents) {
                     if tx.send(Ok(page)).await.is_err() {
                         return;
@@ -393,17 +437,41 @@ impl AdmissionService for AdmissionApi {
                     let received = tokio::select! {
                         _ = tx.closed() => return,
                         _ = &mut stopping => return,
+                        Ok(()) = credentials.changed() => {
+                            if state.credentials.still_valid(&caller) {
+                                continue;
+                            }
+                            let _ = tx
+                                .send(Err(Status::unauthenticated(format!(
+                                    "the data-plane credential '{}' was revoked",
+                                    served.credential()
+                                ))))
+                                .await;
+                            return;
+                        }
                         r = changes.recv() => r,
                     };
                     let event = match received {
                         Ok(Change::AgentUpserted(a)) => {
+                            if !served.serves(&a.name) {
+                                continue;
+                            }
+                            shown.insert(a.id.clone());
                             pb::watch_event::Change::AgentUpserted(policy_to_pb(&a))
                         }
-                        Ok(Change::AgentRemoved(id)) => pb::watch_event::Change::AgentRemoved(id),
+                        Ok(Change::AgentRemoved(id)) => {
+                            if !shown.remove(&id) {
+                                continue;
+                            }
+                            pb::watch_event::Change::AgentRemoved(id)
+                        }
                         Ok(Change::Models(m)) => {
                             pb::watch_event::Change::Models(models_to_pb(&m, now_ms()))
                         }
                         Ok(Change::GrantsRevoked(agent_id)) => {
+                            if !shown.contains(&agent_id) {
+                                continue;
+                            }
                             pb::watch_event::Change::GrantsRevoked(agent_id)
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => break,

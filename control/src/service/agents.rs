@@ -15,6 +15,11 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Agent names appear in tables, metrics labels and file names: keep them
 /// to a safe alphabet.
 pub fn validate_agent_name(name: &str) -> Result<()> {
+    validate_name("agent", name)
+}
+
+/// A name of `what` (an agent, a credential): 1-64 of a safe alphabet.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -25,7 +30,8 @@ pub fn validate_agent_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid agent name '{name}': use 1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit"
+            "invalid {what} name '{}': use 1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit",
+            aex_core::policy::echoed(name)
         )))
     }
 }

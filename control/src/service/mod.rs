@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod agents;
 pub mod convert;
+pub mod credentials;
 pub mod ledger;
 pub mod models;
 pub mod processes;

@@ -10,12 +10,14 @@ use crate::admission::core::{
 };
 use crate::state::ControlState;
 use crate::storage::ReservationRecord;
+use aex_core::credential::Served;
 use aex_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::Status;
 
 pub(super) async fn report(
     state: &Arc<ControlState>,
+    served: &Served,
     r: pb::ReportRequest,
 ) -> Result<pb::ReportResponse, Status> {
     check_batch_size(r.items.len(), "Report")?;
@@ -45,8 +47,9 @@ pub(super) async fn report(
 
     let (admit_at, admits): (Vec<usize>, Vec<pb::LocalAdmission>) = admits.into_iter().unzip();
     let admit_ids: Vec<String> = admits.iter().map(|a| a.reservation_id.clone()).collect();
-    let recorded = each_at_once(state, admits, |state, a| async move {
-        record_admit(&state, a).await
+    let recorded = each_at_once(state, admits, |state, a| {
+        let served = served.clone();
+        async move { record_admit(&state, &served, a).await }
     })
     .await?;
     // A settlement of a call whose admit failed here is sent again with it:
@@ -71,8 +74,9 @@ pub(super) async fn report(
     }
 
     let (settle_at, settles): (Vec<usize>, Vec<pb::SettleRequest>) = settles.into_iter().unzip();
-    let settled = each_at_once(state, settles, |state, s| async move {
-        settle_one(&state, s).await
+    let settled = each_at_once(state, settles, |state, s| {
+        let served = served.clone();
+        async move { settle_one(&state, &served, s).await }
     })
     .await?;
     for (i, done) in settle_at.into_iter().zip(settled) {
@@ -83,6 +87,16 @@ pub(super) async fn report(
     }
 
     for g in &r.close {
+        // Its grant stays open and expires at its deadline, like the grant
+        // of a data plane that vanished.
+        if state
+            .admission
+            .check_serves_agent(served, &g.agent_id)
+            .await
+            .is_err()
+        {
+            continue;
+        }
         state
             .admission
             .return_grant(&g.grant_id, &g.agent_id)
@@ -96,6 +110,21 @@ pub(super) async fn report(
     for ask in r.asks {
         // A data plane asks again while it holds a grant of the agent.
         let renewal = ask.renewal;
+        if let Err(e) = state
+            .admission
+            .check_serves_agent(served, &ask.agent_id)
+            .await
+        {
+            tracing::warn!(data_plane = %r.data_plane, error = %e, "a grant asked for an agent its data plane does not serve");
+            refused.push(pb::GrantRefused {
+                grant_id: ask.grant_id,
+                agent_id: ask.agent_id,
+                reason: crate::admission::core::Refusal::NotAdmissible
+                    .as_str()
+                    .to_string(),
+            });
+            continue;
+        }
         let answer = state
             .admission
             .request_grant(
@@ -153,9 +182,18 @@ pub(super) async fn report(
     })
 }
 
-async fn record_admit(state: &ControlState, a: pb::LocalAdmission) -> Result<(), Status> {
+async fn record_admit(
+    state: &ControlState,
+    served: &Served,
+    a: pb::LocalAdmission,
+) -> Result<(), Status> {
     let endpoint = endpoint_from_pb(a.endpoint())
         .ok_or_else(|| Status::invalid_argument("a local admission's endpoint is required"))?;
+    state
+        .admission
+        .check_serves_agent(served, &a.agent_id)
+        .await
+        .map_err(Status::from)?;
     let outcome = state
         .admission
         .admit_from_grant(LocalAdmit {

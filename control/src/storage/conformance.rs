@@ -45,6 +45,7 @@ macro_rules! store_conformance {
             a_grant_ends_once_and_an_expiry_charges_what_is_unreported,
             a_renewal_ends_the_old_grant_in_the_same_step,
             calls_reported_after_their_grant_expired_are_recorded_from_its_charge,
+            credentials_are_issued_once_per_name_and_revoked_once,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -1262,6 +1263,82 @@ pub async fn calls_reported_after_their_grant_expired_are_recorded_from_its_char
     assert_eq!(late_admits.len(), 2);
     let grant = s.open_grants(None).await.unwrap();
     assert!(grant.iter().all(|g| g.id != "gnt_1"));
+    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.failures());
+}
+
+/// Data-plane credentials: one live per name, revoked once, each change an
+/// event of the ledger itself committing to the secret; audit passes.
+pub async fn credentials_are_issued_once_per_name_and_revoked_once(s: Arc<dyn Store>) {
+    let issue = |name: &str, secret: &str| {
+        aex_core::credential::issue(
+            aex_core::secrets::new_id("dpc"),
+            name.into(),
+            &["b".into(), "a".into()],
+            aex_core::secrets::token_sha256(secret),
+            "aexsc_12".into(),
+            now_ms(),
+            &KEY,
+        )
+        .unwrap()
+    };
+    let first = s.insert_credential(issue("pod-a", "s1")).await.unwrap();
+    assert_eq!(first.agents, ["a", "b"]);
+    let again = s.insert_credential(issue("pod-a", "s2")).await;
+    assert!(
+        matches!(&again, Err(StoreError::Conflict(m)) if m.contains("revoke it first")),
+        "{again:?}"
+    );
+    s.insert_credential(issue("pod-b", "s3")).await.unwrap();
+    let live = s.list_credentials(false).await.unwrap();
+    assert_eq!(
+        live.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["pod-a", "pod-b"]
+    );
+    assert_eq!(live[0], first, "stored as issued");
+
+    let revoked = s
+        .revoke_credential("pod-a", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.is_revoked());
+    assert!(
+        s.revoke_credential("pod-a", now_ms())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.revoke_credential("nobody", now_ms())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.list_credentials(false).await.unwrap().len(), 1);
+    assert_eq!(s.list_credentials(true).await.unwrap().len(), 2);
+    // The name is free again once revoked.
+    s.insert_credential(issue("pod-a", "s4")).await.unwrap();
+
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "credential.issued",
+            "credential.issued",
+            "credential.revoked",
+            "credential.issued"
+        ]
+    );
+    assert!(events.iter().all(|e| e.body.agent_id.is_empty()));
+    let details: serde_json::Value = serde_json::from_str(&events[0].body.details_json).unwrap();
+    assert_eq!(
+        details["secret_mac"],
+        json!(aex_core::chain::token_mac(
+            &KEY,
+            &aex_core::secrets::token_sha256("s1")
+        ))
+    );
     let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
     assert!(audit.passed(), "{:?}", audit.failures());
 }

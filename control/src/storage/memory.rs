@@ -13,11 +13,11 @@ use crate::ledger::anchor::{Anchor, AnchorState};
 use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
 use crate::storage::rows::stored_u64;
 use crate::storage::{
-    AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, DenialRecord,
-    EventFilter, EventKind, EventRecord, GrantEnd, GrantOutcome, GrantRecord, GrantState,
-    GrantStore, LedgerStore, NewEvent, NewGrant, NewReservation, ProcessRecord, ProcessState,
-    ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome, SettleOutcome,
-    Settlement, StatusTotals, StoreError, now_ms,
+    AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, CredentialRecord,
+    CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd,
+    GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant,
+    NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord,
+    ReservationState, ReserveOutcome, SettleOutcome, Settlement, StatusTotals, StoreError, now_ms,
 };
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
@@ -42,6 +42,8 @@ struct Tables {
     by_request: HashMap<String, String>,
     processes: Vec<ProcessRecord>,
     grants: HashMap<String, GrantRecord>,
+    /// In issue order, revoked ones included.
+    credentials: Vec<CredentialRecord>,
     events: Vec<EventRecord>,
     /// (agent id, counter name) → value.
     counters: HashMap<(String, String), i64>,
@@ -609,6 +611,60 @@ impl GrantStore for MemoryStore {
             .collect();
         open.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(open)
+    }
+}
+
+#[async_trait]
+impl CredentialStore for MemoryStore {
+    async fn insert_credential(&self, w: CredentialWrite) -> Result<CredentialRecord, StoreError> {
+        io_point().await;
+        let mut t = self.tables();
+        let c = &w.credential;
+        if t.credentials
+            .iter()
+            .any(|x| x.secret_sha256 == c.secret_sha256 || (x.name == c.name && !x.is_revoked()))
+        {
+            return Err(StoreError::duplicate_credential(&c.name));
+        }
+        t.credentials.push(c.clone());
+        t.append(&self.chain_key, &w.events);
+        Ok(c.clone())
+    }
+
+    async fn revoke_credential(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        io_point().await;
+        let mut t = self.tables();
+        let Some(i) = t
+            .credentials
+            .iter()
+            .position(|c| c.name == name && !c.is_revoked())
+        else {
+            return Ok(None);
+        };
+        let Some(w) = aex_core::credential::revoke(&t.credentials[i], now_ms) else {
+            return Ok(None);
+        };
+        t.credentials[i] = w.credential.clone();
+        t.append(&self.chain_key, &w.events);
+        Ok(Some(w.credential))
+    }
+
+    async fn list_credentials(
+        &self,
+        include_revoked: bool,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        io_point().await;
+        Ok(self
+            .tables()
+            .credentials
+            .iter()
+            .filter(|c| include_revoked || !c.is_revoked())
+            .cloned()
+            .collect())
     }
 }
 

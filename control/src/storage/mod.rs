@@ -26,6 +26,7 @@ pub use aex_core::agent::{
     AgentPatch, AgentRecord, AgentState, AgentWrite, Caps, InvalidChange, NewAgent, Scope,
     TokenChange,
 };
+pub use aex_core::credential::{CredentialRecord, CredentialWrite};
 pub use aex_core::event::{EventKind, EventRecord, NewEvent};
 pub use aex_core::grant::{GrantEnd, GrantOutcome, GrantRecord, GrantState, NewGrant};
 pub use aex_core::process::{ProcessRecord, ProcessState};
@@ -145,6 +146,16 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// A live credential has the name (every backend says it this way).
+    pub fn duplicate_credential(name: &str) -> Self {
+        StoreError::Conflict(format!(
+            "a data-plane credential named '{name}' exists; revoke it first \
+             (`aexctl dataplane credential revoke {name}`) or choose another name"
+        ))
+    }
+}
+
 impl From<InvalidChange> for StoreError {
     fn from(e: InvalidChange) -> Self {
         StoreError::Invalid(e.0)
@@ -163,6 +174,8 @@ pub enum StoreChange {
     /// A control plane recalled the agent's (by id) grants: every data
     /// plane must give them back (docs/GRANTS.md).
     GrantsRecalled(String),
+    /// A data-plane credential was issued or revoked.
+    Credentials,
 }
 
 /// See [`AgentStore::changes`].
@@ -413,6 +426,30 @@ pub trait GrantStore: Send + Sync + 'static {
     async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError>;
 }
 
+/// Data-plane credentials scoped to agents (`aex_core::credential`).
+#[async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
+    /// Writes a new credential and its event; `Conflict` when a live one
+    /// has its name (or, astronomically unlikely, its secret). Every
+    /// control plane on the database hears of it ([`StoreChange::Credentials`]).
+    async fn insert_credential(
+        &self,
+        write: CredentialWrite,
+    ) -> Result<CredentialRecord, StoreError>;
+    /// Revokes the live credential `name` and logs it, told to every control
+    /// plane like an issue; `None` when no live credential has the name.
+    async fn revoke_credential(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<CredentialRecord>, StoreError>;
+    /// Live credentials, and revoked ones when asked, oldest first.
+    async fn list_credentials(
+        &self,
+        include_revoked: bool,
+    ) -> Result<Vec<CredentialRecord>, StoreError>;
+}
+
 /// Supervised processes (`aexctl run`).
 #[async_trait]
 pub trait ProcessStore: Send + Sync + 'static {
@@ -457,9 +494,15 @@ pub trait ReportStore: Send + Sync + 'static {
 
 /// A whole backend. Every mutation logs its events in its own transaction,
 /// so the log and the state can never disagree.
-pub trait Store: AgentStore + LedgerStore + GrantStore + ProcessStore + ReportStore {}
+pub trait Store:
+    AgentStore + LedgerStore + GrantStore + CredentialStore + ProcessStore + ReportStore
+{
+}
 
-impl<T: AgentStore + LedgerStore + GrantStore + ProcessStore + ReportStore> Store for T {}
+impl<T: AgentStore + LedgerStore + GrantStore + CredentialStore + ProcessStore + ReportStore> Store
+    for T
+{
+}
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

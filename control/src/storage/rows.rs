@@ -316,3 +316,39 @@ impl TryFrom<GrantRow> for crate::storage::GrantRecord {
         })
     }
 }
+
+pub(in crate::storage) const CREDENTIAL_COLUMNS: &str =
+    "id, name, secret_sha256, secret_prefix, agents, created_at_ms, revoked_at_ms";
+
+#[derive(sqlx::FromRow)]
+pub(in crate::storage) struct CredentialRow {
+    pub(in crate::storage) id: String,
+    pub(in crate::storage) name: String,
+    pub(in crate::storage) secret_sha256: String,
+    pub(in crate::storage) secret_prefix: String,
+    pub(in crate::storage) agents: String,
+    pub(in crate::storage) created_at_ms: i64,
+    pub(in crate::storage) revoked_at_ms: Option<i64>,
+}
+
+impl TryFrom<CredentialRow> for crate::storage::CredentialRecord {
+    type Error = StoreError;
+    fn try_from(r: CredentialRow) -> Result<Self, StoreError> {
+        Ok(crate::storage::CredentialRecord {
+            agents: serde_json::from_str(&r.agents).map_err(|e| {
+                StoreError::Corrupt(format!("credential {}: agents are not a list: {e}", r.id))
+            })?,
+            id: r.id,
+            name: r.name,
+            secret_sha256: r.secret_sha256,
+            secret_prefix: r.secret_prefix,
+            created_at_ms: r.created_at_ms,
+            revoked_at_ms: r.revoked_at_ms,
+        })
+    }
+}
+
+/// How a credential's agents are stored (a JSON list, like `allowed_models`).
+pub(in crate::storage) fn stored_agents(c: &crate::storage::CredentialRecord) -> String {
+    serde_json::to_string(&c.agents).expect("strings serialise")
+}

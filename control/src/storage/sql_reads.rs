@@ -13,11 +13,11 @@
 macro_rules! sql_reads {
     ($Store:ty, $Pool:ty) => {
 use $crate::storage::rows::{
-    AGENT_COLUMNS, AgentRow, EVENT_COLUMNS, EventRow, GRANT_COLUMNS, GrantRow, PROCESS_SELECT, ProcessRow,
+    AGENT_COLUMNS, AgentRow, CREDENTIAL_COLUMNS, CredentialRow, EVENT_COLUMNS, EventRow, GRANT_COLUMNS, GrantRow, PROCESS_SELECT, ProcessRow,
     RESERVATION_AUDIT_COLUMNS, RESERVATION_COLUMNS, ReservationAuditRow, ReservationRow,
 };
 use $crate::storage::{
-    AgentActivity, AgentRecord, AuditData, EventFilter, EventKind, EventRecord, GrantRecord, ProcessRecord,
+    AgentActivity, AgentRecord, AuditData, CredentialRecord, EventFilter, EventKind, EventRecord, GrantRecord, ProcessRecord,
     ReportStore, ReservationRecord, StatusTotals, StoreError,
 };
 use aex_core::chain::GENESIS;
@@ -127,6 +127,23 @@ pub(super) async fn open_grants(
          ORDER BY created_at_ms, id"
     ))
     .bind(agent_id)
+    .fetch_all(reader)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+pub(super) async fn list_credentials(
+    reader: &$Pool,
+    include_revoked: bool,
+) -> Result<Vec<CredentialRecord>, StoreError> {
+    let live = if include_revoked {
+        ""
+    } else {
+        "WHERE revoked_at_ms IS NULL"
+    };
+    let rows: Vec<CredentialRow> = sqlx::query_as(&format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials {live} ORDER BY created_at_ms, id"
+    ))
     .fetch_all(reader)
     .await?;
     rows.into_iter().map(TryInto::try_into).collect()

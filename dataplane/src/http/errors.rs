@@ -200,11 +200,20 @@ impl GatewayError {
 
     pub fn control_unavailable(status: &tonic::Status) -> Self {
         tracing::error!(%status, "control plane unavailable");
+        // Reached, but this data plane's own credential was refused (a
+        // revoked sidecar credential): the operator has something to fix.
+        let message = if status.code() == tonic::Code::Unauthenticated {
+            "The AEX control plane refused this data plane's credential (wrong or revoked), so it \
+             cannot admit requests; give the data plane a valid one (AEX_HOME/dataplane.token, or \
+             `aexctl dataplane credential create`)."
+        } else {
+            "AEX cannot reach its control plane, so it cannot admit requests; retry shortly."
+        };
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "control_plane_unavailable",
             SERVER_ERROR,
-            "AEX cannot reach its control plane, so it cannot admit requests; retry shortly.",
+            message,
         )
         .with_header("retry-after", "1")
         .with_header("x-aex-denied-by", "control_plane")

@@ -19,6 +19,7 @@
 //! (`pg_current_xact_id`).
 
 mod anchored;
+mod credentials;
 mod grants;
 mod notify;
 mod rates;
@@ -30,10 +31,10 @@ mod writes;
 
 use crate::ledger::anchor::{AnchorFile, AnchorState};
 use crate::storage::{
-    AgentChange, AgentRecord, AgentStore, AgentWrite, ChangeFeed, DenialRecord, GrantEnd,
-    GrantOutcome, GrantRecord, GrantStore, LedgerStore, NewGrant, NewReservation, ProcessRecord,
-    ProcessState, ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement,
-    StoreError,
+    AgentChange, AgentRecord, AgentStore, AgentWrite, ChangeFeed, CredentialRecord,
+    CredentialStore, CredentialWrite, DenialRecord, GrantEnd, GrantOutcome, GrantRecord,
+    GrantStore, LedgerStore, NewGrant, NewReservation, ProcessRecord, ProcessState, ProcessStore,
+    ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, StoreError,
 };
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -291,6 +292,33 @@ impl GrantStore for PgStore {
 
     async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError> {
         reads::open_grants(&self.reader, agent_id).await
+    }
+}
+
+#[async_trait]
+impl CredentialStore for PgStore {
+    async fn insert_credential(&self, w: CredentialWrite) -> Result<CredentialRecord, StoreError> {
+        self.writer.write(credentials::Insert(w)).await
+    }
+
+    async fn revoke_credential(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        self.writer
+            .write(credentials::Revoke {
+                name: name.to_string(),
+                now_ms,
+            })
+            .await
+    }
+
+    async fn list_credentials(
+        &self,
+        include_revoked: bool,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        reads::list_credentials(&self.reader, include_revoked).await
     }
 }
 

@@ -51,12 +51,26 @@ pub(super) async fn grants_recalled(pool: &PgPool, agent_id: &str) -> Result<(),
     Ok(())
 }
 
+/// The payload that says a data-plane credential was issued or revoked.
+const CREDENTIALS: &str = "~credentials";
+
+/// Queues the notification that credentials changed, sent at commit.
+pub(super) async fn credentials_changed(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(AGENT_CHANNEL)
+        .bind(CREDENTIALS)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn change(payload: &str) -> StoreChange {
     if let Some(agent_id) = payload.strip_prefix(GRANTS_RECALLED) {
         return StoreChange::GrantsRecalled(agent_id.to_string());
     }
     match payload {
         MODELS_RELOADED => StoreChange::ModelsReloaded,
+        CREDENTIALS => StoreChange::Credentials,
         agent_id => StoreChange::Agent(agent_id.to_string()),
     }
 }

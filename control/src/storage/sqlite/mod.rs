@@ -9,6 +9,7 @@
 
 mod anchor;
 mod baseline;
+mod credentials;
 mod errors;
 mod grants;
 mod reads;
@@ -22,9 +23,10 @@ pub use writer::WalPolicy;
 
 use crate::ledger::anchor::AnchorFile;
 use crate::storage::{
-    AgentChange, AgentRecord, AgentStore, AgentWrite, DenialRecord, GrantEnd, GrantOutcome,
-    GrantRecord, GrantStore, LedgerStore, NewGrant, NewReservation, ProcessRecord, ProcessState,
-    ProcessStore, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, StoreError,
+    AgentChange, AgentRecord, AgentStore, AgentWrite, CredentialRecord, CredentialStore,
+    CredentialWrite, DenialRecord, GrantEnd, GrantOutcome, GrantRecord, GrantStore, LedgerStore,
+    NewGrant, NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord,
+    ReserveOutcome, SettleOutcome, Settlement, StoreError,
 };
 use async_trait::async_trait;
 use sqlx::SqlitePool;
@@ -276,6 +278,33 @@ impl GrantStore for SqliteStore {
 
     async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError> {
         reads::open_grants(&self.reader, agent_id).await
+    }
+}
+
+#[async_trait]
+impl CredentialStore for SqliteStore {
+    async fn insert_credential(&self, w: CredentialWrite) -> Result<CredentialRecord, StoreError> {
+        self.writer
+            .write(move |conn, chain| credentials::insert(conn, chain, &w))
+            .await
+    }
+
+    async fn revoke_credential(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let name = name.to_string();
+        self.writer
+            .write(move |conn, chain| credentials::revoke(conn, chain, &name, now_ms))
+            .await
+    }
+
+    async fn list_credentials(
+        &self,
+        include_revoked: bool,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        reads::list_credentials(&self.reader, include_revoked).await
     }
 }
 

@@ -1,7 +1,7 @@
 //! The shared rows (`storage/rows.rs`) as SQLite's writer reads them, with
 //! rusqlite, by column position in the shared column lists.
 
-use crate::storage::rows::{AgentRow, GrantRow, ProcessRow, ReservationRow};
+use crate::storage::rows::{AgentRow, CredentialRow, GrantRow, ProcessRow, ReservationRow};
 
 impl AgentRow {
     /// A row selected with [`AGENT_COLUMNS`], in that order.
@@ -92,6 +92,21 @@ impl GrantRow {
             deadline_ms: r.get(8)?,
             state: r.get(9)?,
             charged_micro: r.get(10)?,
+        })
+    }
+}
+
+impl CredentialRow {
+    /// A row selected with [`CREDENTIAL_COLUMNS`], in that order.
+    pub(super) fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            secret_sha256: r.get(2)?,
+            secret_prefix: r.get(3)?,
+            agents: r.get(4)?,
+            created_at_ms: r.get(5)?,
+            revoked_at_ms: r.get(6)?,
         })
     }
 }
