@@ -59,6 +59,24 @@ async fn ledger(pg: Option<&TestDatabase>) -> TestHome {
         .control
         .aexctl(&["agent", "rotate-token", "bystander"])
         .assert_ok();
+    // A sidecar's credential, and one revoked.
+    for name in ["pod-victim", "pod-old"] {
+        stack
+            .control
+            .aexctl(&[
+                "dataplane",
+                "credential",
+                "create",
+                name,
+                "--agents",
+                "victim",
+            ])
+            .assert_ok();
+    }
+    stack
+        .control
+        .aexctl(&["dataplane", "credential", "revoke", "pod-old"])
+        .assert_ok();
     stack
         .control
         .aexctl(&["agent", "pause", "bystander"])
@@ -335,6 +353,33 @@ fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
             "agents_match_log",
         ),
         (
+            "a sidecar credential's scope widened",
+            Sql(&[
+                "UPDATE credentials SET agents = '[\"bystander\",\"victim\"]' WHERE name = 'pod-victim'",
+            ]),
+            "credentials_match_log",
+        ),
+        (
+            "a sidecar credential's secret swapped",
+            Sql(&[
+                "UPDATE credentials SET secret_sha256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855' WHERE name = 'pod-victim'",
+            ]),
+            "credentials_match_log",
+        ),
+        (
+            "a revoked sidecar credential made live again",
+            Sql(&["UPDATE credentials SET revoked_at_ms = NULL WHERE name = 'pod-old'"]),
+            "credentials_match_log",
+        ),
+        (
+            "a sidecar credential invented",
+            Sql(&[
+                "INSERT INTO credentials (id, name, secret_sha256, secret_prefix, agents, created_at_ms) \
+                 VALUES ('dpc_forged', 'pod-forged', 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 'aexsc_x', '[\"victim\"]', 0)",
+            ]),
+            "credentials_match_log",
+        ),
+        (
             "scope edited",
             Sql(&["UPDATE agents SET scope = 'read-only' WHERE name = 'victim'"]),
             "agents_match_log",
@@ -467,6 +512,8 @@ async fn random_edits_of_covered_columns_are_named() {
         ("reservations", "model", "model || 'x'"),
         ("processes", "token_sha256", "token_sha256 || 'x'"),
         ("processes", "state", "'running'"),
+        ("credentials", "agents", "'[\"bystander\"]'"),
+        ("credentials", "secret_sha256", "secret_sha256 || 'x'"),
         ("events", "amount_micro", "amount_micro + 1"),
         ("events", "details", "details || ' '"),
         ("events", "agent_name", "agent_name || 'x'"),

@@ -116,6 +116,7 @@ pub struct LogTally {
     reservations: super::fold::ReservationFold,
     grants: super::fold::GrantFold,
     processes: super::fold::ProcessFold,
+    credentials: super::fold::CredentialFold,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
@@ -129,6 +130,7 @@ impl LogTally {
             reservations: super::fold::ReservationFold::new(ledger_key),
             grants: Default::default(),
             processes: Default::default(),
+            credentials: Default::default(),
             event_counts: Default::default(),
         }
     }
@@ -138,6 +140,7 @@ impl LogTally {
         self.reservations.push(e);
         self.grants.push(e);
         self.processes.push(e);
+        self.credentials.push(e);
         let b = &e.body;
         let kind = EventKind::parse(&b.kind);
         if matches!(
@@ -213,6 +216,20 @@ impl LogTally {
             "every supervised process and its token is what its events say",
             "process rows were edited outside AEX",
             self.processes.compare(rows, ledger_key),
+        )
+    }
+
+    /// Every data-plane credential row against the fold of its events.
+    pub fn credentials_match_log(
+        &self,
+        rows: &[crate::storage::CredentialRecord],
+        ledger_key: &[u8],
+    ) -> Check {
+        Check::new(
+            "credentials_match_log",
+            "every data-plane credential's secret, scope and state is what its events say",
+            "data-plane credential rows were edited outside AEX",
+            self.credentials.compare(rows, ledger_key),
         )
     }
 

@@ -798,6 +798,7 @@ impl ReportStore for MemoryStore {
             anchor: Some(t.anchor()),
             counters: t.counters.clone(),
             grants: t.grants.values().cloned().collect(),
+            credentials: t.credentials.clone(),
             now_ms,
             ..Default::default()
         };

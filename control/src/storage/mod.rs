@@ -79,6 +79,8 @@ pub struct AuditData {
     pub processes: Vec<ProcessRecord>,
     /// Every grant, ended ones included.
     pub grants: Vec<GrantRecord>,
+    /// Every data-plane credential, revoked ones included.
+    pub credentials: Vec<CredentialRecord>,
     /// When the snapshot was read (deadlines are checked against it).
     pub now_ms: i64,
     pub hash_at_anchor: Option<String>,

@@ -221,6 +221,15 @@ impl ReportStore for $Store {
             .into_iter()
             .map(TryInto::try_into)
             .collect::<Result<_, _>>()?;
+        let rows: Vec<CredentialRow> = sqlx::query_as(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY created_at_ms, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        data.credentials = rows
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT agent_id, CAST(SUM(amount_micro) AS BIGINT) FROM reservations WHERE state = 'open' GROUP BY agent_id",
         )
