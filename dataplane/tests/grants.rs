@@ -9,17 +9,10 @@ use aex_tests::load::{
     until_every_plane_holds_a_grant, until_refused_everywhere,
 };
 use aex_tests::{DataPlane, Stack};
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
-
-fn audit_passes(stack: &Stack) -> Value {
-    let out = stack.control.aexctl(&["audit", "--json"]);
-    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
-    out.json()
-}
 
 async fn run_calls(
     stack: &Stack,
@@ -29,25 +22,6 @@ async fn run_calls(
     at_once: usize,
 ) -> Vec<u16> {
     run_calls_on(&[&stack.data], token, call, calls, at_once).await
-}
-
-/// Keeps the agent busy on the stack's data plane until it holds a grant
-/// (at most 15 s); returns how many calls succeeded meanwhile.
-async fn until_a_grant(stack: &Stack, token: &str, call: &CostlyCall) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut ok = 0;
-    while plane_metric(
-        &stack.data,
-        "aex_dataplane_grants_total",
-        &[("event", "installed")],
-    )
-    .await
-        == 0.0
-    {
-        assert!(Instant::now() < deadline, "no grant was issued");
-        ok += count(&run_calls(stack, token, call, 30, 3).await, 200);
-    }
-    ok
 }
 
 /// The stack's data plane and two more on the same control plane.
@@ -496,92 +470,6 @@ async fn a_control_plane_killed_mid_load_loses_no_grant_and_no_report() {
         .map(|e| e.amount_micro)
         .sum();
     assert_eq!(agent["spent_micro"].as_i64().unwrap(), settled);
-    audit_passes(&stack);
-}
-
-/// Issue #31, finding 1: a data plane keeps admitting from its grant while
-/// no control plane answers; the control plane comes back after the
-/// grant's deadline and its sweeper expires the grant before the queued
-/// reports arrive. Every call a client was told succeeded must still be in
-/// the ledger — admitted and settled once, under the request id the client
-/// saw — and audit must pass.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_control_plane_down_longer_than_a_grants_life_loses_no_served_call() {
-    const DOWN: Duration = Duration::from_secs(8);
-    let mut stack = Stack::start().await;
-    let call = CostlyCall::new();
-    let token = stack.agent("outage", &call.budget_for(1_000_000), "100000", &[]);
-    let warm_up_ok = until_a_grant(&stack, &token, &call).await;
-    let url = stack.url("/v1/chat/completions");
-    let load = tokio::spawn({
-        let (token, call) = (token.clone(), CostlyCall::new());
-        async move { run_for(&url, &token, &call, 32, DOWN + Duration::from_secs(3)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stack.control.kill();
-    tokio::time::sleep(DOWN).await;
-    stack.control.start_again();
-    let answers = load.await.unwrap();
-    let served: Vec<&str> = answers
-        .iter()
-        .filter(|a| a.status == 200)
-        .map(|a| {
-            a.request_id
-                .as_deref()
-                .expect("a success names its request")
-        })
-        .collect();
-    println!(
-        "{} of {} calls succeeded across an outage of {DOWN:?}",
-        served.len(),
-        answers.len()
-    );
-
-    stack.settled("outage", Duration::from_secs(30)).await;
-    let ev = events(&stack, "outage").await;
-    let detail = |e: &aex_proto::v1::Event, key: &str| {
-        serde_json::from_str::<Value>(&e.details_json).unwrap()[key].clone()
-    };
-    let admitted: std::collections::HashMap<String, String> = ev
-        .iter()
-        .filter(|e| e.kind == "admit")
-        .map(|e| {
-            let request = detail(e, "request_id").as_str().unwrap().to_string();
-            (request, e.reservation_id.clone())
-        })
-        .collect();
-    let missing: Vec<&&str> = served
-        .iter()
-        .filter(|id| !admitted.contains_key(**id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} successes are not in the ledger, e.g. {:?}",
-        missing.len(),
-        served.len(),
-        &missing[..missing.len().min(3)]
-    );
-    assert_eq!(
-        admitted.len(),
-        warm_up_ok + served.len(),
-        "no call recorded twice"
-    );
-    let late = ev
-        .iter()
-        .filter(|e| e.kind == "admit" && detail(e, "late") == true)
-        .count();
-    // Whether a report arrives after its grant's expiry is a race between
-    // the returning control plane's first sweep and the data plane's
-    // reconnection (usually the sweep: 1,834 late here); either way every
-    // success must be in the ledger, which is what this test holds.
-    let mut settles = std::collections::HashMap::new();
-    for e in ev.iter().filter(|e| e.kind == "settle") {
-        *settles.entry(e.reservation_id.as_str()).or_insert(0) += 1;
-    }
-    for rsv in admitted.values() {
-        assert_eq!(settles.get(rsv.as_str()), Some(&1), "{rsv} settled once");
-    }
-    println!("{late} calls reported after their grant expired, each recorded");
     audit_passes(&stack);
 }
 

@@ -15,12 +15,6 @@ fn status_json(stack: &Stack) -> Value {
     out.json()
 }
 
-fn audit_passes(stack: &Stack) -> Value {
-    let out = stack.control.aexctl(&["audit", "--json"]);
-    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
-    out.json()
-}
-
 /// Before: `{"max_tokens":20,"n":100}` reserved one choice, and an
 /// OpenAI-like upstream's 100 choices were charged: 4,020 µ on a 1,000 µ
 /// budget.

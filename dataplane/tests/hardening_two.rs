@@ -1,7 +1,7 @@
 //! Regression tests for Hardening II (issue #31): each finding reproduced
 //! from outside, as a client or a lying provider would, and shown fixed.
-//! The grants findings (reports after an outage, backpressure) are in
-//! `grants.rs`. Real processes; the mock is in-process.
+//! The grants findings are in `grants.rs` (backpressure) and
+//! `no_call_lost.rs` (reports after an outage, and under load). Real processes; the mock is in-process.
 
 use aex_tests::Stack;
 use serde_json::{Value, json};
@@ -430,4 +430,66 @@ async fn a_401_closes_its_connection() {
     let answer = String::from_utf8_lossy(&answer).to_lowercase();
     assert!(answer.starts_with("http/1.1 401"), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
+}
+
+/// Item 9: bodies were read, buffered and validated before the token was
+/// checked. Now a caller without a valid token is answered as soon as its
+/// headers arrive: a request announcing 4 MB and sending none of it gets
+/// its 401 at once (and a connection closed after it), while a valid
+/// token's request waits for its body. An invalid body with a bad token is
+/// a 401, not a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_checked_before_the_body_is_read() {
+    use std::time::{Duration, Instant};
+    let stack = Stack::start().await;
+    let token = stack.agent("valid", "1", "6000", &[]);
+    let head = |auth: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: aex\r\ncontent-type: application/json\r\n\
+             {auth}content-length: 4000000\r\n\r\n"
+        )
+    };
+    // The first bytes back, or none within `wait`.
+    let first_answer = |head: String, wait: Duration| {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(stack.data.addr).unwrap();
+        tcp.set_read_timeout(Some(wait)).unwrap();
+        tcp.write_all(head.as_bytes()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tcp.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    for auth in ["authorization: Bearer aex_not-a-token\r\n", ""] {
+        let started = Instant::now();
+        let got = first_answer(head(auth), Duration::from_secs(3));
+        assert!(got.starts_with("HTTP/1.1 401"), "{auth:?}: {got}");
+        assert!(got.contains("invalid_api_key"), "{got}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered after {:?}: the body was waited for",
+            started.elapsed()
+        );
+    }
+    // A valid token's request is read whole: nothing comes back before it.
+    let got = first_answer(
+        head(&format!("authorization: Bearer {token}\r\n")),
+        Duration::from_millis(1500),
+    );
+    assert!(got.is_empty(), "{got}");
+
+    let bad_json = post_raw(&stack, "aex_not-a-token", "{not json").await;
+    assert_eq!(bad_json.status().as_u16(), 401);
+    let bad_json = post_raw(&stack, &token, "{not json").await;
+    assert_eq!(bad_json.status().as_u16(), 400);
+}
+
+async fn post_raw(stack: &Stack, token: &str, body: &'static str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
 }

@@ -30,11 +30,6 @@ fn cache_headers() -> [(&'static str, &'static str); 2] {
     [("x-mock-usage", USAGE), ("x-mock-cached", CACHED)]
 }
 
-fn audit_passes(stack: &Stack) {
-    let out = stack.control.aexctl(&["audit", "--json"]);
-    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
-}
-
 fn details(e: &aex_proto::v1::Event) -> Value {
     serde_json::from_str(&e.details_json).unwrap()
 }

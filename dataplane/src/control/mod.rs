@@ -8,6 +8,7 @@ mod admit;
 mod backoff;
 mod cache;
 pub mod grants;
+mod identify;
 mod inflight;
 mod local;
 mod report;
@@ -15,6 +16,7 @@ mod settle;
 mod watch;
 
 pub use cache::{Cache, Route, parse_base_url};
+pub use identify::Identified;
 pub use inflight::{Inflight, InflightGuard};
 pub use report::MAX_BACKLOG;
 
@@ -72,6 +74,8 @@ pub struct ControlPlane {
     grants: Arc<Mutex<LocalGrants>>,
     reports: mpsc::UnboundedSender<Queued>,
     settings: Settings,
+    /// Tokens the control plane vouched for before their body was read.
+    vouched: Mutex<identify::Vouched>,
 }
 
 /// How this data plane takes part in grants.
@@ -170,6 +174,7 @@ impl ControlPlane {
             grants,
             reports,
             settings,
+            vouched: Mutex::default(),
         }))
     }
 

@@ -19,7 +19,7 @@ mod upstream;
 pub use errors::GatewayError;
 pub use intake::{FORWARDED_BY_DEFAULT, MAX_HEADER_VALUE_BYTES, MAX_HEADERS, MAX_HEADERS_BYTES};
 
-use crate::control::ControlPlane;
+use crate::control::{ControlPlane, Identified};
 use crate::metrics::Metrics;
 use crate::openai::{self, Api, Inspected};
 use aex_proto::v1 as pb;
@@ -307,6 +307,26 @@ impl Gateway {
         request_id: &str,
         observed: &mut Observed,
     ) -> bool {
+        // The caller first: a body is read and parsed only for a token the
+        // control plane knows (issue #31).
+        let refused = match self
+            .control
+            .identify(&intake::token_sha256(session), request_id)
+            .await
+        {
+            Identified::Known => None,
+            Identified::Refused(d) => Some(GatewayError::denied(d)),
+            Identified::Unavailable(status) => Some(GatewayError::control_unavailable(&status)),
+        };
+        if let Some(e) = refused {
+            // Its body is never read: the connection closes after the
+            // answer, once what is still being uploaded is discarded
+            // (bounded), so the client reads the answer, not a reset.
+            session.set_keepalive(None);
+            Self::respond_error(session, request_id, e).await;
+            intake::drain_request_body(session).await;
+            return false;
+        }
         let raw = match self.read_body(session).await {
             Ok(raw) => raw,
             Err(e) => {

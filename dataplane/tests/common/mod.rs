@@ -3,8 +3,10 @@
 
 use aex_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use aex_tests::Stack;
+use aex_tests::load::{CostlyCall, count, plane_metric, run_calls_on};
 use reqwest::{Client, Response};
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 pub mod wire;
 
@@ -100,4 +102,30 @@ pub async fn metrics_text(stack: &Stack) -> String {
         .text()
         .await
         .expect("metrics text")
+}
+
+/// `aexctl audit --json` passes; its report.
+pub fn audit_passes(stack: &Stack) -> Value {
+    let out = stack.control.aexctl(&["audit", "--json"]);
+    assert_eq!(out.code(), 0, "audit failed:\n{}", out.stdout);
+    out.json()
+}
+
+/// Keeps the agent busy on the stack's data plane until it holds a grant
+/// (at most 15 s); returns how many calls succeeded meanwhile.
+pub async fn until_a_grant(stack: &Stack, token: &str, call: &CostlyCall) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ok = 0;
+    while plane_metric(
+        &stack.data,
+        "aex_dataplane_grants_total",
+        &[("event", "installed")],
+    )
+    .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "no grant was issued");
+        ok += count(&run_calls_on(&[&stack.data], token, call, 30, 3).await, 200);
+    }
+    ok
 }
