@@ -173,6 +173,9 @@ enum Edit {
     Sql(&'static [&'static str]),
     DeleteAnchor,
     ForgeAnchor,
+    /// The statements, then the anchor's newest slot zeroed (the one with
+    /// the higher counter), leaving the older slot valid.
+    SqlAndZeroNewestSlot(&'static [&'static str]),
 }
 
 fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
@@ -267,6 +270,15 @@ fn kinds() -> Vec<(&'static str, Edit, &'static str)> {
             "reserved edited",
             Sql(&["UPDATE agents SET reserved_micro = 500 WHERE name = 'victim'"]),
             "reserved_matches_open_reservations",
+        ),
+        (
+            "the last commit removed and the newest anchor slot zeroed (issue #31)",
+            SqlAndZeroNewestSlot(&[
+                "DELETE FROM events WHERE seq = (SELECT MAX(seq) FROM events)",
+                "UPDATE agents SET state = 'active' WHERE name = 'bystander'",
+                "UPDATE counters SET value = value - 1 WHERE name = 'agent.paused'",
+            ]),
+            "head_anchored",
         ),
         ("the anchor deleted", DeleteAnchor, "head_anchored"),
         ("the anchor forged", ForgeAnchor, "head_anchored"),
@@ -392,6 +404,18 @@ async fn apply(home: &TestHome, pg: Option<&TestDatabase>, edit: &Edit) {
         Edit::Sql(statements) => exec(home, pg, statements).await,
         Edit::DeleteAnchor => std::fs::remove_file(anchor_file(home)).unwrap(),
         Edit::ForgeAnchor => std::fs::write(anchor_file(home), [0x41u8; 256]).unwrap(),
+        Edit::SqlAndZeroNewestSlot(statements) => {
+            exec(home, pg, statements).await;
+            let path = anchor_file(home);
+            let mut bytes = std::fs::read(&path).unwrap();
+            assert_eq!(bytes.len(), 256, "both slots written");
+            let counter = |slot: usize| {
+                u64::from_be_bytes(bytes[slot * 128 + 8..slot * 128 + 16].try_into().unwrap())
+            };
+            let newest = if counter(1) > counter(0) { 1 } else { 0 };
+            bytes[newest * 128..(newest + 1) * 128].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+        }
     }
 }
 

@@ -8,9 +8,13 @@
 //! `ledger.key`, so a database behind it, or with a different event at the
 //! anchored position, is named at the next start and by `aexctl audit`.
 //!
-//! Format: two 128-byte slots written alternately with one `pwrite` each (a
-//! torn write leaves the other slot valid; the valid slot with the highest
-//! counter wins). Slot: magic `AEXHEAD1` (8), counter u64 BE (8), seq i64 BE
+//! Format: two 128-byte slots written alternately with one `pwrite` each;
+//! the valid slot with the highest counter is the head. A slot that does
+//! not verify beside a valid one is named, not skipped (issue #31): zeroing
+//! the newest slot would otherwise leave the older one, and with it the
+//! removal of the last commit, unseen. Only an OS crash can tear a write
+//! (nothing here survives one without loss: the WAL's tail may go with it),
+//! so the operator is told either way. Slot: magic `AEXHEAD1` (8), counter u64 BE (8), seq i64 BE
 //! (8), head hash (32 raw bytes, zeros for an empty chain), written at ms
 //! i64 BE (8), zeros to 96, HMAC-SHA256 of bytes 0..96 (32). No fsync per
 //! write: like the WAL (synchronous=NORMAL) it is in the page cache, which a
@@ -43,6 +47,22 @@ pub enum AnchorState {
     Missing,
     /// Neither slot carries a valid HMAC: written without `ledger.key`.
     Invalid(String),
+    /// One slot verifies and the file holds another that does not (zeroed,
+    /// edited, or torn by an OS crash): the valid slot may be the older.
+    Damaged {
+        newest: Anchor,
+        why: String,
+    },
+}
+
+impl AnchorState {
+    /// The newest valid slot's anchor, damaged file or not.
+    pub fn anchor(&self) -> Option<&Anchor> {
+        match self {
+            AnchorState::Present(a) | AnchorState::Damaged { newest: a, .. } => Some(a),
+            AnchorState::Missing | AnchorState::Invalid(_) => None,
+        }
+    }
 }
 
 fn head_key(ledger_key: &[u8]) -> Hmac<Sha256> {
@@ -112,19 +132,63 @@ fn newest_slot(key: &Hmac<Sha256>, bytes: &[u8]) -> Option<(u64, Anchor)> {
         .max_by_key(|(counter, _)| *counter)
 }
 
+/// What is wrong with the file beside its valid slots, if anything: a
+/// length no writer leaves (one slot, or two), or a slot that does not
+/// verify. The second slot is absent until the second write.
+fn damage(key: &Hmac<Sha256>, bytes: &[u8]) -> Option<String> {
+    if bytes.len() != SLOT && bytes.len() != 2 * SLOT {
+        return Some(format!(
+            "it is {} bytes long; a writer leaves {SLOT} or {}",
+            bytes.len(),
+            2 * SLOT
+        ));
+    }
+    let bad: Vec<usize> = bytes
+        .chunks(SLOT)
+        .enumerate()
+        .filter(|(_, slot)| decode(key, slot).is_none())
+        .map(|(i, _)| i)
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!(
+            "slot {} does not verify (zeroed or edited, or torn by an OS crash): the slot left may \
+             be the older, and the last commit may have been removed with the newer",
+            bad[0]
+        )
+    })
+}
+
 /// Reads the anchor file (without opening it for writing).
 pub fn read(path: &Path, ledger_key: &[u8]) -> AnchorState {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AnchorState::Missing,
-        Err(e) => return AnchorState::Invalid(format!("cannot read {}: {e}", path.display())),
-    };
-    match newest_slot(&head_key(ledger_key), &bytes) {
-        Some((_, anchor)) => AnchorState::Present(anchor),
-        None => AnchorState::Invalid(format!(
-            "{} is not an anchor written with this ledger.key",
-            path.display()
-        )),
+    let key = head_key(ledger_key);
+    // A read racing a write can see a slot half written: a damaged file is
+    // read again a few times before it is believed.
+    let mut attempts = 0;
+    loop {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AnchorState::Missing,
+            Err(e) => return AnchorState::Invalid(format!("cannot read {}: {e}", path.display())),
+        };
+        let Some((_, newest)) = newest_slot(&key, &bytes) else {
+            return AnchorState::Invalid(format!(
+                "{} is not an anchor written with this ledger.key",
+                path.display()
+            ));
+        };
+        match damage(&key, &bytes) {
+            None => return AnchorState::Present(newest),
+            Some(why) if attempts >= 3 => {
+                return AnchorState::Damaged {
+                    newest,
+                    why: format!("{}: {why}", path.display()),
+                };
+            }
+            Some(_) => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
     }
 }
 
@@ -228,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_or_forged_slot_leaves_the_other() {
+    fn a_slot_that_does_not_verify_is_named_beside_the_valid_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.head");
         let key = b"k".repeat(32);
@@ -236,12 +300,28 @@ mod tests {
         a.write(3, HASH).unwrap();
         a.write(4, HASH).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[SLOT + 20] ^= 1; // the newer slot (counter 1) is damaged
-        std::fs::write(&path, &bytes).unwrap();
-        let AnchorState::Present(got) = read(&path, &key) else {
-            panic!("no anchor")
+        // One write: one slot, nothing wrong.
+        let one = dir.path().join("one.head");
+        AnchorFile::open(&one, &key)
+            .unwrap()
+            .write(1, HASH)
+            .unwrap();
+        assert!(matches!(read(&one, &key), AnchorState::Present(_)));
+        // The newer slot (counter 1) zeroed: the older is read, and named.
+        let mut zeroed = bytes.clone();
+        zeroed[SLOT..].fill(0);
+        std::fs::write(&path, &zeroed).unwrap();
+        let AnchorState::Damaged { newest, why } = read(&path, &key) else {
+            panic!("a zeroed slot passed")
         };
-        assert_eq!(got.seq, 3);
+        assert_eq!(newest.seq, 3);
+        assert!(why.contains("slot 1 does not verify"), "{why}");
+        // Cut short, or one bit flipped: named the same way.
+        std::fs::write(&path, &bytes[..SLOT + 40]).unwrap();
+        assert!(matches!(read(&path, &key), AnchorState::Damaged { .. }));
+        bytes[SLOT + 20] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(read(&path, &key), AnchorState::Damaged { .. }));
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(read(&path, &key), AnchorState::Invalid(_)));

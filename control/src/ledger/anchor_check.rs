@@ -63,6 +63,23 @@ fn mismatch(path: &Path, f: &StartFacts) -> Option<Mismatch> {
             anchor: None,
         }),
         AnchorState::Missing => None,
+        // The valid slot first: a chain short of it says more.
+        AnchorState::Damaged { newest, why } => mismatch(
+            path,
+            &StartFacts {
+                state: AnchorState::Present(newest.clone()),
+                db_head: f.db_head.clone(),
+                hash_at_anchor: f.hash_at_anchor.clone(),
+                anchored_before: f.anchored_before,
+            },
+        )
+        .or_else(|| {
+            Some(Mismatch {
+                reason: "anchor_slot_invalid",
+                message: why.clone(),
+                anchor: Some(newest.clone()),
+            })
+        }),
         AnchorState::Invalid(why) => Some(Mismatch {
             reason: "anchor_invalid",
             message: why.clone(),

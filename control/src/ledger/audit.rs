@@ -325,30 +325,40 @@ fn amounts_disagree(
 fn head_anchored(data: &AuditData) -> Check {
     use super::anchor::AnchorState;
     let mut offenders = Vec::new();
-    match &data.anchor {
-        None => {}
-        Some(AnchorState::Missing) => offenders.push(
-            "the head anchor file (AEX_HOME/ledger.head) is missing: it was deleted".to_string(),
-        ),
-        Some(AnchorState::Invalid(why)) => {
-            offenders.push(format!("the head anchor is forged or damaged: {why}"))
+    let anchored = match &data.anchor {
+        None => None,
+        Some(AnchorState::Missing) => {
+            offenders.push(
+                "the head anchor file (AEX_HOME/ledger.head) is missing: it was deleted"
+                    .to_string(),
+            );
+            None
         }
-        Some(AnchorState::Present(a)) => {
-            if data.last_seq < a.seq {
-                offenders.push(if data.last_seq == 0 {
-                    format!("the database was wiped: it has no events, the anchor says the chain reached event {}", a.seq)
-                } else {
-                    format!(
-                        "the log ends at event {} but the anchor says it reached event {}: events {}..{} were removed",
-                        data.last_seq, a.seq, data.last_seq + 1, a.seq
-                    )
-                });
-            } else if data.hash_at_anchor.as_deref() != Some(a.hash.as_str()) {
-                offenders.push(format!(
-                    "event {} is not the one the anchor recorded: the chain was replaced from there",
-                    a.seq
-                ));
-            }
+        Some(AnchorState::Invalid(why)) => {
+            offenders.push(format!("the head anchor is forged or damaged: {why}"));
+            None
+        }
+        Some(AnchorState::Damaged { newest, why }) => {
+            offenders.push(format!("the head anchor is damaged: {why}"));
+            Some(newest)
+        }
+        Some(AnchorState::Present(a)) => Some(a),
+    };
+    if let Some(a) = anchored {
+        if data.last_seq < a.seq {
+            offenders.push(if data.last_seq == 0 {
+                format!("the database was wiped: it has no events, the anchor says the chain reached event {}", a.seq)
+            } else {
+                format!(
+                    "the log ends at event {} but the anchor says it reached event {}: events {}..{} were removed",
+                    data.last_seq, a.seq, data.last_seq + 1, a.seq
+                )
+            });
+        } else if data.hash_at_anchor.as_deref() != Some(a.hash.as_str()) {
+            offenders.push(format!(
+                "event {} is not the one the anchor recorded: the chain was replaced from there",
+                a.seq
+            ));
         }
     }
     let mismatches = data

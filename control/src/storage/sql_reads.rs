@@ -277,7 +277,7 @@ impl ReportStore for $Store {
         }
         let rows: Vec<ProcessRow> = sqlx::query_as(PROCESS_SELECT).fetch_all(&mut *tx).await?;
         data.processes = rows.into_iter().map(Into::into).collect();
-        if let Some($crate::ledger::anchor::AnchorState::Present(a)) = &anchor {
+        if let Some(a) = anchor.as_ref().and_then(|s| s.anchor()) {
             data.hash_at_anchor = if a.seq == 0 {
                 Some(GENESIS.to_string())
             } else {

@@ -13,7 +13,7 @@
 //! before; a new replica (a new pod) starts its own.
 
 use super::writer::{Chain, LedgerWriter, Operation, Owner};
-use crate::ledger::anchor::{self, AnchorFile, AnchorState};
+use crate::ledger::anchor::{self, AnchorFile};
 use crate::ledger::anchor_check::{StartFacts, start_event};
 use crate::storage::{EventKind, NewEvent, StoreError};
 use aex_core::chain::GENESIS;
@@ -54,15 +54,15 @@ pub(super) async fn check(
     .bind(&name)
     .fetch_one(reader)
     .await?;
-    let hash_at_anchor = match &state {
-        AnchorState::Present(a) if a.seq == 0 => Some(GENESIS.to_string()),
-        AnchorState::Present(a) => {
+    let hash_at_anchor = match state.anchor() {
+        Some(a) if a.seq == 0 => Some(GENESIS.to_string()),
+        Some(a) => {
             sqlx::query_scalar("SELECT hash FROM events WHERE seq = $1")
                 .bind(a.seq)
                 .fetch_optional(reader)
                 .await?
         }
-        _ => None,
+        None => None,
     };
     let facts = StartFacts {
         state,

@@ -3,7 +3,7 @@
 //! the event it returns appended.
 
 use super::writer::{Chain, read_head};
-use crate::ledger::anchor::{self, AnchorFile, AnchorState};
+use crate::ledger::anchor::{self, AnchorFile};
 use crate::ledger::anchor_check::{StartFacts, start_event};
 use crate::storage::{EventKind, StoreError};
 use aex_core::chain::{ChainKey, GENESIS};
@@ -22,14 +22,14 @@ pub(super) fn check_and_open(
         [EventKind::LedgerAnchored.as_str()],
         |r| r.get(0),
     )?;
-    let hash_at_anchor = match &state {
-        AnchorState::Present(a) if a.seq == 0 => Some(GENESIS.to_string()),
-        AnchorState::Present(a) => conn
+    let hash_at_anchor = match state.anchor() {
+        Some(a) if a.seq == 0 => Some(GENESIS.to_string()),
+        Some(a) => conn
             .query_row("SELECT hash FROM events WHERE seq = ?1", [a.seq], |r| {
                 r.get(0)
             })
             .optional()?,
-        _ => None,
+        None => None,
     };
     let facts = StartFacts {
         state,
