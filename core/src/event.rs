@@ -45,10 +45,14 @@ pub enum EventKind {
     /// A data-plane credential scoped to some agents (`aex_core::credential`).
     CredentialIssued,
     CredentialRevoked,
+    /// A call a data plane reported admitting from a grant that the ledger
+    /// could not record (`aex_core::grant::refused_report_event`): its
+    /// client was served and nothing was charged, which audit names.
+    ReportRefused,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 28] = [
+    pub const ALL: [EventKind; 29] = [
         EventKind::AgentCreated,
         EventKind::AgentUpdated,
         EventKind::AgentToppedUp,
@@ -77,6 +81,7 @@ impl EventKind {
         EventKind::GrantExpired,
         EventKind::CredentialIssued,
         EventKind::CredentialRevoked,
+        EventKind::ReportRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +114,7 @@ impl EventKind {
             EventKind::GrantExpired => "grant.expired",
             EventKind::CredentialIssued => "credential.issued",
             EventKind::CredentialRevoked => "credential.revoked",
+            EventKind::ReportRefused => "report.refused",
         }
     }
 

@@ -413,6 +413,20 @@ pub fn carve_call(
         .map_err(|why| format!("grant {grant_id}: {why}"))
 }
 
+/// The event that records a reported call the ledger refused ([`carve_call`]
+/// said why): the call was served, so the refusal is kept in the chain,
+/// with what the call reserved and the request id its client saw, for
+/// audit to name. Logged once per reservation, however often its report is
+/// resent.
+pub fn refused_report_event(n: &NewReservation, grant_id: &str, why: &str, now: i64) -> NewEvent {
+    let r = &n.record;
+    NewEvent::about(now, EventKind::ReportRefused, &r.agent_id, &n.agent_name)
+        .reservation(&r.id)
+        .amount(r.amount_micro)
+        .reason("not_covered")
+        .details(json!({"request_id": r.request_id, "grant": grant_id, "why": why}))
+}
+
 /// What ending a grant writes: its row, its agent's amounts, its event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrantEnding {

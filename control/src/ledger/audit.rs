@@ -104,6 +104,9 @@ impl ChainVerifier {
     }
 }
 
+/// Refused reports described one by one; the rest are counted.
+const REFUSED_LISTED: usize = 20;
+
 /// What the log says, per agent, gathered in the same pass that verifies
 /// the chain: the amounts charged and how many events of each kind.
 #[derive(Debug)]
@@ -117,6 +120,10 @@ pub struct LogTally {
     grants: super::fold::GrantFold,
     processes: super::fold::ProcessFold,
     credentials: super::fold::CredentialFold,
+    /// Calls served that the ledger refused (`report.refused`): the first
+    /// [`REFUSED_LISTED`] described, and how many there are.
+    refused_reports: Vec<String>,
+    refused_total: usize,
     event_counts: std::collections::HashMap<(String, String), i64>,
 }
 
@@ -131,6 +138,8 @@ impl LogTally {
             grants: Default::default(),
             processes: Default::default(),
             credentials: Default::default(),
+            refused_reports: Vec::new(),
+            refused_total: 0,
             event_counts: Default::default(),
         }
     }
@@ -159,6 +168,23 @@ impl LogTally {
                 .unwrap_or(0);
             let c = self.charged.entry(b.agent_id.clone()).or_default();
             *c = c.saturating_sub(back);
+        }
+        if kind == Some(EventKind::ReportRefused) {
+            self.refused_total += 1;
+            if self.refused_reports.len() < REFUSED_LISTED {
+                let details =
+                    serde_json::from_str::<serde_json::Value>(&b.details_json).unwrap_or_default();
+                self.refused_reports.push(format!(
+                    "event seq {}: agent '{}' was served call {} (request {}, {} µ reserved) from grant {}, which the ledger refused: {}",
+                    b.seq,
+                    b.agent_name,
+                    b.reservation_id,
+                    details["request_id"].as_str().unwrap_or("?"),
+                    b.amount_micro,
+                    details["grant"].as_str().unwrap_or("?"),
+                    details["why"].as_str().unwrap_or("?"),
+                ));
+            }
         }
         if kind == Some(EventKind::Overrun) {
             let o = self.overrun.entry(b.agent_id.clone()).or_default();
@@ -230,6 +256,23 @@ impl LogTally {
             "every data-plane credential's secret, scope and state is what its events say",
             "data-plane credential rows were edited outside AEX",
             self.credentials.compare(rows, ledger_key),
+        )
+    }
+
+    /// No call a data plane reported serving was refused by the ledger.
+    pub fn reported_calls_recorded(&self) -> Check {
+        let mut offenders = self.refused_reports.clone();
+        if self.refused_total > offenders.len() {
+            offenders.push(format!(
+                "and {} more (`aexctl events --json | grep report.refused`)",
+                self.refused_total - offenders.len()
+            ));
+        }
+        Check::new(
+            "reported_calls_recorded",
+            "every call a data plane reported serving from a grant is in the ledger",
+            "calls were served that the ledger could not record: their clients were answered and nothing was charged",
+            offenders,
         )
     }
 

@@ -71,6 +71,7 @@ pub async fn audit_store(store: &dyn Store, ledger_key: &[u8]) -> Result<Audit, 
     let processes = tally.processes_match_log(&data.processes, key);
     let grants = tally.grants_match_log(&data.grants);
     let credentials = tally.credentials_match_log(&data.credentials, key);
+    let reported = tally.reported_calls_recorded();
     let (mut reservation_offenders, differing) = tally.reservations_against(&data);
     // Itemizing reads an agent's whole history: enough of them to act
     // on, and a count of the rest.
@@ -94,6 +95,7 @@ pub async fn audit_store(store: &dyn Store, ledger_key: &[u8]) -> Result<Audit, 
     checks.insert(3, grants);
     checks.insert(4, processes);
     checks.insert(5, credentials);
+    checks.insert(6, reported);
     Ok(Audit {
         checks,
         events_checked: checked,

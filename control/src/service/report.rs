@@ -231,7 +231,16 @@ async fn record_admit(
             Ok(())
         }
         LocalAdmitOutcome::AlreadyRecorded => Ok(()),
-        // Not retryable: the grant ended (its expiry charged what it held).
-        LocalAdmitOutcome::NotCovered(why) => Err(Status::failed_precondition(why)),
+        // Not retryable. Served and not recorded: the refusal is in the
+        // chain (`report.refused`), where audit names it.
+        LocalAdmitOutcome::NotCovered(why) => {
+            state
+                .metrics
+                .admissions
+                .with_label_values(&["refused_from_grant", ""])
+                .inc();
+            tracing::error!(reason = %why, "a call a data plane served from a grant was refused by the ledger (recorded as report.refused; `aexctl audit` names it)");
+            Err(Status::failed_precondition(why))
+        }
     }
 }

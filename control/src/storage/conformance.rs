@@ -10,7 +10,7 @@
 //! under real concurrency (tasks on a multi-threaded runtime).
 
 use super::*;
-use crate::ledger::audit::ChainVerifier;
+use crate::ledger::audit::{ChainVerifier, Check};
 use crate::ledger::run::audit_store;
 use aex_core::chain::{GENESIS, chain_hash};
 use aex_core::money::{Pricing, TokenUsage};
@@ -1022,6 +1022,15 @@ pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
         matches!(late, ReserveOutcome::GrantNotCovered(_)),
         "{late:?}"
     );
+    // Resent (a report whose answer was lost): refused again, logged once.
+    let again = s
+        .reserve(NewReservation {
+            grant_id: Some("gnt_1".into()),
+            ..reservation(&a, 12, 100)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(again, ReserveOutcome::GrantNotCovered(_)));
     let events = all_events(s.as_ref()).await;
     let grant_admits = events
         .iter()
@@ -1035,8 +1044,31 @@ pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
             .collect::<Vec<_>>(),
         ["grant.issued", "grant.returned"]
     );
-    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
-    assert!(audit.passed(), "{:?}", audit.failures());
+    assert_only_refusals_named(s.as_ref(), &["rsv_10", "rsv_11", "rsv_12"]).await;
+}
+
+/// Audit fails on exactly the refused report items `reservations` (each
+/// logged once, amount and request id kept), and on nothing else.
+async fn assert_only_refusals_named(s: &dyn Store, reservations: &[&str]) {
+    let refused: Vec<EventRecord> = all_events(s)
+        .await
+        .into_iter()
+        .filter(|e| e.body.kind == "report.refused")
+        .collect();
+    let ids: Vec<&str> = refused
+        .iter()
+        .map(|e| e.body.reservation_id.as_str())
+        .collect();
+    assert_eq!(ids, reservations);
+    assert!(refused.iter().all(|e| e.body.amount_micro > 0));
+    let audit = audit_store(s, &KEY).await.unwrap();
+    let failed: Vec<&Check> = audit.checks.iter().filter(|c| !c.passed).collect();
+    assert_eq!(failed.len(), 1, "{:?}", audit.failures());
+    assert_eq!(failed[0].name, "reported_calls_recorded");
+    assert_eq!(failed[0].offenders.len(), reservations.len());
+    for (offender, id) in failed[0].offenders.iter().zip(reservations) {
+        assert!(offender.contains(id), "{offender}");
+    }
 }
 
 /// Grants asked for at once by many data planes, with central
@@ -1263,8 +1295,7 @@ pub async fn calls_reported_after_their_grant_expired_are_recorded_from_its_char
     assert_eq!(late_admits.len(), 2);
     let grant = s.open_grants(None).await.unwrap();
     assert!(grant.iter().all(|g| g.id != "gnt_1"));
-    let audit = audit_store(s.as_ref(), &KEY).await.unwrap();
-    assert!(audit.passed(), "{:?}", audit.failures());
+    assert_only_refusals_named(s.as_ref(), &["rsv_3", "rsv_4"]).await;
 }
 
 /// Data-plane credentials: one live per name, revoked once, each change an

@@ -21,7 +21,7 @@ use crate::storage::{
 };
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
-use aex_core::grant::carve_call;
+use aex_core::grant::{carve_call, refused_report_event};
 use aex_core::reservation::{admit_event, budget_denial_event};
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -134,7 +134,17 @@ impl Tables {
         let found = self.grants.get(grant_id);
         let carve = match carve_call(found, grant_id, &r.agent_id, r.amount_micro) {
             Ok(c) => c,
-            Err(why) => return ReserveOutcome::GrantNotCovered(why),
+            Err(why) => {
+                let logged = self.events.iter().any(|e| {
+                    e.body.kind == EventKind::ReportRefused.as_str()
+                        && e.body.reservation_id == r.id
+                });
+                if !logged {
+                    let event = refused_report_event(n, grant_id, &why, now_ms());
+                    self.append(key, &[event]);
+                }
+                return ReserveOutcome::GrantNotCovered(why);
+            }
         };
         let Some(agent) = self.agent(&r.agent_id) else {
             return ReserveOutcome::GrantNotCovered(format!("no agent {}", r.agent_id));

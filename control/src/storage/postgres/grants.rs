@@ -9,7 +9,7 @@ use crate::storage::{
     GrantEnd, GrantOutcome, GrantRecord, NewGrant, NewReservation, ReservationState,
     ReserveOutcome, StoreError, now_ms,
 };
-use aex_core::grant::carve_call;
+use aex_core::grant::{carve_call, refused_report_event};
 use aex_core::reservation::admit_event;
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
@@ -157,7 +157,21 @@ pub(super) async fn reserve_from_grant(
     let found = grant(conn, grant_id).await?;
     let carve = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
         Ok(c) => c,
-        Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
+        Err(why) => {
+            // The batch holds the agent's lock: no other replica logs it
+            // between this read and the commit.
+            let logged: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM events \
+                 WHERE reservation_id = $1 AND kind = 'report.refused')",
+            )
+            .bind(&r.id)
+            .fetch_one(&mut *conn)
+            .await?;
+            if !logged && !chain.refused(&r.id) {
+                chain.append(&refused_report_event(n, grant_id, &why, now_ms()));
+            }
+            return Ok(ReserveOutcome::GrantNotCovered(why));
+        }
     };
     let carved = &carve.after;
     let (remaining,): (i64,) = sqlx::query_as(

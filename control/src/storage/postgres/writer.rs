@@ -81,6 +81,15 @@ impl Chain {
         self.pending.extend_from_slice(events);
     }
 
+    /// Whether this batch already logged a refused report of the
+    /// reservation (its events are stored only at commit).
+    pub(super) fn refused(&self, reservation_id: &str) -> bool {
+        self.pending.iter().any(|e| {
+            e.kind == aex_core::event::EventKind::ReportRefused
+                && e.reservation_id == reservation_id
+        })
+    }
+
     /// Whether this batch holds `agent_id`'s lock: an operation that found
     /// its agent only after locking (by name) checks it.
     pub(super) fn holds(&self, agent_id: &str) -> bool {

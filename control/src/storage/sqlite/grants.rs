@@ -9,7 +9,7 @@ use crate::storage::{
     GrantEnd, GrantOutcome, GrantRecord, NewGrant, NewReservation, ReserveOutcome, StoreError,
     now_ms,
 };
-use aex_core::grant::carve_call;
+use aex_core::grant::{carve_call, refused_report_event};
 use rusqlite::{Connection, OptionalExtension, params};
 
 fn grant(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
@@ -132,7 +132,18 @@ pub(super) fn reserve_from_grant(
     let found = grant(conn, grant_id)?;
     let carve = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
         Ok(c) => c,
-        Err(why) => return Ok(ReserveOutcome::GrantNotCovered(why)),
+        Err(why) => {
+            let logged: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM events \
+                     WHERE reservation_id = ?1 AND kind = 'report.refused')",
+                )?
+                .query_row([&r.id], |row| row.get(0))?;
+            if !logged {
+                chain.append(conn, &refused_report_event(n, grant_id, &why, now_ms()))?;
+            }
+            return Ok(ReserveOutcome::GrantNotCovered(why));
+        }
     };
     let g = &carve.after;
     conn.prepare_cached(
