@@ -123,12 +123,16 @@ async fn steady_calls_cost_a_fraction_of_a_round_trip_each() {
     println!("{calls} calls in {elapsed:?}: {local} from grants, {rpcs} control-plane RPCs");
     // One report per interval at most while there are calls, plus a few
     // asks: at this machine's usual pace (≥ 200 calls/s) that is under one
-    // RPC per 20 calls; on a loaded machine the calls spread over more
-    // intervals, never more than one report each.
+    // RPC per 20 calls. On a loaded machine the calls spread over more
+    // intervals, never more than one report each, and a renewal that comes
+    // late sends a few calls central, one round trip each (14 of 400 in
+    // one CI run).
     let intervals = (elapsed.as_millis() / 100) as f64 + 4.0;
+    let central = calls as f64 - local;
     assert!(
-        rpcs * 20.0 <= calls as f64 || rpcs <= intervals,
-        "{rpcs} RPCs for {calls} calls in {elapsed:?}: more than one per 20, and more than one per report interval"
+        rpcs * 20.0 <= calls as f64 || rpcs - central <= intervals,
+        "{rpcs} RPCs for {calls} calls ({central} central) in {elapsed:?}: more than one per 20, \
+         and more than one per report interval besides the central admissions"
     );
     stack.settled("steady", Duration::from_secs(10)).await;
     audit_passes(&stack);
