@@ -33,6 +33,7 @@ async fn every_success_is_in_the_ledger(
                 .expect("a success names its request")
         })
         .collect();
+    until_reports_drained(stack).await;
     stack.settled(agent, Duration::from_secs(30)).await;
     let ev = events(stack, agent).await;
     let detail = |e: &aex_proto::v1::Event, key: &str| {
