@@ -449,15 +449,31 @@ async fn the_token_is_checked_before_the_body_is_read() {
              {auth}content-length: 4000000\r\n\r\n"
         )
     };
-    // The first bytes back, or none within `wait`.
+    // The first answer back (its head and its body, however they arrive),
+    // or what came within `wait`: the connection stays open while the
+    // data plane discards an upload that never comes.
     let first_answer = |head: String, wait: Duration| {
         use std::io::{Read, Write};
         let mut tcp = std::net::TcpStream::connect(stack.data.addr).unwrap();
-        tcp.set_read_timeout(Some(wait)).unwrap();
         tcp.write_all(head.as_bytes()).unwrap();
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
-        let n = tcp.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).to_string()
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if let [answer] = wire::parse_answers(&got).as_slice()
+                && answer.header("content-length").and_then(|l| l.parse().ok())
+                    == Some(answer.body.len())
+            {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&got).to_string()
     };
     for auth in ["authorization: Bearer aex_not-a-token\r\n", ""] {
         let started = Instant::now();
