@@ -28,6 +28,10 @@ pub struct CredentialBook {
     /// Bumped at each reload, so long-lived streams (Watch) check that
     /// their credential is still valid.
     generation: tokio::sync::watch::Sender<u64>,
+    /// One reload at a time, each reading the store after the one before
+    /// wrote: otherwise a reload that read before a revocation could write
+    /// after the one that read it, and bring the revoked credential back.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// The data plane behind one RPC: what it may serve, and which scoped
@@ -74,6 +78,7 @@ impl CredentialBook {
             scoped: RwLock::default(),
             last_miss_reload_ms: AtomicI64::new(0),
             generation: tokio::sync::watch::Sender::new(0),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -115,6 +120,7 @@ impl CredentialBook {
 
     /// Reloads every live credential from the store.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let live = self.store.list_credentials(false).await?;
         let scoped: HashMap<String, Served> = live
             .iter()
