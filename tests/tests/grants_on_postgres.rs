@@ -282,16 +282,89 @@ async fn both_control_planes_down_longer_than_a_grants_life_lose_no_served_call(
         "{} of {answered} calls succeeded across both control planes down {DOWN:?}",
         served.len()
     );
+    let late = every_success_is_in_the_ledger(&c, "outage", &served, warm_up_ok).await;
+    // Whether a report arrives after its grant's expiry is a race between
+    // the returning control planes' first sweep and the data planes'
+    // reconnection (both at once here); either way every success must be
+    // in the ledger, which is what this test holds.
+    println!("{late} calls reported after their grant expired");
+}
+
+/// No fault: 33 connections for 30 s over the three data planes and both
+/// control planes, the benchmark's shape on PostgreSQL. Every success is in
+/// the ledger, admitted and settled once; audit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_seconds_of_the_heaviest_load_lose_no_served_call_on_postgres() {
+    const LENGTH: Duration = Duration::from_secs(30);
+    let Some(c) = cluster(&[]).await else {
+        return;
+    };
+    let call = CostlyCall::new();
+    let token = c.controls[0].agent("busy", &call.budget_for(10_000_000), "10000000", &[]);
+    let planes: Vec<&DataPlane> = c.planes.iter().collect();
+    let warm_up_ok =
+        until_every_plane_holds_a_grant(&planes, &token, &call, Duration::from_secs(20)).await;
+    let loads: Vec<_> = c
+        .planes
+        .iter()
+        .map(|p| {
+            let (url, token, call) = (
+                p.url("/v1/chat/completions"),
+                token.clone(),
+                CostlyCall::new(),
+            );
+            tokio::spawn(async move { run_for(&url, &token, &call, 11, LENGTH).await })
+        })
+        .collect();
+    let (mut served, mut answered) = (Vec::new(), 0);
+    for load in loads {
+        for a in load.await.unwrap() {
+            answered += 1;
+            if a.status == 200 {
+                served.push(a.request_id.expect("a success names its request"));
+            }
+        }
+    }
+    let local = local_admissions(&planes).await;
+    println!(
+        "{} of {answered} calls succeeded in {LENGTH:?} ({:.0}/s), {local} admitted from grants",
+        served.len(),
+        served.len() as f64 / LENGTH.as_secs_f64()
+    );
+    assert_eq!(served.len(), answered, "with no fault every call succeeds");
+    let late = every_success_is_in_the_ledger(&c, "busy", &served, warm_up_ok).await;
+    println!("{late} calls reported after their grant expired");
+}
+
+/// Holds that every success (`served`, by request id) is in `agent`'s
+/// ledger, admitted and settled once, that any other admit was settled or
+/// released, and that audit passes; returns how many admits were reported
+/// after their grant expired.
+async fn every_success_is_in_the_ledger(
+    c: &Cluster,
+    agent: &str,
+    served: &[String],
+    warm_up_ok: usize,
+) -> usize {
+    // A returning control plane may expire a grant, leaving the agent
+    // holding nothing, before the queued reports land: the backlogs first.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for plane in &c.planes {
+        while plane_metric(plane, "aex_dataplane_report_backlog", &[]).await > 0.0 {
+            assert!(Instant::now() < deadline, "a report backlog never drained");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.controls[0]
-        .aexctl(&["agent", "inspect", "outage", "--json"])
+        .aexctl(&["agent", "inspect", agent, "--json"])
         .json()["reserved_micro"]
         != 0
     {
         assert!(Instant::now() < deadline, "not settled within 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ev = events(&c.controls[1], "outage");
+    let ev = events(&c.controls[1], agent);
     let details = |e: &Value| -> Value {
         match &e["details"] {
             Value::String(s) => serde_json::from_str(s).unwrap(),
@@ -331,11 +404,6 @@ async fn both_control_planes_down_longer_than_a_grants_life_lose_no_served_call(
         .iter()
         .filter(|e| e["kind"] == "admit" && details(e)["late"] == true)
         .count();
-    // Whether a report arrives after its grant's expiry is a race between
-    // the returning control planes' first sweep and the data planes'
-    // reconnection (both at once here); either way every success must be
-    // in the ledger, which is what this test holds.
-    println!("{late} calls reported after their grant expired");
     let mut settles = std::collections::HashMap::new();
     for e in ev.iter().filter(|e| e["kind"] == "settle") {
         *settles
@@ -366,4 +434,5 @@ async fn both_control_planes_down_longer_than_a_grants_life_lose_no_served_call(
     );
     let audit = c.controls[0].aexctl(&["audit", "--json"]);
     assert_eq!(audit.code(), 0, "audit failed:\n{}", audit.stdout);
+    late
 }

@@ -14,7 +14,9 @@
 //! the newest slot would otherwise leave the older one, and with it the
 //! removal of the last commit, unseen. Only an OS crash can tear a write
 //! (nothing here survives one without loss: the WAL's tail may go with it),
-//! so the operator is told either way. Slot: magic `AEXHEAD1` (8), counter u64 BE (8), seq i64 BE
+//! so the operator is told either way.
+//!
+//! Slot: magic `AEXHEAD1` (8), counter u64 BE (8), seq i64 BE
 //! (8), head hash (32 raw bytes, zeros for an empty chain), written at ms
 //! i64 BE (8), zeros to 96, HMAC-SHA256 of bytes 0..96 (32). No fsync per
 //! write: like the WAL (synchronous=NORMAL) it is in the page cache, which a
