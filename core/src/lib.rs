@@ -12,6 +12,7 @@ pub mod config;
 pub mod credential;
 pub mod denial;
 pub mod event;
+pub mod expiring;
 pub mod grant;
 pub mod home;
 pub mod money;

@@ -105,15 +105,20 @@ async fn first_byte(tcp: &tokio::net::TcpStream, wait: Duration) -> bool {
     )
 }
 
-fn busy_response() -> Vec<u8> {
-    let body = http::GatewayError::overloaded().body();
-    let mut out = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(&body);
-    out
+/// The 503 for a connection past the limit, built once: it is sent most
+/// when AEX is flooded.
+fn busy_response() -> &'static [u8] {
+    static BUSY: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let body = http::GatewayError::overloaded().body();
+        let mut out = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    });
+    &BUSY
 }
 
 /// A 503 for a connection past `--max-connections`, then a graceful close
@@ -121,7 +126,7 @@ fn busy_response() -> Vec<u8> {
 /// Its request has begun to arrive: it waited for its first byte.
 async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = tcp.write_all(&busy_response()).await;
+    let _ = tcp.write_all(busy_response()).await;
     let _ = tcp.shutdown().await;
     let mut scratch = [0u8; 4096];
     let drain = async { while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {} };
@@ -131,5 +136,5 @@ async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
 /// The 503 written without waiting (a fresh socket's send buffer takes
 /// it whole), for when even waiting connections are at their bound.
 fn refuse_now(tcp: &tokio::net::TcpStream) {
-    let _ = tcp.try_write(&busy_response());
+    let _ = tcp.try_write(busy_response());
 }

@@ -109,6 +109,52 @@ pub async fn holds_grant(plane: &DataPlane) -> bool {
     installed > plane_metric(plane, metric, &[("event", "returned")]).await
 }
 
+/// Waits (at most 30 s) until no data plane of `planes` has a report
+/// waiting for the control plane: after an outage the returning control
+/// plane may expire a grant, leaving the agent holding nothing, before the
+/// queued reports arrive, so the ledger is counted only then.
+pub async fn until_reports_drained(planes: &[&DataPlane]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for plane in planes {
+        while plane_metric(plane, "aex_dataplane_report_backlog", &[]).await > 0.0 {
+            assert!(Instant::now() < deadline, "a report backlog never drained");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `workers` clients on each of `planes` calling as `token` until `length`
+/// has passed (see [`run_for`]): the request ids of the successes, and how
+/// many calls were answered in all.
+pub async fn run_on_every_plane_for(
+    planes: &[&DataPlane],
+    token: &str,
+    workers: usize,
+    length: Duration,
+) -> (Vec<String>, usize) {
+    let loads: Vec<_> = planes
+        .iter()
+        .map(|p| {
+            let (url, token, call) = (
+                p.url("/v1/chat/completions"),
+                token.to_string(),
+                CostlyCall::new(),
+            );
+            tokio::spawn(async move { run_for(&url, &token, &call, workers, length).await })
+        })
+        .collect();
+    let (mut served, mut answered) = (Vec::new(), 0);
+    for load in loads {
+        for a in load.await.expect("load task") {
+            answered += 1;
+            if a.status == 200 {
+                served.push(a.request_id.expect("a success names its request"));
+            }
+        }
+    }
+    (served, answered)
+}
+
 /// Keeps the agent busy on every plane until each holds a grant (at most
 /// `within`); returns how many calls succeeded meanwhile.
 pub async fn until_every_plane_holds_a_grant(

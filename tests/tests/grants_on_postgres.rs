@@ -6,8 +6,9 @@
 //! without it), a fresh database per test.
 
 use aex_tests::load::{
-    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_for, run_until_dead,
-    until_every_plane_holds_a_grant, until_refused_everywhere,
+    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_on_every_plane_for,
+    run_until_dead, until_every_plane_holds_a_grant, until_refused_everywhere,
+    until_reports_drained,
 };
 use aex_tests::postgres::TestDatabase;
 use aex_tests::{ControlPlane, DataPlane, TestHome, mock::MockUpstream};
@@ -246,38 +247,19 @@ async fn both_control_planes_down_longer_than_a_grants_life_lose_no_served_call(
     let planes: Vec<&DataPlane> = c.planes.iter().collect();
     let warm_up_ok =
         until_every_plane_holds_a_grant(&planes, &token, &call, Duration::from_secs(20)).await;
-    let loads: Vec<_> = c
-        .planes
-        .iter()
-        .map(|p| {
-            let (url, token, call) = (
-                p.url("/v1/chat/completions"),
-                token.clone(),
-                CostlyCall::new(),
-            );
-            tokio::spawn(async move {
-                run_for(&url, &token, &call, 11, DOWN + Duration::from_secs(3)).await
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for control in &mut c.controls {
-        control.kill();
-    }
-    tokio::time::sleep(DOWN).await;
-    for control in &mut c.controls {
-        control.start_again();
-    }
-    let mut served = Vec::new();
-    let mut answered = 0;
-    for load in loads {
-        for a in load.await.unwrap() {
-            answered += 1;
-            if a.status == 200 {
-                served.push(a.request_id.expect("a success names its request"));
-            }
+    let load = run_on_every_plane_for(&planes, &token, 11, DOWN + Duration::from_secs(3));
+    let controls = &mut c.controls;
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for control in controls.iter_mut() {
+            control.kill();
         }
-    }
+        tokio::time::sleep(DOWN).await;
+        for control in controls.iter_mut() {
+            control.start_again();
+        }
+    };
+    let ((served, answered), ()) = tokio::join!(load, outage);
     println!(
         "{} of {answered} calls succeeded across both control planes down {DOWN:?}",
         served.len()
@@ -304,27 +286,7 @@ async fn thirty_seconds_of_the_heaviest_load_lose_no_served_call_on_postgres() {
     let planes: Vec<&DataPlane> = c.planes.iter().collect();
     let warm_up_ok =
         until_every_plane_holds_a_grant(&planes, &token, &call, Duration::from_secs(20)).await;
-    let loads: Vec<_> = c
-        .planes
-        .iter()
-        .map(|p| {
-            let (url, token, call) = (
-                p.url("/v1/chat/completions"),
-                token.clone(),
-                CostlyCall::new(),
-            );
-            tokio::spawn(async move { run_for(&url, &token, &call, 11, LENGTH).await })
-        })
-        .collect();
-    let (mut served, mut answered) = (Vec::new(), 0);
-    for load in loads {
-        for a in load.await.unwrap() {
-            answered += 1;
-            if a.status == 200 {
-                served.push(a.request_id.expect("a success names its request"));
-            }
-        }
-    }
+    let (served, answered) = run_on_every_plane_for(&planes, &token, 11, LENGTH).await;
     let local = local_admissions(&planes).await;
     println!(
         "{} of {answered} calls succeeded in {LENGTH:?} ({:.0}/s), {local} admitted from grants",
@@ -346,15 +308,7 @@ async fn every_success_is_in_the_ledger(
     served: &[String],
     warm_up_ok: usize,
 ) -> usize {
-    // A returning control plane may expire a grant, leaving the agent
-    // holding nothing, before the queued reports land: the backlogs first.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for plane in &c.planes {
-        while plane_metric(plane, "aex_dataplane_report_backlog", &[]).await > 0.0 {
-            assert!(Instant::now() < deadline, "a report backlog never drained");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    until_reports_drained(&c.planes.iter().collect::<Vec<_>>()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.controls[0]
         .aexctl(&["agent", "inspect", agent, "--json"])

@@ -8,8 +8,8 @@
 //! (a supervised process's token, one created a moment ago).
 
 use super::ControlPlane;
+use aex_core::expiring::Expiring;
 use aex_proto::v1 as pb;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,13 @@ pub enum Identified {
 /// Tokens the control plane vouched for and the watch stream did not carry
 /// (yet): remembered so that each of their calls does not cost an extra
 /// round trip.
-#[derive(Debug, Default)]
-pub struct Vouched {
-    seen: HashMap<String, Instant>,
+#[derive(Debug)]
+pub struct Vouched(Expiring<Instant>);
+
+impl Default for Vouched {
+    fn default() -> Self {
+        Self(Expiring::new(Self::MAX))
+    }
 }
 
 impl Vouched {
@@ -42,20 +46,11 @@ impl Vouched {
     const MAX: usize = 4096;
 
     pub fn knows(&self, token_sha256: &str, now: Instant) -> bool {
-        self.seen
-            .get(token_sha256)
-            .is_some_and(|at| now.duration_since(*at) < Self::KEPT)
+        self.0.contains(token_sha256, now)
     }
 
     pub fn vouched(&mut self, token_sha256: &str, now: Instant) {
-        if self.seen.len() >= Self::MAX {
-            self.seen
-                .retain(|_, at| now.duration_since(*at) < Self::KEPT);
-            if self.seen.len() >= Self::MAX {
-                self.seen.clear();
-            }
-        }
-        self.seen.insert(token_sha256.to_string(), now);
+        self.0.insert(token_sha256, now + Self::KEPT, now);
     }
 }
 
@@ -111,7 +106,7 @@ mod tests {
         for i in 0..Vouched::MAX + 10 {
             v.vouched(&format!("t{i}"), t0);
         }
-        assert!(v.seen.len() <= Vouched::MAX);
+        assert!(v.0.len() <= Vouched::MAX);
         let later = t0 + Vouched::KEPT;
         v.vouched("fresh", later);
         assert!(v.knows("fresh", later));

@@ -309,11 +309,8 @@ impl Gateway {
     ) -> bool {
         // The caller first: a body is read and parsed only for a token the
         // control plane knows (issue #31).
-        let refused = match self
-            .control
-            .identify(&intake::token_sha256(session), request_id)
-            .await
-        {
+        let token_sha256 = intake::token_sha256(session);
+        let refused = match self.control.identify(&token_sha256, request_id).await {
             Identified::Known => None,
             Identified::Refused(d) => Some(GatewayError::denied(d)),
             Identified::Unavailable(status) => Some(GatewayError::control_unavailable(&status)),
@@ -361,7 +358,7 @@ impl Gateway {
         };
         let admit = pb::AdmitRequest {
             request_id: request_id.to_string(),
-            token_sha256: intake::token_sha256(session),
+            token_sha256,
             endpoint: endpoint as i32,
             model: inspected.model.clone(),
             stream: inspected.stream,

@@ -130,17 +130,7 @@ pub async fn until_a_grant(stack: &Stack, token: &str, call: &CostlyCall) -> usi
     ok
 }
 
-/// Waits (at most 30 s) until the stack's data plane has no report waiting
-/// for the control plane: after an outage the returning control plane may
-/// expire a grant, leaving the agent holding nothing, before the queued
-/// reports arrive.
+/// [`aex_tests::load::until_reports_drained`] for the stack's data plane.
 pub async fn until_reports_drained(stack: &Stack) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while plane_metric(&stack.data, "aex_dataplane_report_backlog", &[]).await > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the report backlog never drained"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    aex_tests::load::until_reports_drained(&[&stack.data]).await;
 }

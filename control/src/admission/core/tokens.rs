@@ -11,7 +11,7 @@
 use super::AdmissionCore;
 use crate::error::Result;
 use crate::storage::now_ms;
-use std::collections::HashMap;
+use aex_core::expiring::Expiring;
 
 /// Store lookups of unknown tokens per second, across all of them: far
 /// above the rate of agents being created, far below what would load the
@@ -21,20 +21,30 @@ const LOOKUPS_PER_SECOND: u32 = 50;
 /// A token the store did not know is not looked up again for this long.
 const MISS_TTL_MS: i64 = 2_000;
 
-/// Misses remembered at most (forgotten oldest-first past it).
+/// Misses remembered at most (the expired, then all, forgotten past it).
 const MISSES_KEPT: usize = 10_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct TokenLookups {
     window_start_ms: i64,
     in_window: u32,
-    misses: HashMap<String, i64>,
+    misses: Expiring<i64>,
+}
+
+impl Default for TokenLookups {
+    fn default() -> Self {
+        Self {
+            window_start_ms: 0,
+            in_window: 0,
+            misses: Expiring::new(MISSES_KEPT),
+        }
+    }
 }
 
 impl TokenLookups {
     /// Whether to ask the store about `token` now.
     fn may_look_up(&mut self, token: &str, now: i64) -> bool {
-        if self.misses.get(token).is_some_and(|until| *until > now) {
+        if self.misses.contains(token, now) {
             return false;
         }
         if now - self.window_start_ms >= 1_000 {
@@ -49,13 +59,7 @@ impl TokenLookups {
     }
 
     fn missed(&mut self, token: &str, now: i64) {
-        if self.misses.len() >= MISSES_KEPT {
-            self.misses.retain(|_, until| *until > now);
-            if self.misses.len() >= MISSES_KEPT {
-                self.misses.clear();
-            }
-        }
-        self.misses.insert(token.to_string(), now + MISS_TTL_MS);
+        self.misses.insert(token, now + MISS_TTL_MS, now);
     }
 }
 
