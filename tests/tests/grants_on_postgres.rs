@@ -60,12 +60,19 @@ fn events(control: &ControlPlane, agent: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Held by the tests whose claims depend on timing (limits per minute)
+/// and by the one that loads the machine for 30 s, so they never overlap:
+/// under that load grants still held request credits when a run ended
+/// (971 of 1,000 admitted in one CI run).
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn kinds(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["kind"] == kind).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_keep_budgets_and_limits_exact_across_control_planes() {
+    let _alone = MACHINE.lock().await;
     let Some(c) = cluster(&[]).await else {
         return;
     };
@@ -278,6 +285,7 @@ async fn both_control_planes_down_longer_than_a_grants_life_lose_no_served_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_seconds_of_the_heaviest_load_lose_no_served_call_on_postgres() {
     const LENGTH: Duration = Duration::from_secs(30);
+    let _alone = MACHINE.lock().await;
     let Some(c) = cluster(&[]).await else {
         return;
     };
