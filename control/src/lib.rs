@@ -7,6 +7,7 @@ pub mod admission;
 pub mod auth;
 pub mod credentials;
 pub mod error;
+pub mod in_order;
 pub mod ledger;
 pub mod metrics;
 pub mod server;

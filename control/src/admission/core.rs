@@ -12,6 +12,7 @@ mod shared;
 mod tokens;
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
+use crate::in_order::InOrder;
 use crate::storage::{
     AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
     ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError,
@@ -122,6 +123,17 @@ pub struct Settled {
     pub overrun_micro: i64,
     /// The agent's overruns crossed their allowance: it is now paused.
     pub stopped_for_overruns: bool,
+}
+
+impl Settled {
+    /// Closed before (or never open): nothing charged now.
+    pub const ALREADY: Self = Self {
+        charged_micro: 0,
+        remaining_micro: 0,
+        already_settled: true,
+        overrun_micro: 0,
+        stopped_for_overruns: false,
+    };
 }
 
 /// The charge for a finished call: see [`aex_core::money::charge`].
@@ -1056,6 +1068,44 @@ impl AdmissionCore {
     }
 
     pub async fn settle(&self, s: SettleInput) -> Result<Settled> {
+        self.settle_many(vec![s])
+            .await
+            .pop()
+            .expect("one settlement, one answer")
+    }
+
+    /// Settles calls (a report's, a batch's) as one ledger job, each
+    /// answered apart, in order.
+    pub async fn settle_many(&self, inputs: Vec<SettleInput>) -> Vec<Result<Settled>> {
+        let mut results = InOrder::new(inputs.len());
+        let (mut settling, mut settlements) = (Vec::new(), Vec::new());
+        for (i, s) in inputs.into_iter().enumerate() {
+            match self.settlement_for(&s).await {
+                Ok(Some((record, settlement))) => {
+                    settling.push((i, record, s, settlement.overrun_micro));
+                    settlements.push(settlement);
+                }
+                Ok(None) => results.put(i, Ok(Settled::ALREADY)),
+                Err(e) => results.put(i, Err(e)),
+            }
+        }
+        let outcomes = self.store.settle_many(settlements).await;
+        for ((i, record, s, overrun_micro), outcome) in settling.into_iter().zip(outcomes) {
+            let settled = match outcome {
+                Ok(outcome) => self.settled(&record, &s, overrun_micro, outcome).await,
+                Err(e) => Err(e.into()),
+            };
+            results.put(i, settled);
+        }
+        results.done()
+    }
+
+    /// What settling `s` writes, with the reservation it closes; `None`
+    /// when that is not open anywhere.
+    async fn settlement_for(
+        &self,
+        s: &SettleInput,
+    ) -> Result<Option<(ReservationRecord, Settlement)>> {
         let open = {
             let live = self.lock();
             live.open
@@ -1077,18 +1127,12 @@ impl AdmissionCore {
                 }),
         };
         let Some((record, agent_name)) = open else {
-            return Ok(Settled {
-                charged_micro: 0,
-                remaining_micro: 0,
-                already_settled: true,
-                overrun_micro: 0,
-                stopped_for_overruns: false,
-            });
+            return Ok(None);
         };
         let aex_core::money::Charge {
             charged_micro: charge,
             overrun_micro,
-        } = charge_for(&record, &s);
+        } = charge_for(&record, s);
         let mut extra_events = Vec::new();
         if overrun_micro > 0 {
             // An alert as well as a record: a provider billed (or claims to
@@ -1121,25 +1165,35 @@ impl AdmissionCore {
                 details: json!({"status": s.upstream_status}),
             });
         }
-        let outcome = self
-            .store
-            .settle(Settlement {
-                reservation_id: record.id.clone(),
-                agent_id: record.agent_id.clone(),
-                agent_name,
-                closing: Closing::Finished,
-                charge_micro: charge,
-                overrun_micro,
-                outcome: s.outcome.as_str().to_string(),
-                usage: s.usage,
-                extra_events,
-                // The store adds the token counts the row stores.
-                details: json!({
-                    "reserved_micro": record.amount_micro, "usage_reported": s.usage_reported,
-                    "upstream_status": s.upstream_status, "model": record.model,
-                }),
-            })
-            .await?;
+        let settlement = Settlement {
+            reservation_id: record.id.clone(),
+            agent_id: record.agent_id.clone(),
+            agent_name,
+            closing: Closing::Finished,
+            charge_micro: charge,
+            overrun_micro,
+            outcome: s.outcome.as_str().to_string(),
+            usage: s.usage,
+            extra_events,
+            // The store adds the token counts the row stores.
+            details: json!({
+                "reserved_micro": record.amount_micro, "usage_reported": s.usage_reported,
+                "upstream_status": s.upstream_status, "model": record.model,
+            }),
+        };
+        Ok(Some((record, settlement)))
+    }
+
+    /// After the store closed `record` (or found it closed): its slot and
+    /// token debit freed here, and the agent stopped if it ran out or its
+    /// overruns crossed their allowance.
+    async fn settled(
+        &self,
+        record: &ReservationRecord,
+        s: &SettleInput,
+        overrun_micro: i64,
+        outcome: SettleOutcome,
+    ) -> Result<Settled> {
         let correction = self.forget(
             &record.id,
             Some(s.usage.input.saturating_add(s.usage.output)),
@@ -1168,13 +1222,7 @@ impl AdmissionCore {
                         .stop_for_overruns(&record.agent_id, overrun_micro)
                         .await?,
             },
-            SettleOutcome::AlreadyClosed | SettleOutcome::UnknownReservation => Settled {
-                charged_micro: 0,
-                remaining_micro: 0,
-                already_settled: true,
-                overrun_micro: 0,
-                stopped_for_overruns: false,
-            },
+            SettleOutcome::AlreadyClosed | SettleOutcome::UnknownReservation => Settled::ALREADY,
         })
     }
 

@@ -6,6 +6,7 @@ use crate::admission::policy::{Ask, Denial, Endpoint};
 use crate::auth::caller;
 use crate::credentials::Caller;
 use crate::error::Error;
+use crate::in_order::InOrder;
 use crate::service::convert::{models_to_pb, policy_to_pb};
 use crate::state::ControlState;
 use crate::storage::now_ms;
@@ -213,22 +214,55 @@ pub(super) fn item_error(status: &Status) -> pb::ItemError {
     }
 }
 
-/// One settlement, as `Settle` and each item of `SettleBatch` do it.
-pub(super) async fn settle_one(
+/// Settlements, as `Settle`, `SettleBatch` and `Report` make them: one
+/// ledger job for all, each answered apart, in order.
+pub(super) async fn settle_items(
+    state: &ControlState,
+    served: &Served,
+    requests: Vec<pb::SettleRequest>,
+) -> Vec<Result<pb::SettleResponse, Status>> {
+    let mut results = InOrder::new(requests.len());
+    let (mut settling, mut inputs) = (Vec::new(), Vec::new());
+    for (i, r) in requests.into_iter().enumerate() {
+        match settle_input(state, served, r).await {
+            Ok(Some(input)) => {
+                settling.push((i, input.outcome));
+                inputs.push(input);
+            }
+            // Never admitted, or already closed: nothing to release.
+            Ok(None) => results.put(
+                i,
+                Ok(pb::SettleResponse {
+                    already_settled: true,
+                    ..Default::default()
+                }),
+            ),
+            Err(status) => results.put(i, Err(status)),
+        }
+    }
+    let settled = state.admission.settle_many(inputs).await;
+    for ((i, outcome), settled) in settling.into_iter().zip(settled) {
+        results.put(
+            i,
+            settled
+                .map(|settled| settled_to_pb(state, outcome, &settled))
+                .map_err(Status::from),
+        );
+    }
+    results.done()
+}
+
+/// The settlement a data plane asks for, checked; `None` when its request
+/// id names no open reservation.
+async fn settle_input(
     state: &ControlState,
     served: &Served,
     mut r: pb::SettleRequest,
-) -> Result<pb::SettleResponse, Status> {
+) -> Result<Option<SettleInput>, Status> {
     if r.reservation_id.is_empty() && !r.request_id.is_empty() {
         match state.admission.reservation_for_request(&r.request_id) {
             Some(id) => r.reservation_id = id,
-            // Never admitted, or already closed: nothing to release.
-            None => {
-                return Ok(pb::SettleResponse {
-                    already_settled: true,
-                    ..Default::default()
-                });
-            }
+            None => return Ok(None),
         }
     }
     if r.reservation_id.is_empty() {
@@ -241,20 +275,23 @@ pub(super) async fn settle_one(
         .check_serves_reservations(served, std::slice::from_ref(&r.reservation_id))
         .await
         .map_err(Status::from)?;
-    let outcome = outcome_from_pb(r.outcome());
-    let settled = state
-        .admission
-        .settle(SettleInput {
-            outcome,
-            reservation_id: r.reservation_id,
-            usage: aex_core::money::TokenUsage::new(r.prompt_tokens, r.completion_tokens)
-                .with_cache(r.cached_input_tokens, r.cache_write_tokens),
-            usage_reported: r.usage_reported,
-            upstream_status: r.upstream_status,
-            upstream_retry_after_ms: r.upstream_retry_after_ms,
-        })
-        .await
-        .map_err(Status::from)?;
+    Ok(Some(SettleInput {
+        outcome: outcome_from_pb(r.outcome()),
+        reservation_id: r.reservation_id,
+        usage: aex_core::money::TokenUsage::new(r.prompt_tokens, r.completion_tokens)
+            .with_cache(r.cached_input_tokens, r.cache_write_tokens),
+        usage_reported: r.usage_reported,
+        upstream_status: r.upstream_status,
+        upstream_retry_after_ms: r.upstream_retry_after_ms,
+    }))
+}
+
+/// A settlement's answer, counted in the metrics.
+fn settled_to_pb(
+    state: &ControlState,
+    outcome: Outcome,
+    settled: &crate::admission::core::Settled,
+) -> pb::SettleResponse {
     if !settled.already_settled {
         let metrics = &state.metrics;
         metrics
@@ -271,13 +308,13 @@ pub(super) async fn settle_one(
                 .inc();
         }
     }
-    Ok(pb::SettleResponse {
+    pb::SettleResponse {
         charged_micro: settled.charged_micro,
         remaining_micro: settled.remaining_micro,
         already_settled: settled.already_settled,
         overrun: settled.overrun_micro > 0,
         overrun_micro: settled.overrun_micro,
-    })
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -322,8 +359,10 @@ impl AdmissionService for AdmissionApi {
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
         let served = caller(&request).served;
-        settle_one(&self.state, &served, request.into_inner())
+        settle_items(&self.state, &served, vec![request.into_inner()])
             .await
+            .pop()
+            .expect("one settlement, one answer")
             .map(Response::new)
     }
 
@@ -334,19 +373,16 @@ impl AdmissionService for AdmissionApi {
         let served = caller(&request).served;
         let settlements = request.into_inner().settlements;
         check_batch_size(settlements.len(), "SettleBatch")?;
-        let results = each_at_once(&self.state, settlements, |state, r| {
-            let served = served.clone();
-            async move { settle_one(&state, &served, r).await }
-        })
-        .await?
-        .into_iter()
-        .map(|settled| pb::SettleResult {
-            result: Some(match settled {
-                Ok(r) => pb::settle_result::Result::Settled(r),
-                Err(status) => pb::settle_result::Result::Error(item_error(&status)),
-            }),
-        })
-        .collect();
+        let results = settle_items(&self.state, &served, settlements)
+            .await
+            .into_iter()
+            .map(|settled| pb::SettleResult {
+                result: Some(match settled {
+                    Ok(r) => pb::settle_result::Result::Settled(r),
+                    Err(status) => pb::settle_result::Result::Error(item_error(&status)),
+                }),
+            })
+            .collect();
         Ok(Response::new(pb::SettleBatchResponse { results }))
     }
 

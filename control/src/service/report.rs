@@ -1,13 +1,13 @@
 //! `Report`: what a data plane did with its grants, and the grants it asks
 //! for (docs/GRANTS.md). Admits are recorded before settlements, so a call
 //! admitted and finished between two reports is settled after its admit;
-//! each phase runs its items at once, so the ledger writer commits them
-//! together.
+//! each phase is one job of the ledger writer, whatever its size.
 
-use super::admission::{check_batch_size, each_at_once, item_error, settle_one};
+use super::admission::{check_batch_size, item_error, settle_items};
 use crate::admission::core::{
     GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, endpoint_from_pb,
 };
+use crate::in_order::InOrder;
 use crate::state::ControlState;
 use crate::storage::ReservationRecord;
 use aex_core::credential::Served;
@@ -42,48 +42,44 @@ pub(super) async fn report(
             }
         }
     }
-    let mut results: Vec<Option<pb::report_item_result::Result>> =
-        (0..admits.len() + settles.len()).map(|_| None).collect();
+    let mut results = InOrder::new(admits.len() + settles.len());
 
     let (admit_at, admits): (Vec<usize>, Vec<pb::LocalAdmission>) = admits.into_iter().unzip();
     let admit_ids: Vec<String> = admits.iter().map(|a| a.reservation_id.clone()).collect();
-    let recorded = each_at_once(state, admits, |state, a| {
-        let served = served.clone();
-        async move { record_admit(&state, &served, a).await }
-    })
-    .await?;
+    let recorded = record_admits(state, served, admits).await;
     // A settlement of a call whose admit failed here is sent again with it:
     // settled now, it would find no reservation and be lost.
     let mut not_admitted = std::collections::HashSet::new();
     for ((i, done), id) in admit_at.into_iter().zip(recorded).zip(admit_ids) {
-        results[i] = Some(match done {
+        let result = match done {
             Ok(()) => pb::report_item_result::Result::Admitted(true),
             Err(status) => {
                 not_admitted.insert(id);
                 pb::report_item_result::Result::Error(item_error(&status))
             }
-        });
+        };
+        results.put(i, result);
     }
     let (waiting, settles): (Vec<_>, Vec<_>) = settles
         .into_iter()
         .partition(|(_, s)| not_admitted.contains(&s.reservation_id));
     for (i, _) in waiting {
-        results[i] = Some(pb::report_item_result::Result::Error(item_error(
-            &Status::unavailable("its admit was not recorded; send both again"),
-        )));
+        results.put(
+            i,
+            pb::report_item_result::Result::Error(item_error(&Status::unavailable(
+                "its admit was not recorded; send both again",
+            ))),
+        );
     }
 
     let (settle_at, settles): (Vec<usize>, Vec<pb::SettleRequest>) = settles.into_iter().unzip();
-    let settled = each_at_once(state, settles, |state, s| {
-        let served = served.clone();
-        async move { settle_one(&state, &served, s).await }
-    })
-    .await?;
+    let settled = settle_items(state, served, settles).await;
     for (i, done) in settle_at.into_iter().zip(settled) {
-        results[i] = Some(match done {
+        let result = match done {
             Ok(s) => pb::report_item_result::Result::Settled(s),
             Err(status) => pb::report_item_result::Result::Error(item_error(&status)),
-        });
+        };
+        results.put(i, result);
     }
 
     for g in &r.close {
@@ -174,19 +170,49 @@ pub(super) async fn report(
     }
     Ok(pb::ReportResponse {
         results: results
+            .done()
             .into_iter()
-            .map(|result| pb::ReportItemResult { result })
+            .map(|result| pb::ReportItemResult {
+                result: Some(result),
+            })
             .collect(),
         grants,
         refused,
     })
 }
 
-async fn record_admit(
+/// The calls a report says were admitted from grants: each checked, then
+/// all recorded as one ledger job; answered in order.
+async fn record_admits(
+    state: &ControlState,
+    served: &Served,
+    admits: Vec<pb::LocalAdmission>,
+) -> Vec<Result<(), Status>> {
+    let mut results = InOrder::new(admits.len());
+    let (mut recording, mut locals) = (Vec::new(), Vec::new());
+    for (i, a) in admits.into_iter().enumerate() {
+        match local_admit(state, served, a).await {
+            Ok(local) => {
+                recording.push(i);
+                locals.push(local);
+            }
+            Err(status) => results.put(i, Err(status)),
+        }
+    }
+    let outcomes = state.admission.admit_from_grants(locals).await;
+    for (i, outcome) in recording.into_iter().zip(outcomes) {
+        results.put(i, admit_recorded(state, outcome.map_err(Status::from)));
+    }
+    results.done()
+}
+
+/// A call a data plane admitted, as the ledger records it; refused when the
+/// data plane does not serve its agent.
+async fn local_admit(
     state: &ControlState,
     served: &Served,
     a: pb::LocalAdmission,
-) -> Result<(), Status> {
+) -> Result<LocalAdmit, Status> {
     let endpoint = endpoint_from_pb(a.endpoint())
         .ok_or_else(|| Status::invalid_argument("a local admission's endpoint is required"))?;
     state
@@ -194,34 +220,37 @@ async fn record_admit(
         .check_serves_agent(served, &a.agent_id)
         .await
         .map_err(Status::from)?;
-    let outcome = state
-        .admission
-        .admit_from_grant(LocalAdmit {
-            grant_id: a.grant_id,
-            record: ReservationRecord {
-                id: a.reservation_id,
-                request_id: a.request_id,
-                agent_id: a.agent_id,
-                model: a.model,
-                amount_micro: a.reserved_micro,
-                pricing: aex_proto::convert::pricing_from_pb(
-                    a.input_pico_per_token,
-                    a.output_pico_per_token,
-                    a.cached_input_pico_per_token,
-                    a.cache_write_pico_per_token,
-                ),
-                input_tokens_bound: a.input_tokens_bound,
-                output_tokens_cap: a.output_tokens_cap,
-                created_at_ms: a.created_at_ms,
-                expires_at_ms: a.expires_at_ms,
-            },
-            output_cap_injected: a.output_cap_injected,
-            endpoint: format!("{endpoint:?}"),
-            stream: a.stream,
-        })
-        .await
-        .map_err(Status::from)?;
-    match outcome {
+    Ok(LocalAdmit {
+        grant_id: a.grant_id,
+        record: ReservationRecord {
+            id: a.reservation_id,
+            request_id: a.request_id,
+            agent_id: a.agent_id,
+            model: a.model,
+            amount_micro: a.reserved_micro,
+            pricing: aex_proto::convert::pricing_from_pb(
+                a.input_pico_per_token,
+                a.output_pico_per_token,
+                a.cached_input_pico_per_token,
+                a.cache_write_pico_per_token,
+            ),
+            input_tokens_bound: a.input_tokens_bound,
+            output_tokens_cap: a.output_tokens_cap,
+            created_at_ms: a.created_at_ms,
+            expires_at_ms: a.expires_at_ms,
+        },
+        output_cap_injected: a.output_cap_injected,
+        endpoint: format!("{endpoint:?}"),
+        stream: a.stream,
+    })
+}
+
+/// What the data plane is told of a call it reported, counted.
+fn admit_recorded(
+    state: &ControlState,
+    outcome: Result<LocalAdmitOutcome, Status>,
+) -> Result<(), Status> {
+    match outcome? {
         LocalAdmitOutcome::Recorded => {
             state
                 .metrics

@@ -27,6 +27,7 @@ macro_rules! store_conformance {
             lifecycle_is_logged_in_an_intact_chain,
             concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money,
             a_failing_operation_leaves_the_others,
+            a_job_of_many_answers_each_alone,
             budget_cannot_drop_below_spent,
             reservation_events_describe_their_rows_whatever_the_caller_adds,
             the_last_micro_goes_to_exactly_one_reservation,
@@ -375,6 +376,84 @@ pub async fn a_failing_operation_leaves_the_others(s: Arc<dyn Store>) {
     let events = all_events(s.as_ref()).await;
     assert_eq!(events.len(), 1 + 46);
     assert_one_chain(&events);
+}
+
+/// `reserve_many` / `settle_many` (a data plane's report): one item that
+/// fails leaves the others, an item sees the ones before it, and each is
+/// answered in its place.
+pub async fn a_job_of_many_answers_each_alone(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("many", "hm")).await.unwrap();
+    let b = s.create_agent(new_agent("other", "hb")).await.unwrap();
+    s.reserve(reservation(&a, 999, 10)).await.unwrap();
+    let mut calls: Vec<_> = (0..20).map(|n| reservation(&a, n, 10)).collect();
+    // The id of an existing reservation, for a new request.
+    calls[5].record.id = "rsv_999".into();
+    // Item 3 again, in the same job.
+    calls.push(reservation(&a, 3, 10));
+    let done = s.reserve_many(calls).await;
+    assert_eq!(done.len(), 21);
+    for (n, r) in done.iter().enumerate() {
+        match n {
+            5 => assert!(matches!(r, Err(StoreError::Conflict(_))), "{n}: {r:?}"),
+            20 => assert!(
+                matches!(r, Ok(ReserveOutcome::AlreadyAdmitted(_))),
+                "{n}: {r:?}"
+            ),
+            _ => assert!(
+                matches!(r, Ok(ReserveOutcome::Reserved { .. })),
+                "{n}: {r:?}"
+            ),
+        }
+    }
+    let agent = s.agent_by_name("many").await.unwrap().unwrap();
+    assert_eq!(agent.reserved_micro, 20 * 10, "rsv_999 and the 19 reserved");
+
+    let mut settles: Vec<_> = (0..20)
+        .filter(|n| *n != 5)
+        .map(|n| settlement(&a, n, 7))
+        .collect();
+    // rsv_2, settled as another agent.
+    settles[2].agent_id = b.id.clone();
+    settles[2].agent_name = b.name.clone();
+    // Never reserved; then rsv_0 again, closed earlier in this job.
+    settles.push(settlement(&a, 5, 7));
+    settles.push(settlement(&a, 0, 7));
+    let done = s.settle_many(settles).await;
+    assert_eq!(done.len(), 21);
+    for (n, r) in done.iter().enumerate() {
+        match n {
+            2 => assert!(matches!(r, Err(StoreError::Invalid(_))), "{n}: {r:?}"),
+            19 => assert!(
+                matches!(r, Ok(SettleOutcome::UnknownReservation)),
+                "{n}: {r:?}"
+            ),
+            20 => assert!(matches!(r, Ok(SettleOutcome::AlreadyClosed)), "{n}: {r:?}"),
+            _ => assert!(
+                matches!(
+                    r,
+                    Ok(SettleOutcome::Settled {
+                        charged_micro: 7,
+                        ..
+                    })
+                ),
+                "{n}: {r:?}"
+            ),
+        }
+    }
+    let agent = s.agent_by_name("many").await.unwrap().unwrap();
+    assert_eq!(
+        (agent.reserved_micro, agent.spent_micro),
+        (2 * 10, 18 * 7),
+        "rsv_999 and rsv_2 still open; 18 settled"
+    );
+    let events = all_events(s.as_ref()).await;
+    let count = |kind: &str| kinds(&events).iter().filter(|k| **k == kind).count();
+    assert_eq!((count("admit"), count("settle")), (20, 18));
+    assert_one_chain(&events);
+    assert!(
+        s.settle_many(vec![]).await.is_empty() && s.reserve_many(vec![]).await.is_empty(),
+        "an empty job answers nothing"
+    );
 }
 
 pub async fn budget_cannot_drop_below_spent(s: Arc<dyn Store>) {

@@ -376,6 +376,34 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// to `spent`, adds the overrun, stores [`Settlement::final_state`] and
     /// logs [`Settlement::events`].
     async fn settle(&self, settlement: Settlement) -> Result<SettleOutcome, StoreError>;
+    /// Every one of `reservations` as [`LedgerStore::reserve`], in order,
+    /// as one job of the ledger writer: committed together, each alone (one
+    /// that fails leaves the others, and gets its own error). A data
+    /// plane's report is a thousand calls at a time; as many jobs, each
+    /// with its task and answer, cost the control plane more than the
+    /// writes themselves.
+    async fn reserve_many(
+        &self,
+        reservations: Vec<NewReservation>,
+    ) -> Vec<Result<ReserveOutcome, StoreError>> {
+        let mut done = Vec::with_capacity(reservations.len());
+        for n in reservations {
+            done.push(self.reserve(n).await);
+        }
+        done
+    }
+    /// Every one of `settlements` as [`LedgerStore::settle`], as one job:
+    /// see [`LedgerStore::reserve_many`].
+    async fn settle_many(
+        &self,
+        settlements: Vec<Settlement>,
+    ) -> Vec<Result<SettleOutcome, StoreError>> {
+        let mut done = Vec::with_capacity(settlements.len());
+        for st in settlements {
+            done.push(self.settle(st).await);
+        }
+        done
+    }
     async fn record_denial(&self, denial: DenialRecord) -> Result<(), StoreError>;
     async fn open_reservations(&self) -> Result<Vec<ReservationRecord>, StoreError>;
     /// The reservation `id` if it is open, whichever control plane admitted
@@ -504,6 +532,27 @@ pub trait Store:
 impl<T: AgentStore + LedgerStore + GrantStore + CredentialStore + ProcessStore + ReportStore> Store
     for T
 {
+}
+
+/// The results of a ledger job of many items: each item's own or, when the
+/// job failed as a whole (nothing of it was committed), that failure for
+/// each, as unavailable: sending them again is safe.
+pub(crate) fn each_or_all<T>(
+    done: Result<Vec<Result<T, StoreError>>, StoreError>,
+    items: usize,
+) -> Vec<Result<T, StoreError>> {
+    match done {
+        Ok(each) => each,
+        Err(e) => {
+            let why = match e {
+                StoreError::Unavailable(why) => why,
+                other => other.to_string(),
+            };
+            (0..items)
+                .map(|_| Err(StoreError::Unavailable(why.clone())))
+                .collect()
+        }
+    }
 }
 
 pub fn now_ms() -> i64 {

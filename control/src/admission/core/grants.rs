@@ -6,6 +6,7 @@
 
 use super::{AdmissionCore, OpenReservation};
 use crate::error::{Error, Result};
+use crate::in_order::InOrder;
 use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
 use aex_core::grant::{
     GrantAsk, GrantEnd, GrantOutcome, GrantRecord, NewGrant, NoGrant, request_share,
@@ -140,6 +141,28 @@ pub enum LocalAdmitOutcome {
     /// charged). The call is not recorded apart: the grant's expiry charged
     /// what its data plane might have spent.
     NotCovered(String),
+}
+
+/// A call a data plane says it admitted, checked before it is recorded.
+fn check_local_admit(a: &LocalAdmit) -> Result<()> {
+    let r = &a.record;
+    if r.id.is_empty() || r.request_id.is_empty() || a.grant_id.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a local admission needs its reservation id, request id and grant id".into(),
+        ));
+    }
+    if r.amount_micro < 0
+        || r.pricing.input_pico_per_token < 0
+        || r.pricing.output_pico_per_token < 0
+        || r.pricing.cached_input_pico_per_token < 0
+        || r.pricing.cache_write_pico_per_token < 0
+    {
+        return Err(Error::InvalidArgument(format!(
+            "local admission {}: amounts and prices cannot be negative",
+            r.id
+        )));
+    }
+    Ok(())
 }
 
 impl AdmissionCore {
@@ -335,33 +358,27 @@ impl AdmissionCore {
         Ok(())
     }
 
-    /// Records a call its data plane admitted from a grant: the same
+    /// Records calls their data plane admitted from a grant: the same
     /// reservation and `admit` event a central admission makes, its amount
-    /// carved from the grant.
-    pub async fn admit_from_grant(&self, a: LocalAdmit) -> Result<LocalAdmitOutcome> {
-        let r = &a.record;
-        if r.id.is_empty() || r.request_id.is_empty() || a.grant_id.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a local admission needs its reservation id, request id and grant id".into(),
-            ));
+    /// carved from the grant. A report's calls are one ledger job, each
+    /// answered apart, in order.
+    pub async fn admit_from_grants(
+        &self,
+        admits: Vec<LocalAdmit>,
+    ) -> Vec<Result<LocalAdmitOutcome>> {
+        let mut results = InOrder::new(admits.len());
+        let mut valid = Vec::with_capacity(admits.len());
+        for (i, a) in admits.into_iter().enumerate() {
+            match check_local_admit(&a) {
+                Ok(()) => valid.push((i, a)),
+                Err(e) => results.put(i, Err(e)),
+            }
         }
-        if r.amount_micro < 0
-            || r.pricing.input_pico_per_token < 0
-            || r.pricing.output_pico_per_token < 0
-            || r.pricing.cached_input_pico_per_token < 0
-            || r.pricing.cache_write_pico_per_token < 0
-        {
-            return Err(Error::InvalidArgument(format!(
-                "local admission {}: amounts and prices cannot be negative",
-                r.id
-            )));
-        }
-        let agent_name = self.agent_name(&r.agent_id);
-        let outcome = self
-            .store
-            .reserve(NewReservation {
+        let reservations = valid
+            .iter()
+            .map(|(_, a)| NewReservation {
                 record: a.record.clone(),
-                agent_name: agent_name.clone(),
+                agent_name: self.agent_name(&a.record.agent_id),
                 details: json!({
                     "endpoint": a.endpoint, "stream": a.stream,
                     "output_cap_injected": a.output_cap_injected,
@@ -370,9 +387,26 @@ impl AdmissionCore {
                 grant_id: Some(a.grant_id.clone()),
                 log_budget_denial: false,
             })
-            .await?;
-        match outcome {
+            .collect::<Vec<_>>();
+        let names: Vec<String> = reservations.iter().map(|n| n.agent_name.clone()).collect();
+        let outcomes = self.store.reserve_many(reservations).await;
+        for (((i, a), agent_name), outcome) in valid.into_iter().zip(names).zip(outcomes) {
+            results.put(i, self.recorded_from_grant(a, agent_name, outcome));
+        }
+        results.done()
+    }
+
+    /// What the store's answer to a call admitted from a grant means, and
+    /// the call made live here when it was recorded.
+    fn recorded_from_grant(
+        &self,
+        a: LocalAdmit,
+        agent_name: String,
+        outcome: std::result::Result<ReserveOutcome, crate::storage::StoreError>,
+    ) -> Result<LocalAdmitOutcome> {
+        match outcome? {
             ReserveOutcome::Reserved { .. } => {
+                let r = &a.record;
                 let mut live = self.lock();
                 if let Some(agent) = live.agents.get_mut(&r.agent_id) {
                     agent.open += 1;

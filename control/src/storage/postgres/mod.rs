@@ -21,6 +21,7 @@
 mod anchored;
 mod credentials;
 mod grants;
+mod many;
 mod notify;
 mod rates;
 mod reads;
@@ -237,6 +238,21 @@ impl LedgerStore for PgStore {
 
     async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
         self.writer.write(writes::Settle(st)).await
+    }
+
+    async fn reserve_many(
+        &self,
+        ns: Vec<NewReservation>,
+    ) -> Vec<Result<ReserveOutcome, StoreError>> {
+        self.writer
+            .write_many(ns.into_iter().map(writes::Reserve).collect())
+            .await
+    }
+
+    async fn settle_many(&self, sts: Vec<Settlement>) -> Vec<Result<SettleOutcome, StoreError>> {
+        self.writer
+            .write_many(sts.into_iter().map(writes::Settle).collect())
+            .await
     }
 
     async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {

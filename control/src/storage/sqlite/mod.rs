@@ -26,7 +26,7 @@ use crate::storage::{
     AgentChange, AgentRecord, AgentStore, AgentWrite, CredentialRecord, CredentialStore,
     CredentialWrite, DenialRecord, GrantEnd, GrantOutcome, GrantRecord, GrantStore, LedgerStore,
     NewGrant, NewReservation, ProcessRecord, ProcessState, ProcessStore, ReservationRecord,
-    ReserveOutcome, SettleOutcome, Settlement, StoreError,
+    ReserveOutcome, SettleOutcome, Settlement, StoreError, each_or_all,
 };
 use async_trait::async_trait;
 use sqlx::SqlitePool;
@@ -224,6 +224,35 @@ impl LedgerStore for SqliteStore {
         self.writer
             .write(move |conn, chain| writes::settle(conn, chain, &st))
             .await
+    }
+
+    async fn reserve_many(
+        &self,
+        ns: Vec<NewReservation>,
+    ) -> Vec<Result<ReserveOutcome, StoreError>> {
+        let n = ns.len();
+        let done = self
+            .writer
+            .write(move |conn, chain| {
+                writer::each_alone(conn, chain, &ns, |conn, chain, n| {
+                    writes::reserve(conn, chain, n)
+                })
+            })
+            .await;
+        each_or_all(done, n)
+    }
+
+    async fn settle_many(&self, sts: Vec<Settlement>) -> Vec<Result<SettleOutcome, StoreError>> {
+        let n = sts.len();
+        let done = self
+            .writer
+            .write(move |conn, chain| {
+                writer::each_alone(conn, chain, &sts, |conn, chain, st| {
+                    writes::settle(conn, chain, st)
+                })
+            })
+            .await;
+        each_or_all(done, n)
     }
 
     async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
