@@ -150,7 +150,7 @@ fn local(agent_id: &str, grant_id: &str, n: u32, models: &ModelsConfig) -> Local
             expires_at_ms: now + TTL_MS,
         },
         output_cap_injected: true,
-        endpoint: "ChatCompletions".into(),
+        endpoint: Endpoint::ChatCompletions,
         stream: false,
     }
 }

@@ -104,13 +104,17 @@ impl Denial {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Responses,
-    Embeddings,
-    Completions,
-    Models,
+crate::denial::named_set! {
+    /// The API a call came through. The names are what the ledger's `admit`
+    /// and `deny` events have always said (`"endpoint"`): fixed here, never
+    /// derived from the variants' spelling.
+    Endpoint {
+        ChatCompletions => "ChatCompletions",
+        Responses => "Responses",
+        Embeddings => "Embeddings",
+        Completions => "Completions",
+        Models => "Models",
+    }
 }
 
 /// What the data plane found in the request body.

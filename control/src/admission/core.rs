@@ -600,7 +600,7 @@ impl AdmissionCore {
         // The store adds what the reservation row holds (request id, model,
         // bounds, prices); these are the particulars only admission knows.
         let details = json!({
-            "endpoint": format!("{:?}", ask.endpoint), "stream": ask.stream,
+            "endpoint": ask.endpoint.as_str(), "stream": ask.stream,
             "output_cap_injected": plan.output_cap_injected,
         });
         // Budget held by the agent's grants is not free here: a refusal
@@ -946,7 +946,7 @@ impl AdmissionCore {
         }
         let mut details = json!({
             "status": d.http_status, "code": d.code.as_str(), "model": ask.model,
-            "endpoint": format!("{:?}", ask.endpoint),
+            "endpoint": ask.endpoint.as_str(),
         });
         if d.retry_after_ms > 0 {
             details["retry_after_ms"] = json!(d.retry_after_ms);

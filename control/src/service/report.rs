@@ -240,7 +240,7 @@ async fn local_admit(
             expires_at_ms: a.expires_at_ms,
         },
         output_cap_injected: a.output_cap_injected,
-        endpoint: format!("{endpoint:?}"),
+        endpoint,
         stream: a.stream,
     })
 }

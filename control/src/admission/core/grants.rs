@@ -11,6 +11,7 @@ use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
 use aex_core::grant::{
     GrantAsk, GrantEnd, GrantOutcome, GrantRecord, NewGrant, NoGrant, request_share,
 };
+use aex_core::policy::Endpoint;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -127,7 +128,7 @@ pub struct LocalAdmit {
     pub grant_id: String,
     pub record: ReservationRecord,
     pub output_cap_injected: bool,
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     pub stream: bool,
 }
 
@@ -380,7 +381,7 @@ impl AdmissionCore {
                 record: a.record.clone(),
                 agent_name: self.agent_name(&a.record.agent_id),
                 details: json!({
-                    "endpoint": a.endpoint, "stream": a.stream,
+                    "endpoint": a.endpoint.as_str(), "stream": a.stream,
                     "output_cap_injected": a.output_cap_injected,
                 }),
                 max_open: 0,
