@@ -100,13 +100,38 @@ impl ReservationState {
     }
 }
 
+crate::denial::named_set! {
+    /// How a call ended, as its data plane saw it. The names are the
+    /// settlement event's reason and the reservation row's `outcome`.
+    Outcome {
+        Completed => "completed",
+        UpstreamError => "upstream_error",
+        UpstreamTimeout => "upstream_timeout",
+        UpstreamRateLimited => "upstream_rate_limited",
+        ClientDisconnected => "client_disconnected",
+        CutOff => "cut_off",
+        UpstreamRejected => "upstream_rejected",
+    }
+}
+
 /// Why a reservation is being closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closing {
     /// The call finished (or failed) and its usage is known.
-    Finished,
+    Finished(Outcome),
     /// Its expiry passed with no settlement.
     Expired,
+}
+
+impl Closing {
+    /// What the ledger calls it: the settlement event's reason and the
+    /// row's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closing::Finished(outcome) => outcome.as_str(),
+            Closing::Expired => "expired",
+        }
+    }
 }
 
 /// An event logged with a settlement (an overrun, an upstream denial or
@@ -132,7 +157,6 @@ pub struct Settlement {
     pub charge_micro: i64,
     /// Reported usage beyond the reservation (not charged).
     pub overrun_micro: i64,
-    pub outcome: String,
     pub usage: TokenUsage,
     pub extra_events: Vec<ExtraEvent>,
     /// The settlement event's particulars; the token counts are added by
@@ -157,8 +181,8 @@ impl Settlement {
     pub fn final_state(&self, charge_micro: i64) -> ReservationState {
         match self.closing {
             Closing::Expired => ReservationState::Expired,
-            Closing::Finished if charge_micro == 0 => ReservationState::Released,
-            Closing::Finished => ReservationState::Settled,
+            Closing::Finished(_) if charge_micro == 0 => ReservationState::Released,
+            Closing::Finished(_) => ReservationState::Settled,
         }
     }
 
@@ -194,7 +218,7 @@ impl Settlement {
         };
         let mut events = vec![event(
             kind,
-            &self.outcome,
+            self.closing.as_str(),
             serde_json::Value::Object(details),
             charge_micro,
         )];
@@ -320,7 +344,6 @@ mod tests {
             closing,
             charge_micro: charge,
             overrun_micro: 7,
-            outcome: "completed".into(),
             usage: TokenUsage::new(3, 4),
             extra_events: vec![ExtraEvent {
                 kind: EventKind::Overrun,
@@ -333,11 +356,14 @@ mod tests {
 
     #[test]
     fn the_closing_state_follows_the_charge_as_applied() {
-        let s = settlement(Closing::Finished, 500);
+        let s = settlement(Closing::Finished(Outcome::Completed), 500);
         assert_eq!(s.charge_within(100), 100);
         assert_eq!(s.final_state(100), ReservationState::Settled);
         assert_eq!(s.final_state(0), ReservationState::Released);
-        assert_eq!(settlement(Closing::Finished, -5).charge_within(100), 0);
+        assert_eq!(
+            settlement(Closing::Finished(Outcome::Completed), -5).charge_within(100),
+            0
+        );
         let e = settlement(Closing::Expired, 100);
         assert_eq!(e.final_state(100), ReservationState::Expired);
         assert_eq!(e.final_state(0), ReservationState::Expired);
@@ -345,7 +371,7 @@ mod tests {
 
     #[test]
     fn a_settlement_logs_itself_then_its_extras() {
-        let events = settlement(Closing::Finished, 40).events("agt_1", 40, 9);
+        let events = settlement(Closing::Finished(Outcome::Completed), 40).events("agt_1", 40, 9);
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].kind, EventKind::Settle);
         assert_eq!(events[0].amount_micro, 40);

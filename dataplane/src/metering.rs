@@ -3,7 +3,7 @@
 //! none. Pure.
 
 use crate::sse::Usage;
-use aex_proto::v1::SettleOutcome;
+use aex_core::reservation::Outcome as SettleOutcome;
 
 /// No token of a byte-level BPE vocabulary in real use averages this many
 /// bytes of text: a stream past `MAX_BYTES_PER_TOKEN × cap` bytes has

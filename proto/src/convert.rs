@@ -8,6 +8,7 @@ use aex_core::agent::{AgentState, Caps, Scope};
 use aex_core::config::Model;
 use aex_core::money::Pricing;
 use aex_core::policy::{Caller, Endpoint};
+use aex_core::reservation::Outcome;
 
 /// The policy's endpoint; `None` for "unspecified".
 pub fn endpoint_from_pb(e: pb::Endpoint) -> Option<Endpoint> {
@@ -19,6 +20,32 @@ pub fn endpoint_from_pb(e: pb::Endpoint) -> Option<Endpoint> {
         pb::Endpoint::Models => Endpoint::Models,
         pb::Endpoint::Unspecified => return None,
     })
+}
+
+/// How a call ended; "unspecified" (a data plane older than the field)
+/// reads as completed.
+pub fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
+    match o {
+        pb::SettleOutcome::Completed | pb::SettleOutcome::Unspecified => Outcome::Completed,
+        pb::SettleOutcome::UpstreamError => Outcome::UpstreamError,
+        pb::SettleOutcome::UpstreamTimeout => Outcome::UpstreamTimeout,
+        pb::SettleOutcome::UpstreamRateLimited => Outcome::UpstreamRateLimited,
+        pb::SettleOutcome::ClientDisconnected => Outcome::ClientDisconnected,
+        pb::SettleOutcome::CutOff => Outcome::CutOff,
+        pb::SettleOutcome::UpstreamRejected => Outcome::UpstreamRejected,
+    }
+}
+
+pub fn outcome_to_pb(o: Outcome) -> pb::SettleOutcome {
+    match o {
+        Outcome::Completed => pb::SettleOutcome::Completed,
+        Outcome::UpstreamError => pb::SettleOutcome::UpstreamError,
+        Outcome::UpstreamTimeout => pb::SettleOutcome::UpstreamTimeout,
+        Outcome::UpstreamRateLimited => pb::SettleOutcome::UpstreamRateLimited,
+        Outcome::ClientDisconnected => pb::SettleOutcome::ClientDisconnected,
+        Outcome::CutOff => pb::SettleOutcome::CutOff,
+        Outcome::UpstreamRejected => pb::SettleOutcome::UpstreamRejected,
+    }
 }
 
 /// `None` for "unspecified" (keep / use the default).

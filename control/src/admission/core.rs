@@ -79,30 +79,7 @@ impl ExpiryPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Completed,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamRateLimited,
-    ClientDisconnected,
-    CutOff,
-    UpstreamRejected,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Completed => "completed",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::UpstreamTimeout => "upstream_timeout",
-            Outcome::UpstreamRateLimited => "upstream_rate_limited",
-            Outcome::ClientDisconnected => "client_disconnected",
-            Outcome::CutOff => "cut_off",
-            Outcome::UpstreamRejected => "upstream_rejected",
-        }
-    }
-}
+pub use aex_core::reservation::Outcome;
 
 #[derive(Debug, Clone)]
 pub struct SettleInput {
@@ -1169,10 +1146,9 @@ impl AdmissionCore {
             reservation_id: record.id.clone(),
             agent_id: record.agent_id.clone(),
             agent_name,
-            closing: Closing::Finished,
+            closing: Closing::Finished(s.outcome),
             charge_micro: charge,
             overrun_micro,
-            outcome: s.outcome.as_str().to_string(),
             usage: s.usage,
             extra_events,
             // The store adds the token counts the row stores.
@@ -1312,7 +1288,6 @@ impl AdmissionCore {
                     closing: Closing::Expired,
                     charge_micro: charge,
                     overrun_micro: 0,
-                    outcome: "expired".into(),
                     usage: aex_core::money::TokenUsage::default(),
                     extra_events: Vec::new(),
                     details: json!({

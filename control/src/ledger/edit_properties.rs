@@ -42,7 +42,6 @@ async fn history() -> MemoryStore {
     .unwrap();
     s.settle(Settlement {
         closing: Closing::Expired,
-        outcome: "expired".into(),
         ..settlement(&b, 3, 500)
     })
     .await

@@ -44,18 +44,6 @@ fn denial_to_pb(d: Denial, agent_name: String) -> pb::AdmitResponse {
     }
 }
 
-fn outcome_from_pb(o: pb::SettleOutcome) -> Outcome {
-    match o {
-        pb::SettleOutcome::Completed | pb::SettleOutcome::Unspecified => Outcome::Completed,
-        pb::SettleOutcome::UpstreamError => Outcome::UpstreamError,
-        pb::SettleOutcome::UpstreamTimeout => Outcome::UpstreamTimeout,
-        pb::SettleOutcome::UpstreamRateLimited => Outcome::UpstreamRateLimited,
-        pb::SettleOutcome::ClientDisconnected => Outcome::ClientDisconnected,
-        pb::SettleOutcome::CutOff => Outcome::CutOff,
-        pb::SettleOutcome::UpstreamRejected => Outcome::UpstreamRejected,
-    }
-}
-
 /// One admission, as `Admit` and each item of `AdmitBatch` decide it.
 async fn admit_one(
     state: &ControlState,
@@ -276,7 +264,7 @@ async fn settle_input(
         .await
         .map_err(Status::from)?;
     Ok(Some(SettleInput {
-        outcome: outcome_from_pb(r.outcome()),
+        outcome: aex_proto::convert::outcome_from_pb(r.outcome()),
         reservation_id: r.reservation_id,
         usage: aex_core::money::TokenUsage::new(r.prompt_tokens, r.completion_tokens)
             .with_cache(r.cached_input_tokens, r.cache_write_tokens),

@@ -151,10 +151,9 @@ pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlemen
         reservation_id: format!("rsv_{n}"),
         agent_id: agent.id.clone(),
         agent_name: agent.name.clone(),
-        closing: Closing::Finished,
+        closing: Closing::Finished(Outcome::Completed),
         charge_micro,
         overrun_micro: 0,
-        outcome: "completed".into(),
         usage: TokenUsage::new(1, 1),
         extra_events: vec![],
         details: json!({}),
@@ -654,7 +653,6 @@ pub async fn a_reservation_closes_once_in_the_state_its_charge_says(s: Arc<dyn S
     s.settle(settlement(&a, 2, -50)).await.unwrap();
     let expired = Settlement {
         closing: Closing::Expired,
-        outcome: "expired".into(),
         ..settlement(&a, 3, 100)
     };
     s.settle(expired.clone()).await.unwrap();

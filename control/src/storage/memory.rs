@@ -487,7 +487,7 @@ impl LedgerStore for MemoryStore {
             facts.state = st.final_state(charge).as_str().into();
             facts.settled_at_ms = Some(now);
             facts.charged_micro = Some(charge);
-            facts.outcome = Some(st.outcome.clone());
+            facts.outcome = Some(st.closing.as_str().to_string());
             facts.prompt_tokens = Some(stored_u64(st.usage.input));
             facts.completion_tokens = Some(stored_u64(st.usage.output));
             facts.cached_input_tokens = stored_u64(st.usage.cached_input);

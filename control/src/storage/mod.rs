@@ -31,8 +31,8 @@ pub use aex_core::event::{EventKind, EventRecord, NewEvent};
 pub use aex_core::grant::{GrantEnd, GrantOutcome, GrantRecord, GrantState, NewGrant};
 pub use aex_core::process::{ProcessRecord, ProcessState};
 pub use aex_core::reservation::{
-    Closing, DenialRecord, ExtraEvent, NewReservation, ReservationRecord, ReservationState,
-    ReserveOutcome, SettleOutcome, Settlement,
+    Closing, DenialRecord, ExtraEvent, NewReservation, Outcome, ReservationRecord,
+    ReservationState, ReserveOutcome, SettleOutcome, Settlement,
 };
 use async_trait::async_trait;
 pub use database::Database;

@@ -11,7 +11,7 @@ use super::{Call, Gateway};
 use crate::metering::cut_off_bytes;
 use crate::openai::Api;
 use crate::sse::{SseMeter, output_text_bytes, usage_of};
-use aex_proto::v1 as pb;
+use aex_core::reservation::Outcome;
 use bytes::Bytes;
 use http::StatusCode;
 use pingora_core::protocols::http::ServerSession;
@@ -67,11 +67,11 @@ fn cut_off_event(api: Api) -> String {
     }
 }
 
-fn outcome_of(failure: &UpstreamFailure) -> pb::SettleOutcome {
+fn outcome_of(failure: &UpstreamFailure) -> Outcome {
     if failure.is_timeout() {
-        pb::SettleOutcome::UpstreamTimeout
+        Outcome::UpstreamTimeout
     } else {
-        pb::SettleOutcome::UpstreamError
+        Outcome::UpstreamError
     }
 }
 
@@ -86,7 +86,7 @@ impl Gateway {
         let mut finished = Finished::new();
         let provider = &call.admission.provider;
         let Some(route) = self.control.cache.route(provider) else {
-            finished.outcome = pb::SettleOutcome::UpstreamError;
+            finished.outcome = Outcome::UpstreamError;
             let e = GatewayError::no_route(provider);
             return (
                 Self::respond_error(session, call.request_id, e).await,
@@ -105,7 +105,7 @@ impl Gateway {
         };
         let (mut upstream, header) = match opened {
             None => {
-                finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                finished.outcome = Outcome::ClientDisconnected;
                 return (false, finished);
             }
             Some(Err(failure)) => {
@@ -129,7 +129,7 @@ impl Gateway {
                 .stream(session, &mut upstream, &header, call, &mut finished)
                 .await;
             finished.upstream_done();
-            let complete = finished.outcome == pb::SettleOutcome::Completed;
+            let complete = finished.outcome == Outcome::Completed;
             self.release(upstream, complete).await;
             return (keep, finished);
         }
@@ -153,7 +153,7 @@ impl Gateway {
             let next = tokio::select! {
                 r = Self::read_chunk(&mut upstream, self.limits.idle_timeout) => r,
                 _ = session.read_body_or_idle(true) => {
-                    finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                    finished.outcome = Outcome::ClientDisconnected;
                     self.release(upstream, false).await;
                     return false;
                 }
@@ -162,7 +162,7 @@ impl Gateway {
                 Ok(Some(chunk)) if body.len() + chunk.len() > self.limits.max_response_bytes => {
                     // The provider generated (and may bill) what it sent:
                     // settle it as delivered output, capped by the reservation.
-                    finished.outcome = pb::SettleOutcome::UpstreamError;
+                    finished.outcome = Outcome::UpstreamError;
                     finished.output_bytes = (body.len() + chunk.len()) as u64;
                     self.release(upstream, false).await;
                     let e =
@@ -196,7 +196,7 @@ impl Gateway {
             // provider ignored the cap; the client does not get it.
             let cap = call.output_cap_total();
             if api != Api::Embeddings && finished.output_bytes > cut_off_bytes(cap) {
-                finished.outcome = pb::SettleOutcome::CutOff;
+                finished.outcome = Outcome::CutOff;
                 let e = GatewayError::upstream_ignored_cap(provider, cap);
                 return Self::respond_error(session, call.request_id, e).await;
             }
@@ -207,10 +207,10 @@ impl Gateway {
         } else {
             finished.upstream_retry_after_ms = retry_after_ms(&header);
             finished.outcome = match status {
-                429 => pb::SettleOutcome::UpstreamRateLimited,
-                500.. => pb::SettleOutcome::UpstreamError,
+                429 => Outcome::UpstreamRateLimited,
+                500.. => Outcome::UpstreamError,
                 // The provider refused the request: nothing generated, nothing billed.
-                _ => pb::SettleOutcome::UpstreamRejected,
+                _ => Outcome::UpstreamRejected,
             };
             if status == 429 {
                 // The provider's limit, not AEX's: say so, keep its Retry-After.
@@ -229,7 +229,7 @@ impl Gateway {
                 .await
                 .is_ok();
         if !ok {
-            finished.outcome = pb::SettleOutcome::ClientDisconnected;
+            finished.outcome = Outcome::ClientDisconnected;
         }
         ok
     }
@@ -257,7 +257,7 @@ impl Gateway {
             let _ = head.insert_header("transfer-encoding", "chunked");
         }
         if session.write_response_header(Box::new(head)).await.is_err() {
-            finished.outcome = pb::SettleOutcome::ClientDisconnected;
+            finished.outcome = Outcome::ClientDisconnected;
             return false;
         }
         let cap = call.output_cap_total();
@@ -268,7 +268,7 @@ impl Gateway {
             let next = tokio::select! {
                 r = Self::read_chunk(upstream, self.limits.idle_timeout) => r,
                 _ = session.read_body_or_idle(true) => {
-                    finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                    finished.outcome = Outcome::ClientDisconnected;
                     break;
                 }
             };
@@ -296,7 +296,7 @@ impl Gateway {
                     .await
                     .is_err()
             {
-                finished.outcome = pb::SettleOutcome::ClientDisconnected;
+                finished.outcome = Outcome::ClientDisconnected;
                 break;
             }
             if ended {
@@ -308,7 +308,7 @@ impl Gateway {
             // provider with long tokens from ever being cut. Counted from
             // what was streamed, whatever usage the provider claims so far.
             if meter.output_bytes() > cut_off_bytes(cap) {
-                finished.outcome = pb::SettleOutcome::CutOff;
+                finished.outcome = Outcome::CutOff;
                 let _ = session
                     .write_response_body(Bytes::from(cut_off_event(api)), false)
                     .await;
@@ -317,13 +317,13 @@ impl Gateway {
         }
         finished.usage = meter.usage();
         finished.output_bytes = meter.output_bytes();
-        if finished.outcome == pb::SettleOutcome::ClientDisconnected {
+        if finished.outcome == Outcome::ClientDisconnected {
             return false;
         }
         session
             .write_response_body(Bytes::new(), true)
             .await
             .is_ok()
-            && finished.outcome == pb::SettleOutcome::Completed
+            && finished.outcome == Outcome::Completed
     }
 }

@@ -7,6 +7,7 @@ use super::{Call, Gateway};
 use crate::metering::{Metered, meter};
 use crate::sse::Usage;
 use aex_core::money::{Charge, TokenUsage, charge};
+use aex_core::reservation::Outcome;
 use aex_proto::v1 as pb;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ pub(super) struct Finished {
     pub upstream_started: Option<Instant>,
     /// From sending to the provider until its last byte (None: not reached).
     pub upstream_time: Option<Duration>,
-    pub outcome: pb::SettleOutcome,
+    pub outcome: Outcome,
     pub usage: Option<Usage>,
     pub output_bytes: u64,
     pub upstream_status: u16,
@@ -26,7 +27,7 @@ pub(super) struct Finished {
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Accounted {
-    outcome: pb::SettleOutcome,
+    outcome: Outcome,
     pub metered: Metered,
     pub charge: Charge,
 }
@@ -36,7 +37,7 @@ impl Finished {
         Self {
             upstream_started: None,
             upstream_time: None,
-            outcome: pb::SettleOutcome::Completed,
+            outcome: Outcome::Completed,
             usage: None,
             output_bytes: 0,
             upstream_status: 0,
@@ -78,7 +79,7 @@ impl Finished {
                 TokenUsage::new(metered.prompt_tokens, metered.completion_tokens)
                     .with_cache(metered.cached_input_tokens, metered.cache_write_tokens),
                 metered.usage_reported,
-                outcome == pb::SettleOutcome::CutOff,
+                outcome == Outcome::CutOff,
             );
             Accounted {
                 outcome,
@@ -106,9 +107,9 @@ impl Gateway {
                 .inc_by(charge.overrun_micro as u64);
         }
         let failure = match f.outcome {
-            pb::SettleOutcome::UpstreamRateLimited => Some("rate_limited"),
-            pb::SettleOutcome::UpstreamError => Some("error"),
-            pb::SettleOutcome::UpstreamTimeout => Some("timeout"),
+            Outcome::UpstreamRateLimited => Some("rate_limited"),
+            Outcome::UpstreamError => Some("error"),
+            Outcome::UpstreamTimeout => Some("timeout"),
             _ => None,
         };
         if let Some(kind) = failure {
@@ -119,7 +120,7 @@ impl Gateway {
         }
         self.control.settle(pb::SettleRequest {
             reservation_id: call.admission.reservation_id.clone(),
-            outcome: f.outcome as i32,
+            outcome: aex_proto::convert::outcome_to_pb(f.outcome) as i32,
             prompt_tokens: metered.prompt_tokens,
             completion_tokens: metered.completion_tokens,
             cached_input_tokens: metered.cached_input_tokens,

@@ -325,7 +325,7 @@ impl Operation for Settle {
         .bind(st.final_state(charge).as_str())
         .bind(now)
         .bind(charge)
-        .bind(&st.outcome)
+        .bind(st.closing.as_str())
         .bind(stored_u64(st.usage.input))
         .bind(stored_u64(st.usage.output))
         .bind(overrun)

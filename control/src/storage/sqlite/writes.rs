@@ -241,7 +241,7 @@ pub(super) fn settle(
             st.final_state(charge).as_str(),
             now,
             charge,
-            st.outcome,
+            st.closing.as_str(),
             stored_u64(st.usage.input),
             stored_u64(st.usage.output),
             overrun,
