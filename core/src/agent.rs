@@ -6,50 +6,20 @@ use crate::chain::token_mac;
 use crate::event::{EventKind, NewEvent};
 use serde_json::json;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Execution,
-    ReadOnly,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Execution => "execution",
-            Scope::ReadOnly => "read-only",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "execution" => Some(Scope::Execution),
-            "read-only" => Some(Scope::ReadOnly),
-            _ => None,
-        }
+crate::named::named_set! {
+    /// What an agent may do. The names are the stored form.
+    Scope {
+        Execution => "execution",
+        ReadOnly => "read-only",
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    Active,
-    Paused,
-    Deleted,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Active => "active",
-            AgentState::Paused => "paused",
-            AgentState::Deleted => "deleted",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "active" => Some(AgentState::Active),
-            "paused" => Some(AgentState::Paused),
-            "deleted" => Some(AgentState::Deleted),
-            _ => None,
-        }
+crate::named::named_set! {
+    /// The names are the stored form.
+    AgentState {
+        Active => "active",
+        Paused => "paused",
+        Deleted => "deleted",
     }
 }
 

@@ -4,48 +4,7 @@
 //! plane decides with these; the data plane reads them back from the wire
 //! with `parse`, so a value it does not know is mapped, never trusted.
 
-/// Defines a closed set with its stored/wire names, `ALL`, `as_str`,
-/// `parse`, and comparison with a name (so `assert_eq!(rule, "rpm")` reads
-/// as the wire does).
-macro_rules! named_set {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)* }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant,)*
-        }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)*
-                }
-            }
-
-            pub fn parse(s: &str) -> Option<Self> {
-                Self::ALL.iter().copied().find(|v| v.as_str() == s)
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl PartialEq<&str> for $name {
-            fn eq(&self, other: &&str) -> bool {
-                self.as_str() == *other
-            }
-        }
-    };
-}
-
-pub(crate) use named_set;
-
-named_set! {
+crate::named::named_set! {
     /// The rule that refused a call.
     Rule {
         /// An unknown token, or a deleted agent's.
@@ -90,7 +49,7 @@ impl Rule {
     }
 }
 
-named_set! {
+crate::named::named_set! {
     /// The `code` of an AEX denial's error body.
     DenialCode {
         InvalidApiKey => "invalid_api_key",
@@ -105,7 +64,7 @@ named_set! {
     }
 }
 
-named_set! {
+crate::named::named_set! {
     /// The `type` of an AEX denial's error body (OpenAI's names).
     ErrorType {
         InvalidRequestError => "invalid_request_error",

@@ -4,126 +4,55 @@
 //! whatever database holds it.
 
 use crate::chain::{ChainKey, EventBody, GENESIS};
-use std::fmt;
 
-/// Every kind of event the ledger holds. The strings are the stored form
-/// (and part of what is hashed): never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    AgentCreated,
-    AgentUpdated,
-    AgentToppedUp,
-    AgentTokenRotated,
-    /// A commitment to the token of an agent created before the chain
-    /// committed to tokens (written once, at the first start that could).
-    AgentBaseline,
-    AgentPaused,
-    AgentResumed,
-    AgentKilled,
-    AgentDeleted,
-    Admit,
-    Deny,
-    Settle,
-    Release,
-    Expire,
-    /// Reported usage above the reservation: recorded, never charged.
-    Overrun,
-    UpstreamDenied,
-    UpstreamError,
-    ProcessStarted,
-    ProcessExited,
-    ProcessKilled,
-    ProcessLost,
-    LedgerAnchored,
-    LedgerHeadMismatch,
-    /// Budget and request credits reserved for one data plane (SPEC §4.3).
-    GrantIssued,
-    /// A grant's data plane gave back its unused part.
-    GrantReturned,
-    /// A grant's deadline passed without its data plane giving it back.
-    GrantExpired,
-    /// A data-plane credential scoped to some agents (`aex_core::credential`).
-    CredentialIssued,
-    CredentialRevoked,
-    /// A call a data plane reported admitting from a grant that the ledger
-    /// could not record (`aex_core::grant::refused_report_event`): its
-    /// client was served and nothing was charged, which audit names.
-    ReportRefused,
+crate::named::named_set! {
+    /// Every kind of event the ledger holds. The names are the stored form
+    /// (and part of what is hashed): never rename one. A name no AEX writes
+    /// parses to `None` (audit reports those rather than guessing).
+    EventKind {
+        AgentCreated => "agent.created",
+        AgentUpdated => "agent.updated",
+        AgentToppedUp => "agent.topped_up",
+        AgentTokenRotated => "agent.token_rotated",
+        /// A commitment to the token of an agent created before the chain
+        /// committed to tokens (written once, at the first start that could).
+        AgentBaseline => "agent.baseline",
+        AgentPaused => "agent.paused",
+        AgentResumed => "agent.resumed",
+        AgentKilled => "agent.killed",
+        AgentDeleted => "agent.deleted",
+        Admit => "admit",
+        Deny => "deny",
+        Settle => "settle",
+        Release => "release",
+        Expire => "expire",
+        /// Reported usage above the reservation: recorded, never charged.
+        Overrun => "overrun",
+        UpstreamDenied => "upstream_denied",
+        UpstreamError => "upstream_error",
+        ProcessStarted => "process.started",
+        ProcessExited => "process.exited",
+        ProcessKilled => "process.killed",
+        ProcessLost => "process.lost",
+        LedgerAnchored => "ledger.anchored",
+        LedgerHeadMismatch => "ledger.head_mismatch",
+        /// Budget and request credits reserved for one data plane (SPEC §4.3).
+        GrantIssued => "grant.issued",
+        /// A grant's data plane gave back its unused part.
+        GrantReturned => "grant.returned",
+        /// A grant's deadline passed without its data plane giving it back.
+        GrantExpired => "grant.expired",
+        /// A data-plane credential scoped to some agents (`aex_core::credential`).
+        CredentialIssued => "credential.issued",
+        CredentialRevoked => "credential.revoked",
+        /// A call a data plane reported admitting from a grant that the ledger
+        /// could not record (`aex_core::grant::refused_report_event`): its
+        /// client was served and nothing was charged, which audit names.
+        ReportRefused => "report.refused",
+    }
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 29] = [
-        EventKind::AgentCreated,
-        EventKind::AgentUpdated,
-        EventKind::AgentToppedUp,
-        EventKind::AgentTokenRotated,
-        EventKind::AgentBaseline,
-        EventKind::AgentPaused,
-        EventKind::AgentResumed,
-        EventKind::AgentKilled,
-        EventKind::AgentDeleted,
-        EventKind::Admit,
-        EventKind::Deny,
-        EventKind::Settle,
-        EventKind::Release,
-        EventKind::Expire,
-        EventKind::Overrun,
-        EventKind::UpstreamDenied,
-        EventKind::UpstreamError,
-        EventKind::ProcessStarted,
-        EventKind::ProcessExited,
-        EventKind::ProcessKilled,
-        EventKind::ProcessLost,
-        EventKind::LedgerAnchored,
-        EventKind::LedgerHeadMismatch,
-        EventKind::GrantIssued,
-        EventKind::GrantReturned,
-        EventKind::GrantExpired,
-        EventKind::CredentialIssued,
-        EventKind::CredentialRevoked,
-        EventKind::ReportRefused,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::AgentCreated => "agent.created",
-            EventKind::AgentUpdated => "agent.updated",
-            EventKind::AgentToppedUp => "agent.topped_up",
-            EventKind::AgentTokenRotated => "agent.token_rotated",
-            EventKind::AgentBaseline => "agent.baseline",
-            EventKind::AgentPaused => "agent.paused",
-            EventKind::AgentResumed => "agent.resumed",
-            EventKind::AgentKilled => "agent.killed",
-            EventKind::AgentDeleted => "agent.deleted",
-            EventKind::Admit => "admit",
-            EventKind::Deny => "deny",
-            EventKind::Settle => "settle",
-            EventKind::Release => "release",
-            EventKind::Expire => "expire",
-            EventKind::Overrun => "overrun",
-            EventKind::UpstreamDenied => "upstream_denied",
-            EventKind::UpstreamError => "upstream_error",
-            EventKind::ProcessStarted => "process.started",
-            EventKind::ProcessExited => "process.exited",
-            EventKind::ProcessKilled => "process.killed",
-            EventKind::ProcessLost => "process.lost",
-            EventKind::LedgerAnchored => "ledger.anchored",
-            EventKind::LedgerHeadMismatch => "ledger.head_mismatch",
-            EventKind::GrantIssued => "grant.issued",
-            EventKind::GrantReturned => "grant.returned",
-            EventKind::GrantExpired => "grant.expired",
-            EventKind::CredentialIssued => "credential.issued",
-            EventKind::CredentialRevoked => "credential.revoked",
-            EventKind::ReportRefused => "report.refused",
-        }
-    }
-
-    /// The kind a stored string names; `None` for a string no AEX writes
-    /// (audit reports those rather than guessing).
-    pub fn parse(s: &str) -> Option<Self> {
-        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
     /// Events that open or close a reservation, or say what its usage was.
     pub fn is_about_reservations(self) -> bool {
         matches!(
@@ -143,12 +72,6 @@ impl EventKind {
             EventKind::Deny => format!("deny:{reason}"),
             other => other.as_str().to_string(),
         }
-    }
-}
-
-impl fmt::Display for EventKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -273,7 +196,7 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips_through_its_stored_name() {
-        for kind in EventKind::ALL {
+        for &kind in EventKind::ALL {
             assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
         }
         let names: std::collections::HashSet<_> =

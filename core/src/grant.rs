@@ -165,31 +165,16 @@ pub fn request_share(
     Ok(paced.clamp(1, share))
 }
 
-/// A grant's state. The strings are the stored form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GrantState {
-    /// Its data plane may admit calls from it until its deadline.
-    Open,
-    /// Its data plane gave back what it did not use.
-    Returned,
-    /// Its deadline passed without its data plane giving it back: the
-    /// unreported remainder was charged (or released, by policy).
-    Expired,
-}
-
-impl GrantState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantState::Open => "open",
-            GrantState::Returned => "returned",
-            GrantState::Expired => "expired",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [GrantState::Open, GrantState::Returned, GrantState::Expired]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+crate::named::named_set! {
+    /// A grant's state. The names are the stored form.
+    GrantState {
+        /// Its data plane may admit calls from it until its deadline.
+        Open => "open",
+        /// Its data plane gave back what it did not use.
+        Returned => "returned",
+        /// Its deadline passed without its data plane giving it back: the
+        /// unreported remainder was charged (or released, by policy).
+        Expired => "expired",
     }
 }
 

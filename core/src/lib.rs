@@ -16,6 +16,7 @@ pub mod expiring;
 pub mod grant;
 pub mod home;
 pub mod money;
+pub mod named;
 pub mod overrun;
 pub mod policy;
 pub mod process;

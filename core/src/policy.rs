@@ -104,7 +104,7 @@ impl Denial {
     }
 }
 
-crate::denial::named_set! {
+crate::named::named_set! {
     /// The API a call came through. The names are what the ledger's `admit`
     /// and `deny` events have always said (`"endpoint"`): fixed here, never
     /// derived from the variants' spelling.
@@ -135,7 +135,7 @@ pub struct Ask<'a> {
     pub unbounded_input: Option<UnboundedInput>,
 }
 
-crate::denial::named_set! {
+crate::named::named_set! {
     /// What makes a request's input unknowable from its body (issue #31):
     /// the provider adds to the prompt something only it holds, so the
     /// bound from the body's bytes is no bound. Such a request is refused

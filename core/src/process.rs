@@ -5,38 +5,19 @@ use crate::chain::token_mac;
 use crate::event::{EventKind, NewEvent};
 use serde_json::json;
 
-/// The strings are the stored form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProcessState {
-    Running,
-    Exited,
-    /// Its supervisor killed it on an order (budget exhausted, `agent kill`).
-    Killed,
-    /// Its supervisor went away without saying how it ended.
-    Lost,
+crate::named::named_set! {
+    /// The names are the stored form.
+    ProcessState {
+        Running => "running",
+        Exited => "exited",
+        /// Its supervisor killed it on an order (budget exhausted, `agent kill`).
+        Killed => "killed",
+        /// Its supervisor went away without saying how it ended.
+        Lost => "lost",
+    }
 }
 
 impl ProcessState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProcessState::Running => "running",
-            ProcessState::Exited => "exited",
-            ProcessState::Killed => "killed",
-            ProcessState::Lost => "lost",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            ProcessState::Running,
-            ProcessState::Exited,
-            ProcessState::Killed,
-            ProcessState::Lost,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == s)
-    }
-
     /// The event that ends a process in this state (`None` for running).
     pub fn ending_event(self) -> Option<EventKind> {
         match self {

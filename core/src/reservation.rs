@@ -67,28 +67,20 @@ pub enum ReserveOutcome {
     GrantNotCovered(String),
 }
 
-/// A reservation's state. The strings are the stored form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReservationState {
-    Open,
-    /// Closed with a charge.
-    Settled,
-    /// Closed with nothing charged.
-    Released,
-    /// Nobody settled it before its expiry; the sweeper closed it.
-    Expired,
+crate::named::named_set! {
+    /// A reservation's state. The names are the stored form.
+    ReservationState {
+        Open => "open",
+        /// Closed with a charge.
+        Settled => "settled",
+        /// Closed with nothing charged.
+        Released => "released",
+        /// Nobody settled it before its expiry; the sweeper closed it.
+        Expired => "expired",
+    }
 }
 
 impl ReservationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReservationState::Open => "open",
-            ReservationState::Settled => "settled",
-            ReservationState::Released => "released",
-            ReservationState::Expired => "expired",
-        }
-    }
-
     /// The event that closes a reservation into this state (`None` for open).
     pub fn closing_event(self) -> Option<EventKind> {
         match self {
@@ -100,7 +92,7 @@ impl ReservationState {
     }
 }
 
-crate::denial::named_set! {
+crate::named::named_set! {
     /// How a call ended, as its data plane saw it. The names are the
     /// settlement event's reason and the reservation row's `outcome`.
     Outcome {
@@ -111,6 +103,17 @@ crate::denial::named_set! {
         ClientDisconnected => "client_disconnected",
         CutOff => "cut_off",
         UpstreamRejected => "upstream_rejected",
+    }
+}
+
+crate::named::named_set! {
+    /// What happens to a reservation nobody settled before its expiry. The
+    /// names are what an `expire` event's `policy` says.
+    ExpiryPolicy {
+        /// Charge the reserved amount: the provider may have been paid.
+        Charge => "charge",
+        /// Give it back.
+        Release => "release",
     }
 }
 

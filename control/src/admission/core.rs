@@ -61,25 +61,7 @@ pub enum Decision {
     Denied { denial: Denial, agent_name: String },
 }
 
-/// What happens to a reservation nobody settled before its TTL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpiryPolicy {
-    /// Charge the reserved amount: the provider may have been paid.
-    Charge,
-    /// Give it back.
-    Release,
-}
-
-impl ExpiryPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExpiryPolicy::Charge => "charge",
-            ExpiryPolicy::Release => "release",
-        }
-    }
-}
-
-pub use aex_core::reservation::Outcome;
+pub use aex_core::reservation::{ExpiryPolicy, Outcome};
 
 #[derive(Debug, Clone)]
 pub struct SettleInput {

@@ -307,7 +307,7 @@ impl ReportStore for $Store {
         .fetch_all(&mut *tx)
         .await?;
         let kinds = EventKind::ALL
-            .into_iter()
+            .iter()
             .filter(|k| k.is_about_reservations())
             .map(|k| format!("'{k}'"))
             .collect::<Vec<_>>()
