@@ -87,6 +87,49 @@ pub enum NoGrant {
     Invalid,
 }
 
+crate::named::named_set! {
+    /// Why a data plane was given no grant, as it is told: its calls of the
+    /// agent go to the control plane meanwhile, for longer when waiting
+    /// cannot change the answer ([`GrantRefusal::lasts`]). The names are
+    /// the metrics' and older data planes' form.
+    GrantRefusal {
+        /// The budget is near its edge: every call is decided centrally.
+        BudgetEdge => "budget_edge",
+        /// The RPM limit is near its edge for this minute.
+        RpmEdge => "rpm_edge",
+        /// Every concurrency slot a fair share allows is in use.
+        SlotsEdge => "slots_edge",
+        /// The ask itself makes no sense (no data plane, no lifetime).
+        Invalid => "invalid",
+        /// The agent has a limit grants do not carry (TPM, concurrency).
+        Limits => "limits",
+        /// The agent cannot be admitted at all (paused, killed, unknown,
+        /// or not served by the asking data plane).
+        NotAdmissible => "not_admissible",
+        /// Its grants were recalled a moment ago.
+        Recalled => "recalled",
+    }
+}
+
+impl GrantRefusal {
+    /// The answer will not change while the agent and the ask stay as
+    /// they are: asking again soon is pointless.
+    pub fn lasts(self) -> bool {
+        matches!(self, GrantRefusal::Limits | GrantRefusal::Invalid)
+    }
+}
+
+impl From<NoGrant> for GrantRefusal {
+    fn from(no: NoGrant) -> Self {
+        match no {
+            NoGrant::BudgetEdge => GrantRefusal::BudgetEdge,
+            NoGrant::RpmEdge => GrantRefusal::RpmEdge,
+            NoGrant::SlotsEdge => GrantRefusal::SlotsEdge,
+            NoGrant::Invalid => GrantRefusal::Invalid,
+        }
+    }
+}
+
 fn fair_share(free: i64, edge: i64, data_planes: i64) -> i64 {
     (free - edge).max(0) / data_planes
 }

@@ -6,6 +6,7 @@
 use crate::v1 as pb;
 use aex_core::agent::{AgentState, Caps, Scope};
 use aex_core::config::Model;
+use aex_core::grant::GrantRefusal;
 use aex_core::money::Pricing;
 use aex_core::policy::{Caller, Endpoint};
 use aex_core::reservation::Outcome;
@@ -46,6 +47,33 @@ pub fn outcome_to_pb(o: Outcome) -> pb::SettleOutcome {
         Outcome::CutOff => pb::SettleOutcome::CutOff,
         Outcome::UpstreamRejected => pb::SettleOutcome::UpstreamRejected,
     }
+}
+
+pub fn refusal_to_pb(r: GrantRefusal) -> pb::GrantRefusal {
+    match r {
+        GrantRefusal::BudgetEdge => pb::GrantRefusal::BudgetEdge,
+        GrantRefusal::RpmEdge => pb::GrantRefusal::RpmEdge,
+        GrantRefusal::SlotsEdge => pb::GrantRefusal::SlotsEdge,
+        GrantRefusal::Invalid => pb::GrantRefusal::Invalid,
+        GrantRefusal::Limits => pb::GrantRefusal::Limits,
+        GrantRefusal::NotAdmissible => pb::GrantRefusal::NotAdmissible,
+        GrantRefusal::Recalled => pb::GrantRefusal::Recalled,
+    }
+}
+
+/// Why a grant was refused; from an older control plane that sent only
+/// the name, by the name. `None`: a reason this data plane does not know.
+pub fn refusal_from_pb(r: &pb::GrantRefused) -> Option<GrantRefusal> {
+    Some(match r.why() {
+        pb::GrantRefusal::BudgetEdge => GrantRefusal::BudgetEdge,
+        pb::GrantRefusal::RpmEdge => GrantRefusal::RpmEdge,
+        pb::GrantRefusal::SlotsEdge => GrantRefusal::SlotsEdge,
+        pb::GrantRefusal::Invalid => GrantRefusal::Invalid,
+        pb::GrantRefusal::Limits => GrantRefusal::Limits,
+        pb::GrantRefusal::NotAdmissible => GrantRefusal::NotAdmissible,
+        pb::GrantRefusal::Recalled => GrantRefusal::Recalled,
+        pb::GrantRefusal::Unspecified => return GrantRefusal::parse(&r.reason),
+    })
 }
 
 /// `None` for "unspecified" (keep / use the default).
@@ -118,5 +146,33 @@ pub fn model_from_pb(m: &pb::Model) -> Model {
         reasoning: m.reasoning,
         tools: m.tools,
         vision: m.vision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_and_refusals_cross_the_wire_unchanged() {
+        for &o in Outcome::ALL {
+            assert_eq!(outcome_from_pb(outcome_to_pb(o)), o);
+        }
+        for &why in GrantRefusal::ALL {
+            let sent = pb::GrantRefused {
+                reason: why.as_str().into(),
+                why: refusal_to_pb(why) as i32,
+                ..Default::default()
+            };
+            assert_eq!(refusal_from_pb(&sent), Some(why));
+            // From a control plane older than the enum: by name.
+            let old = pb::GrantRefused { why: 0, ..sent };
+            assert_eq!(refusal_from_pb(&old), Some(why));
+        }
+        let unknown = pb::GrantRefused {
+            reason: "a_newer_reason".into(),
+            ..Default::default()
+        };
+        assert_eq!(refusal_from_pb(&unknown), None);
     }
 }

@@ -21,9 +21,7 @@ use crate::storage::{
 use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
 use aex_core::secrets::new_id;
-pub use grants::{
-    GRANT_LIFETIME_MS, GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, Refusal,
-};
+pub use grants::{GRANT_LIFETIME_MS, GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

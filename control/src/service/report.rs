@@ -11,6 +11,7 @@ use crate::in_order::InOrder;
 use crate::state::ControlState;
 use crate::storage::ReservationRecord;
 use aex_core::credential::Served;
+use aex_core::grant::GrantRefusal;
 use aex_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::Status;
@@ -112,13 +113,11 @@ pub(super) async fn report(
             .await
         {
             tracing::warn!(data_plane = %r.data_plane, error = %e, "a grant asked for an agent its data plane does not serve");
-            refused.push(pb::GrantRefused {
-                grant_id: ask.grant_id,
-                agent_id: ask.agent_id,
-                reason: crate::admission::core::Refusal::NotAdmissible
-                    .as_str()
-                    .to_string(),
-            });
+            refused.push(grant_refused(
+                ask.grant_id,
+                ask.agent_id,
+                GrantRefusal::NotAdmissible,
+            ));
             continue;
         }
         let answer = state
@@ -160,11 +159,7 @@ pub(super) async fn report(
                     .grants
                     .with_label_values(&[&format!("refused_{}", why.as_str())])
                     .inc();
-                refused.push(pb::GrantRefused {
-                    grant_id: ask.grant_id,
-                    agent_id: ask.agent_id,
-                    reason: why.as_str().to_string(),
-                });
+                refused.push(grant_refused(ask.grant_id, ask.agent_id, why));
             }
         }
     }
@@ -179,6 +174,16 @@ pub(super) async fn report(
         grants,
         refused,
     })
+}
+
+/// A refused ask, in both forms: by name for data planes older than `why`.
+fn grant_refused(grant_id: String, agent_id: String, why: GrantRefusal) -> pb::GrantRefused {
+    pb::GrantRefused {
+        grant_id,
+        agent_id,
+        reason: why.as_str().to_string(),
+        why: aex_proto::convert::refusal_to_pb(why) as i32,
+    }
 }
 
 /// The calls a report says were admitted from grants: each checked, then

@@ -4,6 +4,7 @@
 //! that the control plane must hear of is returned as [`Report`]s for the
 //! reporter (`report.rs`) to send, in order, and the clock is passed in.
 
+use aex_core::grant::GrantRefusal;
 use aex_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -267,7 +268,8 @@ impl LocalGrants {
         {
             self.asking.remove(&r.agent_id);
         }
-        let quiet = if r.reason == "limits" || r.reason == "invalid" {
+        let lasts = aex_proto::convert::refusal_from_pb(r).is_some_and(GrantRefusal::lasts);
+        let quiet = if lasts {
             QUIET_AFTER_LIMITS
         } else {
             QUIET_AFTER_REFUSAL
@@ -519,6 +521,7 @@ mod tests {
                 grant_id: id,
                 agent_id: "a".into(),
                 reason: "budget_edge".into(),
+                ..Default::default()
             },
             now,
         );
@@ -527,6 +530,36 @@ mod tests {
             busy(&mut g, "a", BUSY_CALLS, now + QUIET_AFTER_REFUSAL).len(),
             1
         );
+    }
+
+    /// A refusal waiting cannot change keeps the agent central longer,
+    /// told by the enum (or, from an older control plane, by name only).
+    #[test]
+    fn a_lasting_refusal_keeps_the_agent_central_longer_in_either_form() {
+        let by_enum = |id: String| pb::GrantRefused {
+            grant_id: id,
+            agent_id: "a".into(),
+            reason: String::new(),
+            why: pb::GrantRefusal::Limits as i32,
+        };
+        let by_name = |id: String| pb::GrantRefused {
+            grant_id: id,
+            agent_id: "a".into(),
+            reason: "limits".into(),
+            why: 0,
+        };
+        for refused in [by_enum, by_name] {
+            let now = Instant::now();
+            let mut g = LocalGrants::default();
+            let id = asked_id(&busy(&mut g, "a", BUSY_CALLS, now));
+            g.refused(&refused(id), now);
+            let after_refusal = now + QUIET_AFTER_REFUSAL;
+            assert!(busy(&mut g, "a", BUSY_CALLS, after_refusal).is_empty());
+            assert_eq!(
+                busy(&mut g, "a", BUSY_CALLS, now + QUIET_AFTER_LIMITS).len(),
+                1
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::in_order::InOrder;
 use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
 use aex_core::grant::{
-    GrantAsk, GrantEnd, GrantOutcome, GrantRecord, NewGrant, NoGrant, request_share,
+    GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, NewGrant, NoGrant, request_share,
 };
 use aex_core::policy::Endpoint;
 use serde_json::json;
@@ -84,34 +84,6 @@ pub struct GrantRequest {
     pub calls_per_s: u32,
 }
 
-/// Why a grant was not given, as the data plane is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The sizing rule's answer (an edge, or an ask that makes no sense).
-    Sizing(NoGrant),
-    /// The agent has a limit grants do not carry yet (TPM, concurrency):
-    /// every call is decided centrally.
-    Limits,
-    /// The agent cannot be admitted at all (paused, killed, unknown).
-    NotAdmissible,
-    /// Its grants were recalled a moment ago.
-    Recalled,
-}
-
-impl Refusal {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Sizing(NoGrant::BudgetEdge) => "budget_edge",
-            Refusal::Sizing(NoGrant::RpmEdge) => "rpm_edge",
-            Refusal::Sizing(NoGrant::SlotsEdge) => "slots_edge",
-            Refusal::Sizing(NoGrant::Invalid) => "invalid",
-            Refusal::Limits => "limits",
-            Refusal::NotAdmissible => "not_admissible",
-            Refusal::Recalled => "recalled",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantAnswer {
     Issued {
@@ -119,7 +91,7 @@ pub enum GrantAnswer {
         /// The agent's budget left outside its grants and reservations.
         remaining_micro: i64,
     },
-    Refused(Refusal),
+    Refused(GrantRefusal),
 }
 
 /// A call a data plane admitted from a grant.
@@ -178,7 +150,7 @@ impl AdmissionCore {
             .get(&ask.agent_id)
             .map(|a| a.record.clone());
         let Some(agent) = agent else {
-            return Ok(GrantAnswer::Refused(Refusal::NotAdmissible));
+            return Ok(GrantAnswer::Refused(GrantRefusal::NotAdmissible));
         };
         let open = self.store.open_grants(Some(&agent.id)).await?;
         if let Some(existing) = open.iter().find(|g| g.id == ask.grant_id) {
@@ -189,16 +161,16 @@ impl AdmissionCore {
             });
         }
         let refusal = if aex_core::policy::admissible(&(&agent).into(), now).is_err() {
-            Some(Refusal::NotAdmissible)
+            Some(GrantRefusal::NotAdmissible)
         } else if agent.tpm > 0 || agent.max_concurrent > 0 {
-            Some(Refusal::Limits)
+            Some(GrantRefusal::Limits)
         } else if self
             .grant_book()
             .recalled_at
             .get(&agent.id)
             .is_some_and(|at| now - at < NO_GRANT_AFTER_RECALL_MS)
         {
-            Some(Refusal::Recalled)
+            Some(GrantRefusal::Recalled)
         } else {
             None
         };
@@ -222,7 +194,7 @@ impl AdmissionCore {
             .await?
         {
             Ok(requests) => requests,
-            Err(no) => return Ok(GrantAnswer::Refused(Refusal::Sizing(no))),
+            Err(no) => return Ok(GrantAnswer::Refused(GrantRefusal::from(no))),
         };
         let deadline_ms = now + GRANT_LIFETIME_MS;
         let outcome = self
@@ -271,7 +243,7 @@ impl AdmissionCore {
             }
             GrantOutcome::Refused(no) => {
                 self.give_back_credits(&agent.id, agent.rpm, requests).await;
-                Ok(GrantAnswer::Refused(Refusal::Sizing(no)))
+                Ok(GrantAnswer::Refused(GrantRefusal::from(no)))
             }
         }
     }
