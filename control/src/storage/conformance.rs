@@ -45,6 +45,7 @@ macro_rules! store_conformance {
             grants_for_every_data_plane_never_take_the_last_micro,
             a_grant_ends_once_and_an_expiry_charges_what_is_unreported,
             a_renewal_ends_the_old_grant_in_the_same_step,
+            a_grant_for_an_unknown_or_deleted_agent_is_refused,
             calls_reported_after_their_grant_expired_are_recorded_from_its_charge,
             credentials_are_issued_once_per_name_and_revoked_once,
         );
@@ -1122,6 +1123,33 @@ pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
         ["grant.issued", "grant.returned"]
     );
     assert_only_refusals_named(s.as_ref(), &["rsv_10", "rsv_11", "rsv_12"]).await;
+}
+
+/// Every store answers a grant asked for an agent it does not know, or
+/// one deleted, the same way: refused as invalid, nothing written (the
+/// memory store once failed the first with an error).
+pub async fn a_grant_for_an_unknown_or_deleted_agent_is_refused(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("gone", "hg")).await.unwrap();
+    s.delete_agent("gone").await.unwrap();
+    let before = all_events(s.as_ref()).await.len();
+    let unknown = AgentRecord {
+        id: "agt_never".into(),
+        name: "never".into(),
+        ..a.clone()
+    };
+    for (agent, id) in [(&unknown, "g-unknown"), (&a, "g-deleted")] {
+        let answer = s.issue_grant(grant(agent, id, "dp")).await;
+        assert!(
+            matches!(
+                answer,
+                Ok(GrantOutcome::Refused(aex_core::grant::NoGrant::Invalid))
+            ),
+            "{}: {answer:?}",
+            agent.name
+        );
+    }
+    assert!(s.open_grants(None).await.unwrap().is_empty());
+    assert_eq!(all_events(s.as_ref()).await.len(), before, "nothing logged");
 }
 
 /// Audit fails on exactly the refused report items `reservations` (each
