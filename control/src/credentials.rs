@@ -1,4 +1,4 @@
-//! The data-plane credentials this control plane accepts (SPEC §9,
+//! The data-plane credentials this control plane accepts (docs/DEPLOY.md,
 //! `aex_core::credential`): the fleet one, and the scoped ones held in the
 //! store, known here by the SHA-256 of their secret. The book is read on
 //! every data-plane RPC by a synchronous interceptor, so it lives in memory

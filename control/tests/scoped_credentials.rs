@@ -1,5 +1,5 @@
 //! Data-plane credentials scoped to a sidecar's agents (issue #31, finding
-//! 8; SPEC §9): with the fleet credential, the Watch stream carried every
+//! 8; docs/DEPLOY.md): with the fleet credential, the Watch stream carried every
 //! agent's token hash and `Admit` took a hash, so one compromised sidecar
 //! could admit and settle as any agent. Here a sidecar's credential is
 //! driven as an attacker holding it would drive the gRPC API directly.

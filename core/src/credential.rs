@@ -1,4 +1,4 @@
-//! Data-plane credentials scoped to the agents a data plane serves (SPEC §9,
+//! Data-plane credentials scoped to the agents a data plane serves (docs/DEPLOY.md,
 //! issue #31 finding 8). The fleet credential (`AEX_HOME/dataplane.token`)
 //! serves every agent: a shared data plane on a laptop or a host. A sidecar
 //! gets a scoped one (`aexctl dataplane credential create NAME --agents

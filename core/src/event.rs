@@ -36,7 +36,7 @@ crate::named::named_set! {
         ProcessLost => "process.lost",
         LedgerAnchored => "ledger.anchored",
         LedgerHeadMismatch => "ledger.head_mismatch",
-        /// Budget and request credits reserved for one data plane (SPEC §4.3).
+        /// Budget and request credits reserved for one data plane (docs/GRANTS.md).
         GrantIssued => "grant.issued",
         /// A grant's data plane gave back its unused part.
         GrantReturned => "grant.returned",

@@ -1,4 +1,4 @@
-//! Grants (SPEC §4.3, docs/GRANTS.md): budget, request credits and
+//! Grants (docs/GRANTS.md): budget, request credits and
 //! concurrency slots the control plane reserves for one data plane for a
 //! few seconds, so that a busy agent's calls are admitted there without a
 //! round trip. How big a grant is — or whether there is one at all — is

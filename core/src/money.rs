@@ -112,8 +112,9 @@ pub fn overrun_text(micro: Micro) -> String {
 }
 
 /// Exact per-token prices of a model. Providers bill input read from their
-/// prompt cache and input written to it at their own prices (SPEC §3); a
-/// model whose config names neither pays the input price for both.
+/// prompt cache and input written to it at their own prices (the README's
+/// models.yaml prices); a model whose config names neither pays the input
+/// price for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pricing {
     pub input_pico_per_token: Pico,

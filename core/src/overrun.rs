@@ -1,4 +1,4 @@
-//! Overruns that stop an agent (SPEC §4.1, issue #31). A reservation is a
+//! Overruns that stop an agent (README, "Observability"; issue #31). A reservation is a
 //! true upper bound of what an honest provider bills (every input token
 //! bounded by the body's bytes at the dearest input price, the output by
 //! the one cap sent upstream), so usage reported past it is a provider

@@ -2,7 +2,7 @@
 //! configuration and what the request asks for, either a plan (output cap and
 //! cost bound to reserve) or the denial to send. No I/O, no clocks except the
 //! `now` passed in. The control plane decides every central admission with
-//! it, and a data plane every call it admits from a grant (SPEC §4.3), so the
+//! it, and a data plane every call it admits from a grant (docs/GRANTS.md), so the
 //! two can never disagree on a bound.
 
 use crate::agent::{AgentRecord, AgentState, Caps, Scope};

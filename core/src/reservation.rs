@@ -33,7 +33,7 @@ pub struct NewReservation {
     /// by the store in the same step as the budget, so that it holds across
     /// every control plane on the store.
     pub max_open: u32,
-    /// The grant a data plane admitted this call from (SPEC §4.3): the
+    /// The grant a data plane admitted this call from (docs/GRANTS.md): the
     /// amount moves from the grant's unused part to the reservation, so the
     /// agent's `reserved` does not change and the budget is not checked
     /// again (the grant's issue did).

@@ -1,6 +1,9 @@
-//! AEX data plane: the OpenAI-compatible gateway agents talk to. Stateless:
-//! every policy and ledger decision is the control plane's; this process
-//! parses, asks, forwards, meters and settles. Runs fine as a sidecar.
+//! AEX data plane: the OpenAI-compatible gateway agents talk to. Every
+//! ledger decision is the control plane's: this process parses, admits
+//! (by asking, or from a grant it holds: docs/GRANTS.md), forwards, meters,
+//! settles and reports. What it holds — the watched policy and models, its
+//! grants, calls not yet reported — is rebuilt from the control plane at
+//! start. Runs fine as a sidecar.
 
 pub mod connections;
 pub mod control;

@@ -1,5 +1,5 @@
 //! Every call a client was told succeeded is in the ledger (issue #31,
-//! finding 1; SPEC §9): admitted and settled once, under the request id the
+//! finding 1; docs/GRANTS.md): admitted and settled once, under the request id the
 //! client saw, and audit passes — through a control-plane outage longer
 //! than a grant's life, and with no fault at all under the heaviest load the
 //! machine takes, where reports once arrived after their grant's expiry and

@@ -1,9 +1,9 @@
-//! Prices that match the bill (SPEC §3, §4.1): input the provider read
-//! from or wrote to its prompt cache is charged at the model's cache
-//! prices, on every API and path a call can take, to the micro-dollar the
-//! client is told and the ledger keeps. The test kit's `cached-model`
-//! costs 1 µ per input token, 0.1 µ per cached one, 1.25 µ per cache
-//! write, 2 µ per output token; `mock-model` has no cache prices.
+//! Prices that match the bill (the README's models.yaml prices): input the
+//! provider read from or wrote to its prompt cache is charged at the
+//! model's cache prices, on every API and path a call can take, to the
+//! micro-dollar the client is told and the ledger keeps. The test kit's
+//! `cached-model` costs 1 µ per input token, 0.1 µ per cached one, 1.25 µ
+//! per cache write, 2 µ per output token; `mock-model` has no cache prices.
 
 use aex_tests::Stack;
 use aex_tests::load::local_admissions;

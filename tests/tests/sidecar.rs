@@ -1,4 +1,4 @@
-//! A sidecar's data plane with a credential scoped to its agent (SPEC §9,
+//! A sidecar's data plane with a credential scoped to its agent (docs/DEPLOY.md,
 //! issue #31 finding 8), as an operator sets one up: `aexctl dataplane
 //! credential create`, the secret in a file, `aex-dataplane
 //! --dataplane-token-file`. Real processes; on one SQLite control plane,

@@ -475,7 +475,7 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
     ));
 
     // What is held for calls: open reservations and open grants' unused
-    // parts (SPEC §8).
+    // parts (docs/LEDGER.md, `reserved_matches_open_reservations`).
     let mut held = data.open_reserved.clone();
     for g in &data.grants {
         let h = held.entry(g.agent_id.clone()).or_default();

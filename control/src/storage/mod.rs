@@ -431,7 +431,7 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
 }
 
-/// Grants (SPEC §4.3, docs/GRANTS.md): budget and request credits held
+/// Grants (docs/GRANTS.md): budget and request credits held
 /// for one data plane. A call admitted from one is an ordinary reservation
 /// naming it ([`NewReservation::grant_id`], taken by [`LedgerStore::reserve`]).
 #[async_trait]

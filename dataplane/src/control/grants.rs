@@ -1,4 +1,4 @@
-//! The grants this data plane holds (SPEC §4.3, docs/GRANTS.md): which
+//! The grants this data plane holds (docs/GRANTS.md): which
 //! agent is busy enough to ask for one, whether a call fits the one it
 //! holds, when to renew it and when to give it back. No I/O: every change
 //! that the control plane must hear of is returned as [`Report`]s for the

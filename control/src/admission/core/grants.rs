@@ -1,4 +1,4 @@
-//! Grants on the control plane (SPEC §4.3, docs/GRANTS.md): issuing them
+//! Grants on the control plane (docs/GRANTS.md): issuing them
 //! to data planes, recording the calls admitted from them, taking them back
 //! when a central decision needs what they hold, and expiring those whose
 //! data plane stopped reporting. Every amount is moved by the store, in the
