@@ -1,4 +1,4 @@
-use aex_control::admission::core::ExpiryPolicy;
+use aex_control::admission::engine::ExpiryPolicy;
 use aex_control::server::{Control, ReservationSettings, ServerTls};
 use aex_control::storage::Database;
 use aex_core::home::Home;

@@ -1,7 +1,7 @@
 //! Assembles the gRPC server: admin services behind the admin credential,
 //! reflection and health open (so `grpcurl list` works with no .proto files).
 
-use crate::admission::core::{AdmissionCore, ExpiryPolicy};
+use crate::admission::engine::{AdmissionEngine, ExpiryPolicy};
 use crate::auth::{RequireBearer, RequireDataPlane};
 use crate::error::Result;
 use crate::service::{
@@ -190,7 +190,7 @@ impl Control {
         // Listening before loading: a change committed in between is
         // re-read, never missed.
         let changes = store.changes().await?;
-        let admission = AdmissionCore::load(store.clone(), reservations.ttl_ms)
+        let admission = AdmissionEngine::load(store.clone(), reservations.ttl_ms)
             .await?
             .with_overrun_limit(reservations.overrun_limit);
         let credentials = Arc::new(crate::credentials::CredentialBook::new(

@@ -1,6 +1,6 @@
 //! What every RPC handler shares.
 
-use crate::admission::core::AdmissionCore;
+use crate::admission::engine::AdmissionEngine;
 use crate::error::Result;
 use crate::storage::Store;
 use aex_core::config::ModelsConfig;
@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 pub struct ControlState {
     pub store: Arc<dyn Store>,
-    pub admission: AdmissionCore,
+    pub admission: AdmissionEngine,
     /// The data-plane credentials accepted, and what each may serve.
     pub credentials: Arc<crate::credentials::CredentialBook>,
     /// For `status`: where the ledger lives and since when we serve.
@@ -34,7 +34,7 @@ pub struct ControlState {
 impl ControlState {
     pub fn new(
         store: Arc<dyn Store>,
-        admission: AdmissionCore,
+        admission: AdmissionEngine,
         credentials: Arc<crate::credentials::CredentialBook>,
         models: ModelsConfig,
         models_path: PathBuf,

@@ -12,8 +12,8 @@
 //! folds and docs/LEDGER.md change with it, and the file is rewritten with
 //! `AEX_BLESS=1 cargo test -p aex-control --test event_bytes`.
 
-use aex_control::admission::core::{
-    AdmissionCore, Decision, ExpiryPolicy, GrantAnswer, GrantRequest, LocalAdmit,
+use aex_control::admission::engine::{
+    AdmissionEngine, Decision, ExpiryPolicy, GrantAnswer, GrantRequest, LocalAdmit,
     LocalAdmitOutcome, Outcome, SettleInput,
 };
 use aex_control::admission::policy::{Ask, Endpoint};
@@ -90,7 +90,7 @@ fn settle(reservation_id: &str, outcome: Outcome, usage: TokenUsage, status: u32
 }
 
 struct Run {
-    core: AdmissionCore,
+    core: AdmissionEngine,
     models: ModelsConfig,
     ids: HashMap<String, String>,
 }
@@ -199,7 +199,7 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         let record = store.create_agent(a).await.unwrap();
         ids.insert(name.to_string(), record.id);
     }
-    let core = AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS)
+    let core = AdmissionEngine::load(store.clone() as Arc<dyn Store>, TTL_MS)
         .await
         .unwrap();
     let models = ModelsConfig::parse(DEFAULT_MODELS_YAML, Path::new("models.yaml")).unwrap();

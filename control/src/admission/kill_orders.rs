@@ -3,7 +3,7 @@
 //! control plane: a row left running with an old order must not kill the
 //! agent's later processes.
 
-use super::core::AdmissionCore;
+use super::engine::AdmissionEngine;
 use crate::storage::conformance::{new_agent, process};
 use crate::storage::memory::MemoryStore;
 use crate::storage::{ProcessState, Store};
@@ -13,7 +13,7 @@ use std::sync::Arc;
 async fn an_order_on_a_row_reaches_that_process_once() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new(vec![3; 32]));
     let agent = store.create_agent(new_agent("runner", "h")).await.unwrap();
-    let admission = AdmissionCore::load(store.clone(), 60_000).await.unwrap();
+    let admission = AdmissionEngine::load(store.clone(), 60_000).await.unwrap();
     let mut orders = admission.kill_orders();
     // An old process, ordered killed through another control plane, whose
     // row stayed running; then a new one.

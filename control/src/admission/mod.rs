@@ -2,7 +2,7 @@
 //! (agents by token hash, rate limiters, open reservations) and touches the
 //! database only to reserve and to settle, each one transaction.
 
-pub mod core;
+pub mod engine;
 #[cfg(test)]
 mod kill_orders;
 pub mod limiter;

@@ -11,7 +11,7 @@
 //! The seed is printed; `AEX_ADMISSION_SEED=<seed>` replays a run (the
 //! operations replay exactly; their interleaving is the runtime's).
 
-use super::core::{AdmissionCore, Decision, ExpiryPolicy, Outcome, SettleInput};
+use super::engine::{AdmissionEngine, Decision, ExpiryPolicy, Outcome, SettleInput};
 use super::policy::{Ask, Endpoint};
 use crate::ledger::run::audit_store;
 use crate::storage::conformance::new_agent;
@@ -60,7 +60,7 @@ struct Told {
 struct World {
     rng: Rng,
     store: Arc<MemoryStore>,
-    core: Arc<AdmissionCore>,
+    core: Arc<AdmissionEngine>,
     models: Arc<ModelsConfig>,
     agents: Vec<TestAgent>,
     held: Vec<Held>,
@@ -168,7 +168,7 @@ impl World {
             });
         }
         let core = Arc::new(
-            AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS)
+            AdmissionEngine::load(store.clone() as Arc<dyn Store>, TTL_MS)
                 .await
                 .unwrap(),
         );
@@ -462,7 +462,7 @@ impl World {
         // The answers lost with the process: the data planes retry those
         // admissions (same request ids) or their reservations expire.
         self.core = Arc::new(
-            AdmissionCore::load(self.store.clone() as Arc<dyn Store>, TTL_MS)
+            AdmissionEngine::load(self.store.clone() as Arc<dyn Store>, TTL_MS)
                 .await
                 .unwrap(),
         );
@@ -672,7 +672,7 @@ async fn random_interleavings_keep_the_ledger_exact() {
 
 /// One store with `agent` (allowed every model), and two control planes
 /// over it, as two replicas over one database.
-async fn two_replicas(agent: NewAgent) -> (Arc<MemoryStore>, AdmissionCore, AdmissionCore) {
+async fn two_replicas(agent: NewAgent) -> (Arc<MemoryStore>, AdmissionEngine, AdmissionEngine) {
     let store = Arc::new(MemoryStore::new(KEY.to_vec()));
     store
         .create_agent(NewAgent {
@@ -681,7 +681,7 @@ async fn two_replicas(agent: NewAgent) -> (Arc<MemoryStore>, AdmissionCore, Admi
         })
         .await
         .unwrap();
-    let open = || AdmissionCore::load(store.clone() as Arc<dyn Store>, TTL_MS);
+    let open = || AdmissionEngine::load(store.clone() as Arc<dyn Store>, TTL_MS);
     let (first, second) = (open().await.unwrap(), open().await.unwrap());
     (store, first, second)
 }

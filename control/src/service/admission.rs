@@ -1,7 +1,7 @@
 //! The data plane's gRPC API: admit, settle, heartbeat, watch (and report,
 //! in `report.rs`).
 
-use crate::admission::core::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
+use crate::admission::engine::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
 use crate::admission::policy::{Ask, Denial, Endpoint};
 use crate::auth::caller;
 use crate::credentials::Caller;
@@ -278,7 +278,7 @@ async fn settle_input(
 fn settled_to_pb(
     state: &ControlState,
     outcome: Outcome,
-    settled: &crate::admission::core::Settled,
+    settled: &crate::admission::engine::Settled,
 ) -> pb::SettleResponse {
     if !settled.already_settled {
         let metrics = &state.metrics;

@@ -4,7 +4,7 @@
 //! each phase is one job of the ledger writer, whatever its size.
 
 use super::admission::{check_batch_size, item_error, settle_items};
-use crate::admission::core::{
+use crate::admission::engine::{
     GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, endpoint_from_pb,
 };
 use crate::in_order::InOrder;

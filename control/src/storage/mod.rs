@@ -183,7 +183,7 @@ pub enum StoreChange {
 /// See [`AgentStore::changes`].
 pub type ChangeFeed = tokio::sync::mpsc::Receiver<StoreChange>;
 
-/// `AdmissionCore::refresh_agent`'s argument for every agent.
+/// `AdmissionEngine::refresh_agent`'s argument for every agent.
 pub const EVERY_AGENT: &str = "*";
 
 /// Decides one change to an agent from its current row: what to write, or

@@ -2,7 +2,7 @@
 //! processes: started, ended, ordered killed): each write that changes one
 //! sends `NOTIFY aex_agents, '<agent id>'` in its own transaction, which
 //! PostgreSQL delivers to every listener when (and only if) it commits; each
-//! control plane listens and re-reads the agent (`AdmissionCore`'s
+//! control plane listens and re-reads the agent (`AdmissionEngine`'s
 //! `refresh_agent`), then tells its data planes through their Watch
 //! streams.
 

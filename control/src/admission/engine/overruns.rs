@@ -4,14 +4,14 @@
 //! what it holds now, and applied here and on every data plane like an
 //! admin's pause (its grants go back, its calls are refused at once).
 
-use super::AdmissionCore;
+use super::AdmissionEngine;
 use crate::error::Result;
 use crate::storage::now_ms;
 use aex_core::overrun::{OverrunLimit, pause_for_overruns};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-impl AdmissionCore {
+impl AdmissionEngine {
     /// Sets when overruns pause an agent ([`OverrunLimit::DEFAULT`]
     /// unless told otherwise).
     pub fn with_overrun_limit(mut self, limit: OverrunLimit) -> Self {

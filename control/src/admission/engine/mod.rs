@@ -188,7 +188,7 @@ pub struct KillOrder {
     pub reason: String,
 }
 
-pub struct AdmissionCore {
+pub struct AdmissionEngine {
     store: Arc<dyn Store>,
     live: Mutex<Live>,
     changes: broadcast::Sender<Change>,
@@ -246,7 +246,7 @@ impl UnauthenticatedDenials {
     }
 }
 
-impl AdmissionCore {
+impl AdmissionEngine {
     /// Loads live agents and open reservations, so a restart picks up where
     /// the last process stopped.
     pub async fn load(store: Arc<dyn Store>, reservation_ttl_ms: i64) -> Result<Self> {
@@ -423,7 +423,7 @@ impl AdmissionCore {
         Ok(())
     }
 
-    /// Applies an agent as stored; see [`AdmissionCore::change_agent`].
+    /// Applies an agent as stored; see [`AdmissionEngine::change_agent`].
     fn agent_changed(&self, record: &AgentRecord) {
         let mut live = self.lock();
         if record.state == AgentState::Deleted {

@@ -8,7 +8,7 @@
 //! token the store did not know either, so a spray of made-up tokens costs
 //! the database little.
 
-use super::AdmissionCore;
+use super::AdmissionEngine;
 use crate::error::Result;
 use crate::storage::now_ms;
 use aex_core::expiring::Expiring;
@@ -63,7 +63,7 @@ impl TokenLookups {
     }
 }
 
-impl AdmissionCore {
+impl AdmissionEngine {
     /// Learns the agent of a token this control plane does not know, if
     /// another control plane on the shared store created it; returns
     /// whether it did (deciding again may then admit).

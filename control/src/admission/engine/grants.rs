@@ -4,7 +4,7 @@
 //! data plane stopped reporting. Every amount is moved by the store, in the
 //! same step as its event; this file decides when.
 
-use super::{AdmissionCore, OpenReservation};
+use super::{AdmissionEngine, OpenReservation};
 use crate::error::{Error, Result};
 use crate::in_order::InOrder;
 use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
@@ -138,7 +138,7 @@ fn check_local_admit(a: &LocalAdmit) -> Result<()> {
     Ok(())
 }
 
-impl AdmissionCore {
+impl AdmissionEngine {
     /// Issues a grant for `data_plane`, or says why not. Idempotent by the
     /// grant id the data plane chose: an ask resent after a lost answer
     /// gets the grant the first one issued.

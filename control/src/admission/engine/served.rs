@@ -2,11 +2,11 @@
 //! checks the scope where it resolves the token (`decide`); the calls that
 //! name an agent or a reservation instead of a token check it here.
 
-use super::AdmissionCore;
+use super::AdmissionEngine;
 use crate::error::{Error, Result};
 use aex_core::credential::Served;
 
-impl AdmissionCore {
+impl AdmissionEngine {
     /// The name of agent `agent_id`: live here, or in the store (deleted,
     /// or created through another control plane a moment ago).
     async fn name_of(&self, agent_id: &str) -> Result<Option<String>> {
