@@ -74,6 +74,79 @@ crate::named::named_set! {
     }
 }
 
+/// What the admission engine's refusals say: the prose of every limit and
+/// ledger refusal, in one place beside the rules they name (the policy's
+/// own are in `policy.rs`, where it decides them).
+impl crate::policy::Denial {
+    pub fn concurrency(agent_name: &str, max_concurrent: u32) -> Self {
+        Self::rate_limited(
+            Rule::Concurrency,
+            1000,
+            format!(
+                "Rate limit reached: agent '{agent_name}' already has {max_concurrent} request(s) in flight \
+                 (its concurrency limit). Retry when one finishes."
+            ),
+        )
+    }
+
+    pub fn rpm(agent_name: &str, rpm: u32, wait_ms: u64) -> Self {
+        Self::rate_limited(
+            Rule::Rpm,
+            wait_ms,
+            format!(
+                "Rate limit reached: agent '{agent_name}' is limited to {rpm} requests per minute. Retry in {wait_ms} ms."
+            ),
+        )
+    }
+
+    pub fn tpm(agent_name: &str, tpm: u64, wait_ms: u64) -> Self {
+        Self::rate_limited(
+            Rule::Tpm,
+            wait_ms,
+            format!(
+                "Rate limit reached: agent '{agent_name}' is limited to {tpm} tokens per minute. Retry in {wait_ms} ms."
+            ),
+        )
+    }
+
+    pub fn model_tpm(model: &str, model_tpm: u64, wait_ms: u64) -> Self {
+        Self::rate_limited(
+            Rule::ModelTpm,
+            wait_ms,
+            format!(
+                "Rate limit reached: model '{model}' is limited to {model_tpm} tokens per minute across all agents. Retry in {wait_ms} ms."
+            ),
+        )
+    }
+
+    /// The budget does not cover the worst case `plan` reserves.
+    pub fn budget_exceeded(
+        agent_name: &str,
+        remaining_micro: i64,
+        plan: &crate::policy::Plan,
+    ) -> Self {
+        Self::budget(format!(
+            "Budget exceeded: agent '{}' has {} left and this request may cost up to {} \
+             ({} input tokens bound + {} output tokens). Lower max_tokens, or top up with \
+             `aexctl agent update {} --top-up USD`.",
+            agent_name,
+            crate::money::usd_with_micro(remaining_micro.max(0)),
+            crate::money::usd_with_micro(plan.reserve_micro),
+            plan.input_tokens_bound,
+            plan.output_tokens_cap,
+            agent_name,
+        ))
+    }
+
+    /// A retried admission whose reservation closed meanwhile.
+    pub fn retried_after_close(reservation_id: &str) -> Self {
+        Self::request_closed(format!(
+            "This request's reservation {reservation_id} was already closed (settled or expired) when its \
+             admission was retried, so it cannot go ahead on it. Send the request again."
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,23 @@
-//! Admitting a call: the policy and limits decided in memory, then the
-//! worst case reserved in the store; a refusal near an edge recalls the
-//! agent's grants and decides once more.
+//! Admitting a call, as the sequence of its decisions: a retry gets its
+//! reservation back; otherwise the call is decided in memory (`decide.rs`),
+//! its worst case is reserved in the store, and the store's answer is the
+//! client's. A refusal that budget or request credits held by the agent's
+//! grants may have caused recalls them and decides once more; only the
+//! decision the client sees is logged.
 
 use super::decide::{Accepted, Refused};
 use super::*;
+
+/// A call decided in memory, on its way to the store.
+struct Reserving<'a> {
+    tentative: Tentative,
+    plan: crate::admission::policy::Plan,
+    record: ReservationRecord,
+    ask: &'a Ask<'a>,
+    token_sha256: &'a str,
+    /// When it was decided (after any recall).
+    now: i64,
+}
 
 impl AdmissionEngine {
     /// Decides one call for the data plane that asks, which may act only
@@ -16,11 +30,50 @@ impl AdmissionEngine {
         ask: &Ask<'_>,
         served: &Served,
     ) -> Result<Decision> {
-        let now = now_ms();
-        // A retry of a request this control plane admitted: the same
-        // reservation, if the store still has it open (another control plane
-        // may have settled or expired it since; the reserve below then
-        // answers that it closed).
+        if let Some(admitted) = self.retried(models, request_id, served).await? {
+            return Ok(Decision::Admitted(admitted));
+        }
+        let (Accepted { tentative, plan }, now) = match self
+            .decide_recalling(models, token_sha256, ask, served)
+            .await?
+        {
+            Ok(decided) => decided,
+            Err(denied) => return Ok(denied),
+        };
+        let record = ReservationRecord {
+            id: new_id("rsv"),
+            request_id: request_id.to_string(),
+            agent_id: tentative.agent_id.clone(),
+            model: ask.model.to_string(),
+            amount_micro: plan.reserve_micro,
+            pricing: models.models[ask.model].pricing,
+            input_tokens_bound: plan.input_tokens_bound,
+            output_tokens_cap: plan.output_tokens_cap,
+            created_at_ms: now,
+            expires_at_ms: now + self.reservation_ttl_ms,
+        };
+        let call = Reserving {
+            tentative,
+            plan,
+            record,
+            ask,
+            token_sha256,
+            now,
+        };
+        let outcome = self.reserve_recalling(&call).await;
+        self.answer(call, outcome, models).await
+    }
+
+    /// A retry of a request this control plane admitted: the same
+    /// reservation, if the store still has it open (another control plane
+    /// may have settled or expired it since; the reserve then answers that
+    /// it closed).
+    async fn retried(
+        &self,
+        models: &ModelsConfig,
+        request_id: &str,
+        served: &Served,
+    ) -> Result<Option<Admitted>> {
         let retried = {
             let live = self.lock();
             live.by_request
@@ -29,28 +82,38 @@ impl AdmissionEngine {
                 .filter(|o| served.serves(&o.agent_name))
                 .map(|o| (o.record.id.clone(), self.admitted_from(o, 0, models)))
         };
-        if let Some((id, admitted)) = retried {
-            if self.store.open_reservation(&id).await?.is_some() {
-                return Ok(Decision::Admitted(admitted));
-            }
-            let _ = self.forget(&id, None);
+        let Some((id, admitted)) = retried else {
+            return Ok(None);
+        };
+        if self.store.open_reservation(&id).await?.is_some() {
+            return Ok(Some(admitted));
         }
-        // Request credits held by the agent's grants are not free here: an
-        // RPM refusal while some may be open recalls them and decides once
-        // more (as a budget refusal does, below).
-        let mut now = now;
-        let mut recalled = false;
-        let mut learned = false;
-        let Accepted { tentative, plan } = loop {
+        let _ = self.forget(&id, None);
+        Ok(None)
+    }
+
+    /// The in-memory decision, taken once more after learning a token
+    /// created through another control plane (`tokens.rs`), or after
+    /// recalling the grants that may hold the request credits an RPM
+    /// refusal lacked. A refusal is logged and answered; an acceptance
+    /// comes with the time it was decided at.
+    async fn decide_recalling(
+        &self,
+        models: &ModelsConfig,
+        token_sha256: &str,
+        ask: &Ask<'_>,
+        served: &Served,
+    ) -> Result<std::result::Result<(Accepted, i64), Decision>> {
+        let mut now = now_ms();
+        let (mut learned, mut recalled) = (false, false);
+        loop {
             let refused = match self
                 .decide_and_take(models, token_sha256, ask, served, now)
                 .await?
             {
-                Ok(accepted) => break accepted,
+                Ok(accepted) => return Ok(Ok((accepted, now))),
                 Err(refused) => refused,
             };
-            // A token created through another control plane on the
-            // database, not yet heard of here (`tokens.rs`).
             if !learned && refused.denial.denied_by == Rule::Auth {
                 learned = true;
                 if self.learn_token(token_sha256).await? {
@@ -75,44 +138,38 @@ impl AdmissionEngine {
             } = *refused;
             self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
                 .await;
-            return Ok(Decision::Denied { denial, agent_name });
-        };
-        let model = &models.models[ask.model];
-        let record = ReservationRecord {
-            id: new_id("rsv"),
-            request_id: request_id.to_string(),
-            agent_id: tentative.agent_id.clone(),
-            model: ask.model.to_string(),
-            amount_micro: plan.reserve_micro,
-            pricing: model.pricing,
-            input_tokens_bound: plan.input_tokens_bound,
-            output_tokens_cap: plan.output_tokens_cap,
-            created_at_ms: now,
-            expires_at_ms: now + self.reservation_ttl_ms,
-        };
+            return Ok(Err(Decision::Denied { denial, agent_name }));
+        }
+    }
+
+    /// The reservation in the store, taken once more after recalling the
+    /// grants that may hold the budget it lacked. On an error the limits
+    /// taken in memory are given back.
+    async fn reserve_recalling(
+        &self,
+        call: &Reserving<'_>,
+    ) -> Result<std::result::Result<ReserveOutcome, StoreError>> {
+        let t = &call.tentative;
         // The store adds what the reservation row holds (request id, model,
         // bounds, prices); these are the particulars only admission knows.
         let details = json!({
-            "endpoint": ask.endpoint.as_str(), "stream": ask.stream,
-            "output_cap_injected": plan.output_cap_injected,
+            "endpoint": call.ask.endpoint.as_str(), "stream": call.ask.stream,
+            "output_cap_injected": call.plan.output_cap_injected,
         });
-        // Budget held by the agent's grants is not free here: a refusal
-        // while some may be open recalls them and decides once more, and
-        // only the decision the client sees is logged.
-        let may_hold_grants = self.may_hold_grants(&tentative.agent_id, now);
+        let may_hold_grants = self.may_hold_grants(&t.agent_id, call.now);
         let mut recalled = false;
-        let outcome = loop {
+        loop {
             let outcome = self
                 .store
                 .reserve(NewReservation {
-                    record: record.clone(),
-                    agent_name: tentative.agent_name.clone(),
+                    record: call.record.clone(),
+                    agent_name: t.agent_name.clone(),
                     details: details.clone(),
                     // A store only this control plane uses is covered by the
                     // in-memory count in `decide`; a shared one counts again,
                     // for the reservations other replicas hold.
                     max_open: if self.shared_rates.is_some() {
-                        tentative.max_concurrent
+                        t.max_concurrent
                     } else {
                         0
                     },
@@ -125,116 +182,97 @@ impl AdmissionEngine {
                 && !recalled
             {
                 recalled = true;
-                match self.recall_grants(&tentative.agent_id).await {
+                match self.recall_grants(&t.agent_id).await {
                     Ok(true) => continue,
                     Ok(false) => {
-                        self.log_budget_denial(&record, &tentative.agent_name, *remaining_micro)
+                        self.log_budget_denial(&call.record, &t.agent_name, *remaining_micro)
                             .await
                     }
                     Err(e) => {
-                        self.undo_all(&tentative, ask.model, now).await;
+                        self.undo_all(t, call.ask.model, call.now).await;
                         return Err(e);
                     }
                 }
             }
-            break outcome;
-        };
-        match outcome {
+            return Ok(outcome);
+        }
+    }
+
+    /// What the store's answer means for the client; anything but a new
+    /// reservation gives back the limits taken in memory.
+    async fn answer(
+        &self,
+        call: Reserving<'_>,
+        outcome: Result<std::result::Result<ReserveOutcome, StoreError>>,
+        models: &ModelsConfig,
+    ) -> Result<Decision> {
+        let Reserving {
+            tentative: t,
+            plan,
+            record,
+            ask,
+            token_sha256,
+            now,
+        } = call;
+        let outcome = outcome?;
+        if !matches!(outcome, Ok(ReserveOutcome::Reserved { .. })) {
+            // Anything but a new reservation gives back what was taken in
+            // memory.
+            self.undo_all(&t, ask.model, now).await;
+        }
+        let denial = match outcome {
             Ok(ReserveOutcome::Reserved { remaining_micro }) => {
                 let open = OpenReservation {
                     record,
-                    agent_name: tentative.agent_name.clone(),
+                    agent_name: t.agent_name.clone(),
                     output_cap_injected: plan.output_cap_injected,
-                    debited_tokens: tentative.debited_tokens,
-                    model_tpm_limit: tentative.model_tpm,
+                    debited_tokens: t.debited_tokens,
+                    model_tpm_limit: t.model_tpm,
                 };
                 let admitted = self.admitted_from(&open, remaining_micro, models);
                 let mut live = self.lock();
                 live.by_request
-                    .insert(request_id.to_string(), open.record.id.clone());
+                    .insert(open.record.request_id.clone(), open.record.id.clone());
                 live.open.insert(open.record.id.clone(), open);
-                Ok(Decision::Admitted(admitted))
+                return Ok(Decision::Admitted(admitted));
             }
             Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) => {
-                self.undo_all(&tentative, ask.model, now).await;
                 // Nothing in flight can free budget: the agent cannot go on.
-                if self.open_count(&tentative.agent_id) == 0 {
-                    self.order_kill(&tentative.agent_id, "budget exhausted");
+                if self.open_count(&t.agent_id) == 0 {
+                    self.order_kill(&t.agent_id, "budget exhausted");
                 }
-                Ok(Decision::Denied {
-                    denial: Denial::budget(format!(
-                        "Budget exceeded: agent '{}' has {} left and this request may cost up to {} \
-                         ({} input tokens bound + {} output tokens). Lower max_tokens, or top up with \
-                         `aexctl agent update {} --top-up USD`.",
-                        tentative.agent_name,
-                        aex_core::money::usd_with_micro(remaining_micro.max(0)),
-                        aex_core::money::usd_with_micro(plan.reserve_micro),
-                        plan.input_tokens_bound,
-                        plan.output_tokens_cap,
-                        tentative.agent_name,
-                    )),
-                    agent_name: tentative.agent_name,
-                })
+                // Logged by the store, or after the recall.
+                return Ok(Decision::Denied {
+                    denial: Denial::budget_exceeded(&t.agent_name, remaining_micro, &plan),
+                    agent_name: t.agent_name,
+                });
             }
             Ok(ReserveOutcome::AlreadyAdmitted(existing)) => {
                 // A concurrent retry of the same request won the race.
-                self.undo_all(&tentative, ask.model, now).await;
                 let open = OpenReservation {
                     record: existing,
-                    agent_name: tentative.agent_name,
+                    agent_name: t.agent_name,
                     output_cap_injected: plan.output_cap_injected,
                     debited_tokens: 0,
                     model_tpm_limit: 0,
                 };
-                Ok(Decision::Admitted(self.admitted_from(&open, 0, models)))
+                return Ok(Decision::Admitted(self.admitted_from(&open, 0, models)));
             }
-            Ok(ReserveOutcome::TooManyOpen) => {
-                self.undo_all(&tentative, ask.model, now).await;
-                let denial = concurrency_denial(&tentative.agent_name, tentative.max_concurrent);
-                self.log_denial(
-                    &denial,
-                    &tentative.agent_id,
-                    &tentative.agent_name,
-                    ask,
-                    token_sha256,
-                )
-                .await;
-                Ok(Decision::Denied {
-                    denial,
-                    agent_name: tentative.agent_name,
-                })
-            }
-            Ok(ReserveOutcome::AlreadyClosed(closed)) => {
-                self.undo_all(&tentative, ask.model, now).await;
-                let denial = Denial::request_closed(format!(
-                    "This request's reservation {} was already closed (settled or expired) when its \
-                     admission was retried, so it cannot go ahead on it. Send the request again.",
-                    closed.id
-                ));
-                self.log_denial(
-                    &denial,
-                    &tentative.agent_id,
-                    &tentative.agent_name,
-                    ask,
-                    token_sha256,
-                )
-                .await;
-                Ok(Decision::Denied {
-                    denial,
-                    agent_name: tentative.agent_name,
-                })
-            }
+            Ok(ReserveOutcome::TooManyOpen) => Denial::concurrency(&t.agent_name, t.max_concurrent),
+            Ok(ReserveOutcome::AlreadyClosed(closed)) => Denial::retried_after_close(&closed.id),
             Ok(ReserveOutcome::GrantNotCovered(why)) => {
-                self.undo_all(&tentative, ask.model, now).await;
-                Err(crate::error::Error::Internal(format!(
+                return Err(crate::error::Error::Internal(format!(
                     "a central reservation was answered as a grant's: {why}"
-                )))
+                )));
             }
-            Err(e) => {
-                self.undo_all(&tentative, ask.model, now).await;
-                Err(e.into())
-            }
-        }
+            Err(e) => return Err(e.into()),
+        };
+        self.log_denial(&denial, &t.agent_id, &t.agent_name, ask, token_sha256)
+            .await;
+        Ok(Decision::Denied {
+            denial,
+            agent_name: t.agent_name,
+        })
     }
 
     /// The provider route comes from the running config, so a reservation

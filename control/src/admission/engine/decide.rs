@@ -123,16 +123,16 @@ impl AdmissionEngine {
         // settled since (a data plane moved).
         if !shared {
             if max_concurrent > 0 && a.open >= max_concurrent {
-                return Err(deny(concurrency_denial(&name, max_concurrent)));
+                return Err(deny(Denial::concurrency(&name, max_concurrent)));
             }
             if let Err(wait) = a.rpm.take(rpm, now) {
-                return Err(deny(rpm_denial(&name, rpm, wait)));
+                return Err(deny(Denial::rpm(&name, rpm, wait)));
             }
             if tpm > 0
                 && let Err(wait) = a.tpm.take(tpm, tokens, now)
             {
                 a.rpm.give_back(rpm);
-                return Err(deny(tpm_denial(&name, tpm, wait)));
+                return Err(deny(Denial::tpm(&name, tpm, wait)));
             }
             let model_tpm = model.max_tokens_per_minute;
             if model_tpm > 0 {
@@ -143,7 +143,7 @@ impl AdmissionEngine {
                     if tpm > 0 {
                         a.tpm.adjust(tpm, -(tokens as i64), now);
                     }
-                    return Err(deny(model_tpm_denial(&model.name, model_tpm, wait)));
+                    return Err(deny(Denial::model_tpm(&model.name, model_tpm, wait)));
                 }
             }
         }

@@ -34,9 +34,7 @@ use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
 use aex_core::secrets::new_id;
 use decide::Tentative;
-use denials::{
-    UnauthenticatedDenials, concurrency_denial, model_tpm_denial, rpm_denial, tpm_denial,
-};
+use denials::UnauthenticatedDenials;
 use live::{Live, LiveAgent, OpenReservation};
 use serde_json::json;
 use std::collections::HashMap;

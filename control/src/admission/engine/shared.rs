@@ -6,7 +6,7 @@
 //! back what was taken before it; a settlement corrects the token debit to
 //! the usage reported.
 
-use super::{Tentative, model_tpm_denial, rpm_denial, tpm_denial};
+use super::Tentative;
 use crate::admission::policy::Denial;
 use crate::storage::{SharedRates, StoreError};
 
@@ -36,7 +36,7 @@ pub(super) async fn take(
 ) -> Result<Option<Denial>, StoreError> {
     let rpm = rpm_key(&t.agent_id);
     if let Err(wait) = rates.take(&rpm, t.rpm, now).await? {
-        return Ok(Some(rpm_denial(&t.agent_name, t.rpm, wait)));
+        return Ok(Some(Denial::rpm(&t.agent_name, t.rpm, wait)));
     }
     let tokens = t.debited_tokens;
     let refund = -(tokens as i64);
@@ -48,7 +48,7 @@ pub(super) async fn take(
             let _ = rates.give_back(&rpm, t.rpm).await;
         }
         if let Err(wait) = taken? {
-            return Ok(Some(tpm_denial(&t.agent_name, t.tpm, wait)));
+            return Ok(Some(Denial::tpm(&t.agent_name, t.tpm, wait)));
         }
     }
     if t.model_tpm > 0 {
@@ -64,7 +64,7 @@ pub(super) async fn take(
             }
         }
         if let Err(wait) = taken? {
-            return Ok(Some(model_tpm_denial(model, t.model_tpm, wait)));
+            return Ok(Some(Denial::model_tpm(model, t.model_tpm, wait)));
         }
     }
     Ok(None)
