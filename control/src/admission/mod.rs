@@ -3,9 +3,7 @@
 //! database only to reserve and to settle, each one transaction.
 
 pub mod engine;
-#[cfg(test)]
-mod kill_orders;
 pub mod limiter;
 pub use aex_core::policy;
 #[cfg(test)]
-mod properties;
+mod tests;

@@ -4,7 +4,7 @@
 pub mod anchor;
 pub mod anchor_check;
 pub mod audit;
-#[cfg(test)]
-mod edit_properties;
 pub mod fold;
 pub mod run;
+#[cfg(test)]
+mod tests;

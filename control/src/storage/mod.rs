@@ -11,16 +11,14 @@
 //! `sqlite/writer.rs`); another backend must keep the same property (or
 //! chain per agent, which the several-nodes issue designs).
 
-#[cfg(test)]
-pub mod conformance;
 mod database;
-#[cfg(test)]
-pub mod memory;
 pub mod postgres;
 mod rows;
 mod sql_errors;
 mod sql_reads;
 pub mod sqlite;
+#[cfg(test)]
+pub mod testing;
 
 pub use aex_core::agent::{
     AgentPatch, AgentRecord, AgentState, AgentWrite, Caps, InvalidChange, NewAgent, Scope,

@@ -2,7 +2,7 @@
 //! of its own (`aex_tests::postgres`), skipped loudly without a server.
 
 use super::PgStore;
-use crate::storage::conformance::KEY;
+use crate::storage::testing::conformance::KEY;
 use aex_tests::postgres::TestDatabase;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +24,7 @@ crate::store_conformance!(store);
 /// deadlock (each batch locks its agents up front, in one order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_on_many_agents_never_deadlock() {
-    use crate::storage::conformance::{new_agent, reservation, settlement};
+    use crate::storage::testing::conformance::{new_agent, reservation, settlement};
     use crate::storage::{ReserveOutcome, SettleOutcome, Store};
     let Some(db) = TestDatabase::fresh().await else {
         return;
@@ -236,7 +236,7 @@ async fn commit_cutting_proxy(
 /// unavailable while their reservations stayed, to be charged at expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_is_lost_is_answered_as_it_happened() {
-    use crate::storage::conformance::{new_agent, reservation};
+    use crate::storage::testing::conformance::{new_agent, reservation};
     use crate::storage::{ReserveOutcome, Store};
     let Some(db) = TestDatabase::fresh().await else {
         return;

@@ -2,7 +2,7 @@
 //! WAL, the upgrade of an earlier version's ledger).
 
 use super::{SqliteStore, WalPolicy};
-use crate::storage::conformance::{KEY, new_agent, reservation, settlement};
+use crate::storage::testing::conformance::{KEY, new_agent, reservation, settlement};
 use crate::storage::{AgentRecord, AgentStore, EventFilter, EventRecord, LedgerStore, ReportStore};
 use aex_core::chain::{GENESIS, chain_hash};
 use std::time::Duration;

@@ -929,7 +929,7 @@ impl ReportStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::MemoryStore;
-    use crate::storage::conformance::KEY;
+    use crate::storage::testing::conformance::KEY;
 
     async fn store() -> ((), MemoryStore) {
         ((), MemoryStore::new(KEY.to_vec()))

@@ -8,8 +8,8 @@
 //! SQLite, for a fixed list of edits of the whole database.
 
 use crate::ledger::run::audit_store;
-use crate::storage::conformance::{KEY, new_agent, reservation, settlement};
-use crate::storage::memory::MemoryStore;
+use crate::storage::testing::conformance::{KEY, new_agent, reservation, settlement};
+use crate::storage::testing::memory::MemoryStore;
 use crate::storage::{
     AgentPatch, AgentState, AgentStore, Closing, DenialRecord, EventKind, EventRecord, ExtraEvent,
     LedgerStore, ProcessRecord, ProcessState, ProcessStore, Settlement, now_ms,

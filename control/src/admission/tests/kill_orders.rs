@@ -3,9 +3,9 @@
 //! control plane: a row left running with an old order must not kill the
 //! agent's later processes.
 
-use super::engine::AdmissionEngine;
-use crate::storage::conformance::{new_agent, process};
-use crate::storage::memory::MemoryStore;
+use crate::admission::engine::AdmissionEngine;
+use crate::storage::testing::conformance::{new_agent, process};
+use crate::storage::testing::memory::MemoryStore;
 use crate::storage::{ProcessState, Store};
 use std::sync::Arc;
 

@@ -11,11 +11,11 @@
 //! The seed is printed; `AEX_ADMISSION_SEED=<seed>` replays a run (the
 //! operations replay exactly; their interleaving is the runtime's).
 
-use super::engine::{AdmissionEngine, Decision, ExpiryPolicy, Outcome, SettleInput};
-use super::policy::{Ask, Endpoint};
+use crate::admission::engine::{AdmissionEngine, Decision, ExpiryPolicy, Outcome, SettleInput};
+use crate::admission::policy::{Ask, Endpoint};
 use crate::ledger::run::audit_store;
-use crate::storage::conformance::new_agent;
-use crate::storage::memory::MemoryStore;
+use crate::storage::testing::conformance::new_agent;
+use crate::storage::testing::memory::MemoryStore;
 use crate::storage::{
     AgentPatch, AgentState, AgentStore, EventFilter, EventKind, LedgerStore, NewAgent, ReportStore,
     Store, now_ms,

@@ -9,9 +9,9 @@
 //! Seeded from the SQLite backend's own tests; concurrency claims are made
 //! under real concurrency (tasks on a multi-threaded runtime).
 
-use super::*;
 use crate::ledger::audit::{ChainVerifier, Check};
 use crate::ledger::run::audit_store;
+use crate::storage::*;
 use aex_core::chain::{GENESIS, chain_hash};
 use aex_core::money::{Pricing, TokenUsage};
 use serde_json::json;
@@ -56,10 +56,10 @@ macro_rules! store_conformance {
             async fn $case() {
                 // `$open` may decline (a server the machine lacks): it
                 // reports the test as skipped and returns None.
-                let Some((_guard, store)) = $crate::storage::conformance::Opened::opened($open().await) else {
+                let Some((_guard, store)) = $crate::storage::testing::conformance::Opened::opened($open().await) else {
                     return;
                 };
-                $crate::storage::conformance::$case(std::sync::Arc::new(store)).await;
+                $crate::storage::testing::conformance::$case(std::sync::Arc::new(store)).await;
             }
         )*
     };
