@@ -15,6 +15,7 @@ pub mod event;
 pub mod expiring;
 pub mod grant;
 pub mod home;
+pub mod limiter;
 pub mod money;
 pub mod named;
 pub mod overrun;

@@ -53,3 +53,26 @@ fn the_data_plane_and_the_cli_carry_no_database_and_no_control_plane() {
     let control = normal_dependencies("aex-control");
     assert!(control.iter().any(|d| d == "rusqlite"));
 }
+
+#[test]
+fn the_core_is_pure_no_runtime_network_or_database() {
+    let deps = normal_dependencies("aex-core");
+    assert!(deps.len() > 5, "{deps:?}");
+    let forbidden: Vec<&String> = deps
+        .iter()
+        .filter(|d| {
+            [
+                "tokio", "tonic", "sqlx", "rusqlite", "pingora", "hyper", "prost",
+            ]
+            .iter()
+            .any(|f| d.as_str() == *f || d.starts_with(&format!("{f}-")))
+        })
+        .collect();
+    assert!(forbidden.is_empty(), "aex-core depends on {forbidden:?}");
+    // The check can fail: the control plane does carry them.
+    assert!(
+        normal_dependencies("aex-control")
+            .iter()
+            .any(|d| d == "tokio")
+    );
+}

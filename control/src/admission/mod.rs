@@ -3,7 +3,6 @@
 //! database only to reserve and to settle, each one transaction.
 
 pub mod engine;
-pub mod limiter;
 pub use aex_core::policy;
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,13 @@
 //! The data plane's gRPC API: admit, settle, heartbeat, watch (and report,
 //! in `report.rs`).
 
-use crate::admission::engine::{Change, Decision, Outcome, SettleInput, endpoint_from_pb};
+use super::batch::{check_batch_size, each_at_once, item_error};
+use super::settle::settle_items;
+use crate::admission::engine::{Change, Decision, endpoint_from_pb};
 use crate::admission::policy::{Ask, Denial, Endpoint};
 use crate::auth::caller;
 use crate::credentials::Caller;
 use crate::error::Error;
-use crate::in_order::InOrder;
 use crate::service::convert::{models_to_pb, policy_to_pb};
 use crate::state::ControlState;
 use crate::storage::now_ms;
@@ -152,157 +153,6 @@ async fn admit_one(
         },
         Decision::Denied { denial, agent_name } => denial_to_pb(denial, agent_name),
     })
-}
-
-const MAX_BATCH_ITEMS: usize = 1024;
-
-pub(super) fn check_batch_size(items: usize, rpc: &str) -> Result<(), Status> {
-    if items > MAX_BATCH_ITEMS {
-        return Err(Status::invalid_argument(format!(
-            "{items} items in one call; send at most {MAX_BATCH_ITEMS} per {rpc}"
-        )));
-    }
-    Ok(())
-}
-
-/// Runs `one` on every item at once, so the ledger writer commits their
-/// writes together, and returns the results in the items' order.
-pub(super) async fn each_at_once<I, O, F, Fut>(
-    state: &Arc<ControlState>,
-    items: Vec<I>,
-    one: F,
-) -> Result<Vec<Result<O, Status>>, Status>
-where
-    I: Send + 'static,
-    O: Send + 'static,
-    F: Fn(Arc<ControlState>, I) -> Fut,
-    Fut: std::future::Future<Output = Result<O, Status>> + Send + 'static,
-{
-    let mut running = tokio::task::JoinSet::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let done = one(state.clone(), item);
-        running.spawn(async move { (i, done.await) });
-    }
-    let mut results: Vec<Option<Result<O, Status>>> = (0..running.len()).map(|_| None).collect();
-    while let Some(done) = running.join_next().await {
-        let (i, result) =
-            done.map_err(|e| Status::internal(format!("a batch item's task failed: {e}")))?;
-        results[i] = Some(result);
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every task answered"))
-        .collect())
-}
-
-pub(super) fn item_error(status: &Status) -> pb::ItemError {
-    pb::ItemError {
-        code: status.code() as i32,
-        message: status.message().to_string(),
-    }
-}
-
-/// Settlements, as `Settle`, `SettleBatch` and `Report` make them: one
-/// ledger job for all, each answered apart, in order.
-pub(super) async fn settle_items(
-    state: &ControlState,
-    served: &Served,
-    requests: Vec<pb::SettleRequest>,
-) -> Vec<Result<pb::SettleResponse, Status>> {
-    let mut results = InOrder::new(requests.len());
-    let (mut settling, mut inputs) = (Vec::new(), Vec::new());
-    for (i, r) in requests.into_iter().enumerate() {
-        match settle_input(state, served, r).await {
-            Ok(Some(input)) => {
-                settling.push((i, input.outcome));
-                inputs.push(input);
-            }
-            // Never admitted, or already closed: nothing to release.
-            Ok(None) => results.put(
-                i,
-                Ok(pb::SettleResponse {
-                    already_settled: true,
-                    ..Default::default()
-                }),
-            ),
-            Err(status) => results.put(i, Err(status)),
-        }
-    }
-    let settled = state.admission.settle_many(inputs).await;
-    for ((i, outcome), settled) in settling.into_iter().zip(settled) {
-        results.put(
-            i,
-            settled
-                .map(|settled| settled_to_pb(state, outcome, &settled))
-                .map_err(Status::from),
-        );
-    }
-    results.done()
-}
-
-/// The settlement a data plane asks for, checked; `None` when its request
-/// id names no open reservation.
-async fn settle_input(
-    state: &ControlState,
-    served: &Served,
-    mut r: pb::SettleRequest,
-) -> Result<Option<SettleInput>, Status> {
-    if r.reservation_id.is_empty() && !r.request_id.is_empty() {
-        match state.admission.reservation_for_request(&r.request_id) {
-            Some(id) => r.reservation_id = id,
-            None => return Ok(None),
-        }
-    }
-    if r.reservation_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "reservation_id or request_id is required",
-        ));
-    }
-    state
-        .admission
-        .check_serves_reservations(served, std::slice::from_ref(&r.reservation_id))
-        .await
-        .map_err(Status::from)?;
-    Ok(Some(SettleInput {
-        outcome: aex_proto::convert::outcome_from_pb(r.outcome()),
-        reservation_id: r.reservation_id,
-        usage: aex_core::money::TokenUsage::new(r.prompt_tokens, r.completion_tokens)
-            .with_cache(r.cached_input_tokens, r.cache_write_tokens),
-        usage_reported: r.usage_reported,
-        upstream_status: r.upstream_status,
-        upstream_retry_after_ms: r.upstream_retry_after_ms,
-    }))
-}
-
-/// A settlement's answer, counted in the metrics.
-fn settled_to_pb(
-    state: &ControlState,
-    outcome: Outcome,
-    settled: &crate::admission::engine::Settled,
-) -> pb::SettleResponse {
-    if !settled.already_settled {
-        let metrics = &state.metrics;
-        metrics
-            .settlements
-            .with_label_values(&[outcome.as_str()])
-            .inc();
-        metrics
-            .charged_micro
-            .inc_by(settled.charged_micro.max(0) as u64);
-        if settled.stopped_for_overruns {
-            metrics
-                .agents_stopped
-                .with_label_values(&[aex_core::overrun::REASON])
-                .inc();
-        }
-    }
-    pb::SettleResponse {
-        charged_micro: settled.charged_micro,
-        remaining_micro: settled.remaining_micro,
-        already_settled: settled.already_settled,
-        overrun: settled.overrun_micro > 0,
-        overrun_micro: settled.overrun_micro,
-    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;

@@ -3,7 +3,8 @@
 //! admitted and finished between two reports is settled after its admit;
 //! each phase is one job of the ledger writer, whatever its size.
 
-use super::admission::{check_batch_size, item_error, settle_items};
+use super::batch::{check_batch_size, item_error};
+use super::settle::settle_items;
 use crate::admission::engine::{
     GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome, endpoint_from_pb,
 };

@@ -302,8 +302,8 @@ pub trait AgentStore: Send + Sync + 'static {
 
 /// Rate limiters shared by every control plane on one database, so a limit
 /// holds across replicas: requests per minute (the arithmetic of
-/// [`crate::admission::limiter::Gcra`]) and tokens per minute (of
-/// [`crate::admission::limiter::TokenBucket`]). Each take is atomic.
+/// [`aex_core::limiter::Gcra`]) and tokens per minute (of
+/// [`aex_core::limiter::TokenBucket`]). Each take is atomic.
 #[async_trait]
 pub trait SharedRates: Send + Sync + 'static {
     /// Admits one request under `key`'s limit if it allows, recording it;
@@ -313,7 +313,7 @@ pub trait SharedRates: Send + Sync + 'static {
         key: &str,
         per_minute: u32,
         now_ms: i64,
-    ) -> Result<crate::admission::limiter::Check, StoreError> {
+    ) -> Result<aex_core::limiter::Check, StoreError> {
         self.take_n(key, per_minute, 1, now_ms).await
     }
     /// Admits `n` requests at once (a grant's credits), or none.
@@ -323,7 +323,7 @@ pub trait SharedRates: Send + Sync + 'static {
         per_minute: u32,
         n: u32,
         now_ms: i64,
-    ) -> Result<crate::admission::limiter::Check, StoreError>;
+    ) -> Result<aex_core::limiter::Check, StoreError>;
     /// How many requests `key`'s limit would admit now, at once.
     async fn headroom(&self, key: &str, per_minute: u32, now_ms: i64) -> Result<u32, StoreError>;
     /// Gives back a request taken and not used.
@@ -332,7 +332,7 @@ pub trait SharedRates: Send + Sync + 'static {
     }
     async fn give_back_n(&self, key: &str, per_minute: u32, n: u32) -> Result<(), StoreError>;
     /// Debits `tokens` from `key`'s bucket of `per_minute` if they fit, as
-    /// [`crate::admission::limiter::TokenBucket::take`]; `Err(wait_ms)` when
+    /// [`aex_core::limiter::TokenBucket::take`]; `Err(wait_ms)` when
     /// refused (nothing debited).
     async fn take_tokens(
         &self,
@@ -340,9 +340,9 @@ pub trait SharedRates: Send + Sync + 'static {
         per_minute: u64,
         tokens: u64,
         now_ms: i64,
-    ) -> Result<crate::admission::limiter::Check, StoreError>;
+    ) -> Result<aex_core::limiter::Check, StoreError>;
     /// Corrects an earlier debit by `delta` tokens (negative: a refund), as
-    /// [`crate::admission::limiter::TokenBucket::adjust`].
+    /// [`aex_core::limiter::TokenBucket::adjust`].
     async fn adjust_tokens(
         &self,
         key: &str,

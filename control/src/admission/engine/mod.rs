@@ -21,7 +21,6 @@ mod shared;
 mod tokens;
 mod types;
 
-use super::limiter::{Gcra, TokenBucket};
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::in_order::InOrder;
@@ -32,6 +31,7 @@ use crate::storage::{
 };
 use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
+use aex_core::limiter::{Gcra, TokenBucket};
 use aex_core::secrets::new_id;
 use decide::Tentative;
 use denials::UnauthenticatedDenials;

@@ -1,6 +1,6 @@
 //! Rate limits shared by every control plane on the database, each taken
 //! in one statement so that no two replicas can both take the last of a
-//! minute: requests per minute as the GCRA of `admission::limiter` with
+//! minute: requests per minute as the GCRA of `aex_core::limiter` with
 //! its arrival time in `rate_limits` (insert or move it, only where the
 //! limit allows), and tokens per minute as its `TokenBucket` in
 //! `token_buckets` (refill and debit, only where the request fits).
@@ -14,8 +14,8 @@
 //! which forgets that many requests and tokens counted against the limits;
 //! budgets, reservations and the chain are untouched by this.
 
-use crate::admission::limiter::{Check, Gcra, TokenBucket};
 use crate::storage::{SharedRates, StoreError};
+use aex_core::limiter::{Check, Gcra, TokenBucket};
 use async_trait::async_trait;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

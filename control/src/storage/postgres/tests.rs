@@ -92,7 +92,7 @@ async fn two_writers_on_many_agents_never_deadlock() {
 /// and levels (seed printed; `AEX_BUCKET_SEED` replays a run).
 #[tokio::test]
 async fn the_shared_token_bucket_decides_as_the_in_memory_one() {
-    use crate::admission::limiter::TokenBucket;
+    use aex_core::limiter::TokenBucket;
     let Some((db, store)) = store().await else {
         return;
     };
