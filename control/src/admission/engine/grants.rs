@@ -1,20 +1,16 @@
-//! Grants on the control plane (docs/GRANTS.md): issuing them
-//! to data planes, recording the calls admitted from them, taking them back
-//! when a central decision needs what they hold, and expiring those whose
-//! data plane stopped reporting. Every amount is moved by the store, in the
-//! same step as its event; this file decides when.
+//! Grants on the control plane (docs/GRANTS.md): issuing them to data
+//! planes, taking them back, and expiring those whose data plane stopped
+//! reporting (the calls admitted from them: `reported.rs`; recalls:
+//! `recall.rs`). Every amount is moved by the store, in the same step as its
+//! event; this file decides when.
 
-use super::{AdmissionEngine, OpenReservation};
-use crate::error::{Error, Result};
-use crate::in_order::InOrder;
-use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
+use super::AdmissionEngine;
+use crate::error::Result;
+use crate::storage::now_ms;
 use aex_core::grant::{
     GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, NewGrant, NoGrant, request_share,
 };
-use aex_core::policy::Endpoint;
-use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 /// How long a grant lasts: long enough that a busy agent renews it a few
 /// times a second at most, short enough that a data plane killed with a
@@ -23,10 +19,7 @@ pub const GRANT_LIFETIME_MS: i64 = 5_000;
 
 /// After a recall, asks for the agent's grants are refused this long: the
 /// agent is near an edge, and its calls are decided centrally meanwhile.
-const NO_GRANT_AFTER_RECALL_MS: i64 = 2_000;
-
-/// How long a central decision waits for recalled grants to come back.
-const RECALL_PATIENCE: Duration = Duration::from_secs(1);
+pub(super) const NO_GRANT_AFTER_RECALL_MS: i64 = 2_000;
 
 /// What this control plane remembers about grants, beyond the store.
 #[derive(Default)]
@@ -34,11 +27,11 @@ pub(super) struct GrantBook {
     /// The latest deadline of a grant this control plane issued, by agent:
     /// until then a central refusal must ask the store whether the agent's
     /// budget is held by grants.
-    issued_until: HashMap<String, i64>,
+    pub(super) issued_until: HashMap<String, i64>,
     /// When the agent's grants were last recalled.
-    recalled_at: HashMap<String, i64>,
+    pub(super) recalled_at: HashMap<String, i64>,
     /// Recalls since start, for the metrics.
-    recalls: u64,
+    pub(super) recalls: u64,
     /// The data planes that admitted calls of each agent lately, and when
     /// last: a grant is a fair share among them.
     serving: HashMap<String, HashMap<String, i64>>,
@@ -92,50 +85,6 @@ pub enum GrantAnswer {
         remaining_micro: i64,
     },
     Refused(GrantRefusal),
-}
-
-/// A call a data plane admitted from a grant.
-#[derive(Debug, Clone)]
-pub struct LocalAdmit {
-    pub grant_id: String,
-    pub record: ReservationRecord,
-    pub output_cap_injected: bool,
-    pub endpoint: Endpoint,
-    pub stream: bool,
-}
-
-/// What recording a locally admitted call came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalAdmitOutcome {
-    Recorded,
-    /// By an earlier delivery of the same report.
-    AlreadyRecorded,
-    /// The grant could not hold it (ended: expired, its remainder already
-    /// charged). The call is not recorded apart: the grant's expiry charged
-    /// what its data plane might have spent.
-    NotCovered(String),
-}
-
-/// A call a data plane says it admitted, checked before it is recorded.
-fn check_local_admit(a: &LocalAdmit) -> Result<()> {
-    let r = &a.record;
-    if r.id.is_empty() || r.request_id.is_empty() || a.grant_id.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a local admission needs its reservation id, request id and grant id".into(),
-        ));
-    }
-    if r.amount_micro < 0
-        || r.pricing.input_pico_per_token < 0
-        || r.pricing.output_pico_per_token < 0
-        || r.pricing.cached_input_pico_per_token < 0
-        || r.pricing.cache_write_pico_per_token < 0
-    {
-        return Err(Error::InvalidArgument(format!(
-            "local admission {}: amounts and prices cannot be negative",
-            r.id
-        )));
-    }
-    Ok(())
 }
 
 impl AdmissionEngine {
@@ -331,149 +280,12 @@ impl AdmissionEngine {
         Ok(())
     }
 
-    /// Records calls their data plane admitted from a grant: the same
-    /// reservation and `admit` event a central admission makes, its amount
-    /// carved from the grant. A report's calls are one ledger job, each
-    /// answered apart, in order.
-    pub async fn admit_from_grants(
-        &self,
-        admits: Vec<LocalAdmit>,
-    ) -> Vec<Result<LocalAdmitOutcome>> {
-        let mut results = InOrder::new(admits.len());
-        let mut valid = Vec::with_capacity(admits.len());
-        for (i, a) in admits.into_iter().enumerate() {
-            match check_local_admit(&a) {
-                Ok(()) => valid.push((i, a)),
-                Err(e) => results.put(i, Err(e)),
-            }
-        }
-        let reservations = valid
-            .iter()
-            .map(|(_, a)| NewReservation {
-                record: a.record.clone(),
-                agent_name: self.agent_name(&a.record.agent_id),
-                details: json!({
-                    "endpoint": a.endpoint.as_str(), "stream": a.stream,
-                    "output_cap_injected": a.output_cap_injected,
-                }),
-                max_open: 0,
-                grant_id: Some(a.grant_id.clone()),
-                log_budget_denial: false,
-            })
-            .collect::<Vec<_>>();
-        let names: Vec<String> = reservations.iter().map(|n| n.agent_name.clone()).collect();
-        let outcomes = self.store.reserve_many(reservations).await;
-        for (((i, a), agent_name), outcome) in valid.into_iter().zip(names).zip(outcomes) {
-            results.put(i, self.recorded_from_grant(a, agent_name, outcome));
-        }
-        results.done()
-    }
-
-    /// What the store's answer to a call admitted from a grant means, and
-    /// the call made live here when it was recorded.
-    fn recorded_from_grant(
-        &self,
-        a: LocalAdmit,
-        agent_name: String,
-        outcome: std::result::Result<ReserveOutcome, crate::storage::StoreError>,
-    ) -> Result<LocalAdmitOutcome> {
-        match outcome? {
-            ReserveOutcome::Reserved { .. } => {
-                let r = &a.record;
-                let mut live = self.lock();
-                if let Some(agent) = live.agents.get_mut(&r.agent_id) {
-                    agent.open += 1;
-                }
-                live.by_request.insert(r.request_id.clone(), r.id.clone());
-                live.open.insert(
-                    r.id.clone(),
-                    OpenReservation {
-                        record: a.record,
-                        agent_name,
-                        output_cap_injected: a.output_cap_injected,
-                        debited_tokens: 0,
-                        model_tpm_limit: 0,
-                    },
-                );
-                Ok(LocalAdmitOutcome::Recorded)
-            }
-            ReserveOutcome::AlreadyAdmitted(_) | ReserveOutcome::AlreadyClosed(_) => {
-                Ok(LocalAdmitOutcome::AlreadyRecorded)
-            }
-            ReserveOutcome::GrantNotCovered(why) => Ok(LocalAdmitOutcome::NotCovered(why)),
-            other => Err(Error::Internal(format!(
-                "a grant's reservation was answered as a central one: {other:?}"
-            ))),
-        }
-    }
-
     /// Notes that `data_plane` admitted a call of the agent centrally.
     pub fn note_serving(&self, agent_id: &str, data_plane: &str, now: i64) {
         if data_plane.is_empty() {
             return;
         }
         self.grant_book().note_serving(agent_id, data_plane, now);
-    }
-
-    /// Whether a central refusal for `agent_id`'s budget may be caused by
-    /// budget its grants hold, so that it must recall them first.
-    pub(super) fn may_hold_grants(&self, agent_id: &str, now: i64) -> bool {
-        // Another control plane on a shared store may have issued some.
-        self.shared_rates.is_some()
-            || self
-                .grant_book()
-                .issued_until
-                .get(agent_id)
-                .is_some_and(|until| *until >= now)
-    }
-
-    /// Takes back an agent's grants for a central decision near its edge:
-    /// tells every data plane to stop admitting from them and give them
-    /// back, and waits (at most [`RECALL_PATIENCE`]) until they have.
-    /// Returns whether there were any, i.e. whether deciding again may
-    /// find more free budget.
-    pub(super) async fn recall_grants(&self, agent_id: &str) -> Result<bool> {
-        let open = self.store.open_grants(Some(agent_id)).await?;
-        if open.is_empty() {
-            return Ok(false);
-        }
-        {
-            let mut book = self.grant_book();
-            book.recalled_at.insert(agent_id.to_string(), now_ms());
-            book.recalls += 1;
-        }
-        let _ = self
-            .changes
-            .send(super::Change::GrantsRevoked(agent_id.to_string()));
-        // The data planes of the other control planes on the database.
-        if let Err(e) = self.store.announce_grants_recalled(agent_id).await {
-            tracing::warn!(error = %e, agent = %agent_id, "could not tell the other control planes to recall grants; theirs go back at their deadline");
-        }
-        let started = tokio::time::Instant::now();
-        while started.elapsed() < RECALL_PATIENCE {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            if self.store.open_grants(Some(agent_id)).await?.is_empty() {
-                break;
-            }
-        }
-        Ok(true)
-    }
-
-    /// Takes back the agent's grants before an admin change to its budget
-    /// or limits, which is then decided on what is really free.
-    pub async fn recall_grants_of(&self, agent_id: &str) -> Result<()> {
-        self.recall_grants(agent_id).await.map(|_| ())
-    }
-
-    /// Another control plane recalled the agent's grants: this one's data
-    /// planes give theirs back, and it issues none for a while either.
-    pub fn grants_recalled_elsewhere(&self, agent_id: &str) {
-        self.grant_book()
-            .recalled_at
-            .insert(agent_id.to_string(), now_ms());
-        let _ = self
-            .changes
-            .send(super::Change::GrantsRevoked(agent_id.to_string()));
     }
 
     /// Ends the grants past their deadline: their data plane stopped
@@ -523,7 +335,7 @@ impl AdmissionEngine {
         self.reservation_ttl_ms
     }
 
-    fn grant_book(&self) -> std::sync::MutexGuard<'_, GrantBook> {
+    pub(super) fn grant_book(&self) -> std::sync::MutexGuard<'_, GrantBook> {
         self.grants.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -3,9 +3,11 @@
 //! short lock (never held across an await); the only I/O on the hot path is
 //! one database transaction to reserve and one to settle. A file per
 //! concern: what it answers (`types.rs`), what it holds (`live.rs`),
-//! admitting (`admit.rs`, deciding in memory in `decide.rs`), refusing (`denials.rs`), settling
-//! (`settle.rs`), expiring (`expiry.rs`), kill orders (`kill.rs`), grants
-//! (`grants.rs`), and the smaller rules beside them.
+//! admitting (`admit.rs`, deciding in memory in `decide.rs`), refusing
+//! (`denials.rs`), settling (`settle.rs`), expiring (`expiry.rs`), kill
+//! orders (`kill.rs`), grants (`grants.rs`; the calls reported from them in
+//! `reported.rs`, their recall in `recall.rs`), and the smaller rules
+//! beside them.
 
 mod admit;
 mod decide;
@@ -15,6 +17,8 @@ mod grants;
 mod kill;
 mod live;
 mod overruns;
+mod recall;
+mod reported;
 mod served;
 mod settle;
 mod shared;
@@ -43,7 +47,8 @@ use tokio::sync::broadcast;
 
 pub use aex_core::reservation::{ExpiryPolicy, Outcome};
 pub use aex_proto::convert::endpoint_from_pb;
-pub use grants::{GRANT_LIFETIME_MS, GrantAnswer, GrantRequest, LocalAdmit, LocalAdmitOutcome};
+pub use grants::{GRANT_LIFETIME_MS, GrantAnswer, GrantRequest};
+pub use reported::{LocalAdmit, LocalAdmitOutcome};
 pub use settle::charge_for;
 pub use types::{Admitted, Change, Decision, ExpirySweep, KillOrder, SettleInput, Settled};
 
