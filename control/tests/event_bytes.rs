@@ -90,14 +90,14 @@ fn settle(reservation_id: &str, outcome: Outcome, usage: TokenUsage, status: u32
 }
 
 struct Run {
-    core: AdmissionEngine,
+    engine: AdmissionEngine,
     models: ModelsConfig,
     ids: HashMap<String, String>,
 }
 
 impl Run {
     async fn admit(&self, request_id: &str, token_n: u8, ask: &Ask<'_>) -> Decision {
-        self.core
+        self.engine
             .admit(
                 &self.models,
                 request_id,
@@ -124,7 +124,7 @@ impl Run {
     }
 
     async fn settle(&self, s: SettleInput) {
-        self.core.settle(s).await.unwrap();
+        self.engine.settle(s).await.unwrap();
     }
 
     fn agent_id(&self, name: &str) -> String {
@@ -199,11 +199,15 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         let record = store.create_agent(a).await.unwrap();
         ids.insert(name.to_string(), record.id);
     }
-    let core = AdmissionEngine::load(store.clone() as Arc<dyn Store>, TTL_MS)
+    let engine = AdmissionEngine::load(store.clone() as Arc<dyn Store>, TTL_MS)
         .await
         .unwrap();
     let models = ModelsConfig::parse(DEFAULT_MODELS_YAML, Path::new("models.yaml")).unwrap();
-    let run = Run { core, models, ids };
+    let run = Run {
+        engine,
+        models,
+        ids,
+    };
     let chat = ask(Endpoint::ChatCompletions, false);
 
     // Calls and how they end: settled, released, over the reservation,
@@ -260,7 +264,7 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
     .await;
     run.admitted("req-7", 1, &chat).await;
     let swept = run
-        .core
+        .engine
         .expire_due(now_ms() + 2 * TTL_MS, ExpiryPolicy::Charge)
         .await
         .unwrap();
@@ -288,7 +292,7 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
     run.admitted("req-13", 3, &chat).await;
     run.denied("req-14", 3, &chat, "rpm").await;
     run.denied("req-15", 9, &chat, "auth").await;
-    run.core.flush_unauthenticated().await.unwrap();
+    run.engine.flush_unauthenticated().await.unwrap();
 
     // Grants: issued, calls recorded from one, returned, a call reported
     // after the return refused, another grant expired.
@@ -301,14 +305,14 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         calls_per_s: 10,
     };
     assert!(matches!(
-        run.core
+        run.engine
             .request_grant("dp-1", grant("grant-1"))
             .await
             .unwrap(),
         GrantAnswer::Issued { .. }
     ));
     let recorded = run
-        .core
+        .engine
         .admit_from_grants(vec![local(&golden, "grant-1", 1, &run.models)])
         .await;
     assert_eq!(recorded[0].as_ref().unwrap(), &LocalAdmitOutcome::Recorded);
@@ -319,9 +323,9 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         200,
     ))
     .await;
-    run.core.return_grant("grant-1", &golden).await.unwrap();
+    run.engine.return_grant("grant-1", &golden).await.unwrap();
     let refused = run
-        .core
+        .engine
         .admit_from_grants(vec![local(&golden, "grant-1", 2, &run.models)])
         .await;
     assert!(matches!(
@@ -329,14 +333,14 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         LocalAdmitOutcome::NotCovered(_)
     ));
     assert!(matches!(
-        run.core
+        run.engine
             .request_grant("dp-1", grant("grant-2"))
             .await
             .unwrap(),
         GrantAnswer::Issued { .. }
     ));
     assert_eq!(
-        run.core
+        run.engine
             .expire_grants(now_ms() + 60_000, ExpiryPolicy::Charge)
             .await
             .unwrap(),
@@ -394,7 +398,7 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
 
     // An operator's changes.
     let s = store.clone();
-    run.core
+    run.engine
         .change_agent(|| async move {
             s.update_agent(
                 "golden",
@@ -410,7 +414,7 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         .await
         .unwrap();
     let s = store.clone();
-    run.core
+    run.engine
         .change_agent(|| async move {
             s.rotate_token(
                 "golden",
@@ -427,19 +431,19 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
         .unwrap();
     for state in [AgentState::Paused, AgentState::Active] {
         let s = store.clone();
-        run.core
+        run.engine
             .change_agent(|| async move { s.set_state("golden", state).await })
             .await
             .unwrap();
     }
     run.denied("req-16", 4, &chat, "paused").await;
     let s = store.clone();
-    run.core
+    run.engine
         .change_agent(|| async move { s.kill_agent("limited").await })
         .await
         .unwrap();
     let s = store.clone();
-    run.core
+    run.engine
         .change_agent(|| async move { s.delete_agent("tight").await })
         .await
         .unwrap();
