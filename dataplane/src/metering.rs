@@ -3,7 +3,7 @@
 //! none. Pure.
 
 use crate::sse::Usage;
-use aex_core::reservation::Outcome as SettleOutcome;
+use aex_core::reservation::Outcome;
 
 /// No token of a byte-level BPE vocabulary in real use averages this many
 /// bytes of text: a stream past `MAX_BYTES_PER_TOKEN × cap` bytes has
@@ -43,7 +43,7 @@ pub fn estimated_tokens(bytes: u64) -> u64 {
 /// or in the body); `estimated_prompt_tokens` is the request's rough count;
 /// `reached_provider`: the request was sent to the provider.
 pub fn meter(
-    outcome: SettleOutcome,
+    outcome: Outcome,
     usage: Option<Usage>,
     output_bytes: u64,
     estimated_prompt_tokens: u64,
@@ -56,7 +56,7 @@ pub fn meter(
         cache_write_tokens: 0,
         usage_reported: false,
     };
-    if outcome == SettleOutcome::UpstreamRejected {
+    if outcome == Outcome::UpstreamRejected {
         // The provider refused the request itself; providers do not bill that.
         return nothing;
     }
@@ -73,12 +73,12 @@ pub fn meter(
         // Whatever ended the call, what reached the client was generated and
         // paid for: estimate it (the control plane caps an estimate at the
         // reservation).
-        None if output_bytes > 0 || outcome == SettleOutcome::Completed => Metered {
+        None if output_bytes > 0 || outcome == Outcome::Completed => Metered {
             prompt_tokens: estimated_prompt_tokens,
             completion_tokens: estimated_tokens(output_bytes),
             ..nothing
         },
-        None if outcome == SettleOutcome::CutOff => Metered {
+        None if outcome == Outcome::CutOff => Metered {
             prompt_tokens: estimated_prompt_tokens,
             ..nothing
         },
@@ -88,7 +88,7 @@ pub fn meter(
         None if reached_provider
             && matches!(
                 outcome,
-                SettleOutcome::ClientDisconnected | SettleOutcome::UpstreamTimeout
+                Outcome::ClientDisconnected | Outcome::UpstreamTimeout
             ) =>
         {
             Metered {
@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn honest_usage_is_taken_as_reported() {
-        let m = meter(SettleOutcome::Completed, Some(USAGE), 20, 99, true);
+        let m = meter(Outcome::Completed, Some(USAGE), 20, 99, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (10, 5));
         assert!(m.usage_reported);
     }
@@ -122,7 +122,7 @@ mod tests {
     /// text was charged 3 µ.
     #[test]
     fn usage_below_what_was_delivered_is_not_believed() {
-        let m = meter(SettleOutcome::Completed, Some(USAGE), 2_000_000, 99, true);
+        let m = meter(Outcome::Completed, Some(USAGE), 2_000_000, 99, true);
         assert_eq!(
             m.completion_tokens,
             2_000_000u64.div_ceil(MAX_BYTES_PER_TOKEN)
@@ -133,14 +133,14 @@ mod tests {
     /// although the client got output; a provider's 4xx was charged.
     #[test]
     fn failures_are_charged_what_was_delivered_and_refusals_nothing() {
-        let m = meter(SettleOutcome::UpstreamError, None, 400, 30, true);
+        let m = meter(Outcome::UpstreamError, None, 400, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (30, 100));
-        let m = meter(SettleOutcome::UpstreamRejected, Some(USAGE), 400, 30, true);
+        let m = meter(Outcome::UpstreamRejected, Some(USAGE), 400, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
         // Never sent: nothing to bill.
-        let m = meter(SettleOutcome::ClientDisconnected, None, 0, 30, false);
+        let m = meter(Outcome::ClientDisconnected, None, 0, 30, false);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
-        let m = meter(SettleOutcome::UpstreamError, None, 0, 30, true);
+        let m = meter(Outcome::UpstreamError, None, 0, 30, true);
         assert_eq!((m.prompt_tokens, m.completion_tokens), (0, 0));
     }
 
@@ -148,10 +148,7 @@ mod tests {
     /// first byte was charged 0, though the provider had its prompt.
     #[test]
     fn a_prompt_the_provider_received_is_charged() {
-        for outcome in [
-            SettleOutcome::ClientDisconnected,
-            SettleOutcome::UpstreamTimeout,
-        ] {
+        for outcome in [Outcome::ClientDisconnected, Outcome::UpstreamTimeout] {
             let m = meter(outcome, None, 0, 30, true);
             assert_eq!(
                 (m.prompt_tokens, m.completion_tokens),
@@ -169,7 +166,7 @@ mod tests {
         assert_eq!(cut_off_bytes(u64::MAX), u64::MAX);
         // A stream cut at the line is charged at least its cap.
         let cap = 100;
-        let m = meter(SettleOutcome::CutOff, None, cut_off_bytes(cap) + 1, 0, true);
+        let m = meter(Outcome::CutOff, None, cut_off_bytes(cap) + 1, 0, true);
         assert!(m.completion_tokens > cap);
     }
 }
