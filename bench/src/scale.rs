@@ -90,6 +90,7 @@ async fn seed(home: &aex_core::home::Home, agents: u64, events: u64) -> (f64, f6
                         usage: TokenUsage::new(12, 1),
                         extra_events: vec![],
                         details: serde_json::json!({"seeded": true}),
+                        at_ms: now_ms(),
                     })
                     .await
                     .expect("settle");
@@ -123,6 +124,7 @@ pub fn reservation(key: &str, agent_id: String, agent_name: &str) -> NewReservat
         max_open: 0,
         grant_id: None,
         log_budget_denial: true,
+        at_ms: now,
         details: serde_json::json!({"model": "bench"}),
     }
 }

@@ -375,7 +375,10 @@ async fn every_event_kind_seals_the_bytes_it_always_has() {
             })
             .await
             .unwrap();
-        store.end_process(&id, state, exit, reason).await.unwrap();
+        store
+            .end_process(&id, state, exit, reason, now_ms())
+            .await
+            .unwrap();
     }
 
     // Data-plane credentials.

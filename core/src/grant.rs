@@ -762,6 +762,7 @@ mod tests {
             max_open: 0,
             grant_id: Some("gnt_1".into()),
             log_budget_denial: false,
+            at_ms: 7_000,
         };
         let on_time = open_grant().carved(300).unwrap();
         assert!(matches!(on_time.reservation(&n), Cow::Borrowed(_)));

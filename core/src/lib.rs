@@ -22,4 +22,5 @@ pub mod overrun;
 pub mod policy;
 pub mod process;
 pub mod reservation;
+pub mod reserve;
 pub mod secrets;

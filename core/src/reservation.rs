@@ -42,6 +42,10 @@ pub struct NewReservation {
     /// when the control plane will decide again once it has recalled the
     /// agent's grants: only the decision the client sees is logged.
     pub log_budget_denial: bool,
+    /// When the control plane took it: a refused report's event time
+    /// (`record.created_at_ms` is when the call was admitted, by a data
+    /// plane for a reported one).
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,9 +169,70 @@ pub struct Settlement {
     /// The settlement event's particulars; the token counts are added by
     /// [`Settlement::events`].
     pub details: serde_json::Value,
+    /// When it was closed: its events' time and the row's `settled_at_ms`
+    /// (the caller's clock, not the store's).
+    pub at_ms: i64,
+}
+
+/// A reservation as a store read it to settle it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub agent_id: String,
+    pub amount_micro: i64,
+    pub state: ReservationState,
+}
+
+/// What a store does with a settlement ([`Settlement::decide`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// Writes nothing and answers this.
+    Answer(SettleOutcome),
+    /// The reservation is another agent's than the settlement names:
+    /// refused (the store's error), nothing written.
+    AnotherAgent,
+    /// Closes the reservation (a compare-and-set on its open state), moves
+    /// the agent's amounts and logs the events.
+    Close(Close),
+}
+
+/// A reservation's close, as every store writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Close {
+    pub agent_id: String,
+    /// What leaves the agent's `reserved`.
+    pub reserved_micro: i64,
+    /// What the agent's `spent` takes ([`Settlement::charge_within`]).
+    pub charge_micro: i64,
+    /// What the agent's overrun total takes ([`Settlement::overrun`]).
+    pub overrun_micro: i64,
+    pub state: ReservationState,
+    pub events: Vec<NewEvent>,
 }
 
 impl Settlement {
+    /// Decides this settlement from the reservation the store found: once
+    /// closed, a reservation stays as it is however often it is settled.
+    pub fn decide(&self, found: Option<Held>) -> Settle {
+        let Some(held) = found else {
+            return Settle::Answer(SettleOutcome::UnknownReservation);
+        };
+        if held.agent_id != self.agent_id {
+            return Settle::AnotherAgent;
+        }
+        if held.state != ReservationState::Open {
+            return Settle::Answer(SettleOutcome::AlreadyClosed);
+        }
+        let charge = self.charge_within(held.amount_micro);
+        Settle::Close(Close {
+            events: self.events(&held.agent_id, charge, self.at_ms),
+            state: self.final_state(charge),
+            agent_id: held.agent_id,
+            reserved_micro: held.amount_micro,
+            charge_micro: charge,
+            overrun_micro: self.overrun(),
+        })
+    }
+
     /// The charge as applied to a reservation of `reserved_micro`: never
     /// negative, never more than was reserved, so spent stays within budget.
     pub fn charge_within(&self, reserved_micro: i64) -> i64 {
@@ -323,13 +388,20 @@ pub struct DenialRecord {
     /// Denials this record stands for: 1, or a window of unauthenticated
     /// ones aggregated into one event (`details.count` says so too).
     pub count: u64,
+    /// When it was refused: its event's time.
+    pub at_ms: i64,
 }
 
 impl DenialRecord {
-    pub fn event(&self, now: i64) -> NewEvent {
-        let mut event = NewEvent::about(now, EventKind::Deny, &self.agent_id, &self.agent_name)
-            .reason(&self.reason)
-            .details(self.details.clone());
+    pub fn event(&self) -> NewEvent {
+        let mut event = NewEvent::about(
+            self.at_ms,
+            EventKind::Deny,
+            &self.agent_id,
+            &self.agent_name,
+        )
+        .reason(&self.reason)
+        .details(self.details.clone());
         event.count = i64::try_from(self.count.max(1)).unwrap_or(i64::MAX);
         event
     }
@@ -354,6 +426,7 @@ mod tests {
                 details: json!({}),
             }],
             details: json!({"model": "m"}),
+            at_ms: 9,
         }
     }
 
@@ -370,6 +443,47 @@ mod tests {
         let e = settlement(Closing::Expired, 100);
         assert_eq!(e.final_state(100), ReservationState::Expired);
         assert_eq!(e.final_state(0), ReservationState::Expired);
+    }
+
+    #[test]
+    fn a_reservation_closes_once_and_only_as_its_own_agent() {
+        let s = settlement(Closing::Finished(Outcome::Completed), 500);
+        let held = |agent: &str, state| Held {
+            agent_id: agent.into(),
+            amount_micro: 100,
+            state,
+        };
+        assert_eq!(
+            s.decide(None),
+            Settle::Answer(SettleOutcome::UnknownReservation)
+        );
+        assert_eq!(
+            s.decide(Some(held("agt_2", ReservationState::Open))),
+            Settle::AnotherAgent
+        );
+        for closed in [
+            ReservationState::Settled,
+            ReservationState::Released,
+            ReservationState::Expired,
+        ] {
+            assert_eq!(
+                s.decide(Some(held("agt_1", closed))),
+                Settle::Answer(SettleOutcome::AlreadyClosed)
+            );
+        }
+        let Settle::Close(close) = s.decide(Some(held("agt_1", ReservationState::Open))) else {
+            panic!("closes")
+        };
+        assert_eq!(
+            (
+                close.reserved_micro,
+                close.charge_micro,
+                close.overrun_micro
+            ),
+            (100, 100, 7)
+        );
+        assert_eq!(close.state, ReservationState::Settled);
+        assert!(close.events.iter().all(|e| e.ts_ms == 9));
     }
 
     #[test]

@@ -54,7 +54,10 @@ async fn end(
     code: Option<i32>,
     reason: &str,
 ) -> Result<Option<ProcessRecord>, Error> {
-    let ended = state.store.end_process(id, how, code, reason).await?;
+    let ended = state
+        .store
+        .end_process(id, how, code, reason, now_ms())
+        .await?;
     if let Some(p) = &ended {
         state.admission.revoke_process_token(&p.token_sha256);
     }

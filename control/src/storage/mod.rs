@@ -29,8 +29,8 @@ pub use aex_core::event::{EventKind, EventRecord, NewEvent};
 pub use aex_core::grant::{GrantEnd, GrantOutcome, GrantRecord, GrantState, NewGrant};
 pub use aex_core::process::{ProcessRecord, ProcessState};
 pub use aex_core::reservation::{
-    Closing, DenialRecord, ExtraEvent, NewReservation, Outcome, ReservationRecord,
-    ReservationState, ReserveOutcome, SettleOutcome, Settlement,
+    Closing, DenialRecord, ExtraEvent, Held, NewReservation, Outcome, ReservationRecord,
+    ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement,
 };
 use async_trait::async_trait;
 pub use database::Database;
@@ -449,6 +449,7 @@ pub trait GrantStore: Send + Sync + 'static {
         grant_id: &str,
         agent_id: &str,
         end: GrantEnd,
+        now_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError>;
     /// Open grants, of one agent or of all.
     async fn open_grants(&self, agent_id: Option<&str>) -> Result<Vec<GrantRecord>, StoreError>;
@@ -494,6 +495,7 @@ pub trait ProcessStore: Send + Sync + 'static {
         state: ProcessState,
         exit_code: Option<i32>,
         reason: &str,
+        now_ms: i64,
     ) -> Result<Option<ProcessRecord>, StoreError>;
     async fn list_processes(&self, include_ended: bool) -> Result<Vec<ProcessRecord>, StoreError>;
 }

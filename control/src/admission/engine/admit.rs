@@ -175,6 +175,7 @@ impl AdmissionEngine {
                     },
                     grant_id: None,
                     log_budget_denial: !may_hold_grants || recalled,
+                    at_ms: now_ms(),
                 })
                 .await;
             if let Ok(ReserveOutcome::InsufficientBudget { remaining_micro }) = &outcome

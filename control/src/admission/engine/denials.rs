@@ -72,6 +72,7 @@ impl AdmissionEngine {
             reason: d.denied_by.to_string(),
             details,
             count: 1,
+            at_ms: now_ms(),
         };
         if let Err(e) = self.store.record_denial(record).await {
             tracing::error!(error = %e, reason = %d.denied_by, "could not log a denial");
@@ -95,6 +96,7 @@ impl AdmissionEngine {
                 "request_id": r.request_id,
             }),
             count: 1,
+            at_ms: now_ms(),
         };
         if let Err(e) = self.store.record_denial(record).await {
             tracing::error!(error = %e, "could not log a budget denial");
@@ -120,6 +122,7 @@ impl AdmissionEngine {
                     "token_sha256_prefixes": gathered.token_prefixes,
                 }),
                 count,
+                at_ms: now_ms(),
             };
             if let Err(e) = self.store.record_denial(record).await {
                 // This reason and the ones not written yet go back.

@@ -58,6 +58,9 @@ impl AdmissionEngine {
                         "policy": policy.as_str(), "reserved_micro": r.amount_micro,
                         "expires_at_ms": r.expires_at_ms, "model": r.model,
                     }),
+                    // The clock at the close, as for any settlement: `now`
+                    // says which reservations are due, not when they closed.
+                    at_ms: now_ms(),
                 })
                 .await;
             let outcome = match settled {

@@ -270,7 +270,7 @@ impl AdmissionEngine {
     pub async fn return_grant(&self, grant_id: &str, agent_id: &str) -> Result<()> {
         let ended = self
             .store
-            .end_grant(grant_id, agent_id, GrantEnd::Returned)
+            .end_grant(grant_id, agent_id, GrantEnd::Returned, now_ms())
             .await?;
         if let Some(g) = ended {
             let rpm = self.lock().agents.get(agent_id).map_or(0, |a| a.record.rpm);
@@ -304,7 +304,12 @@ impl AdmissionEngine {
             let end = GrantEnd::Expired {
                 charge: policy == super::ExpiryPolicy::Charge,
             };
-            match self.store.end_grant(&g.id, &g.agent_id, end).await {
+            // The clock at the end, as for any return: `now` says which are due.
+            match self
+                .store
+                .end_grant(&g.id, &g.agent_id, end, now_ms())
+                .await
+            {
                 Ok(Some(_)) => ended += 1,
                 Ok(None) => {}
                 Err(e) => tracing::error!(grant = %g.id, error = %e, "could not expire a grant"),

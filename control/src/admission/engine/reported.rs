@@ -5,7 +5,7 @@
 use super::{AdmissionEngine, OpenReservation};
 use crate::error::{Error, Result};
 use crate::in_order::InOrder;
-use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome};
+use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
 use aex_core::policy::Endpoint;
 use serde_json::json;
 
@@ -70,6 +70,7 @@ impl AdmissionEngine {
                 Err(e) => results.put(i, Err(e)),
             }
         }
+        let now = now_ms();
         let reservations = valid
             .iter()
             .map(|(_, a)| NewReservation {
@@ -82,6 +83,7 @@ impl AdmissionEngine {
                 max_open: 0,
                 grant_id: Some(a.grant_id.clone()),
                 log_budget_denial: false,
+                at_ms: now,
             })
             .collect::<Vec<_>>();
         let names: Vec<String> = reservations.iter().map(|n| n.agent_name.clone()).collect();

@@ -128,6 +128,7 @@ impl AdmissionEngine {
                 "reserved_micro": record.amount_micro, "usage_reported": s.usage_reported,
                 "upstream_status": s.upstream_status, "model": record.model,
             }),
+            at_ms: now_ms(),
         };
         Ok(Some((record, settlement)))
     }

@@ -47,7 +47,13 @@ async fn an_order_on_a_row_reaches_that_process_once() {
     assert!(admission.authenticate_only("t_old").is_ok());
     // Ended: its token no longer does.
     store
-        .end_process("proc_old", ProcessState::Killed, None, "killed")
+        .end_process(
+            "proc_old",
+            ProcessState::Killed,
+            None,
+            "killed",
+            crate::storage::now_ms(),
+        )
         .await
         .unwrap();
     admission.refresh_agent(&agent.id).await.unwrap();

@@ -62,6 +62,7 @@ async fn history() -> MemoryStore {
         reason: "rpm".into(),
         details: json!({"status": 429}),
         count: 1,
+        at_ms: now_ms(),
     })
     .await
     .unwrap();
@@ -82,7 +83,7 @@ async fn history() -> MemoryStore {
     })
     .await
     .unwrap();
-    s.end_process("prc_1", ProcessState::Exited, Some(0), "")
+    s.end_process("prc_1", ProcessState::Exited, Some(0), "", now_ms())
         .await
         .unwrap();
     s.create_agent(new_agent("gone", "hg")).await.unwrap();

@@ -1,20 +1,19 @@
 //! Grants on PostgreSQL: each operation is owned by its agent, so the batch
 //! holds the agent's advisory lock (which every control plane takes before
 //! touching the agent's rows) and a read followed by a write cannot race
-//! another replica. The same steps as `sqlite/grants.rs`.
+//! another replica. The same steps as `sqlite/grants.rs`; a call carved from
+//! a grant is a reservation (`reserve.rs`).
 
 use super::writer::{Chain, Operation, Owner};
-use crate::storage::rows::{GRANT_COLUMNS, GrantRow, stored_u64};
-use crate::storage::{
-    GrantEnd, GrantOutcome, GrantRecord, NewGrant, NewReservation, ReservationState,
-    ReserveOutcome, StoreError, now_ms,
-};
-use aex_core::grant::{carve_call, refused_report_event};
-use aex_core::reservation::admit_event;
+use crate::storage::rows::{GRANT_COLUMNS, GrantRow};
+use crate::storage::{GrantEnd, GrantOutcome, GrantRecord, NewGrant, StoreError};
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
 
-async fn grant(conn: &mut PgConnection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
+pub(super) async fn grant(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<GrantRecord>, StoreError> {
     let row: Option<GrantRow> =
         sqlx::query_as(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"))
             .bind(id)
@@ -29,6 +28,7 @@ async fn end(
     grant_id: &str,
     agent_id: &str,
     how: GrantEnd,
+    now: i64,
 ) -> Result<Option<GrantRecord>, StoreError> {
     let Some(current) = grant(conn, grant_id)
         .await?
@@ -40,7 +40,6 @@ async fn end(
         .bind(agent_id)
         .fetch_optional(&mut *conn)
         .await?;
-    let now = now_ms();
     let Some(ending) = current.end(how, &name.map(|n| n.0).unwrap_or_default(), now) else {
         return Ok(None);
     };
@@ -81,7 +80,15 @@ impl Operation for IssueGrant {
     ) -> Result<GrantOutcome, StoreError> {
         let g = &self.0;
         if let Some(old) = &g.replaces {
-            end(conn, chain, old, &g.agent_id, GrantEnd::Returned).await?;
+            end(
+                conn,
+                chain,
+                old,
+                &g.agent_id,
+                GrantEnd::Returned,
+                g.created_at_ms,
+            )
+            .await?;
         }
         let read: Option<(i64, i64)> = sqlx::query_as(
             "SELECT budget_micro - spent_micro - reserved_micro, \
@@ -127,6 +134,7 @@ pub(super) struct EndGrant {
     pub grant_id: String,
     pub agent_id: String,
     pub end: GrantEnd,
+    pub now_ms: i64,
 }
 
 #[async_trait]
@@ -140,77 +148,14 @@ impl Operation for EndGrant {
         conn: &mut PgConnection,
         chain: &mut Chain,
     ) -> Result<Option<GrantRecord>, StoreError> {
-        end(conn, chain, &self.grant_id, &self.agent_id, self.end).await
+        end(
+            conn,
+            chain,
+            &self.grant_id,
+            &self.agent_id,
+            self.end,
+            self.now_ms,
+        )
+        .await
     }
-}
-
-/// A call a data plane admitted from a grant (the request id was checked
-/// first by `Reserve`): its amount moves from the grant's unused part to
-/// the reservation; the agent's `reserved` stays.
-pub(super) async fn reserve_from_grant(
-    conn: &mut PgConnection,
-    chain: &mut Chain,
-    n: &NewReservation,
-    grant_id: &str,
-) -> Result<ReserveOutcome, StoreError> {
-    let r = &n.record;
-    let found = grant(conn, grant_id).await?;
-    let carve = match carve_call(found.as_ref(), grant_id, &r.agent_id, r.amount_micro) {
-        Ok(c) => c,
-        Err(why) => {
-            // The batch holds the agent's lock: no other replica logs it
-            // between this read and the commit.
-            let logged: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM events \
-                 WHERE reservation_id = $1 AND kind = 'report.refused')",
-            )
-            .bind(&r.id)
-            .fetch_one(&mut *conn)
-            .await?;
-            if !logged && !chain.refused(&r.id) {
-                chain.append(&refused_report_event(n, grant_id, &why, now_ms()));
-            }
-            return Ok(ReserveOutcome::GrantNotCovered(why));
-        }
-    };
-    let carved = &carve.after;
-    let (remaining,): (i64,) = sqlx::query_as(
-        "WITH carved AS (UPDATE grants SET used_micro = $13, requests_used = $14, \
-         charged_micro = $18 WHERE id = $15 AND state = $19), \
-         inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
-         amount_micro, input_pico_per_token, output_pico_per_token, \
-         input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, \
-         cached_input_pico_per_token, cache_write_pico_per_token) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $16, $17)) \
-         UPDATE agents SET last_activity_at_ms = $11, reserved_micro = reserved_micro + $20, \
-         spent_micro = spent_micro - $21 WHERE id = $3 \
-         RETURNING budget_micro - spent_micro - reserved_micro",
-    )
-    .bind(&r.id)
-    .bind(&r.request_id)
-    .bind(&r.agent_id)
-    .bind(&r.model)
-    .bind(r.amount_micro)
-    .bind(r.pricing.input_pico_per_token)
-    .bind(r.pricing.output_pico_per_token)
-    .bind(stored_u64(r.input_tokens_bound))
-    .bind(stored_u64(r.output_tokens_cap))
-    .bind(ReservationState::Open.as_str())
-    .bind(r.created_at_ms)
-    .bind(r.expires_at_ms)
-    .bind(carved.used_micro)
-    .bind(i64::from(carved.requests_used))
-    .bind(grant_id)
-    .bind(r.pricing.cached_input_pico_per_token)
-    .bind(r.pricing.cache_write_pico_per_token)
-    .bind(carved.charged_micro)
-    .bind(carved.state.as_str())
-    .bind(carve.reserved_delta)
-    .bind(carve.uncharged_micro)
-    .fetch_one(&mut *conn)
-    .await?;
-    chain.append(&admit_event(&carve.reservation(n)));
-    Ok(ReserveOutcome::Reserved {
-        remaining_micro: remaining,
-    })
 }

@@ -25,6 +25,7 @@ mod many;
 mod notify;
 mod rates;
 mod reads;
+mod reserve;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -233,11 +234,11 @@ impl LedgerStore for PgStore {
     }
 
     async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
-        self.writer.write(writes::Reserve(n)).await
+        self.writer.write(reserve::Reserve(n)).await
     }
 
     async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
-        self.writer.write(writes::Settle(st)).await
+        self.writer.write(reserve::Settle(st)).await
     }
 
     async fn reserve_many(
@@ -245,13 +246,13 @@ impl LedgerStore for PgStore {
         ns: Vec<NewReservation>,
     ) -> Vec<Result<ReserveOutcome, StoreError>> {
         self.writer
-            .write_many(ns.into_iter().map(writes::Reserve).collect())
+            .write_many(ns.into_iter().map(reserve::Reserve).collect())
             .await
     }
 
     async fn settle_many(&self, sts: Vec<Settlement>) -> Vec<Result<SettleOutcome, StoreError>> {
         self.writer
-            .write_many(sts.into_iter().map(writes::Settle).collect())
+            .write_many(sts.into_iter().map(reserve::Settle).collect())
             .await
     }
 
@@ -296,12 +297,14 @@ impl GrantStore for PgStore {
         grant_id: &str,
         agent_id: &str,
         end: GrantEnd,
+        now_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
         self.writer
             .write(grants::EndGrant {
                 grant_id: grant_id.to_string(),
                 agent_id: agent_id.to_string(),
                 end,
+                now_ms,
             })
             .await
     }
@@ -373,6 +376,7 @@ impl ProcessStore for PgStore {
         state: ProcessState,
         exit_code: Option<i32>,
         reason: &str,
+        now_ms: i64,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         self.writer
             .write(writes::EndProcess {
@@ -380,6 +384,7 @@ impl ProcessStore for PgStore {
                 state,
                 exit_code,
                 reason: reason.to_string(),
+                now_ms,
             })
             .await
     }

@@ -1,20 +1,17 @@
-//! The write operations, each run by the writer inside its batch's
-//! transaction (see `writer.rs`). What to write was decided by the domain
-//! (`aex_core::{agent, reservation, process}`); here each step is one SQL
-//! statement where it must be atomic — the budget check and the take, the
-//! close of a reservation as a compare-and-set — and the decided events are
-//! appended. The same steps as `sqlite/writes.rs`, in PostgreSQL's SQL.
+//! The write operations on agents and processes, and denials, each run by
+//! the writer inside its batch's transaction (see `writer.rs`; reservations
+//! are `reserve.rs`, grants `grants.rs`). What to write was decided by the
+//! domain (`aex_core::{agent, process}`); here each step is one SQL
+//! statement where it must be atomic, and the decided events are appended.
+//! The same steps as `sqlite/writes.rs`, in PostgreSQL's SQL.
 
 use super::writer::{Chain, Operation, Owner};
 use crate::storage::rows::{
-    AGENT_COLUMNS, AGENT_SETTABLE_COLUMNS, AgentRow, PROCESS_SELECT, ProcessRow,
-    RESERVATION_COLUMNS, ReservationRow, stored_u64,
+    AGENT_COLUMNS, AGENT_SETTABLE_COLUMNS, AgentRow, PROCESS_SELECT, ProcessRow, stored_u64,
 };
 use crate::storage::{
-    AgentChange, AgentRecord, AgentWrite, DenialRecord, NewReservation, ProcessRecord,
-    ProcessState, ReservationState, ReserveOutcome, SettleOutcome, Settlement, StoreError, now_ms,
+    AgentChange, AgentRecord, AgentWrite, DenialRecord, ProcessRecord, ProcessState, StoreError,
 };
-use aex_core::reservation::{admit_event, budget_denial_event};
 use async_trait::async_trait;
 use sqlx::Postgres;
 use sqlx::postgres::{PgArguments, PgConnection};
@@ -155,201 +152,6 @@ impl Operation for ChangeAgent {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct ExistingReservation {
-    #[sqlx(flatten)]
-    row: ReservationRow,
-    state: String,
-}
-
-pub(super) struct Reserve(pub NewReservation);
-
-#[async_trait]
-impl Operation for Reserve {
-    type Output = ReserveOutcome;
-    fn owners(&self) -> Vec<Owner> {
-        vec![Owner::Agent(self.0.record.agent_id.clone())]
-    }
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        chain: &mut Chain,
-    ) -> Result<ReserveOutcome, StoreError> {
-        let n = &self.0;
-        let r = &n.record;
-        if let Some(grant_id) = &n.grant_id {
-            let existing: Option<ExistingReservation> = sqlx::query_as(&format!(
-                "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
-            ))
-            .bind(&r.request_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(existing) = existing {
-                return Ok(if existing.state == ReservationState::Open.as_str() {
-                    ReserveOutcome::AlreadyAdmitted(existing.row.into())
-                } else {
-                    ReserveOutcome::AlreadyClosed(existing.row.into())
-                });
-            }
-            return super::grants::reserve_from_grant(conn, chain, n, grant_id).await;
-        }
-        // One statement, one round trip, in the order the outcome is
-        // decided: a reservation this request already has; the agent's
-        // limit on open reservations (counted under the agent's lock, which
-        // every control plane takes before touching its rows, so the count
-        // cannot move before this one is inserted); then the budget check
-        // and the take together, so no two admissions on any control plane
-        // can both take the last micro. The row is inserted only if the
-        // budget was taken.
-        let decided: Option<(Option<String>, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "WITH existing AS (SELECT id FROM reservations WHERE request_id = $2), \
-             open_now AS (SELECT COUNT(*) AS n FROM reservations \
-             WHERE $13 > 0 AND state = 'open' AND agent_id = $3), \
-             taken AS (UPDATE agents SET reserved_micro = reserved_micro + $5, \
-             last_activity_at_ms = $11 \
-             WHERE id = $3 AND deleted_at_ms IS NULL \
-             AND budget_micro - spent_micro - reserved_micro >= $5 \
-             AND NOT EXISTS (SELECT 1 FROM existing) \
-             AND ($13 = 0 OR (SELECT n FROM open_now) < $13) \
-             RETURNING budget_micro - spent_micro - reserved_micro AS remaining), \
-             inserted AS (INSERT INTO reservations (id, request_id, agent_id, model, \
-             amount_micro, input_pico_per_token, output_pico_per_token, \
-             input_tokens_bound, output_tokens_cap, state, created_at_ms, expires_at_ms, \
-             cached_input_pico_per_token, cache_write_pico_per_token) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $14, $15 FROM taken) \
-             SELECT (SELECT id FROM existing), (SELECT n FROM open_now), \
-             (SELECT remaining FROM taken), \
-             budget_micro - spent_micro - reserved_micro \
-             FROM agents WHERE id = $3",
-        )
-        .bind(&r.id)
-        .bind(&r.request_id)
-        .bind(&r.agent_id)
-        .bind(&r.model)
-        .bind(r.amount_micro)
-        .bind(r.pricing.input_pico_per_token)
-        .bind(r.pricing.output_pico_per_token)
-        .bind(stored_u64(r.input_tokens_bound))
-        .bind(stored_u64(r.output_tokens_cap))
-        .bind(ReservationState::Open.as_str())
-        .bind(r.created_at_ms)
-        .bind(r.expires_at_ms)
-        .bind(i64::from(n.max_open))
-        .bind(r.pricing.cached_input_pico_per_token)
-        .bind(r.pricing.cache_write_pico_per_token)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some((existing, open, taken, remaining_before)) = decided else {
-            return Err(StoreError::AgentNotFound(n.agent_name.clone()));
-        };
-        if existing.is_some() {
-            // A retry: answered with the row as it stands (rare, so read apart).
-            let existing: ExistingReservation = sqlx::query_as(&format!(
-                "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
-            ))
-            .bind(&r.request_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            return Ok(if existing.state == ReservationState::Open.as_str() {
-                ReserveOutcome::AlreadyAdmitted(existing.row.into())
-            } else {
-                ReserveOutcome::AlreadyClosed(existing.row.into())
-            });
-        }
-        if n.max_open > 0 && open >= i64::from(n.max_open) {
-            return Ok(ReserveOutcome::TooManyOpen);
-        }
-        let Some(remaining) = taken else {
-            let remaining = remaining_before.unwrap_or(0);
-            if n.log_budget_denial {
-                chain.append(&budget_denial_event(n, remaining));
-            }
-            return Ok(ReserveOutcome::InsufficientBudget {
-                remaining_micro: remaining,
-            });
-        };
-        chain.append(&admit_event(n));
-        Ok(ReserveOutcome::Reserved {
-            remaining_micro: remaining,
-        })
-    }
-}
-
-pub(super) struct Settle(pub Settlement);
-
-#[async_trait]
-impl Operation for Settle {
-    type Output = SettleOutcome;
-    fn owners(&self) -> Vec<Owner> {
-        vec![Owner::Agent(self.0.agent_id.clone())]
-    }
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        chain: &mut Chain,
-    ) -> Result<SettleOutcome, StoreError> {
-        let st = &self.0;
-        let now = now_ms();
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT agent_id, amount_micro FROM reservations WHERE id = $1")
-                .bind(&st.reservation_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let Some((agent_id, reserved)) = row else {
-            return Ok(SettleOutcome::UnknownReservation);
-        };
-        if agent_id != st.agent_id {
-            // The batch locked the agent the caller named, not this one.
-            return Err(StoreError::settled_as_another_agent(st));
-        }
-        let charge = st.charge_within(reserved);
-        let overrun = st.overrun();
-        // Compare-and-set: only the first settlement of an open reservation
-        // changes anything, however often (and wherever) it is retried; the
-        // agent's totals move in the same statement. The overrun total
-        // saturates: one absurd report must not overflow it.
-        let (closed, remaining): (i64, Option<i64>) = sqlx::query_as(
-            "WITH closed AS (UPDATE reservations SET state = $2, settled_at_ms = $3, \
-                 charged_micro = $4, outcome = $5, prompt_tokens = $6, completion_tokens = $7, \
-                 overrun_micro = $8, cached_input_tokens = $10, cache_write_tokens = $11 \
-                 WHERE id = $1 AND state = 'open' RETURNING agent_id), \
-             moved AS (UPDATE agents SET reserved_micro = reserved_micro - $9, \
-                 spent_micro = spent_micro + $4, last_activity_at_ms = $3, \
-                 overrun_micro = CASE WHEN overrun_micro > 9223372036854775807 - $8 \
-                     THEN 9223372036854775807 ELSE overrun_micro + $8 END \
-                 FROM closed WHERE agents.id = closed.agent_id \
-                 RETURNING budget_micro - spent_micro - reserved_micro AS remaining) \
-             SELECT (SELECT COUNT(*) FROM closed), (SELECT remaining FROM moved)",
-        )
-        .bind(&st.reservation_id)
-        .bind(st.final_state(charge).as_str())
-        .bind(now)
-        .bind(charge)
-        .bind(st.closing.as_str())
-        .bind(stored_u64(st.usage.input))
-        .bind(stored_u64(st.usage.output))
-        .bind(overrun)
-        .bind(reserved)
-        .bind(stored_u64(st.usage.cached_input))
-        .bind(stored_u64(st.usage.cache_write))
-        .fetch_one(&mut *conn)
-        .await?;
-        if closed == 0 {
-            return Ok(SettleOutcome::AlreadyClosed);
-        }
-        let Some(remaining) = remaining else {
-            // Undone with the batch: a reservation is never closed without
-            // its agent's totals.
-            return Err(StoreError::AgentNotFound(st.agent_name.clone()));
-        };
-        chain.append_all(&st.events(&agent_id, charge, now));
-        Ok(SettleOutcome::Settled {
-            charged_micro: charge,
-            remaining_micro: remaining,
-        })
-    }
-}
-
 pub(super) struct Deny(pub DenialRecord);
 
 #[async_trait]
@@ -359,7 +161,7 @@ impl Operation for Deny {
         vec![Owner::Agent(self.0.agent_id.clone())]
     }
     async fn run(&self, _conn: &mut PgConnection, chain: &mut Chain) -> Result<(), StoreError> {
-        chain.append(&self.0.event(now_ms()));
+        chain.append(&self.0.event());
         Ok(())
     }
 }
@@ -490,6 +292,7 @@ pub(super) struct EndProcess {
     pub state: ProcessState,
     pub exit_code: Option<i32>,
     pub reason: String,
+    pub now_ms: i64,
 }
 
 #[async_trait]
@@ -508,7 +311,7 @@ impl Operation for EndProcess {
                 "a process ends as exited, killed or lost, not running".into(),
             ));
         }
-        let now = now_ms();
+        let now = self.now_ms;
         let ended = sqlx::query(
             "UPDATE processes SET state = $2, ended_at_ms = $3, exit_code = $4, reason = $5 \
              WHERE id = $1 AND state = 'running'",

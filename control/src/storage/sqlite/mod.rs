@@ -13,6 +13,7 @@ mod credentials;
 mod errors;
 mod grants;
 mod reads;
+mod reserve;
 mod rows;
 #[cfg(test)]
 mod tests;
@@ -216,13 +217,13 @@ impl AgentStore for SqliteStore {
 impl LedgerStore for SqliteStore {
     async fn reserve(&self, n: NewReservation) -> Result<ReserveOutcome, StoreError> {
         self.writer
-            .write(move |conn, chain| writes::reserve(conn, chain, &n))
+            .write(move |conn, chain| reserve::reserve(conn, chain, &n))
             .await
     }
 
     async fn settle(&self, st: Settlement) -> Result<SettleOutcome, StoreError> {
         self.writer
-            .write(move |conn, chain| writes::settle(conn, chain, &st))
+            .write(move |conn, chain| reserve::settle(conn, chain, &st))
             .await
     }
 
@@ -235,7 +236,7 @@ impl LedgerStore for SqliteStore {
             .writer
             .write(move |conn, chain| {
                 writer::each_alone(conn, chain, &ns, |conn, chain, n| {
-                    writes::reserve(conn, chain, n)
+                    reserve::reserve(conn, chain, n)
                 })
             })
             .await;
@@ -248,7 +249,7 @@ impl LedgerStore for SqliteStore {
             .writer
             .write(move |conn, chain| {
                 writer::each_alone(conn, chain, &sts, |conn, chain, st| {
-                    writes::settle(conn, chain, st)
+                    reserve::settle(conn, chain, st)
                 })
             })
             .await;
@@ -298,10 +299,13 @@ impl GrantStore for SqliteStore {
         grant_id: &str,
         agent_id: &str,
         end: GrantEnd,
+        now_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
         let (grant_id, agent_id) = (grant_id.to_string(), agent_id.to_string());
         self.writer
-            .write(move |conn, chain| grants::end_grant(conn, chain, &grant_id, &agent_id, end))
+            .write(move |conn, chain| {
+                grants::end_grant(conn, chain, &grant_id, &agent_id, end, now_ms)
+            })
             .await
     }
 
@@ -369,11 +373,12 @@ impl ProcessStore for SqliteStore {
         state: ProcessState,
         exit_code: Option<i32>,
         reason: &str,
+        now_ms: i64,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         let (id, reason) = (id.to_string(), reason.to_string());
         self.writer
             .write(move |conn, chain| {
-                writes::end_process(conn, chain, &id, state, exit_code, &reason)
+                writes::end_process(conn, chain, &id, state, exit_code, &reason, now_ms)
             })
             .await
     }

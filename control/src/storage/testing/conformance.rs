@@ -39,6 +39,8 @@ macro_rules! store_conformance {
             reports_add_up_from_the_counters,
             audit_passes_over_the_stores_own_writes,
             a_retried_admission_of_a_closed_reservation_reserves_nothing,
+            a_reservation_for_an_unknown_agent_is_not_found_and_a_deleted_one_refused,
+            a_reservation_is_refused_in_one_order,
             open_and_due_reservations_are_found_by_id_and_expiry,
             no_more_reservations_open_than_the_limit_under_concurrency,
             a_grant_holds_budget_that_calls_then_take,
@@ -125,6 +127,7 @@ pub fn reservation(agent: &AgentRecord, n: usize, amount_micro: i64) -> NewReser
         grant_id: None,
         log_budget_denial: true,
         details: json!({"n": n}),
+        at_ms: now_ms(),
     }
 }
 
@@ -158,6 +161,7 @@ pub fn settlement(agent: &AgentRecord, n: usize, charge_micro: i64) -> Settlemen
         usage: TokenUsage::new(1, 1),
         extra_events: vec![],
         details: json!({}),
+        at_ms: now_ms(),
     }
 }
 
@@ -318,6 +322,7 @@ pub async fn concurrent_ledger_and_admin_writes_keep_one_chain_and_exact_money(s
                 reason: "rpm".into(),
                 details: json!({}),
                 count: 1,
+                at_ms: now_ms(),
             })
             .await
             .unwrap();
@@ -743,7 +748,13 @@ pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {
     assert_eq!(running[0].pid, 4242);
     assert_eq!(running[0].kill_reason.as_deref(), Some("budget exhausted"));
     let ended = s
-        .end_process("prc_1", ProcessState::Killed, Some(137), "budget exhausted")
+        .end_process(
+            "prc_1",
+            ProcessState::Killed,
+            Some(137),
+            "budget exhausted",
+            now_ms(),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -751,21 +762,27 @@ pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {
     assert_eq!(ended.exit_code, Some(137));
     assert!(ended.ended_at_ms.is_some());
     assert_eq!(
-        s.end_process("prc_1", ProcessState::Exited, Some(0), "")
+        s.end_process("prc_1", ProcessState::Exited, Some(0), "", now_ms())
             .await
             .unwrap(),
         None,
         "ends once"
     );
     assert!(matches!(
-        s.end_process("prc_2", ProcessState::Running, None, "")
+        s.end_process("prc_2", ProcessState::Running, None, "", now_ms())
             .await,
         Err(StoreError::Invalid(_))
     ));
-    s.end_process("prc_2", ProcessState::Lost, None, "supervisor disconnected")
-        .await
-        .unwrap()
-        .unwrap();
+    s.end_process(
+        "prc_2",
+        ProcessState::Lost,
+        None,
+        "supervisor disconnected",
+        now_ms(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(s.list_processes(false).await.unwrap().is_empty());
     assert_eq!(s.list_processes(true).await.unwrap().len(), 2);
     let events = all_events(s.as_ref()).await;
@@ -813,6 +830,7 @@ pub async fn reports_add_up_from_the_counters(s: Arc<dyn Store>) {
             reason: "rpm".into(),
             details: json!({}),
             count: 1,
+            at_ms: now_ms(),
         })
         .await
         .unwrap();
@@ -824,6 +842,7 @@ pub async fn reports_add_up_from_the_counters(s: Arc<dyn Store>) {
         reason: "auth".into(),
         details: json!({"count": 5}),
         count: 5,
+        at_ms: now_ms(),
     })
     .await
     .unwrap();
@@ -906,6 +925,75 @@ pub async fn a_retried_admission_of_a_closed_reservation_reserves_nothing(s: Arc
     assert!(s.open_reservations().await.unwrap().is_empty());
     let events = all_events(s.as_ref()).await;
     assert_eq!(kinds(&events), ["agent.created", "admit", "settle"]);
+}
+
+/// Every store answers a reservation for an agent no row has with
+/// `AgentNotFound` (nothing logged), and one for a deleted agent as out of
+/// budget, logged like any budget refusal.
+pub async fn a_reservation_for_an_unknown_agent_is_not_found_and_a_deleted_one_refused(
+    s: Arc<dyn Store>,
+) {
+    let a = s.create_agent(new_agent("gone", "hg")).await.unwrap();
+    s.delete_agent("gone").await.unwrap();
+    let before = all_events(s.as_ref()).await.len();
+    let unknown = AgentRecord {
+        id: "agt_never".into(),
+        name: "never".into(),
+        ..a.clone()
+    };
+    let answer = s.reserve(reservation(&unknown, 1, 10)).await;
+    assert!(
+        matches!(&answer, Err(StoreError::AgentNotFound(name)) if name == "never"),
+        "{answer:?}"
+    );
+    assert_eq!(all_events(s.as_ref()).await.len(), before, "nothing logged");
+    let answer = s.reserve(reservation(&a, 2, 10)).await.unwrap();
+    assert_eq!(
+        answer,
+        ReserveOutcome::InsufficientBudget {
+            remaining_micro: a.budget_micro
+        }
+    );
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(kinds(&events[before..]), ["deny"]);
+    assert_eq!(events[before].body.reason, "budget");
+    assert!(s.open_reservations().await.unwrap().is_empty());
+}
+
+/// The order every store refuses in: a request id already reserved is
+/// answered as it stands, however the agent's limits moved since; then the
+/// limit on open reservations, before the budget.
+pub async fn a_reservation_is_refused_in_one_order(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("a", "h")).await.unwrap();
+    let limited = |n, amount| {
+        let mut r = reservation(&a, n, amount);
+        r.max_open = 1;
+        r
+    };
+    s.reserve(limited(1, a.budget_micro - 5)).await.unwrap();
+    // At its limit and 5 µ left: the retry of the open one is answered.
+    let again = s.reserve(limited(1, a.budget_micro - 5)).await.unwrap();
+    assert!(matches!(again, ReserveOutcome::AlreadyAdmitted(r) if r.id == "rsv_1"));
+    // Too many open and too little budget: the limit is what is said, and
+    // nothing is logged for it.
+    let before = all_events(s.as_ref()).await.len();
+    assert_eq!(
+        s.reserve(limited(2, 100)).await.unwrap(),
+        ReserveOutcome::TooManyOpen
+    );
+    assert_eq!(all_events(s.as_ref()).await.len(), before);
+    // Without the limit, the budget refuses it.
+    assert_eq!(
+        s.reserve(reservation(&a, 3, 100)).await.unwrap(),
+        ReserveOutcome::InsufficientBudget { remaining_micro: 5 }
+    );
+    assert_eq!(
+        s.reserve(reservation(&a, 4, 5)).await.unwrap(),
+        ReserveOutcome::Reserved { remaining_micro: 0 }
+    );
+    let events = all_events(s.as_ref()).await;
+    assert_eq!(kinds(&events), ["agent.created", "admit", "deny", "admit"]);
+    assert_one_chain(&events);
 }
 
 /// What a control plane that did not admit a reservation reads to settle or
@@ -1082,7 +1170,7 @@ pub async fn a_grant_holds_budget_that_calls_then_take(s: Arc<dyn Store>) {
     s.settle(settlement(&a, 0, 40)).await.unwrap();
     // Returned: the unused 9,700 µ leave `reserved`; the two open calls stay.
     let ended = s
-        .end_grant("gnt_1", &a.id, GrantEnd::Returned)
+        .end_grant("gnt_1", &a.id, GrantEnd::Returned, now_ms())
         .await
         .unwrap()
         .unwrap();
@@ -1240,7 +1328,7 @@ pub async fn a_grant_ends_once_and_an_expiry_charges_what_is_unreported(s: Arc<d
     for _ in 0..8 {
         let (s, id) = (s.clone(), a.id.clone());
         ends.spawn(async move {
-            s.end_grant("gnt_c", &id, GrantEnd::Expired { charge: true })
+            s.end_grant("gnt_c", &id, GrantEnd::Expired { charge: true }, now_ms())
                 .await
                 .unwrap()
         });
@@ -1251,7 +1339,12 @@ pub async fn a_grant_ends_once_and_an_expiry_charges_what_is_unreported(s: Arc<d
     }
     assert_eq!(ended, 1);
     let charged = s
-        .end_grant("gnt_r", &a.id, GrantEnd::Expired { charge: false })
+        .end_grant(
+            "gnt_r",
+            &a.id,
+            GrantEnd::Expired { charge: false },
+            now_ms(),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -1260,7 +1353,7 @@ pub async fn a_grant_ends_once_and_an_expiry_charges_what_is_unreported(s: Arc<d
         (GrantState::Expired, 0)
     );
     assert!(
-        s.end_grant("gnt_r", &a.id, GrantEnd::Returned)
+        s.end_grant("gnt_r", &a.id, GrantEnd::Returned, now_ms())
             .await
             .unwrap()
             .is_none()
@@ -1273,7 +1366,7 @@ pub async fn a_grant_ends_once_and_an_expiry_charges_what_is_unreported(s: Arc<d
     let b = s.create_agent(new_agent("b", "hb")).await.unwrap();
     issued(s.issue_grant(grant(&b, "gnt_b", "dp1")).await.unwrap());
     assert!(
-        s.end_grant("gnt_b", &a.id, GrantEnd::Returned)
+        s.end_grant("gnt_b", &a.id, GrantEnd::Returned, now_ms())
             .await
             .unwrap()
             .is_none()
@@ -1333,7 +1426,7 @@ pub async fn calls_reported_after_their_grant_expired_are_recorded_from_its_char
         ..reservation(&a, n, amount)
     };
     s.reserve(from(0, 100)).await.unwrap();
-    s.end_grant("gnt_1", &a.id, GrantEnd::Expired { charge: true })
+    s.end_grant("gnt_1", &a.id, GrantEnd::Expired { charge: true }, now_ms())
         .await
         .unwrap()
         .unwrap();
@@ -1375,7 +1468,7 @@ pub async fn calls_reported_after_their_grant_expired_are_recorded_from_its_char
     assert!(matches!(big, ReserveOutcome::GrantNotCovered(_)), "{big:?}");
     // A returned grant's calls were all reported before its return.
     issued(s.issue_grant(grant(&a, "gnt_2", "dp2")).await.unwrap());
-    s.end_grant("gnt_2", &a.id, GrantEnd::Returned)
+    s.end_grant("gnt_2", &a.id, GrantEnd::Returned, now_ms())
         .await
         .unwrap()
         .unwrap();

@@ -17,12 +17,13 @@ use crate::storage::{
     CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd,
     GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant,
     NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord,
-    ReservationState, ReserveOutcome, SettleOutcome, Settlement, StatusTotals, StoreError, now_ms,
+    ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError,
+    now_ms,
 };
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
-use aex_core::grant::{carve_call, refused_report_event};
-use aex_core::reservation::{admit_event, budget_denial_event};
+use aex_core::reservation::Held;
+use aex_core::reserve::{Funds, Reserve, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -96,9 +97,64 @@ impl Tables {
         self.head = Some(head);
     }
 
-    /// Stores an open reservation and logs its admit event.
-    fn insert_reservation(&mut self, key: &ChainKey, n: &NewReservation) {
+    /// What [`decide`] needs, as the SQL stores read it.
+    fn reserve_read(&self, n: &NewReservation) -> ReserveRead {
         let r = &n.record;
+        if let Some(existing) = self.by_request.get(&r.request_id) {
+            let existing = &self.reservations[existing];
+            let state = ReservationState::parse(&existing.row.facts.state)
+                .expect("the store writes only known states");
+            return ReserveRead {
+                existing: Some((existing.record(), state)),
+                ..Default::default()
+            };
+        }
+        let funds = self
+            .agents
+            .iter()
+            .find(|a| a.id == r.agent_id)
+            .map(|a| Funds {
+                free_micro: a.remaining_micro(),
+                live: a.deleted_at_ms.is_none(),
+            });
+        let grant = n
+            .grant_id
+            .as_ref()
+            .and_then(|id| self.grants.get(id))
+            .cloned();
+        let open = if counts_open(n) {
+            self.reservations
+                .values()
+                .filter(|o| o.is_open() && o.row.facts.agent_id == r.agent_id)
+                .count() as u64
+        } else {
+            0
+        };
+        ReserveRead {
+            existing: None,
+            funds,
+            grant,
+            open,
+        }
+    }
+
+    /// The grant it came from, the agent's amounts, the reservation's row
+    /// and its admit event.
+    fn write_take(&mut self, key: &ChainKey, take: &Take<'_>) -> Result<(), StoreError> {
+        let r = &take.reservation.record;
+        if self.reservations.contains_key(&r.id) {
+            return Err(StoreError::Conflict(format!(
+                "reservation id {} is taken",
+                r.id
+            )));
+        }
+        if let Some(g) = &take.grant_after {
+            self.grants.insert(g.id.clone(), g.clone());
+        }
+        let agent = self.agent(&r.agent_id).expect("decided with its funds");
+        agent.reserved_micro += take.reserved_delta;
+        agent.spent_micro += take.spent_delta;
+        agent.last_activity_at_ms = Some(r.created_at_ms);
         let stored = StoredReservation {
             row: ReservationRow {
                 facts: ReservationFacts {
@@ -119,45 +175,8 @@ impl Tables {
         };
         self.by_request.insert(r.request_id.clone(), r.id.clone());
         self.reservations.insert(r.id.clone(), stored);
-        self.append(key, &[admit_event(n)]);
-    }
-
-    /// A call a data plane admitted from `grant_id`: its amount moves from
-    /// the grant to the reservation; the agent's `reserved` stays.
-    fn reserve_from_grant(
-        &mut self,
-        key: &ChainKey,
-        n: &NewReservation,
-        grant_id: &str,
-    ) -> ReserveOutcome {
-        let r = &n.record;
-        let found = self.grants.get(grant_id);
-        let carve = match carve_call(found, grant_id, &r.agent_id, r.amount_micro) {
-            Ok(c) => c,
-            Err(why) => {
-                let logged = self.events.iter().any(|e| {
-                    e.body.kind == EventKind::ReportRefused.as_str()
-                        && e.body.reservation_id == r.id
-                });
-                if !logged {
-                    let event = refused_report_event(n, grant_id, &why, now_ms());
-                    self.append(key, &[event]);
-                }
-                return ReserveOutcome::GrantNotCovered(why);
-            }
-        };
-        let Some(agent) = self.agent(&r.agent_id) else {
-            return ReserveOutcome::GrantNotCovered(format!("no agent {}", r.agent_id));
-        };
-        agent.last_activity_at_ms = Some(r.created_at_ms);
-        agent.reserved_micro += carve.reserved_delta;
-        agent.spent_micro -= carve.uncharged_micro;
-        let remaining = agent.remaining_micro();
-        self.insert_reservation(key, &carve.reservation(n));
-        self.grants.insert(grant_id.to_string(), carve.after);
-        ReserveOutcome::Reserved {
-            remaining_micro: remaining,
-        }
+        self.append(key, std::slice::from_ref(&take.event));
+        Ok(())
     }
 
     /// Data planes other than `data_plane` holding open grants of the agent.
@@ -179,12 +198,13 @@ impl Tables {
         agent_id: &str,
         end: GrantEnd,
         agent_name: &str,
+        now: i64,
     ) -> Option<GrantRecord> {
         let grant = self
             .grants
             .get(grant_id)
             .filter(|g| g.agent_id == agent_id)?;
-        let ending = grant.end(end, agent_name, now_ms())?;
+        let ending = grant.end(end, agent_name, now)?;
         let agent = self.agent(agent_id)?;
         agent.reserved_micro += ending.reserved_delta;
         agent.spent_micro += ending.spent_delta;
@@ -394,52 +414,29 @@ impl LedgerStore for MemoryStore {
         // Built apart so the lock is released before the reply's await.
         let out = (|| -> Result<ReserveOutcome, StoreError> {
             let mut t = self.tables();
-            let r = &n.record;
-            if let Some(existing) = t.by_request.get(&r.request_id) {
-                let existing = &t.reservations[existing];
-                return Ok(if existing.is_open() {
-                    ReserveOutcome::AlreadyAdmitted(existing.record())
-                } else {
-                    ReserveOutcome::AlreadyClosed(existing.record())
-                });
-            }
-            if t.reservations.contains_key(&r.id) {
-                return Err(StoreError::Conflict(format!(
-                    "reservation id {} is taken",
-                    r.id
-                )));
-            }
-            if let Some(grant_id) = &n.grant_id {
-                return Ok(t.reserve_from_grant(&self.chain_key, &n, grant_id));
-            }
-            if n.max_open > 0 {
-                let open = t
-                    .reservations
-                    .values()
-                    .filter(|o| o.is_open() && o.row.facts.agent_id == r.agent_id)
-                    .count();
-                if open >= n.max_open as usize {
-                    return Ok(ReserveOutcome::TooManyOpen);
+            match decide(&n, t.reserve_read(&n)) {
+                Reserve::Answer { outcome, event } => {
+                    if let Some(event) = event {
+                        t.append(&self.chain_key, &[event]);
+                    }
+                    Ok(outcome)
+                }
+                Reserve::NotCovered { why, event } => {
+                    let logged = t.events.iter().any(|e| {
+                        e.body.kind == EventKind::ReportRefused.as_str()
+                            && e.body.reservation_id == n.record.id
+                    });
+                    if !logged {
+                        t.append(&self.chain_key, &[event]);
+                    }
+                    Ok(ReserveOutcome::GrantNotCovered(why))
+                }
+                Reserve::UnknownAgent => Err(StoreError::AgentNotFound(n.agent_name.clone())),
+                Reserve::Take(take) => {
+                    t.write_take(&self.chain_key, &take)?;
+                    Ok(take.outcome())
                 }
             }
-            let agent = t.agent(&r.agent_id).ok_or_else(|| {
-                StoreError::Invalid(format!("no agent with id {} to reserve for", r.agent_id))
-            })?;
-            let remaining = agent.remaining_micro();
-            if agent.deleted_at_ms.is_some() || remaining < r.amount_micro {
-                if n.log_budget_denial {
-                    t.append(&self.chain_key, &[budget_denial_event(&n, remaining)]);
-                }
-                return Ok(ReserveOutcome::InsufficientBudget {
-                    remaining_micro: remaining,
-                });
-            }
-            agent.reserved_micro += r.amount_micro;
-            agent.last_activity_at_ms = Some(r.created_at_ms);
-            t.insert_reservation(&self.chain_key, &n);
-            Ok(ReserveOutcome::Reserved {
-                remaining_micro: remaining - r.amount_micro,
-            })
         })();
         io_point().await;
         out
@@ -449,34 +446,28 @@ impl LedgerStore for MemoryStore {
         io_point().await;
         // Built apart so the lock is released before the reply's await.
         let out = (|| -> Result<SettleOutcome, StoreError> {
-            let now = now_ms();
             let mut t = self.tables();
-            let Some(stored) = t.reservations.get(&st.reservation_id) else {
-                return Ok(SettleOutcome::UnknownReservation);
+            let held = t.reservations.get(&st.reservation_id).map(|stored| Held {
+                agent_id: stored.row.facts.agent_id.clone(),
+                amount_micro: stored.row.facts.amount_micro,
+                state: ReservationState::parse(&stored.row.facts.state)
+                    .expect("the store writes only known states"),
+            });
+            let close = match st.decide(held) {
+                Settle::Answer(outcome) => return Ok(outcome),
+                Settle::AnotherAgent => return Err(StoreError::settled_as_another_agent(&st)),
+                Settle::Close(close) => close,
             };
-            if stored.row.facts.agent_id != st.agent_id {
-                return Err(StoreError::settled_as_another_agent(&st));
-            }
-            if !stored.is_open() {
-                return Ok(SettleOutcome::AlreadyClosed);
-            }
-            let (agent_id, reserved) = (
-                stored.row.facts.agent_id.clone(),
-                stored.row.facts.amount_micro,
-            );
-
-            let charge = st.charge_within(reserved);
-            let overrun = st.overrun();
-            let agent = t.agent(&agent_id).ok_or_else(|| {
+            let agent = t.agent(&close.agent_id).ok_or_else(|| {
                 StoreError::Corrupt(format!(
                     "reservation {} belongs to no agent",
                     st.reservation_id
                 ))
             })?;
-            agent.reserved_micro -= reserved;
-            agent.spent_micro += charge;
-            agent.overrun_micro = agent.overrun_micro.saturating_add(overrun);
-            agent.last_activity_at_ms = Some(now);
+            agent.reserved_micro -= close.reserved_micro;
+            agent.spent_micro += close.charge_micro;
+            agent.overrun_micro = agent.overrun_micro.saturating_add(close.overrun_micro);
+            agent.last_activity_at_ms = Some(st.at_ms);
             let remaining = agent.remaining_micro();
             let facts = &mut t
                 .reservations
@@ -484,18 +475,18 @@ impl LedgerStore for MemoryStore {
                 .expect("looked up above")
                 .row
                 .facts;
-            facts.state = st.final_state(charge).as_str().into();
-            facts.settled_at_ms = Some(now);
-            facts.charged_micro = Some(charge);
+            facts.state = close.state.as_str().into();
+            facts.settled_at_ms = Some(st.at_ms);
+            facts.charged_micro = Some(close.charge_micro);
             facts.outcome = Some(st.closing.as_str().to_string());
             facts.prompt_tokens = Some(stored_u64(st.usage.input));
             facts.completion_tokens = Some(stored_u64(st.usage.output));
             facts.cached_input_tokens = stored_u64(st.usage.cached_input);
             facts.cache_write_tokens = stored_u64(st.usage.cache_write);
-            facts.overrun_micro = overrun;
-            t.append(&self.chain_key, &st.events(&agent_id, charge, now));
+            facts.overrun_micro = close.overrun_micro;
+            t.append(&self.chain_key, &close.events);
             Ok(SettleOutcome::Settled {
-                charged_micro: charge,
+                charged_micro: close.charge_micro,
                 remaining_micro: remaining,
             })
         })();
@@ -505,7 +496,7 @@ impl LedgerStore for MemoryStore {
 
     async fn record_denial(&self, d: DenialRecord) -> Result<(), StoreError> {
         io_point().await;
-        self.tables().append(&self.chain_key, &[d.event(now_ms())]);
+        self.tables().append(&self.chain_key, &[d.event()]);
         Ok(())
     }
 
@@ -558,6 +549,7 @@ impl GrantStore for MemoryStore {
                     &g.agent_id,
                     GrantEnd::Returned,
                     &agent.name,
+                    g.created_at_ms,
                 );
             }
             if agent.deleted_at_ms.is_some() {
@@ -592,6 +584,7 @@ impl GrantStore for MemoryStore {
         grant_id: &str,
         agent_id: &str,
         end: GrantEnd,
+        now_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
         io_point().await;
         let out = {
@@ -602,7 +595,7 @@ impl GrantStore for MemoryStore {
                 .find(|a| a.id == agent_id)
                 .map(|a| a.name.clone())
                 .unwrap_or_default();
-            t.end_grant(&self.chain_key, grant_id, agent_id, end, &name)
+            t.end_grant(&self.chain_key, grant_id, agent_id, end, &name, now_ms)
         };
         io_point().await;
         Ok(out)
@@ -726,6 +719,7 @@ impl ProcessStore for MemoryStore {
         state: ProcessState,
         exit_code: Option<i32>,
         reason: &str,
+        now: i64,
     ) -> Result<Option<ProcessRecord>, StoreError> {
         io_point().await;
         if state == ProcessState::Running {
@@ -733,7 +727,6 @@ impl ProcessStore for MemoryStore {
                 "a process ends as exited, killed or lost, not running".into(),
             ));
         }
-        let now = now_ms();
         let mut t = self.tables();
         let Some(p) = t
             .processes
