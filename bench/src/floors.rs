@@ -14,7 +14,8 @@
 
 use crate::{Args, Daemons, Result as Load, spawn_lines, workload};
 use aex_control::storage::sqlite::SqliteStore;
-use aex_control::storage::{Store, now_ms};
+use aex_control::storage::Store;
+use aex_control::clock::now_ms;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

@@ -134,7 +134,7 @@ impl CredentialBook {
     /// Reloads in the background, at most once per [`RELOAD_ON_MISS_MS`]:
     /// the interceptor cannot wait, so the reload serves the next RPC.
     fn reload_soon(self: &Arc<Self>) {
-        let now = crate::storage::now_ms();
+        let now = crate::clock::now_ms();
         let last = self.last_miss_reload_ms.load(Ordering::Relaxed);
         if now - last < RELOAD_ON_MISS_MS
             || self

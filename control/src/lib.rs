@@ -4,7 +4,9 @@
 //! `aexctl` (money, config, home, the chain) is `aex-core`.
 
 pub mod admission;
+pub mod audit;
 pub mod auth;
+pub mod clock;
 pub mod credentials;
 pub mod error;
 pub mod in_order;

@@ -255,7 +255,7 @@ impl Control {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    let now = crate::storage::now_ms();
+                    let now = crate::clock::now_ms();
                     match state
                         .admission
                         .expire_due(now, settings.expiry_policy)

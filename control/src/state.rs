@@ -46,14 +46,14 @@ impl ControlState {
             admission,
             credentials,
             database,
-            started_at_ms: crate::storage::now_ms(),
+            started_at_ms: crate::clock::now_ms(),
             data_planes: Default::default(),
             ledger_key,
             metrics: Default::default(),
             shutting_down: tokio::sync::watch::Sender::new(false),
             models: RwLock::new(Arc::new(models)),
             models_path,
-            models_loaded_at_ms: crate::storage::now_ms().into(),
+            models_loaded_at_ms: crate::clock::now_ms().into(),
             reloading: Default::default(),
         }
     }
@@ -96,7 +96,7 @@ impl ControlState {
         }
         *self.models.write().expect("models lock poisoned") = fresh.clone();
         self.models_loaded_at_ms.store(
-            crate::storage::now_ms(),
+            crate::clock::now_ms(),
             std::sync::atomic::Ordering::Relaxed,
         );
         self.admission.models_changed(fresh.clone());

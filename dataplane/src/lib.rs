@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod openai;
 pub mod simulated;
 pub mod sse;
+pub mod tokens;
 
 use pingora_core::apps::ServerApp;
 use std::sync::Arc;

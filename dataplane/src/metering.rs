@@ -3,6 +3,7 @@
 //! none. Pure.
 
 use crate::sse::Usage;
+use crate::tokens::estimated_tokens;
 use aex_core::reservation::Outcome;
 
 /// No token of a byte-level BPE vocabulary in real use averages this many
@@ -27,16 +28,6 @@ pub struct Metered {
     pub cache_write_tokens: u64,
     /// The provider reported usage (the counts are not AEX's estimate).
     pub usage_reported: bool,
-}
-
-/// The rough rule for text whose tokens nobody counted: about 4 bytes per
-/// token (English prose with OpenAI's and Llama's tokenizers). Used only
-/// where no provider reported usage; the reservation caps what it charges.
-pub const ESTIMATED_BYTES_PER_TOKEN: u64 = 4;
-
-/// Tokens in `bytes` of text by [`ESTIMATED_BYTES_PER_TOKEN`], rounded up.
-pub fn estimated_tokens(bytes: u64) -> u64 {
-    bytes.div_ceil(ESTIMATED_BYTES_PER_TOKEN)
 }
 
 /// `output_bytes` is the generated text delivered to the client (streamed,

@@ -583,9 +583,9 @@ impl Inspected {
 
     /// A rough count of the prompt's tokens, for settling a call whose
     /// provider never reported usage: the bound counts one token per byte,
-    /// the estimate [`crate::metering::ESTIMATED_BYTES_PER_TOKEN`].
+    /// the estimate [`crate::tokens::ESTIMATED_BYTES_PER_TOKEN`].
     pub fn estimated_prompt_tokens(&self) -> u64 {
-        crate::metering::estimated_tokens(self.input_tokens_bound)
+        crate::tokens::estimated_tokens(self.input_tokens_bound)
     }
 
     pub fn body(&self) -> &Map<String, Value> {

@@ -243,7 +243,7 @@ impl AnchorFile {
         let anchor = Anchor {
             seq,
             hash: hash.to_string(),
-            written_at_ms: crate::storage::now_ms(),
+            written_at_ms: crate::clock::now_ms(),
         };
         let counter = state.0;
         let slot = encode(&self.key, counter, &anchor);

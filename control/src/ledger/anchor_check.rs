@@ -11,8 +11,8 @@
 //! (an attacker who can edit the database can stop it anyway).
 
 use super::anchor::{Anchor, AnchorState};
-use crate::storage::{EventKind, NewEvent, StoreError, now_ms};
-use aex_core::event::Head;
+use crate::clock::now_ms;
+use aex_core::event::{EventKind, Head, NewEvent};
 use serde_json::json;
 use std::path::Path;
 
@@ -95,7 +95,7 @@ pub fn start_event(
     path: &Path,
     facts: &StartFacts,
     anchored_as: &str,
-) -> Result<Option<NewEvent>, StoreError> {
+) -> std::io::Result<Option<NewEvent>> {
     let now = now_ms();
     let Some(m) = mismatch(path, facts) else {
         return Ok(matches!(facts.state, AnchorState::Missing).then(|| {
@@ -110,9 +110,7 @@ pub fn start_event(
     if path.exists() {
         // Keep the evidence before the anchor is rewritten.
         let kept = path.with_extension(format!("head.rejected-{now}"));
-        std::fs::copy(path, &kept).map_err(|e| {
-            StoreError::Unavailable(format!("ledger head anchor {}: {e}", path.display()))
-        })?;
+        std::fs::copy(path, &kept)?;
     }
     tracing::error!(reason = m.reason, message = %m.message, "the ledger does not reach its anchored head; recorded in the chain (run `aexctl audit`)");
     let details = json!({

@@ -1,7 +1,8 @@
 //! `aexctl audit`: the ledger's invariants and the keyed hash chain, as pure
 //! functions over data the store hands over. Each check names what failed.
 
-use crate::storage::{AuditData, EventKind, EventRecord};
+use super::snapshot::AuditData;
+use aex_core::event::{EventKind, EventRecord};
 use aex_core::chain::{ChainKey, GENESIS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +221,7 @@ impl LogTally {
     /// Every agent row against the fold of its events (see `ledger::fold`).
     pub fn agents_match_log(
         &self,
-        rows: &[crate::storage::AgentRecord],
+        rows: &[aex_core::agent::AgentRecord],
         ledger_key: &[u8],
     ) -> Check {
         Check::new(
@@ -234,7 +235,7 @@ impl LogTally {
     /// Every supervised process row against the fold of its events.
     pub fn processes_match_log(
         &self,
-        rows: &[crate::storage::ProcessRecord],
+        rows: &[aex_core::process::ProcessRecord],
         ledger_key: &[u8],
     ) -> Check {
         Check::new(
@@ -248,7 +249,7 @@ impl LogTally {
     /// Every data-plane credential row against the fold of its events.
     pub fn credentials_match_log(
         &self,
-        rows: &[crate::storage::CredentialRecord],
+        rows: &[aex_core::credential::CredentialRecord],
         ledger_key: &[u8],
     ) -> Check {
         Check::new(
@@ -277,7 +278,7 @@ impl LogTally {
     }
 
     /// Every grant row against the fold of its events.
-    pub fn grants_match_log(&self, rows: &[crate::storage::GrantRecord]) -> Check {
+    pub fn grants_match_log(&self, rows: &[aex_core::grant::GrantRecord]) -> Check {
         Check::new(
             "grants_match_log",
             "every grant row is what its issue, admits and end say",
@@ -343,7 +344,7 @@ fn name_of(data: &AuditData, agent_id: &str) -> String {
 /// holds for them, one line each.
 fn amounts_disagree(
     data: &AuditData,
-    stored: fn(&crate::storage::AgentRecord) -> i64,
+    stored: fn(&aex_core::agent::AgentRecord) -> i64,
     expected: &std::collections::HashMap<String, i64>,
     what: &str,
     source: &str,
@@ -539,7 +540,7 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
     let overdue_grants: Vec<String> = data
         .grants
         .iter()
-        .filter(|g| g.state == crate::storage::GrantState::Open && g.deadline_ms < data.now_ms)
+        .filter(|g| g.state == aex_core::grant::GrantState::Open && g.deadline_ms < data.now_ms)
         .map(|g| {
             format!(
                 "grant {} of {} (data plane {}) passed its deadline {} and is still open",
@@ -603,7 +604,7 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{AgentRecord, AgentState, Caps, Scope};
+    use aex_core::agent::{AgentRecord, AgentState, Caps, Scope};
     use aex_core::chain::EventBody;
     use aex_core::chain::chain_hash;
 

@@ -10,7 +10,7 @@ use crate::credentials::Caller;
 use crate::error::Error;
 use crate::service::convert::{models_to_pb, policy_to_pb};
 use crate::state::ControlState;
-use crate::storage::now_ms;
+use crate::clock::now_ms;
 use aex_core::credential::Served;
 use aex_proto::v1::{self as pb, admission_service_server::AdmissionService};
 use std::pin::Pin;

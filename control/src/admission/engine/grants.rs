@@ -6,7 +6,7 @@
 
 use super::AdmissionEngine;
 use crate::error::Result;
-use crate::storage::now_ms;
+use crate::clock::now_ms;
 use aex_core::grant::{
     GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, NewGrant, NoGrant, request_share,
 };

@@ -28,11 +28,8 @@ mod types;
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
 use crate::error::Result;
 use crate::in_order::InOrder;
-use crate::storage::{
-    AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
-    ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError,
-    now_ms,
-};
+use crate::storage::{AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError};
+use crate::clock::now_ms;
 use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
 use aex_core::limiter::{Gcra, TokenBucket};

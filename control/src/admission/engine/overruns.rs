@@ -6,7 +6,7 @@
 
 use super::AdmissionEngine;
 use crate::error::Result;
-use crate::storage::now_ms;
+use crate::clock::now_ms;
 use aex_core::overrun::{OverrunLimit, pause_for_overruns};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 
 use super::AdmissionEngine;
 use crate::error::Result;
-use crate::storage::now_ms;
+use crate::clock::now_ms;
 use std::time::Duration;
 
 /// How long a central decision waits for recalled grants to come back.

@@ -5,7 +5,8 @@
 use super::{AdmissionEngine, OpenReservation};
 use crate::error::{Error, Result};
 use crate::in_order::InOrder;
-use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome, now_ms};
+use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome};
+use crate::clock::now_ms;
 use aex_core::policy::Endpoint;
 use serde_json::json;
 

@@ -10,7 +10,7 @@
 
 use super::AdmissionEngine;
 use crate::error::Result;
-use crate::storage::now_ms;
+use crate::clock::now_ms;
 use aex_core::expiring::Expiring;
 
 /// Store lookups of unknown tokens per second, across all of them: far

@@ -52,7 +52,7 @@ async fn an_order_on_a_row_reaches_that_process_once() {
             ProcessState::Killed,
             None,
             "killed",
-            crate::storage::now_ms(),
+            crate::clock::now_ms(),
         )
         .await
         .unwrap();

@@ -4,7 +4,8 @@
 //! the database without `ledger.key` is named. Pure: events in, offenders out.
 
 use super::token_mac;
-use crate::storage::{AgentRecord, EventKind, EventRecord};
+use aex_core::agent::AgentRecord;
+use aex_core::event::{EventKind, EventRecord};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -181,7 +182,7 @@ impl AgentFold {
                 format!("{:?}", row.allowed_models),
                 format!("{:?}", f.allowed_models),
             );
-            let logged_caps = crate::storage::Caps {
+            let logged_caps = aex_core::agent::Caps {
                 streaming: f.streaming,
                 tools: f.tools,
                 function_calling: f.function_calling,

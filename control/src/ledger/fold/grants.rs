@@ -5,7 +5,8 @@
 //! row with the fold, so a grant invented, enlarged, reopened or deleted in
 //! the database — each a way to admit calls past a budget — is named.
 
-use crate::storage::{EventKind, EventRecord, GrantRecord, GrantState};
+use aex_core::event::{EventKind, EventRecord};
+use aex_core::grant::{GrantRecord, GrantState};
 use aex_core::grant::{LATE, UNCHARGED};
 use serde_json::Value;
 use std::collections::BTreeMap;

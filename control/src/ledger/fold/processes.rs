@@ -3,7 +3,8 @@
 //! or given another token in the database is a way in: audit names it.
 
 use super::token_mac;
-use crate::storage::{EventKind, EventRecord, ProcessRecord, ProcessState};
+use aex_core::event::{EventKind, EventRecord};
+use aex_core::process::{ProcessRecord, ProcessState};
 use serde_json::Value;
 use std::collections::BTreeMap;
 

@@ -11,7 +11,8 @@
 //! events, [`ReservationFold::detailed`]) to name the rows.
 
 use super::derived_key;
-use crate::storage::{EventKind, EventRecord, ReservationState};
+use aex_core::event::{EventKind, EventRecord};
+use aex_core::reservation::ReservationState;
 use aex_core::money::Pricing;
 use hmac::{Hmac, Mac};
 use serde_json::Value;

@@ -70,10 +70,8 @@ pub(super) async fn check(
         hash_at_anchor,
         anchored_before,
     };
-    let event = start_event(path, &facts, &name)?;
-    let file = AnchorFile::open(path, ledger_key).map_err(|e| {
-        StoreError::Unavailable(format!("ledger head anchor {}: {e}", path.display()))
-    })?;
+    let event = start_event(path, &facts, &name).map_err(|e| StoreError::anchor(path, e))?;
+    let file = AnchorFile::open(path, ledger_key).map_err(|e| StoreError::anchor(path, e))?;
     Ok((file, event))
 }
 
@@ -89,9 +87,8 @@ pub(super) async fn record(
         writer.write(LedgerNote(event)).await?;
     }
     let head = head(reader).await?;
-    file.reset(head.seq, &head.hash).map_err(|e| {
-        StoreError::Unavailable(format!("ledger head anchor {}: {e}", file.path().display()))
-    })?;
+    file.reset(head.seq, &head.hash)
+        .map_err(|e| StoreError::anchor(file.path(), e))?;
     tracing::info!(seq = head.seq, hash = %head.hash, anchor = %file.path().display(), "ledger head anchored");
     Ok(())
 }

@@ -59,7 +59,7 @@ async fn two_writers_on_many_agents_never_deadlock() {
                 .map(|m| format!("rsv_{m}"))
                 .collect();
             other
-                .extend_reservations(&ids, crate::storage::now_ms() + 60_000)
+                .extend_reservations(&ids, crate::clock::now_ms() + 60_000)
                 .await
                 .unwrap();
             let settled = other.settle(settlement(&agent, n, 3)).await.unwrap();
@@ -76,7 +76,7 @@ async fn two_writers_on_many_agents_never_deadlock() {
         spent += row.spent_micro;
     }
     assert_eq!(spent, 3 * CALLS as i64);
-    let audit = crate::ledger::run::audit_store(stores[0].as_ref(), &KEY)
+    let audit = crate::audit::audit_store(stores[0].as_ref(), &KEY)
         .await
         .unwrap();
     assert!(audit.passed(), "{:?}", audit.failures());

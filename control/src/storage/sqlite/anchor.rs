@@ -37,7 +37,8 @@ pub(super) fn check_and_open(
         hash_at_anchor,
         anchored_before,
     };
-    let event = start_event(path, &facts, &path.display().to_string())?;
+    let event = start_event(path, &facts, &path.display().to_string())
+        .map_err(|e| StoreError::anchor(path, e))?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let key = ChainKey::new(ledger_key);
     let mut chain = Chain::read(&tx, &key)?;
@@ -46,12 +47,8 @@ pub(super) fn check_and_open(
     }
     let (seq, hash) = (chain.head().seq, chain.head().hash.clone());
     tx.commit()?;
-    let file = AnchorFile::open(path, ledger_key).map_err(|e| {
-        StoreError::Unavailable(format!("ledger head anchor {}: {e}", path.display()))
-    })?;
-    file.reset(seq, &hash).map_err(|e| {
-        StoreError::Unavailable(format!("ledger head anchor {}: {e}", path.display()))
-    })?;
+    let file = AnchorFile::open(path, ledger_key).map_err(|e| StoreError::anchor(path, e))?;
+    file.reset(seq, &hash).map_err(|e| StoreError::anchor(path, e))?;
     tracing::info!(seq, hash = %hash, anchor = %path.display(), "ledger head anchored");
     Ok(file)
 }

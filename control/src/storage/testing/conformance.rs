@@ -10,7 +10,8 @@
 //! under real concurrency (tasks on a multi-threaded runtime).
 
 use crate::ledger::audit::{ChainVerifier, Check};
-use crate::ledger::run::audit_store;
+use crate::audit::audit_store;
+use crate::clock::now_ms;
 use crate::storage::*;
 use aex_core::chain::{GENESIS, chain_hash};
 use aex_core::money::{Pricing, TokenUsage};

@@ -12,14 +12,8 @@
 use crate::ledger::anchor::{Anchor, AnchorState};
 use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
 use crate::storage::rows::stored_u64;
-use crate::storage::{
-    AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, CredentialRecord,
-    CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd,
-    GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant,
-    NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord,
-    ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError,
-    now_ms,
-};
+use crate::storage::{AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, CredentialRecord, CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd, GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant, NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError};
+use crate::clock::now_ms;
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
 use aex_core::reservation::Held;

@@ -1,12 +1,14 @@
 //! One audit of a store: the chain verified and tallied page by page, the
 //! folds compared with the stored rows, the invariants checked. The checks
-//! are pure (`audit`, `fold`); this drives them over any [`Store`].
+//! are pure (`ledger::audit`, `ledger::fold`); this drives them over any
+//! [`Store`].
 
-use super::audit::{
+use crate::ledger::audit::{
     ChainVerifier, Check, LogTally, invariants, reservations_match_log, reservations_replayed,
 };
 use crate::error::Error;
-use crate::storage::{EventFilter, Store, now_ms};
+use crate::storage::{EventFilter, Store};
+use crate::clock::now_ms;
 
 /// Agents whose reservations one audit itemizes row by row.
 const REPLAYED_AGENTS_MAX: usize = 20;
