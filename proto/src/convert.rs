@@ -53,7 +53,6 @@ pub fn refusal_to_pb(r: GrantRefusal) -> pb::GrantRefusal {
     match r {
         GrantRefusal::BudgetEdge => pb::GrantRefusal::BudgetEdge,
         GrantRefusal::RpmEdge => pb::GrantRefusal::RpmEdge,
-        GrantRefusal::SlotsEdge => pb::GrantRefusal::SlotsEdge,
         GrantRefusal::Invalid => pb::GrantRefusal::Invalid,
         GrantRefusal::Limits => pb::GrantRefusal::Limits,
         GrantRefusal::NotAdmissible => pb::GrantRefusal::NotAdmissible,
@@ -67,7 +66,6 @@ pub fn refusal_from_pb(r: &pb::GrantRefused) -> Option<GrantRefusal> {
     Some(match r.why() {
         pb::GrantRefusal::BudgetEdge => GrantRefusal::BudgetEdge,
         pb::GrantRefusal::RpmEdge => GrantRefusal::RpmEdge,
-        pb::GrantRefusal::SlotsEdge => GrantRefusal::SlotsEdge,
         pb::GrantRefusal::Invalid => GrantRefusal::Invalid,
         pb::GrantRefusal::Limits => GrantRefusal::Limits,
         pb::GrantRefusal::NotAdmissible => GrantRefusal::NotAdmissible,

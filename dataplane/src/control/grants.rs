@@ -4,31 +4,13 @@
 //! that the control plane must hear of is returned as [`Report`]s for the
 //! reporter (`report.rs`) to send, in order, and the clock is passed in.
 
-use aex_core::grant::GrantRefusal;
+use aex_core::grant::{
+    BUSY_CALLS, BUSY_WINDOW, DEADLINE_MARGIN, GrantRefusal, IDLE_RETURN, QUIET_AFTER_LIMITS,
+    QUIET_AFTER_REFUSAL,
+};
 use aex_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-
-/// An agent is worth a grant once it made this many calls here within
-/// [`BUSY_WINDOW`]: below that, a round trip per call costs less than the
-/// grant's own writes (an issue and a return, each a ledger event).
-pub const BUSY_CALLS: u32 = 20;
-pub const BUSY_WINDOW: Duration = Duration::from_secs(2);
-
-/// A grant stops admitting this long before the control plane's deadline,
-/// so the reports of its last calls (sent every [`super::report::INTERVAL`])
-/// arrive while it is still open, even across a slow link.
-pub const DEADLINE_MARGIN: Duration = Duration::from_millis(1_500);
-
-/// A grant no call used for this long goes back: what it holds is then
-/// free for the agent's other data planes.
-pub const IDLE_RETURN: Duration = Duration::from_secs(1);
-
-/// After a refusal or a recall, the agent's calls go central this long
-/// before this data plane asks again.
-pub const QUIET_AFTER_REFUSAL: Duration = Duration::from_secs(2);
-/// For an agent whose limits grants do not carry: it will not change soon.
-pub const QUIET_AFTER_LIMITS: Duration = Duration::from_secs(30);
 
 /// Something the control plane must hear of.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! The reporter: one ordered channel to the control plane for everything
 //! grants do (docs/GRANTS.md). Calls admitted from grants, their
 //! settlements, grants given back and grants asked for are sent as one
-//! `Report` at a time, at most every [`INTERVAL`] while there are any (at
+//! `Report` at a time, at most every [`REPORT_INTERVAL`] while there are any (at
 //! once when idle, or when [`MAX_ITEMS`] queued up), and resent until
 //! answered: every item is idempotent, and because one report is out at a
 //! time, a call's admit always reaches the control plane before its
@@ -11,6 +11,7 @@ use super::backoff::{Backoff, retryable, retryable_code};
 use super::grants::{LocalGrants, Report};
 use super::{Client, InflightGuard};
 use crate::metrics::Metrics;
+use aex_core::grant::REPORT_INTERVAL;
 use aex_proto::v1 as pb;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-pub const INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_ITEMS: usize = 1024;
 
 /// Past this many calls and settlements queued and not yet acknowledged,
@@ -27,7 +27,7 @@ pub const MAX_ITEMS: usize = 1024;
 /// this far ahead of the ledger. Eight full reports: at the heaviest load
 /// this machine takes (about 17k items/s offered, 15k/s recorded, issue
 /// #31) about half a second of recording, several times what a report
-/// every [`INTERVAL`] holds in steady state, so it holds calls back only
+/// every [`REPORT_INTERVAL`] holds in steady state, so it holds calls back only
 /// when the ledger falls behind or cannot be reached.
 pub const MAX_BACKLOG: i64 = 8 * MAX_ITEMS as i64;
 
@@ -73,7 +73,7 @@ impl Reporter {
     /// Runs until the `ControlPlane` is dropped and nothing is left.
     pub(super) async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Queued>) {
         let mut pending: Vec<Queued> = Vec::new();
-        let mut last_sent = Instant::now() - INTERVAL;
+        let mut last_sent = Instant::now() - REPORT_INTERVAL;
         loop {
             while pending.is_empty() {
                 // Idle: a grant past its time still goes back on time,
@@ -83,10 +83,10 @@ impl Reporter {
                         Some(q) => pending.push(q),
                         None => return,
                     },
-                    _ = tokio::time::sleep(INTERVAL) => self.tidy(),
+                    _ = tokio::time::sleep(REPORT_INTERVAL) => self.tidy(),
                 }
             }
-            let due = last_sent + INTERVAL;
+            let due = last_sent + REPORT_INTERVAL;
             while pending.len() < MAX_ITEMS {
                 tokio::select! {
                     q = queue.recv() => match q {

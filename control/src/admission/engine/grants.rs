@@ -8,18 +8,16 @@ use super::AdmissionEngine;
 use crate::error::Result;
 use crate::clock::now_ms;
 use aex_core::grant::{
-    GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, NewGrant, NoGrant, request_share,
+    GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, LIFETIME_MS, NewGrant, NoGrant,
+    request_share,
 };
 use std::collections::{HashMap, HashSet};
 
-/// How long a grant lasts: long enough that a busy agent renews it a few
-/// times a second at most, short enough that a data plane killed with a
-/// grant locks its part of the budget away for seconds, not minutes.
-pub const GRANT_LIFETIME_MS: i64 = 5_000;
-
 /// After a recall, asks for the agent's grants are refused this long: the
-/// agent is near an edge, and its calls are decided centrally meanwhile.
-pub(super) const NO_GRANT_AFTER_RECALL_MS: i64 = 2_000;
+/// agent is near an edge, and its calls are decided centrally meanwhile
+/// (its data planes stop asking as long).
+pub(super) const NO_GRANT_AFTER_RECALL_MS: i64 =
+    aex_core::grant::QUIET_AFTER_REFUSAL.as_millis() as i64;
 
 /// What this control plane remembers about grants, beyond the store.
 #[derive(Default)]
@@ -145,7 +143,7 @@ impl AdmissionEngine {
             Ok(requests) => requests,
             Err(no) => return Ok(GrantAnswer::Refused(GrantRefusal::from(no))),
         };
-        let deadline_ms = now + GRANT_LIFETIME_MS;
+        let deadline_ms = now + LIFETIME_MS;
         let outcome = self
             .store
             .issue_grant(NewGrant {
@@ -162,11 +160,10 @@ impl AdmissionEngine {
                     data_planes: planes,
                     worst_call_micro: ask.worst_call_micro,
                     spend_per_s_micro: ask.spend_per_s_micro,
-                    lifetime_ms: GRANT_LIFETIME_MS,
+                    lifetime_ms: LIFETIME_MS,
                     rpm_headroom: None,
                     calls_per_s: ask.calls_per_s,
-                    free_slots: None,
-                },
+                        },
                 replaces: None,
             })
             .await;
@@ -221,7 +218,7 @@ impl AdmissionEngine {
         if let Some(rates) = &self.shared_rates {
             let key = super::shared::rpm_key(agent_id);
             let headroom = rates.headroom(&key, rpm, now).await?;
-            let n = match request_share(headroom, planes, calls_per_s, GRANT_LIFETIME_MS) {
+            let n = match request_share(headroom, planes, calls_per_s, LIFETIME_MS) {
                 Ok(n) => n,
                 Err(no) => return Ok(Err(no)),
             };
@@ -237,7 +234,7 @@ impl AdmissionEngine {
         };
         let headroom = a.rpm.headroom(rpm, now);
         Ok(
-            match request_share(headroom, planes, calls_per_s, GRANT_LIFETIME_MS) {
+            match request_share(headroom, planes, calls_per_s, LIFETIME_MS) {
                 Ok(n) => match a.rpm.take_n(rpm, n, now) {
                     Ok(()) => Ok(Some(n)),
                     Err(_) => Err(NoGrant::RpmEdge),

@@ -44,7 +44,7 @@ use tokio::sync::broadcast;
 
 pub use aex_core::reservation::{ExpiryPolicy, Outcome};
 pub use aex_proto::convert::endpoint_from_pb;
-pub use grants::{GRANT_LIFETIME_MS, GrantAnswer, GrantRequest};
+pub use grants::{GrantAnswer, GrantRequest};
 pub use reported::{LocalAdmit, LocalAdmitOutcome};
 pub use settle::charge_for;
 pub use types::{Admitted, Change, Decision, ExpirySweep, KillOrder, SettleInput, Settled};

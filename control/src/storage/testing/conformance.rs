@@ -1092,7 +1092,6 @@ pub fn grant(agent: &AgentRecord, id: &str, dp: &str) -> NewGrant {
             lifetime_ms: 5_000,
             rpm_headroom: None,
             calls_per_s: 10,
-            free_slots: None,
         },
         replaces: None,
     }

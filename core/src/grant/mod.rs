@@ -1,6 +1,5 @@
-//! Grants (docs/GRANTS.md): budget, request credits and
-//! concurrency slots the control plane reserves for one data plane for a
-//! few seconds, so that a busy agent's calls are admitted there without a
+//! Grants (docs/GRANTS.md): budget and request credits the control plane
+//! reserves for one data plane for a few seconds, so that a busy agent's calls are admitted there without a
 //! round trip. How big a grant is — or whether there is one at all — is
 //! decided here, as a pure function of what the ledger and the limiters say
 //! now; a store makes the decision atomic with the reservation it sizes.
@@ -18,6 +17,10 @@
 //!   ([`PACED_SPEND_MS`]), so an agent that spends little does not lock its
 //!   budget away from the other data planes, and a data plane that dies
 //!   holding one costs about a second of spend.
+
+mod timing;
+
+pub use timing::*;
 
 use crate::event::{EventKind, NewEvent};
 use crate::money::Micro;
@@ -60,8 +63,6 @@ pub struct GrantAsk {
     pub rpm_headroom: Option<u32>,
     /// The agent's requests per second over the recent window.
     pub calls_per_s: u32,
-    /// Concurrency slots free now (`None`: no concurrency limit).
-    pub free_slots: Option<u32>,
 }
 
 /// What one grant holds.
@@ -70,8 +71,6 @@ pub struct GrantSize {
     pub budget_micro: Micro,
     /// Calls it may admit (`None`: as many as its budget covers).
     pub requests: Option<u32>,
-    /// Calls it may have in flight at once (`None`: no limit).
-    pub slots: Option<u32>,
 }
 
 /// Why no grant was given: the data plane asks centrally meanwhile.
@@ -81,8 +80,6 @@ pub enum NoGrant {
     BudgetEdge,
     /// The RPM limit is near its edge for this minute.
     RpmEdge,
-    /// Every concurrency slot a fair share allows is in use.
-    SlotsEdge,
     /// The ask itself makes no sense (no data plane, no lifetime).
     Invalid,
 }
@@ -97,8 +94,6 @@ crate::named::named_set! {
         BudgetEdge => "budget_edge",
         /// The RPM limit is near its edge for this minute.
         RpmEdge => "rpm_edge",
-        /// Every concurrency slot a fair share allows is in use.
-        SlotsEdge => "slots_edge",
         /// The ask itself makes no sense (no data plane, no lifetime).
         Invalid => "invalid",
         /// The agent has a limit grants do not carry (TPM, concurrency).
@@ -124,7 +119,6 @@ impl From<NoGrant> for GrantRefusal {
         match no {
             NoGrant::BudgetEdge => GrantRefusal::BudgetEdge,
             NoGrant::RpmEdge => GrantRefusal::RpmEdge,
-            NoGrant::SlotsEdge => GrantRefusal::SlotsEdge,
             NoGrant::Invalid => GrantRefusal::Invalid,
         }
     }
@@ -166,23 +160,9 @@ pub fn size(ask: &GrantAsk) -> Result<GrantSize, NoGrant> {
             ask.lifetime_ms,
         )?),
     };
-    let slots = match ask.free_slots {
-        None => None,
-        Some(free) => {
-            // Slots are not paced: a call holds one for its whole length.
-            // Half the free slots at most, shared out, so the rest stay
-            // central.
-            let share = (free / 2) / ask.data_planes;
-            if share == 0 {
-                return Err(NoGrant::SlotsEdge);
-            }
-            Some(share)
-        }
-    };
     Ok(GrantSize {
         budget_micro,
         requests,
-        slots,
     })
 }
 
@@ -525,7 +505,6 @@ impl NewGrant {
             // knows more than the store's holders.
             data_planes: (other_data_planes + 1).max(self.ask.data_planes),
             rpm_headroom: None,
-            free_slots: None,
             ..self.ask.clone()
         };
         let sized = size(&ask)?;
@@ -567,7 +546,6 @@ mod tests {
             lifetime_ms: 5_000,
             rpm_headroom: None,
             calls_per_s: 10,
-            free_slots: None,
         }
     }
 
@@ -577,7 +555,7 @@ mod tests {
         // crashed data plane holding it could cost.
         let g = size(&ask()).unwrap();
         assert_eq!(g.budget_micro, 10_000);
-        assert_eq!((g.requests, g.slots), (None, None));
+        assert_eq!(g.requests, None);
     }
 
     #[test]
@@ -618,14 +596,6 @@ mod tests {
         assert_eq!(rpm(15).unwrap().requests, Some(1));
         // 10 calls/s × 5 s × 2 = 100, within the share of 600 - 12 over 3.
         assert_eq!(rpm(600).unwrap().requests, Some(100));
-        let slots = |free| {
-            size(&GrantAsk {
-                free_slots: Some(free),
-                ..ask()
-            })
-        };
-        assert_eq!(slots(5), Err(NoGrant::SlotsEdge));
-        assert_eq!(slots(6).unwrap().slots, Some(1));
     }
 
     #[test]
@@ -657,10 +627,9 @@ mod tests {
             1i64..60_000,
             proptest::option::of(0u32..100_000),
             0u32..10_000,
-            proptest::option::of(0u32..10_000),
         )
             .prop_map(
-                |(free, worst, rate, planes, life, rpm, cps, slots)| GrantAsk {
+                |(free, worst, rate, planes, life, rpm, cps)| GrantAsk {
                     free_micro: free,
                     worst_call_micro: worst,
                     spend_per_s_micro: rate,
@@ -668,7 +637,6 @@ mod tests {
                     lifetime_ms: life,
                     rpm_headroom: rpm,
                     calls_per_s: cps,
-                    free_slots: slots,
                 },
             )
     }
@@ -787,10 +755,6 @@ mod tests {
                 if let (Some(r), Some(h)) = (g.requests, a.rpm_headroom) {
                     prop_assert!(r >= 1);
                     prop_assert!(r * a.data_planes < h);
-                }
-                if let (Some(s), Some(f)) = (g.slots, a.free_slots) {
-                    prop_assert!(s >= 1);
-                    prop_assert!(s * a.data_planes <= f / 2);
                 }
             }
         }
