@@ -13,9 +13,9 @@
 //!   WAL, group commit), one reservation per call, answered after commit.
 
 use crate::{Args, Daemons, Result as Load, spawn_lines, workload};
-use aex_control::storage::sqlite::SqliteStore;
-use aex_control::storage::Store;
 use aex_control::clock::now_ms;
+use aex_control::storage::Store;
+use aex_control::storage::sqlite::SqliteStore;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

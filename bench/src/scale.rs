@@ -6,9 +6,11 @@
 //! `aexctl agent list`.
 
 use crate::{Daemons, sibling, spawn, workload};
-use aex_control::storage::sqlite::SqliteStore;
-use aex_control::storage::{Caps, Closing, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store};
 use aex_control::clock::now_ms;
+use aex_control::storage::sqlite::SqliteStore;
+use aex_control::storage::{
+    Caps, Closing, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store,
+};
 use aex_core::money::{Pricing, TokenUsage};
 use std::path::Path;
 use std::process::Command;

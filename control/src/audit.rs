@@ -3,12 +3,12 @@
 //! are pure (`ledger::audit`, `ledger::fold`); this drives them over any
 //! [`Store`].
 
+use crate::clock::now_ms;
+use crate::error::Error;
 use crate::ledger::audit::{
     ChainVerifier, Check, LogTally, invariants, reservations_match_log, reservations_replayed,
 };
-use crate::error::Error;
 use crate::storage::{EventFilter, Store};
-use crate::clock::now_ms;
 
 /// Agents whose reservations one audit itemizes row by row.
 const REPLAYED_AGENTS_MAX: usize = 20;

@@ -95,10 +95,8 @@ impl ControlState {
             return Ok((fresh, false));
         }
         *self.models.write().expect("models lock poisoned") = fresh.clone();
-        self.models_loaded_at_ms.store(
-            crate::clock::now_ms(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.models_loaded_at_ms
+            .store(crate::clock::now_ms(), std::sync::atomic::Ordering::Relaxed);
         self.admission.models_changed(fresh.clone());
         tracing::info!(models = fresh.models.len(), digest = %fresh.digest, "models reloaded");
         Ok((fresh, true))

@@ -17,10 +17,13 @@ use aex_control::admission::engine::{
     LocalAdmitOutcome, Outcome, SettleInput,
 };
 use aex_control::admission::policy::{Ask, Endpoint};
+use aex_control::clock::now_ms;
 use aex_control::ledger::anchor::AnchorFile;
 use aex_control::storage::sqlite::SqliteStore;
-use aex_control::storage::{AgentPatch, AgentState, AgentStore, CredentialStore, EventFilter, EventKind, EventRecord, NewAgent, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, Store, TokenChange};
-use aex_control::clock::now_ms;
+use aex_control::storage::{
+    AgentPatch, AgentState, AgentStore, CredentialStore, EventFilter, EventKind, EventRecord,
+    NewAgent, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, Store, TokenChange,
+};
 use aex_core::agent::{Caps, Scope};
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
 use aex_core::credential::Served;

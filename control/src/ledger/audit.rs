@@ -2,8 +2,8 @@
 //! functions over data the store hands over. Each check names what failed.
 
 use super::snapshot::AuditData;
-use aex_core::event::{EventKind, EventRecord};
 use aex_core::chain::{ChainKey, GENESIS};
+use aex_core::event::{EventKind, EventRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {

@@ -1,8 +1,10 @@
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::service::convert::{agent_to_pb, grant_to_pb, scope_from_pb};
 use crate::state::ControlState;
-use crate::storage::{AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, StoreError, TokenChange};
-use crate::clock::now_ms;
+use crate::storage::{
+    AgentPatch, AgentRecord, AgentState, Caps, NewAgent, Scope, StoreError, TokenChange,
+};
 use aex_core::config::ModelsConfig;
 use aex_core::secrets::{new_agent_token, token_prefix, token_sha256};
 use aex_proto::v1::{self as pb, agent_service_server::AgentService};

@@ -1,11 +1,11 @@
 //! Data-plane credentials scoped to agents (`aex_core::credential`): issue,
 //! list, revoke. Admin RPCs.
 
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::service::agents::validate_name;
 use crate::state::ControlState;
 use crate::storage::{CredentialRecord, StoreError};
-use crate::clock::now_ms;
 use aex_core::secrets::{new_credential, new_id, token_prefix, token_sha256};
 use aex_proto::v1::{self as pb, credential_service_server::CredentialService};
 use std::sync::Arc;

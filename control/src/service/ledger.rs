@@ -1,9 +1,9 @@
-use crate::error::Error;
 use crate::audit::{Audit, audit_store};
+use crate::clock::now_ms;
+use crate::error::Error;
 use crate::service::convert::event_to_pb;
 use crate::state::ControlState;
 use crate::storage::{EventFilter, EventKind};
-use crate::clock::now_ms;
 use aex_proto::v1::{self as pb, ledger_service_server::LedgerService};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,11 +1,11 @@
 //! Supervised processes (`aexctl run`): each gets its own token for as long
 //! as it runs, and its supervisor is told when to kill it.
 
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::service::convert::agent_to_pb;
 use crate::state::ControlState;
 use crate::storage::{AgentState, ProcessRecord, ProcessState, StoreError};
-use crate::clock::now_ms;
 use aex_core::secrets::{new_agent_token, new_id, token_sha256};
 use aex_proto::v1::{self as pb, process_service_server::ProcessService};
 use std::pin::Pin;

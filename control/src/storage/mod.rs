@@ -20,6 +20,8 @@ pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
 
+use crate::clock::now_ms;
+pub use crate::ledger::snapshot::AuditData;
 pub use aex_core::agent::{
     AgentPatch, AgentRecord, AgentState, AgentWrite, Caps, InvalidChange, NewAgent, Scope,
     TokenChange,
@@ -33,7 +35,6 @@ pub use aex_core::reservation::{
     ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement,
 };
 use async_trait::async_trait;
-pub use crate::ledger::snapshot::AuditData;
 pub use database::Database;
 
 #[derive(Debug, Clone, Default)]

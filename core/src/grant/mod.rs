@@ -628,17 +628,15 @@ mod tests {
             proptest::option::of(0u32..100_000),
             0u32..10_000,
         )
-            .prop_map(
-                |(free, worst, rate, planes, life, rpm, cps)| GrantAsk {
-                    free_micro: free,
-                    worst_call_micro: worst,
-                    spend_per_s_micro: rate,
-                    data_planes: planes,
-                    lifetime_ms: life,
-                    rpm_headroom: rpm,
-                    calls_per_s: cps,
-                },
-            )
+            .prop_map(|(free, worst, rate, planes, life, rpm, cps)| GrantAsk {
+                free_micro: free,
+                worst_call_micro: worst,
+                spend_per_s_micro: rate,
+                data_planes: planes,
+                lifetime_ms: life,
+                rpm_headroom: rpm,
+                calls_per_s: cps,
+            })
     }
 
     fn open_grant() -> GrantRecord {

@@ -5,8 +5,8 @@
 //! event; this file decides when.
 
 use super::AdmissionEngine;
-use crate::error::Result;
 use crate::clock::now_ms;
+use crate::error::Result;
 use aex_core::grant::{
     GrantAsk, GrantEnd, GrantOutcome, GrantRecord, GrantRefusal, LIFETIME_MS, NewGrant, NoGrant,
     request_share,
@@ -163,7 +163,7 @@ impl AdmissionEngine {
                     lifetime_ms: LIFETIME_MS,
                     rpm_headroom: None,
                     calls_per_s: ask.calls_per_s,
-                        },
+                },
                 replaces: None,
             })
             .await;

@@ -26,10 +26,13 @@ mod tokens;
 mod types;
 
 use super::policy::{Ask, Denial, Rule, authenticate, plan};
+use crate::clock::now_ms;
 use crate::error::Result;
 use crate::in_order::InOrder;
-use crate::storage::{AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation, ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError};
-use crate::clock::now_ms;
+use crate::storage::{
+    AgentRecord, AgentState, Closing, DenialRecord, EventKind, ExtraEvent, NewReservation,
+    ProcessRecord, ReservationRecord, ReserveOutcome, SettleOutcome, Settlement, Store, StoreError,
+};
 use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
 use aex_core::limiter::{Gcra, TokenBucket};

@@ -5,8 +5,8 @@
 //! admin's pause (its grants go back, its calls are refused at once).
 
 use super::AdmissionEngine;
-use crate::error::Result;
 use crate::clock::now_ms;
+use crate::error::Result;
 use aex_core::overrun::{OverrunLimit, pause_for_overruns};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

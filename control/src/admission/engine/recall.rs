@@ -3,8 +3,8 @@
 //! give it back, and the decision waits a moment for them.
 
 use super::AdmissionEngine;
-use crate::error::Result;
 use crate::clock::now_ms;
+use crate::error::Result;
 use std::time::Duration;
 
 /// How long a central decision waits for recalled grants to come back.

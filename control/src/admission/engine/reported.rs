@@ -3,10 +3,10 @@
 //! `admit` event a central admission makes, its amount carved from the grant.
 
 use super::{AdmissionEngine, OpenReservation};
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::in_order::InOrder;
 use crate::storage::{NewReservation, ReservationRecord, ReserveOutcome};
-use crate::clock::now_ms;
 use aex_core::policy::Endpoint;
 use serde_json::json;
 

@@ -9,8 +9,8 @@
 //! the database little.
 
 use super::AdmissionEngine;
-use crate::error::Result;
 use crate::clock::now_ms;
+use crate::error::Result;
 use aex_core::expiring::Expiring;
 
 /// Store lookups of unknown tokens per second, across all of them: far

@@ -14,10 +14,13 @@
 use crate::admission::engine::{AdmissionEngine, Decision, ExpiryPolicy, Outcome, SettleInput};
 use crate::admission::policy::{Ask, Endpoint};
 use crate::audit::audit_store;
+use crate::clock::now_ms;
 use crate::storage::testing::conformance::new_agent;
 use crate::storage::testing::memory::MemoryStore;
-use crate::storage::{AgentPatch, AgentState, AgentStore, EventFilter, EventKind, LedgerStore, NewAgent, ReportStore, Store};
-use crate::clock::now_ms;
+use crate::storage::{
+    AgentPatch, AgentState, AgentStore, EventFilter, EventKind, LedgerStore, NewAgent, ReportStore,
+    Store,
+};
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
 use aex_core::credential::Served;
 use aex_core::money::TokenUsage;

@@ -5,9 +5,9 @@
 //! credential invented in the database — each a way to act for agents a
 //! sidecar should not — is named.
 
+use aex_core::chain::token_mac;
 use aex_core::credential::CredentialRecord;
 use aex_core::event::{EventKind, EventRecord};
-use aex_core::chain::token_mac;
 use serde_json::Value;
 use std::collections::BTreeMap;
 

@@ -12,8 +12,8 @@
 
 use super::derived_key;
 use aex_core::event::{EventKind, EventRecord};
-use aex_core::reservation::ReservationState;
 use aex_core::money::Pricing;
+use aex_core::reservation::ReservationState;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;

@@ -8,10 +8,13 @@
 //! SQLite, for a fixed list of edits of the whole database.
 
 use crate::audit::audit_store;
+use crate::clock::now_ms;
 use crate::storage::testing::conformance::{KEY, new_agent, reservation, settlement};
 use crate::storage::testing::memory::MemoryStore;
-use crate::storage::{AgentPatch, AgentState, AgentStore, Closing, DenialRecord, EventKind, EventRecord, ExtraEvent, LedgerStore, ProcessRecord, ProcessState, ProcessStore, Settlement};
-use crate::clock::now_ms;
+use crate::storage::{
+    AgentPatch, AgentState, AgentStore, Closing, DenialRecord, EventKind, EventRecord, ExtraEvent,
+    LedgerStore, ProcessRecord, ProcessState, ProcessStore, Settlement,
+};
 use aex_core::chain::ChainKey;
 use proptest::prelude::*;
 use serde_json::json;

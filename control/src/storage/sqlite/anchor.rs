@@ -48,7 +48,8 @@ pub(super) fn check_and_open(
     let (seq, hash) = (chain.head().seq, chain.head().hash.clone());
     tx.commit()?;
     let file = AnchorFile::open(path, ledger_key).map_err(|e| StoreError::anchor(path, e))?;
-    file.reset(seq, &hash).map_err(|e| StoreError::anchor(path, e))?;
+    file.reset(seq, &hash)
+        .map_err(|e| StoreError::anchor(path, e))?;
     tracing::info!(seq, hash = %hash, anchor = %path.display(), "ledger head anchored");
     Ok(file)
 }

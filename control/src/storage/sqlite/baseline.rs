@@ -5,8 +5,8 @@
 //! upgrade cannot be told apart, which `docs/LEDGER.md` says.
 
 use super::writer::Chain;
-use crate::storage::StoreError;
 use crate::clock::now_ms;
+use crate::storage::StoreError;
 use aex_core::chain::ChainKey;
 use rusqlite::{Connection, TransactionBehavior};
 

@@ -9,9 +9,9 @@
 //! Seeded from the SQLite backend's own tests; concurrency claims are made
 //! under real concurrency (tasks on a multi-threaded runtime).
 
-use crate::ledger::audit::{ChainVerifier, Check};
 use crate::audit::audit_store;
 use crate::clock::now_ms;
+use crate::ledger::audit::{ChainVerifier, Check};
 use crate::storage::*;
 use aex_core::chain::{GENESIS, chain_hash};
 use aex_core::money::{Pricing, TokenUsage};

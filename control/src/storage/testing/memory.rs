@@ -9,11 +9,17 @@
 //! anchored SQLite store keeps it in `ledger.head`: an edit of the log alone
 //! cannot move it.
 
+use crate::clock::now_ms;
 use crate::ledger::anchor::{Anchor, AnchorState};
 use crate::ledger::fold::{ClosedDigest, ReservationFacts, ReservationRow};
 use crate::storage::rows::stored_u64;
-use crate::storage::{AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, CredentialRecord, CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd, GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant, NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord, ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError};
-use crate::clock::now_ms;
+use crate::storage::{
+    AgentActivity, AgentChange, AgentRecord, AgentStore, AgentWrite, AuditData, CredentialRecord,
+    CredentialStore, CredentialWrite, DenialRecord, EventFilter, EventKind, EventRecord, GrantEnd,
+    GrantOutcome, GrantRecord, GrantState, GrantStore, LedgerStore, NewEvent, NewGrant,
+    NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord,
+    ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError,
+};
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
 use aex_core::reservation::Held;
