@@ -1,12 +1,13 @@
 //! The grants this data plane holds (docs/GRANTS.md): which
 //! agent is busy enough to ask for one, whether a call fits the one it
 //! holds, when to renew it and when to give it back. No I/O: every change
-//! that the control plane must hear of is returned as [`Report`]s for the
-//! reporter (`report.rs`) to send, in order, and the clock is passed in.
+//! that the control plane must hear of is returned as [`Report`]s, which
+//! the grants desk (`desk.rs`) queues for the reporter under the same lock,
+//! and the clock is passed in.
 
 use aex_core::grant::{
-    BUSY_CALLS, BUSY_WINDOW, DEADLINE_MARGIN, GrantRefusal, IDLE_RETURN, QUIET_AFTER_LIMITS,
-    QUIET_AFTER_REFUSAL,
+    BUSY_CALLS, BUSY_WINDOW, DEADLINE_MARGIN, GrantRecord, GrantRefusal, GrantState, IDLE_RETURN,
+    QUIET_AFTER_LIMITS, QUIET_AFTER_REFUSAL,
 };
 use aex_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
@@ -20,15 +21,11 @@ pub enum Report {
     Ask(pb::GrantAsk),
 }
 
-/// A grant as held here.
+/// A grant as held here: the control plane's record of it, carved by the
+/// same rule ([`GrantRecord::carved`]), and this data plane's times.
 #[derive(Debug, Clone)]
 struct Held {
-    id: String,
-    budget_micro: i64,
-    used_micro: i64,
-    /// Request credits (`None`: not limited in requests).
-    requests: Option<u32>,
-    requests_used: u32,
+    record: GrantRecord,
     admit_until: Instant,
     renew_after: Instant,
     reservation_ttl_ms: i64,
@@ -40,20 +37,17 @@ struct Held {
 }
 
 impl Held {
-    fn unused(&self) -> i64 {
-        self.budget_micro - self.used_micro
-    }
-
     fn should_renew(&self, now: Instant) -> bool {
-        self.used_micro * 2 >= self.budget_micro
-            || self.requests.is_some_and(|r| self.requests_used * 2 >= r)
+        let g = &self.record;
+        g.used_micro * 2 >= g.budget_micro
+            || g.requests.is_some_and(|r| g.requests_used * 2 >= r)
             || now >= self.renew_after
     }
 
-    fn close(&self, agent_id: &str) -> Report {
+    fn close(&self) -> Report {
         Report::Close(pb::GrantRef {
-            grant_id: self.id.clone(),
-            agent_id: agent_id.to_string(),
+            grant_id: self.record.id.clone(),
+            agent_id: self.record.agent_id.clone(),
         })
     }
 }
@@ -97,6 +91,8 @@ pub struct Carved {
 
 #[derive(Default)]
 pub struct LocalGrants {
+    /// This data plane's id, as the grants it holds name it.
+    pub data_plane: String,
     held: HashMap<String, Held>,
     busy: HashMap<String, Busy>,
     asking: HashMap<String, Asking>,
@@ -124,22 +120,20 @@ impl LocalGrants {
         reports: &mut Vec<Report>,
     ) -> Option<Carved> {
         let g = self.held.get_mut(agent_id)?;
-        let fits = now < g.admit_until
-            && amount >= 0
-            && amount <= g.unused()
-            && g.requests.is_none_or(|r| g.requests_used < r);
-        if !fits {
-            let g = self.held.remove(agent_id).expect("looked up above");
-            reports.push(g.close(agent_id));
-            return None;
-        }
-        g.used_micro += amount;
-        g.requests_used += 1;
+        let carved = match g.record.carved(amount) {
+            Ok(carve) if now < g.admit_until => carve.after,
+            _ => {
+                let g = self.held.remove(agent_id).expect("looked up above");
+                reports.push(g.close());
+                return None;
+            }
+        };
+        g.record = carved;
         g.last_used = now;
         Some(Carved {
-            grant_id: g.id.clone(),
+            grant_id: g.record.id.clone(),
             reservation_ttl_ms: g.reservation_ttl_ms,
-            remaining_micro: g.remaining_micro + g.unused(),
+            remaining_micro: g.remaining_micro + g.record.unused_micro(),
         })
     }
 
@@ -223,11 +217,19 @@ impl LocalGrants {
         let lifetime_ms = (g.deadline_ms - g.created_at_ms).max(0) as u64;
         let lifetime = Duration::from_millis(lifetime_ms);
         let held = Held {
-            id: g.grant_id.clone(),
-            budget_micro: g.budget_micro,
-            used_micro: 0,
-            requests: (g.requests > 0).then_some(g.requests),
-            requests_used: 0,
+            record: GrantRecord {
+                id: g.grant_id.clone(),
+                agent_id: g.agent_id.clone(),
+                data_plane: self.data_plane.clone(),
+                budget_micro: g.budget_micro,
+                used_micro: 0,
+                requests: (g.requests > 0).then_some(g.requests),
+                requests_used: 0,
+                created_at_ms: g.created_at_ms,
+                deadline_ms: g.deadline_ms,
+                state: GrantState::Open,
+                charged_micro: 0,
+            },
             admit_until: now + lifetime.saturating_sub(DEADLINE_MARGIN),
             renew_after: now + lifetime / 2,
             reservation_ttl_ms: g.reservation_ttl_ms,
@@ -236,7 +238,7 @@ impl LocalGrants {
             last_used: now,
         };
         if let Some(old) = self.held.insert(g.agent_id.clone(), held) {
-            reports.push(old.close(&g.agent_id));
+            reports.push(old.close());
         }
     }
 
@@ -275,7 +277,7 @@ impl LocalGrants {
         reports: &mut Vec<Report>,
     ) {
         if let Some(g) = self.held.remove(agent_id) {
-            reports.push(g.close(agent_id));
+            reports.push(g.close());
         }
         if let Some(a) = self.asking.get_mut(agent_id) {
             a.cancelled = true;
@@ -289,8 +291,8 @@ impl LocalGrants {
     /// Gives every grant back (the models changed, the watch stream
     /// reconnected, or the data plane is stopping).
     pub fn drop_all(&mut self, reports: &mut Vec<Report>) {
-        for (agent_id, g) in self.held.drain() {
-            reports.push(g.close(&agent_id));
+        for (_, g) in self.held.drain() {
+            reports.push(g.close());
         }
         for a in self.asking.values_mut() {
             a.cancelled = true;
@@ -312,7 +314,7 @@ impl LocalGrants {
             .collect();
         for agent_id in ended {
             let g = self.held.remove(&agent_id).expect("listed above");
-            reports.push(g.close(&agent_id));
+            reports.push(g.close());
         }
         self.busy
             .retain(|_, b| now.duration_since(b.since) < BUSY_WINDOW * 2);

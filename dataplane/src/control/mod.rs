@@ -2,11 +2,15 @@
 //! (`admit.rs` batches), the policy/route cache fed by the watch stream
 //! (`cache.rs`, `watch.rs`), settlement that retries until the control plane
 //! answers (`settle.rs`), heartbeats for long streams, and what a shutdown
-//! waits for (`inflight.rs`). Every retrying loop waits by `backoff.rs`.
+//! waits for (`inflight.rs`). Grants: the book (`grants.rs`) and the reports
+//! it calls for behind one lock (`desk.rs`), admitting from one
+//! (`local.rs`), the ordered report channel (`report.rs`). Every retrying
+//! loop waits by `backoff.rs`.
 
 mod admit;
 mod backoff;
 mod cache;
+mod desk;
 pub mod grants;
 mod identify;
 mod inflight;
@@ -24,8 +28,6 @@ use crate::metrics::Metrics;
 use admit::PendingAdmit;
 use aex_proto::v1::{self as pb, admission_service_client::AdmissionServiceClient};
 use backoff::{Backoff, retryable};
-use grants::{LocalGrants, Report};
-use report::Queued;
 use settle::PendingSettle;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,8 +73,8 @@ pub struct ControlPlane {
     admissions: mpsc::UnboundedSender<PendingAdmit>,
     /// Admissions asked and not yet answered, by any path.
     admitting: Arc<AtomicUsize>,
-    grants: Arc<Mutex<LocalGrants>>,
-    reports: mpsc::UnboundedSender<Queued>,
+    /// The grants held here and the reports they call for, one lock.
+    desk: desk::SharedDesk,
     settings: Settings,
     /// Tokens the control plane vouched for before their body was read.
     vouched: Mutex<identify::Vouched>,
@@ -152,13 +154,18 @@ impl ControlPlane {
         ));
         let (admissions, queue) = mpsc::unbounded_channel();
         tokio::spawn(admit::send_admissions(client.clone(), queue));
-        let grants = Arc::new(Mutex::new(LocalGrants::default()));
+        let inflight: Arc<Inflight> = Arc::default();
         let (reports, queue) = mpsc::unbounded_channel();
+        let desk = desk::open(
+            &settings.id,
+            reports,
+            inflight.clone(),
+            settings.metrics.report_backlog.clone(),
+        );
         let reporter = report::Reporter {
             client: client.clone(),
-            requeue: reports.downgrade(),
+            desk: Arc::downgrade(&desk),
             data_plane: settings.id.clone(),
-            grants: grants.clone(),
             open: open.clone(),
             metrics: settings.metrics.clone(),
         };
@@ -167,12 +174,11 @@ impl ControlPlane {
             client,
             cache,
             open,
-            inflight: Arc::default(),
+            inflight,
             settlements,
             admissions,
             admitting: Arc::default(),
-            grants,
-            reports,
+            desk,
             settings,
             vouched: Mutex::default(),
         }))
@@ -268,18 +274,11 @@ impl ControlPlane {
     /// retrying until the control plane answers (settlement is idempotent
     /// by reservation id).
     pub fn settle(&self, request: pb::SettleRequest) {
-        if self
-            .grants
-            .lock()
-            .expect("grants lock")
-            .take_local(&request.reservation_id)
-        {
-            // After its admit, on the same ordered channel.
-            self.report(Report::Item(pb::ReportItem {
-                item: Some(pb::report_item::Item::Settled(request)),
-            }));
+        // A call admitted from a grant is settled by report, after its
+        // admit, on the same ordered channel.
+        let Some(request) = desk::lock(&self.desk).settle(request) else {
             return;
-        }
+        };
         let span = tracing::info_span!(
             "aex.settle",
             otel.kind = "client",

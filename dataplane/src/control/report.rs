@@ -8,13 +8,14 @@
 //! settlement and before its grant is given back.
 
 use super::backoff::{Backoff, retryable, retryable_code};
-use super::grants::{LocalGrants, Report};
+use super::desk::{self, Desk};
+use super::grants::Report;
 use super::{Client, InflightGuard};
 use crate::metrics::Metrics;
 use aex_core::grant::REPORT_INTERVAL;
 use aex_proto::v1 as pb;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -60,11 +61,12 @@ pub(super) struct Queued {
 
 pub(super) struct Reporter {
     pub(super) client: Client,
-    /// Its own queue, for the grants its answers give back: through the
-    /// queue, so they follow every call queued before (see `local.rs`).
-    pub(super) requeue: mpsc::WeakUnboundedSender<Queued>,
+    /// The grants desk, for the grants its answers and its timer give
+    /// back: through the desk, so they follow every call queued before.
+    /// Weak: the desk holds the queue's sender, and the reporter stops
+    /// once the data plane drops both.
+    pub(super) desk: Weak<Mutex<Desk>>,
     pub(super) data_plane: String,
-    pub(super) grants: Arc<Mutex<LocalGrants>>,
     pub(super) open: Arc<Mutex<HashSet<String>>>,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -195,44 +197,16 @@ impl Reporter {
     }
 
     fn tidy(&self) {
-        let mut grants = self.grants.lock().expect("grants lock");
-        let mut reports = Vec::new();
-        grants.tidy(std::time::Instant::now(), &mut reports);
-        self.requeue(reports);
-    }
-
-    /// Queues what the grants gave back; called with their lock held.
-    fn requeue(&self, reports: Vec<Report>) {
-        let Some(queue) = self.requeue.upgrade() else {
-            return;
-        };
-        let queued_at = Instant::now();
-        for report in reports {
-            // Nothing waits on these but a shutdown, which gives every
-            // grant back anyway.
-            let _ = queue.send(Queued {
-                report,
-                queued_at,
-                _inflight: None,
-                _backlog: None,
-            });
+        if let Some(d) = self.desk.upgrade() {
+            desk::lock(&d).tidy(std::time::Instant::now());
         }
     }
 
     /// Installs the grants issued (queuing the returns of those they take
     /// over from) and notes the refusals.
     fn apply_grants(&self, request: &pb::ReportRequest, response: &pb::ReportResponse) {
-        let now = std::time::Instant::now();
-        {
-            let mut grants = self.grants.lock().expect("grants lock");
-            let mut reports = Vec::new();
-            for g in &response.grants {
-                grants.install(g, now, &mut reports);
-            }
-            for r in &response.refused {
-                grants.refused(r, now);
-            }
-            self.requeue(reports);
+        if let Some(d) = self.desk.upgrade() {
+            desk::lock(&d).apply(response, std::time::Instant::now());
         }
         let grants = &self.metrics.grants;
         grants
