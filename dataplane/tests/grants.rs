@@ -1,8 +1,10 @@
-//! Grants end to end (docs/GRANTS.md): a busy agent's calls admitted by the
-//! data plane from a grant, with the budget's boundary as exact as when
-//! every call is a round trip; grants given back when the agent changes;
-//! a killed data plane's grants expired and charged. Real processes; the
-//! mock is in-process.
+//! Grants end to end (docs/GRANTS.md) on the embedded ledger: a busy
+//! agent's calls admitted by the data plane from a grant, with the budget's
+//! boundary as exact as when every call is a round trip; grants given back
+//! when the agent changes; a killed data plane's grants expired and
+//! charged; a control plane restarted on its file mid-load. Real processes;
+//! the mock is in-process. The scenarios every ledger shares are
+//! `tests/tests/grants.rs`.
 
 use aex_tests::load::{
     CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_for, run_until_dead,
@@ -22,13 +24,6 @@ async fn run_calls(
     at_once: usize,
 ) -> Vec<u16> {
     run_calls_on(&[&stack.data], token, call, calls, at_once).await
-}
-
-/// The stack's data plane and two more on the same control plane.
-fn three_planes(stack: &Stack) -> Vec<DataPlane> {
-    (0..2)
-        .map(|_| DataPlane::start(&stack.home, &stack.control.url(), &[]))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,219 +212,6 @@ async fn a_killed_data_plane_loses_its_grants_at_their_deadline_charged_by_polic
         .sum();
     assert_eq!(agent["spent_micro"].as_i64().unwrap(), settled + charged);
     assert!(agent["spent_micro"].as_i64() <= agent["budget_micro"].as_i64());
-    audit_passes(&stack);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exact_boundaries_hold_across_three_data_planes() {
-    let stack = Stack::start().await;
-    let more = three_planes(&stack);
-    let planes: Vec<&DataPlane> = std::iter::once(&stack.data).chain(&more).collect();
-    let call = CostlyCall::new();
-
-    // A budget for exactly 50 worst-case calls, 300 requests.
-    let token = stack.agent("fifty", &call.budget_for(50), "100000", &[]);
-    let statuses = run_calls_on(&planes, &token, &call, 300, 24).await;
-    let local = local_admissions(&planes).await;
-    println!(
-        "budget: {} admitted, {local} from grants",
-        count(&statuses, 200)
-    );
-
-    assert_eq!(
-        (count(&statuses, 200), count(&statuses, 402)),
-        (50, 250),
-        "{statuses:?}"
-    );
-    let agent = stack.settled("fifty", Duration::from_secs(10)).await;
-    assert_eq!(agent["spent_micro"], 50 * call.cost_micro, "{agent}");
-
-    // 60 requests per minute, 120 at once.
-    let token = stack.agent("sixty", &call.budget_for(10_000), "60", &[]);
-    let started = Instant::now();
-    let statuses = run_calls_on(&planes, &token, &call, 120, 120).await;
-    let elapsed = started.elapsed();
-    let ok = count(&statuses, 200);
-    let sixty_ok = ok;
-    println!("rpm 60: {ok} admitted in {elapsed:?}");
-    assert_eq!(ok + count(&statuses, 429), 120, "{statuses:?}");
-    // The GCRA refills one request a second: exactly 60, plus one per
-    // second the burst took.
-    assert!(
-        ok >= 60 && ok <= 60 + elapsed.as_secs() as usize,
-        "{ok} admitted in {elapsed:?}"
-    );
-
-    // A budget for 300, 900 requests: enough per data plane for grants.
-    let token = stack.agent("three-hundred", &call.budget_for(300), "100000", &[]);
-    let before = local_admissions(&planes).await;
-    let statuses = run_calls_on(&planes, &token, &call, 900, 12).await;
-    let local = local_admissions(&planes).await - before;
-    println!(
-        "budget 300: {} admitted, {local} from grants",
-        count(&statuses, 200)
-    );
-    assert_eq!(
-        (count(&statuses, 200), count(&statuses, 402)),
-        (300, 600),
-        "{statuses:?}"
-    );
-    assert!(local > 0.0, "no grant was used");
-
-    // 1,000 requests per minute, 1,500 requests: the grants take request
-    // credits; none is admitted past the limit, and none refused while a
-    // grant held credits (it is recalled first).
-    let token = stack.agent("thousand", &call.budget_for(100_000), "1000", &[]);
-    let before = local_admissions(&planes).await;
-    let started = Instant::now();
-    let statuses = run_calls_on(&planes, &token, &call, 1_500, 12).await;
-    let elapsed = started.elapsed();
-    let ok = count(&statuses, 200);
-    let local = local_admissions(&planes).await - before;
-    println!("rpm 1000: {ok} admitted in {elapsed:?}, {local} from grants");
-    assert_eq!(ok + count(&statuses, 429), 1_500, "{statuses:?}");
-    assert!(local > 0.0, "no grant was used");
-    // 1,000 at once, then one more every 60 ms.
-    let refilled = (elapsed.as_millis() as usize).div_ceil(60);
-    assert!(
-        ok >= 1_000 && ok <= 1_000 + refilled,
-        "{ok} admitted in {elapsed:?}"
-    );
-    for (name, calls, ok) in [("sixty", 120, sixty_ok), ("thousand", 1_500, ok)] {
-        let ev = events(&stack, name).await;
-        let admitted = ev.iter().filter(|e| e.kind == "admit").count();
-        let limited = ev
-            .iter()
-            .filter(|e| e.kind == "deny" && e.reason == "rpm")
-            .count();
-        // Every success the clients saw is in the ledger: none was served
-        // from a grant without its admit recorded.
-        assert_eq!(admitted, ok, "{name}: one admit per success");
-        assert_eq!(admitted + limited, calls, "{name}: one event per decision");
-    }
-    for name in ["fifty", "three-hundred", "sixty", "thousand"] {
-        stack.settled(name, Duration::from_secs(10)).await;
-    }
-    audit_passes(&stack);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_is_obeyed_by_every_data_plane_holding_grants_within_a_second() {
-    let stack = Stack::start().await;
-    let more = three_planes(&stack);
-    let planes: Vec<&DataPlane> = std::iter::once(&stack.data).chain(&more).collect();
-    let call = CostlyCall::new();
-    let token = stack.agent("fleet", &call.budget_for(100_000), "100000", &[]);
-    // Every success the clients see, before and after the pause.
-    let mut ok =
-        until_every_plane_holds_a_grant(&planes, &token, &call, Duration::from_secs(15)).await;
-    stack
-        .control
-        .aexctl(&["agent", "pause", "fleet"])
-        .assert_ok();
-    let paused_at = Instant::now();
-    ok += until_refused_everywhere(
-        &planes,
-        &token,
-        &call,
-        403,
-        paused_at,
-        Duration::from_secs(1),
-    )
-    .await;
-    // Nothing more is admitted from the grants anywhere.
-    let statuses = run_calls_on(&planes, &token, &call, 30, 6).await;
-    assert!(statuses.iter().all(|s| *s == 403), "{statuses:?}");
-    // Once every report is in, the ledger holds exactly the calls the
-    // clients saw succeed: none admitted and not served, none served
-    // and not recorded.
-    stack.settled("fleet", Duration::from_secs(3)).await;
-    let ev = events(&stack, "fleet").await;
-    assert_eq!(ev.iter().filter(|e| e.kind == "admit").count(), ok);
-    assert!(!ev.iter().any(|e| e.kind == "grant.expired"));
-    audit_passes(&stack);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_plane_killed_mid_load_costs_at_most_its_grants_and_the_others_carry_on() {
-    // Reservations the killed data plane reported and never settled
-    // expire within the test.
-    let stack = Stack::start_full(&["--reservation-ttl-ms", "2000"], &[]).await;
-    let survivor = DataPlane::start(&stack.home, &stack.control.url(), &[]);
-    let mut victim = DataPlane::start(&stack.home, &stack.control.url(), &["--id", "victim"]);
-    let call = CostlyCall::new();
-    let token = stack.agent("mid-load", &call.budget_for(100_000), "100000", &[]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while plane_metric(
-        &victim,
-        "aex_dataplane_grants_total",
-        &[("event", "installed")],
-    )
-    .await
-        == 0.0
-    {
-        assert!(Instant::now() < deadline, "the victim never got a grant");
-        run_calls_on(&[&victim], &token, &call, 30, 3).await;
-    }
-    let survivors = [&stack.data, &survivor];
-    let (on_survivors, on_victim, ()) = tokio::join!(
-        run_calls_on(&survivors, &token, &call, 400, 6),
-        run_until_dead(victim.url("/v1/chat/completions"), &token, &call, 10_000),
-        async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            victim.kill();
-        },
-    );
-    assert!(
-        on_survivors.iter().all(|s| *s == 200),
-        "the others stopped: {on_survivors:?}"
-    );
-    assert!(on_victim.contains(&0), "the victim was not killed mid-load");
-    println!("victim: {} served before it died", count(&on_victim, 200));
-    // Its grants expire at their deadline (5 s) and a sweep later.
-    let agent = stack.settled("mid-load", Duration::from_secs(10)).await;
-    let ev = events(&stack, "mid-load").await;
-    let closed: i64 = ev
-        .iter()
-        .filter(|e| e.kind == "settle" || e.kind == "expire")
-        .map(|e| e.amount_micro)
-        .sum();
-    let expired: Vec<_> = ev.iter().filter(|e| e.kind == "grant.expired").collect();
-    assert!(!expired.is_empty(), "the victim's grant did not expire");
-    for e in &expired {
-        assert!(
-            e.details_json.contains("\"data_plane\":\"victim\""),
-            "{e:?}"
-        );
-    }
-    let charged: i64 = expired.iter().map(|e| e.amount_micro).sum();
-    let victims_grants: i64 = ev
-        .iter()
-        .filter(|e| e.kind == "grant.issued" && e.details_json.contains("\"victim\""))
-        .map(|e| e.amount_micro)
-        .sum();
-    assert!(
-        charged <= victims_grants,
-        "charged {charged} beyond its grants {victims_grants}"
-    );
-    // Issue #31, finding 8: a grant holds about a second of the agent's
-    // spend (`aex_core::grant::PACED_SPEND_MS`), so the expiry charges at
-    // most about that. The victim served at about its pace for 300 ms.
-    let served = count(&on_victim, 200) as i64;
-    println!(
-        "expiry charged {charged} µ = {} calls; the victim served {served} in its last 300 ms",
-        charged / call.cost_micro
-    );
-    assert_eq!(agent["spent_micro"].as_i64().unwrap(), closed + charged);
-    // Every success on a live data plane was reported and charged.
-    let completed = ev
-        .iter()
-        .filter(|e| e.kind == "settle" && e.reason == "completed")
-        .count();
-    assert!(
-        completed >= count(&on_survivors, 200),
-        "{completed} settlements"
-    );
     audit_passes(&stack);
 }
 

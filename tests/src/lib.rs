@@ -385,6 +385,7 @@ impl Drop for ControlPlane {
     }
 }
 pub mod clients;
+pub mod cluster;
 pub mod load;
 pub mod mock;
 pub mod postgres;
