@@ -6,11 +6,8 @@
 //! the mock is in-process. The scenarios every ledger shares are
 //! `tests/tests/grants.rs`.
 
-use aex_tests::load::{
-    CostlyCall, count, local_admissions, plane_metric, run_calls_on, run_for, run_until_dead,
-    until_every_plane_holds_a_grant, until_refused_everywhere,
-};
-use aex_tests::{DataPlane, Stack};
+use aex_tests::Stack;
+use aex_tests::load::{CostlyCall, count, plane_metric, run_calls_on, run_for, run_until_dead};
 use std::time::{Duration, Instant};
 
 mod common;

@@ -72,7 +72,10 @@ impl Cluster {
         let b = Cluster::on(ledger);
         match ledger {
             Ledger::Sqlite => b.plane(Place::On(0), &[]).plane(Place::On(0), &[]),
-            Ledger::Postgres => b.controls(2).plane(Place::On(0), &[]).plane(Place::On(1), &[]),
+            Ledger::Postgres => b
+                .controls(2)
+                .plane(Place::On(0), &[])
+                .plane(Place::On(1), &[]),
         }
         .plane(Place::Every, &[])
     }
@@ -114,9 +117,9 @@ impl Cluster {
     /// Every ledger event of `agent`, oldest first, read through the last
     /// control plane (`aexctl events --json`); `details` parsed.
     pub fn events(&self, agent: &str) -> Vec<Value> {
-        let out =
-            self.other_control()
-                .aexctl(&["events", "--agent", agent, "--limit", "1000000", "--json"]);
+        let out = self
+            .other_control()
+            .aexctl(&["events", "--agent", agent, "--limit", "1000000", "--json"]);
         out.assert_ok();
         out.stdout
             .lines()

@@ -5,12 +5,12 @@
 //! machine's PostgreSQL (`AEX_TEST_DATABASE_URL`; reported skipped
 //! without it), a fresh database per test.
 
+use aex_tests::DataPlane;
 use aex_tests::cluster::{Cluster, Ledger};
 use aex_tests::load::{
     CostlyCall, local_admissions, run_on_every_plane_for, until_every_plane_holds_a_grant,
     until_reports_drained,
 };
-use aex_tests::DataPlane;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

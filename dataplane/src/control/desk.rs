@@ -70,10 +70,7 @@ pub(super) fn open(
     backlog: prometheus::IntGauge,
 ) -> SharedDesk {
     Arc::new(Mutex::new(Desk {
-        book: LocalGrants {
-            data_plane: data_plane.to_string(),
-            ..LocalGrants::default()
-        },
+        book: LocalGrants::new(data_plane),
         outbox: Outbox {
             queue,
             inflight,

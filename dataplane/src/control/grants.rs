@@ -92,7 +92,7 @@ pub struct Carved {
 #[derive(Default)]
 pub struct LocalGrants {
     /// This data plane's id, as the grants it holds name it.
-    pub data_plane: String,
+    data_plane: String,
     held: HashMap<String, Held>,
     busy: HashMap<String, Busy>,
     asking: HashMap<String, Asking>,
@@ -104,6 +104,14 @@ pub struct LocalGrants {
 }
 
 impl LocalGrants {
+    /// The book of the data plane `data_plane`, holding nothing yet.
+    pub fn new(data_plane: &str) -> Self {
+        Self {
+            data_plane: data_plane.to_string(),
+            ..Self::default()
+        }
+    }
+
     /// Whether the agent holds a grant that may admit now.
     pub fn holds(&self, agent_id: &str, now: Instant) -> bool {
         self.held.get(agent_id).is_some_and(|g| now < g.admit_until)

@@ -8,7 +8,7 @@
 //! grants desk (`desk.rs`).
 
 use super::ControlPlane;
-use super::desk::{self, Desk};
+use super::desk;
 use aex_core::policy::{Ask, Endpoint, admissible, plan};
 use aex_proto::convert::{caller_from_pb, endpoint_from_pb};
 use aex_proto::v1 as pb;
@@ -88,10 +88,7 @@ impl ControlPlane {
                 stream: r.stream,
             },
         )?;
-        let (remaining, expires_at_ms) = (
-            carved.remaining_micro,
-            now + carved.reservation_ttl_ms,
-        );
+        let (remaining, expires_at_ms) = (carved.remaining_micro, now + carved.reservation_ttl_ms);
         self.open
             .lock()
             .expect("open lock")
@@ -130,7 +127,7 @@ impl ControlPlane {
         desk::lock(&self.desk).note_call(agent_id, reserved_micro, Instant::now());
     }
 
-    /// What a change on the watch stream does to grants ([`Desk::see`]).
+    /// What a change on the watch stream does to grants ([`desk::Desk::see`]).
     pub(super) fn grants_see(&self, change: &pb::watch_event::Change) {
         let returned = desk::lock(&self.desk).see(change, Instant::now());
         if matches!(change, pb::watch_event::Change::GrantsRevoked(_)) {
