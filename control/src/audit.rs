@@ -6,8 +6,9 @@
 use crate::clock::now_ms;
 use crate::error::Error;
 use crate::ledger::audit::{
-    ChainVerifier, Check, LogTally, invariants, reservations_match_log, reservations_replayed,
+    Check, LogTally, invariants, reservations_match_log, reservations_replayed,
 };
+use crate::ledger::verify::ChainVerifier;
 use crate::storage::{EventFilter, Store};
 
 /// Agents whose reservations one audit itemizes row by row.

@@ -63,6 +63,16 @@ impl AgentRecord {
     }
 }
 
+/// An agent's amounts as the store read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Funds {
+    /// `budget - spent - reserved`.
+    pub free_micro: i64,
+    /// Not deleted: a deleted agent admits nothing new, though the calls
+    /// its data planes already served are still recorded.
+    pub live: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewAgent {
     pub name: String,

@@ -7,6 +7,7 @@
 //! issued); otherwise the agent's limit on open reservations, then its
 //! budget.
 
+use crate::agent::Funds;
 use crate::event::NewEvent;
 use crate::grant::{GrantRecord, carve_call, refused_report_event};
 use crate::reservation::{
@@ -14,16 +15,6 @@ use crate::reservation::{
     budget_denial_event,
 };
 use std::borrow::Cow;
-
-/// An agent's amounts as the store read them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Funds {
-    /// `budget - spent - reserved`.
-    pub free_micro: i64,
-    /// Not deleted: a deleted agent admits nothing new, though the calls
-    /// its data planes already served are still recorded.
-    pub live: bool,
-}
 
 /// What a store read for one reservation.
 #[derive(Debug, Clone, Default)]

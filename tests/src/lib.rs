@@ -391,6 +391,13 @@ pub mod mock;
 pub mod postgres;
 pub mod rng;
 
+/// The smallest chat call the mock model serves: one short user message,
+/// at most 10 output tokens.
+pub fn chat() -> serde_json::Value {
+    serde_json::json!({"model": "mock-model", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}]})
+}
+
 /// A running `aex-dataplane`, killed on drop.
 pub struct DataPlane {
     child: Child,

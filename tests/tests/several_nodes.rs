@@ -3,30 +3,22 @@
 //! (`AEX_TEST_DATABASE_URL`; reported skipped without it), a fresh
 //! database per test.
 
+use aex_tests::cluster::{Cluster, Ledger, Place};
 use aex_tests::postgres::TestDatabase;
-use aex_tests::{ControlPlane, DataPlane, TestHome, mock::MockUpstream};
+use aex_tests::{ControlPlane, DataPlane, TestHome, chat};
 use futures_util::StreamExt;
 use reqwest::Client;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-struct Nodes {
-    _db: TestDatabase,
-    _mock: MockUpstream,
-    home: TestHome,
-    controls: Vec<ControlPlane>,
-    data: Vec<DataPlane>,
-}
-
-async fn home_on(db: &TestDatabase) -> (TestHome, MockUpstream, ControlPlane) {
-    let mock = MockUpstream::start().await;
-    let home = TestHome::serving(&mock);
-    let control = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    (home, mock, control)
-}
-
-fn chat() -> Value {
-    json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+/// Two control planes over a fresh database (`None`, reported skipped,
+/// without one), no data plane yet.
+async fn two_replicas(control_args: &[&str]) -> Option<Cluster> {
+    Cluster::on(Ledger::Postgres)
+        .controls(2)
+        .control_args(control_args)
+        .start()
+        .await
 }
 
 /// The admit event of one call by a new agent `name` (its details parsed):
@@ -67,31 +59,24 @@ async fn worst_case_micro(control: &ControlPlane, data: &DataPlane) -> i64 {
 /// 402, nothing is overspent, and audit passes over the shared ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_admit_exactly_what_one_budget_covers() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    let probe_plane = DataPlane::start(&home, &first.url(), &[]);
-    let worst = worst_case_micro(&first, &probe_plane).await;
+    let first = &c.controls[0];
+    let probe_plane = c.start_plane(Place::On(0), &[]);
+    let worst = worst_case_micro(first, &probe_plane).await;
     drop(probe_plane);
     let budget = 50 * worst;
     let budget_usd = format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000);
     let token = first.agent("fleet", &budget_usd, "100000", &[]);
-    let nodes = Nodes {
-        data: vec![
-            DataPlane::start(&home, &first.url(), &[]),
-            DataPlane::start(&home, &second.url(), &[]),
-            DataPlane::start(&home, &first.url(), &[]),
-        ],
-        controls: vec![first, second],
-        home,
-        _mock: mock,
-        _db: db,
-    };
+    let data = [
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::On(0), &[]),
+    ];
     let client = Client::new();
     let calls = (0..300).map(|i| {
-        let url = nodes.data[i % nodes.data.len()].url("/v1/chat/completions");
+        let url = data[i % data.len()].url("/v1/chat/completions");
         let request = client
             .post(url)
             .bearer_auth(&token)
@@ -113,17 +98,17 @@ async fn two_control_planes_admit_exactly_what_one_budget_covers() {
         (50, 250),
         "budget {budget} µ = 50 × {worst} µ; statuses {statuses:?}"
     );
-    let control = &nodes.controls[0];
+    let control = first;
     let agent = control.settled("fleet", Duration::from_secs(10)).await;
     assert_eq!(agent["reserved_micro"], 0, "{agent}");
     let spent = agent["spent_micro"].as_i64().unwrap();
     assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
-    for control in &nodes.controls {
+    for control in &c.controls {
         let audit = control.aexctl(&["audit", "--json"]);
         let report = audit.json();
         assert_eq!(report["passed"], true, "{report:#}");
     }
-    assert!(nodes.home.path().exists());
+    assert!(c.home.path().exists());
 }
 
 /// The database chores on PostgreSQL: migrate once (then nothing is
@@ -221,13 +206,12 @@ async fn until_status(
 /// a rotated token, a budget change, a models reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_second() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    let near = DataPlane::start(&home, &first.url(), &[]);
-    let far = DataPlane::start(&home, &second.url(), &[]);
+    let (first, second) = (&c.controls[0], &c.controls[1]);
+    let near = c.start_plane(Place::On(0), &[]);
+    let far = c.start_plane(Place::On(1), &[]);
     let client = Client::new();
     let call = |data: &DataPlane, token: &str| {
         let (url, token, client) = (
@@ -314,13 +298,12 @@ async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_se
 /// does not know, so every first call is served, whichever way it goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_token_is_served_at_once_through_either_control_plane() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    let near = DataPlane::start(&home, &first.url(), &[]);
-    let far = DataPlane::start(&home, &second.url(), &[]);
+    let (first, second) = (&c.controls[0], &c.controls[1]);
+    let near = c.start_plane(Place::On(0), &[]);
+    let far = c.start_plane(Place::On(1), &[]);
     let client = Client::new();
     for i in 0..16 {
         // Created through one control plane, first called through the other.
@@ -362,28 +345,14 @@ async fn a_fresh_token_is_served_at_once_through_either_control_plane() {
 /// are expired by the survivor; audit passes on the shared ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let short_ttl = ["--reservation-ttl-ms", "1000", "--sweep-interval-ms", "100"];
+    let Some(mut c) = two_replicas(&short_ttl).await else {
         return;
     };
-    let url = db.url();
-    let (home, _mock, first) = home_on(&db).await;
-    let short_ttl = [
-        "--database-url",
-        &url,
-        "--reservation-ttl-ms",
-        "1000",
-        "--sweep-interval-ms",
-        "100",
-    ];
-    drop(first);
-    let mut controls = vec![
-        ControlPlane::start_with(&home, &short_ttl),
-        ControlPlane::start_with(&home, &short_ttl),
-    ];
-    let both = format!("{},{}", controls[0].url(), controls[1].url());
     let data: Vec<DataPlane> = (0..3)
-        .map(|_| DataPlane::start(&home, &both, &[]))
+        .map(|_| c.start_plane(Place::Every, &[]))
         .collect();
+    let controls = &mut c.controls;
     let token = controls[1].agent("steady", "5", "100000", &[]);
     let client = Client::new();
     let send = |i: usize| {
@@ -508,15 +477,14 @@ async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
 /// the rule and a wait within one interval (60 s / 60).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpm_limit_holds_across_control_planes() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let first = &c.controls[0];
     let data = [
-        DataPlane::start(&home, &first.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
-        DataPlane::start(&home, &format!("{},{}", first.url(), second.url()), &[]),
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::Every, &[]),
     ];
     let token = first.agent("paced", "5", "60", &[]);
     let client = Client::new();
@@ -556,15 +524,14 @@ async fn input_bound(control: &ControlPlane, data: &DataPlane) -> u64 {
 /// each control plane would admit 10.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tpm_limit_holds_across_control_planes() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let first = &c.controls[0];
     let data = [
-        DataPlane::start(&home, &first.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::On(1), &[]),
     ];
     let bound = input_bound(&first, &data[0]).await;
     let tpm = 10 * bound + bound / 2;
@@ -603,12 +570,11 @@ async fn a_tpm_limit_holds_across_control_planes() {
 /// what another one closed (checked by the store, not by its own count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_settled_through_another_replica_frees_its_slot() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    let data = DataPlane::start(&home, &format!("{},{}", first.url(), second.url()), &[]);
+    let first = &c.controls[0];
+    let data = c.start_plane(Place::Every, &[]);
     let token = first.agent("single", "5", "100000", &["--max-concurrent", "1"]);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let client = Client::new();
@@ -633,15 +599,14 @@ async fn a_call_settled_through_another_replica_frees_its_slot() {
 /// rest refused by rule `concurrency`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_limit_holds_across_control_planes() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let first = &c.controls[0];
     let data = [
-        DataPlane::start(&home, &first.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::On(1), &[]),
     ];
     let token = first.agent("narrow", "5", "100000", &["--max-concurrent", "5"]);
     // The change feed brings the agent to the second replica within this.
@@ -675,18 +640,17 @@ async fn a_concurrency_limit_holds_across_control_planes() {
 /// enough to deadlock without the locks; this one is the fleet's view.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_agents_through_two_control_planes_never_deadlock() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
+    let (first, second) = (&c.controls[0], &c.controls[1]);
     let tokens: Vec<String> = (0..12)
         .map(|i| first.agent(&format!("agent-{i}"), "5", "100000", &[]))
         .collect();
     let data = [
-        DataPlane::start(&home, &first.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
-        DataPlane::start(&home, &second.url(), &[]),
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::On(1), &[]),
     ];
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let client = Client::new();
@@ -725,7 +689,7 @@ async fn many_agents_through_two_control_planes_never_deadlock() {
         assert_eq!(report["passed"], true, "{report:#}");
     }
     assert_eq!(
-        db.deadlocks().await,
+        c.db.as_ref().expect("PostgreSQL").deadlocks().await,
         0,
         "deadlocks PostgreSQL detected and broke"
     );
@@ -738,15 +702,14 @@ async fn many_agents_through_two_control_planes_never_deadlock() {
 /// order on the process's row and the change feed): the process is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aexctl_run_is_governed_by_whichever_replica_serves_its_calls() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (home, _mock, first) = home_on(&db).await;
-    let second = ControlPlane::start_with(&home, &["--database-url", &db.url()]);
-    let data = DataPlane::start(&home, &second.url(), &[]);
+    let (home, first, second) = (&c.home, &c.controls[0], &c.controls[1]);
+    let data = c.start_plane(Place::On(1), &[]);
     // The probe through the replica it is created on (the other hears of
     // it within the second, not at once).
-    let worst = worst_case_micro(&first, &DataPlane::start(&home, &first.url(), &[])).await;
+    let worst = worst_case_micro(first, &c.start_plane(Place::On(0), &[])).await;
     // Room for three calls at their worst case (they cost less, so more go
     // through before the budget is spent).
     let budget = 3 * worst + worst / 2;

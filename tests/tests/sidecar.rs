@@ -5,15 +5,10 @@
 //! and on two PostgreSQL ones (issued through one, served and revoked
 //! through the other).
 
-use aex_tests::postgres::TestDatabase;
-use aex_tests::{ControlPlane, DataPlane, Stack, TestHome, mock::MockUpstream};
+use aex_tests::cluster::{Cluster, Ledger};
+use aex_tests::{ControlPlane, DataPlane, Stack, TestHome, chat};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn chat() -> serde_json::Value {
-    serde_json::json!({"model": "mock-model", "max_tokens": 10,
-        "messages": [{"role": "user", "content": "hi"}]})
-}
 
 async fn call(plane: &DataPlane, token: &str) -> reqwest::Response {
     reqwest::Client::new()
@@ -143,20 +138,16 @@ async fn a_sidecar_serves_its_own_agent_and_no_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_issued_through_one_control_plane_works_and_is_revoked_through_another() {
-    let Some(db) = TestDatabase::fresh().await else {
+    let Some(c) = Cluster::on(Ledger::Postgres).controls(2).start().await else {
         return;
     };
-    let mock = MockUpstream::start().await;
-    let home = TestHome::serving(&mock);
-    let url = db.url();
-    let first = ControlPlane::start_with(&home, &["--database-url", &url]);
-    let second = ControlPlane::start_with(&home, &["--database-url", &url]);
+    let (home, first, second) = (&c.home, &c.controls[0], &c.controls[1]);
     let mine = first.agent("mine", "1", "6000", &[]);
     let other = first.agent("other", "1", "6000", &[]);
 
-    let file = issue(&first, &home, "pod-mine", "mine");
+    let file = issue(first, home, "pod-mine", "mine");
     let sidecar = DataPlane::start(
-        &home,
+        home,
         &second.url(),
         &["--dataplane-token-file", file.to_str().unwrap()],
     );

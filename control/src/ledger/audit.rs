@@ -2,7 +2,6 @@
 //! functions over data the store hands over. Each check names what failed.
 
 use super::snapshot::AuditData;
-use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::{EventKind, EventRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,7 +13,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, ok_detail: &str, fail_detail: &str, offenders: Vec<String>) -> Self {
+    pub(super) fn new(name: &'static str, ok_detail: &str, fail_detail: &str, offenders: Vec<String>) -> Self {
         let passed = offenders.is_empty();
         Self {
             name,
@@ -22,86 +21,6 @@ impl Check {
             detail: if passed { ok_detail } else { fail_detail }.to_string(),
             offenders,
         }
-    }
-}
-
-/// Verifies the chain event by event, in `seq` order, so the log can be
-/// streamed in pages without holding it in memory.
-pub struct ChainVerifier {
-    key: ChainKey,
-    next_seq: i64,
-    prev_hash: String,
-    checked: u64,
-    fault: Option<String>,
-}
-
-impl ChainVerifier {
-    pub fn new(key: &[u8]) -> Self {
-        Self {
-            key: ChainKey::new(key),
-            next_seq: 1,
-            prev_hash: GENESIS.to_string(),
-            checked: 0,
-            fault: None,
-        }
-    }
-
-    pub fn push(&mut self, e: &EventRecord) {
-        if self.fault.is_some() {
-            return;
-        }
-        self.checked += 1;
-        let seq = e.body.seq;
-        if seq != self.next_seq {
-            self.fault = Some(if seq > self.next_seq {
-                format!(
-                    "event seq {} is missing (the log jumps from {} to {seq})",
-                    self.next_seq,
-                    self.next_seq - 1
-                )
-            } else {
-                format!("event seq {seq} appears out of order")
-            });
-            return;
-        }
-        if e.prev_hash != self.prev_hash {
-            self.fault = Some(format!(
-                "event seq {seq} does not chain to event seq {}",
-                seq - 1
-            ));
-            return;
-        }
-        if e.hash != self.key.hash(&e.prev_hash, &e.body) {
-            self.fault = Some(format!(
-                "event seq {seq} ({} of agent '{}') was altered: its HMAC does not match",
-                e.body.kind, e.body.agent_name
-            ));
-            return;
-        }
-        self.prev_hash = e.hash.clone();
-        self.next_seq += 1;
-    }
-
-    pub fn checked(&self) -> u64 {
-        self.checked
-    }
-
-    /// The last event may have been deleted: compare with the number the
-    /// counters say exist.
-    pub fn finish(self, expected_events: i64) -> Check {
-        let mut offenders: Vec<String> = self.fault.into_iter().collect();
-        let seen = self.next_seq - 1;
-        if offenders.is_empty() && seen < expected_events {
-            offenders.push(format!(
-                "the log ends at event seq {seen} but {expected_events} events were counted: the newest were deleted"
-            ));
-        }
-        Check::new(
-            "chain_intact",
-            &format!("{seen} events chained and HMAC-keyed"),
-            "the event log was edited",
-            offenders,
-        )
     }
 }
 
@@ -430,8 +349,8 @@ fn head_anchored(data: &AuditData) -> Check {
     )
 }
 
-/// Every invariant except the chain (see [`ChainVerifier`]). Returns the
-/// checks and the agents with recorded overruns (provider-reported usage
+/// Every invariant except the chain (see [`super::verify::ChainVerifier`]).
+/// Returns the checks and the agents with recorded overruns (provider-reported usage
 /// beyond a reservation, never charged).
 pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
     let mut checks = Vec::new();
@@ -605,8 +524,8 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 mod tests {
     use super::*;
     use aex_core::agent::{AgentRecord, AgentState, Caps, Scope};
-    use aex_core::chain::EventBody;
-    use aex_core::chain::chain_hash;
+    use crate::ledger::verify::ChainVerifier;
+    use aex_core::chain::{EventBody, GENESIS, chain_hash};
 
     fn events(key: &[u8], n: i64) -> Vec<EventRecord> {
         let mut prev = GENESIS.to_string();

@@ -22,6 +22,7 @@ mod timing;
 
 pub use timing::*;
 
+use crate::agent::Funds;
 use crate::event::{EventKind, NewEvent};
 use crate::money::Micro;
 use crate::reservation::NewReservation;
@@ -496,6 +497,19 @@ pub struct NewGrant {
 }
 
 impl NewGrant {
+    /// Decides it from what the store read: the agent's amounts (`None`:
+    /// no agent has the id) and the other data planes holding its open
+    /// grants. A deleted agent, like an unknown one, gets none.
+    pub fn decide(&self, funds: Option<Funds>, other_data_planes: u32) -> GrantOutcome {
+        match funds {
+            Some(f) if f.live => match self.size(f.free_micro, other_data_planes) {
+                Ok(grant) => GrantOutcome::Issued(grant),
+                Err(no) => GrantOutcome::Refused(no),
+            },
+            _ => GrantOutcome::Refused(NoGrant::Invalid),
+        }
+    }
+
     /// Sizes it from what the store read: `free_micro` of the agent, and
     /// the other data planes holding open grants of it.
     pub fn size(&self, free_micro: Micro, other_data_planes: u32) -> Result<GrantRecord, NoGrant> {
@@ -546,6 +560,34 @@ mod tests {
             lifetime_ms: 5_000,
             rpm_headroom: None,
             calls_per_s: 10,
+        }
+    }
+
+    #[test]
+    fn only_a_live_agent_is_granted_anything() {
+        let g = NewGrant {
+            id: "gnt_1".into(),
+            agent_id: "agt_1".into(),
+            agent_name: "a".into(),
+            data_plane: "dp".into(),
+            created_at_ms: 0,
+            deadline_ms: 5_000,
+            requests: None,
+            ask: ask(),
+            replaces: None,
+        };
+        let funds = |live| {
+            Some(Funds {
+                free_micro: 1_000_000,
+                live,
+            })
+        };
+        assert!(matches!(g.decide(funds(true), 2), GrantOutcome::Issued(_)));
+        for gone in [funds(false), None] {
+            assert_eq!(
+                g.decide(gone, 2),
+                GrantOutcome::Refused(NoGrant::Invalid)
+            );
         }
     }
 

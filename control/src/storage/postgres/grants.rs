@@ -7,6 +7,7 @@
 use super::writer::{Chain, Operation, Owner};
 use crate::storage::rows::{GRANT_COLUMNS, GrantRow};
 use crate::storage::{GrantEnd, GrantOutcome, GrantRecord, NewGrant, StoreError};
+use aex_core::agent::Funds;
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
 
@@ -90,22 +91,20 @@ impl Operation for IssueGrant {
             )
             .await?;
         }
-        let read: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT budget_micro - spent_micro - reserved_micro, \
+        let (free, live, others): (Option<i64>, Option<bool>, i64) = sqlx::query_as(
+            "SELECT a.budget_micro - a.spent_micro - a.reserved_micro, a.deleted_at_ms IS NULL, \
              (SELECT COUNT(DISTINCT data_plane) FROM grants \
               WHERE state = 'open' AND agent_id = $1 AND data_plane <> $2) \
-             FROM agents WHERE id = $1 AND deleted_at_ms IS NULL",
+             FROM (SELECT 1) AS one LEFT JOIN agents a ON a.id = $1",
         )
         .bind(&g.agent_id)
         .bind(&g.data_plane)
-        .fetch_optional(&mut *conn)
+        .fetch_one(&mut *conn)
         .await?;
-        let Some((free, others)) = read else {
-            return Ok(GrantOutcome::Refused(aex_core::grant::NoGrant::Invalid));
-        };
-        let grant = match g.size(free, u32::try_from(others).unwrap_or(u32::MAX)) {
-            Ok(grant) => grant,
-            Err(no) => return Ok(GrantOutcome::Refused(no)),
+        let funds = free.zip(live).map(|(free_micro, live)| Funds { free_micro, live });
+        let grant = match g.decide(funds, u32::try_from(others).unwrap_or(u32::MAX)) {
+            GrantOutcome::Issued(grant) => grant,
+            refused => return Ok(refused),
         };
         sqlx::query(&format!(
             "WITH held AS (UPDATE agents SET reserved_micro = reserved_micro + $4 WHERE id = $2) \

@@ -14,7 +14,8 @@ use crate::storage::{
     StoreError,
 };
 use aex_core::reservation::Held;
-use aex_core::reserve::{Funds, Reserve as Decision, ReserveRead, Take, counts_open, decide};
+use aex_core::agent::Funds;
+use aex_core::reserve::{Reserve as Decision, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
 

@@ -6,6 +6,7 @@
 use super::writer::Chain;
 use crate::storage::rows::{GRANT_COLUMNS, GrantRow};
 use crate::storage::{GrantEnd, GrantOutcome, GrantRecord, NewGrant, StoreError};
+use aex_core::agent::Funds;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub(super) fn grant(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
@@ -39,25 +40,27 @@ pub(super) fn issue_grant(
             g.created_at_ms,
         )?;
     }
-    let free: Option<i64> = conn
+    let funds = conn
         .prepare_cached(
-            "SELECT budget_micro - spent_micro - reserved_micro FROM agents \
-             WHERE id = ?1 AND deleted_at_ms IS NULL",
+            "SELECT budget_micro - spent_micro - reserved_micro, deleted_at_ms IS NULL \
+             FROM agents WHERE id = ?1",
         )?
-        .query_row([&g.agent_id], |r| r.get(0))
+        .query_row([&g.agent_id], |r| {
+            Ok(Funds {
+                free_micro: r.get(0)?,
+                live: r.get(1)?,
+            })
+        })
         .optional()?;
-    let Some(free) = free else {
-        return Ok(GrantOutcome::Refused(aex_core::grant::NoGrant::Invalid));
-    };
     let others: i64 = conn
         .prepare_cached(
             "SELECT COUNT(DISTINCT data_plane) FROM grants \
              WHERE state = 'open' AND agent_id = ?1 AND data_plane <> ?2",
         )?
         .query_row(params![g.agent_id, g.data_plane], |r| r.get(0))?;
-    let grant = match g.size(free, u32::try_from(others).unwrap_or(u32::MAX)) {
-        Ok(grant) => grant,
-        Err(no) => return Ok(GrantOutcome::Refused(no)),
+    let grant = match g.decide(funds, u32::try_from(others).unwrap_or(u32::MAX)) {
+        GrantOutcome::Issued(grant) => grant,
+        refused => return Ok(refused),
     };
     conn.prepare_cached("UPDATE agents SET reserved_micro = reserved_micro + ?2 WHERE id = ?1")?
         .execute(params![g.agent_id, grant.budget_micro])?;

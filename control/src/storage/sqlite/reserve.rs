@@ -11,7 +11,8 @@ use crate::storage::{
     NewReservation, ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StoreError,
 };
 use aex_core::reservation::Held;
-use aex_core::reserve::{Funds, Reserve, ReserveRead, Take, counts_open, decide};
+use aex_core::agent::Funds;
+use aex_core::reserve::{Reserve, ReserveRead, Take, counts_open, decide};
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub(super) fn reserve(

@@ -11,7 +11,8 @@
 
 use crate::audit::audit_store;
 use crate::clock::now_ms;
-use crate::ledger::audit::{ChainVerifier, Check};
+use crate::ledger::audit::Check;
+use crate::ledger::verify::ChainVerifier;
 use crate::storage::*;
 use aex_core::chain::{GENESIS, chain_hash};
 use aex_core::money::{Pricing, TokenUsage};

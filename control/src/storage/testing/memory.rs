@@ -23,7 +23,8 @@ use crate::storage::{
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
 use aex_core::reservation::Held;
-use aex_core::reserve::{Funds, Reserve, ReserveRead, Take, counts_open, decide};
+use aex_core::agent::Funds;
+use aex_core::reserve::{Reserve, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -552,19 +553,14 @@ impl GrantStore for MemoryStore {
                     g.created_at_ms,
                 );
             }
-            if agent.deleted_at_ms.is_some() {
-                return Ok(GrantOutcome::Refused(aex_core::grant::NoGrant::Invalid));
-            }
             let others = t.other_data_planes(&g.agent_id, &g.data_plane);
-            let free = t
-                .agents
-                .iter()
-                .find(|a| a.id == g.agent_id)
-                .expect("read above")
-                .remaining_micro();
-            let grant = match g.size(free, others) {
-                Ok(grant) => grant,
-                Err(no) => return Ok(GrantOutcome::Refused(no)),
+            let funds = t.agents.iter().find(|a| a.id == g.agent_id).map(|a| Funds {
+                free_micro: a.remaining_micro(),
+                live: a.deleted_at_ms.is_none(),
+            });
+            let grant = match g.decide(funds, others) {
+                GrantOutcome::Issued(grant) => grant,
+                refused => return Ok(refused),
             };
             let a = t.agent(&g.agent_id).expect("read above");
             a.reserved_micro += grant.budget_micro;
