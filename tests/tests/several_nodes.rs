@@ -209,7 +209,7 @@ async fn a_change_through_one_control_plane_reaches_every_data_plane_within_a_se
     let Some(c) = two_replicas(&[]).await else {
         return;
     };
-    let (first, second) = (&c.controls[0], &c.controls[1]);
+    let (home, first, second) = (&c.home, &c.controls[0], &c.controls[1]);
     let near = c.start_plane(Place::On(0), &[]);
     let far = c.start_plane(Place::On(1), &[]);
     let client = Client::new();
@@ -349,9 +349,7 @@ async fn a_control_plane_killed_under_load_loses_nothing_acknowledged() {
     let Some(mut c) = two_replicas(&short_ttl).await else {
         return;
     };
-    let data: Vec<DataPlane> = (0..3)
-        .map(|_| c.start_plane(Place::Every, &[]))
-        .collect();
+    let data: Vec<DataPlane> = (0..3).map(|_| c.start_plane(Place::Every, &[])).collect();
     let controls = &mut c.controls;
     let token = controls[1].agent("steady", "5", "100000", &[]);
     let client = Client::new();
@@ -533,7 +531,7 @@ async fn a_tpm_limit_holds_across_control_planes() {
         c.start_plane(Place::On(1), &[]),
         c.start_plane(Place::On(1), &[]),
     ];
-    let bound = input_bound(&first, &data[0]).await;
+    let bound = input_bound(first, &data[0]).await;
     let tpm = 10 * bound + bound / 2;
     let token = first.agent("thrifty", "5", "100000", &["--tpm", &tpm.to_string()]);
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -13,7 +13,12 @@ pub struct Check {
 }
 
 impl Check {
-    pub(super) fn new(name: &'static str, ok_detail: &str, fail_detail: &str, offenders: Vec<String>) -> Self {
+    pub(super) fn new(
+        name: &'static str,
+        ok_detail: &str,
+        fail_detail: &str,
+        offenders: Vec<String>,
+    ) -> Self {
         let passed = offenders.is_empty();
         Self {
             name,
@@ -523,8 +528,8 @@ pub fn invariants(data: &AuditData) -> (Vec<Check>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aex_core::agent::{AgentRecord, AgentState, Caps, Scope};
     use crate::ledger::verify::ChainVerifier;
+    use aex_core::agent::{AgentRecord, AgentState, Caps, Scope};
     use aex_core::chain::{EventBody, GENESIS, chain_hash};
 
     fn events(key: &[u8], n: i64) -> Vec<EventRecord> {

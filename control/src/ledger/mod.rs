@@ -8,6 +8,6 @@ pub mod anchor_check;
 pub mod audit;
 pub mod fold;
 pub mod snapshot;
-pub mod verify;
 #[cfg(test)]
 mod tests;
+pub mod verify;

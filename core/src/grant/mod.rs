@@ -584,10 +584,7 @@ mod tests {
         };
         assert!(matches!(g.decide(funds(true), 2), GrantOutcome::Issued(_)));
         for gone in [funds(false), None] {
-            assert_eq!(
-                g.decide(gone, 2),
-                GrantOutcome::Refused(NoGrant::Invalid)
-            );
+            assert_eq!(g.decide(gone, 2), GrantOutcome::Refused(NoGrant::Invalid));
         }
     }
 

@@ -101,7 +101,9 @@ impl Operation for IssueGrant {
         .bind(&g.data_plane)
         .fetch_one(&mut *conn)
         .await?;
-        let funds = free.zip(live).map(|(free_micro, live)| Funds { free_micro, live });
+        let funds = free
+            .zip(live)
+            .map(|(free_micro, live)| Funds { free_micro, live });
         let grant = match g.decide(funds, u32::try_from(others).unwrap_or(u32::MAX)) {
             GrantOutcome::Issued(grant) => grant,
             refused => return Ok(refused),

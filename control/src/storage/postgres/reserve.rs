@@ -13,8 +13,8 @@ use crate::storage::{
     NewReservation, ReservationState, ReserveOutcome, Settle as Decided, SettleOutcome, Settlement,
     StoreError,
 };
-use aex_core::reservation::Held;
 use aex_core::agent::Funds;
+use aex_core::reservation::Held;
 use aex_core::reserve::{Reserve as Decision, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;

@@ -10,8 +10,8 @@ use crate::storage::rows::{RESERVATION_COLUMNS, ReservationRow, stored_u64};
 use crate::storage::{
     NewReservation, ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StoreError,
 };
-use aex_core::reservation::Held;
 use aex_core::agent::Funds;
+use aex_core::reservation::Held;
 use aex_core::reserve::{Reserve, ReserveRead, Take, counts_open, decide};
 use rusqlite::{Connection, OptionalExtension, params};
 

@@ -20,10 +20,10 @@ use crate::storage::{
     NewReservation, ProcessRecord, ProcessState, ProcessStore, ReportStore, ReservationRecord,
     ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StatusTotals, StoreError,
 };
+use aex_core::agent::Funds;
 use aex_core::chain::{ChainKey, GENESIS};
 use aex_core::event::Head;
 use aex_core::reservation::Held;
-use aex_core::agent::Funds;
 use aex_core::reserve::{Reserve, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use std::collections::HashMap;
