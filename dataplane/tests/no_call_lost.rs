@@ -58,18 +58,38 @@ async fn every_success_is_in_the_ledger(
         served.len(),
         &missing[..missing.len().min(3)]
     );
-    assert_eq!(
-        admitted.len(),
-        warm_up_ok + served.len(),
-        "no call recorded twice"
-    );
+    // A call a client saw fail may be in the ledger too: a central
+    // admission committed just as the control plane was killed, its answer
+    // lost; the data plane gave up on it (503) and released it. Released,
+    // never charged (seen in about one run in five). Every success is there
+    // once, settled once.
     let mut settles = HashMap::new();
     for e in ev.iter().filter(|e| e.kind == "settle") {
         *settles.entry(e.reservation_id.as_str()).or_insert(0) += 1;
     }
-    for rsv in admitted.values() {
+    let released: HashMap<&str, i64> = ev
+        .iter()
+        .filter(|e| e.kind == "release")
+        .map(|e| (e.reservation_id.as_str(), e.amount_micro))
+        .collect();
+    let succeeded: std::collections::HashSet<&str> = served.iter().copied().collect();
+    let mut failed_admits = 0;
+    for (request, rsv) in &admitted {
+        if !succeeded.contains(request.as_str()) && released.get(rsv.as_str()) == Some(&0) {
+            assert!(
+                !settles.contains_key(rsv.as_str()),
+                "{rsv} released and settled"
+            );
+            failed_admits += 1;
+            continue;
+        }
         assert_eq!(settles.get(rsv.as_str()), Some(&1), "{rsv} settled once");
     }
+    assert_eq!(
+        admitted.len(),
+        warm_up_ok + served.len() + failed_admits,
+        "no call recorded twice"
+    );
     audit_passes(stack);
     ev.iter()
         .filter(|e| e.kind == "admit" && detail(e, "late") == true)
