@@ -25,25 +25,11 @@ pub struct ScaleArgs {
 }
 
 pub fn new_agent(i: u64) -> NewAgent {
+    // Never a real token: these agents exist to be listed and audited.
     NewAgent {
-        name: format!("seed-{i:06}"),
-        // Never a real token: these agents exist to be listed and audited.
-        token_sha256: format!("{i:064x}"),
         token_prefix: "aex_seed".into(),
-        token_expires_at_ms: None,
-        token_ttl_seconds: 0,
-        budget_micro: 1_000_000_000,
         rpm: 600,
-        tpm: 0,
-        max_concurrent: 0,
-        allowed_models: vec![],
-        caps: Caps {
-            streaming: true,
-            tools: true,
-            function_calling: true,
-            vision: false,
-        },
-        scope: Scope::Execution,
+        ..NewAgent::new(&format!("seed-{i:06}"), &format!("{i:064x}"), 1_000_000_000)
     }
 }
 

@@ -43,23 +43,10 @@ fn token(n: u8) -> String {
 
 fn agent(name: &str, token_n: u8, budget_micro: i64) -> NewAgent {
     NewAgent {
-        name: name.into(),
-        token_sha256: token(token_n),
         token_prefix: format!("aex_{token_n:02x}"),
-        token_expires_at_ms: None,
-        token_ttl_seconds: 0,
-        budget_micro,
         rpm: 600,
-        tpm: 0,
-        max_concurrent: 0,
         allowed_models: vec![MODEL.into()],
-        caps: Caps {
-            streaming: true,
-            tools: true,
-            function_calling: true,
-            vision: false,
-        },
-        scope: Scope::Execution,
+        ..NewAgent::new(name, &token(token_n), budget_micro)
     }
 }
 

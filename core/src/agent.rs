@@ -31,6 +31,19 @@ pub struct Caps {
     pub vision: bool,
 }
 
+impl Default for Caps {
+    /// What an agent created without a word on capabilities may use:
+    /// streaming, tools and function calling; vision only when asked for.
+    fn default() -> Self {
+        Self {
+            streaming: true,
+            tools: true,
+            function_calling: true,
+            vision: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
     pub id: String,
@@ -87,6 +100,28 @@ pub struct NewAgent {
     pub allowed_models: Vec<String>,
     pub caps: Caps,
     pub scope: Scope,
+}
+
+impl NewAgent {
+    /// An agent with `budget_micro` and no other limit: any model, the
+    /// default capabilities, execution scope, a token that never expires.
+    /// The caller sets the rest by struct update.
+    pub fn new(name: &str, token_sha256: &str, budget_micro: i64) -> Self {
+        Self {
+            name: name.into(),
+            token_sha256: token_sha256.into(),
+            token_prefix: String::new(),
+            token_expires_at_ms: None,
+            token_ttl_seconds: 0,
+            budget_micro,
+            rpm: 0,
+            tpm: 0,
+            max_concurrent: 0,
+            allowed_models: Vec::new(),
+            caps: Caps::default(),
+            scope: Scope::Execution,
+        }
+    }
 }
 
 /// Only the fields that are `Some` change.
@@ -385,23 +420,9 @@ mod tests {
         create(
             "agt_1".into(),
             NewAgent {
-                name: "dev".into(),
-                token_sha256: "h".into(),
                 token_prefix: "aex_abc".into(),
-                token_expires_at_ms: None,
-                token_ttl_seconds: 0,
-                budget_micro: 1_000,
                 rpm: 60,
-                tpm: 0,
-                max_concurrent: 0,
-                allowed_models: vec![],
-                caps: Caps {
-                    streaming: true,
-                    tools: true,
-                    function_calling: true,
-                    vision: false,
-                },
-                scope: Scope::Execution,
+                ..NewAgent::new("dev", "h", 1_000)
             },
             1,
             &[7; 32],

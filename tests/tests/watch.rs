@@ -15,32 +15,23 @@ use std::time::{Duration, Instant};
 const AGENTS: usize = 30_000;
 
 fn seeded(i: usize) -> NewAgent {
+    // A fleet's names and allow-lists: about 230 bytes of policy each, so
+    // one message would hold about 7 MB. Never a real token's hash: these
+    // agents only make the snapshot big.
     NewAgent {
-        // A fleet's names and allow-lists: about 230 bytes of policy each,
-        // so one message would hold about 7 MB.
-        name: format!("fleet-team-{:03}-agent-{i:05}", i % 100),
-        // Never a real token's hash: these agents only make the snapshot big.
-        token_sha256: format!("{i:064x}"),
         token_prefix: "aex_seed".into(),
-        token_expires_at_ms: None,
-        token_ttl_seconds: 0,
-        budget_micro: 1_000_000,
         rpm: 60,
-        tpm: 0,
-        max_concurrent: 0,
         allowed_models: vec![
             "mock-model".into(),
             "cached-model".into(),
             "dead-model".into(),
             "sim".into(),
         ],
-        caps: Caps {
-            streaming: true,
-            tools: true,
-            function_calling: true,
-            vision: false,
-        },
-        scope: Scope::Execution,
+        ..NewAgent::new(
+            &format!("fleet-team-{:03}-agent-{i:05}", i % 100),
+            &format!("{i:064x}"),
+            1_000_000,
+        )
     }
 }
 

@@ -623,12 +623,7 @@ mod tests {
             tpm: 0,
             max_concurrent: 0,
             allowed_models: vec![],
-            caps: Caps {
-                streaming: true,
-                tools: true,
-                function_calling: true,
-                vision: false,
-            },
+            caps: Caps::default(),
             scope: Scope::Execution,
             state: AgentState::Active,
             created_at_ms: 0,

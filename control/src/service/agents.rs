@@ -101,11 +101,11 @@ impl AgentsApi {
         validate_budget(r.budget_micro)?;
         validate_rpm(r.rpm)?;
         let allowed_models = validate_models(&r.allowed_models, &self.state.models())?;
-        let caps = r.capabilities.unwrap_or(pb::Capabilities {
-            streaming: true,
-            tools: true,
-            function_calling: true,
-            vision: false,
+        let caps = r.capabilities.map_or_else(Caps::default, |c| Caps {
+            streaming: c.streaming,
+            tools: c.tools,
+            function_calling: c.function_calling,
+            vision: c.vision,
         });
         let scope = scope_from_pb(r.scope()).unwrap_or(Scope::Execution);
         let token = new_agent_token();
@@ -120,12 +120,7 @@ impl AgentsApi {
             tpm: r.tpm,
             max_concurrent: r.max_concurrent,
             allowed_models,
-            caps: Caps {
-                streaming: caps.streaming,
-                tools: caps.tools,
-                function_calling: caps.function_calling,
-                vision: caps.vision,
-            },
+            caps,
             scope,
         };
         let record = self

@@ -88,23 +88,10 @@ impl<G, S> Opened<G, S> for Option<(G, S)> {
 
 pub fn new_agent(name: &str, token_sha256: &str) -> NewAgent {
     NewAgent {
-        name: name.into(),
-        token_sha256: token_sha256.into(),
         token_prefix: "aex_abc".into(),
-        token_expires_at_ms: None,
-        token_ttl_seconds: 0,
-        budget_micro: 5_000_000,
         rpm: 120,
-        tpm: 0,
-        max_concurrent: 0,
         allowed_models: vec!["m".into()],
-        caps: Caps {
-            streaming: true,
-            tools: true,
-            function_calling: true,
-            vision: false,
-        },
-        scope: Scope::Execution,
+        ..NewAgent::new(name, token_sha256, 5_000_000)
     }
 }
 
