@@ -9,7 +9,7 @@ use crate::{Daemons, sibling, spawn, workload};
 use aex_control::clock::now_ms;
 use aex_control::storage::sqlite::SqliteStore;
 use aex_control::storage::{
-    Caps, Closing, NewAgent, NewReservation, ReservationRecord, Scope, Settlement, Store,
+    Closing, NewAgent, NewReservation, ReservationRecord, Settlement, Store,
 };
 use aex_core::money::{Pricing, TokenUsage};
 use std::path::Path;

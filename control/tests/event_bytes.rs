@@ -24,7 +24,6 @@ use aex_control::storage::{
     AgentPatch, AgentState, AgentStore, CredentialStore, EventFilter, EventKind, EventRecord,
     NewAgent, ProcessRecord, ProcessState, ProcessStore, ReservationRecord, Store, TokenChange,
 };
-use aex_core::agent::{Caps, Scope};
 use aex_core::config::{DEFAULT_MODELS_YAML, ModelsConfig};
 use aex_core::credential::Served;
 use aex_core::money::TokenUsage;

@@ -6,7 +6,7 @@
 //! minutes.
 
 use aex_control::storage::sqlite::SqliteStore;
-use aex_control::storage::{Caps, NewAgent, Scope, Store};
+use aex_control::storage::{NewAgent, Store};
 use aex_core::home::Home;
 use aex_tests::{DataPlane, Stack};
 use std::sync::Arc;
