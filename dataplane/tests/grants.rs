@@ -117,12 +117,13 @@ async fn steady_calls_cost_a_fraction_of_a_round_trip_each() {
     // asks: at this machine's usual pace (≥ 200 calls/s) that is under one
     // RPC per 20 calls. On a loaded machine the calls spread over more
     // intervals, never more than one report each, and a renewal that comes
-    // late sends a few calls central, one round trip each (14 of 400 in
-    // one CI run).
+    // late sends a few calls central (14 of 400 in one CI run, 13 in
+    // another), each an admission and a settlement: two round trips at
+    // most (fewer when the settlements travel as one batch).
     let intervals = (elapsed.as_millis() / 100) as f64 + 4.0;
     let central = calls as f64 - local;
     assert!(
-        rpcs * 20.0 <= calls as f64 || rpcs - central <= intervals,
+        rpcs * 20.0 <= calls as f64 || rpcs - 2.0 * central <= intervals,
         "{rpcs} RPCs for {calls} calls ({central} central) in {elapsed:?}: more than one per 20, \
          and more than one per report interval besides the central admissions"
     );
