@@ -11,7 +11,7 @@ use aex_core::agent::Funds;
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
 
-pub(super) async fn grant(
+async fn grant(
     conn: &mut PgConnection,
     id: &str,
 ) -> Result<Option<GrantRecord>, StoreError> {

@@ -6,9 +6,10 @@
 //! statement, in one place for calls admitted here and calls reported
 //! from a grant alike. The same steps as `sqlite/reserve.rs`.
 
-use super::grants::grant;
 use super::writer::{Chain, Operation, Owner};
-use crate::storage::rows::{RESERVATION_COLUMNS, ReservationRow, stored_u64};
+use crate::storage::rows::{
+    GRANT_COLUMNS, GrantRow, RESERVATION_COLUMNS, ReservationRow, stored_u64,
+};
 use crate::storage::{
     NewReservation, ReservationState, ReserveOutcome, Settle as Decided, SettleOutcome, Settlement,
     StoreError,
@@ -18,6 +19,7 @@ use aex_core::reservation::Held;
 use aex_core::reserve::{Reserve as Decision, ReserveRead, Take, counts_open, decide};
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
+use sqlx::{FromRow, Row};
 
 #[derive(sqlx::FromRow)]
 struct ExistingReservation {
@@ -75,24 +77,40 @@ impl Operation for Reserve {
     }
 }
 
-/// What [`decide`] needs: the request id's reservation, the agent's amounts
-/// and its open reservations in one round trip; the existing row (a retry,
-/// rare) and the grant (a report) in one more when the rule needs them.
+/// What [`decide`] reads, in one statement: whether the request id has a
+/// reservation, the agent's amounts, its open reservations (when the rule
+/// counts them) and the grant a reported call names (when it names one).
+/// The grant's columns keep their own names, so its row reads as any
+/// grant's.
+static READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let grant: Vec<String> = GRANT_COLUMNS
+        .split(", ")
+        .map(|c| format!("g.{c}"))
+        .collect();
+    format!(
+        "SELECT (SELECT id FROM reservations WHERE request_id = $1) AS existing_id, \
+         a.budget_micro - a.spent_micro - a.reserved_micro AS free_micro, \
+         a.deleted_at_ms IS NULL AS live, \
+         CASE WHEN $3 THEN (SELECT COUNT(*) FROM reservations \
+             WHERE state = 'open' AND agent_id = $2) ELSE 0 END AS open_count, {} \
+         FROM (SELECT 1) AS one LEFT JOIN agents a ON a.id = $2 \
+         LEFT JOIN grants g ON g.id = $4",
+        grant.join(", ")
+    )
+});
+
+/// What [`decide`] needs, in one round trip ([`READ`]); the existing row
+/// (a retry, rare) in one more.
 async fn read(conn: &mut PgConnection, n: &NewReservation) -> Result<ReserveRead, StoreError> {
     let r = &n.record;
-    let (existing, free, live, open): (Option<String>, Option<i64>, Option<bool>, i64) =
-        sqlx::query_as(
-            "SELECT (SELECT id FROM reservations WHERE request_id = $1), \
-             a.budget_micro - a.spent_micro - a.reserved_micro, a.deleted_at_ms IS NULL, \
-             CASE WHEN $3 THEN (SELECT COUNT(*) FROM reservations \
-                 WHERE state = 'open' AND agent_id = $2) ELSE 0 END \
-             FROM (SELECT 1) AS one LEFT JOIN agents a ON a.id = $2",
-        )
+    let row = sqlx::query(&READ)
         .bind(&r.request_id)
         .bind(&r.agent_id)
         .bind(counts_open(n))
+        .bind(n.grant_id.as_deref())
         .fetch_one(&mut *conn)
         .await?;
+    let existing: Option<String> = row.try_get("existing_id")?;
     if existing.is_some() {
         let found: ExistingReservation = sqlx::query_as(&format!(
             "SELECT {RESERVATION_COLUMNS}, state FROM reservations WHERE request_id = $1"
@@ -106,16 +124,16 @@ async fn read(conn: &mut PgConnection, n: &NewReservation) -> Result<ReserveRead
             ..Default::default()
         });
     }
-    let funds = free
-        .zip(live)
-        .map(|(free_micro, live)| Funds { free_micro, live });
-    let grant = match &n.grant_id {
-        Some(id) if funds.is_some() => grant(conn, id).await?,
-        _ => None,
+    let free: Option<i64> = row.try_get("free_micro")?;
+    let live: Option<bool> = row.try_get("live")?;
+    let open: i64 = row.try_get("open_count")?;
+    let grant = match row.try_get::<Option<String>, _>("id")? {
+        Some(_) => Some(GrantRow::from_row(&row)?.try_into()?),
+        None => None,
     };
     Ok(ReserveRead {
         existing: None,
-        funds,
+        funds: free.zip(live).map(|(free_micro, live)| Funds { free_micro, live }),
         grant,
         open: open.max(0) as u64,
     })
