@@ -190,8 +190,8 @@ pub enum Settle {
     /// The reservation is another agent's than the settlement names:
     /// refused (the store's error), nothing written.
     AnotherAgent,
-    /// Closes the reservation (a compare-and-set on its open state), moves
-    /// the agent's amounts and logs the events.
+    /// Closes the reservation (found open inside the transaction or lock
+    /// the write runs in), moves the agent's amounts and logs the events.
     Close(Close),
 }
 
