@@ -11,10 +11,7 @@ use aex_core::agent::Funds;
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
 
-async fn grant(
-    conn: &mut PgConnection,
-    id: &str,
-) -> Result<Option<GrantRecord>, StoreError> {
+async fn grant(conn: &mut PgConnection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
     let row: Option<GrantRow> =
         sqlx::query_as(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"))
             .bind(id)

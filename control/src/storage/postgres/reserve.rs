@@ -133,7 +133,9 @@ async fn read(conn: &mut PgConnection, n: &NewReservation) -> Result<ReserveRead
     };
     Ok(ReserveRead {
         existing: None,
-        funds: free.zip(live).map(|(free_micro, live)| Funds { free_micro, live }),
+        funds: free
+            .zip(live)
+            .map(|(free_micro, live)| Funds { free_micro, live }),
         grant,
         open: open.max(0) as u64,
     })
