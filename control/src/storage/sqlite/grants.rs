@@ -3,19 +3,11 @@
 //! domain's ([`NewGrant::size`]), made atomic here with the agent's amounts.
 //! A call carved from a grant is a reservation (`reserve.rs`).
 
+use super::facts::{funds, grant};
 use super::writer::Chain;
-use crate::storage::rows::{GRANT_COLUMNS, GrantRow};
+use crate::storage::rows::GRANT_COLUMNS;
 use crate::storage::{GrantEnd, GrantOutcome, GrantRecord, NewGrant, StoreError};
-use aex_core::agent::Funds;
 use rusqlite::{Connection, OptionalExtension, params};
-
-pub(super) fn grant(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
-    conn.prepare_cached(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?1"))?
-        .query_row([id], GrantRow::from_rusqlite)
-        .optional()?
-        .map(TryInto::try_into)
-        .transpose()
-}
 
 fn agent_name(conn: &Connection, agent_id: &str) -> Result<String, StoreError> {
     Ok(conn
@@ -40,18 +32,7 @@ pub(super) fn issue_grant(
             g.created_at_ms,
         )?;
     }
-    let funds = conn
-        .prepare_cached(
-            "SELECT budget_micro - spent_micro - reserved_micro, deleted_at_ms IS NULL \
-             FROM agents WHERE id = ?1",
-        )?
-        .query_row([&g.agent_id], |r| {
-            Ok(Funds {
-                free_micro: r.get(0)?,
-                live: r.get(1)?,
-            })
-        })
-        .optional()?;
+    let funds = funds(conn, &g.agent_id)?;
     let others: i64 = conn
         .prepare_cached(
             "SELECT COUNT(DISTINCT data_plane) FROM grants \

@@ -11,6 +11,7 @@ mod anchor;
 mod baseline;
 mod credentials;
 mod errors;
+mod facts;
 mod grants;
 mod reads;
 mod reserve;

@@ -4,13 +4,12 @@
 //! one place, for calls admitted here and calls reported from a grant alike.
 //! The single writer is what makes the read and the write one step.
 
-use super::grants::grant;
+use super::facts::{funds, grant};
 use super::writer::Chain;
 use crate::storage::rows::{RESERVATION_COLUMNS, ReservationRow, stored_u64};
 use crate::storage::{
     NewReservation, ReservationState, ReserveOutcome, Settle, SettleOutcome, Settlement, StoreError,
 };
-use aex_core::agent::Funds;
 use aex_core::reservation::Held;
 use aex_core::reserve::{Reserve, ReserveRead, Take, counts_open, decide};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -71,18 +70,7 @@ fn read(conn: &Connection, n: &NewReservation) -> Result<ReserveRead, StoreError
             ..Default::default()
         });
     }
-    let funds = conn
-        .prepare_cached(
-            "SELECT budget_micro - spent_micro - reserved_micro, deleted_at_ms IS NULL \
-             FROM agents WHERE id = ?1",
-        )?
-        .query_row([&r.agent_id], |row| {
-            Ok(Funds {
-                free_micro: row.get(0)?,
-                live: row.get(1)?,
-            })
-        })
-        .optional()?;
+    let funds = funds(conn, &r.agent_id)?;
     let grant = match &n.grant_id {
         Some(id) => grant(conn, id)?,
         None => None,

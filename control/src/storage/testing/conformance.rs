@@ -916,6 +916,15 @@ pub async fn a_retried_admission_of_a_closed_reservation_reserves_nothing(s: Arc
     assert_eq!(kinds(&events), ["agent.created", "admit", "settle"]);
 }
 
+/// An agent no store has a row of, otherwise like `a`.
+fn unknown_like(a: &AgentRecord) -> AgentRecord {
+    AgentRecord {
+        id: "agt_never".into(),
+        name: "never".into(),
+        ..a.clone()
+    }
+}
+
 /// Every store answers a reservation for an agent no row has with
 /// `AgentNotFound` (nothing logged), and one for a deleted agent as out of
 /// budget, logged like any budget refusal.
@@ -925,11 +934,7 @@ pub async fn a_reservation_for_an_unknown_agent_is_not_found_and_a_deleted_one_r
     let a = s.create_agent(new_agent("gone", "hg")).await.unwrap();
     s.delete_agent("gone").await.unwrap();
     let before = all_events(s.as_ref()).await.len();
-    let unknown = AgentRecord {
-        id: "agt_never".into(),
-        name: "never".into(),
-        ..a.clone()
-    };
+    let unknown = unknown_like(&a);
     let answer = s.reserve(reservation(&unknown, 1, 10)).await;
     assert!(
         matches!(&answer, Err(StoreError::AgentNotFound(name)) if name == "never"),
@@ -1208,11 +1213,7 @@ pub async fn a_grant_for_an_unknown_or_deleted_agent_is_refused(s: Arc<dyn Store
     let a = s.create_agent(new_agent("gone", "hg")).await.unwrap();
     s.delete_agent("gone").await.unwrap();
     let before = all_events(s.as_ref()).await.len();
-    let unknown = AgentRecord {
-        id: "agt_never".into(),
-        name: "never".into(),
-        ..a.clone()
-    };
+    let unknown = unknown_like(&a);
     for (agent, id) in [(&unknown, "g-unknown"), (&a, "g-deleted")] {
         let answer = s.issue_grant(grant(agent, id, "dp")).await;
         assert!(
