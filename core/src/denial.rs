@@ -74,6 +74,42 @@ crate::named::named_set! {
     }
 }
 
+crate::named::named_set! {
+    /// The `error.type` of an error on Anthropic's Messages API, by which
+    /// the Anthropic SDKs choose their exception and whether to retry.
+    AnthropicErrorType {
+        InvalidRequestError => "invalid_request_error",
+        AuthenticationError => "authentication_error",
+        BillingError => "billing_error",
+        PermissionError => "permission_error",
+        NotFoundError => "not_found_error",
+        ConflictError => "conflict_error",
+        RequestTooLarge => "request_too_large",
+        RateLimitError => "rate_limit_error",
+        ApiError => "api_error",
+        OverloadedError => "overloaded_error",
+    }
+}
+
+impl AnthropicErrorType {
+    /// The type Anthropic answers an HTTP status with (its "other 4xx" are
+    /// `invalid_request_error`, every other 5xx `api_error`).
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            401 => Self::AuthenticationError,
+            402 => Self::BillingError,
+            403 => Self::PermissionError,
+            404 => Self::NotFoundError,
+            409 => Self::ConflictError,
+            413 => Self::RequestTooLarge,
+            429 => Self::RateLimitError,
+            503 | 529 => Self::OverloadedError,
+            500..=599 => Self::ApiError,
+            _ => Self::InvalidRequestError,
+        }
+    }
+}
+
 /// What the admission engine's refusals say: the prose of every limit and
 /// ledger refusal, in one place beside the rules they name (the policy's
 /// own are in `policy.rs`, where it decides them).
@@ -167,7 +203,26 @@ mod tests {
         check(Rule::ALL, Rule::as_str, Rule::parse);
         check(DenialCode::ALL, DenialCode::as_str, DenialCode::parse);
         check(ErrorType::ALL, ErrorType::as_str, ErrorType::parse);
+        check(
+            AnthropicErrorType::ALL,
+            AnthropicErrorType::as_str,
+            AnthropicErrorType::parse,
+        );
         assert_eq!(Rule::parse("budget "), None);
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (402, "billing_error"),
+            (403, "permission_error"),
+            (408, "invalid_request_error"),
+            (413, "request_too_large"),
+            (429, "rate_limit_error"),
+            (502, "api_error"),
+            (503, "overloaded_error"),
+            (504, "api_error"),
+        ] {
+            assert_eq!(AnthropicErrorType::for_status(status), kind, "{status}");
+        }
         assert!(Rule::Rpm == "rpm");
     }
 }

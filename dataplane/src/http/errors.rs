@@ -6,7 +6,7 @@
 
 use super::upstream::UpstreamFailure;
 use crate::openai::{self, Api};
-use aex_core::denial::{DenialCode, ErrorType, Rule};
+use aex_core::denial::{AnthropicErrorType, DenialCode, ErrorType, Rule};
 use aex_proto::v1 as pb;
 use bytes::Bytes;
 use http::StatusCode;
@@ -342,6 +342,28 @@ impl GatewayError {
         }
     }
 
+    /// The JSON body in the shape of Anthropic's Messages API, its error
+    /// type by status (`AnthropicErrorType::for_status`), so that the
+    /// Anthropic SDKs raise the exception and apply the retry rule they
+    /// would for Anthropic's own. The headers (`retry-after`,
+    /// `x-aex-denied-by`) are the same on both APIs.
+    pub fn anthropic_body(&self) -> Bytes {
+        Bytes::from(self.anthropic_error().to_string())
+    }
+
+    fn anthropic_error(&self) -> serde_json::Value {
+        json!({"type": "error", "error": {
+            "type": AnthropicErrorType::for_status(self.status.as_u16()).as_str(),
+            "message": self.message,
+        }})
+    }
+
+    /// The same error as the last event of a Messages stream that has
+    /// begun, as Anthropic sends one (`event: error`).
+    pub fn anthropic_sse_event(&self) -> String {
+        format!("event: error\ndata: {}\n\n", self.anthropic_error())
+    }
+
     /// A provider that failed mid-stream.
     pub fn upstream_failed_mid_stream() -> Self {
         Self::new(
@@ -395,6 +417,30 @@ mod tests {
         let event = e.sse_event(Api::Responses);
         assert!(event.starts_with("event: error\ndata: "));
         assert!(event.contains("\"code\":\"upstream_error\""));
+    }
+
+    #[test]
+    fn on_the_messages_api_an_error_has_anthropics_shape() {
+        let e = GatewayError::denied(denial(402));
+        let body: serde_json::Value = serde_json::from_slice(&e.anthropic_body()).unwrap();
+        assert_eq!(
+            body,
+            json!({"type": "error", "error": {"type": "billing_error", "message": "no"}})
+        );
+        let mut d = denial(429);
+        d.retry_after_ms = 1_200;
+        let e = GatewayError::denied(d);
+        let body: serde_json::Value = serde_json::from_slice(&e.anthropic_body()).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert!(e.headers.iter().any(|(k, v)| *k == "retry-after-ms" && v == "1200"));
+        let event = GatewayError::upstream_failed_mid_stream().anthropic_sse_event();
+        let data = event
+            .strip_prefix("event: error\ndata: ")
+            .expect("an error event")
+            .trim();
+        let data: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data["error"]["type"], "api_error");
+        assert_eq!(data["error"]["message"], "The provider failed mid-stream.");
     }
 
     #[test]
