@@ -432,7 +432,11 @@ mod tests {
         let e = GatewayError::denied(d);
         let body: serde_json::Value = serde_json::from_slice(&e.anthropic_body()).unwrap();
         assert_eq!(body["error"]["type"], "rate_limit_error");
-        assert!(e.headers.iter().any(|(k, v)| *k == "retry-after-ms" && v == "1200"));
+        assert!(
+            e.headers
+                .iter()
+                .any(|(k, v)| *k == "retry-after-ms" && v == "1200")
+        );
         let event = GatewayError::upstream_failed_mid_stream().anthropic_sse_event();
         let data = event
             .strip_prefix("event: error\ndata: ")
