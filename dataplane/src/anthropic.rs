@@ -4,6 +4,7 @@
 //! Pure functions over bytes and JSON, like `openai.rs`; the routes that
 //! use them come with the rest of the Messages API (issue #16).
 
+use crate::blocks::{any_object, count_objects};
 use crate::openai::IMAGE_TOKENS_BOUND;
 use aex_core::policy::UnboundedInput;
 use serde_json::{Map, Value};
@@ -82,57 +83,33 @@ fn positive_int(
 /// Image blocks (`"type": "image"`) anywhere in `v`, and the bytes of
 /// their inline base64 data, which are not prompt text.
 fn count_images(v: &Value) -> (u64, u64) {
-    match v {
-        Value::Array(items) => items.iter().fold((0, 0), |(n, b), item| {
-            let (n2, b2) = count_images(item);
-            (n + n2, b + b2)
-        }),
-        Value::Object(map) => {
-            if map.get("type").and_then(Value::as_str) == Some("image") {
-                let inline = map
-                    .get("source")
-                    .and_then(|s| s.get("data"))
-                    .and_then(Value::as_str)
-                    .map_or(0, |d| d.len() as u64);
-                return (1, inline);
-            }
-            map.values().fold((0, 0), |(n, b), item| {
-                let (n2, b2) = count_images(item);
-                (n + n2, b + b2)
-            })
-        }
-        _ => (0, 0),
-    }
+    count_objects(v, &|map| {
+        (map.get("type").and_then(Value::as_str) == Some("image")).then(|| {
+            map.get("source")
+                .and_then(|s| s.get("data"))
+                .and_then(Value::as_str)
+                .map_or(0, |d| d.len() as u64)
+        })
+    })
 }
 
 /// A document block: a PDF is read as page images and text, so it needs
 /// the vision capability (its inline data stays in the bound byte for byte).
 fn has_document(v: &Value) -> bool {
-    match v {
-        Value::Array(items) => items.iter().any(has_document),
-        Value::Object(map) => {
-            map.get("type").and_then(Value::as_str) == Some("document")
-                || map.values().any(has_document)
-        }
-        _ => false,
-    }
+    any_object(v, &|map| {
+        map.get("type").and_then(Value::as_str) == Some("document")
+    })
 }
 
 /// A block whose content the provider fetches: a `source` by URL or by
 /// file id. Its tokens cannot be bounded from the body.
 fn references_by_id(v: &Value) -> bool {
-    match v {
-        Value::Array(items) => items.iter().any(references_by_id),
-        Value::Object(map) => {
-            let fetched = map
-                .get("source")
-                .and_then(|s| s.get("type"))
-                .and_then(Value::as_str)
-                .is_some_and(|t| matches!(t, "url" | "file"));
-            fetched || map.values().any(references_by_id)
-        }
-        _ => false,
-    }
+    any_object(v, &|map| {
+        map.get("source")
+            .and_then(|s| s.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| matches!(t, "url" | "file"))
+    })
 }
 
 /// Tools the client runs itself: its own (no `type`, or `custom`) and the

@@ -6,6 +6,7 @@
 //! start. Runs fine as a sidecar.
 
 pub mod anthropic;
+pub mod blocks;
 pub mod connections;
 pub mod control;
 pub mod generated;

@@ -1,6 +1,7 @@
 //! OpenAI request bodies: validation, what admission needs to know, and the
 //! rewrite sent upstream. Pure functions over bytes and JSON.
 
+use crate::blocks::{any_object, count_objects};
 use aex_core::policy::UnboundedInput;
 use serde_json::{Map, Value};
 
@@ -282,63 +283,44 @@ fn non_empty_array(v: Option<&Value>) -> bool {
 /// Images anywhere in the input: `image_url` / `input_image` content parts.
 /// Returns (count, bytes of inline data URLs, which are not prompt text).
 fn count_images(v: &Value) -> (u64, u64) {
-    match v {
-        Value::Array(items) => items.iter().fold((0, 0), |(n, b), item| {
-            let (n2, b2) = count_images(item);
-            (n + n2, b + b2)
-        }),
-        Value::Object(map) => {
-            let kind = map.get("type").and_then(Value::as_str);
-            if matches!(kind, Some("image_url" | "input_image" | "image")) {
-                let url = match map.get("image_url") {
-                    Some(Value::String(s)) => Some(s.as_str()),
-                    Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
-                    _ => None,
-                };
-                let inline = url
-                    .filter(|u| u.starts_with("data:"))
-                    .map_or(0, |u| u.len() as u64);
-                return (1, inline);
-            }
-            map.values().fold((0, 0), |(n, b), item| {
-                let (n2, b2) = count_images(item);
-                (n + n2, b + b2)
-            })
+    count_objects(v, &|map| {
+        let kind = map.get("type").and_then(Value::as_str);
+        if !matches!(kind, Some("image_url" | "input_image" | "image")) {
+            return None;
         }
-        _ => (0, 0),
-    }
+        let url = match map.get("image_url") {
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
+            _ => None,
+        };
+        Some(
+            url.filter(|u| u.starts_with("data:"))
+                .map_or(0, |u| u.len() as u64),
+        )
+    })
 }
 
 /// A file part (`file` in chat, `input_file` in Responses): a PDF is read
 /// as page images and text, so files need the vision capability. Inline
 /// file data stays in the input bound byte for byte.
 fn has_file_part(v: &Value) -> bool {
-    match v {
-        Value::Array(items) => items.iter().any(has_file_part),
-        Value::Object(map) => {
-            matches!(
-                map.get("type").and_then(Value::as_str),
-                Some("file" | "input_file")
-            ) || map.values().any(has_file_part)
-        }
-        _ => false,
-    }
+    any_object(v, &|map| {
+        matches!(
+            map.get("type").and_then(Value::as_str),
+            Some("file" | "input_file")
+        )
+    })
 }
 
 /// Input the provider fetches by reference: an `item_reference`, or a file
 /// by `file_id` / `file_url` (inline `file_data` is in the body's bytes).
 fn references_by_id(v: &Value) -> bool {
-    match v {
-        Value::Array(items) => items.iter().any(references_by_id),
-        Value::Object(map) => {
-            map.get("type").and_then(Value::as_str) == Some("item_reference")
-                || ["file_id", "file_url"]
-                    .iter()
-                    .any(|k| map.get(*k).is_some_and(|v| !v.is_null()))
-                || map.values().any(references_by_id)
-        }
-        _ => false,
-    }
+    any_object(v, &|map| {
+        map.get("type").and_then(Value::as_str) == Some("item_reference")
+            || ["file_id", "file_url"]
+                .iter()
+                .any(|k| map.get(*k).is_some_and(|v| !v.is_null()))
+    })
 }
 
 /// A tool the provider runs itself (anything but a function or a custom
