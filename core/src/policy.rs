@@ -114,6 +114,11 @@ crate::named::named_set! {
         Embeddings => "Embeddings",
         Completions => "Completions",
         Models => "Models",
+        /// Anthropic's `POST /v1/messages`.
+        Messages => "Messages",
+        /// Anthropic's `POST /v1/messages/count_tokens`: generates nothing
+        /// and reserves nothing ([`countable`]).
+        CountTokens => "CountTokens",
     }
 }
 
@@ -275,19 +280,12 @@ pub fn echoed(s: &str) -> String {
     }
 }
 
-/// Policy and cost bound for an authenticated agent's request.
-pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
-    if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
-        return Err(Denial::forbidden(
-            DenialCode::CapabilityDenied,
-            Rule::Scope,
-            format!(
-                "Agent '{}' has read-only scope: it may list models but not call them. \
-                 Change it with `aexctl agent update {} --scope execution`.",
-                agent.name, agent.name
-            ),
-        ));
-    }
+/// The configured model a request names, if the agent may use it.
+fn model_for<'m>(
+    agent: &Caller<'_>,
+    models: &'m ModelsConfig,
+    ask: &Ask<'_>,
+) -> Result<&'m Model, Denial> {
     if ask.model.is_empty() {
         return Err(Denial::bad_request(
             "model",
@@ -317,6 +315,35 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
             ),
         ));
     }
+    Ok(model)
+}
+
+/// Counting a prompt's tokens (`Endpoint::CountTokens`) generates nothing
+/// and costs nothing: it needs a model the agent may use, and no
+/// reservation, limit or capability. Read-only agents may count, as they
+/// may list models.
+pub fn countable<'m>(
+    agent: &Caller<'_>,
+    models: &'m ModelsConfig,
+    ask: &Ask<'_>,
+) -> Result<&'m Model, Denial> {
+    model_for(agent, models, ask)
+}
+
+/// Policy and cost bound for an authenticated agent's request.
+pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<Plan, Denial> {
+    if agent.scope == Scope::ReadOnly && ask.endpoint != Endpoint::Models {
+        return Err(Denial::forbidden(
+            DenialCode::CapabilityDenied,
+            Rule::Scope,
+            format!(
+                "Agent '{}' has read-only scope: it may list models but not call them. \
+                 Change it with `aexctl agent update {} --scope execution`.",
+                agent.name, agent.name
+            ),
+        ));
+    }
+    let model = model_for(agent, models, ask)?;
     capabilities(agent, model, ask)?;
     if ask.requested_output_tokens == Some(0) {
         // Providers read 0 as "no limit": the reservation would not bound the call.
@@ -356,7 +383,7 @@ pub fn plan(agent: &Caller<'_>, models: &ModelsConfig, ask: &Ask<'_>) -> Result<
         }
     };
     let (output_tokens_cap, output_cap_injected) = match ask.endpoint {
-        Endpoint::Embeddings | Endpoint::Models => (0, false),
+        Endpoint::Embeddings | Endpoint::Models | Endpoint::CountTokens => (0, false),
         _ => match ask.requested_output_tokens {
             Some(n) if n <= u64::from(model.max_tokens) => (n, false),
             // Above the model's limit: clamp, so the reservation stays a real bound.

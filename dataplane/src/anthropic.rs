@@ -1,9 +1,9 @@
 //! Anthropic Messages request bodies (`POST /v1/messages` and
 //! `/v1/messages/count_tokens`): validation in Anthropic's words, what
 //! admission needs to know, and the body sent to an `anthropic` provider.
-//! Pure functions over bytes and JSON, like `openai.rs`; the routes that
-//! use them come with the rest of the Messages API (issue #16).
+//! Pure functions over bytes and JSON, like `openai.rs`.
 
+use crate::api::Api;
 use crate::blocks::{any_object, count_objects};
 use crate::openai::IMAGE_TOKENS_BOUND;
 use aex_core::policy::UnboundedInput;
@@ -12,16 +12,6 @@ use serde_json::{Map, Value};
 /// The largest `max_tokens` a request may name: above it the value is not a
 /// cap but a mistake or an attempt to overflow a provider's 32-bit field.
 pub const MAX_TOKENS_PARAM: u64 = i32::MAX as u64;
-
-/// Which of the two endpoints a body was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `POST /v1/messages`: generates, so `max_tokens` is required.
-    Messages,
-    /// `POST /v1/messages/count_tokens`: counts the prompt, generates
-    /// nothing.
-    CountTokens,
-}
 
 /// A 400 in Anthropic's shape (`invalid_request_error`); the message names
 /// the field first, as Anthropic's do (`max_tokens: Field required`).
@@ -38,7 +28,9 @@ fn invalid(field: &str, what: &str) -> InvalidRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inspected {
-    pub endpoint: Endpoint,
+    /// `Messages` (generates, so `max_tokens` is required) or
+    /// `CountTokens` (counts the prompt, generates nothing).
+    pub api: Api,
     pub model: String,
     pub stream: bool,
     /// The client's `max_tokens` (`None` only for count_tokens).
@@ -144,7 +136,7 @@ fn unbounded_input(body: &Map<String, Value>) -> Option<UnboundedInput> {
         .then_some(UnboundedInput::Reference)
 }
 
-pub fn inspect(endpoint: Endpoint, raw: &[u8]) -> Result<Inspected, InvalidRequest> {
+pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, InvalidRequest> {
     let value: Value = serde_json::from_slice(raw).map_err(|e| InvalidRequest {
         message: if std::str::from_utf8(raw).is_err() {
             "The body is not valid UTF-8. Send a JSON object with content-type: application/json."
@@ -181,7 +173,7 @@ pub fn inspect(endpoint: Endpoint, raw: &[u8]) -> Result<Inspected, InvalidReque
         Some(_) => return Err(invalid("messages", "Input should be a valid list")),
     }
     let max_tokens = positive_int(&body, "max_tokens", MAX_TOKENS_PARAM)?;
-    if endpoint == Endpoint::Messages && max_tokens.is_none() {
+    if api == Api::Messages && max_tokens.is_none() {
         return Err(invalid("max_tokens", "Field required"));
     }
     let stream = match body.get("stream") {
@@ -189,7 +181,7 @@ pub fn inspect(endpoint: Endpoint, raw: &[u8]) -> Result<Inspected, InvalidReque
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("stream", "Input should be a valid boolean")),
     };
-    if stream && endpoint == Endpoint::CountTokens {
+    if stream && api == Api::CountTokens {
         return Err(invalid("stream", "Extra inputs are not permitted"));
     }
     match body.get("tools") {
@@ -214,7 +206,7 @@ pub fn inspect(endpoint: Endpoint, raw: &[u8]) -> Result<Inspected, InvalidReque
         .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2));
     let uses_vision = images > 0 || prompt.iter().flatten().any(|v| has_document(v));
     Ok(Inspected {
-        endpoint,
+        api,
         model,
         stream,
         max_tokens,
@@ -244,7 +236,7 @@ impl Inspected {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         body.insert("model".into(), Value::String(provider_model.to_string()));
-        if self.endpoint == Endpoint::Messages {
+        if self.api == Api::Messages {
             body.insert("max_tokens".into(), Value::from(output_cap));
         }
         serde_json::to_vec(&body).expect("JSON values serialise")
@@ -261,7 +253,7 @@ mod tests {
     use serde_json::json;
 
     fn messages(body: Value) -> Result<Inspected, InvalidRequest> {
-        inspect(Endpoint::Messages, body.to_string().as_bytes())
+        inspect(Api::Messages, body.to_string().as_bytes())
     }
 
     fn hello() -> Value {
@@ -314,18 +306,18 @@ mod tests {
             message(messages(with("tools", json!({})))),
             "tools: Input should be a valid list"
         );
-        assert!(message(inspect(Endpoint::Messages, b"{nope")).contains("not valid JSON"));
-        assert!(message(inspect(Endpoint::Messages, b"[1]")).contains("JSON object"));
+        assert!(message(inspect(Api::Messages, b"{nope")).contains("not valid JSON"));
+        assert!(message(inspect(Api::Messages, b"[1]")).contains("JSON object"));
     }
 
     #[test]
     fn counting_tokens_needs_no_cap_and_never_streams() {
         let mut b = hello();
         b.as_object_mut().unwrap().remove("max_tokens");
-        let counted = inspect(Endpoint::CountTokens, b.to_string().as_bytes()).unwrap();
+        let counted = inspect(Api::CountTokens, b.to_string().as_bytes()).unwrap();
         assert_eq!(counted.max_tokens, None);
         b["stream"] = json!(true);
-        assert!(inspect(Endpoint::CountTokens, b.to_string().as_bytes()).is_err());
+        assert!(inspect(Api::CountTokens, b.to_string().as_bytes()).is_err());
     }
 
     #[test]
@@ -419,7 +411,7 @@ mod tests {
         assert!(sent.get("service_tier").is_none());
         let mut b = hello();
         b.as_object_mut().unwrap().remove("max_tokens");
-        let counted = inspect(Endpoint::CountTokens, b.to_string().as_bytes()).unwrap();
+        let counted = inspect(Api::CountTokens, b.to_string().as_bytes()).unwrap();
         let sent: Value = serde_json::from_slice(&counted.upstream_body("m", 40)).unwrap();
         assert!(sent.get("max_tokens").is_none());
     }

@@ -6,6 +6,7 @@
 //! start. Runs fine as a sidecar.
 
 pub mod anthropic;
+pub mod api;
 pub mod blocks;
 pub mod connections;
 pub mod control;
@@ -14,6 +15,7 @@ pub mod http;
 pub mod metering;
 pub mod metrics;
 pub mod openai;
+pub mod request;
 pub mod simulated;
 pub mod sse;
 pub mod tokens;

@@ -1,46 +1,20 @@
 //! OpenAI request bodies: validation, what admission needs to know, and the
 //! rewrite sent upstream. Pure functions over bytes and JSON.
 
+pub use crate::api::Api;
 use crate::blocks::{any_object, count_objects};
 use aex_core::policy::UnboundedInput;
 use serde_json::{Map, Value};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    ChatCompletions,
-    Responses,
-    Embeddings,
-    Completions,
-}
-
 impl Api {
-    pub fn from_path(path: &str) -> Option<Self> {
-        Some(match path {
-            "/v1/chat/completions" => Api::ChatCompletions,
-            "/v1/responses" => Api::Responses,
-            "/v1/embeddings" => Api::Embeddings,
-            "/v1/completions" => Api::Completions,
-            _ => return None,
-        })
-    }
-
-    /// Path under the provider's base URL (which ends in `/v1`).
-    pub fn upstream_suffix(self) -> &'static str {
-        match self {
-            Api::ChatCompletions => "/chat/completions",
-            Api::Responses => "/responses",
-            Api::Embeddings => "/embeddings",
-            Api::Completions => "/completions",
-        }
-    }
-
     /// The fields this API defines for the output cap.
     fn standard_caps(self) -> &'static [&'static str] {
         match self {
             Api::ChatCompletions => &["max_tokens", "max_completion_tokens"],
             Api::Responses => &["max_output_tokens"],
             Api::Completions => &["max_tokens"],
-            Api::Embeddings => &[],
+            // Not OpenAI's: `anthropic.rs` reads their bodies.
+            Api::Embeddings | Api::Messages | Api::CountTokens => &[],
         }
     }
 
@@ -50,12 +24,12 @@ impl Api {
             Api::ChatCompletions => Some("max_completion_tokens"),
             Api::Responses => Some("max_output_tokens"),
             Api::Completions => Some("max_tokens"),
-            Api::Embeddings => None,
+            Api::Embeddings | Api::Messages | Api::CountTokens => None,
         }
     }
 
     fn can_stream(self) -> bool {
-        !matches!(self, Api::Embeddings)
+        !matches!(self, Api::Embeddings | Api::CountTokens)
     }
 }
 
@@ -258,7 +232,7 @@ fn output_cap(
 fn output_multiplier(api: Api, body: &Map<String, Value>) -> Result<u32, BadRequest> {
     let n = match api {
         Api::ChatCompletions | Api::Completions => positive_int(body, "n", MAX_CHOICES)?,
-        Api::Responses | Api::Embeddings => None,
+        _ => None,
     };
     let best_of = match api {
         Api::Completions => positive_int(body, "best_of", MAX_BEST_OF)?,
@@ -458,7 +432,7 @@ pub fn inspect(api: Api, raw: &[u8]) -> Result<Inspected, BadRequest> {
                 ));
             }
         },
-        Api::Completions => {}
+        Api::Completions | Api::Messages | Api::CountTokens => {}
     }
     let requested_output_tokens = match api.standard_caps() {
         [] => None,

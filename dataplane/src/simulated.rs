@@ -1,9 +1,11 @@
 //! The built-in `simulated` provider: answers like an OpenAI-compatible
-//! server, deterministically, with real `usage`, at a configurable pace. It
+//! server or like Anthropic's Messages API, whichever the request spoke,
+//! deterministically, with real `usage`, at a configurable pace. It
 //! produces exactly the bytes a provider would, so its responses go through
 //! the same metering, stripping and settlement as a real upstream's.
 
-use crate::openai::{Api, Inspected};
+use crate::api::Api;
+use crate::request::Inspected;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -99,7 +101,7 @@ pub fn respond(
     let id = format!("sim-{request_id}");
     let mut chunks = VecDeque::new();
     let content_type;
-    match (request.api, request.stream) {
+    match (request.api(), request.stream()) {
         (Api::ChatCompletions, false) => {
             content_type = "application/json";
             chunks.push_back(Bytes::from(
@@ -255,8 +257,67 @@ pub fn respond(
                 .to_string(),
             ));
         }
+        (Api::Messages, stream) => {
+            let stop = if truncated { "max_tokens" } else { "end_turn" };
+            let message = |content: Value, stop: Value, output: usize| {
+                json!({"id": format!("msg_{id}"), "type": "message", "role": "assistant",
+                    "model": model, "content": content, "stop_reason": stop,
+                    "stop_sequence": null,
+                    "usage": {"input_tokens": prompt, "output_tokens": output,
+                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+            };
+            if stream {
+                // Anthropic's whole event sequence: the SDKs build their
+                // message from the start, block and delta events.
+                content_type = "text/event-stream";
+                let head = [
+                    sse_event(
+                        "message_start",
+                        &json!({"type": "message_start",
+                            "message": message(json!([]), Value::Null, 1)}),
+                    ),
+                    sse_event(
+                        "content_block_start",
+                        &json!({"type": "content_block_start", "index": 0,
+                            "content_block": {"type": "text", "text": ""}}),
+                    ),
+                    sse_event("ping", &json!({"type": "ping"})),
+                ];
+                chunks.push_back(Bytes::from(head.concat()));
+                chunks.extend(words.iter().map(|w| {
+                    sse_event(
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": 0,
+                            "delta": {"type": "text_delta", "text": w}}),
+                    )
+                }));
+                let tail = [
+                    sse_event(
+                        "content_block_stop",
+                        &json!({"type": "content_block_stop", "index": 0}),
+                    ),
+                    sse_event(
+                        "message_delta",
+                        &json!({"type": "message_delta",
+                            "delta": {"stop_reason": stop, "stop_sequence": null},
+                            "usage": {"output_tokens": n}}),
+                    ),
+                    sse_event("message_stop", &json!({"type": "message_stop"})),
+                ];
+                chunks.push_back(Bytes::from(tail.concat()));
+            } else {
+                content_type = "application/json";
+                chunks.push_back(Bytes::from(
+                    message(json!([{"type": "text", "text": text}]), json!(stop), n).to_string(),
+                ));
+            }
+        }
+        (Api::CountTokens, _) => {
+            content_type = "application/json";
+            chunks.push_back(Bytes::from(json!({"input_tokens": prompt}).to_string()));
+        }
     }
-    let interval = if request.stream && settings.tokens_per_second > 0 {
+    let interval = if request.stream() && settings.tokens_per_second > 0 {
         Duration::from_micros(1_000_000 / u64::from(settings.tokens_per_second))
     } else {
         Duration::ZERO
@@ -273,7 +334,7 @@ pub fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::inspect;
+    use crate::request::inspect;
     use crate::sse::{SseMeter, usage_of_body};
 
     const FAST: Settings = Settings {
@@ -364,6 +425,10 @@ mod tests {
                 Api::Completions,
                 r#"{"model":"s","stream":true,"prompt":"hi"}"#,
             ),
+            (
+                Api::Messages,
+                r#"{"model":"s","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+            ),
         ] {
             let req = inspect(api, raw.as_bytes()).unwrap();
             let b = body(respond(FAST, &req, "s", 100, "r")).await;
@@ -373,6 +438,24 @@ mod tests {
             meter.finish(&mut out);
             assert_eq!(meter.usage().unwrap().completion_tokens, 5, "{api:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_stops_at_max_tokens_as_anthropic_says_it() {
+        let raw = br#"{"model":"s","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#;
+        let req = inspect(Api::Messages, raw).unwrap();
+        let b = body(respond(FAST, &req, "s", 3, "r")).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stop_reason"], "max_tokens");
+        assert_eq!(v["content"][0]["text"], "AEX decides every ");
+        assert_eq!(
+            usage_of_body(Api::Messages, &b).unwrap().completion_tokens,
+            3
+        );
+        let counted = inspect(Api::CountTokens, br#"{"model":"s","messages":[]}"#).unwrap();
+        let b = body(respond(FAST, &counted, "s", 0, "r")).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(v["input_tokens"].as_u64().unwrap() > 0);
     }
 
     #[tokio::test]

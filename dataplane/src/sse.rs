@@ -4,8 +4,8 @@
 //! the output text so far, and keeps the last usage the provider reported.
 //! Pure: bytes in, bytes out, whatever the chunking.
 
+use crate::api::{Api, Family};
 use crate::generated::{audio_bytes, generated_bytes};
-use crate::openai::Api;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,6 +42,9 @@ fn tokens(v: &Value, key: &str) -> Option<u64> {
 /// already.
 pub fn usage_of(api: Api, object: &Value) -> Option<Usage> {
     let usage = object.get("usage").filter(|u| u.is_object())?;
+    if api.family() == Family::Anthropic {
+        return anthropic_usage(usage, None);
+    }
     let (input, output, details) = match api {
         Api::Responses => ("input_tokens", "output_tokens", "input_tokens_details"),
         _ => (
@@ -60,6 +63,35 @@ pub fn usage_of(api: Api, object: &Value) -> Option<Usage> {
             .unwrap_or(0),
         cache_write_tokens: detail("cache_write_tokens").unwrap_or(0),
     })
+}
+
+/// Anthropic's `usage`: `input_tokens` counts only the input neither read
+/// from nor written to the prompt cache, so the whole input is the sum of
+/// the three. In a stream, `message_start` carries the input and
+/// `message_delta` the output, and may repeat the input counts (then
+/// final): `earlier` is what the stream reported before.
+fn anthropic_usage(usage: &Value, earlier: Option<Usage>) -> Option<Usage> {
+    let field = |key| tokens(usage, key);
+    let input = field("input_tokens");
+    let cache_read = field("cache_read_input_tokens");
+    let cache_write = field("cache_creation_input_tokens");
+    let output = field("output_tokens");
+    let (mut u, uncached_before) = match earlier {
+        Some(e) => (
+            e,
+            e.prompt_tokens
+                .saturating_sub(e.cached_input_tokens)
+                .saturating_sub(e.cache_write_tokens),
+        ),
+        None if input.is_none() => return None,
+        None => (Usage::default(), 0),
+    };
+    u.cached_input_tokens = cache_read.unwrap_or(u.cached_input_tokens);
+    u.cache_write_tokens = cache_write.unwrap_or(u.cache_write_tokens);
+    u.prompt_tokens =
+        input.unwrap_or(uncached_before) + u.cached_input_tokens + u.cache_write_tokens;
+    u.completion_tokens = output.unwrap_or(u.completion_tokens);
+    Some(u)
 }
 
 /// Usage from a complete (non-streamed) response body.
@@ -81,9 +113,10 @@ pub fn output_text_bytes(api: Api, object: &Value) -> u64 {
             .flatten()
     };
     match api {
-        Api::Embeddings => 0,
+        Api::Embeddings | Api::CountTokens => 0,
         Api::Responses => items("output").map(generated_bytes).sum(),
         Api::ChatCompletions | Api::Completions => items("choices").map(choice_bytes).sum(),
+        Api::Messages => items("content").map(generated_bytes).sum(),
     }
 }
 
@@ -110,6 +143,9 @@ pub struct SseMeter {
     output_bytes: u64,
     /// The longest incomplete event held back to inspect ([`Self::cut_off_at`]).
     hold_limit: usize,
+    /// A Messages stream's content block that has started and not
+    /// stopped: a cut-off closes it before it ends the message.
+    open_block: Option<u64>,
     /// Only tests ask: the settlement goes by usage and bytes, not by
     /// whether the provider closed with `[DONE]`.
     #[cfg(test)]
@@ -165,6 +201,7 @@ impl SseMeter {
             usage: None,
             output_bytes: 0,
             hold_limit: MAX_EVENT_BYTES,
+            open_block: None,
             #[cfg(test)]
             saw_done: false,
         }
@@ -189,6 +226,11 @@ impl SseMeter {
     /// Bytes of generated text (content, tool arguments, reasoning) so far.
     pub fn output_bytes(&self) -> u64 {
         self.output_bytes
+    }
+
+    /// The index of the Messages content block still open, if any.
+    pub fn open_block(&self) -> Option<u64> {
+        self.open_block
     }
 
     #[cfg(test)]
@@ -275,6 +317,10 @@ impl SseMeter {
             return true;
         };
         match self.api {
+            Api::Messages | Api::CountTokens => {
+                self.inspect_message_event(&json);
+                true
+            }
             Api::Responses => {
                 let kind = json.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind.ends_with(".delta") {
@@ -314,6 +360,47 @@ impl SseMeter {
     }
 }
 
+impl SseMeter {
+    /// One event of a Messages stream: usage from `message_start` and
+    /// `message_delta`, generated text from each content block's start
+    /// (a block may arrive whole) and deltas (text, thinking, tool input
+    /// as partial JSON).
+    fn inspect_message_event(&mut self, json: &Value) {
+        match json.get("type").and_then(Value::as_str).unwrap_or("") {
+            "message_start" => {
+                if let Some(u) = json
+                    .get("message")
+                    .and_then(|m| m.get("usage"))
+                    .and_then(|u| anthropic_usage(u, None))
+                {
+                    self.usage = Some(u);
+                }
+            }
+            "message_delta" => {
+                if let Some(u) = json
+                    .get("usage")
+                    .filter(|u| u.is_object())
+                    .and_then(|u| anthropic_usage(u, Some(self.usage.unwrap_or_default())))
+                {
+                    self.usage = Some(u);
+                }
+            }
+            "content_block_start" => {
+                self.open_block = json.get("index").and_then(Value::as_u64).or(Some(0));
+                let block = json.get("content_block").map_or(0, generated_bytes);
+                self.output_bytes = self.output_bytes.saturating_add(block);
+            }
+            "content_block_delta" => {
+                let delta = json.get("delta").map_or(0, generated_bytes);
+                self.output_bytes = self.output_bytes.saturating_add(delta);
+            }
+            "content_block_stop" => self.open_block = None,
+            // ping, message_stop, error, and types Anthropic may add.
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +430,69 @@ mod tests {
         }
         m.finish(&mut out);
         (out, m)
+    }
+
+    /// Anthropic's stream: a text block, then a tool_use block left open
+    /// (as a stream cut mid-block would leave it).
+    const MESSAGES: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":80,\"cache_creation_input_tokens\":20,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"get\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":1}\"}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":7}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    /// MESSAGES' usage: every input token (10 + 80 read + 20 written).
+    fn messages_usage() -> Usage {
+        Usage {
+            cached_input_tokens: 80,
+            cache_write_tokens: 20,
+            ..Usage::new(110, 7)
+        }
+    }
+
+    #[test]
+    fn a_messages_stream_is_metered_from_its_start_and_delta_and_passed_whole() {
+        let (out, m) = run(Api::Messages, true, &[MESSAGES.as_bytes()]);
+        assert_eq!(
+            out,
+            MESSAGES.as_bytes(),
+            "nothing of Anthropic's is stripped"
+        );
+        assert_eq!(m.usage(), Some(messages_usage()));
+        // "Hello", the tool's name, and its input `{"a":1}`.
+        assert_eq!(m.output_bytes(), 15);
+        assert_eq!(m.open_block(), Some(1));
+        // A final message_delta that repeats the input counts wins; what
+        // it leaves out stays as message_start said.
+        let late = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":12,\"cache_read_input_tokens\":90,\"output_tokens\":9}}\n\n";
+        let (_, m) = run(Api::Messages, true, &[MESSAGES.as_bytes(), late.as_bytes()]);
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                cached_input_tokens: 90,
+                cache_write_tokens: 20,
+                ..Usage::new(122, 9)
+            })
+        );
+    }
+
+    #[test]
+    fn a_whole_message_is_metered_in_anthropics_words() {
+        let body = br#"{"type":"message","content":[{"type":"text","text":"Hi there"},
+            {"type":"tool_use","id":"toolu_1","name":"get","input":{"city":"Paris"}}],
+            "usage":{"input_tokens":10,"cache_read_input_tokens":80,"cache_creation_input_tokens":20,"output_tokens":7}}"#;
+        assert_eq!(usage_of_body(Api::Messages, body), Some(messages_usage()));
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(output_text_bytes(Api::Messages, &v), 8 + 3 + 5);
+        assert_eq!(
+            usage_of_body(Api::Messages, br#"{"usage":{"output_tokens":1}}"#),
+            None
+        );
     }
 
     #[test]
@@ -502,6 +652,16 @@ mod tests {
         }
 
         #[test]
+        fn any_split_of_a_messages_stream(cuts in splits(MESSAGES)) {
+            let parts = split_at(MESSAGES.as_bytes(), cuts);
+            let (out, m) = run(Api::Messages, true, &parts);
+            prop_assert_eq!(out, MESSAGES.as_bytes());
+            prop_assert_eq!(m.usage(), Some(messages_usage()));
+            prop_assert_eq!(m.output_bytes(), 15);
+            prop_assert_eq!(m.open_block(), Some(1));
+        }
+
+        #[test]
         fn any_split_of_a_responses_stream(cuts in splits(RESPONSES)) {
             let parts = split_at(RESPONSES.as_bytes(), cuts);
             let (out, m) = run(Api::Responses, true, &parts);
@@ -517,7 +677,7 @@ mod tests {
         fn garbage_never_panics(
             bytes in proptest::collection::vec(any::<u8>(), 0..3000),
             cuts in proptest::collection::vec(0usize..3000, 0..20),
-            api in prop_oneof![Just(Api::ChatCompletions), Just(Api::Responses), Just(Api::Completions)],
+            api in prop_oneof![Just(Api::ChatCompletions), Just(Api::Responses), Just(Api::Completions), Just(Api::Messages)],
             strip in any::<bool>(),
         ) {
             let cuts = cuts.into_iter().map(|c| c.min(bytes.len())).collect();

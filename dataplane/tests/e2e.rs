@@ -706,7 +706,13 @@ async fn models_are_listed_per_agent() {
     };
     assert_eq!(
         list(all).await,
-        ["cached-model", "dead-model", "mock-model", "sim"]
+        [
+            "cached-model",
+            "claude-model",
+            "dead-model",
+            "mock-model",
+            "sim"
+        ]
     );
     assert_eq!(list(one).await, ["sim"]);
     let r = Client::new()

@@ -19,6 +19,8 @@ pub fn endpoint_from_pb(e: pb::Endpoint) -> Option<Endpoint> {
         pb::Endpoint::Embeddings => Endpoint::Embeddings,
         pb::Endpoint::Completions => Endpoint::Completions,
         pb::Endpoint::Models => Endpoint::Models,
+        pb::Endpoint::Messages => Endpoint::Messages,
+        pb::Endpoint::CountTokens => Endpoint::CountTokens,
         pb::Endpoint::Unspecified => return None,
     })
 }

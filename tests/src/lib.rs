@@ -100,7 +100,7 @@ impl TestHome {
         .unwrap();
         std::fs::write(
             home.file(".env"),
-            format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\n"),
+            format!("MOCK_API_KEY={MOCK_PROVIDER_KEY}\nCLAUDE_API_KEY={MOCK_PROVIDER_KEY}\n"),
         )
         .unwrap();
         home
@@ -599,6 +599,8 @@ pub const MOCK_PROVIDER_KEY: &str = "sk-mock-upstream-key";
 /// `mock-model` (provider `mock`: 1 µ/input token, 2 µ/output token, max 100
 /// output tokens, tools and vision), `cached-model` (the same upstream with
 /// cache prices: 0.1 µ per cached input token, 1.25 µ per cache write),
+/// `claude-model` (the mock again, as an `anthropic` provider, with
+/// cached-model's prices, tools and vision),
 /// `dead-model` (a provider nothing listens on) and `sim` (the simulated
 /// provider).
 pub struct Stack {
@@ -649,6 +651,12 @@ providers:
     # The mock is steered per request by these; AEX forwards them only
     # because they are listed.
     forward_headers: [x-mock, x-mock-delay-ms, x-mock-usage, x-mock-cached]
+  # The same mock, spoken to in Anthropic's Messages API (its base URL
+  # given with /v1, which an anthropic provider drops).
+  claude:
+    base_url: {mock_base_url}
+    type: anthropic
+    forward_headers: [x-mock, x-mock-delay-ms, x-mock-usage, x-mock-cached]
   dead: {{ base_url: http://127.0.0.1:1/v1, type: openai_compatible }}
   sim: {{ type: simulated, latency_ms: 0, tokens_per_second: 0, completion_tokens: 8 }}
 models:
@@ -663,6 +671,12 @@ models:
     provider_model: upstream-model
     pricing: {{ input_micro: 1, cached_input_micro: 0.1, cache_write_micro: 1.25, output_micro: 2 }}
     limits: {{ max_tokens: 100 }}
+  claude-model:
+    provider: claude
+    provider_model: upstream-claude
+    pricing: {{ input_micro: 1, cached_input_micro: 0.1, cache_write_micro: 1.25, output_micro: 2 }}
+    limits: {{ max_tokens: 100 }}
+    capabilities: {{ tools: true, vision: true }}
   dead-model:
     provider: dead
     pricing: {{ input_micro: 1, output_micro: 2 }}

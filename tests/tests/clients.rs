@@ -166,7 +166,13 @@ async fn the_openai_python_sdk_works_unchanged() {
     );
     assert_eq!(
         seen["models"],
-        serde_json::json!(["cached-model", "dead-model", "mock-model", "sim"])
+        serde_json::json!([
+            "cached-model",
+            "claude-model",
+            "dead-model",
+            "mock-model",
+            "sim"
+        ])
     );
     // Charged exactly the usage the SDK reported: chat, stream, the two tool
     // turns, responses and its stream at 10 + 5×2 µ each; embeddings 10 µ.

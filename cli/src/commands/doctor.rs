@@ -301,7 +301,8 @@ pub async fn run(home: &Home, control: &str, dataplane: &str, args: Args) -> Res
             let label = format!("Provider {}", p.name);
             lines.push(match &p.kind {
                 ProviderKind::Simulated(_) => line(true, &label, "built in (simulated)", ""),
-                ProviderKind::OpenAiCompatible { base_url } => match authority(base_url) {
+                ProviderKind::OpenAiCompatible { base_url }
+                | ProviderKind::Anthropic { base_url } => match authority(base_url) {
                     None => line(false, &label, format!("{base_url} is not an http(s) URL"), "fix base_url in models.yaml"),
                     Some(addr) => match reachable(&addr).await {
                         Ok(()) => line(true, &label, format!("{base_url} reachable"), ""),

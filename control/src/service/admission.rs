@@ -4,7 +4,7 @@
 use super::batch::{check_batch_size, each_at_once, item_error};
 use super::settle::settle_items;
 use crate::admission::engine::{Change, Decision, endpoint_from_pb};
-use crate::admission::policy::{Ask, Denial, Endpoint};
+use crate::admission::policy::{Ask, Denial, Endpoint, countable};
 use crate::auth::caller;
 use crate::clock::now_ms;
 use crate::credentials::Caller;
@@ -69,8 +69,9 @@ async fn admit_one(
         unbounded_input: aex_core::policy::UnboundedInput::from_wire(&r.unbounded_input),
     };
     let admission = &state.admission;
-    if endpoint == Endpoint::Models {
-        // Listing models needs a valid token only; nothing to reserve.
+    if matches!(endpoint, Endpoint::Models | Endpoint::CountTokens) {
+        // Listing models needs a valid token only, counting tokens a model
+        // the agent may use too; nothing to reserve.
         let mut known = admission.authenticate_only(&r.token_sha256);
         if known
             .as_ref()
@@ -82,18 +83,29 @@ async fn admit_one(
         {
             known = admission.authenticate_only(&r.token_sha256);
         }
+        let models = state.models();
+        let counted = |agent: &aex_core::agent::AgentRecord| match endpoint {
+            Endpoint::CountTokens => countable(&agent.into(), &models, &ask)
+                .map(|m| Some((m.provider.clone(), m.provider_model.clone()))),
+            _ => Ok(None),
+        };
         return Ok(match known {
-            Ok(agent) => match served.check(&agent.name) {
-                Ok(()) => pb::AdmitResponse {
-                    outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
-                        remaining_micro: agent.budget_micro
-                            - agent.spent_micro
-                            - agent.reserved_micro,
-                        agent_id: agent.id,
-                        agent_name: agent.name,
-                        ..Default::default()
-                    })),
-                },
+            Ok(agent) => match served.check(&agent.name).and_then(|()| counted(&agent)) {
+                Ok(route) => {
+                    let (provider, provider_model) = route.unwrap_or_default();
+                    pb::AdmitResponse {
+                        outcome: Some(pb::admit_response::Outcome::Admitted(pb::Admission {
+                            remaining_micro: agent.budget_micro
+                                - agent.spent_micro
+                                - agent.reserved_micro,
+                            agent_id: agent.id,
+                            agent_name: agent.name,
+                            provider,
+                            provider_model,
+                            ..Default::default()
+                        })),
+                    }
+                }
                 Err(d) => {
                     admission
                         .log_denial(&d, &agent.id, &agent.name, &ask, &r.token_sha256)

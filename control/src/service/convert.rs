@@ -61,6 +61,9 @@ pub fn models_to_pb(c: &ModelsConfig, loaded_at_ms: i64) -> pb::ModelConfig {
                     ProviderKind::OpenAiCompatible { base_url } => {
                         (pb::ProviderType::OpenaiCompatible, base_url.clone(), None)
                     }
+                    ProviderKind::Anthropic { base_url } => {
+                        (pb::ProviderType::Anthropic, base_url.clone(), None)
+                    }
                     ProviderKind::Simulated(s) => (
                         pb::ProviderType::Simulated,
                         String::new(),

@@ -97,8 +97,27 @@ pub struct SimulatedSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
-    OpenAiCompatible { base_url: String },
+    OpenAiCompatible {
+        base_url: String,
+    },
+    /// Anthropic's Messages API at `base_url` (its host, e.g.
+    /// `https://api.anthropic.com`; `/v1/messages` goes under it).
+    Anthropic {
+        base_url: String,
+    },
     Simulated(SimulatedSettings),
+}
+
+impl ProviderKind {
+    /// Where a provider reached over HTTP lives; `None` for the built-in one.
+    pub fn base_url(&self) -> Option<&str> {
+        match self {
+            ProviderKind::OpenAiCompatible { base_url } | ProviderKind::Anthropic { base_url } => {
+                Some(base_url)
+            }
+            ProviderKind::Simulated(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,10 +315,50 @@ default_model: fast
     }
 
     #[test]
+    fn an_anthropic_provider_is_its_host_with_or_without_the_version() {
+        for url in [
+            "https://api.anthropic.com",
+            "https://api.anthropic.com/",
+            "https://api.anthropic.com/v1",
+        ] {
+            let text = format!(
+                "version: 1
+providers:
+  claude: {{ base_url: {url}, type: anthropic }}
+models:
+  sonnet:
+    provider: claude
+    pricing: {{ input_usd_per_mtok: 3, output_usd_per_mtok: 15 }}
+default_model: sonnet
+"
+            );
+            let c = parse(&text).unwrap();
+            assert_eq!(
+                c.providers["claude"].kind,
+                ProviderKind::Anthropic {
+                    base_url: "https://api.anthropic.com".into()
+                },
+                "{url}"
+            );
+            assert_eq!(c.providers["claude"].api_key_env, "CLAUDE_API_KEY");
+        }
+        let err = parse(
+            "version: 1
+providers:
+  claude: { type: anthropic }
+models: {}
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("https://api.anthropic.com"), "{err}");
+    }
+
+    #[test]
     fn cache_prices_in_either_form() {
         let text = "version: 1
 providers:
-  claude: { base_url: https://api.anthropic.com, type: openai_compatible }
+  claude: { base_url: https://api.anthropic.com, type: anthropic }
 models:
   sonnet:
     provider: claude

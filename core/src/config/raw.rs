@@ -55,6 +55,7 @@ pub(super) struct RawConfig {
 #[serde(rename_all = "snake_case")]
 pub(super) enum RawProviderType {
     OpenaiCompatible,
+    Anthropic,
     Simulated,
 }
 

@@ -104,7 +104,8 @@ impl Validator<'_> {
             return None;
         }
         let kind = match p.kind {
-            RawProviderType::OpenaiCompatible => {
+            RawProviderType::OpenaiCompatible | RawProviderType::Anthropic => {
+                let anthropic = matches!(p.kind, RawProviderType::Anthropic);
                 for (key, set) in [
                     ("latency_ms", p.latency_ms.is_some()),
                     ("tokens_per_second", p.tokens_per_second.is_some()),
@@ -120,7 +121,11 @@ impl Validator<'_> {
                 let Some(url) = p.base_url else {
                     self.fail(
                         &["providers", name],
-                        "an openai_compatible provider needs base_url, e.g. http://localhost:11434/v1",
+                        if anthropic {
+                            "an anthropic provider needs base_url, e.g. https://api.anthropic.com"
+                        } else {
+                            "an openai_compatible provider needs base_url, e.g. http://localhost:11434/v1"
+                        },
                     );
                     return None;
                 };
@@ -140,8 +145,17 @@ impl Validator<'_> {
                         return None;
                     }
                 }
-                ProviderKind::OpenAiCompatible {
-                    base_url: url.trim_end_matches('/').to_string(),
+                let base_url = url.trim_end_matches('/');
+                if anthropic {
+                    // Anthropic's SDKs take the host; a URL copied with its
+                    // version works the same.
+                    ProviderKind::Anthropic {
+                        base_url: base_url.strip_suffix("/v1").unwrap_or(base_url).to_string(),
+                    }
+                } else {
+                    ProviderKind::OpenAiCompatible {
+                        base_url: base_url.to_string(),
+                    }
                 }
             }
             RawProviderType::Simulated => {
@@ -159,7 +173,9 @@ impl Validator<'_> {
             }
         };
         let api_key_env = match kind {
-            ProviderKind::OpenAiCompatible { .. } => api_key_env(name),
+            ProviderKind::OpenAiCompatible { .. } | ProviderKind::Anthropic { .. } => {
+                api_key_env(name)
+            }
             ProviderKind::Simulated(_) => String::new(),
         };
         let mut forward_headers = Vec::new();

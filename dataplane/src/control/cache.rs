@@ -1,6 +1,7 @@
 //! Agent policies and model routes, as the control plane's watch stream
 //! last said; read by every request without a round trip.
 
+use crate::api::Family;
 use crate::simulated::Settings;
 use aex_core::config::ModelsConfig;
 use aex_proto::v1 as pb;
@@ -12,12 +13,15 @@ use std::sync::{Arc, RwLock};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Http {
+        /// The API the provider speaks.
+        family: Family,
         tls: bool,
         host: String,
         port: u16,
         /// Path prefix of the base URL, e.g. `/v1` (no trailing slash).
         base_path: String,
-        /// `Authorization: Bearer` value; never logged.
+        /// The provider key (`Authorization: Bearer`, or Anthropic's
+        /// `x-api-key`); never logged.
         api_key: Option<String>,
         /// Client headers allowed beyond the default list (lower case).
         forward_headers: Vec<String>,
@@ -206,9 +210,13 @@ impl Cache {
                                     completion_tokens: sim.completion_tokens,
                                 })
                             }
-                            _ => {
+                            kind => {
                                 let (tls, host, port, base_path) = parse_base_url(&p.base_url)?;
                                 Route::Http {
+                                    family: match kind {
+                                        pb::ProviderType::Anthropic => Family::Anthropic,
+                                        _ => Family::OpenAi,
+                                    },
                                     tls,
                                     host,
                                     port,

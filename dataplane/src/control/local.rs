@@ -27,7 +27,7 @@ impl ControlPlane {
             return None;
         }
         let endpoint = endpoint_from_pb(r.endpoint())?;
-        if endpoint == Endpoint::Models {
+        if matches!(endpoint, Endpoint::Models | Endpoint::CountTokens) {
             return None;
         }
         let policy = self.cache.policy_by_token(&r.token_sha256)?;

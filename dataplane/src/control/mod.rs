@@ -210,7 +210,9 @@ impl ControlPlane {
                     backoff.wait().await;
                 }
                 Err(status) => {
-                    if retryable(&status) && request.endpoint != pb::Endpoint::Models as i32 {
+                    let reserves = ![pb::Endpoint::Models, pb::Endpoint::CountTokens]
+                        .contains(&request.endpoint());
+                    if retryable(&status) && reserves {
                         self.settle(pb::SettleRequest {
                             request_id: request.request_id.clone(),
                             outcome: pb::SettleOutcome::UpstreamError as i32,

@@ -5,7 +5,9 @@
 //! which triple to send.
 
 use super::upstream::UpstreamFailure;
-use crate::openai::{self, Api};
+use crate::api::{Api, Family};
+use crate::openai;
+use crate::request::Refused;
 use aex_core::denial::{AnthropicErrorType, DenialCode, ErrorType, Rule};
 use aex_proto::v1 as pb;
 use bytes::Bytes;
@@ -111,6 +113,19 @@ impl GatewayError {
         err
     }
 
+    /// A body refused by its API's own reading, in that API's words.
+    pub fn refused(r: Refused) -> Self {
+        match r {
+            Refused::OpenAi(e) => Self::bad_request(e),
+            Refused::Anthropic(e) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                INVALID_REQUEST,
+                e.message,
+            ),
+        }
+    }
+
     pub fn method_not_allowed(path: &str) -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -128,7 +143,8 @@ impl GatewayError {
             "not_found",
             INVALID_REQUEST,
             format!(
-                "Unknown path {shown}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions and /v1/models."
+                "Unknown path {shown}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, \
+                 /v1/completions, /v1/messages, /v1/messages/count_tokens and /v1/models."
             ),
         )
     }
@@ -230,6 +246,25 @@ impl GatewayError {
         .with_header("retry-after", "1")
     }
 
+    /// The model's provider speaks the other API than the one called.
+    pub fn api_mismatch(model: &str, provider: &str, speaks: Family) -> Self {
+        let (speaks, other) = match speaks {
+            Family::OpenAi => ("OpenAI's API", "Anthropic's Messages API"),
+            Family::Anthropic => ("Anthropic's Messages API", "OpenAI's API"),
+        };
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            INVALID_REQUEST,
+            format!(
+                "Model '{}' is served by provider '{provider}', which speaks {speaks}, and AEX \
+                 does not translate {other} into it. Call this model through {speaks}, or use a \
+                 model whose provider speaks {other} (`GET /v1/models` lists yours).",
+                aex_core::policy::echoed(model)
+            ),
+        )
+    }
+
     pub fn no_route(provider: &str) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
@@ -325,6 +360,14 @@ impl GatewayError {
         Bytes::from(self.error_object().to_string())
     }
 
+    /// The JSON body in the shape of the API the client called.
+    pub fn body_for(&self, family: Family) -> Bytes {
+        match family {
+            Family::OpenAi => self.body(),
+            Family::Anthropic => self.anthropic_body(),
+        }
+    }
+
     fn error_object(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
@@ -334,6 +377,7 @@ impl GatewayError {
     pub fn sse_event(&self, api: Api) -> String {
         let error = &self.error_object()["error"];
         match api {
+            Api::Messages | Api::CountTokens => self.anthropic_sse_event(),
             Api::Responses => format!(
                 "event: error\ndata: {}\n\n",
                 json!({"type": "error", "error": error})

@@ -29,15 +29,17 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
-/// The SHA-256 of the request's bearer token ("" hashed when there is none).
+/// The SHA-256 of the request's token ("" hashed when there is none): a
+/// bearer token, or Anthropic's `x-api-key` (which its SDKs and Claude
+/// Code send; `Authorization` wins when a client sends both).
 pub(super) fn token_sha256(session: &ServerSession) -> String {
-    let token = session
-        .get_header("authorization")
-        .and_then(|v| v.to_str().ok())
+    let header = |name| session.get_header(name).and_then(|v| v.to_str().ok());
+    let token = header("authorization")
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        .or_else(|| header("x-api-key"))
         .map(str::trim)
         .unwrap_or("");
     aex_core::secrets::token_sha256(token)

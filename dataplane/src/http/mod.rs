@@ -1,6 +1,8 @@
-//! The OpenAI-compatible HTTP service, on pingora's HTTP server and pingora's
+//! The HTTP service (OpenAI's APIs and Anthropic's Messages API), on
+//! pingora's HTTP server and pingora's
 //! pooled upstream connector. This file routes a request and runs a call's
-//! steps; each step is a file: `intake` (body, headers, token), `upstream`
+//! steps; each step is a file: `intake` (body, headers, token), `count`
+//! (count_tokens, which reserves nothing), `upstream`
 //! (the provider connection), `relay` (the answer back, buffered or
 //! streamed), `settle` (what it cost), `errors` (every error answered).
 //!
@@ -10,6 +12,7 @@
 //! provider) is in it, admission needs it, and the upstream body is rewritten.
 //! A denied request must never reach a provider at all.
 
+mod count;
 mod errors;
 mod intake;
 mod relay;
@@ -19,9 +22,10 @@ mod upstream;
 pub use errors::GatewayError;
 pub use intake::{FORWARDED_BY_DEFAULT, MAX_HEADER_VALUE_BYTES, MAX_HEADERS, MAX_HEADERS_BYTES};
 
+use crate::api::{Api, Family};
 use crate::control::{ControlPlane, Identified};
 use crate::metrics::Metrics;
-use crate::openai::{self, Api, Inspected};
+use crate::request::{self, Inspected};
 use aex_proto::v1 as pb;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -97,7 +101,7 @@ impl Call<'_> {
     fn output_cap_total(&self) -> u64 {
         self.admission
             .output_tokens_cap
-            .saturating_mul(u64::from(self.inspected.output_multiplier.max(1)))
+            .saturating_mul(u64::from(self.inspected.output_multiplier().max(1)))
     }
 }
 
@@ -176,7 +180,13 @@ impl Gateway {
         if unauthenticated {
             session.set_keepalive(None);
         }
-        Self::respond(session, e.status, "application/json", &headers, e.body()).await
+        let req = session.req_header();
+        let family = Family::of_request(
+            req.uri.path(),
+            req.headers.contains_key("anthropic-version"),
+        );
+        let body = e.body_for(family);
+        Self::respond(session, e.status, "application/json", &headers, body).await
             && !unauthenticated
     }
 
@@ -225,7 +235,7 @@ impl Gateway {
                 let _guard = self.control.inflight.enter();
                 let started = std::time::Instant::now();
                 let mut observed = Observed {
-                    endpoint: api.upstream_suffix().trim_start_matches('/'),
+                    endpoint: api.label(),
                     model: String::new(),
                     upstream: Duration::ZERO,
                 };
@@ -282,14 +292,31 @@ impl Gateway {
                 None => String::new(),
             },
         };
-        let data: Vec<_> = self
-            .control
-            .cache
-            .models_for(&agent_id)
-            .into_iter()
-            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aex"}))
-            .collect();
-        let body = json!({"object": "list", "data": data}).to_string();
+        let ids = self.control.cache.models_for(&agent_id);
+        // Anthropic's clients send `anthropic-version` (its API requires
+        // it) and read its shape of the list.
+        let body = if session
+            .req_header()
+            .headers
+            .contains_key("anthropic-version")
+        {
+            let data: Vec<_> = ids
+                .iter()
+                .map(|id| {
+                    json!({"type": "model", "id": id, "display_name": id,
+                    "created_at": "1970-01-01T00:00:00Z"})
+                })
+                .collect();
+            json!({"data": data, "has_more": false,
+                "first_id": ids.first(), "last_id": ids.last()})
+        } else {
+            let data: Vec<_> = ids
+                .iter()
+                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aex"}))
+                .collect();
+            json!({"object": "list", "data": data})
+        }
+        .to_string();
         Self::respond(
             session,
             StatusCode::OK,
@@ -340,38 +367,16 @@ impl Gateway {
         if let Err(e) = intake::check_headers(session) {
             return Self::respond_error(session, request_id, e).await;
         }
-        let inspected = match openai::inspect(api, &raw) {
+        let inspected = match request::inspect(api, &raw) {
             Ok(i) => i,
             Err(e) => {
-                return Self::respond_error(session, request_id, GatewayError::bad_request(e))
-                    .await;
+                return Self::respond_error(session, request_id, GatewayError::refused(e)).await;
             }
         };
-        if self.control.cache.has_model(&inspected.model) {
-            observed.model = inspected.model.clone();
+        if self.control.cache.has_model(inspected.model()) {
+            observed.model = inspected.model().to_string();
         }
-        let endpoint = match api {
-            Api::ChatCompletions => pb::Endpoint::ChatCompletions,
-            Api::Responses => pb::Endpoint::Responses,
-            Api::Embeddings => pb::Endpoint::Embeddings,
-            Api::Completions => pb::Endpoint::Completions,
-        };
-        let admit = pb::AdmitRequest {
-            request_id: request_id.to_string(),
-            token_sha256,
-            endpoint: endpoint as i32,
-            model: inspected.model.clone(),
-            stream: inspected.stream,
-            uses_tools: inspected.uses_tools,
-            uses_function_calling: inspected.uses_function_calling,
-            uses_vision: inspected.uses_vision,
-            input_tokens_bound: inspected.input_tokens_bound,
-            requested_output_tokens: inspected.requested_output_tokens,
-            output_multiplier: inspected.output_multiplier,
-            unbounded_input: aex_core::policy::UnboundedInput::to_wire(inspected.unbounded_input),
-            // Set by the control-plane client.
-            data_plane: String::new(),
-        };
+        let admit = inspected.admit_request(request_id, token_sha256);
         let admitted = self
             .control
             .admit(admit)
@@ -402,6 +407,16 @@ impl Gateway {
                 }
             },
         };
+        if admission.reservation_id.is_empty() {
+            // Counting tokens: admitted without a reservation, so nothing
+            // to settle.
+            let call = Call {
+                request_id,
+                inspected: &inspected,
+                admission: &admission,
+            };
+            return self.count_tokens(session, &call).await;
+        }
         self.metrics.open_reservations.inc();
         let admitted_at = std::time::Instant::now();
         let upstream_span = tracing::info_span!(

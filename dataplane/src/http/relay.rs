@@ -8,8 +8,9 @@ use super::intake::forwardable_headers;
 use super::settle::Finished;
 use super::upstream::{Upstream, UpstreamFailure, response_head, retry_after_ms};
 use super::{Call, Gateway};
+use crate::api::Api;
+use crate::control::Route;
 use crate::metering::cut_off_bytes;
-use crate::openai::Api;
 use crate::sse::{SseMeter, output_text_bytes, usage_of};
 use aex_core::reservation::Outcome;
 use bytes::Bytes;
@@ -41,7 +42,7 @@ const NOT_RELAYED: &[&str] = &[
 ];
 
 /// The head the client gets for a provider's response.
-fn relayed_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
+pub(super) fn relayed_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
     let mut h = response_head(upstream.status, upstream.headers.len() + 2);
     for (name, value) in upstream.headers.iter() {
         if !NOT_RELAYED.contains(&name.as_str()) {
@@ -52,9 +53,29 @@ fn relayed_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
     h
 }
 
-/// The clean end of a stream AEX stopped at its output cap.
-fn cut_off_event(api: Api) -> String {
+/// The clean end of a stream AEX stopped at its output cap: what the API
+/// itself sends at its output limit. A Messages stream's open content
+/// block is closed first, and its message ends with `max_tokens` and the
+/// output it was allowed (`output_tokens`).
+fn cut_off_event(api: Api, open_block: Option<u64>, output_tokens: u64) -> String {
     match api {
+        Api::Messages | Api::CountTokens => {
+            let mut events = String::new();
+            if let Some(index) = open_block {
+                events += &format!(
+                    "event: content_block_stop\ndata: {}\n\n",
+                    json!({"type": "content_block_stop", "index": index})
+                );
+            }
+            events += &format!(
+                "event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {}\n\n",
+                json!({"type": "message_delta",
+                    "delta": {"stop_reason": "max_tokens", "stop_sequence": null},
+                    "usage": {"output_tokens": output_tokens}}),
+                json!({"type": "message_stop"})
+            );
+            events
+        }
         Api::Responses => format!(
             "event: response.incomplete\ndata: {}\n\n",
             json!({"type": "response.incomplete", "response": {"status": "incomplete",
@@ -93,6 +114,17 @@ impl Gateway {
                 finished,
             );
         };
+        if let Route::Http { family, .. } = &route
+            && *family != call.inspected.api().family()
+        {
+            // Nothing was sent: nothing generated, nothing billed.
+            finished.outcome = Outcome::UpstreamRejected;
+            let e = GatewayError::api_mismatch(call.inspected.model(), provider, *family);
+            return (
+                Self::respond_error(session, call.request_id, e).await,
+                finished,
+            );
+        }
         let body = call.inspected.upstream_body(
             &call.admission.provider_model,
             call.admission.output_tokens_cap,
@@ -184,7 +216,7 @@ impl Gateway {
         let status = header.status.as_u16();
         let mut head = relayed_head(&header, call.request_id);
         if header.status.is_success() {
-            let api = call.inspected.api;
+            let api = call.inspected.api();
             let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
             finished.usage = parsed.as_ref().and_then(|v| usage_of(api, v));
             // The generated text, which usage must account for; a body that
@@ -242,7 +274,7 @@ impl Gateway {
         call: &Call<'_>,
         finished: &mut Finished,
     ) -> bool {
-        let api = call.inspected.api;
+        let api = call.inspected.api();
         let mut head = relayed_head(header, call.request_id);
         let _ = head.insert_header(
             "x-aex-remaining-micro",
@@ -262,7 +294,7 @@ impl Gateway {
         }
         let cap = call.output_cap_total();
         let mut meter =
-            SseMeter::new(api, !call.inspected.client_wants_usage).cut_off_at(cut_off_bytes(cap));
+            SseMeter::new(api, !call.inspected.client_wants_usage()).cut_off_at(cut_off_bytes(cap));
         let mut out = Vec::new();
         loop {
             let next = tokio::select! {
@@ -309,9 +341,8 @@ impl Gateway {
             // what was streamed, whatever usage the provider claims so far.
             if meter.output_bytes() > cut_off_bytes(cap) {
                 finished.outcome = Outcome::CutOff;
-                let _ = session
-                    .write_response_body(Bytes::from(cut_off_event(api)), false)
-                    .await;
+                let end = cut_off_event(api, meter.open_block(), cap);
+                let _ = session.write_response_body(Bytes::from(end), false).await;
                 break;
             }
         }

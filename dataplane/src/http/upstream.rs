@@ -3,6 +3,7 @@
 //! and its body within the idle timeout, and giving the connection back.
 
 use super::{Call, Gateway};
+use crate::api::Family;
 use crate::control::Route;
 use crate::simulated::{self, SimulatedResponse};
 use bytes::Bytes;
@@ -79,6 +80,10 @@ impl fmt::Display for UpstreamFailure {
     }
 }
 
+/// The `anthropic-version` sent to an `anthropic` provider when the client
+/// sent none: the version Anthropic's SDKs send.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
 /// The provider's `retry-after-ms` or `retry-after` (seconds), in ms.
 pub(super) fn retry_after_ms(header: &ResponseHeader) -> u64 {
     let get = |name: &str| header.headers.get(name).and_then(|v| v.to_str().ok());
@@ -104,7 +109,7 @@ impl Gateway {
         body: Vec<u8>,
         client_headers: &[(http::HeaderName, http::HeaderValue)],
     ) -> Result<(Upstream, ResponseHeader), UpstreamFailure> {
-        let (tls, host, port, base_path, api_key) = match route {
+        let (family, tls, host, port, base_path, api_key) = match route {
             Route::Simulated(settings) => {
                 let sim = simulated::respond(
                     *settings,
@@ -118,13 +123,14 @@ impl Gateway {
                 return Ok((Upstream::Simulated(sim), h));
             }
             Route::Http {
+                family,
                 tls,
                 host,
                 port,
                 base_path,
                 api_key,
                 ..
-            } => (*tls, host, *port, base_path, api_key),
+            } => (*family, *tls, host, *port, base_path, api_key),
         };
         let addr = tokio::time::timeout(
             self.limits.connect_timeout,
@@ -146,7 +152,7 @@ impl Gateway {
         peer.options.read_timeout = Some(self.limits.first_byte_timeout);
         peer.options.write_timeout = Some(self.limits.idle_timeout);
 
-        let path = format!("{base_path}{}", call.inspected.api.upstream_suffix());
+        let path = format!("{base_path}{}", call.inspected.api().upstream_suffix());
         let mut req = RequestHeader::build("POST", path.as_bytes(), None).map_err(|e| {
             UpstreamFailure::new(
                 FailureKind::Failed,
@@ -172,8 +178,21 @@ impl Gateway {
         for (key, value) in aex_telemetry::current_context_headers() {
             let _ = req.insert_header(key, value);
         }
-        if let Some(key) = api_key {
-            let _ = req.insert_header("authorization", format!("Bearer {key}"));
+        match (family, api_key) {
+            (Family::OpenAi, Some(key)) => {
+                let _ = req.insert_header("authorization", format!("Bearer {key}"));
+            }
+            (Family::Anthropic, key) => {
+                if let Some(key) = key {
+                    let _ = req.insert_header("x-api-key", key.as_str());
+                }
+                // Anthropic requires a version; the client's own (passed
+                // on above) wins.
+                if !req.headers.contains_key("anthropic-version") {
+                    let _ = req.insert_header("anthropic-version", ANTHROPIC_VERSION);
+                }
+            }
+            (Family::OpenAi, None) => {}
         }
         // Kept for a retry only while one is possible: the head is copied
         // at most once, and only for a reused connection.

@@ -21,8 +21,16 @@
 //! reported prompt and completion tokens (default 10 and min(5, cap)); `x-mock-cached: R[,W]` reports
 //! R of the prompt tokens read from the provider's cache and W written to it (OpenAI's and
 //! OpenRouter's `prompt_tokens_details`, Responses' `input_tokens_details`).
+//!
+//! It speaks Anthropic's Messages API on `/v1/messages` and `/v1/messages/count_tokens`
+//! (`anthropic.rs`): the same modes where they apply (`ok`, `429`, `500`, `400`–`422`, `hang`,
+//! `drop`, `drop-mid-stream`, `ignore-cap`, `no-usage`), errors in Anthropic's shape, and usage
+//! in its words: `x-mock-usage: P,C` reports P as `input_tokens` (the uncached input) and
+//! `x-mock-cached: R,W` as `cache_read_input_tokens` / `cache_creation_input_tokens`;
+//! count_tokens answers P.
 //! Every request is recorded for assertions.
 
+mod anthropic;
 mod openai;
 
 use bytes::Bytes;
@@ -209,6 +217,15 @@ async fn handle(
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    if path.ends_with("/messages") || path.ends_with("/messages/count_tokens") {
+        let usage = anthropic::Usage {
+            input: prompt,
+            output: completion,
+            cache_read,
+            cache_write,
+        };
+        return messages(&path, &body, &behaviour, delay, usage).await;
+    }
     let responses = path.ends_with("/responses");
     let embeddings = path.ends_with("/embeddings");
     let flood = behaviour.strip_prefix("flood:").map(str::to_string);
@@ -294,7 +311,12 @@ async fn handle(
         }
         return Ok(full(200, "application/json", v.to_string(), &[]));
     }
-    let answer = openai::answer_for(&body, responses);
+    let shape = if responses {
+        openai::Shape::Responses
+    } else {
+        openai::Shape::Chat
+    };
+    let answer = openai::answer_for(&body, shape);
     if !stream {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -353,6 +375,82 @@ async fn handle(
         }
         events.push("data: [DONE]\n\n".to_string());
     }
+    let (tx, response) = streamed("text/event-stream");
+    tokio::spawn(async move {
+        for (i, event) in events.into_iter().enumerate() {
+            if cut_after == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("mock drops mid-stream")))
+                    .await;
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(response)
+}
+
+/// A Messages API request (see the table above for the modes).
+async fn messages(
+    path: &str,
+    body: &Value,
+    behaviour: &str,
+    delay: Duration,
+    usage: anthropic::Usage,
+) -> Result<Response<Body>, std::io::Error> {
+    match behaviour {
+        "429" => {
+            return Ok(full(
+                429,
+                "application/json",
+                anthropic::error(429),
+                &[("retry-after", "7")],
+            ));
+        }
+        "500" | "400" | "401" | "403" | "404" | "422" => {
+            let status: u16 = behaviour.parse().expect("listed");
+            return Ok(full(
+                status,
+                "application/json",
+                anthropic::error(status),
+                &[],
+            ));
+        }
+        "hang" => tokio::time::sleep(Duration::from_secs(3600)).await,
+        "drop" => return Err(std::io::Error::other("mock drops the connection")),
+        _ => {}
+    }
+    if path.ends_with("/count_tokens") {
+        let v = json!({"input_tokens": usage.input});
+        return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    let model = body.get("model").cloned().unwrap_or(json!("mock"));
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let answer = openai::answer_for(body, openai::Shape::Messages);
+    let ignore_cap = behaviour == "ignore-cap";
+    if !stream {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let flood = ignore_cap.then(|| openai::deltas(&None, 2000).concat());
+        let v = anthropic::whole(&model, &answer, usage, flood);
+        return Ok(full(200, "application/json", v.to_string(), &[]));
+    }
+    let count = match behaviour {
+        "ignore-cap" => 2000,
+        "drop-mid-stream" => 2,
+        _ => usage.output,
+    };
+    let words = anthropic::words(&answer, count);
+    let usage_at_end = !matches!(behaviour, "ignore-cap" | "no-usage");
+    let events = anthropic::events(&model, &answer, &words, usage, usage_at_end);
+    // message_start, the block's start and a ping, then two deltas.
+    let cut_after = (behaviour == "drop-mid-stream").then_some(3 + 2);
     let (tx, response) = streamed("text/event-stream");
     tokio::spawn(async move {
         for (i, event) in events.into_iter().enumerate() {

@@ -15,37 +15,45 @@ pub enum Answer {
     ToolCall { name: String, arguments: String },
 }
 
-pub fn answer_for(body: &Value, responses: bool) -> Answer {
-    let items: Vec<Value> = if responses {
-        match body.get("input") {
-            Some(Value::Array(items)) => items.clone(),
-            Some(text @ Value::String(_)) => vec![json!({"role": "user", "content": text})],
-            _ => Vec::new(),
+/// The API a request came through, as far as the answer's choice goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Chat,
+    Responses,
+    /// Anthropic's Messages API.
+    Messages,
+}
+
+pub fn answer_for(body: &Value, shape: Shape) -> Answer {
+    let items: Vec<Value> = match (shape, body.get("input")) {
+        (Shape::Responses, Some(Value::Array(items))) => items.clone(),
+        (Shape::Responses, Some(text @ Value::String(_))) => {
+            vec![json!({"role": "user", "content": text})]
         }
-    } else {
-        body.get("messages")
+        (Shape::Responses, _) => Vec::new(),
+        _ => body
+            .get("messages")
             .and_then(Value::as_array)
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default(),
     };
     let model_spoke = |m: &Value| {
-        if responses {
-            m["type"] == "function_call" || m["role"] == "assistant"
-        } else {
-            m["role"] == "assistant"
-        }
+        m["role"] == "assistant" || (shape == Shape::Responses && m["type"] == "function_call")
     };
     // What came after the model last spoke: tool results, and the user's
     // turn (OpenClaw follows both with a user message of internal context).
     let tail: Vec<&Value> = items.iter().rev().take_while(|m| !model_spoke(m)).collect();
-    let tool_output = tail.iter().find_map(|m| {
-        if responses && m["type"] == "function_call_output" {
-            Some(text_of(&m["output"]))
-        } else if !responses && m["role"] == "tool" {
-            Some(text_of(&m["content"]))
-        } else {
-            None
-        }
+    let tool_output = tail.iter().find_map(|m| match shape {
+        Shape::Responses if m["type"] == "function_call_output" => Some(text_of(&m["output"])),
+        Shape::Chat if m["role"] == "tool" => Some(text_of(&m["content"])),
+        // Anthropic: a user turn's `tool_result` blocks.
+        Shape::Messages => m["content"].as_array().and_then(|blocks| {
+            blocks
+                .iter()
+                .find(|b| b["type"] == "tool_result")
+                .map(|b| text_of(&b["content"]))
+        }),
+        _ => None,
     });
     if tool_output.is_some() {
         return Answer::Text { tool_output };
@@ -60,25 +68,22 @@ pub fn answer_for(body: &Value, responses: bool) -> Answer {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("use_tool:"))
         .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '_' && c != '-'));
+    let name_of = |t: &'_ Value| match shape {
+        Shape::Chat => t["function"]["name"].as_str().map(str::to_string),
+        _ => t["name"].as_str().map(str::to_string),
+    };
     let offered = body
         .get("tools")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .find(|t| {
-            let name = if responses {
-                &t["name"]
-            } else {
-                &t["function"]["name"]
-            };
-            Some(name.as_str().unwrap_or_default()) == wanted
-        });
+        .find(|t| name_of(t).as_deref() == wanted);
     match (wanted, offered) {
         (Some(name), Some(tool)) => {
-            let schema = if responses {
-                &tool["parameters"]
-            } else {
-                &tool["function"]["parameters"]
+            let schema = match shape {
+                Shape::Chat => &tool["function"]["parameters"],
+                Shape::Responses => &tool["parameters"],
+                Shape::Messages => &tool["input_schema"],
             };
             Answer::ToolCall {
                 name: name.to_string(),
@@ -90,7 +95,7 @@ pub fn answer_for(body: &Value, responses: bool) -> Answer {
 }
 
 /// Message content as text: a string, or the text parts of a list.
-fn text_of(content: &Value) -> String {
+pub fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
@@ -358,24 +363,24 @@ mod tests {
         let ask =
             |text: &str| json!({"messages": [{"role": "user", "content": text}], "tools": tools});
         assert_eq!(
-            answer_for(&ask("hi"), false),
+            answer_for(&ask("hi"), Shape::Chat),
             Answer::Text { tool_output: None }
         );
         assert_eq!(
-            answer_for(&ask("please use_tool:weather."), false),
+            answer_for(&ask("please use_tool:weather."), Shape::Chat),
             Answer::ToolCall {
                 name: "weather".into(),
                 arguments: r#"{"city":"Paris"}"#.into()
             }
         );
         assert_eq!(
-            answer_for(&ask("use_tool:stocks"), false),
+            answer_for(&ask("use_tool:stocks"), Shape::Chat),
             Answer::Text { tool_output: None }
         );
         let after = json!({"messages": [{"role": "user", "content": "use_tool:weather"},
             {"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "sunny"}], "tools": tools});
         assert_eq!(
-            answer_for(&after, false),
+            answer_for(&after, Shape::Chat),
             Answer::Text {
                 tool_output: Some("sunny".into())
             }
@@ -384,7 +389,7 @@ mod tests {
             {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": "rain"}],
             "tools": [{"type": "function", "name": "weather", "parameters": {}}]});
         assert_eq!(
-            answer_for(&responses, true),
+            answer_for(&responses, Shape::Responses),
             Answer::Text {
                 tool_output: Some("rain".into())
             }
