@@ -170,7 +170,24 @@ impl Gateway {
             && session.write_response_body(body, true).await.is_ok()
     }
 
+    /// Answers `e` in the shape of the API the request called.
     async fn respond_error(session: &mut ServerSession, request_id: &str, e: GatewayError) -> bool {
+        let req = session.req_header();
+        let family = Family::of_request(
+            req.uri.path(),
+            req.headers.contains_key("anthropic-version"),
+        );
+        Self::respond_error_as(session, request_id, e, family).await
+    }
+
+    /// Answers `e` in `family`'s shape: also for a request whose head was
+    /// never parsed (which has no path to tell the API by).
+    async fn respond_error_as(
+        session: &mut ServerSession,
+        request_id: &str,
+        e: GatewayError,
+        family: Family,
+    ) -> bool {
         let mut headers = e.headers.clone();
         headers.push(("x-aex-request-id", request_id.to_string()));
         // A client that proved no token keeps no connection (issue #31):
@@ -180,11 +197,6 @@ impl Gateway {
         if unauthenticated {
             session.set_keepalive(None);
         }
-        let req = session.req_header();
-        let family = Family::of_request(
-            req.uri.path(),
-            req.headers.contains_key("anthropic-version"),
-        );
         let body = e.body_for(family);
         Self::respond(session, e.status, "application/json", &headers, body).await
             && !unauthenticated
@@ -467,7 +479,8 @@ impl HttpServerApp for Gateway {
                         .with_label_values(&["", "", &status.to_string(), "malformed"])
                         .inc();
                     let error = GatewayError::malformed(status, self.limits.header_timeout);
-                    Self::respond_error(&mut session, &new_request_id(), error).await;
+                    let id = new_request_id();
+                    Self::respond_error_as(&mut session, &id, error, Family::OpenAi).await;
                     session.close_lingering(Duration::from_secs(2)).await;
                 }
                 return None;
