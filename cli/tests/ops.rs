@@ -259,7 +259,7 @@ fn wait_active(stack: &Stack, n: u64) {
 async fn run_passes_arguments_untouched_and_exits_with_the_childs_status() {
     let stack = Stack::start().await;
     stack.agent("runner", "1", "60", &[]);
-    let script = "import os, sys; print(os.environ['OPENAI_BASE_URL'], os.environ['AEX_AGENT'], os.environ['OPENAI_API_KEY'][:4], sys.argv[1:])";
+    let script = "import os, sys; e = os.environ; print(e['OPENAI_BASE_URL'], e['ANTHROPIC_BASE_URL'], e['AEX_AGENT'], e['OPENAI_API_KEY'][:4], e['ANTHROPIC_API_KEY'] == e['OPENAI_API_KEY'], sys.argv[1:])";
     for with_dashes in [false, true] {
         let mut cmd = vec![];
         if with_dashes {
@@ -276,7 +276,10 @@ async fn run_passes_arguments_untouched_and_exits_with_the_childs_status() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             stdout.trim(),
-            format!("http://{}/v1 runner aex_ ['-x', '--flag']", stack.data.addr),
+            format!(
+                "http://{0}/v1 http://{0} runner aex_ True ['-x', '--flag']",
+                stack.data.addr
+            ),
             "with -- = {with_dashes}"
         );
     }

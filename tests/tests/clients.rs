@@ -9,7 +9,8 @@ use serde_json::Value;
 use std::process::Command;
 
 /// Runs a driver script against the stack for `sdk_agents(prefix)`:
-/// `PROGRAM SCRIPT BASE_URL EXTRA…` with the tokens in AEX_TOKEN_*.
+/// `PROGRAM SCRIPT BASE_URL EXTRA…` with the tokens in AEX_TOKEN_*; the
+/// base URL is AEX's `/v1`, as OpenAI's clients take it.
 async fn drive_as(
     stack: &Stack,
     prefix: &str,
@@ -17,8 +18,21 @@ async fn drive_as(
     script: &str,
     extra: &[&std::path::Path],
 ) -> Value {
+    drive_at(stack, "/v1", prefix, program, script, extra).await
+}
+
+/// `drive_as` with the base URL at `base_path` (Anthropic's clients take
+/// the host: `""`).
+async fn drive_at(
+    stack: &Stack,
+    base_path: &str,
+    prefix: &str,
+    program: &std::path::Path,
+    script: &str,
+    extra: &[&std::path::Path],
+) -> Value {
     let mut cmd = Command::new(program);
-    cmd.arg(script).arg(stack.url("/v1")).args(extra);
+    cmd.arg(script).arg(stack.url(base_path)).args(extra);
     for (name, token) in sdk_agents(stack, prefix) {
         cmd.env(format!("AEX_TOKEN_{name}"), token);
     }
@@ -143,6 +157,96 @@ fn assert_429_retried_as_told(stack: &Stack, agent: &str, rate: &Value) {
         rpm_denials[1], told,
         "the ledger recorded what the client was told"
     );
+}
+
+/// What both Anthropic SDKs must show (issue #16): messages and streams
+/// with the mock's usage, the prompt cache's parts included; a tool round
+/// trip, also streamed; count_tokens answered by the provider; models in
+/// Anthropic's shape; denials as the SDK's own errors with Anthropic's error
+/// types, 402 and 403 not retried; a 429 retried after exactly AEX's wait.
+fn assert_anthropic_sdk_conformance(stack: &Stack, prefix: &str, seen: &Value) {
+    use serde_json::json;
+    assert_eq!(seen["message"]["text"], "hello from mock");
+    assert_eq!(seen["message"]["usage"], json!([10, 5, 80, 20]));
+    assert_eq!(seen["message"]["stop_reason"], "end_turn");
+    assert_eq!(seen["stream"]["text"], "word0 word1 word2 word3 word4 ");
+    assert_eq!(seen["stream"]["usage"], json!([10, 5, 0, 0]));
+    assert_eq!(seen["tools"]["called"], "weather");
+    assert_eq!(seen["tools"]["stop_reason"], "tool_use");
+    assert_eq!(seen["tools"]["answer"], "tool said: sunny in Paris");
+    assert_eq!(
+        seen["tools_stream"],
+        json!({"name": "weather", "input": {"city": "Paris"}})
+    );
+    assert_eq!(seen["count"], 42);
+    assert_eq!(
+        seen["models"],
+        json!(["cached-model", "claude-model", "dead-model", "mock-model", "sim"])
+    );
+    assert_eq!(
+        (seen["402"]["status"].as_u64(), seen["402"]["type"].as_str()),
+        (Some(402), Some("billing_error"))
+    );
+    assert_eq!(seen["403"]["error"], "PermissionDeniedError");
+    assert_eq!(seen["403"]["type"], "permission_error");
+    assert_eq!(seen["401"]["error"], "AuthenticationError");
+    assert_eq!(seen["401"]["type"], "authentication_error");
+    assert_eq!(
+        denials(stack, &format!("{prefix}-poor"), "budget"),
+        1,
+        "402 is not retried"
+    );
+    assert_eq!(
+        denials(stack, &format!("{prefix}-fenced"), "model"),
+        1,
+        "403 is not retried"
+    );
+    assert_429_retried_as_told(stack, &format!("{prefix}-slow"), &seen["429"]);
+    // The cached message at cache prices (10 × 1 µ + 80 × 0.1 µ + 20 ×
+    // 1.25 µ + 5 × 2 µ), then four calls of 10 input and 5 output tokens.
+    assert_eq!(stack.inspect(prefix)["spent_micro"], 53 + 4 * 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_python_sdk_works_unchanged() {
+    let Some(python) = python_with("anthropic", "the Anthropic Python SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_anthropic_python.py"
+    );
+    let seen = drive_at(&stack, "", "apy", &python, script, &[]).await;
+    assert_anthropic_sdk_conformance(&stack, "apy", &seen);
+    assert_eq!(seen["402"]["error"], "APIStatusError");
+    // Only what AEX admitted reached the provider: five calls and the
+    // count (SLOW's calls use the simulated provider).
+    assert_eq!(stack.mock.count(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_node_sdk_works_unchanged() {
+    let Some(bin) = node_bin_with("@anthropic-ai/sdk", "the Anthropic npm SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_anthropic_node.mjs"
+    );
+    let seen = drive_at(
+        &stack,
+        "",
+        "ajs",
+        &bin.join("node"),
+        script,
+        &[bin.parent().unwrap()],
+    )
+    .await;
+    assert_anthropic_sdk_conformance(&stack, "ajs", &seen);
+    assert_eq!(seen["402"]["error"], "APIError");
+    assert_eq!(stack.mock.count(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,10 @@ pub async fn run(home: &Home, control: &str, dataplane: &str, args: Args) -> Res
         .env("OPENAI_BASE_URL", &base_url)
         .env("OPENAI_API_BASE", &base_url)
         .env("OPENAI_API_KEY", &started.token)
+        // Anthropic's clients (its SDKs, Claude Code) take the host and add
+        // /v1 themselves.
+        .env("ANTHROPIC_BASE_URL", format!("http://{dataplane}"))
+        .env("ANTHROPIC_API_KEY", &started.token)
         .env("AEX_AGENT", &args.agent)
         // Its own process group, so a kill reaches the whole tree.
         .process_group(0)
