@@ -181,7 +181,13 @@ fn assert_anthropic_sdk_conformance(stack: &Stack, prefix: &str, seen: &Value) {
     assert_eq!(seen["count"], 42);
     assert_eq!(
         seen["models"],
-        json!(["cached-model", "claude-model", "dead-model", "mock-model", "sim"])
+        json!([
+            "cached-model",
+            "claude-model",
+            "dead-model",
+            "mock-model",
+            "sim"
+        ])
     );
     assert_eq!(
         (seen["402"]["status"].as_u64(), seen["402"]["type"].as_str()),
@@ -219,7 +225,8 @@ async fn the_anthropic_python_sdk_works_unchanged() {
     );
     let seen = drive_at(&stack, "", "apy", &python, script, &[]).await;
     assert_anthropic_sdk_conformance(&stack, "apy", &seen);
-    assert_eq!(seen["402"]["error"], "APIStatusError");
+    // Anthropic's SDKs have an error class of their own for a 402.
+    assert_eq!(seen["402"]["error"], "PaymentRequiredError");
     // Only what AEX admitted reached the provider: five calls and the
     // count (SLOW's calls use the simulated provider).
     assert_eq!(stack.mock.count(), 6);
@@ -245,7 +252,7 @@ async fn the_anthropic_node_sdk_works_unchanged() {
     )
     .await;
     assert_anthropic_sdk_conformance(&stack, "ajs", &seen);
-    assert_eq!(seen["402"]["error"], "APIError");
+    assert_eq!(seen["402"]["error"], "PaymentRequiredError");
     assert_eq!(stack.mock.count(), 6);
 }
 
