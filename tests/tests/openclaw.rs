@@ -1,5 +1,6 @@
 //! OpenClaw, unchanged, against AEX: a custom provider over
-//! `openai-completions` and over `openai-responses`, driven headless. It
+//! `openai-completions`, `openai-responses` and `anthropic-messages`,
+//! driven headless. It
 //! always streams, sends a large system prompt and about a dozen tools, and
 //! retries 429s in its own loop. After a 402 or 403 it disables the provider
 //! for about ten minutes, so every run gets a fresh OPENCLAW_HOME.
@@ -14,6 +15,8 @@ use std::process::Command;
 /// One OpenClaw run's private directory: its home, its workspace and config.
 struct Run {
     dir: tempfile::TempDir,
+    /// `gw/MODEL`, the model OpenClaw is told to use.
+    model: String,
 }
 
 struct Ran {
@@ -35,6 +38,10 @@ impl Ran {
 
 impl Run {
     fn new(base_url: &str, token: &str, api: &str) -> Self {
+        Self::with_model(base_url, token, api, "mock-model")
+    }
+
+    fn with_model(base_url: &str, token: &str, api: &str, model: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         std::fs::create_dir_all(dir.path().join("work")).unwrap();
@@ -44,13 +51,16 @@ impl Run {
         let config = serde_json::json!({
             "models": {"mode": "replace", "providers": {"gw": {
                 "baseUrl": base_url, "apiKey": token, "api": api,
-                "models": [{"id": "mock-model", "name": "Gateway model", "reasoning": false,
+                "models": [{"id": model, "name": "Gateway model", "reasoning": false,
                     "input": ["text"], "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
                     "contextWindow": 128000, "maxTokens": 100}]}}},
-            "agents": {"defaults": {"model": {"primary": "gw/mock-model"}}}
+            "agents": {"defaults": {"model": {"primary": format!("gw/{model}")}}}
         });
         std::fs::write(dir.path().join("openclaw.json5"), config.to_string()).unwrap();
-        Self { dir }
+        Self {
+            dir,
+            model: format!("gw/{model}"),
+        }
     }
 
     fn config(&self) -> PathBuf {
@@ -90,7 +100,7 @@ impl Run {
                 "--config",
                 config.to_str().unwrap(),
                 "--model",
-                "gw/mock-model",
+                &self.model,
                 "--json",
                 "--timeout",
                 "120",
@@ -110,7 +120,7 @@ impl Run {
                 "run",
                 "--local",
                 "--model",
-                "gw/mock-model",
+                &self.model,
                 "--prompt",
                 "Say hi",
                 "--json",
@@ -120,15 +130,16 @@ impl Run {
     }
 }
 
-/// A full agent turn with a tool round trip over `api`: OpenClaw's usage,
-/// the mock's and the ledger's agree.
-async fn tool_round_trip(api: &str, endpoint: &str) {
+/// A full agent turn with a tool round trip over `api` (its base URL at
+/// AEX's `base_path`, its model `model`): OpenClaw's usage, the mock's and
+/// the ledger's agree.
+async fn tool_round_trip(api: &str, endpoint: &str, base_path: &str, model: &str) {
     let Some(bin) = node_bin_with("openclaw", "OpenClaw") else {
         return;
     };
     let stack = Stack::start().await;
     let token = stack.agent("claw", "1", "600", &[]);
-    let run = Run::new(&stack.url("/v1"), &token, api);
+    let run = Run::with_model(&stack.url(base_path), &token, api, model);
     let ran = run
         .agent_exec(&bin, "use_tool:ls and tell me what you found")
         .await;
@@ -150,14 +161,15 @@ async fn tool_round_trip(api: &str, endpoint: &str) {
         assert_eq!(r.body["stream"], true);
         assert!(r.body["tools"].as_array().unwrap().len() >= 10);
         // Provider credentials are AEX's, never the agent's token.
-        assert_ne!(
-            r.header("authorization"),
-            Some(format!("Bearer {token}").as_str())
-        );
+        for (name, value) in &r.headers {
+            assert!(!value.contains(&token), "the agent's token in {name}");
+        }
     }
     let second = serde_json::to_string(&requests[1].body).unwrap();
     assert!(
-        second.contains("function_call_output") || second.contains("\"role\":\"tool\""),
+        ["function_call_output", "\"role\":\"tool\"", "\"tool_result\""]
+            .iter()
+            .any(|shape| second.contains(shape)),
         "the tool's result went back to the model"
     );
 
@@ -179,12 +191,25 @@ async fn tool_round_trip(api: &str, endpoint: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openclaw_runs_a_tool_over_chat_completions() {
-    tool_round_trip("openai-completions", "/v1/chat/completions").await;
+    tool_round_trip(
+        "openai-completions",
+        "/v1/chat/completions",
+        "/v1",
+        "mock-model",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openclaw_runs_a_tool_over_responses() {
-    tool_round_trip("openai-responses", "/v1/responses").await;
+    tool_round_trip("openai-responses", "/v1/responses", "/v1", "mock-model").await;
+}
+
+/// Anthropic's Messages API (issue #16): OpenClaw takes the host as its base
+/// URL, as Anthropic's SDK does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openclaw_runs_a_tool_over_anthropic_messages() {
+    tool_round_trip("anthropic-messages", "/v1/messages", "", "claude-model").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
