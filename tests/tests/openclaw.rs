@@ -167,9 +167,13 @@ async fn tool_round_trip(api: &str, endpoint: &str, base_path: &str, model: &str
     }
     let second = serde_json::to_string(&requests[1].body).unwrap();
     assert!(
-        ["function_call_output", "\"role\":\"tool\"", "\"tool_result\""]
-            .iter()
-            .any(|shape| second.contains(shape)),
+        [
+            "function_call_output",
+            "\"role\":\"tool\"",
+            "\"tool_result\""
+        ]
+        .iter()
+        .any(|shape| second.contains(shape)),
         "the tool's result went back to the model"
     );
 

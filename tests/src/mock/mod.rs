@@ -209,6 +209,7 @@ async fn handle(
             (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
         })
         .unwrap_or((0, 0));
+    let recorded_usage = recorded.header("x-mock-usage").is_some();
     state.requests.lock().unwrap().push(recorded);
 
     let model = body.get("model").cloned().unwrap_or(json!("mock"));
@@ -224,7 +225,8 @@ async fn handle(
             cache_read,
             cache_write,
         };
-        return messages(&path, &body, &behaviour, delay, usage).await;
+        let explicit = recorded_usage;
+        return messages(&path, &body, &behaviour, delay, usage, explicit).await;
     }
     let responses = path.ends_with("/responses");
     let embeddings = path.ends_with("/embeddings");
@@ -401,7 +403,8 @@ async fn messages(
     body: &Value,
     behaviour: &str,
     delay: Duration,
-    usage: anthropic::Usage,
+    mut usage: anthropic::Usage,
+    explicit_usage: bool,
 ) -> Result<Response<Body>, std::io::Error> {
     match behaviour {
         "429" => {
@@ -433,11 +436,22 @@ async fn messages(
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let answer = openai::answer_for(body, openai::Shape::Messages);
     let ignore_cap = behaviour == "ignore-cap";
+    // An honest provider's output count covers its text: a tool's long
+    // output echoed back (Claude Code's) is counted at AEX's most generous
+    // 12 bytes a token, unless x-mock-usage says otherwise.
+    let honest = |usage: &mut anthropic::Usage, text_bytes: usize| {
+        if !explicit_usage && !ignore_cap {
+            usage.output = usage.output.max((text_bytes as u64).div_ceil(12));
+        }
+    };
     if !stream {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let flood = ignore_cap.then(|| openai::deltas(&None, 2000).concat());
+        if let openai::Answer::Text { tool_output } = &answer {
+            honest(&mut usage, openai::text(tool_output).len());
+        }
         let v = anthropic::whole(&model, &answer, usage, flood);
         return Ok(full(200, "application/json", v.to_string(), &[]));
     }
@@ -447,6 +461,7 @@ async fn messages(
         _ => usage.output,
     };
     let words = anthropic::words(&answer, count);
+    honest(&mut usage, words.iter().map(String::len).sum());
     let usage_at_end = !matches!(behaviour, "ignore-cap" | "no-usage");
     let events = anthropic::events(&model, &answer, &words, usage, usage_at_end);
     // message_start, the block's start and a ping, then two deltas.
