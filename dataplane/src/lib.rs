@@ -19,6 +19,7 @@ pub mod request;
 pub mod simulated;
 pub mod sse;
 pub mod tokens;
+pub mod translate;
 
 use pingora_core::apps::ServerApp;
 use std::sync::Arc;

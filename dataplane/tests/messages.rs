@@ -269,18 +269,14 @@ async fn every_refusal_is_in_anthropics_shape_with_the_same_headers() {
     assert_eq!(header(&r, "x-aex-denied-by"), Some("upstream"));
     error_of(r, 429, "rate_limit_error").await;
 
-    // A model whose provider speaks OpenAI's API is not sent a Messages body.
+    // What a model whose provider speaks OpenAI's API cannot be sent is
+    // refused by name, before anything is reserved or sent.
     let before = stack.mock.count();
-    let r = post(
-        &stack,
-        &token,
-        "/v1/messages",
-        &message("mock-model", "hi"),
-        &[],
-    )
-    .await;
+    let mut typed = message("mock-model", "hi");
+    typed["tools"] = json!([{"type": "bash_20250124", "name": "bash"}]);
+    let r = post(&stack, &token, "/v1/messages", &typed, &[]).await;
     let said = error_of(r, 400, "invalid_request_error").await;
-    assert!(said.contains("provider 'mock'"), "{said}");
+    assert!(said.contains("'bash_20250124'"), "{said}");
     assert_eq!(stack.mock.count(), before, "nothing reached the provider");
 
     // Unknown paths and methods under /v1/messages answer in its shape too.

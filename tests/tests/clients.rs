@@ -256,6 +256,75 @@ async fn the_anthropic_node_sdk_works_unchanged() {
     assert_eq!(stack.mock.count(), 6);
 }
 
+/// Translation (issue #16): the Anthropic SDK on a model whose provider
+/// speaks OpenAI's API, the OpenAI SDK on one whose provider speaks
+/// Anthropic's — streams and tool round trips included, usage as the mock
+/// reported it, charged exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_work_across_the_two_apis() {
+    use serde_json::json;
+    let Some(python) = python_with("anthropic", "the Anthropic Python SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/drive_translation_python.py"
+    );
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .arg(stack.url(""))
+        .env("AEX_TOKEN_OK", stack.agent("across", "1", "600", &[]));
+    let seen = drive(cmd).await;
+    assert_eq!(
+        seen["anthropic_message"],
+        json!({"text": "hello from mock", "stop_reason": "end_turn", "usage": [10, 5]})
+    );
+    assert_eq!(
+        seen["anthropic_stream"],
+        json!({"text": "word0 word1 word2 word3 word4 ", "usage": [10, 5]})
+    );
+    assert_eq!(seen["anthropic_tools"]["called"], "weather");
+    assert_eq!(seen["anthropic_tools"]["input"], json!({"city": "Paris"}));
+    assert_eq!(seen["anthropic_tools"]["stop_reason"], "tool_use");
+    assert!(
+        seen["anthropic_tools"]["answer"]
+            .as_str()
+            .unwrap()
+            .starts_with("tool said: sunny in Paris"),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["openai_chat"],
+        json!({"text": "hello from mock", "model": "claude-model", "usage": [10, 5]})
+    );
+    assert_eq!(
+        seen["openai_stream"],
+        json!({"text": "word0 word1 word2 word3 word4 ", "usage": [10, 5]})
+    );
+    assert_eq!(
+        seen["openai_tools"],
+        json!({"called": "weather", "arguments": {"city": "Paris"},
+            "finish_reason": "tool_calls", "answer": "tool said: sunny in Paris"})
+    );
+    let paths: Vec<String> = stack.mock.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/messages",
+            "/v1/messages",
+            "/v1/messages"
+        ]
+    );
+    // Eight calls of 10 input and 5 output tokens at 1 µ and 2 µ.
+    assert_eq!(stack.inspect("across")["spent_micro"], 8 * 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_works_unchanged() {
     let Some(python) = python_with("openai", "the OpenAI Python SDK") else {

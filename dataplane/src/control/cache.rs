@@ -103,6 +103,17 @@ impl Cache {
         !self.state.read().expect("cache lock").routes.is_empty()
     }
 
+    /// The API the provider of `model` speaks; `None` for a model not
+    /// configured, or served by the simulated provider (which speaks both).
+    pub fn provider_family(&self, model: &str) -> Option<Family> {
+        let s = self.state.read().expect("cache lock");
+        let provider = &s.plan_models.models.get(model)?.provider;
+        match s.routes.get(provider)? {
+            Route::Http { family, .. } => Some(*family),
+            Route::Simulated(_) => None,
+        }
+    }
+
     pub fn route(&self, provider: &str) -> Option<Route> {
         self.state
             .read()

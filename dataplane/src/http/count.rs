@@ -36,7 +36,7 @@ impl Gateway {
             .upstream_body(&call.admission.provider_model, 0);
         let client_headers = forwardable_headers(session, &route);
         let (mut upstream, header) = match self
-            .open_upstream(&route, call, body, &client_headers)
+            .open_upstream(&route, call, call.inspected.api(), body, &client_headers)
             .await
         {
             Ok(opened) => opened,

@@ -246,21 +246,25 @@ impl GatewayError {
         .with_header("retry-after", "1")
     }
 
-    /// The model's provider speaks the other API than the one called.
-    pub fn api_mismatch(model: &str, provider: &str, speaks: Family) -> Self {
-        let (speaks, other) = match speaks {
-            Family::OpenAi => ("OpenAI's API", "Anthropic's Messages API"),
-            Family::Anthropic => ("Anthropic's Messages API", "OpenAI's API"),
-        };
+    /// A request the model's provider's API cannot carry (translation).
+    pub fn untranslatable(u: crate::translate::Unsupported) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             INVALID_REQUEST,
+            u.message,
+        )
+    }
+
+    /// A provider's answer that cannot be put in the client's API.
+    pub fn untranslatable_answer(provider: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            SERVER_ERROR,
             format!(
-                "Model '{}' is served by provider '{provider}', which speaks {speaks}, and AEX \
-                 does not translate {other} into it. Call this model through {speaks}, or use a \
-                 model whose provider speaks {other} (`GET /v1/models` lists yours).",
-                aex_core::policy::echoed(model)
+                "The provider '{provider}' answered, but AEX cannot put its answer in the API you \
+                 called: {why}."
             ),
         )
     }

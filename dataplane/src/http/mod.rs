@@ -388,6 +388,14 @@ impl Gateway {
         if self.control.cache.has_model(inspected.model()) {
             observed.model = inspected.model().to_string();
         }
+        // A call to a provider of the other API is translated: what cannot
+        // be is refused before anything is reserved.
+        if let Some(family) = self.control.cache.provider_family(inspected.model())
+            && family != api.family()
+            && let Err(e) = crate::translate::upstream_request(api, inspected.body(), "", 1)
+        {
+            return Self::respond_error(session, request_id, GatewayError::untranslatable(e)).await;
+        }
         let admit = inspected.admit_request(request_id, token_sha256);
         let admitted = self
             .control

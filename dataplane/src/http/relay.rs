@@ -12,6 +12,7 @@ use crate::api::Api;
 use crate::control::Route;
 use crate::metering::cut_off_bytes;
 use crate::sse::{SseMeter, output_text_bytes, usage_of};
+use crate::translate::{self, Untranslated};
 use aex_core::reservation::Outcome;
 use bytes::Bytes;
 use http::StatusCode;
@@ -88,6 +89,24 @@ fn cut_off_event(api: Api, open_block: Option<u64>, output_tokens: u64) -> Strin
     }
 }
 
+/// How a call goes to its provider: in the client's API, or translated
+/// into the other.
+struct Wire {
+    /// The API the provider is spoken to in.
+    api: Api,
+    translated: bool,
+    untranslated: Untranslated,
+}
+
+impl Wire {
+    /// Names the request's hints the translation did not carry.
+    fn name_untranslated(&self, head: &mut ResponseHeader) {
+        if !self.untranslated.is_empty() {
+            let _ = head.insert_header("x-aex-untranslated", self.untranslated.names().join(", "));
+        }
+    }
+}
+
 fn outcome_of(failure: &UpstreamFailure) -> Outcome {
     if failure.is_timeout() {
         Outcome::UpstreamTimeout
@@ -114,25 +133,50 @@ impl Gateway {
                 finished,
             );
         };
-        if let Route::Http { family, .. } = &route
-            && *family != call.inspected.api().family()
-        {
-            // Nothing was sent: nothing generated, nothing billed.
-            finished.outcome = Outcome::UpstreamRejected;
-            let e = GatewayError::api_mismatch(call.inspected.model(), provider, *family);
-            return (
-                Self::respond_error(session, call.request_id, e).await,
-                finished,
-            );
-        }
-        let body = call.inspected.upstream_body(
-            &call.admission.provider_model,
-            call.admission.output_tokens_cap,
-        );
+        let client_api = call.inspected.api();
+        let (wire, body) = match &route {
+            Route::Http { family, .. } if *family != client_api.family() => {
+                match translate::upstream_request(
+                    client_api,
+                    call.inspected.body(),
+                    &call.admission.provider_model,
+                    call.admission.output_tokens_cap,
+                ) {
+                    Ok(t) => (
+                        Wire {
+                            api: t.api,
+                            translated: true,
+                            untranslated: t.untranslated,
+                        },
+                        t.body,
+                    ),
+                    Err(u) => {
+                        // Nothing was sent: nothing generated, nothing billed.
+                        finished.outcome = Outcome::UpstreamRejected;
+                        let e = GatewayError::untranslatable(u);
+                        return (
+                            Self::respond_error(session, call.request_id, e).await,
+                            finished,
+                        );
+                    }
+                }
+            }
+            _ => (
+                Wire {
+                    api: client_api,
+                    translated: false,
+                    untranslated: Untranslated::default(),
+                },
+                call.inspected.upstream_body(
+                    &call.admission.provider_model,
+                    call.admission.output_tokens_cap,
+                ),
+            ),
+        };
         let client_headers = forwardable_headers(session, &route);
         finished.upstream_started = Some(Instant::now());
         let opened = tokio::select! {
-            r = self.open_upstream(&route, call, body, &client_headers) => Some(r),
+            r = self.open_upstream(&route, call, wire.api, body, &client_headers) => Some(r),
             _ = session.read_body_or_idle(true) => None,
         };
         let (mut upstream, header) = match opened {
@@ -158,7 +202,7 @@ impl Gateway {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if header.status == StatusCode::OK && is_sse {
             let keep = self
-                .stream(session, &mut upstream, &header, call, &mut finished)
+                .stream(session, &mut upstream, &header, call, &wire, &mut finished)
                 .await;
             finished.upstream_done();
             let complete = finished.outcome == Outcome::Completed;
@@ -166,7 +210,7 @@ impl Gateway {
             return (keep, finished);
         }
         let keep = self
-            .buffered(session, upstream, header, call, &mut finished)
+            .buffered(session, upstream, header, call, &wire, &mut finished)
             .await;
         (keep, finished)
     }
@@ -177,6 +221,7 @@ impl Gateway {
         mut upstream: Upstream,
         header: ResponseHeader,
         call: &Call<'_>,
+        wire: &Wire,
         finished: &mut Finished,
     ) -> bool {
         let provider = &call.admission.provider;
@@ -215,8 +260,10 @@ impl Gateway {
         self.release(upstream, complete).await;
         let status = header.status.as_u16();
         let mut head = relayed_head(&header, call.request_id);
+        wire.name_untranslated(&mut head);
         if header.status.is_success() {
-            let api = call.inspected.api();
+            // Metered in the provider's API, whatever the client's.
+            let api = wire.api;
             let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
             finished.usage = parsed.as_ref().and_then(|v| usage_of(api, v));
             // The generated text, which usage must account for; a body that
@@ -231,6 +278,23 @@ impl Gateway {
                 finished.outcome = Outcome::CutOff;
                 let e = GatewayError::upstream_ignored_cap(provider, cap);
                 return Self::respond_error(session, call.request_id, e).await;
+            }
+            if wire.translated {
+                let answer = parsed
+                    .as_ref()
+                    .ok_or_else(|| "its answer is not JSON".to_string())
+                    .and_then(|v| {
+                        translate::response(call.inspected.api(), v, call.inspected.model())
+                    });
+                match answer {
+                    Ok(answer) => body = answer.to_string().into_bytes(),
+                    Err(why) => {
+                        // Generated and billed, but not deliverable.
+                        finished.outcome = Outcome::UpstreamError;
+                        let e = GatewayError::untranslatable_answer(provider, &why);
+                        return Self::respond_error(session, call.request_id, e).await;
+                    }
+                }
             }
             let cost = finished.account(call).charge.charged_micro;
             let _ = head.insert_header("x-aex-cost-micro", cost.to_string());
@@ -253,6 +317,11 @@ impl Gateway {
                 let e = GatewayError::provider_key_refused(provider, status);
                 return Self::respond_error(session, call.request_id, e).await;
             }
+            if wire.translated {
+                // The provider's error, in the shape of the client's API.
+                body = translate::error(call.inspected.api(), status, &body);
+                let _ = head.insert_header("content-type", "application/json");
+            }
         }
         let _ = head.insert_header("content-length", body.len().to_string());
         let ok = session.write_response_header(Box::new(head)).await.is_ok()
@@ -272,10 +341,12 @@ impl Gateway {
         upstream: &mut Upstream,
         header: &ResponseHeader,
         call: &Call<'_>,
+        wire: &Wire,
         finished: &mut Finished,
     ) -> bool {
         let api = call.inspected.api();
         let mut head = relayed_head(header, call.request_id);
+        wire.name_untranslated(&mut head);
         let _ = head.insert_header(
             "x-aex-remaining-micro",
             call.admission.remaining_micro.to_string(),
@@ -293,8 +364,20 @@ impl Gateway {
             return false;
         }
         let cap = call.output_cap_total();
-        let mut meter =
-            SseMeter::new(api, !call.inspected.client_wants_usage()).cut_off_at(cut_off_bytes(cap));
+        // Metered in the provider's API; a translated stream's usage chunk
+        // is the translator's to read (it re-encodes every event).
+        let strip = !call.inspected.client_wants_usage() && !wire.translated;
+        let mut meter = SseMeter::new(wire.api, strip).cut_off_at(cut_off_bytes(cap));
+        let mut translator = wire
+            .translated
+            .then(|| {
+                translate::Stream::new(
+                    api,
+                    call.inspected.model(),
+                    call.inspected.client_wants_usage(),
+                )
+            })
+            .flatten();
         let mut out = Vec::new();
         loop {
             let next = tokio::select! {
@@ -321,6 +404,13 @@ impl Gateway {
                     break;
                 }
             };
+            if let Some(t) = translator.as_mut() {
+                let upstream_events = std::mem::take(&mut out);
+                t.feed(&upstream_events, &mut out);
+                if ended {
+                    t.finish(false, &mut out);
+                }
+            }
             // The buffer is handed over whole: no copy per chunk.
             if !out.is_empty()
                 && session
@@ -341,7 +431,14 @@ impl Gateway {
             // what was streamed, whatever usage the provider claims so far.
             if meter.output_bytes() > cut_off_bytes(cap) {
                 finished.outcome = Outcome::CutOff;
-                let end = cut_off_event(api, meter.open_block(), cap);
+                let end = match translator.as_mut() {
+                    Some(t) => {
+                        let mut end = Vec::new();
+                        t.finish(true, &mut end);
+                        end
+                    }
+                    None => cut_off_event(api, meter.open_block(), cap).into_bytes(),
+                };
                 let _ = session.write_response_body(Bytes::from(end), false).await;
                 break;
             }

@@ -3,7 +3,7 @@
 //! and its body within the idle timeout, and giving the connection back.
 
 use super::{Call, Gateway};
-use crate::api::Family;
+use crate::api::{Api, Family};
 use crate::control::Route;
 use crate::simulated::{self, SimulatedResponse};
 use bytes::Bytes;
@@ -106,6 +106,7 @@ impl Gateway {
         &self,
         route: &Route,
         call: &Call<'_>,
+        api: Api,
         body: Vec<u8>,
         client_headers: &[(http::HeaderName, http::HeaderValue)],
     ) -> Result<(Upstream, ResponseHeader), UpstreamFailure> {
@@ -152,7 +153,7 @@ impl Gateway {
         peer.options.read_timeout = Some(self.limits.first_byte_timeout);
         peer.options.write_timeout = Some(self.limits.idle_timeout);
 
-        let path = format!("{base_path}{}", call.inspected.api().upstream_suffix());
+        let path = format!("{base_path}{}", api.upstream_suffix());
         let mut req = RequestHeader::build("POST", path.as_bytes(), None).map_err(|e| {
             UpstreamFailure::new(
                 FailureKind::Failed,
