@@ -485,3 +485,37 @@ async fn the_simulated_provider_speaks_messages_and_models_are_listed_in_anthrop
         .unwrap();
     error_of(r, 401, "authentication_error").await;
 }
+
+#[tokio::test]
+async fn a_messages_client_gone_mid_stream_is_charged_the_input_reported_and_what_it_saw() {
+    use futures_util::StreamExt;
+    let stack = Stack::start().await;
+    let token = stack.agent("claude-leaver", "1", "600", &[]);
+    let mut body = message("claude-model", "hello");
+    body["stream"] = json!(true);
+    let r = post(
+        &stack,
+        &token,
+        "/v1/messages",
+        &body,
+        &[("x-mock-delay-ms", "200"), ("x-mock-usage", "10,40")],
+    )
+    .await;
+    let mut chunks = r.bytes_stream();
+    loop {
+        let chunk = chunks.next().await.unwrap().unwrap();
+        if String::from_utf8_lossy(&chunk).contains("text_delta") {
+            break;
+        }
+    }
+    drop(chunks);
+    let agent = stack.settled("claude-leaver", Duration::from_secs(2)).await;
+    let ev = events(&stack, "claude-leaver").await;
+    let settle = ev.iter().find(|e| e.kind == "settle").expect("settled");
+    assert_eq!(settle.reason, "client_disconnected");
+    // message_start reported the input (10 × 1 µ) and 1 output token so
+    // far; the text delivered is counted on top at 12 bytes a token at
+    // most, never less than the provider said.
+    let spent = agent["spent_micro"].as_i64().unwrap();
+    assert!((12..=10 + 2 * 40).contains(&spent), "{spent}");
+}

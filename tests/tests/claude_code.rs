@@ -163,6 +163,65 @@ async fn claude_code_runs_a_tool_turn_through_aex_and_is_charged_what_the_mock_r
     assert_eq!(agent["reserved_micro"], 0);
 }
 
+/// Claude Code on a model whose provider speaks OpenAI's API (a local
+/// Ollama or vLLM, here the mock's `mock-model`): AEX translates its
+/// Messages calls into chat completions and the answers back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_runs_on_an_openai_compatible_model_through_translation() {
+    let Some(bin) = node_bin_with("@anthropic-ai/claude-code", "Claude Code") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let token = stack.agent("claude-local", "1", "600", &[]);
+    let ran = Run::new()
+        .run(
+            &claude(&bin),
+            &print_mode("use_tool:Read and say what you found"),
+            &[
+                ("ANTHROPIC_BASE_URL", stack.url("")),
+                ("ANTHROPIC_API_KEY", token),
+                ("ANTHROPIC_MODEL", "mock-model".into()),
+                ("ANTHROPIC_SMALL_FAST_MODEL", "mock-model".into()),
+                ("ANTHROPIC_DEFAULT_HAIKU_MODEL", "mock-model".into()),
+            ],
+        )
+        .await;
+    let seen = ran.json();
+    assert_eq!(ran.code, Some(0), "{seen}\n{}", ran.stderr);
+    assert_eq!(seen["is_error"], false, "{seen}");
+    assert!(
+        seen["result"].as_str().unwrap().starts_with("tool said: "),
+        "{seen}"
+    );
+    let calls = stack.mock.requests();
+    assert_eq!(calls.len(), 2, "the tool call, then the answer");
+    for call in &calls {
+        assert_eq!(call.path, "/v1/chat/completions");
+        assert_eq!(call.body["model"], "upstream-model");
+        assert_eq!(call.body["messages"][0]["role"], "system");
+        assert!(
+            call.body["tools"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["function"]["name"] == "Read")),
+            "Claude Code's tools as functions"
+        );
+    }
+    assert!(
+        calls[1].body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["role"] == "tool"),
+        "Read's result went back as a tool message"
+    );
+    // The chat usage (10 in, and the answer's output) is what Claude Code
+    // saw and what the ledger charged.
+    assert_eq!(seen["usage"]["input_tokens"], 20, "{seen}");
+    let output = seen["usage"]["output_tokens"].as_i64().unwrap();
+    let agent = stack.inspect("claude-local");
+    assert_eq!(agent["spent_micro"], 20 + 2 * output);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_code_with_a_spent_budget_stops_with_aexs_message() {
     let Some(bin) = node_bin_with("@anthropic-ai/claude-code", "Claude Code") else {

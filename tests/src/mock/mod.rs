@@ -290,11 +290,31 @@ async fn handle(
         "drop" => return Err(std::io::Error::other("mock drops the connection")),
         _ => {}
     }
+    let shape = if responses {
+        openai::Shape::Responses
+    } else {
+        openai::Shape::Chat
+    };
+    let answer = openai::answer_for(&body, shape);
+    // An honest provider's output count covers the text it sends (a tool's
+    // long output echoed back, as Claude Code's is), at AEX's most generous
+    // 12 bytes a token, unless x-mock-usage says otherwise.
+    let mut reported = completion;
+    if let (openai::Answer::Text { tool_output }, "ok", false) =
+        (&answer, behaviour.as_str(), recorded_usage)
+    {
+        let text = if stream {
+            openai::deltas(tool_output, completion).concat()
+        } else {
+            openai::text(tool_output)
+        };
+        reported = completion.max((text.len() as u64).div_ceil(12));
+    }
     let usage = if responses {
-        json!({"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt.saturating_add(completion),
+        json!({"input_tokens": prompt, "output_tokens": reported, "total_tokens": prompt.saturating_add(reported),
                "input_tokens_details": {"cached_tokens": cache_read}, "output_tokens_details": {"reasoning_tokens": 0}})
     } else {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion),
+        json!({"prompt_tokens": prompt, "completion_tokens": reported, "total_tokens": prompt.saturating_add(reported),
                "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write}})
     };
     let usage = report_usage.then_some(usage);
@@ -313,12 +333,6 @@ async fn handle(
         }
         return Ok(full(200, "application/json", v.to_string(), &[]));
     }
-    let shape = if responses {
-        openai::Shape::Responses
-    } else {
-        openai::Shape::Chat
-    };
-    let answer = openai::answer_for(&body, shape);
     if !stream {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
