@@ -382,15 +382,20 @@ async fn count_tokens_is_answered_by_the_provider_or_by_aex_and_reserves_nothing
     assert_eq!(seen.body["model"], "upstream-claude");
     assert_eq!(seen.header("x-api-key"), Some(MOCK_PROVIDER_KEY));
 
-    // The simulated provider has no count endpoint: AEX's own, never 0.
-    body["model"] = json!("sim");
-    let r = post(&stack, &token, "/v1/messages/count_tokens", &body, &[]).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "x-aex-token-count"), Some("estimate"));
-    let counted = r.json::<Value>().await.unwrap()["input_tokens"]
-        .as_u64()
-        .unwrap();
-    assert!(counted > 0);
+    // The simulated provider and an OpenAI-compatible one have no count
+    // endpoint: AEX's own, never 0, and nothing sent.
+    let before = stack.mock.count();
+    for model in ["mock-model", "sim"] {
+        body["model"] = json!(model);
+        let r = post(&stack, &token, "/v1/messages/count_tokens", &body, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{model}");
+        assert_eq!(header(&r, "x-aex-token-count"), Some("estimate"));
+        let counted = r.json::<Value>().await.unwrap()["input_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(counted > 0);
+    }
+    assert_eq!(stack.mock.count(), before);
 
     let r = post(
         &stack,

@@ -389,9 +389,11 @@ impl Gateway {
             observed.model = inspected.model().to_string();
         }
         // A call to a provider of the other API is translated: what cannot
-        // be is refused before anything is reserved.
+        // be is refused before anything is reserved. (Counting tokens is
+        // answered by AEX itself there: `count.rs`.)
         if let Some(family) = self.control.cache.provider_family(inspected.model())
             && family != api.family()
+            && api != Api::CountTokens
             && let Err(e) = crate::translate::upstream_request(api, inspected.body(), "", 1)
         {
             return Self::respond_error(session, request_id, GatewayError::untranslatable(e)).await;
