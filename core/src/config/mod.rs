@@ -108,18 +108,6 @@ pub enum ProviderKind {
     Simulated(SimulatedSettings),
 }
 
-impl ProviderKind {
-    /// Where a provider reached over HTTP lives; `None` for the built-in one.
-    pub fn base_url(&self) -> Option<&str> {
-        match self {
-            ProviderKind::OpenAiCompatible { base_url } | ProviderKind::Anthropic { base_url } => {
-                Some(base_url)
-            }
-            ProviderKind::Simulated(_) => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
     pub name: String,

@@ -6,7 +6,9 @@
 //! Claude (`to_messages.rs`: the other way). System prompts, turns, tools
 //! and tool results, images, stop reasons, usage and streams (event by
 //! event) are mapped both ways; what has no counterpart is a 400 that names
-//! it, never dropped. Pure: JSON in, JSON or bytes out.
+//! it, and a hint that leaves what is generated to the model (`thinking`,
+//! `cache_control`, …) is not carried and is named in `x-aex-untranslated`:
+//! nothing is dropped unsaid. Pure: JSON in, JSON or bytes out.
 
 pub mod to_chat;
 pub mod to_messages;
@@ -211,6 +213,25 @@ pub(crate) fn anthropic_event(out: &mut Vec<u8>, data: &Value) {
 /// One SSE event as OpenAI sends a chat chunk.
 pub(crate) fn chat_event(out: &mut Vec<u8>, data: &Value) {
     out.extend_from_slice(format!("data: {data}\n\n").as_bytes());
+}
+
+/// A chat tool call (`{"id", "function": {"name", "arguments"}}`) as
+/// Anthropic's `tool_use` block; `None` when its arguments are not a JSON
+/// object (an empty string is `{}`), which a `tool_use` input must be.
+pub(crate) fn tool_use_of(call: &Value) -> Option<Value> {
+    let f = call.get("function").unwrap_or(&Value::Null);
+    let arguments = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+    let arguments = if arguments.trim().is_empty() {
+        "{}"
+    } else {
+        arguments
+    };
+    match serde_json::from_str(arguments) {
+        Ok(input @ Value::Object(_)) => Some(serde_json::json!({"type": "tool_use",
+            "id": call.get("id").cloned().unwrap_or(Value::Null),
+            "name": f.get("name").cloned().unwrap_or(Value::Null), "input": input})),
+        _ => None,
+    }
 }
 
 /// Text of a content value: a string, or the text parts of a list.

@@ -3,7 +3,7 @@
 //! and the answer — whole, or its stream chunk by chunk — back in
 //! Anthropic's shape.
 
-use super::{Unsupported, Untranslated, anthropic_event, text_of, unsupported};
+use super::{Unsupported, Untranslated, anthropic_event, text_of, tool_use_of, unsupported};
 use crate::api::Api;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -177,6 +177,25 @@ fn image_url(block: &Value) -> Result<String, Unsupported> {
     }
 }
 
+/// A turn's blocks; a turn of plain text is passed on as it is (`None`).
+fn blocks_of<'a>(
+    content: &'a Value,
+    role: &str,
+    messages: &mut Vec<Value>,
+) -> Result<Option<&'a Vec<Value>>, Unsupported> {
+    match content {
+        Value::String(s) => {
+            messages.push(json!({"role": role, "content": s}));
+            Ok(None)
+        }
+        Value::Array(blocks) => Ok(Some(blocks)),
+        _ => Err(refuse(
+            "A message whose content is neither text nor blocks",
+            "Send a string or a list of blocks.",
+        )),
+    }
+}
+
 /// A user turn: its tool results become `tool` messages (first, right
 /// after the assistant turn that called them), the rest one user message.
 fn user_turn(
@@ -184,18 +203,8 @@ fn user_turn(
     messages: &mut Vec<Value>,
     untranslated: &mut Untranslated,
 ) -> Result<(), Unsupported> {
-    let blocks = match content {
-        Value::String(s) => {
-            messages.push(json!({"role": "user", "content": s}));
-            return Ok(());
-        }
-        Value::Array(blocks) => blocks,
-        _ => {
-            return Err(refuse(
-                "A message whose content is neither text nor blocks",
-                "Send a string or a list of blocks.",
-            ));
-        }
+    let Some(blocks) = blocks_of(content, "user", messages)? else {
+        return Ok(());
     };
     let mut parts = Vec::new();
     for b in blocks {
@@ -256,18 +265,8 @@ fn assistant_turn(
     messages: &mut Vec<Value>,
     untranslated: &mut Untranslated,
 ) -> Result<(), Unsupported> {
-    let blocks = match content {
-        Value::String(s) => {
-            messages.push(json!({"role": "assistant", "content": s}));
-            return Ok(());
-        }
-        Value::Array(blocks) => blocks,
-        _ => {
-            return Err(refuse(
-                "A message whose content is neither text nor blocks",
-                "Send a string or a list of blocks.",
-            ));
-        }
+    let Some(blocks) = blocks_of(content, "assistant", messages)? else {
+        return Ok(());
     };
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -394,19 +393,9 @@ pub fn response(v: &Value, model: &str) -> Result<Value, String> {
         .into_iter()
         .flatten()
     {
-        let f = call.get("function").unwrap_or(&Value::Null);
-        let arguments = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
-        let input: Value = match serde_json::from_str(if arguments.trim().is_empty() {
-            "{}"
-        } else {
-            arguments
-        }) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => return Err("the model's tool call arguments are not a JSON object".into()),
-        };
         content.push(
-            json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(Value::Null),
-            "name": f.get("name").cloned().unwrap_or(Value::Null), "input": input}),
+            tool_use_of(call)
+                .ok_or("the model's tool call arguments are not a JSON object")?,
         );
     }
     let finish = choice

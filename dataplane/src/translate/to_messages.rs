@@ -3,7 +3,7 @@
 //! answer — whole, or its stream event by event — back as a chat
 //! completion.
 
-use super::{Unsupported, Untranslated, chat_event, text_of, unsupported};
+use super::{Unsupported, Untranslated, chat_event, text_of, tool_use_of, unsupported};
 use crate::api::Api;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -234,25 +234,12 @@ fn assistant(m: &Value) -> Result<Value, Unsupported> {
         .into_iter()
         .flatten()
     {
-        let f = call.get("function").unwrap_or(&Value::Null);
-        let arguments = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
-        let input: Value = match serde_json::from_str(if arguments.trim().is_empty() {
-            "{}"
-        } else {
-            arguments
-        }) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                return Err(refuse(
-                    "A tool call whose arguments are not a JSON object",
-                    "Send each call's arguments as a JSON object.",
-                ));
-            }
-        };
-        blocks.push(
-            json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(Value::Null),
-            "name": f.get("name").cloned().unwrap_or(Value::Null), "input": input}),
-        );
+        blocks.push(tool_use_of(call).ok_or_else(|| {
+            refuse(
+                "A tool call whose arguments are not a JSON object",
+                "Send each call's arguments as a JSON object.",
+            )
+        })?);
     }
     Ok(json!({"role": "assistant", "content": blocks}))
 }
