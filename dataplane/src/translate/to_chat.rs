@@ -394,8 +394,7 @@ pub fn response(v: &Value, model: &str) -> Result<Value, String> {
         .flatten()
     {
         content.push(
-            tool_use_of(call)
-                .ok_or("the model's tool call arguments are not a JSON object")?,
+            tool_use_of(call).ok_or("the model's tool call arguments are not a JSON object")?,
         );
     }
     let finish = choice
