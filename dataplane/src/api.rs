@@ -85,10 +85,12 @@ impl Api {
 
 impl Family {
     /// The family whose shape a request's errors take: the Messages paths
-    /// are Anthropic's, and so is `/v1/models` when asked by an Anthropic
-    /// client (it sends `anthropic-version`, as Anthropic requires).
+    /// are Anthropic's, and so are `/v1/models` and `/v1/models/{id}` when
+    /// asked by an Anthropic client (it sends `anthropic-version`, as
+    /// Anthropic requires).
     pub fn of_request(path: &str, has_anthropic_version: bool) -> Self {
-        if path.starts_with("/v1/messages") || (path == "/v1/models" && has_anthropic_version) {
+        let models = path == "/v1/models" || path.starts_with("/v1/models/");
+        if path.starts_with("/v1/messages") || (models && has_anthropic_version) {
             Family::Anthropic
         } else {
             Family::OpenAi
@@ -120,5 +122,6 @@ mod tests {
         assert_eq!(Api::from_path("/v1/messages/"), None);
         assert_eq!(Family::of_request("/v1/models", true), Family::Anthropic);
         assert_eq!(Family::of_request("/v1/models", false), Family::OpenAi);
+        assert_eq!(Family::of_request("/v1/models/x", true), Family::Anthropic);
     }
 }

@@ -723,6 +723,66 @@ async fn models_are_listed_per_agent() {
     error_of(r, 401, "invalid_api_key").await;
 }
 
+/// `GET /v1/models/{id}` (issue #33): one of the agent's models in the
+/// shape its client reads, a 404 for any other, 405 for another method.
+#[tokio::test]
+async fn a_model_is_retrieved_by_its_id() {
+    let stack = Stack::start().await;
+    let all = stack.agent("retriever", "1", "60", &[]);
+    let one = stack.agent("fenced-retriever", "1", "60", &["--allowed-models", "sim"]);
+    let get = |token: &str, id: &str, anthropic: bool| {
+        let mut r = Client::new()
+            .get(stack.url(&format!("/v1/models/{id}")))
+            .bearer_auth(token);
+        if anthropic {
+            r = r.header("anthropic-version", "2023-06-01");
+        }
+        r.send()
+    };
+    let r = get(&all, "mock-model", false).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(header(&r, "x-aex-request-id").is_some());
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"id": "mock-model", "object": "model", "created": 0, "owned_by": "aex"})
+    );
+    let v: Value = get(&all, "claude-model", true)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["type"], "model");
+    assert_eq!(v["id"], "claude-model");
+
+    let r = get(&one, "mock-model", false).await.unwrap();
+    let e = error_of(r, 404, "model_not_found").await;
+    assert!(e["message"].as_str().unwrap().contains("'mock-model'"));
+    let r = get(&one, "no%20such%2Fmodel", true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "not_found_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'no such/model'"),
+        "{v}"
+    );
+    let r = get(&one, "sim", false).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let r = get("aex_not_a_real_token", "sim", false).await.unwrap();
+    error_of(r, 401, "invalid_api_key").await;
+    let r = Client::new()
+        .delete(stack.url("/v1/models/sim"))
+        .bearer_auth(&all)
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 405, "method_not_allowed").await;
+}
+
 /// Sequential calls reuse one provider connection. pingora 0.9.1 threw a
 /// pooled connection away whenever its idle poller had not quite let go
 /// (cloudflare/pingora#998): 30% of sequential requests dialled anew, a TLS

@@ -40,6 +40,7 @@ out["tools_stream"] = {"name": final.content[0].name, "input": final.content[0].
 counted = c.messages.count_tokens(model="claude-model", messages=hi, extra_headers={"x-mock-usage": "42,0"})
 out["count"] = counted.input_tokens
 out["models"] = sorted(m.id for m in c.models.list())
+out["retrieved"] = c.models.retrieve("claude-model").id
 
 
 def error_of(name):

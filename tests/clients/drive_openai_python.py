@@ -48,6 +48,12 @@ out["responses_stream"] = {"last": kinds[-1], "deltas": kinds.count("response.ou
 e = c.embeddings.create(model="mock-model", input="hello")
 out["embeddings"] = {"vector": [round(x, 3) for x in e.data[0].embedding], "usage": e.usage.prompt_tokens}
 out["models"] = sorted(m.id for m in c.models.list())
+out["retrieved"] = c.models.retrieve("mock-model").id
+try:
+    client("FENCED").models.retrieve("mock-model")
+    out["retrieve_fenced"] = None
+except openai.NotFoundError as err:
+    out["retrieve_fenced"] = err.code
 
 def error_of(name):
     try:

@@ -225,6 +225,7 @@ async fn the_anthropic_python_sdk_works_unchanged() {
     );
     let seen = drive_at(&stack, "", "apy", &python, script, &[]).await;
     assert_anthropic_sdk_conformance(&stack, "apy", &seen);
+    assert_eq!(seen["retrieved"], "claude-model", "models.retrieve");
     // Anthropic's SDKs have an error class of their own for a 402.
     assert_eq!(seen["402"]["error"], "PaymentRequiredError");
     // Only what AEX admitted reached the provider: five calls and the
@@ -354,6 +355,8 @@ async fn the_openai_python_sdk_works_unchanged() {
             "sim"
         ])
     );
+    assert_eq!(seen["retrieved"], "mock-model", "models.retrieve");
+    assert_eq!(seen["retrieve_fenced"], "model_not_found");
     // Charged exactly the usage the SDK reported: chat, stream, the two tool
     // turns, responses and its stream at 10 + 5×2 µ each; embeddings 10 µ.
     assert_eq!(stack.inspect("py")["spent_micro"], 6 * 20 + 10);

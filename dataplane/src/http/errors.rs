@@ -144,7 +144,22 @@ impl GatewayError {
             INVALID_REQUEST,
             format!(
                 "Unknown path {shown}. AEX serves /v1/chat/completions, /v1/responses, /v1/embeddings, \
-                 /v1/completions, /v1/messages, /v1/messages/count_tokens and /v1/models."
+                 /v1/completions, /v1/messages, /v1/messages/count_tokens, /v1/models and /v1/models/{{id}}."
+            ),
+        )
+    }
+
+    /// `GET /v1/models/{id}` for a model the agent may not use (or that
+    /// does not exist: the two are not told apart, as OpenAI does not).
+    pub fn model_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            INVALID_REQUEST,
+            format!(
+                "The model '{}' does not exist or you do not have access to it. \
+                 `GET /v1/models` lists yours.",
+                aex_core::policy::echoed(id)
             ),
         )
     }

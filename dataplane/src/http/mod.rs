@@ -105,6 +105,9 @@ impl Call<'_> {
     }
 }
 
+/// `GET /v1/models/{id}`.
+const MODEL_PATH: &str = "/v1/models/";
+
 fn new_request_id() -> String {
     aex_core::secrets::new_id("req")
 }
@@ -242,6 +245,13 @@ impl Gateway {
                 .await
             }
             (Method::GET, "/v1/models") => self.list_models(session, &request_id).await,
+            (Method::GET, p) if p.starts_with(MODEL_PATH) => {
+                // Ids may hold `/` or spaces: SDKs percent-encode them.
+                let id = percent_encoding::percent_decode_str(&p[MODEL_PATH.len()..])
+                    .decode_utf8_lossy()
+                    .into_owned();
+                self.get_model(session, &request_id, &id).await
+            }
             (Method::POST, p) if Api::from_path(p).is_some() => {
                 let api = Api::from_path(p).expect("checked");
                 let _guard = self.control.inflight.enter();
@@ -267,7 +277,11 @@ impl Gateway {
                 self.observe(session, &observed, started.elapsed());
                 keep
             }
-            (_, p) if Api::from_path(p).is_some() || p == "/v1/models" => {
+            (_, p)
+                if Api::from_path(p).is_some()
+                    || p == "/v1/models"
+                    || p.starts_with(MODEL_PATH) =>
+            {
                 // Read past the body first, so a pipelined request behind
                 // it is still answered.
                 intake::drain_request_body(session).await;
@@ -280,61 +294,99 @@ impl Gateway {
         }
     }
 
-    async fn list_models(&self, session: &mut ServerSession, request_id: &str) -> bool {
+    /// The agent a models request is for: its token is all it needs (the
+    /// `Models` admission). `Err`: refused, and answered (whether the
+    /// connection may be reused).
+    async fn models_caller(
+        &self,
+        session: &mut ServerSession,
+        request_id: &str,
+    ) -> Result<String, bool> {
         let request = pb::AdmitRequest {
             request_id: request_id.to_string(),
             token_sha256: intake::token_sha256(session),
             endpoint: pb::Endpoint::Models as i32,
             ..Default::default()
         };
-        let agent_id = match self.control.admit(request).await {
-            Err(status) => {
-                return Self::respond_error(
-                    session,
-                    request_id,
-                    GatewayError::control_unavailable(&status),
-                )
-                .await;
-            }
+        let refused = match self.control.admit(request).await {
+            Err(status) => GatewayError::control_unavailable(&status),
             Ok(r) => match r.outcome {
-                Some(pb::admit_response::Outcome::Admitted(a)) => a.agent_id,
-                Some(pb::admit_response::Outcome::Denied(d)) => {
-                    return Self::respond_error(session, request_id, GatewayError::denied(d)).await;
-                }
-                None => String::new(),
+                Some(pb::admit_response::Outcome::Admitted(a)) => return Ok(a.agent_id),
+                Some(pb::admit_response::Outcome::Denied(d)) => GatewayError::denied(d),
+                None => return Ok(String::new()),
             },
         };
+        Err(Self::respond_error(session, request_id, refused).await)
+    }
+
+    /// Anthropic's clients send `anthropic-version` (its API requires it)
+    /// and read its shape of a model.
+    fn model_object(id: &str, anthropic: bool) -> serde_json::Value {
+        if anthropic {
+            json!({"type": "model", "id": id, "display_name": id,
+                "created_at": "1970-01-01T00:00:00Z"})
+        } else {
+            json!({"id": id, "object": "model", "created": 0, "owned_by": "aex"})
+        }
+    }
+
+    async fn list_models(&self, session: &mut ServerSession, request_id: &str) -> bool {
+        let agent_id = match self.models_caller(session, request_id).await {
+            Ok(id) => id,
+            Err(keep) => return keep,
+        };
         let ids = self.control.cache.models_for(&agent_id);
-        // Anthropic's clients send `anthropic-version` (its API requires
-        // it) and read its shape of the list.
-        let body = if session
+        let anthropic = session
             .req_header()
             .headers
-            .contains_key("anthropic-version")
-        {
-            let data: Vec<_> = ids
-                .iter()
-                .map(|id| {
-                    json!({"type": "model", "id": id, "display_name": id,
-                    "created_at": "1970-01-01T00:00:00Z"})
-                })
-                .collect();
+            .contains_key("anthropic-version");
+        let data: Vec<_> = ids
+            .iter()
+            .map(|id| Self::model_object(id, anthropic))
+            .collect();
+        let body = if anthropic {
             json!({"data": data, "has_more": false,
                 "first_id": ids.first(), "last_id": ids.last()})
         } else {
-            let data: Vec<_> = ids
-                .iter()
-                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "aex"}))
-                .collect();
             json!({"object": "list", "data": data})
-        }
-        .to_string();
+        };
         Self::respond(
             session,
             StatusCode::OK,
             "application/json",
             &[("x-aex-request-id", request_id.to_string())],
-            body.into(),
+            body.to_string().into(),
+        )
+        .await
+    }
+
+    /// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one of the
+    /// agent's models, or a 404 for any other.
+    async fn get_model(&self, session: &mut ServerSession, request_id: &str, id: &str) -> bool {
+        let agent_id = match self.models_caller(session, request_id).await {
+            Ok(agent) => agent,
+            Err(keep) => return keep,
+        };
+        if !self
+            .control
+            .cache
+            .models_for(&agent_id)
+            .iter()
+            .any(|m| m == id)
+        {
+            return Self::respond_error(session, request_id, GatewayError::model_not_found(id))
+                .await;
+        }
+        let anthropic = session
+            .req_header()
+            .headers
+            .contains_key("anthropic-version");
+        Self::respond(
+            session,
+            StatusCode::OK,
+            "application/json",
+            &[("x-aex-request-id", request_id.to_string())],
+            Self::model_object(id, anthropic).to_string().into(),
         )
         .await
     }
