@@ -723,6 +723,41 @@ async fn models_are_listed_per_agent() {
     error_of(r, 401, "invalid_api_key").await;
 }
 
+/// The token in any header a client of either API puts it in (issue #33):
+/// `Authorization: Bearer`, Anthropic's `x-api-key`, Azure OpenAI's
+/// `api-key`; never forwarded to the provider.
+#[tokio::test]
+async fn the_token_is_read_from_each_header_clients_send_it_in() {
+    let stack = Stack::start().await;
+    let token = stack.agent("headers", "1", "600", &[]);
+    for name in ["x-api-key", "api-key"] {
+        let r = Client::new()
+            .post(stack.url("/v1/chat/completions"))
+            .header(name, &token)
+            .json(&chat("mock-model"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{name}");
+    }
+    for seen in stack.mock.requests() {
+        for (name, value) in &seen.headers {
+            assert!(
+                !value.contains(&token),
+                "the agent token leaked upstream in {name}"
+            );
+        }
+    }
+    let r = Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .header("api-key", "aex_not_a_real_token")
+        .json(&chat("mock-model"))
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 401, "invalid_api_key").await;
+}
+
 /// `GET /v1/models/{id}` (issue #33): one of the agent's models in the
 /// shape its client reads, a 404 for any other, 405 for another method.
 #[tokio::test]

@@ -135,6 +135,7 @@ const NEVER_FORWARDED: &[&str] = &[
     "expect",
     "cookie",
     "x-api-key",
+    "api-key",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,8 +30,9 @@ pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
 /// The SHA-256 of the request's token ("" hashed when there is none): a
-/// bearer token, or Anthropic's `x-api-key` (which its SDKs and Claude
-/// Code send; `Authorization` wins when a client sends both).
+/// bearer token, Anthropic's `x-api-key` (which its SDKs and Claude Code
+/// send), or Azure OpenAI's `api-key` (which the OpenAI SDKs' Azure clients
+/// send); `Authorization` wins when a client sends more than one.
 pub(super) fn token_sha256(session: &ServerSession) -> String {
     let header = |name| session.get_header(name).and_then(|v| v.to_str().ok());
     let token = header("authorization")
@@ -40,6 +41,7 @@ pub(super) fn token_sha256(session: &ServerSession) -> String {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .or_else(|| header("x-api-key"))
+        .or_else(|| header("api-key"))
         .map(str::trim)
         .unwrap_or("");
     aex_core::secrets::token_sha256(token)
