@@ -7,29 +7,12 @@
 //! prices.
 
 use aex_tests::{MOCK_PROVIDER_KEY, Stack};
-use reqwest::{Client, Response, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 mod common;
-use common::{header, read_sse};
-
-async fn post(
-    stack: &Stack,
-    token: &str,
-    path: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> Response {
-    let mut r = Client::new()
-        .post(stack.url(path))
-        .bearer_auth(token)
-        .json(body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    r.send().await.expect("request")
-}
+use common::{header, post, read_sse};
 
 /// Every event's JSON data (`None` for `[DONE]`).
 fn data(text: &str) -> Vec<Option<Value>> {

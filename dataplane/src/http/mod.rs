@@ -344,16 +344,21 @@ impl Gateway {
         if self.control.cache.has_model(inspected.model()) {
             observed.model = inspected.model().to_string();
         }
-        // A call to a provider of the other API is translated: what cannot
-        // be is refused before anything is reserved. (Counting tokens is
-        // answered by AEX itself there: `count.rs`.)
-        if let Some(family) = self.control.cache.provider_family(inspected.model())
-            && family != api.family()
-            && api != Api::CountTokens
-            && let Err(e) = crate::translate::upstream_request(api, inspected.body(), "", 1)
-        {
-            return Self::respond_error(session, request_id, GatewayError::untranslatable(e)).await;
-        }
+        // A call to a provider of the other API is translated, once, here:
+        // what cannot be is refused before anything is reserved. (Counting
+        // tokens is answered by AEX itself there: `count.rs`.)
+        let translated = match self.control.cache.provider_family(inspected.model()) {
+            Some(family) if family != api.family() && api != Api::CountTokens => {
+                match crate::translate::upstream_request(api, inspected.body()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let e = GatewayError::untranslatable(e);
+                        return Self::respond_error(session, request_id, e).await;
+                    }
+                }
+            }
+            _ => None,
+        };
         let admit = inspected.admit_request(request_id, token_sha256);
         let admitted = self
             .control
@@ -408,7 +413,10 @@ impl Gateway {
             inspected: &inspected,
             admission: &admission,
         };
-        let (keep, mut finished) = self.forward(session, &call).instrument(upstream_span).await;
+        let (keep, mut finished) = self
+            .forward(session, &call, translated)
+            .instrument(upstream_span)
+            .await;
         observed.upstream = finished
             .upstream_time
             .unwrap_or_else(|| admitted_at.elapsed());

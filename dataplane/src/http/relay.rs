@@ -12,7 +12,7 @@ use crate::api::Api;
 use crate::control::Route;
 use crate::metering::cut_off_bytes;
 use crate::sse::{SseMeter, output_text_bytes, usage_of};
-use crate::translate::{self, Untranslated};
+use crate::translate::{self, Translated, Untranslated};
 use aex_core::reservation::Outcome;
 use bytes::Bytes;
 use http::StatusCode;
@@ -118,10 +118,13 @@ fn outcome_of(failure: &UpstreamFailure) -> Outcome {
 impl Gateway {
     /// Sends the request upstream and the response back. Returns whether the
     /// client connection may be reused, and how the call ended.
+    /// `translated`: the request as translated before admission, when the
+    /// model's provider speaks the other API.
     pub(super) async fn forward(
         &self,
         session: &mut ServerSession,
         call: &Call<'_>,
+        translated: Option<Translated>,
     ) -> (bool, Finished) {
         let mut finished = Finished::new();
         let provider = &call.admission.provider;
@@ -134,44 +137,47 @@ impl Gateway {
             );
         };
         let client_api = call.inspected.api();
-        let (wire, body) = match &route {
-            Route::Http { family, .. } if *family != client_api.family() => {
-                match translate::upstream_request(
-                    client_api,
-                    call.inspected.body(),
-                    &call.admission.provider_model,
-                    call.admission.output_tokens_cap,
-                ) {
-                    Ok(t) => (
-                        Wire {
-                            api: t.api,
-                            translated: true,
-                            untranslated: t.untranslated,
-                        },
-                        t.body,
-                    ),
-                    Err(u) => {
-                        // Nothing was sent: nothing generated, nothing billed.
-                        finished.outcome = Outcome::UpstreamRejected;
-                        let e = GatewayError::untranslatable(u);
-                        return (
-                            Self::respond_error(session, call.request_id, e).await,
-                            finished,
-                        );
-                    }
-                }
+        let translated = match (&route, translated) {
+            (Route::Http { family, .. }, t) if *family != client_api.family() => match t {
+                Some(t) => Ok(Some(t)),
+                // The models changed between the request's reading and now.
+                None => translate::upstream_request(client_api, call.inspected.body()).map(Some),
+            },
+            _ => Ok(None),
+        };
+        let (model, cap) = (
+            &call.admission.provider_model,
+            call.admission.output_tokens_cap,
+        );
+        let (wire, body) = match translated {
+            Ok(Some(mut t)) => {
+                let body = t.upstream_body(model, cap);
+                (
+                    Wire {
+                        api: t.api,
+                        translated: true,
+                        untranslated: t.untranslated,
+                    },
+                    body,
+                )
             }
-            _ => (
+            Ok(None) => (
                 Wire {
                     api: client_api,
                     translated: false,
                     untranslated: Untranslated::default(),
                 },
-                call.inspected.upstream_body(
-                    &call.admission.provider_model,
-                    call.admission.output_tokens_cap,
-                ),
+                call.inspected.upstream_body(model, cap),
             ),
+            Err(u) => {
+                // Nothing was sent: nothing generated, nothing billed.
+                finished.outcome = Outcome::UpstreamRejected;
+                let e = GatewayError::untranslatable(u);
+                return (
+                    Self::respond_error(session, call.request_id, e).await,
+                    finished,
+                );
+            }
         };
         let client_headers = forwardable_headers(session, &route);
         finished.upstream_started = Some(Instant::now());

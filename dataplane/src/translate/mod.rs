@@ -56,32 +56,41 @@ impl Untranslated {
     }
 }
 
-/// A request as sent to a provider of the other API.
+/// A request translated for a provider of the other API, once, before
+/// admission (so what cannot be is refused before anything is reserved);
+/// the provider's model and the output cap are set when it is sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Translated {
     /// The API it is sent as.
     pub api: Api,
-    pub body: Vec<u8>,
+    body: Map<String, Value>,
     pub untranslated: Untranslated,
 }
 
-/// The upstream request for a client's body in the other API, with the
-/// provider's model and exactly the output cap reserved for.
-pub fn upstream_request(
-    client: Api,
-    body: &Map<String, Value>,
-    provider_model: &str,
-    output_cap: u64,
-) -> Result<Translated, Unsupported> {
+impl Translated {
+    /// The body sent: the provider's model, exactly the output cap
+    /// reserved for (`max_tokens` in both APIs).
+    pub fn upstream_body(&mut self, provider_model: &str, output_cap: u64) -> Vec<u8> {
+        self.body
+            .insert("model".into(), Value::String(provider_model.to_string()));
+        self.body
+            .insert("max_tokens".into(), Value::from(output_cap));
+        serde_json::to_vec(&self.body).expect("JSON values serialise")
+    }
+}
+
+/// A client's body in the other API.
+pub fn upstream_request(client: Api, body: &Map<String, Value>) -> Result<Translated, Unsupported> {
     let mut untranslated = Untranslated::default();
+    // The model and the cap are `Translated::upstream_body`'s to set.
     let (api, translated) = match client {
         Api::Messages => (
             Api::ChatCompletions,
-            to_chat::request(body, provider_model, output_cap, &mut untranslated)?,
+            to_chat::request(body, "", 0, &mut untranslated)?,
         ),
         Api::ChatCompletions => (
             Api::Messages,
-            to_messages::request(body, provider_model, output_cap, &mut untranslated)?,
+            to_messages::request(body, "", 0, &mut untranslated)?,
         ),
         other => {
             return Err(unsupported(
@@ -93,7 +102,7 @@ pub fn upstream_request(
     };
     Ok(Translated {
         api,
-        body: serde_json::to_vec(&Value::Object(translated)).expect("JSON values serialise"),
+        body: translated,
         untranslated,
     })
 }

@@ -90,6 +90,36 @@ fn full(status: u16, content_type: &str, body: String, extra: &[(&str, &str)]) -
     .expect("valid response")
 }
 
+/// A stream of `events`, each after `delay`; the connection is dropped
+/// before event `cut_after`, if given.
+fn send_events(events: Vec<String>, delay: Duration, cut_after: Option<usize>) -> Response<Body> {
+    let (tx, response) = streamed("text/event-stream");
+    tokio::spawn(async move {
+        for (i, event) in events.into_iter().enumerate() {
+            if cut_after == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("mock drops mid-stream")))
+                    .await;
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    response
+}
+
+/// An honest provider's output count covers the text it sends (a tool's
+/// long output echoed back, as Claude Code's is), at AEX's most generous
+/// 12 bytes a token.
+fn honest_output(reported: u64, text_bytes: usize) -> u64 {
+    reported.max((text_bytes as u64).div_ceil(12))
+}
+
 /// Chunks sent through a channel; an `Err` item aborts the connection.
 fn streamed(
     content_type: &str,
@@ -296,9 +326,7 @@ async fn handle(
         openai::Shape::Chat
     };
     let answer = openai::answer_for(&body, shape);
-    // An honest provider's output count covers the text it sends (a tool's
-    // long output echoed back, as Claude Code's is), at AEX's most generous
-    // 12 bytes a token, unless x-mock-usage says otherwise.
+    // Honest (`honest_output`), unless x-mock-usage says otherwise.
     let mut reported = completion;
     if let (openai::Answer::Text { tool_output }, "ok", false) =
         (&answer, behaviour.as_str(), recorded_usage)
@@ -308,7 +336,7 @@ async fn handle(
         } else {
             openai::text(tool_output)
         };
-        reported = completion.max((text.len() as u64).div_ceil(12));
+        reported = honest_output(completion, text.len());
     }
     let usage = if responses {
         json!({"input_tokens": prompt, "output_tokens": reported, "total_tokens": prompt.saturating_add(reported),
@@ -391,24 +419,7 @@ async fn handle(
         }
         events.push("data: [DONE]\n\n".to_string());
     }
-    let (tx, response) = streamed("text/event-stream");
-    tokio::spawn(async move {
-        for (i, event) in events.into_iter().enumerate() {
-            if cut_after == Some(i) {
-                let _ = tx
-                    .send(Err(std::io::Error::other("mock drops mid-stream")))
-                    .await;
-                return;
-            }
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(response)
+    Ok(send_events(events, delay, cut_after))
 }
 
 /// A Messages API request (see the table above for the modes).
@@ -450,12 +461,10 @@ async fn messages(
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let answer = openai::answer_for(body, openai::Shape::Messages);
     let ignore_cap = behaviour == "ignore-cap";
-    // An honest provider's output count covers its text: a tool's long
-    // output echoed back (Claude Code's) is counted at AEX's most generous
-    // 12 bytes a token, unless x-mock-usage says otherwise.
+    // Honest (`honest_output`), unless x-mock-usage says otherwise.
     let honest = |usage: &mut anthropic::Usage, text_bytes: usize| {
         if !explicit_usage && !ignore_cap {
-            usage.output = usage.output.max((text_bytes as u64).div_ceil(12));
+            usage.output = honest_output(usage.output, text_bytes);
         }
     };
     if !stream {
@@ -480,22 +489,5 @@ async fn messages(
     let events = anthropic::events(&model, &answer, &words, usage, usage_at_end);
     // message_start, the block's start and a ping, then two deltas.
     let cut_after = (behaviour == "drop-mid-stream").then_some(3 + 2);
-    let (tx, response) = streamed("text/event-stream");
-    tokio::spawn(async move {
-        for (i, event) in events.into_iter().enumerate() {
-            if cut_after == Some(i) {
-                let _ = tx
-                    .send(Err(std::io::Error::other("mock drops mid-stream")))
-                    .await;
-                return;
-            }
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(response)
+    Ok(send_events(events, delay, cut_after))
 }
