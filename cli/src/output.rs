@@ -2,7 +2,6 @@
 
 use crate::error::{CliError, Result};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use std::time::{Duration, UNIX_EPOCH};
 
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -28,11 +27,7 @@ pub fn print_json(value: &serde_json::Value) {
     );
 }
 
-/// Unix ms → `2026-02-20T11:29:40Z`.
-pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+pub use aex_core::time::rfc3339;
 
 pub fn rfc3339_opt(ms: Option<i64>) -> serde_json::Value {
     ms.map(|m| serde_json::Value::String(rfc3339(m)))

@@ -227,12 +227,13 @@ pub fn authenticate(agent: Option<&AgentRecord>, now_ms: i64) -> Result<&AgentRe
     Ok(agent)
 }
 
-/// The denial of a token no agent has.
+/// The denial of a token no agent has, and of which the ledger knows
+/// nothing more (`presented::Retired`).
 pub fn unknown_token() -> Denial {
     Denial::unauthenticated(
         Rule::Auth,
-        "Invalid API key: this token is not known to AEX (it may have been rotated or the agent deleted). \
-         Use the token printed by `aexctl agent create` or `aexctl agent rotate-token`.",
+        "Invalid API key: this token is not known to AEX. Use the token printed by `aexctl agent create` \
+         or `aexctl agent rotate-token`.",
     )
 }
 

@@ -5,6 +5,7 @@
 
 use crate::anthropic;
 use crate::api::Api;
+use crate::http::Credential;
 use crate::openai;
 use aex_core::policy::UnboundedInput;
 use aex_proto::v1 as pb;
@@ -97,7 +98,7 @@ impl Inspected {
     /// What admission is asked about this request. The Messages API's
     /// `tool_use` is tools, a forced tool is function calling, image and
     /// document blocks are vision, and `max_tokens` the output cap.
-    pub fn admit_request(&self, request_id: &str, token_sha256: String) -> pb::AdmitRequest {
+    pub fn admit_request(&self, request_id: &str, credential: &Credential) -> pb::AdmitRequest {
         let (uses_tools, uses_function_calling, uses_vision, requested, multiplier, unbounded) =
             match self {
                 Inspected::OpenAi(i) => (
@@ -118,9 +119,6 @@ impl Inspected {
                 ),
             };
         pb::AdmitRequest {
-            request_id: request_id.to_string(),
-            token_sha256,
-            endpoint: self.api().endpoint() as i32,
             model: self.model().to_string(),
             stream: self.stream(),
             uses_tools,
@@ -130,8 +128,8 @@ impl Inspected {
             requested_output_tokens: requested,
             output_multiplier: multiplier,
             unbounded_input: UnboundedInput::to_wire(unbounded),
-            // Set by the control-plane client.
-            data_plane: String::new(),
+            // Who is calling; `data_plane` is set by the control-plane client.
+            ..credential.admit_request(request_id, self.api().endpoint())
         }
     }
 

@@ -758,6 +758,112 @@ async fn the_token_is_read_from_each_header_clients_send_it_in() {
     error_of(r, 401, "invalid_api_key").await;
 }
 
+/// Each reason a token is refused has its own 401 (issue #33): none sent,
+/// one in the wrong form (naming the header), unknown, expired, rotated
+/// away, its agent deleted; none echoes the token.
+#[tokio::test]
+async fn every_kind_of_401_says_its_own_thing() {
+    let stack = Stack::start().await;
+    let expiring = stack.agent("expiring", "1", "600", &["--ttl", "1s"]);
+    let rotated = stack.agent("rotated", "1", "600", &[]);
+    stack
+        .control
+        .aexctl(&["agent", "rotate-token", "rotated"])
+        .assert_ok();
+    let deleted = stack.agent("deleted", "1", "600", &[]);
+    stack
+        .control
+        .aexctl(&["agent", "delete", "deleted"])
+        .assert_ok();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let send = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let stack = &stack;
+        async move {
+            let body = if path == "/v1/messages" {
+                json!({"model": "mock-model", "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}]})
+            } else {
+                chat("mock-model")
+            };
+            let mut r = Client::new().post(stack.url(path)).json(&body);
+            for (name, value) in headers {
+                r = r.header(name, value);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            let by = header(&r, "x-aex-denied-by").unwrap().to_string();
+            let v: Value = r.json().await.unwrap();
+            (by, v["error"]["message"].as_str().unwrap().to_string(), v)
+        }
+    };
+    let chat_path = "/v1/chat/completions";
+    let bearer = |t: &str| vec![("authorization", format!("Bearer {t}"))];
+    let cases = [
+        ("no credential", send(chat_path, vec![]).await, "No API key"),
+        (
+            "no Bearer scheme",
+            send(chat_path, vec![("authorization", rotated.clone())]).await,
+            "Malformed Authorization header",
+        ),
+        (
+            "empty x-api-key",
+            send(chat_path, vec![("x-api-key", String::new())]).await,
+            "Malformed x-api-key header",
+        ),
+        (
+            "api-key with a space",
+            send(chat_path, vec![("api-key", "aex_a b".into())]).await,
+            "Malformed api-key header",
+        ),
+        (
+            "unknown",
+            send(chat_path, bearer("aex_not_a_real_token")).await,
+            "not known to AEX",
+        ),
+        (
+            "expired",
+            send(chat_path, bearer(&expiring)).await,
+            "has expired",
+        ),
+        (
+            "rotated",
+            send(chat_path, bearer(&rotated)).await,
+            "this token was agent 'rotated''s until it was rotated at 20",
+        ),
+        (
+            "deleted",
+            send(chat_path, bearer(&deleted)).await,
+            "the agent was deleted at 20",
+        ),
+    ];
+    let mut messages = std::collections::HashSet::new();
+    for (case, (by, message, _), expected) in &cases {
+        assert!(message.contains(expected), "{case}: {message}");
+        for token in [&expiring, &rotated, &deleted] {
+            assert!(!message.contains(token.as_str()), "{case} echoes a token");
+        }
+        let rule = if *case == "expired" {
+            "token_expired"
+        } else {
+            "auth"
+        };
+        assert_eq!(by, rule, "{case}");
+        assert!(
+            messages.insert(message.clone()),
+            "{case} says what another says"
+        );
+    }
+    // In the shape of the API called.
+    let (_, message, v) = send("/v1/messages", vec![]).await;
+    assert!(message.starts_with("No API key"), "{message}");
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "authentication_error");
+    assert!(
+        stack.mock.requests().is_empty(),
+        "nothing reached the provider"
+    );
+}
+
 /// `GET /v1/models/{id}` (issue #33): one of the agent's models in the
 /// shape its client reads, a 404 for any other, 405 for another method.
 #[tokio::test]

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::service::convert::{models_to_pb, policy_to_pb};
 use crate::state::ControlState;
 use aex_core::credential::Served;
+use aex_core::presented::Problem;
 use aex_proto::v1::{self as pb, admission_service_server::AdmissionService};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -69,6 +70,12 @@ async fn admit_one(
         unbounded_input: aex_core::policy::UnboundedInput::from_wire(&r.unbounded_input),
     };
     let admission = &state.admission;
+    if let Some(problem) = Problem::from_wire(&r.credential_problem) {
+        // No token to look up: the 401 says what the request lacks.
+        let d = problem.denial();
+        admission.log_denial(&d, "", "", &ask, "").await;
+        return Ok(denial_to_pb(d, String::new()));
+    }
     if matches!(endpoint, Endpoint::Models | Endpoint::CountTokens) {
         // Listing models needs a valid token only, counting tokens a model
         // the agent may use too; nothing to reserve.
@@ -113,7 +120,12 @@ async fn admit_one(
                     denial_to_pb(d, agent.name)
                 }
             },
-            Err(d) => {
+            Err(mut d) => {
+                if d.denied_by == aex_core::denial::Rule::Auth
+                    && let Some(retired) = admission.retired_denial(&r.token_sha256).await
+                {
+                    d = retired;
+                }
                 admission
                     .log_denial(&d, "", "", &ask, &r.token_sha256)
                     .await;

@@ -179,6 +179,13 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn agent_by_id(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// The live agent whose token hashes to this (the unique index).
     async fn agent_by_token(&self, token_sha256: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// What the ledger knows of a token no live agent holds: rotated away,
+    /// its agent deleted, or a run's (the events that committed to it, by
+    /// `details.token_mac`); `None` when it never knew the token.
+    async fn retired_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<aex_core::presented::Retired>, StoreError>;
 
     /// What changed through any control plane on this database (this
     /// one's included), as it commits: agents, their processes, models

@@ -6,12 +6,15 @@
 //! The store must have `reader: $Pool`, `ledger_key: Vec<u8>`,
 //! `fn anchor_state(&self) -> Option<AnchorState>` and `const SNAPSHOT:
 //! Option<&str>`, the statement that makes a read transaction one snapshot
-//! (SQLite's already is; PostgreSQL's READ COMMITTED is not).
+//! (SQLite's already is; PostgreSQL's READ COMMITTED is not); and the one
+//! expression whose JSON function differs, `token_mac`, spelt as the
+//! backend's index on it is (a query uses an expression index only when
+//! it repeats its expression).
 
 #[macro_export]
 #[doc(hidden)]
 macro_rules! sql_reads {
-    ($Store:ty, $Pool:ty) => {
+    ($Store:ty, $Pool:ty, token_mac = $token_mac:literal) => {
 use $crate::storage::rows::{
     AGENT_COLUMNS, AgentRow, CREDENTIAL_COLUMNS, CredentialRow, EVENT_COLUMNS, EventRow, GRANT_COLUMNS, GrantRow, PROCESS_SELECT, ProcessRow,
     RESERVATION_AUDIT_COLUMNS, RESERVATION_COLUMNS, ReservationAuditRow, ReservationRow,
@@ -64,6 +67,57 @@ pub(super) async fn agent_by_token(
     .fetch_optional(reader)
     .await?;
     row.map(TryInto::try_into).transpose()
+}
+
+/// `'a', 'b'`: a closed set of kinds, for an `IN`.
+fn kinds_in(set: &[EventKind]) -> String {
+    set.iter().map(|k| format!("'{}'", k.as_str())).collect::<Vec<_>>().join(", ")
+}
+
+/// The newest event that committed to the token MAC `$1`, by the index on
+/// that expression (the query repeats the index's expression and
+/// predicate, or the database would scan every event).
+pub(super) fn token_issued_sql() -> String {
+    format!(
+        "SELECT seq, ts_ms, kind, agent_id, agent_name FROM events \
+         WHERE {} = $1 AND kind IN ({}) ORDER BY seq DESC LIMIT 1",
+        $token_mac,
+        kinds_in(aex_core::presented::Retired::ISSUED_BY),
+    )
+}
+
+/// What the ledger knows of a token no live agent holds: the newest event
+/// that committed to it and, for an agent's, the first of the agent's
+/// later rotations or deletion (both by index: `events_by_token_mac`,
+/// `events_by_agent`).
+pub(super) async fn retired_token(
+    reader: &$Pool,
+    ledger_key: &[u8],
+    token_sha256: &str,
+) -> Result<Option<aex_core::presented::Retired>, StoreError> {
+    use aex_core::presented::Retired;
+    let mac = aex_core::chain::token_mac(ledger_key, token_sha256);
+    let issued: Option<(i64, i64, String, String, String)> = sqlx::query_as(&token_issued_sql())
+    .bind(&mac)
+    .fetch_optional(reader)
+    .await?;
+    let Some((seq, ts_ms, kind, agent_id, agent_name)) = issued else {
+        return Ok(None);
+    };
+    let Some(kind) = EventKind::parse(&kind) else {
+        return Ok(None);
+    };
+    let ended: Option<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT ts_ms, kind FROM events WHERE agent_id = $1 AND seq > $2 AND kind IN ({}) \
+         ORDER BY seq LIMIT 1",
+        kinds_in(Retired::ENDED_BY),
+    ))
+    .bind(&agent_id)
+    .bind(seq)
+    .fetch_optional(reader)
+    .await?;
+    let ended = ended.and_then(|(at, k)| EventKind::parse(&k).map(|k| (k, at)));
+    Ok(Retired::of(&agent_name, (kind, ts_ms), ended))
 }
 
 pub(super) async fn agent_by_id(

@@ -8,6 +8,7 @@
 //! (a supervised process's token, one created a moment ago).
 
 use super::ControlPlane;
+use crate::http::Credential;
 use aex_core::expiring::Expiring;
 use aex_proto::v1 as pb;
 use std::sync::Arc;
@@ -57,23 +58,25 @@ impl Vouched {
 impl ControlPlane {
     /// Whether the caller holding `token_sha256` may go on to have its
     /// body read.
-    pub async fn identify(self: &Arc<Self>, token_sha256: &str, request_id: &str) -> Identified {
+    pub async fn identify(
+        self: &Arc<Self>,
+        credential: &Credential,
+        request_id: &str,
+    ) -> Identified {
+        let token_sha256 = credential.token_sha256.as_str();
         // Until the first snapshot every token is unknown here: the
         // admission after the body says what is wrong, as before.
-        if !self.cache.is_ready() || self.cache.policy_by_token(token_sha256).is_some() {
+        if !self.cache.is_ready()
+            || (credential.problem.is_none() && self.cache.policy_by_token(token_sha256).is_some())
+        {
             return Identified::Known;
         }
         let now = Instant::now();
-        if self.vouched().knows(token_sha256, now) {
+        if credential.problem.is_none() && self.vouched().knows(token_sha256, now) {
             return Identified::Known;
         }
         let asked = self
-            .admit(pb::AdmitRequest {
-                request_id: request_id.to_string(),
-                token_sha256: token_sha256.to_string(),
-                endpoint: pb::Endpoint::Models as i32,
-                ..Default::default()
-            })
+            .admit(credential.admit_request(request_id, pb::Endpoint::Models))
             .await;
         match asked.map(|r| r.outcome) {
             Ok(Some(pb::admit_response::Outcome::Admitted(_))) => {

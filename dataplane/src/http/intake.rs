@@ -4,6 +4,8 @@
 use super::Gateway;
 use super::errors::GatewayError;
 use crate::control::Route;
+use aex_core::presented::{Problem, presented};
+use aex_proto::v1 as pb;
 use pingora_core::protocols::http::ServerSession;
 use std::time::Duration;
 
@@ -29,22 +31,42 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
-/// The SHA-256 of the request's token ("" hashed when there is none): a
-/// bearer token, Anthropic's `x-api-key` (which its SDKs and Claude Code
-/// send), or Azure OpenAI's `api-key` (which the OpenAI SDKs' Azure clients
-/// send); `Authorization` wins when a client sends more than one.
-pub(super) fn token_sha256(session: &ServerSession) -> String {
-    let header = |name| session.get_header(name).and_then(|v| v.to_str().ok());
-    let token = header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .or_else(|| header("x-api-key"))
-        .or_else(|| header("api-key"))
-        .map(str::trim)
-        .unwrap_or("");
-    aex_core::secrets::token_sha256(token)
+/// The token a request presents, hashed (the token itself never leaves
+/// the data plane), or why it presents none (`aex_core::presented`): a
+/// bearer token, Anthropic's `x-api-key` (its SDKs and Claude Code), or
+/// Azure OpenAI's `api-key` (the OpenAI SDKs' Azure clients).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// `""` when there is no usable token.
+    pub token_sha256: String,
+    pub problem: Option<Problem>,
+}
+
+impl Credential {
+    /// An admission of this caller (its other fields for the caller to set).
+    pub fn admit_request(&self, request_id: &str, endpoint: pb::Endpoint) -> pb::AdmitRequest {
+        pb::AdmitRequest {
+            request_id: request_id.to_string(),
+            token_sha256: self.token_sha256.clone(),
+            credential_problem: Problem::to_wire(self.problem),
+            endpoint: endpoint as i32,
+            ..Default::default()
+        }
+    }
+}
+
+pub(super) fn credential(session: &ServerSession) -> Credential {
+    let headers = &session.req_header().headers;
+    match presented(|name| headers.get(name.as_str()).map(|v| v.as_bytes())) {
+        Ok(token) => Credential {
+            token_sha256: aex_core::secrets::token_sha256(token),
+            problem: None,
+        },
+        Err(problem) => Credential {
+            token_sha256: String::new(),
+            problem: Some(problem),
+        },
+    }
 }
 
 /// Discards what is left of a refused request body: at most 64 MiB or 5 s.

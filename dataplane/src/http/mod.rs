@@ -16,6 +16,7 @@
 mod count;
 mod errors;
 mod intake;
+pub use intake::Credential;
 mod models;
 mod relay;
 mod settle;
@@ -304,8 +305,8 @@ impl Gateway {
     ) -> bool {
         // The caller first: a body is read and parsed only for a token the
         // control plane knows (issue #31).
-        let token_sha256 = intake::token_sha256(session);
-        let refused = match self.control.identify(&token_sha256, request_id).await {
+        let credential = intake::credential(session);
+        let refused = match self.control.identify(&credential, request_id).await {
             Identified::Known => None,
             Identified::Refused(d) => Some(GatewayError::denied(d)),
             Identified::Unavailable(status) => Some(GatewayError::control_unavailable(&status)),
@@ -359,7 +360,7 @@ impl Gateway {
             }
             _ => None,
         };
-        let admit = inspected.admit_request(request_id, token_sha256);
+        let admit = inspected.admit_request(request_id, &credential);
         let admitted = self
             .control
             .admit(admit)

@@ -18,12 +18,7 @@ impl Gateway {
         session: &mut ServerSession,
         request_id: &str,
     ) -> Result<String, bool> {
-        let request = pb::AdmitRequest {
-            request_id: request_id.to_string(),
-            token_sha256: intake::token_sha256(session),
-            endpoint: pb::Endpoint::Models as i32,
-            ..Default::default()
-        };
+        let request = intake::credential(session).admit_request(request_id, pb::Endpoint::Models);
         let refused = match self.control.admit(request).await {
             Err(status) => GatewayError::control_unavailable(&status),
             Ok(r) => match r.outcome {

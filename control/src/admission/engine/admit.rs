@@ -132,10 +132,16 @@ impl AdmissionEngine {
                 }
             }
             let Refused {
-                denial,
+                mut denial,
                 agent_id,
                 agent_name,
             } = *refused;
+            if denial.denied_by == Rule::Auth
+                && agent_id.is_empty()
+                && let Some(retired) = self.retired_denial(token_sha256).await
+            {
+                denial = retired;
+            }
             self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
                 .await;
             return Ok(Err(Decision::Denied { denial, agent_name }));

@@ -23,7 +23,8 @@ impl UnauthenticatedDenials {
         }
         self.last_ms = now;
         *self.by_reason.entry(reason).or_default() += 1;
-        if self.token_prefixes.len() < Self::PREFIXES_KEPT {
+        // No prefix for a request that presented no token.
+        if !token_sha256.is_empty() && self.token_prefixes.len() < Self::PREFIXES_KEPT {
             self.token_prefixes
                 .insert(token_sha256.get(..12).unwrap_or("").to_string());
         }

@@ -212,6 +212,13 @@ impl AgentStore for PgStore {
         reads::agent_by_token(&self.reader, token_sha256).await
     }
 
+    async fn retired_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<aex_core::presented::Retired>, StoreError> {
+        reads::retired_token(&self.reader, &self.ledger_key, token_sha256).await
+    }
+
     async fn changes(&self) -> Result<Option<ChangeFeed>, StoreError> {
         Ok(Some(notify::changes(&self.reader).await?))
     }

@@ -1,3 +1,7 @@
 //! PostgreSQL's reads: the shared SQL (`storage/sql_reads.rs`) on its pool.
 
-crate::sql_reads!(super::PgStore, sqlx::PgPool);
+crate::sql_reads!(
+    super::PgStore,
+    sqlx::PgPool,
+    token_mac = "((details::jsonb) ->> 'token_mac')"
+);

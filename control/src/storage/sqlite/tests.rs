@@ -17,6 +17,26 @@ async fn store() -> (tempfile::TempDir, SqliteStore) {
 
 crate::store_conformance!(store);
 
+/// A token's commitment is found by the index on it, not by reading every
+/// event: an unknown token's 401 costs a lookup, whatever the ledger's size.
+#[tokio::test]
+async fn a_token_commitment_is_found_by_its_index() {
+    let (_dir, s) = store().await;
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+        "EXPLAIN QUERY PLAN {}",
+        super::reads::token_issued_sql()
+    ))
+    .bind("mac")
+    .fetch_all(&s.reader)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|(.., detail)| detail.contains("events_by_token_mac")),
+        "{plan:?}"
+    );
+}
+
 /// Sustained sequential writes never leave the WAL wholly copied by a
 /// passive checkpoint; without the writer's catch-up it grew by
 /// hundreds of MB here. With it, the WAL keeps starting over.

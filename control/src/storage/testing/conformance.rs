@@ -52,6 +52,7 @@ macro_rules! store_conformance {
             a_grant_for_an_unknown_or_deleted_agent_is_refused,
             calls_reported_after_their_grant_expired_are_recorded_from_its_charge,
             credentials_are_issued_once_per_name_and_revoked_once,
+            a_retired_token_is_found_with_what_ended_it,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -723,6 +724,71 @@ pub async fn events_hold_exactly_the_bytes_the_domain_decided(s: Arc<dyn Store>)
         "the chain commits to tokens, never carries their hashes"
     );
     assert_one_chain(&events);
+}
+
+/// What the ledger knows of tokens no agent holds (issue #33): each found
+/// by its commitment, with the rotation or deletion that ended it; a
+/// current token, or one never issued, is not retired.
+pub async fn a_retired_token_is_found_with_what_ended_it(s: Arc<dyn Store>) {
+    use aex_core::presented::Retired;
+    let rotate = |name: &'static str, to: &'static str| {
+        let s = s.clone();
+        async move {
+            s.rotate_token(
+                name,
+                TokenChange {
+                    token_sha256: to.into(),
+                    token_prefix: "aex_new".into(),
+                    token_expires_at_ms: None,
+                    token_ttl_seconds: 0,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    s.create_agent(new_agent("dev", "h1")).await.unwrap();
+    let other = s.create_agent(new_agent("other", "o1")).await.unwrap();
+    s.start_process(process(&other, "prc_1", "p1"))
+        .await
+        .unwrap();
+    assert_eq!(s.retired_token("h1").await.unwrap(), None, "current");
+    let first = rotate("dev", "h2").await;
+    rotate("other", "o2").await;
+    let second = rotate("dev", "h3").await;
+    let deleted = s.delete_agent("dev").await.unwrap();
+    let rotated_at = |a: &AgentRecord| a.updated_at_ms;
+    assert_eq!(
+        s.retired_token("h1").await.unwrap(),
+        Some(Retired::Rotated {
+            agent: "dev".into(),
+            at_ms: rotated_at(&first)
+        })
+    );
+    assert_eq!(
+        s.retired_token("h2").await.unwrap(),
+        Some(Retired::Rotated {
+            agent: "dev".into(),
+            at_ms: rotated_at(&second)
+        })
+    );
+    assert_eq!(
+        s.retired_token("h3").await.unwrap(),
+        Some(Retired::Deleted {
+            agent: "dev".into(),
+            at_ms: deleted.deleted_at_ms.unwrap()
+        })
+    );
+    assert!(matches!(
+        s.retired_token("o1").await.unwrap(),
+        Some(Retired::Rotated { agent, .. }) if agent == "other"
+    ));
+    assert_eq!(s.retired_token("o2").await.unwrap(), None, "current");
+    assert!(matches!(
+        s.retired_token("p1").await.unwrap(),
+        Some(Retired::RunToken { agent, .. }) if agent == "other"
+    ));
+    assert_eq!(s.retired_token("never").await.unwrap(), None);
 }
 
 pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {

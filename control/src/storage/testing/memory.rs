@@ -406,6 +406,37 @@ impl AgentStore for MemoryStore {
             .find(|a| a.token_sha256 == token_sha256 && a.deleted_at_ms.is_none())
             .cloned())
     }
+
+    async fn retired_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<aex_core::presented::Retired>, StoreError> {
+        use aex_core::presented::Retired;
+        io_point().await;
+        let mac = aex_core::chain::token_mac(self.ledger_key(), token_sha256);
+        let t = self.tables();
+        let kind_of = |e: &EventRecord, set: &[EventKind]| {
+            EventKind::parse(&e.body.kind).filter(|k| set.contains(k))
+        };
+        let issued = t.events.iter().rev().find_map(|e| {
+            let kind = kind_of(e, Retired::ISSUED_BY)?;
+            let details: serde_json::Value = serde_json::from_str(&e.body.details_json).ok()?;
+            (details["token_mac"] == mac.as_str()).then_some((e, kind))
+        });
+        let Some((issued, kind)) = issued else {
+            return Ok(None);
+        };
+        let ended = t.events.iter().find_map(|e| {
+            (e.body.agent_id == issued.body.agent_id && e.body.seq > issued.body.seq)
+                .then(|| kind_of(e, Retired::ENDED_BY).map(|k| (k, e.body.ts_ms)))
+                .flatten()
+        });
+        Ok(Retired::of(
+            &issued.body.agent_name,
+            (kind, issued.body.ts_ms),
+            ended,
+        ))
+    }
 }
 
 #[async_trait]
