@@ -110,6 +110,53 @@ impl AnthropicErrorType {
     }
 }
 
+/// What a `deny` event says of the call it refused (issue #33): the request
+/// id its client received (`x-aex-request-id`, by which `aexctl events
+/// --request` finds it), and the status, code, endpoint and model of the
+/// answer. Every deny event of one call starts from this; each adds what
+/// its rule knows (a wait, the budget's numbers).
+pub fn deny_details(
+    request_id: &str,
+    status: u16,
+    code: DenialCode,
+    endpoint: &str,
+    model: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut details = serde_json::Map::new();
+    for (key, value) in [
+        ("request_id", serde_json::json!(request_id)),
+        ("status", serde_json::json!(status)),
+        ("code", serde_json::json!(code.as_str())),
+        ("endpoint", serde_json::json!(endpoint)),
+        ("model", serde_json::json!(model)),
+    ] {
+        details.insert(key.to_string(), value);
+    }
+    details
+}
+
+impl crate::policy::Denial {
+    /// Its `deny` event's details ([`deny_details`], and the wait it told).
+    pub fn event_details(
+        &self,
+        request_id: &str,
+        endpoint: crate::policy::Endpoint,
+        model: &str,
+    ) -> serde_json::Value {
+        let mut details = deny_details(
+            request_id,
+            self.http_status,
+            self.code,
+            endpoint.as_str(),
+            model,
+        );
+        if self.retry_after_ms > 0 {
+            details.insert("retry_after_ms".into(), self.retry_after_ms.into());
+        }
+        serde_json::Value::Object(details)
+    }
+}
+
 /// What the admission engine's refusals say: the prose of every limit and
 /// ledger refusal, in one place beside the rules they name (the policy's
 /// own are in `policy.rs`, where it decides them).

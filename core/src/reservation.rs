@@ -368,14 +368,33 @@ pub fn admit_event(n: &NewReservation) -> NewEvent {
 }
 
 /// The denial logged when the budget does not cover the reservation.
+/// (`n.details` names the endpoint, as admission gave it.)
 pub fn budget_denial_event(n: &NewReservation, remaining_micro: i64) -> NewEvent {
     let r = &n.record;
+    let endpoint = n.details["endpoint"].as_str().unwrap_or("");
     NewEvent::about(r.created_at_ms, EventKind::Deny, &r.agent_id, &n.agent_name)
-        .reason("budget")
-        .details(json!({
-            "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining_micro,
-            "request_id": r.request_id,
-        }))
+        .reason(crate::denial::Rule::Budget.as_str())
+        .details(budget_denial_details(r, endpoint, remaining_micro))
+}
+
+/// What the `deny` event of a reservation the budget refused says: the
+/// call's particulars (`denial::deny_details`), what it needed and what
+/// was left.
+pub fn budget_denial_details(
+    r: &ReservationRecord,
+    endpoint: &str,
+    remaining_micro: i64,
+) -> serde_json::Value {
+    let mut details = crate::denial::deny_details(
+        &r.request_id,
+        402,
+        crate::denial::DenialCode::BudgetExceeded,
+        endpoint,
+        &r.model,
+    );
+    details.insert("needed_micro".into(), json!(r.amount_micro));
+    details.insert("remaining_micro".into(), json!(remaining_micro));
+    serde_json::Value::Object(details)
 }
 
 /// A refused request, for the ledger.

@@ -864,6 +864,58 @@ async fn every_kind_of_401_says_its_own_thing() {
     );
 }
 
+/// The request id a client received finds its call's story (issue #33):
+/// a 402's, a 403's and a 429's denial with the status, code, endpoint and
+/// model it was answered with, a 200's admit and settlement.
+#[tokio::test]
+async fn a_request_id_finds_its_call_in_the_ledger() {
+    let stack = Stack::start().await;
+    let ok = stack.agent("story-ok", "1", "1", &[]);
+    let poor = stack.agent("story-poor", "0.0001", "600", &[]);
+    let fenced = stack.agent("story-fenced", "1", "600", &["--allowed-models", "sim"]);
+    let body = chat("mock-model");
+    let mut calls = vec![];
+    for (token, status) in [(&ok, 200), (&ok, 429), (&poor, 402), (&fenced, 403)] {
+        let r = post(&stack, token, "/v1/chat/completions", &body, &[]).await;
+        assert_eq!(r.status().as_u16(), status);
+        let id = header(&r, "x-aex-request-id").unwrap().to_string();
+        let _ = r.bytes().await;
+        calls.push((status, id));
+    }
+    stack.settled("story-ok", Duration::from_secs(2)).await;
+    for (status, id) in &calls {
+        let out = stack.control.aexctl(&["events", "--request", id, "--json"]);
+        out.assert_ok();
+        let events: Vec<Value> = out
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<_> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        if *status == 200 {
+            assert_eq!(kinds, ["admit", "settle"], "{id}");
+            continue;
+        }
+        assert_eq!(kinds, ["deny"], "{status} {id}");
+        let details = &events[0]["details"];
+        let code = match status {
+            402 => "budget_exceeded",
+            403 => "model_not_allowed",
+            _ => "rate_limit_exceeded",
+        };
+        assert_eq!(details["request_id"], id.as_str());
+        assert_eq!(details["status"], *status);
+        assert_eq!(details["code"], code);
+        assert_eq!(details["endpoint"], "ChatCompletions");
+        assert_eq!(details["model"], "mock-model");
+    }
+    let none = stack
+        .control
+        .aexctl(&["events", "--request", "req_never_seen"]);
+    none.assert_ok();
+    assert!(none.stdout.is_empty() && none.stderr.contains("No event names request"));
+}
+
 /// `GET /v1/models/{id}` (issue #33): one of the agent's models in the
 /// shape its client reads, a 404 for any other, 405 for another method.
 #[tokio::test]

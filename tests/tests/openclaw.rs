@@ -225,9 +225,10 @@ async fn openclaw_surfaces_denials_and_retries_a_429_after_retry_after() {
     let base = stack.url("/v1");
     let poor = stack.agent("claw-poor", "0.0001", "600", &[]);
     let fenced = stack.agent("claw-fenced", "1", "600", &["--allowed-models", "sim"]);
-    // 2 RPM: a new call every 30 s, so the refill cannot beat OpenClaw's
-    // start-up (about 15 s here for an agent turn).
-    let slow = stack.agent("claw-slow", "1", "2", &[]);
+    // 1 RPM: a new call every 60 s, so the refill cannot beat OpenClaw's
+    // start-up (about 15 s here for an agent turn; over 30 s seen in CI,
+    // with the other OpenClaw runs starting beside it).
+    let slow = stack.agent("claw-slow", "1", "1", &[]);
 
     // Use up claw-slow's burst until AEX refuses a call, so OpenClaw's own
     // call meets a 429 with a wait of up to 30 s.

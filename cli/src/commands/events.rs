@@ -17,6 +17,10 @@ pub struct Args {
     /// Only events newer than this: a duration (10m, 2h) or an RFC 3339 time.
     #[arg(long, value_name = "WHEN")]
     since: Option<String>,
+    /// Only one call's story: its denial, or its admit, closing, overruns and
+    /// provider answers. ID is the `x-aex-request-id` its answer carried.
+    #[arg(long, value_name = "ID")]
+    request: Option<String>,
     /// At most this many events (the newest ones when not following).
     #[arg(long, default_value_t = 100)]
     limit: u32,
@@ -62,13 +66,24 @@ fn print_event(e: &pb::Event, json_lines: bool) {
         } else {
             format!(" ({})", e.reason)
         };
+        // What the client was answered, where the event says.
+        let details: serde_json::Value =
+            serde_json::from_str(&e.details_json).unwrap_or(json!(null));
+        let answered = match (details["status"].as_u64(), details["code"].as_str()) {
+            (Some(status), Some(code)) => format!(" {status} {code}"),
+            _ => String::new(),
+        };
+        let request = details["request_id"]
+            .as_str()
+            .map(|id| format!(" {id}"))
+            .unwrap_or_default();
         let agent = if e.agent_name.is_empty() {
             "-"
         } else {
             &e.agent_name
         };
         println!(
-            "{:>7}  {}  {:<18} {agent}{reason}{amount}",
+            "{:>7}  {}  {:<18} {agent}{reason}{answered}{amount}{request}",
             e.seq,
             rfc3339(e.ts_ms),
             e.kind
@@ -79,15 +94,13 @@ fn print_event(e: &pb::Event, json_lines: bool) {
 /// Up to 5000 events after `after_seq`.
 async fn next_page(
     admin: &mut Admin,
-    agent_name: &str,
+    filter: &pb::ListEventsRequest,
     after_seq: i64,
-    since_ms: i64,
 ) -> Result<Vec<pb::Event>> {
     let request = pb::ListEventsRequest {
-        agent_name: agent_name.to_string(),
         after_seq,
-        since_ms,
         limit: 5000,
+        ..filter.clone()
     };
     match admin.ledger.list_events(request).await {
         Ok(r) => Ok(r.into_inner().events),
@@ -103,13 +116,18 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
         .map(since_ms)
         .transpose()?
         .unwrap_or(0);
-    let agent_name = args.agent.clone().unwrap_or_default();
+    let filter = pb::ListEventsRequest {
+        agent_name: args.agent.clone().unwrap_or_default(),
+        since_ms: since,
+        request_id: args.request.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     // Page through everything matching, keeping the newest `limit` unless
     // following (then everything from `since` on is printed).
     let mut after_seq = 0;
     let mut tail: std::collections::VecDeque<pb::Event> = Default::default();
     loop {
-        let page = next_page(&mut admin, &agent_name, after_seq, since).await?;
+        let page = next_page(&mut admin, &filter, after_seq).await?;
         let Some(last) = page.last() else { break };
         after_seq = last.seq;
         for e in page {
@@ -122,12 +140,20 @@ pub async fn run(home: &Home, control: &str, args: Args) -> Result<()> {
     for e in &tail {
         print_event(e, args.json);
     }
+    if tail.is_empty()
+        && let Some(id) = &args.request
+    {
+        eprintln!(
+            "No event names request '{id}'. Check the id (the x-aex-request-id header of the answer); a request \
+             refused before admission (malformed, too large, no control plane) has no event in the ledger."
+        );
+    }
     if !args.follow {
         return Ok(());
     }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let page = next_page(&mut admin, &agent_name, after_seq, since).await?;
+        let page = next_page(&mut admin, &filter, after_seq).await?;
         for e in &page {
             print_event(e, args.json);
             after_seq = e.seq;

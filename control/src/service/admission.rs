@@ -73,7 +73,9 @@ async fn admit_one(
     if let Some(problem) = Problem::from_wire(&r.credential_problem) {
         // No token to look up: the 401 says what the request lacks.
         let d = problem.denial();
-        admission.log_denial(&d, "", "", &ask, "").await;
+        admission
+            .log_denial(&d, "", "", &ask, &r.request_id, "")
+            .await;
         return Ok(denial_to_pb(d, String::new()));
     }
     if matches!(endpoint, Endpoint::Models | Endpoint::CountTokens) {
@@ -115,7 +117,14 @@ async fn admit_one(
                 }
                 Err(d) => {
                     admission
-                        .log_denial(&d, &agent.id, &agent.name, &ask, &r.token_sha256)
+                        .log_denial(
+                            &d,
+                            &agent.id,
+                            &agent.name,
+                            &ask,
+                            &r.request_id,
+                            &r.token_sha256,
+                        )
                         .await;
                     denial_to_pb(d, agent.name)
                 }
@@ -127,7 +136,7 @@ async fn admit_one(
                     d = retired;
                 }
                 admission
-                    .log_denial(&d, "", "", &ask, &r.token_sha256)
+                    .log_denial(&d, "", "", &ask, &r.request_id, &r.token_sha256)
                     .await;
                 denial_to_pb(d, String::new())
             }

@@ -159,6 +159,7 @@ impl LedgerService for LedgerApi {
                 after_seq: r.after_seq,
                 since_ms: r.since_ms,
                 limit: r.limit,
+                request_id: Some(r.request_id).filter(|id| !id.is_empty()),
             })
             .await
             .map_err(Error::from)?;

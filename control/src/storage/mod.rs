@@ -44,6 +44,29 @@ pub struct EventFilter {
     pub after_seq: i64,
     pub since_ms: i64,
     pub limit: u32,
+    /// Only the events of the call the client saw this `x-aex-request-id`
+    /// on (its denial, or its reservation's admit, closing, overruns and
+    /// provider answers), with the filters above.
+    pub request_id: Option<String>,
+}
+
+impl EventFilter {
+    /// `events` (in seq order) as the filter's other fields keep them.
+    pub fn keep(&self, events: Vec<EventRecord>) -> Vec<EventRecord> {
+        let limit = if self.limit == 0 { 1000 } else { self.limit };
+        events
+            .into_iter()
+            .filter(|e| {
+                e.body.seq > self.after_seq
+                    && e.body.ts_ms >= self.since_ms
+                    && self
+                        .agent_name
+                        .as_ref()
+                        .is_none_or(|n| *n == e.body.agent_name)
+            })
+            .take(limit as usize)
+            .collect()
+    }
 }
 
 /// Totals for `aexctl status`, from counters (never a scan of the log).

@@ -7,14 +7,15 @@
 //! `fn anchor_state(&self) -> Option<AnchorState>` and `const SNAPSHOT:
 //! Option<&str>`, the statement that makes a read transaction one snapshot
 //! (SQLite's already is; PostgreSQL's READ COMMITTED is not); and the one
-//! expression whose JSON function differs, `token_mac`, spelt as the
-//! backend's index on it is (a query uses an expression index only when
-//! it repeats its expression).
+//! expression that differs, a field of an event's JSON `details`
+//! (`json_field`, `{}` the field's name), spelt as the backend's indexes
+//! on such fields are (a query uses an expression index only when it
+//! repeats its expression).
 
 #[macro_export]
 #[doc(hidden)]
 macro_rules! sql_reads {
-    ($Store:ty, $Pool:ty, token_mac = $token_mac:literal) => {
+    ($Store:ty, $Pool:ty, json_field = $json_field:literal) => {
 use $crate::storage::rows::{
     AGENT_COLUMNS, AgentRow, CREDENTIAL_COLUMNS, CredentialRow, EVENT_COLUMNS, EventRow, GRANT_COLUMNS, GrantRow, PROCESS_SELECT, ProcessRow,
     RESERVATION_AUDIT_COLUMNS, RESERVATION_COLUMNS, ReservationAuditRow, ReservationRow,
@@ -69,6 +70,11 @@ pub(super) async fn agent_by_token(
     row.map(TryInto::try_into).transpose()
 }
 
+/// The text of the field `name` of an event's `details`.
+fn json_field(name: &str) -> String {
+    $json_field.replace("{}", name)
+}
+
 /// `'a', 'b'`: a closed set of kinds, for an `IN`.
 fn kinds_in(set: &[EventKind]) -> String {
     set.iter().map(|k| format!("'{}'", k.as_str())).collect::<Vec<_>>().join(", ")
@@ -81,9 +87,63 @@ pub(super) fn token_issued_sql() -> String {
     format!(
         "SELECT seq, ts_ms, kind, agent_id, agent_name FROM events \
          WHERE {} = $1 AND kind IN ({}) ORDER BY seq DESC LIMIT 1",
-        $token_mac,
+        json_field("token_mac"),
         kinds_in(aex_core::presented::Retired::ISSUED_BY),
     )
+}
+
+/// Around a reservation's times, the window its events are looked for in:
+/// other control planes' clocks may differ a little, and a reported call's
+/// events are written when its report arrives.
+const STORY_MARGIN_MS: i64 = 10 * 60_000;
+
+/// The denials and refused reports naming the request id `$1`, by the
+/// index on that expression (repeated here, predicate and all).
+pub(super) fn request_denials_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE {} = $1 AND kind IN ({})",
+        json_field("request_id"),
+        kinds_in(&[EventKind::Deny, EventKind::ReportRefused]),
+    )
+}
+
+/// One request's story (`aexctl events --request`): its denials and
+/// refused reports, which name the request id (by `events_by_request`),
+/// and the events of its reservation — admit, the closing, overruns, what
+/// the provider answered — found by the reservation's id among the events
+/// of the time it was open (by `events_by_time`: an index on every event's
+/// reservation id would cost each admit and settle a write, for a read an
+/// operator makes by hand).
+pub(super) async fn request_events(
+    reader: &$Pool,
+    request_id: &str,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let mut rows: Vec<EventRow> = sqlx::query_as(&request_denials_sql())
+    .bind(request_id)
+    .fetch_all(reader)
+    .await?;
+    let reservation: Option<(String, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT id, created_at_ms, settled_at_ms FROM reservations WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(reader)
+    .await?;
+    if let Some((id, created, settled)) = reservation {
+        let until = settled.map_or(i64::MAX, |t| t.saturating_add(STORY_MARGIN_MS));
+        let mut own: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE ts_ms >= $1 AND ts_ms <= $2 AND reservation_id = $3"
+        ))
+        .bind(created.saturating_sub(STORY_MARGIN_MS))
+        .bind(until)
+        .bind(&id)
+        .fetch_all(reader)
+        .await?;
+        rows.append(&mut own);
+    }
+    rows.sort_by_key(|r| r.seq);
+    rows.dedup_by_key(|r| r.seq);
+    Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// What the ledger knows of a token no live agent holds: the newest event
@@ -223,6 +283,10 @@ pub(super) async fn list_processes(
 #[async_trait]
 impl ReportStore for $Store {
     async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        if let Some(request_id) = &f.request_id {
+            let events = request_events(&self.reader, request_id).await?;
+            return Ok(f.keep(events));
+        }
         let limit = if f.limit == 0 {
             1000
         } else {

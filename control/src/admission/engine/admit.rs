@@ -34,7 +34,7 @@ impl AdmissionEngine {
             return Ok(Decision::Admitted(admitted));
         }
         let (Accepted { tentative, plan }, now) = match self
-            .decide_recalling(models, token_sha256, ask, served)
+            .decide_recalling(models, request_id, token_sha256, ask, served)
             .await?
         {
             Ok(decided) => decided,
@@ -100,6 +100,7 @@ impl AdmissionEngine {
     async fn decide_recalling(
         &self,
         models: &ModelsConfig,
+        request_id: &str,
         token_sha256: &str,
         ask: &Ask<'_>,
         served: &Served,
@@ -142,8 +143,15 @@ impl AdmissionEngine {
             {
                 denial = retired;
             }
-            self.log_denial(&denial, &agent_id, &agent_name, ask, token_sha256)
-                .await;
+            self.log_denial(
+                &denial,
+                &agent_id,
+                &agent_name,
+                ask,
+                request_id,
+                token_sha256,
+            )
+            .await;
             return Ok(Err(Decision::Denied { denial, agent_name }));
         }
     }
@@ -192,8 +200,13 @@ impl AdmissionEngine {
                 match self.recall_grants(&t.agent_id).await {
                     Ok(true) => continue,
                     Ok(false) => {
-                        self.log_budget_denial(&call.record, &t.agent_name, *remaining_micro)
-                            .await
+                        self.log_budget_denial(
+                            &call.record,
+                            &t.agent_name,
+                            call.ask.endpoint,
+                            *remaining_micro,
+                        )
+                        .await
                     }
                     Err(e) => {
                         self.undo_all(t, call.ask.model, call.now).await;
@@ -274,8 +287,15 @@ impl AdmissionEngine {
             }
             Err(e) => return Err(e.into()),
         };
-        self.log_denial(&denial, &t.agent_id, &t.agent_name, ask, token_sha256)
-            .await;
+        self.log_denial(
+            &denial,
+            &t.agent_id,
+            &t.agent_name,
+            ask,
+            &record.request_id,
+            token_sha256,
+        )
+        .await;
         Ok(Decision::Denied {
             denial,
             agent_name: t.agent_name,

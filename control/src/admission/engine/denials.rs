@@ -50,6 +50,7 @@ impl AdmissionEngine {
         agent_id: &str,
         agent_name: &str,
         ask: &Ask<'_>,
+        request_id: &str,
         token_sha256: &str,
     ) {
         if agent_id.is_empty() {
@@ -60,18 +61,11 @@ impl AdmissionEngine {
                 .add(d.denied_by, token_sha256, now_ms());
             return;
         }
-        let mut details = json!({
-            "status": d.http_status, "code": d.code.as_str(), "model": ask.model,
-            "endpoint": ask.endpoint.as_str(),
-        });
-        if d.retry_after_ms > 0 {
-            details["retry_after_ms"] = json!(d.retry_after_ms);
-        }
         let record = DenialRecord {
             agent_id: agent_id.to_string(),
             agent_name: agent_name.to_string(),
             reason: d.denied_by.to_string(),
-            details,
+            details: d.event_details(request_id, ask.endpoint, ask.model),
             count: 1,
             at_ms: now_ms(),
         };
@@ -86,16 +80,14 @@ impl AdmissionEngine {
         &self,
         r: &ReservationRecord,
         agent_name: &str,
+        endpoint: aex_core::policy::Endpoint,
         remaining: i64,
     ) {
         let record = DenialRecord {
             agent_id: r.agent_id.clone(),
             agent_name: agent_name.to_string(),
             reason: Rule::Budget.to_string(),
-            details: json!({
-                "model": r.model, "needed_micro": r.amount_micro, "remaining_micro": remaining,
-                "request_id": r.request_id,
-            }),
+            details: aex_core::reservation::budget_denial_details(r, endpoint.as_str(), remaining),
             count: 1,
             at_ms: now_ms(),
         };

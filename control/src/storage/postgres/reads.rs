@@ -3,5 +3,5 @@
 crate::sql_reads!(
     super::PgStore,
     sqlx::PgPool,
-    token_mac = "((details::jsonb) ->> 'token_mac')"
+    json_field = "((details::jsonb) ->> '{}')"
 );

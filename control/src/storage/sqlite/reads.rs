@@ -4,5 +4,5 @@
 crate::sql_reads!(
     super::SqliteStore,
     sqlx::SqlitePool,
-    token_mac = "json_extract(details, '$.token_mac')"
+    json_field = "json_extract(details, '$.{}')"
 );

@@ -17,24 +17,27 @@ async fn store() -> (tempfile::TempDir, SqliteStore) {
 
 crate::store_conformance!(store);
 
-/// A token's commitment is found by the index on it, not by reading every
-/// event: an unknown token's 401 costs a lookup, whatever the ledger's size.
+/// A token's commitment and a request's denials are found by the indexes
+/// on them, not by reading every event: an unknown token's 401 and
+/// `events --request` cost a lookup, whatever the ledger's size.
 #[tokio::test]
-async fn a_token_commitment_is_found_by_its_index() {
+async fn a_token_commitment_and_a_request_s_denials_are_found_by_their_indexes() {
     let (_dir, s) = store().await;
-    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
-        "EXPLAIN QUERY PLAN {}",
-        super::reads::token_issued_sql()
-    ))
-    .bind("mac")
-    .fetch_all(&s.reader)
-    .await
-    .unwrap();
-    assert!(
-        plan.iter()
-            .any(|(.., detail)| detail.contains("events_by_token_mac")),
-        "{plan:?}"
-    );
+    for (sql, index) in [
+        (super::reads::token_issued_sql(), "events_by_token_mac"),
+        (super::reads::request_denials_sql(), "events_by_request"),
+    ] {
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind("x")
+                .fetch_all(&s.reader)
+                .await
+                .unwrap();
+        assert!(
+            plan.iter().any(|(.., detail)| detail.contains(index)),
+            "{index}: {plan:?}"
+        );
+    }
 }
 
 /// Sustained sequential writes never leave the WAL wholly copied by a

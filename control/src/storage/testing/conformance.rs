@@ -53,6 +53,7 @@ macro_rules! store_conformance {
             calls_reported_after_their_grant_expired_are_recorded_from_its_charge,
             credentials_are_issued_once_per_name_and_revoked_once,
             a_retired_token_is_found_with_what_ended_it,
+            a_request_s_story_is_found_by_its_id,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -789,6 +790,77 @@ pub async fn a_retired_token_is_found_with_what_ended_it(s: Arc<dyn Store>) {
         Some(Retired::RunToken { agent, .. }) if agent == "other"
     ));
     assert_eq!(s.retired_token("never").await.unwrap(), None);
+}
+
+/// `aexctl events --request` (issue #33): the events of one call, found by
+/// the request id its client received — a denial by the id it names, a
+/// reservation's events through its row — and nobody else's.
+pub async fn a_request_s_story_is_found_by_its_id(s: Arc<dyn Store>) {
+    let a = s.create_agent(new_agent("dev", "h1")).await.unwrap();
+    for n in 1..=2 {
+        s.reserve(reservation(&a, n, 100)).await.unwrap();
+    }
+    s.settle(settlement(&a, 1, 40)).await.unwrap();
+    let denied = |request_id: &str| DenialRecord {
+        agent_id: a.id.clone(),
+        agent_name: a.name.clone(),
+        reason: "rpm".into(),
+        details: aex_core::policy::Denial::rpm("dev", 1, 900).event_details(
+            request_id,
+            aex_core::policy::Endpoint::ChatCompletions,
+            "m",
+        ),
+        count: 1,
+        at_ms: now_ms(),
+    };
+    s.record_denial(denied("req_9")).await.unwrap();
+    s.record_denial(denied("req_10")).await.unwrap();
+    // A budget refusal, logged by the store with the reservation it refused.
+    let mut poor = reservation(&a, 3, 10_000_000);
+    poor.details = json!({"endpoint": "Messages"});
+    s.reserve(poor).await.unwrap();
+    let story = |id: &str| {
+        let s = s.clone();
+        let id = id.to_string();
+        async move {
+            s.list_events(EventFilter {
+                request_id: Some(id),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let settled = story("req_1").await;
+    assert_eq!(kinds(&settled), ["admit", "settle"]);
+    assert!(settled.iter().all(|e| e.body.reservation_id == "rsv_1"));
+    assert_eq!(kinds(&story("req_2").await), ["admit"]);
+    let rpm = story("req_9").await;
+    assert_eq!(kinds(&rpm), ["deny"]);
+    let details: serde_json::Value = serde_json::from_str(&rpm[0].body.details_json).unwrap();
+    assert_eq!(
+        details,
+        json!({"request_id": "req_9", "status": 429, "code": "rate_limit_exceeded",
+            "endpoint": "ChatCompletions", "model": "m", "retry_after_ms": 900})
+    );
+    let budget = story("req_3").await;
+    assert_eq!(kinds(&budget), ["deny"]);
+    let details: serde_json::Value = serde_json::from_str(&budget[0].body.details_json).unwrap();
+    assert_eq!(
+        (&details["status"], &details["code"], &details["endpoint"]),
+        (&json!(402), &json!("budget_exceeded"), &json!("Messages"))
+    );
+    assert!(story("req_404").await.is_empty());
+    // The other filters still apply.
+    let after = s
+        .list_events(EventFilter {
+            request_id: Some("req_1".into()),
+            after_seq: settled[0].body.seq,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(kinds(&after), ["settle"]);
 }
 
 pub async fn supervised_processes_start_end_and_take_orders(s: Arc<dyn Store>) {

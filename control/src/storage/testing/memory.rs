@@ -798,6 +798,34 @@ impl ReportStore for MemoryStore {
             f.limit.min(10_000)
         };
         let t = self.tables();
+        if let Some(request_id) = &f.request_id {
+            // The same story a database finds: denials and refused reports
+            // naming the request, and its reservation's events.
+            let reservation = t
+                .reservations
+                .values()
+                .find(|r| r.row.facts.request_id == *request_id)
+                .map(|r| r.row.facts.id.clone());
+            let mut events: Vec<EventRecord> = t
+                .events
+                .iter()
+                .filter(|e| {
+                    let names_it =
+                        matches!(
+                            EventKind::parse(&e.body.kind),
+                            Some(EventKind::Deny | EventKind::ReportRefused)
+                        ) && serde_json::from_str::<serde_json::Value>(&e.body.details_json)
+                            .is_ok_and(|d| d["request_id"] == request_id.as_str());
+                    names_it
+                        || reservation
+                            .as_ref()
+                            .is_some_and(|id| *id == e.body.reservation_id)
+                })
+                .cloned()
+                .collect();
+            events.sort_by_key(|e| e.body.seq);
+            return Ok(f.keep(events));
+        }
         let mut events: Vec<EventRecord> = t
             .events
             .iter()
