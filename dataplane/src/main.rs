@@ -50,7 +50,17 @@ struct Args {
         default_value = "127.0.0.1:9004"
     )]
     metrics_listen: String,
-    /// Largest request body accepted (bytes); larger ones get 413.
+    /// Browser pages allowed to call the API (CORS): comma-separated
+    /// origins, e.g. `http://localhost:5173`. Empty: none (CORS off).
+    #[arg(
+        long,
+        env = "AEX_CORS_ORIGINS",
+        default_value = "",
+        value_name = "ORIGINS"
+    )]
+    cors_origins: String,
+    /// Largest request body accepted (bytes); larger ones get 413; a
+    /// compressed body (gzip, deflate) is held to it decompressed.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
     #[arg(long, default_value_t = 10_000)]
@@ -165,7 +175,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         keepalive_idle: Duration::from_millis(args.keepalive_idle_ms),
     };
-    let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics.clone()));
+    let cors =
+        aex_dataplane::http::cors::Cors::parse(&args.cors_origins).map_err(|e| e.to_string())?;
+    let gateway = Arc::new(Gateway::new(control.clone(), limits, metrics.clone()).with_cors(cors));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

@@ -916,6 +916,49 @@ async fn a_request_id_finds_its_call_in_the_ledger() {
     assert!(none.stdout.is_empty() && none.stderr.contains("No event names request"));
 }
 
+/// A TPM wait follows the calls that held the tokens (issue #33): while a
+/// call's reservation holds most of the minute's tokens the next is told to
+/// wait; once it settles at the few tokens it used, they are back, and the
+/// next call goes through at once rather than after the wait first told.
+#[tokio::test]
+async fn tpm_tokens_held_by_a_call_come_back_when_it_settles() {
+    let stack = Stack::start().await;
+    // mock-model's output cap is 100: a call reserves about 120 tokens.
+    let token = stack.agent("metered", "1", "600", &["--tpm", "150"]);
+    let mut big = chat("mock-model");
+    big["max_tokens"] = json!(100);
+    let held = {
+        let (url, token, body) = (
+            stack.url("/v1/chat/completions"),
+            token.clone(),
+            big.clone(),
+        );
+        tokio::spawn(async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-mock-delay-ms", "1500")
+                .header("x-mock-usage", "10,5")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = post(&stack, &token, "/v1/chat/completions", &big, &[]).await;
+    assert_eq!(header(&r, "x-aex-denied-by"), Some("tpm"));
+    let told: u64 = header(&r, "retry-after-ms").unwrap().parse().unwrap();
+    assert!(told > 10_000, "told to wait {told} ms");
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+    let told_at = Instant::now();
+    stack.settled("metered", Duration::from_secs(2)).await;
+    let r = post(&stack, &token, "/v1/chat/completions", &big, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.headers());
+    assert!(told_at.elapsed() < Duration::from_millis(told / 4));
+}
+
 /// `GET /v1/models/{id}` (issue #33): one of the agent's models in the
 /// shape its client reads, a 404 for any other, 405 for another method.
 #[tokio::test]

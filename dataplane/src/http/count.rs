@@ -72,6 +72,7 @@ impl Gateway {
         }
         let mut head = relayed_head(&header, call.request_id);
         let _ = head.insert_header("content-length", body.len().to_string());
+        super::cors::decorate(session, &mut head);
         session.write_response_header(Box::new(head)).await.is_ok()
             && session
                 .write_response_body(Bytes::from(body), true)

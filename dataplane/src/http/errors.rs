@@ -135,6 +135,25 @@ impl GatewayError {
         )
     }
 
+    /// A browser preflight from an origin not in `--cors-origins`.
+    pub fn origin_not_allowed(origin: &str, cors_off: bool) -> Self {
+        let origin = aex_core::policy::echoed(origin);
+        let how = if cors_off {
+            "CORS is off"
+        } else {
+            "it is not in the data plane's --cors-origins"
+        };
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "cors_origin_not_allowed",
+            INVALID_REQUEST,
+            format!(
+                "A browser page from {origin} may not call AEX: {how}. To allow it, start aex-dataplane \
+                 with --cors-origins {origin} (or AEX_CORS_ORIGINS)."
+            ),
+        )
+    }
+
     pub fn not_found(path: &str) -> Self {
         // A path may be 16 KiB long: echo only its start.
         let shown: String = path.chars().take(120).collect();
@@ -171,6 +190,36 @@ impl GatewayError {
             INVALID_REQUEST,
             format!("The request body is larger than {max_body_bytes} bytes."),
         )
+    }
+
+    /// A body whose `Content-Encoding` AEX could not undo (`decode.rs`).
+    pub fn undecodable(e: super::decode::DecodeError, max_body_bytes: usize) -> Self {
+        use super::decode::DecodeError;
+        match e {
+            DecodeError::Unsupported(name) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+                INVALID_REQUEST,
+                format!(
+                    "The request body's Content-Encoding '{name}' is not one AEX decodes: send it \
+                     uncompressed, or as gzip or deflate."
+                ),
+            ),
+            DecodeError::TooLarge => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                INVALID_REQUEST,
+                format!("The request body, decompressed, is larger than {max_body_bytes} bytes."),
+            ),
+            DecodeError::Corrupt { coding, why } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                INVALID_REQUEST,
+                format!(
+                    "The request body is not valid {coding}, as its Content-Encoding says it is: {why}."
+                ),
+            ),
+        }
     }
 
     pub fn body_unreadable(e: &pingora_error::Error) -> Self {

@@ -2,6 +2,7 @@
 //! bounded, its token, and the few client headers a provider may see.
 
 use super::Gateway;
+use super::decode;
 use super::errors::GatewayError;
 use crate::control::Route;
 use aex_core::presented::{Problem, presented};
@@ -147,7 +148,8 @@ pub(super) fn forwardable_headers(
 }
 
 impl Gateway {
-    /// Reads the whole body, refusing more than the limit.
+    /// Reads the whole body, refusing more than the limit, and undoes its
+    /// `Content-Encoding` (`decode.rs`) within the same limit.
     pub(super) async fn read_body(
         &self,
         session: &mut ServerSession,
@@ -169,9 +171,19 @@ impl Gateway {
                     }
                     body.extend_from_slice(&chunk);
                 }
-                Ok(None) => return Ok(body),
+                Ok(None) => break,
                 Err(e) => return Err(GatewayError::body_unreadable(&e)),
             }
         }
+        let encoding = session
+            .get_header("content-encoding")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        if encoding.is_empty() {
+            return Ok(body);
+        }
+        decode::codings(&encoding)
+            .and_then(|codings| decode::decode(body, &codings, limit))
+            .map_err(|e| GatewayError::undecodable(e, limit))
     }
 }

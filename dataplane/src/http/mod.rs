@@ -13,7 +13,9 @@
 //! provider) is in it, admission needs it, and the upstream body is rewritten.
 //! A denied request must never reach a provider at all.
 
+pub mod cors;
 mod count;
+mod decode;
 mod errors;
 mod intake;
 pub use intake::Credential;
@@ -78,6 +80,7 @@ pub struct Gateway {
     connector: Connector,
     limits: Limits,
     metrics: Arc<Metrics>,
+    cors: cors::Cors,
 }
 
 /// What one request's metrics need that the response head does not say.
@@ -121,7 +124,14 @@ impl Gateway {
             connector: Connector::new(None),
             limits,
             metrics,
+            cors: cors::Cors::default(),
         }
+    }
+
+    /// Answers browsers from these origins (`cors.rs`); none by default.
+    pub fn with_cors(mut self, cors: cors::Cors) -> Self {
+        self.cors = cors;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -165,11 +175,30 @@ impl Gateway {
         headers: &[(&'static str, String)],
         body: Bytes,
     ) -> bool {
+        Self::write_answer(session, status, content_type, headers, body, true).await
+    }
+
+    /// `parsed`: the request's head was read (an answer to one that was
+    /// not has no origin to allow, and no head to ask).
+    async fn write_answer(
+        session: &mut ServerSession,
+        status: StatusCode,
+        content_type: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+        parsed: bool,
+    ) -> bool {
         let mut h = upstream::response_head(status, headers.len() + 3);
-        let _ = h.insert_header("content-type", content_type);
-        let _ = h.insert_header("content-length", body.len().to_string());
+        // A 204 has no content, nor the headers that describe it (RFC 9110).
+        if status != StatusCode::NO_CONTENT {
+            let _ = h.insert_header("content-type", content_type);
+            let _ = h.insert_header("content-length", body.len().to_string());
+        }
         for (k, v) in headers {
             let _ = h.insert_header(*k, v.as_str());
+        }
+        if parsed {
+            cors::decorate(session, &mut h);
         }
         session.write_response_header(Box::new(h)).await.is_ok()
             && session.write_response_body(body, true).await.is_ok()
@@ -182,16 +211,17 @@ impl Gateway {
             req.uri.path(),
             req.headers.contains_key("anthropic-version"),
         );
-        Self::respond_error_as(session, request_id, e, family).await
+        Self::respond_error_as(session, request_id, e, family, true).await
     }
 
     /// Answers `e` in `family`'s shape: also for a request whose head was
-    /// never parsed (which has no path to tell the API by).
+    /// never parsed (`parsed` false: it has no path to tell the API by).
     async fn respond_error_as(
         session: &mut ServerSession,
         request_id: &str,
         e: GatewayError,
         family: Family,
+        parsed: bool,
     ) -> bool {
         let mut headers = e.headers.clone();
         headers.push(("x-aex-request-id", request_id.to_string()));
@@ -203,7 +233,15 @@ impl Gateway {
             session.set_keepalive(None);
         }
         let body = e.body_for(family);
-        Self::respond(session, e.status, "application/json", &headers, body).await
+        Self::write_answer(
+            session,
+            e.status,
+            "application/json",
+            &headers,
+            body,
+            parsed,
+        )
+        .await
             && !unauthenticated
     }
 
@@ -212,6 +250,7 @@ impl Gateway {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let request_id = new_request_id();
+        self.cors.admit_origin(session);
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => {
                 let body = format!(
@@ -278,6 +317,25 @@ impl Gateway {
                     .await;
                 self.observe(session, &observed, started.elapsed());
                 keep
+            }
+            (Method::OPTIONS, p)
+                if cors::is_preflight(session)
+                    && (Api::from_path(p).is_some()
+                        || p == "/v1/models"
+                        || p.starts_with(MODEL_PATH)) =>
+            {
+                intake::drain_request_body(session).await;
+                if cors::is_allowed(session) {
+                    let headers = cors::preflight_headers(session);
+                    Self::respond(session, StatusCode::NO_CONTENT, "", &headers, Bytes::new()).await
+                } else {
+                    let origin = session
+                        .get_header("origin")
+                        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    let e = GatewayError::origin_not_allowed(&origin, self.cors.is_off());
+                    Self::respond_error(session, &request_id, e).await
+                }
             }
             (_, p)
                 if Api::from_path(p).is_some()
@@ -455,7 +513,7 @@ impl HttpServerApp for Gateway {
                         .inc();
                     let error = GatewayError::malformed(status, self.limits.header_timeout);
                     let id = new_request_id();
-                    Self::respond_error_as(&mut session, &id, error, Family::OpenAi).await;
+                    Self::respond_error_as(&mut session, &id, error, Family::OpenAi, false).await;
                     session.close_lingering(Duration::from_secs(2)).await;
                 }
                 return None;

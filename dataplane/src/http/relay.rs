@@ -46,7 +46,9 @@ const NOT_RELAYED: &[&str] = &[
 pub(super) fn relayed_head(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
     let mut h = response_head(upstream.status, upstream.headers.len() + 2);
     for (name, value) in upstream.headers.iter() {
-        if !NOT_RELAYED.contains(&name.as_str()) {
+        // The provider's CORS answers are about its own pages; AEX's are
+        // its own (`cors.rs`), and never reflect an unlisted origin.
+        if !NOT_RELAYED.contains(&name.as_str()) && !name.as_str().starts_with("access-control-") {
             let _ = h.append_header(name.clone(), value.clone());
         }
     }
@@ -330,6 +332,7 @@ impl Gateway {
             }
         }
         let _ = head.insert_header("content-length", body.len().to_string());
+        super::cors::decorate(session, &mut head);
         let ok = session.write_response_header(Box::new(head)).await.is_ok()
             && session
                 .write_response_body(Bytes::from(body), true)
@@ -365,6 +368,7 @@ impl Gateway {
         if session.req_header().version == http::Version::HTTP_11 {
             let _ = head.insert_header("transfer-encoding", "chunked");
         }
+        super::cors::decorate(session, &mut head);
         if session.write_response_header(Box::new(head)).await.is_err() {
             finished.outcome = Outcome::ClientDisconnected;
             return false;
