@@ -5,6 +5,7 @@
 //! grants, calls not yet reported — is rebuilt from the control plane at
 //! start. Runs fine as a sidecar.
 
+pub mod alias;
 pub mod anthropic;
 pub mod api;
 pub mod blocks;

@@ -146,6 +146,9 @@ pub struct SseMeter {
     /// A Messages stream's content block that has started and not
     /// stopped: a cut-off closes it before it ends the message.
     open_block: Option<u64>,
+    /// The provider's model id renamed to the client's in each event
+    /// forwarded (`alias.rs`).
+    rename: Option<crate::alias::Rename>,
     /// Only tests ask: the settlement goes by usage and bytes, not by
     /// whether the provider closed with `[DONE]`.
     #[cfg(test)]
@@ -202,6 +205,7 @@ impl SseMeter {
             output_bytes: 0,
             hold_limit: MAX_EVENT_BYTES,
             open_block: None,
+            rename: None,
             #[cfg(test)]
             saw_done: false,
         }
@@ -217,6 +221,22 @@ impl SseMeter {
         self.hold_limit =
             usize::try_from(limit).map_or(MAX_EVENT_BYTES, |l| l.min(MAX_EVENT_BYTES));
         self
+    }
+
+    /// Events are forwarded with the provider's model id renamed.
+    pub fn renaming(mut self, rename: Option<crate::alias::Rename>) -> Self {
+        self.rename = rename;
+        self
+    }
+
+    /// Appends an event to forward, renamed if it names the provider's model.
+    fn emit(&self, event: &[u8], out: &mut Vec<u8>) {
+        match &self.rename {
+            Some(rename) => {
+                rename.append(event, out);
+            }
+            None => out.extend_from_slice(event),
+        }
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -259,7 +279,7 @@ impl SseMeter {
             let end = start + len;
             let event = &pending[start..end];
             if self.inspect(event) {
-                out.extend_from_slice(event);
+                self.emit(event, out);
             }
             start = end;
             from = 0;
@@ -280,7 +300,7 @@ impl SseMeter {
             let rest = std::mem::take(&mut self.pending);
             self.scanned = 0;
             if self.inspect(&rest) {
-                out.extend_from_slice(&rest);
+                self.emit(&rest, out);
             }
         }
     }

@@ -36,11 +36,13 @@ async fn a_call_is_forwarded_metered_and_settled_exactly() {
     // 10 prompt tokens × 1 µ + 5 completion tokens × 2 µ.
     assert_eq!(header(&r, "x-aex-cost-micro"), Some("20"));
     assert_eq!(header(&r, "x-aex-remaining-micro"), Some("999980"));
+    assert_eq!(header(&r, "x-aex-provider-model"), Some("upstream-model"));
     let answer: Value = r.json().await.unwrap();
     assert_eq!(
         answer["choices"][0]["message"]["content"],
         "hello from mock"
     );
+    assert_eq!(answer["model"], "mock-model", "the name asked for");
 
     let seen = &stack.mock.requests()[0];
     assert_eq!(seen.path, "/v1/chat/completions");
@@ -957,6 +959,62 @@ async fn tpm_tokens_held_by_a_call_come_back_when_it_settles() {
     let r = post(&stack, &token, "/v1/chat/completions", &big, &[]).await;
     assert_eq!(r.status(), StatusCode::OK, "{:?}", r.headers());
     assert!(told_at.elapsed() < Duration::from_millis(told / 4));
+}
+
+/// Every answer names the model the client asked for, never the
+/// provider's id behind it (issue #33): each chunk of a chat stream, the
+/// Responses events that carry the response, a Messages stream's
+/// `message_start`; the provider's id is in `x-aex-provider-model`.
+#[tokio::test]
+async fn streams_name_the_model_asked_for_in_every_event() {
+    let stack = Stack::start().await;
+    let token = stack.agent("named", "1", "600", &[]);
+    let streams = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "mock-model", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            "mock-model",
+            "upstream-model",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "mock-model", "stream": true, "input": "hi"}),
+            "mock-model",
+            "upstream-model",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude-model", "stream": true, "max_tokens": 20,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            "claude-model",
+            "upstream-claude",
+        ),
+    ];
+    for (path, body, asked, provider) in streams {
+        let r = post(&stack, &token, path, &body, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&r, "x-aex-provider-model"), Some(provider), "{path}");
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(provider), "{path}: {text}");
+        let mut named = 0;
+        for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let Ok(event) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            for model in [
+                &event["model"],
+                &event["response"]["model"],
+                &event["message"]["model"],
+            ] {
+                if !model.is_null() {
+                    assert_eq!(model, asked, "{path}: {data}");
+                    named += 1;
+                }
+            }
+        }
+        assert!(named > 0, "{path}: no event named a model");
+    }
 }
 
 /// `GET /v1/models/{id}` (issue #33): one of the agent's models in the

@@ -11,17 +11,20 @@ out = {"version": openai.__version__}
 
 c = client("OK")
 r = c.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "hi"}])
-out["chat"] = {"content": r.choices[0].message.content, "usage": [r.usage.prompt_tokens, r.usage.completion_tokens]}
+out["chat"] = {"content": r.choices[0].message.content, "usage": [r.usage.prompt_tokens, r.usage.completion_tokens],
+               "model": r.model}
 
 usage = None
 text = ""
+models = set()
 for chunk in c.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "hi"}],
                                        stream=True, stream_options={"include_usage": True}):
+    models.add(chunk.model)
     if chunk.usage:
         usage = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
     for ch in chunk.choices:
         text += ch.delta.content or ""
-out["stream"] = {"text": text, "usage": usage}
+out["stream"] = {"text": text, "usage": usage, "models": sorted(models)}
 
 # A tool round trip: the model asks for the tool, the client answers it.
 tools = [{"type": "function", "function": {"name": "weather", "parameters": {
@@ -36,17 +39,20 @@ r = c.chat.completions.create(model="mock-model", tools=tools, messages=ask + [
 out["tools"] = {"called": call.function.name, "answer": r.choices[0].message.content}
 
 r = c.responses.create(model="mock-model", input="hi")
-out["responses"] = {"text": r.output_text, "usage": [r.usage.input_tokens, r.usage.output_tokens]}
+out["responses"] = {"text": r.output_text, "usage": [r.usage.input_tokens, r.usage.output_tokens],
+                    "model": r.model}
 kinds, final = [], None
 for e in c.responses.create(model="mock-model", input="hi", stream=True):
     kinds.append(e.type)
     if e.type == "response.completed":
         final = e.response
 out["responses_stream"] = {"last": kinds[-1], "deltas": kinds.count("response.output_text.delta"),
-                           "text": final.output_text, "usage": [final.usage.input_tokens, final.usage.output_tokens]}
+                           "text": final.output_text, "usage": [final.usage.input_tokens, final.usage.output_tokens],
+                           "model": final.model}
 
 e = c.embeddings.create(model="mock-model", input="hello")
-out["embeddings"] = {"vector": [round(x, 3) for x in e.data[0].embedding], "usage": e.usage.prompt_tokens}
+out["embeddings"] = {"vector": [round(x, 3) for x in e.data[0].embedding], "usage": e.usage.prompt_tokens,
+                     "model": e.model}
 out["models"] = sorted(m.id for m in c.models.list())
 out["retrieved"] = c.models.retrieve("mock-model").id
 try:

@@ -357,6 +357,17 @@ async fn the_openai_python_sdk_works_unchanged() {
     );
     assert_eq!(seen["retrieved"], "mock-model", "models.retrieve");
     assert_eq!(seen["retrieve_fenced"], "model_not_found");
+    // The model the SDK asked for (mock-model), not the provider's id
+    // (upstream-model), in every answer and every chunk (issue #33).
+    for (what, model) in [
+        ("chat", &seen["chat"]["model"]),
+        ("responses", &seen["responses"]["model"]),
+        ("responses stream", &seen["responses_stream"]["model"]),
+        ("embeddings", &seen["embeddings"]["model"]),
+    ] {
+        assert_eq!(model, "mock-model", "{what}");
+    }
+    assert_eq!(seen["stream"]["models"], serde_json::json!(["mock-model"]));
     // Charged exactly the usage the SDK reported: chat, stream, the two tool
     // turns, responses and its stream at 10 + 5×2 µ each; embeddings 10 µ.
     assert_eq!(stack.inspect("py")["spent_micro"], 6 * 20 + 10);

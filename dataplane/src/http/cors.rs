@@ -33,6 +33,7 @@ const METHODS: &str = "GET, POST, OPTIONS";
 const MAX_AGE_SECONDS: &str = "600";
 /// The response headers a page's SDK may read.
 const EXPOSED: &str = "x-aex-request-id, x-aex-denied-by, x-aex-cost-micro, x-aex-remaining-micro, \
+     x-aex-provider-model, \
      x-aex-token-count, x-aex-untranslated, retry-after, retry-after-ms, x-should-retry, \
      request-id, x-request-id";
 /// The most request headers a preflight may ask for (bytes): the SDKs ask

@@ -8,6 +8,7 @@ use super::intake::forwardable_headers;
 use super::settle::Finished;
 use super::upstream::{Upstream, UpstreamFailure, response_head, retry_after_ms};
 use super::{Call, Gateway};
+use crate::alias::Rename;
 use crate::api::Api;
 use crate::control::Route;
 use crate::metering::cut_off_bytes;
@@ -101,11 +102,29 @@ struct Wire {
 }
 
 impl Wire {
+    /// The rename of the provider's model id to the one the client asked
+    /// for (`alias.rs`): a translated answer is written with it already.
+    fn rename(&self, call: &Call<'_>) -> Option<Rename> {
+        if self.translated {
+            return None;
+        }
+        Rename::new(&call.admission.provider_model, call.inspected.model())
+    }
+
     /// Names the request's hints the translation did not carry.
     fn name_untranslated(&self, head: &mut ResponseHeader) {
         if !self.untranslated.is_empty() {
             let _ = head.insert_header("x-aex-untranslated", self.untranslated.names().join(", "));
         }
+    }
+}
+
+/// Which model of its provider answered: the id the answer's `model` said
+/// before AEX named it as the client asked.
+fn name_provider_model(head: &mut ResponseHeader, call: &Call<'_>) {
+    let model = &call.admission.provider_model;
+    if !model.is_empty() {
+        let _ = head.insert_header("x-aex-provider-model", model.as_str());
     }
 }
 
@@ -269,6 +288,7 @@ impl Gateway {
         let status = header.status.as_u16();
         let mut head = relayed_head(&header, call.request_id);
         wire.name_untranslated(&mut head);
+        name_provider_model(&mut head, call);
         if header.status.is_success() {
             // Metered in the provider's API, whatever the client's.
             let api = wire.api;
@@ -303,6 +323,9 @@ impl Gateway {
                         return Self::respond_error(session, call.request_id, e).await;
                     }
                 }
+            }
+            if let Some(renamed) = wire.rename(call).and_then(|r| r.apply(&body)) {
+                body = renamed;
             }
             let cost = finished.account(call).charge.charged_micro;
             let _ = head.insert_header("x-aex-cost-micro", cost.to_string());
@@ -356,6 +379,7 @@ impl Gateway {
         let api = call.inspected.api();
         let mut head = relayed_head(header, call.request_id);
         wire.name_untranslated(&mut head);
+        name_provider_model(&mut head, call);
         let _ = head.insert_header(
             "x-aex-remaining-micro",
             call.admission.remaining_micro.to_string(),
@@ -377,7 +401,9 @@ impl Gateway {
         // Metered in the provider's API; a translated stream's usage chunk
         // is the translator's to read (it re-encodes every event).
         let strip = !call.inspected.client_wants_usage() && !wire.translated;
-        let mut meter = SseMeter::new(wire.api, strip).cut_off_at(cut_off_bytes(cap));
+        let mut meter = SseMeter::new(wire.api, strip)
+            .cut_off_at(cut_off_bytes(cap))
+            .renaming(wire.rename(call));
         let mut translator = wire
             .translated
             .then(|| {
