@@ -92,11 +92,6 @@ pub(super) fn token_issued_sql() -> String {
     )
 }
 
-/// Around a reservation's times, the window its events are looked for in:
-/// other control planes' clocks may differ a little, and a reported call's
-/// events are written when its report arrives.
-const STORY_MARGIN_MS: i64 = 10 * 60_000;
-
 /// The denials and refused reports naming the request id `$1`, by the
 /// index on that expression (repeated here, predicate and all).
 pub(super) fn request_denials_sql() -> String {
@@ -106,6 +101,11 @@ pub(super) fn request_denials_sql() -> String {
         kinds_in(&[EventKind::Deny, EventKind::ReportRefused]),
     )
 }
+
+/// Around a reservation's times, the window its events are looked for in:
+/// other control planes' clocks may differ a little, and a reported call's
+/// events are written when its report arrives.
+const STORY_MARGIN_MS: i64 = 10 * 60_000;
 
 /// One request's story (`aexctl events --request`): its denials and
 /// refused reports, which name the request id (by `events_by_request`),
@@ -119,9 +119,9 @@ pub(super) async fn request_events(
     request_id: &str,
 ) -> Result<Vec<EventRecord>, StoreError> {
     let mut rows: Vec<EventRow> = sqlx::query_as(&request_denials_sql())
-    .bind(request_id)
-    .fetch_all(reader)
-    .await?;
+        .bind(request_id)
+        .fetch_all(reader)
+        .await?;
     let reservation: Option<(String, i64, Option<i64>)> = sqlx::query_as(
         "SELECT id, created_at_ms, settled_at_ms FROM reservations WHERE request_id = $1",
     )
@@ -157,10 +157,11 @@ pub(super) async fn retired_token(
 ) -> Result<Option<aex_core::presented::Retired>, StoreError> {
     use aex_core::presented::Retired;
     let mac = aex_core::chain::token_mac(ledger_key, token_sha256);
-    let issued: Option<(i64, i64, String, String, String)> = sqlx::query_as(&token_issued_sql())
-    .bind(&mac)
-    .fetch_optional(reader)
-    .await?;
+    let issued: Option<(i64, i64, String, String, String)> =
+        sqlx::query_as(&token_issued_sql())
+            .bind(&mac)
+            .fetch_optional(reader)
+            .await?;
     let Some((seq, ts_ms, kind, agent_id, agent_name)) = issued else {
         return Ok(None);
     };

@@ -151,7 +151,7 @@ impl Gateway {
         {
             Some(rule) => rule.to_string(),
             None if status < 400 => "ok".into(),
-            None if matches!(status, 400 | 404 | 405 | 413) => "bad_request".into(),
+            None if matches!(status, 400 | 404 | 405 | 413 | 415) => "bad_request".into(),
             None => "upstream".into(),
         };
         self.metrics
