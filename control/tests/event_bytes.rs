@@ -90,6 +90,7 @@ impl Run {
                 &token(token_n),
                 ask,
                 &Served::Every,
+                false,
             )
             .await
             .unwrap()

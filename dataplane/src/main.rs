@@ -50,6 +50,10 @@ struct Args {
         default_value = "127.0.0.1:9004"
     )]
     metrics_listen: String,
+    /// How long a call over its agent's concurrency limit waits for a
+    /// slot, first come first served, before its 429; 0 refuses at once.
+    #[arg(long, env = "AEX_CONCURRENCY_WAIT_MS", default_value_t = 5_000)]
+    concurrency_wait_ms: u64,
     /// Browser pages allowed to call the API (CORS): comma-separated
     /// origins, e.g. `http://localhost:5173`. Empty: none (CORS off).
     #[arg(
@@ -158,6 +162,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         grants: args.grants == "on",
         max_backlog: args.report_backlog,
         metrics: metrics.clone(),
+        concurrency_wait: Duration::from_millis(args.concurrency_wait_ms),
     };
     let control = ControlPlane::connect(&args.control, &tls, &token, cache, settings)?;
     tokio::spawn(control.clone().watch_forever());

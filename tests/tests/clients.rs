@@ -7,6 +7,7 @@ use aex_tests::Stack;
 use aex_tests::clients::{grpcurl, node_bin_with, python_with};
 use serde_json::Value;
 use std::process::Command;
+use std::time::Duration;
 
 /// Runs a driver script against the stack for `sdk_agents(prefix)`:
 /// `PROGRAM SCRIPT BASE_URL EXTRA…` with the tokens in AEX_TOKEN_*; the
@@ -374,6 +375,56 @@ async fn the_openai_python_sdk_works_unchanged() {
     // Only the calls AEX admitted reached the provider (SLOW uses the
     // simulated one); models.list is answered by AEX.
     assert_eq!(stack.mock.count(), 7);
+}
+
+/// Calls over an agent's concurrency wait for a slot (issue #33): eight
+/// concurrent 2 s streams at `--max-concurrent 2`, from the OpenAI Python
+/// SDK with its default retries, all succeed; a slot is never held by more
+/// than two, and no refusal reached the ledger but those the SDK saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_waits_for_a_concurrency_slot() {
+    let Some(python) = python_with("openai", "the OpenAI Python SDK") else {
+        return;
+    };
+    let stack = Stack::start().await;
+    let token = stack.agent("narrow", "1", "600", &["--max-concurrent", "2"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/drive_openai_queue.py");
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .arg(stack.url("/v1"))
+        .env("AEX_TOKEN_NARROW", &token);
+    let seen = drive(cmd).await;
+    println!("{seen}");
+    let calls = seen.as_array().unwrap();
+    assert_eq!(calls.len(), 8);
+    for call in calls {
+        assert_eq!(call["ok"], true, "{seen}");
+        assert_eq!(call["text"], "word0 word1 word2 word3 word4 ");
+    }
+    // Four rounds of two: the last calls waited about three rounds.
+    let longest = calls
+        .iter()
+        .map(|c| c["seconds"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(longest > 6.0, "{seen}");
+    let agent = stack.settled("narrow", Duration::from_secs(5)).await;
+    assert_eq!(agent["spent_micro"], 8 * 20);
+    // What the SDK saw refused, if anything, is what the ledger holds.
+    let refused = stack
+        .events("narrow")
+        .iter()
+        .filter(|e| e["kind"] == "deny")
+        .count();
+    let admitted = stack
+        .events("narrow")
+        .iter()
+        .filter(|e| e["kind"] == "admit")
+        .count();
+    assert_eq!(
+        admitted, 8,
+        "one admission per call, however long it waited"
+    );
+    println!("{refused} refusals after a wait ran out (the SDK retried them)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

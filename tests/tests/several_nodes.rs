@@ -601,10 +601,12 @@ async fn a_concurrency_limit_holds_across_control_planes() {
         return;
     };
     let first = &c.controls[0];
+    // Refused at once rather than waiting for a slot: the count is the claim.
+    let no_wait = ["--concurrency-wait-ms", "0"];
     let data = [
-        c.start_plane(Place::On(0), &[]),
-        c.start_plane(Place::On(1), &[]),
-        c.start_plane(Place::On(1), &[]),
+        c.start_plane(Place::On(0), &no_wait),
+        c.start_plane(Place::On(1), &no_wait),
+        c.start_plane(Place::On(1), &no_wait),
     ];
     let token = first.agent("narrow", "5", "100000", &["--max-concurrent", "5"]);
     // The change feed brings the agent to the second replica within this.
@@ -626,6 +628,56 @@ async fn a_concurrency_limit_holds_across_control_planes() {
         .filter(|a| a.0 == 429 && a.1.as_deref() == Some("concurrency"))
         .count();
     assert_eq!((passed, limited), (5, 25), "{answers:?}");
+}
+
+/// Waiting for a slot holds across data planes and control planes (issue
+/// #33): eight 600 ms calls over two data planes on two control planes, at
+/// a limit of two, all pass after waiting their turn, four rounds long,
+/// and the ledger holds no refusal (none reached a client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_a_slot_across_planes() {
+    let Some(c) = two_replicas(&[]).await else {
+        return;
+    };
+    let first = &c.controls[0];
+    let data = [
+        c.start_plane(Place::On(0), &[]),
+        c.start_plane(Place::On(1), &[]),
+    ];
+    let token = first.agent("queued", "5", "100000", &["--max-concurrent", "2"]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let client = Client::new();
+    let started = std::time::Instant::now();
+    let calls = (0..8).map(|i| {
+        let request = client
+            .post(data[i % data.len()].url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-mock-delay-ms", "600")
+            .json(&chat())
+            .send();
+        answer(request)
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    assert!(
+        took >= Duration::from_millis(2300),
+        "four rounds of two: {took:?}"
+    );
+    first.settled("queued", Duration::from_secs(5)).await;
+    let events = first.aexctl(&["events", "--agent", "queued", "--json"]);
+    let kinds: Vec<String> = events
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "admit").count(), 8);
+    assert!(!kinds.iter().any(|k| k == "deny"), "{kinds:?}");
 }
 
 /// Many agents at once through two control planes, end to end: each batch

@@ -145,7 +145,14 @@ async fn admit_one(
     let models = state.models();
     let started = std::time::Instant::now();
     let decision = admission
-        .admit(&models, &r.request_id, &r.token_sha256, &ask, served)
+        .admit(
+            &models,
+            &r.request_id,
+            &r.token_sha256,
+            &ask,
+            served,
+            r.waits_for_slot,
+        )
         .await
         .map_err(Status::from)?;
     let metrics = &state.metrics;

@@ -17,12 +17,14 @@ mod inflight;
 mod local;
 mod report;
 mod settle;
+pub mod slots;
 mod watch;
 
 pub use cache::{Cache, Route, parse_base_url};
 pub use identify::Identified;
 pub use inflight::{Inflight, InflightGuard};
 pub use report::MAX_BACKLOG;
+pub use slots::DEFAULT_CONCURRENCY_WAIT;
 
 use crate::metrics::Metrics;
 use admit::PendingAdmit;
@@ -78,6 +80,8 @@ pub struct ControlPlane {
     settings: Settings,
     /// Tokens the control plane vouched for before their body was read.
     vouched: Mutex<identify::Vouched>,
+    /// Calls waiting for a concurrency slot (`slots.rs`).
+    slots: Arc<slots::SlotQueues>,
 }
 
 /// How this data plane takes part in grants.
@@ -92,6 +96,9 @@ pub struct Settings {
     /// ([`MAX_BACKLOG`] by default, `--report-backlog`).
     pub max_backlog: i64,
     pub metrics: Arc<Metrics>,
+    /// How long a call over its agent's concurrency limit waits for a slot
+    /// (`slots.rs`, `--concurrency-wait-ms`); zero: refused at once.
+    pub concurrency_wait: Duration,
 }
 
 impl Default for Settings {
@@ -101,6 +108,7 @@ impl Default for Settings {
             grants: true,
             max_backlog: MAX_BACKLOG,
             metrics: Arc::default(),
+            concurrency_wait: DEFAULT_CONCURRENCY_WAIT,
         }
     }
 }
@@ -181,15 +189,72 @@ impl ControlPlane {
             desk,
             settings,
             vouched: Mutex::default(),
+            slots: Arc::default(),
         }))
     }
 
-    /// Asks the control plane to admit. Admission is idempotent by request
-    /// id, so a call lost to a control-plane restart is retried (for up to
-    /// `ADMIT_PATIENCE`) without reserving twice. When giving up, whatever
-    /// may have been reserved is released in the background, so a client
-    /// that saw a failure is never charged.
+    /// Asks the control plane to admit; a call refused for its agent's
+    /// concurrency waits for a slot (`slots.rs`) for up to
+    /// `Settings::concurrency_wait`, in its agent's queue.
     pub async fn admit(
+        self: &Arc<Self>,
+        mut request: pb::AdmitRequest,
+    ) -> Result<pb::AdmitResponse, tonic::Status> {
+        let wait = self.settings.concurrency_wait;
+        let reserves =
+            ![pb::Endpoint::Models, pb::Endpoint::CountTokens].contains(&request.endpoint());
+        if wait.is_zero() || !reserves {
+            return self.admit_once(request).await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        // Behind the calls of its agent already waiting here, without
+        // asking first: a slot that frees is theirs.
+        let mut ticket = self
+            .cache
+            .policy_by_token(&request.token_sha256)
+            .filter(|p| self.slots.waiting(&p.name) > 0)
+            .map(|p| self.slots.enter(&p.name));
+        loop {
+            let head = ticket.as_ref().is_none_or(slots::Ticket::is_head);
+            let last = tokio::time::Instant::now() >= deadline;
+            if head || last {
+                request.waits_for_slot = !last;
+                let response = self.admit_once(request.clone()).await?;
+                let full = match &response.outcome {
+                    Some(pb::admit_response::Outcome::Denied(d))
+                        if d.denied_by == aex_core::denial::Rule::Concurrency.as_str() =>
+                    {
+                        Some(d.agent_name.clone())
+                    }
+                    _ => None,
+                };
+                match full {
+                    Some(agent) if !last => {
+                        if ticket.is_none() {
+                            ticket = Some(self.slots.enter(&agent));
+                        }
+                    }
+                    // Admitted, refused for another reason, or out of time:
+                    // the ticket goes, and the next call asks.
+                    _ => return Ok(response),
+                }
+            }
+            let moved = self.slots.moved();
+            let poll =
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + slots::POLL));
+            tokio::select! {
+                _ = moved, if !head => {}
+                _ = poll => {}
+            }
+        }
+    }
+
+    /// One admission, asked until answered. Admission is idempotent by
+    /// request id, so a call lost to a control-plane restart is retried
+    /// (for up to `ADMIT_PATIENCE`) without reserving twice. When giving
+    /// up, whatever may have been reserved is released in the background,
+    /// so a client that saw a failure is never charged.
+    async fn admit_once(
         self: &Arc<Self>,
         mut request: pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {

@@ -15,13 +15,26 @@ struct Reserving<'a> {
     record: ReservationRecord,
     ask: &'a Ask<'a>,
     token_sha256: &'a str,
+    /// The data plane waits for a slot if refused for one (`waits_for_slot`).
+    waits: bool,
     /// When it was decided (after any recall).
     now: i64,
 }
 
+/// Whether a refusal is one the data plane waits out rather than answers
+/// (issue #33): a concurrency refusal of a call whose data plane waits for
+/// a slot. It asks again when one may have freed, and its last ask, once
+/// its wait is over, is logged if refused; so the ledger holds the
+/// refusals clients saw, not each look at a full set of slots.
+fn waits_for_slot(denial: &Denial, waits: bool) -> bool {
+    waits && denial.denied_by == Rule::Concurrency
+}
+
 impl AdmissionEngine {
     /// Decides one call for the data plane that asks, which may act only
-    /// for the agents `served` names (its credential's scope).
+    /// for the agents `served` names (its credential's scope). `waits`: the
+    /// data plane waits for a concurrency slot if refused for one, and asks
+    /// again (such a refusal is not logged: [`waits_for_slot`]).
     pub async fn admit(
         &self,
         models: &ModelsConfig,
@@ -29,12 +42,13 @@ impl AdmissionEngine {
         token_sha256: &str,
         ask: &Ask<'_>,
         served: &Served,
+        waits: bool,
     ) -> Result<Decision> {
         if let Some(admitted) = self.retried(models, request_id, served).await? {
             return Ok(Decision::Admitted(admitted));
         }
         let (Accepted { tentative, plan }, now) = match self
-            .decide_recalling(models, request_id, token_sha256, ask, served)
+            .decide_recalling(models, request_id, token_sha256, ask, served, waits)
             .await?
         {
             Ok(decided) => decided,
@@ -58,6 +72,7 @@ impl AdmissionEngine {
             record,
             ask,
             token_sha256,
+            waits,
             now,
         };
         let outcome = self.reserve_recalling(&call).await;
@@ -104,6 +119,7 @@ impl AdmissionEngine {
         token_sha256: &str,
         ask: &Ask<'_>,
         served: &Served,
+        waits: bool,
     ) -> Result<std::result::Result<(Accepted, i64), Decision>> {
         let mut now = now_ms();
         let (mut learned, mut recalled) = (false, false);
@@ -143,15 +159,17 @@ impl AdmissionEngine {
             {
                 denial = retired;
             }
-            self.log_denial(
-                &denial,
-                &agent_id,
-                &agent_name,
-                ask,
-                request_id,
-                token_sha256,
-            )
-            .await;
+            if !waits_for_slot(&denial, waits) {
+                self.log_denial(
+                    &denial,
+                    &agent_id,
+                    &agent_name,
+                    ask,
+                    request_id,
+                    token_sha256,
+                )
+                .await;
+            }
             return Ok(Err(Decision::Denied { denial, agent_name }));
         }
     }
@@ -232,6 +250,7 @@ impl AdmissionEngine {
             record,
             ask,
             token_sha256,
+            waits,
             now,
         } = call;
         let outcome = outcome?;
@@ -287,15 +306,17 @@ impl AdmissionEngine {
             }
             Err(e) => return Err(e.into()),
         };
-        self.log_denial(
-            &denial,
-            &t.agent_id,
-            &t.agent_name,
-            ask,
-            &record.request_id,
-            token_sha256,
-        )
-        .await;
+        if !waits_for_slot(&denial, waits) {
+            self.log_denial(
+                &denial,
+                &t.agent_id,
+                &t.agent_name,
+                ask,
+                &record.request_id,
+                token_sha256,
+            )
+            .await;
+        }
         Ok(Decision::Denied {
             denial,
             agent_name: t.agent_name,

@@ -314,7 +314,7 @@ impl World {
                 tasks.spawn(async move {
                     let ask = ask(input_tokens_bound, max_tokens, false);
                     match core
-                        .admit(&models, &request_id, &token, &ask, &Served::Every)
+                        .admit(&models, &request_id, &token, &ask, &Served::Every, false)
                         .await
                         .unwrap()
                     {
@@ -703,6 +703,7 @@ async fn a_heartbeat_through_another_replica_keeps_a_reservation_alive() {
             &token,
             &ask(100, Some(50), true),
             &Served::Every,
+            false,
         )
         .await
         .unwrap()
@@ -762,6 +763,7 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
             &token,
             &ask(100, Some(50), false),
             &Served::Every,
+            false,
         )
         .await
         .unwrap()
@@ -787,6 +789,7 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
             &token,
             &ask(100, Some(50), false),
             &Served::Every,
+            false,
         )
         .await
         .unwrap()
@@ -802,7 +805,8 @@ async fn a_reservation_settled_through_another_replica_is_closed_for_its_admitte
                 "next",
                 &token,
                 &ask(100, Some(50), false),
-                &Served::Every
+                &Served::Every,
+                false,
             )
             .await
             .unwrap(),

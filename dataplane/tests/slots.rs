@@ -1,0 +1,120 @@
+//! Waiting for a concurrency slot (issue #33): calls over an agent's
+//! concurrency limit wait in a first-come queue on the data plane, for up
+//! to `--concurrency-wait-ms`, and only a wait that runs out is a 429 —
+//! logged once, as the client saw it.
+
+use aex_tests::Stack;
+use reqwest::{Client, StatusCode};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+async fn slow_call(stack: &Stack, token: &str, delay_ms: u64) -> (StatusCode, Option<String>) {
+    let r = Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("x-mock-delay-ms", delay_ms.to_string())
+        .json(&chat("mock-model"))
+        .send()
+        .await
+        .unwrap();
+    let by = header(&r, "x-aex-denied-by").map(str::to_string);
+    (r.status(), by)
+}
+
+fn denials(stack: &Stack, agent: &str) -> usize {
+    stack
+        .events(agent)
+        .iter()
+        .filter(|e| e["kind"] == "deny")
+        .count()
+}
+
+#[tokio::test]
+async fn calls_over_the_limit_wait_for_a_slot_and_all_pass() {
+    let stack = Stack::start().await;
+    let token = stack.agent("pair", "1", "600", &["--max-concurrent", "2"]);
+    let started = Instant::now();
+    let calls = (0..6).map(|_| slow_call(&stack, &token, 600));
+    let answers = futures_util::future::join_all(calls).await;
+    let took = started.elapsed();
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::OK),
+        "{answers:?}"
+    );
+    // Three rounds of two 600 ms calls: never more than two at once.
+    assert!(took >= Duration::from_millis(1700), "{took:?}");
+    stack.settled("pair", Duration::from_secs(2)).await;
+    assert_eq!(denials(&stack, "pair"), 0, "no client was refused");
+    let status = stack.control.aexctl(&["status", "--json"]).json();
+    assert_eq!(status["rate_limit_denials"], 0);
+}
+
+#[tokio::test]
+async fn a_wait_that_runs_out_is_one_429_and_one_event() {
+    let stack = Stack::start_with(&["--concurrency-wait-ms", "400"]).await;
+    let token = stack.agent("single", "1", "600", &["--max-concurrent", "1"]);
+    let holder = {
+        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-mock-delay-ms", "2000")
+                .json(&chat("mock-model"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let (status, by) = slow_call(&stack, &token, 0).await;
+    let waited = asked.elapsed();
+    assert_eq!(
+        (status, by.as_deref()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("concurrency"))
+    );
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert_eq!(holder.await.unwrap(), StatusCode::OK);
+    assert_eq!(denials(&stack, "single"), 1, "the one the client saw");
+}
+
+#[tokio::test]
+async fn without_a_wait_the_refusal_is_at_once() {
+    let stack = Stack::start_with(&["--concurrency-wait-ms", "0"]).await;
+    let token = stack.agent("single", "1", "600", &["--max-concurrent", "1"]);
+    let holder = {
+        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-mock-delay-ms", "1500")
+                .json(&chat("mock-model"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let (status, by) = slow_call(&stack, &token, 0).await;
+    assert_eq!(
+        (status, by.as_deref()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("concurrency"))
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(holder.await.unwrap(), StatusCode::OK);
+    assert_eq!(denials(&stack, "single"), 1);
+}
