@@ -161,13 +161,15 @@ impl crate::policy::Denial {
 /// ledger refusal, in one place beside the rules they name (the policy's
 /// own are in `policy.rs`, where it decides them).
 impl crate::policy::Denial {
-    pub fn concurrency(agent_name: &str, max_concurrent: u32) -> Self {
+    /// `wait_ms`: when one of the calls in flight is expected to end
+    /// (`inflight::CallDurations::slot_wait_ms`).
+    pub fn concurrency(agent_name: &str, max_concurrent: u32, wait_ms: u64) -> Self {
         Self::rate_limited(
             Rule::Concurrency,
-            1000,
+            wait_ms,
             format!(
                 "Rate limit reached: agent '{agent_name}' already has {max_concurrent} request(s) in flight \
-                 (its concurrency limit). Retry when one finishes."
+                 (its concurrency limit). Retry when one finishes, expected in about {wait_ms} ms."
             ),
         )
     }

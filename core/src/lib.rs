@@ -15,6 +15,7 @@ pub mod event;
 pub mod expiring;
 pub mod grant;
 pub mod home;
+pub mod inflight;
 pub mod limiter;
 pub mod money;
 pub mod named;

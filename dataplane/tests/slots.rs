@@ -118,3 +118,52 @@ async fn without_a_wait_the_refusal_is_at_once() {
     assert_eq!(holder.await.unwrap(), StatusCode::OK);
     assert_eq!(denials(&stack, "single"), 1);
 }
+
+/// With no wait, a refusal says when a slot will free (issue #33): once a
+/// call has shown how long the agent's calls take, the 429's wait is when
+/// the oldest call in flight is expected to end — within 100 ms of when its
+/// slot actually freed — not a fixed second.
+#[tokio::test]
+async fn a_refusal_says_when_the_slot_frees() {
+    let stack = Stack::start_with(&["--concurrency-wait-ms", "0"]).await;
+    let token = stack.agent("timed", "1", "600", &["--max-concurrent", "1"]);
+    // One call shows how long the agent's calls take.
+    assert_eq!(slow_call(&stack, &token, 1500).await.0, StatusCode::OK);
+    stack.settled("timed", Duration::from_secs(2)).await;
+    let holder = {
+        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-mock-delay-ms", "1500")
+                .json(&chat("mock-model"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&chat("mock-model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let told: i64 = header(&r, "retry-after-ms").unwrap().parse().unwrap();
+    assert_eq!(holder.await.unwrap(), StatusCode::OK);
+    stack.settled("timed", Duration::from_secs(2)).await;
+    let events = stack.events("timed");
+    let deny = events.iter().find(|e| e["kind"] == "deny").unwrap();
+    let freed = events.iter().rfind(|e| e["kind"] == "settle").unwrap();
+    assert_eq!(deny["details"]["retry_after_ms"], told);
+    let freed_after = freed["ts_ms"].as_i64().unwrap() - deny["ts_ms"].as_i64().unwrap();
+    println!("told {told} ms; the slot freed {freed_after} ms after the refusal");
+    assert!(
+        (freed_after - told).abs() <= 100,
+        "told {told} ms, freed after {freed_after} ms"
+    );
+}

@@ -159,6 +159,12 @@ impl AdmissionEngine {
             {
                 denial = retired;
             }
+            if denial.denied_by == Rule::Concurrency
+                && !waits
+                && let Some(told) = self.concurrency_denial(&agent_id, now)
+            {
+                denial = told;
+            }
             if !waits_for_slot(&denial, waits) {
                 self.log_denial(
                     &denial,
@@ -297,7 +303,16 @@ impl AdmissionEngine {
                 };
                 return Ok(Decision::Admitted(self.admitted_from(&open, 0, models)));
             }
-            Ok(ReserveOutcome::TooManyOpen) => Denial::concurrency(&t.agent_name, t.max_concurrent),
+            Ok(ReserveOutcome::TooManyOpen) if !waits => self
+                .concurrency_denial(&t.agent_id, now_ms())
+                .unwrap_or_else(|| {
+                    let wait = aex_core::inflight::UNKNOWN_WAIT_MS;
+                    Denial::concurrency(&t.agent_name, t.max_concurrent, wait)
+                }),
+            Ok(ReserveOutcome::TooManyOpen) => {
+                let wait = aex_core::inflight::UNKNOWN_WAIT_MS;
+                Denial::concurrency(&t.agent_name, t.max_concurrent, wait)
+            }
             Ok(ReserveOutcome::AlreadyClosed(closed)) => Denial::retried_after_close(&closed.id),
             Ok(ReserveOutcome::GrantNotCovered(why)) => {
                 return Err(crate::error::Error::Internal(format!(

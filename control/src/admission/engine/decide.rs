@@ -123,7 +123,10 @@ impl AdmissionEngine {
         // settled since (a data plane moved).
         if !shared {
             if max_concurrent > 0 && a.open >= max_concurrent {
-                return Err(deny(Denial::concurrency(&name, max_concurrent)));
+                // The wait is worked out only for a refusal a client will see
+                // (`concurrency_denial`).
+                let wait = aex_core::inflight::UNKNOWN_WAIT_MS;
+                return Err(deny(Denial::concurrency(&name, max_concurrent, wait)));
             }
             if let Err(wait) = a.rpm.take(rpm, now) {
                 return Err(deny(Denial::rpm(&name, rpm, wait)));
@@ -191,6 +194,26 @@ impl AdmissionEngine {
         {
             b.adjust(t.model_tpm, -(t.debited_tokens as i64), now);
         }
+    }
+
+    /// The concurrency refusal a client will see: its wait is when one of
+    /// the agent's calls in flight here is expected to end
+    /// (`aex_core::inflight`), found by a scan of the open reservations —
+    /// made for these only, not for the asks of a call waiting for a slot.
+    pub(super) fn concurrency_denial(&self, agent_id: &str, now: i64) -> Option<Denial> {
+        let live = self.lock();
+        let a = live.agents.get(agent_id)?;
+        let started = live
+            .open
+            .values()
+            .filter(|o| o.record.agent_id == agent_id)
+            .map(|o| o.record.created_at_ms);
+        let wait = a.durations.slot_wait_ms(started, now);
+        Some(Denial::concurrency(
+            &a.record.name,
+            a.record.max_concurrent,
+            wait,
+        ))
     }
 
     /// `Endpoint::Models` needs authentication only: no reservation.

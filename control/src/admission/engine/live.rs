@@ -9,6 +9,9 @@ pub(super) struct LiveAgent {
     pub(super) rpm: Gcra,
     pub(super) tpm: TokenBucket,
     pub(super) open: u32,
+    /// How long its calls take: what a concurrency refusal's wait is
+    /// derived from (`aex_core::inflight`).
+    pub(super) durations: CallDurations,
 }
 
 pub(super) struct OpenReservation {
@@ -166,6 +169,7 @@ impl AdmissionEngine {
                         rpm: Gcra::default(),
                         tpm: TokenBucket::default(),
                         open: 0,
+                        durations: CallDurations::default(),
                     },
                 );
             }

@@ -35,6 +35,7 @@ use crate::storage::{
 };
 use aex_core::config::ModelsConfig;
 use aex_core::credential::Served;
+use aex_core::inflight::CallDurations;
 use aex_core::limiter::{Gcra, TokenBucket};
 use aex_core::secrets::new_id;
 use decide::Tentative;
@@ -97,6 +98,7 @@ impl AdmissionEngine {
                     rpm: Gcra::default(),
                     tpm: TokenBucket::default(),
                     open: 0,
+                    durations: CallDurations::default(),
                 },
             );
         }

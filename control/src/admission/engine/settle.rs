@@ -193,6 +193,10 @@ impl AdmissionEngine {
         if let Some(a) = live.agents.get_mut(&o.record.agent_id) {
             a.open = a.open.saturating_sub(1);
             agent_tpm = a.record.tpm;
+            // A call that ended (settled with its usage): how long calls take.
+            if used_tokens.is_some() {
+                a.durations.record(now - o.record.created_at_ms);
+            }
         }
         let delta = delta?;
         if self.shared_rates.is_some() {
