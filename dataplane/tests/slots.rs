@@ -23,6 +23,23 @@ async fn slow_call(stack: &Stack, token: &str, delay_ms: u64) -> (StatusCode, Op
     (r.status(), by)
 }
 
+/// A call that holds one of the agent's slots for `delay_ms`, in the
+/// background; its status when it ends.
+fn hold_a_slot(stack: &Stack, token: &str, delay_ms: u64) -> tokio::task::JoinHandle<StatusCode> {
+    let (url, token) = (stack.url("/v1/chat/completions"), token.to_string());
+    tokio::spawn(async move {
+        Client::new()
+            .post(url)
+            .bearer_auth(token)
+            .header("x-mock-delay-ms", delay_ms.to_string())
+            .json(&chat("mock-model"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
 fn denials(stack: &Stack, agent: &str) -> usize {
     stack
         .events(agent)
@@ -55,20 +72,7 @@ async fn calls_over_the_limit_wait_for_a_slot_and_all_pass() {
 async fn a_wait_that_runs_out_is_one_429_and_one_event() {
     let stack = Stack::start_with(&["--concurrency-wait-ms", "400"]).await;
     let token = stack.agent("single", "1", "600", &["--max-concurrent", "1"]);
-    let holder = {
-        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .header("x-mock-delay-ms", "2000")
-                .json(&chat("mock-model"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let holder = hold_a_slot(&stack, &token, 2000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
     let (status, by) = slow_call(&stack, &token, 0).await;
@@ -89,20 +93,7 @@ async fn a_wait_that_runs_out_is_one_429_and_one_event() {
 async fn without_a_wait_the_refusal_is_at_once() {
     let stack = Stack::start_with(&["--concurrency-wait-ms", "0"]).await;
     let token = stack.agent("single", "1", "600", &["--max-concurrent", "1"]);
-    let holder = {
-        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .header("x-mock-delay-ms", "1500")
-                .json(&chat("mock-model"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let holder = hold_a_slot(&stack, &token, 1500);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
     let (status, by) = slow_call(&stack, &token, 0).await;
@@ -130,20 +121,7 @@ async fn a_refusal_says_when_the_slot_frees() {
     // One call shows how long the agent's calls take.
     assert_eq!(slow_call(&stack, &token, 1500).await.0, StatusCode::OK);
     stack.settled("timed", Duration::from_secs(2)).await;
-    let holder = {
-        let (url, token) = (stack.url("/v1/chat/completions"), token.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .header("x-mock-delay-ms", "1500")
-                .json(&chat("mock-model"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let holder = hold_a_slot(&stack, &token, 1500);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = Client::new()
         .post(stack.url("/v1/chat/completions"))
