@@ -51,20 +51,32 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// At most this many events a page: `limit`, 1000 when 0, never past
+    /// 10 000.
+    pub fn page_size(&self) -> u32 {
+        if self.limit == 0 {
+            1000
+        } else {
+            self.limit.min(10_000)
+        }
+    }
+
+    /// Whether the filter's agent, seq and time keep `e`.
+    pub fn matches(&self, e: &EventRecord) -> bool {
+        e.body.seq > self.after_seq
+            && e.body.ts_ms >= self.since_ms
+            && self
+                .agent_name
+                .as_ref()
+                .is_none_or(|n| *n == e.body.agent_name)
+    }
+
     /// `events` (in seq order) as the filter's other fields keep them.
     pub fn keep(&self, events: Vec<EventRecord>) -> Vec<EventRecord> {
-        let limit = if self.limit == 0 { 1000 } else { self.limit };
         events
             .into_iter()
-            .filter(|e| {
-                e.body.seq > self.after_seq
-                    && e.body.ts_ms >= self.since_ms
-                    && self
-                        .agent_name
-                        .as_ref()
-                        .is_none_or(|n| *n == e.body.agent_name)
-            })
-            .take(limit as usize)
+            .filter(|e| self.matches(e))
+            .take(self.page_size() as usize)
             .collect()
     }
 }

@@ -288,11 +288,7 @@ impl ReportStore for $Store {
             let events = request_events(&self.reader, request_id).await?;
             return Ok(f.keep(events));
         }
-        let limit = if f.limit == 0 {
-            1000
-        } else {
-            f.limit.min(10_000)
-        };
+        let limit = f.page_size();
         let rows: Vec<EventRow> = sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM events \
              WHERE seq > $1 AND ts_ms >= $2 AND ($3 = '' OR agent_name = $3) \

@@ -113,6 +113,12 @@ impl Default for Settings {
     }
 }
 
+/// Whether an admission reserves (and so may be settled, and may wait for
+/// a concurrency slot): every call but listing models and counting tokens.
+fn reserves(request: &pb::AdmitRequest) -> bool {
+    ![pb::Endpoint::Models, pb::Endpoint::CountTokens].contains(&request.endpoint())
+}
+
 impl ControlPlane {
     /// Must be called inside the runtime: it starts the admission and
     /// settlement senders.
@@ -201,25 +207,26 @@ impl ControlPlane {
         mut request: pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {
         let wait = self.settings.concurrency_wait;
-        let reserves =
-            ![pb::Endpoint::Models, pb::Endpoint::CountTokens].contains(&request.endpoint());
-        if wait.is_zero() || !reserves {
-            return self.admit_once(request).await;
+        if wait.is_zero() || !reserves(&request) {
+            return self.admit_once(&mut request).await;
         }
         let deadline = tokio::time::Instant::now() + wait;
         // Behind the calls of its agent already waiting here, without
         // asking first: a slot that frees is theirs.
-        let mut ticket = self
-            .cache
-            .policy_by_token(&request.token_sha256)
-            .filter(|p| self.slots.waiting(&p.name) > 0)
-            .map(|p| self.slots.enter(&p.name));
+        let mut ticket = None;
+        if self.slots.any_waiting() {
+            ticket = self
+                .cache
+                .policy_by_token(&request.token_sha256)
+                .filter(|p| self.slots.waiting(&p.name) > 0)
+                .map(|p| self.slots.enter(&p.name));
+        }
         loop {
             let head = ticket.as_ref().is_none_or(slots::Ticket::is_head);
             let last = tokio::time::Instant::now() >= deadline;
             if head || last {
                 request.waits_for_slot = !last;
-                let response = self.admit_once(request.clone()).await?;
+                let response = self.admit_once(&mut request).await?;
                 let full = match &response.outcome {
                     Some(pb::admit_response::Outcome::Denied(d))
                         if d.denied_by == aex_core::denial::Rule::Concurrency.as_str() =>
@@ -256,11 +263,11 @@ impl ControlPlane {
     /// so a client that saw a failure is never charged.
     async fn admit_once(
         self: &Arc<Self>,
-        mut request: pb::AdmitRequest,
+        request: &mut pb::AdmitRequest,
     ) -> Result<pb::AdmitResponse, tonic::Status> {
         request.data_plane.clone_from(&self.settings.id);
         const ADMIT_PATIENCE: Duration = Duration::from_secs(5);
-        if let Some(admitted) = self.admit_from_grant(&request) {
+        if let Some(admitted) = self.admit_from_grant(request) {
             return Ok(admitted);
         }
         let started = tokio::time::Instant::now();
@@ -275,9 +282,7 @@ impl ControlPlane {
                     backoff.wait().await;
                 }
                 Err(status) => {
-                    let reserves = ![pb::Endpoint::Models, pb::Endpoint::CountTokens]
-                        .contains(&request.endpoint());
-                    if retryable(&status) && reserves {
+                    if retryable(&status) && reserves(request) {
                         self.settle(pb::SettleRequest {
                             request_id: request.request_id.clone(),
                             outcome: pb::SettleOutcome::UpstreamError as i32,

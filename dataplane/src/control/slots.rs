@@ -17,7 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -35,6 +35,9 @@ pub const DEFAULT_CONCURRENCY_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct SlotQueues {
     queues: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Calls waiting, all agents: while none does, an admission looks no
+    /// further (no lock, no lookup of its agent).
+    waiters: AtomicUsize,
     next: AtomicU64,
     /// A head left its queue: the next may ask now.
     moved: Notify,
@@ -57,6 +60,7 @@ impl SlotQueues {
     /// Joins the back of `agent`'s queue.
     pub fn enter(self: &Arc<Self>, agent: &str) -> Ticket {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.waiters.fetch_add(1, Ordering::Relaxed);
         self.lock()
             .entry(agent.to_string())
             .or_default()
@@ -66,6 +70,11 @@ impl SlotQueues {
             agent: agent.to_string(),
             id,
         }
+    }
+
+    /// Whether any call waits here, for any agent.
+    pub fn any_waiting(&self) -> bool {
+        self.waiters.load(Ordering::Relaxed) > 0
     }
 
     /// Whether calls of `agent` wait here (a new one then joins them).
@@ -98,6 +107,7 @@ impl Drop for Ticket {
                 }
             }
         }
+        self.queues.waiters.fetch_sub(1, Ordering::Relaxed);
         self.queues.moved.notify_waiters();
     }
 }
@@ -110,6 +120,7 @@ mod tests {
     fn first_come_first_asks_and_leaving_moves_the_queue() {
         let q = Arc::new(SlotQueues::default());
         assert_eq!(q.waiting("a"), 0);
+        assert!(!q.any_waiting());
         let first = q.enter("a");
         let second = q.enter("a");
         let other = q.enter("b");
@@ -127,5 +138,6 @@ mod tests {
         drop(x);
         assert!(z.is_head());
         drop((other, z));
+        assert!(!q.any_waiting());
     }
 }

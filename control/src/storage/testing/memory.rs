@@ -792,24 +792,24 @@ impl ProcessStore for MemoryStore {
 impl ReportStore for MemoryStore {
     async fn list_events(&self, f: EventFilter) -> Result<Vec<EventRecord>, StoreError> {
         io_point().await;
-        let limit = if f.limit == 0 {
-            1000
-        } else {
-            f.limit.min(10_000)
-        };
         let t = self.tables();
-        if let Some(request_id) = &f.request_id {
-            // The same story a database finds: denials and refused reports
-            // naming the request, and its reservation's events.
+        // The same story a database finds for a request: denials and refused
+        // reports naming it, and its reservation's events.
+        let story = f.request_id.as_ref().map(|request_id| {
             let reservation = t
                 .reservations
                 .values()
                 .find(|r| r.row.facts.request_id == *request_id)
                 .map(|r| r.row.facts.id.clone());
-            let mut events: Vec<EventRecord> = t
-                .events
-                .iter()
-                .filter(|e| {
+            (request_id, reservation)
+        });
+        let mut events: Vec<EventRecord> = t
+            .events
+            .iter()
+            .filter(|e| f.matches(e))
+            .filter(|e| match &story {
+                None => true,
+                Some((request_id, reservation)) => {
                     let names_it =
                         matches!(
                             EventKind::parse(&e.body.kind),
@@ -820,27 +820,14 @@ impl ReportStore for MemoryStore {
                         || reservation
                             .as_ref()
                             .is_some_and(|id| *id == e.body.reservation_id)
-                })
-                .cloned()
-                .collect();
-            events.sort_by_key(|e| e.body.seq);
-            return Ok(f.keep(events));
-        }
-        let mut events: Vec<EventRecord> = t
-            .events
-            .iter()
-            .filter(|e| e.body.seq > f.after_seq && e.body.ts_ms >= f.since_ms)
-            .filter(|e| {
-                f.agent_name
-                    .as_ref()
-                    .is_none_or(|n| &e.body.agent_name == n)
+                }
             })
             .cloned()
             .collect();
         // By seq, as a database's ORDER BY returns them, whatever order the
         // stored rows are in.
         events.sort_by_key(|e| e.body.seq);
-        events.truncate(limit as usize);
+        events.truncate(f.page_size() as usize);
         Ok(events)
     }
 
